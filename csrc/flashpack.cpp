@@ -1,0 +1,118 @@
+// The flashpack operators: schemas, and the one kernel per op that branches on device.
+//
+// load() has no tensor argument, so a CPU- or CUDA-keyed kernel would never be chosen;
+// each op registers a single CompositeExplicitAutograd kernel instead. Every op reads or
+// writes files, so each is declared CONSERVATIVE: TorchScript must never drop a save()
+// or merge two load()s as if they were pure.
+#include "io.h"
+#include "load.h"
+
+#include <ATen/core/List.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <stdexcept>
+
+namespace flashpack {
+
+namespace {
+
+// Runs fn, turning our exceptions into torch's, prefixed with the op's name: bad files
+// and bad arguments become ValueError, I/O failures RuntimeError.
+template <typename Fn>
+auto translate_errors(const char* op, Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, op, ": ", e.what());
+  } catch (const c10::Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, op, ": ", e.what());
+  }
+}
+
+std::vector<at::Tensor> load_any(const char* op, const std::string& path, c10::Device device, bool copy,
+                                 int64_t num_threads, Layout* layout) {
+  LoadOptions opts;
+  opts.copy = copy;
+  opts.num_threads = num_threads;
+  return translate_errors(op, [&] {
+    if (device.is_cpu()) return load_cpu(path, opts, layout);
+    if (device.is_cuda()) {
+#ifdef WITH_CUDA
+      return load_cuda(path, device, opts, layout);
+#else
+      throw std::invalid_argument("cannot load '" + path + "' to " + device.str() +
+                                  ": flashpack_ops was built without CUDA (rebuild with a CUDA build of torch "
+                                  "and nvcc on the PATH)");
+#endif
+    }
+    throw std::invalid_argument("cannot load '" + path + "' to " + device.str() + ": only cpu and cuda are supported");
+  });
+}
+
+c10::Dict<std::string, at::Tensor> load(const std::string& path, c10::Device device, bool copy, int64_t num_threads) {
+  Layout layout;
+  auto tensors = load_any("flashpack::load", path, device, copy, num_threads, &layout);
+  c10::Dict<std::string, at::Tensor> out;
+  out.reserve(tensors.size());
+  for (size_t k = 0; k < tensors.size(); ++k) out.insert(std::move(layout.entries[k].name), std::move(tensors[k]));
+  return out;
+}
+
+std::vector<at::Tensor> load_list(const std::string& path, c10::Device device, bool copy, int64_t num_threads) {
+  return load_any("flashpack::load_list", path, device, copy, num_threads, nullptr);
+}
+
+void save_op(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
+             std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads) {
+  translate_errors("flashpack::save", [&] { save(tensors, path, target_dtype, align_bytes, num_threads); });
+}
+
+// The footer as the file holds it, once validated: what Python needs to know about a file (names,
+// shapes, dtypes) without reading its payload.
+std::string read_footer(const std::string& path) {
+  return translate_errors("flashpack::read_footer", [&] {
+    InputFile file(path);
+    std::string footer;
+    read_layout(file.fd(), file.size(), path, &footer);
+    return footer;
+  });
+}
+
+bool built_with_cuda() {
+#ifdef WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(flashpack, m) {
+  constexpr auto kSideEffects = c10::AliasAnalysisKind::CONSERVATIVE;
+  m.def(torch::schema(
+      "load(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0) -> Dict(str, Tensor)",
+      kSideEffects));
+  m.def(torch::schema(
+      "load_list(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0) -> Tensor[]",
+      kSideEffects));
+  m.def(torch::schema(
+      "save(Dict(str, Tensor) tensors, str path, *, ScalarType? target_dtype=None, int align_bytes=128, "
+      "int num_threads=0) -> ()",
+      kSideEffects));
+  m.def(torch::schema("read_footer(str path) -> str", kSideEffects));
+  m.def("built_with_cuda() -> bool");
+}
+
+TORCH_LIBRARY_IMPL(flashpack, CompositeExplicitAutograd, m) {
+  m.impl("load", &load);
+  m.impl("load_list", &load_list);
+  m.impl("save", &save_op);
+  m.impl("read_footer", &read_footer);
+  m.impl("built_with_cuda", &built_with_cuda);
+}
+
+}  // namespace flashpack

@@ -1,0 +1,95 @@
+// The flashpack file format.
+//
+//   [payload: one contiguous block per dtype, each block and each tensor aligned]
+//   [footer: UTF-8 JSON]  [footer length: u64 little-endian]  [magic: "FLASHPK\0"]
+//
+// Two footer formats exist, both written by the reference `flashpack` package:
+//   flashpack_v3  one dtype: {format, target_dtype, align_bytes, total_elems, index}
+//   flashpack_v4  several:   {format, align_bytes, total_payload_bytes, total_elems,
+//                             macroblocks: [{dtype, offset_bytes, length_bytes, length_elems}],
+//                             index: [{name, shape, offset, length, macroblock}]}
+// Offsets and lengths in the index count elements of the block's dtype. We read both
+// and write v4. Everything here is plain C++ over c10::ScalarType: no tensors.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace flashpack {
+
+inline constexpr char kMagic[8] = {'F', 'L', 'A', 'S', 'H', 'P', 'K', '\0'};
+inline constexpr uint64_t kTrailerBytes = 16;  // u64 footer length + magic
+inline constexpr const char* kFormatV3 = "flashpack_v3";
+inline constexpr const char* kFormatV4 = "flashpack_v4";
+
+// NOTE: the reference aligns tensors to 128 bytes; we keep that for tensors (it is
+// cache-line friendly and wastes little on 20,000 small tensors) but start every block
+// on a 4096-byte boundary so the CUDA path can read whole blocks with O_DIRECT.
+inline constexpr int64_t kDefaultAlignBytes = 128;
+inline constexpr uint64_t kBlockAlignBytes = 4096;
+
+// Limits on untrusted footers. A footer is ~100 bytes per tensor, so 1 GiB allows
+// about ten million tensors, far past any real checkpoint.
+inline constexpr uint64_t kMaxFooterBytes = uint64_t(1) << 30;
+inline constexpr size_t kMaxDims = 64;
+
+// The torch name of a dtype ("bfloat16"), or nullptr if flashpack cannot store it.
+const char* dtype_name(c10::ScalarType t);
+// Accepts torch's canonical names and their aliases ("half", "float", "cfloat", ...).
+std::optional<c10::ScalarType> dtype_from_name(std::string_view name);
+
+struct Block {
+  c10::ScalarType dtype = c10::ScalarType::Byte;
+  uint64_t offset_bytes = 0;  // from the start of the file
+  uint64_t length_bytes = 0;
+  uint64_t length_elems = 0;
+};
+
+struct Entry {
+  std::string name;
+  std::vector<int64_t> shape;
+  uint64_t offset = 0;  // elements from the start of the block
+  uint64_t length = 0;  // elements
+  uint32_t block = 0;
+};
+
+struct Layout {
+  std::string format = kFormatV4;
+  int64_t align_bytes = kDefaultAlignBytes;
+  uint64_t payload_bytes = 0;  // bytes before the footer
+  std::vector<Block> blocks;
+  std::vector<Entry> entries;  // in file (and dict) order
+};
+
+// Parses and validates a footer. `payload_bytes` is the size of the file before the
+// footer; every block must fit in it. `path` is only used in error messages.
+// Throws std::invalid_argument naming the entry and the problem.
+Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::string& path);
+
+// Reads the trailer and footer of an open file and validates them (see parse_footer).
+// Nothing larger than the footer itself is allocated, and only after its length has
+// been checked against the file size. If `raw_footer` is given it receives the JSON text.
+Layout read_layout(int fd, uint64_t file_size, const std::string& path, std::string* raw_footer = nullptr);
+
+// The v4 footer JSON for a layout, as the reference writes it (compact separators).
+std::string footer_json(const Layout& layout);
+
+// One tensor to be written: its final dtype, shape, and the index of an earlier
+// request whose bytes it shares (a tied weight), or -1.
+struct SaveRequest {
+  std::string name;
+  c10::ScalarType dtype;
+  std::vector<int64_t> shape;
+  int64_t tie = -1;
+};
+
+// Places every request: one block per dtype in order of first appearance, tensors
+// aligned to `align_bytes` within it, blocks on kBlockAlignBytes. Ties share offsets.
+Layout plan_layout(const std::vector<SaveRequest>& requests, int64_t align_bytes);
+
+}  // namespace flashpack

@@ -1,0 +1,83 @@
+// Moving bytes between files and memory: opening, mapping, parallel positional reads,
+// and crash-safe writes (temporary file + fsync + rename).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+namespace flashpack {
+
+// A file opened for reading. Refuses directories and other non-regular files.
+class InputFile {
+ public:
+  explicit InputFile(const std::string& path, bool direct = false);
+  ~InputFile();
+  InputFile(const InputFile&) = delete;
+  InputFile& operator=(const InputFile&) = delete;
+
+  int fd() const { return fd_; }
+  uint64_t size() const { return size_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  int fd_ = -1;
+  uint64_t size_ = 0;
+  std::string path_;
+};
+
+// A private, copy-on-write mapping of a whole file. Tensors viewing it hold a
+// shared_ptr, so the mapping lives as long as any of them. Writes to the pages
+// stay in this process and never reach the file.
+class Mapping {
+ public:
+  Mapping(const InputFile& file);
+  ~Mapping();
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+
+  char* data() const { return static_cast<char*>(addr_); }
+  size_t size() const { return size_; }
+
+ private:
+  void* addr_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Reads exactly n bytes at offset, retrying short reads and EINTR.
+// Throws std::runtime_error naming the file if the file ends early or read fails.
+void pread_exact(int fd, void* buf, size_t n, uint64_t offset, const std::string& path);
+
+// Runs fn(0..tasks-1) on up to `threads` threads (the caller's included). The first
+// exception thrown by any task is rethrown after all threads have stopped; tasks not
+// yet started when it happened are skipped.
+void parallel_for(size_t tasks, int threads, const std::function<void(size_t)>& fn);
+
+// The number of worker threads to use when the caller passed 0 (auto).
+int default_threads(int requested);
+
+// Writes a new file at `path` atomically: the bytes go to a temporary file in the same
+// directory; commit() fsyncs it, renames it over `path` and fsyncs the directory. If the
+// writer is destroyed without commit() (an exception, say), the temporary file is
+// removed and whatever was at `path` is untouched.
+class AtomicWriter {
+ public:
+  AtomicWriter(const std::string& path, uint64_t size);
+  ~AtomicWriter();
+  AtomicWriter(const AtomicWriter&) = delete;
+  AtomicWriter& operator=(const AtomicWriter&) = delete;
+
+  // Thread-safe: distinct ranges may be written from several threads at once.
+  void pwrite_all(const void* buf, size_t n, uint64_t offset) const;
+  void commit();
+
+ private:
+  std::string path_;
+  std::string tmp_path_;
+  int fd_ = -1;
+  bool committed_ = false;
+};
+
+}  // namespace flashpack

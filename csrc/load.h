@@ -1,0 +1,35 @@
+// What the load and save kernels share: options, and turning blocks into named views.
+#pragma once
+
+#include "format.h"
+
+#include <ATen/core/Dict.h>
+#include <ATen/core/Tensor.h>
+#include <c10/core/Storage.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace flashpack {
+
+struct LoadOptions {
+  bool copy = false;        // CPU: read into fresh memory instead of mapping the file
+  int64_t num_threads = 0;  // 0: FLASHPACK_NUM_THREADS, else min(cores, 16)
+};
+
+// One tensor per index entry, in index order, each a view into its block's storage
+// (so tied entries share memory). `blocks[k]` must hold layout.blocks[k]'s bytes.
+std::vector<at::Tensor> make_views(const Layout& layout, const std::vector<c10::Storage>& blocks, c10::Device device);
+
+std::vector<at::Tensor> load_cpu(const std::string& path, const LoadOptions& opts, Layout* layout_out);
+
+#ifdef WITH_CUDA
+std::vector<at::Tensor> load_cuda(const std::string& path, c10::Device device, const LoadOptions& opts,
+                                  Layout* layout_out);
+#endif
+
+void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
+          std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads);
+
+}  // namespace flashpack

@@ -1,0 +1,138 @@
+// Saving: plan the layout, write every tensor straight from its memory into a temporary
+// file with several threads, append the footer, then fsync and rename (io.h).
+#include "io.h"
+#include "load.h"
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <map>
+#include <stdexcept>
+#include <tuple>
+
+namespace flashpack {
+
+namespace {
+
+// NOTE: 32 MiB writes keep every thread busy on LLM-sized tensors while each write
+// is still large enough for the page cache to run at full speed.
+constexpr uint64_t kWriteChunkBytes = uint64_t(32) << 20;
+
+std::string where(const std::string& path, const std::string& name) {
+  return "'" + path + "': tensor '" + name + "'";
+}
+
+void check_storable(const at::Tensor& t, const std::string& path, const std::string& name) {
+  if (!t.defined()) throw std::invalid_argument(where(path, name) + " is an undefined tensor");
+  if (t.layout() != at::kStrided) {
+    throw std::invalid_argument(where(path, name) + " has layout " + c10::str(t.layout()) +
+                                "; only dense (strided) tensors can be saved, call .to_dense() first");
+  }
+  if (c10::isQIntType(t.scalar_type())) {
+    throw std::invalid_argument(where(path, name) + " is quantized (" + c10::toString(t.scalar_type()) +
+                                "); its scale and zero point cannot be stored, save int_repr() and the "
+                                "quantization parameters instead");
+  }
+  if (dtype_name(t.scalar_type()) == nullptr) {
+    throw std::invalid_argument(where(path, name) + " has dtype " + c10::toString(t.scalar_type()) +
+                                ", which flashpack cannot store");
+  }
+  if (t.is_meta() || (t.numel() > 0 && !t.has_storage())) {
+    throw std::invalid_argument(where(path, name) + " is on the " + t.device().str() +
+                                " device and has no data to save");
+  }
+}
+
+}  // namespace
+
+void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
+          std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads) {
+  if (align_bytes < 0 || align_bytes > (int64_t(1) << 30)) {
+    throw std::invalid_argument("'" + path + "': align_bytes must be between 0 and 2^30, got " + std::to_string(align_bytes));
+  }
+  if (target_dtype && (dtype_name(*target_dtype) == nullptr || c10::isQIntType(*target_dtype))) {
+    throw std::invalid_argument("'" + path + "': target_dtype " + c10::toString(*target_dtype) + " cannot be stored");
+  }
+
+  // Requests in dict order. A tensor that is exactly another one (same memory, shape,
+  // strides and dtype: a tied weight) is stored once and both entries point at it.
+  std::vector<SaveRequest> requests;
+  std::vector<at::Tensor> sources;
+  requests.reserve(tensors.size());
+  sources.reserve(tensors.size());
+  using TieKey = std::tuple<const void*, int, int, at::ScalarType, std::vector<int64_t>, std::vector<int64_t>>;
+  std::map<TieKey, int64_t> first_of;
+  for (const auto& item : tensors) {
+    const std::string& name = item.key();
+    const at::Tensor& t = item.value();
+    check_storable(t, path, name);
+    SaveRequest r;
+    r.name = name;
+    r.dtype = target_dtype.value_or(t.scalar_type());
+    r.shape = t.sizes().vec();
+    if (t.numel() > 0) {
+      TieKey key{t.const_data_ptr(), static_cast<int>(t.device().type()), t.device().index(), t.scalar_type(), t.sizes().vec(), t.strides().vec()};
+      auto [it, inserted] = first_of.emplace(std::move(key), static_cast<int64_t>(requests.size()));
+      if (!inserted) r.tie = it->second;
+    }
+    requests.push_back(std::move(r));
+    sources.push_back(t);
+  }
+
+  Layout layout = plan_layout(requests, align_bytes);
+  const std::string footer = footer_json(layout);
+  const uint64_t file_size = layout.payload_bytes + footer.size() + kTrailerBytes;
+  AtomicWriter out(path, file_size);
+
+  // Tensors already in their final form (CPU, contiguous, right dtype) are written
+  // straight from their memory in chunks; the others are converted inside the task
+  // that writes them, so conversions run in parallel too.
+  struct Task {
+    size_t entry;
+    uint64_t begin;  // byte range within the tensor; bytes == 0 for a convert task
+    uint64_t bytes;
+  };
+  std::vector<Task> tasks;
+  for (size_t k = 0; k < requests.size(); ++k) {
+    const at::Tensor& t = sources[k];
+    if (requests[k].tie >= 0 || t.numel() == 0) continue;
+    const bool direct = t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == requests[k].dtype;
+    if (!direct) {
+      tasks.push_back({k, 0, 0});
+      continue;
+    }
+    const uint64_t nbytes = t.nbytes();
+    for (uint64_t off = 0; off < nbytes; off += kWriteChunkBytes) {
+      tasks.push_back({k, off, std::min(kWriteChunkBytes, nbytes - off)});
+    }
+  }
+
+  parallel_for(tasks.size(), default_threads(static_cast<int>(num_threads)), [&](size_t i) {
+    const Task& task = tasks[i];
+    const Entry& e = layout.entries[task.entry];
+    const Block& b = layout.blocks[e.block];
+    const uint64_t file_off = b.offset_bytes + e.offset * c10::elementSize(b.dtype);
+    if (task.bytes > 0) {
+      const char* src = static_cast<const char*>(sources[task.entry].const_data_ptr());
+      out.pwrite_all(src + task.begin, task.bytes, file_off + task.begin);
+      return;
+    }
+    at::Tensor converted;
+    try {
+      converted = sources[task.entry].to(c10::Device(c10::kCPU), b.dtype).contiguous();
+    } catch (const c10::Error& err) {
+      throw std::invalid_argument(where(path, e.name) + " cannot be converted to " + dtype_name(b.dtype) + " on the CPU: " +
+                                  err.what_without_backtrace());
+    }
+    out.pwrite_all(converted.const_data_ptr(), converted.nbytes(), file_off);
+  });
+
+  std::string trailer = footer;
+  const uint64_t len = footer.size();
+  for (int k = 0; k < 8; ++k) trailer += static_cast<char>((len >> (8 * k)) & 0xFF);
+  trailer.append(kMagic, 8);
+  out.pwrite_all(trailer.data(), trailer.size(), layout.payload_bytes);
+  out.commit();
+}
+
+}  // namespace flashpack

@@ -1,0 +1,33 @@
+"""flashpack_ops: load PyTorch state dicts from disk to GPU at the speed of the hardware.
+
+The core is the ``torch.ops.flashpack`` operators (``load``, ``save``), usable from
+Python, TorchScript and torch.compile. This package adds typed wrappers and an API
+compatible with the reference ``flashpack`` package, so ``import flashpack_ops as
+flashpack`` runs code written for it.
+"""
+
+from ._library import has_cuda, library_path
+from .ops import load_file, read_metadata, save_file
+from .api import (
+    assign_from_file,
+    get_flashpack_file_metadata,
+    is_flashpack_file,
+    pack_to_file,
+    revert_from_file,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load_file",
+    "save_file",
+    "read_metadata",
+    "pack_to_file",
+    "assign_from_file",
+    "revert_from_file",
+    "get_flashpack_file_metadata",
+    "is_flashpack_file",
+    "has_cuda",
+    "library_path",
+    "__version__",
+]

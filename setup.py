@@ -1,0 +1,56 @@
+"""Build flashpack_ops: one Python-agnostic shared library holding the flashpack ops.
+
+Environment flags (read once, here):
+  FLASHPACK_FORCE_CUDA=1   build the CUDA path even if torch reports no GPU (needs nvcc)
+  FLASHPACK_NO_CUDA=1      build the CPU-only library even where CUDA is available
+  FLASHPACK_DEBUG=1        -O0 -g, for debuggers and sanitizers
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+FORCE_CUDA = os.environ.get("FLASHPACK_FORCE_CUDA", "0") == "1"
+NO_CUDA = os.environ.get("FLASHPACK_NO_CUDA", "0") == "1"
+DEBUG = os.environ.get("FLASHPACK_DEBUG", "0") == "1"
+# CUDA needs a CUDA build of torch and nvcc; a GPU is only needed to run, not to build.
+WITH_CUDA = not NO_CUDA and torch.version.cuda is not None and CUDA_HOME is not None
+if FORCE_CUDA and not WITH_CUDA:
+    raise RuntimeError("FLASHPACK_FORCE_CUDA=1 but torch has no CUDA or nvcc was not found")
+print(
+    f"flashpack_ops build: torch {torch.__version__}, WITH_CUDA={WITH_CUDA} "
+    f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME}), DEBUG={DEBUG}"
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def extension():
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cxx = ["-O0", "-g"] if DEBUG else ["-O3"]
+    cxx += ["-Wall", "-Wno-unused-parameter"]
+    kwargs = dict(
+        name="flashpack_ops._C",
+        sources=sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        # NOTE: the library has no Python.h and is loaded with torch.ops.load_library,
+        # so one build serves every CPython and LibTorch-only programs alike.
+        py_limited_api=True,
+    )
+    if WITH_CUDA:
+        kwargs["sources"] += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        return CUDAExtension(**kwargs, define_macros=[("WITH_CUDA", None)],
+                             extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": ["-O3"]})
+    return CppExtension(**kwargs, extra_compile_args={"cxx": cxx})
+
+
+setup(
+    packages=find_packages(include=["flashpack_ops", "flashpack_ops.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
