@@ -35,6 +35,14 @@ class Parser {
     throw std::invalid_argument("malformed JSON at byte " + std::to_string(p_ - begin_) + ": " + what);
   }
 
+  // Raw bytes never go into messages: they may not be valid UTF-8.
+  static std::string describe(char c) {
+    if (c >= 0x20 && c < 0x7F) return std::string("'") + c + "'";
+    static const char* hex = "0123456789abcdef";
+    const auto u = static_cast<unsigned char>(c);
+    return std::string("byte 0x") + hex[u >> 4] + hex[u & 0xF];
+  }
+
   void skip_space() {
     while (p_ != end_ && (*p_ == ' ' || *p_ == '\t' || *p_ == '\n' || *p_ == '\r')) ++p_;
   }
@@ -48,7 +56,7 @@ class Parser {
   }
 
   Value value(int depth) {
-    if (depth > kMaxDepth) fail("nesting deeper than " + std::to_string(kMaxDepth) + " levels");
+    if (depth >= kMaxDepth) fail("nesting deeper than " + std::to_string(kMaxDepth) + " levels");
     skip_space();
     if (p_ == end_) fail("unexpected end of input");
     Value v;
@@ -72,7 +80,7 @@ class Parser {
         if (*p_ == '-' || (*p_ >= '0' && *p_ <= '9')) {
           number(v);
         } else {
-          fail(std::string("unexpected character '") + *p_ + "'");
+          fail("unexpected character " + describe(*p_));
         }
     }
     return v;
@@ -235,7 +243,7 @@ class Parser {
             put_utf8(out, cp);
             break;
           }
-          default: fail(std::string("invalid escape '\\") + e + "'");
+          default: fail("invalid escape character " + describe(e));
         }
       } else if (static_cast<unsigned char>(c) < 0x80) {
         out += c;

@@ -43,6 +43,16 @@ void check_storable(const at::Tensor& t, const std::string& path, const std::str
   }
 }
 
+at::ScalarType bits_dtype(size_t element_size) {
+  switch (element_size) {
+    case 1: return at::kByte;
+    case 2: return at::kShort;
+    case 4: return at::kInt;
+    case 8: return at::kLong;
+    default: return at::kComplexDouble;  // 16 bytes, the widest element
+  }
+}
+
 }  // namespace
 
 void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
@@ -117,9 +127,16 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
       out.pwrite_all(src + task.begin, task.bytes, file_off + task.begin);
       return;
     }
+    const at::Tensor& src = sources[task.entry];
     at::Tensor converted;
     try {
-      converted = sources[task.entry].to(c10::Device(c10::kCPU), b.dtype).contiguous();
+      if (src.scalar_type() == b.dtype) {
+        // Same dtype: move the bits through an integer view of the same width, which
+        // every dtype has (uint4 or float4_e2m1fn_x2 have no copy kernel of their own).
+        converted = src.view(bits_dtype(c10::elementSize(b.dtype))).to(c10::Device(c10::kCPU)).contiguous();
+      } else {
+        converted = src.to(c10::Device(c10::kCPU), b.dtype).contiguous();
+      }
     } catch (const c10::Error& err) {
       throw std::invalid_argument(where(path, e.name) + " cannot be converted to " + dtype_name(b.dtype) + " on the CPU: " +
                                   err.what_without_backtrace());

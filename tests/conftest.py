@@ -1,0 +1,69 @@
+"""Shared helpers for the test suite: every storable dtype, random tensors, bit-exact checks."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+import flashpack_ops  # noqa: F401  (registers torch.ops.flashpack)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+# Every dtype torch has that holds plain bits (quantized dtypes carry scale and zero
+# point and are refused with a clear error instead).
+STORABLE_DTYPES = [
+    getattr(torch, name)
+    for name in [
+        "bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
+        "float16", "bfloat16", "float32", "float64", "complex32", "complex64", "complex128",
+        "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
+        "float4_e2m1fn_x2", "bits1x8", "bits2x4", "bits4x2", "bits8", "bits16",
+        "uint1", "uint2", "uint3", "uint4", "uint5", "uint6", "uint7",
+        "int1", "int2", "int3", "int4", "int5", "int6", "int7",
+    ]
+    if hasattr(torch, name)
+]
+
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def random_tensor(shape, dtype, seed=0, device="cpu"):
+    """A tensor of `shape` and `dtype` filled with random bits (valid values for bool)."""
+    gen = torch.Generator().manual_seed(seed)
+    numel = 1
+    for d in shape:
+        numel *= d
+    if dtype == torch.bool:
+        return torch.randint(0, 2, tuple(shape), generator=gen, dtype=torch.uint8).bool().to(device)
+    esize = torch.empty(0, dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (numel * esize,), generator=gen, dtype=torch.uint8)
+    return raw.view(dtype).reshape(tuple(shape)).to(device)
+
+
+def bits(t):
+    """The tensor's bytes as a flat uint8 tensor on the CPU (NaN-safe, works for every dtype)."""
+    t = t.detach()
+    esize = t.element_size()
+    if esize in _SAME_WIDTH_INT:
+        t = t.view(_SAME_WIDTH_INT[esize])
+    return t.cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same(actual, expected, name=""):
+    """Same dtype, same shape, same bits."""
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.equal(bits(actual), bits(expected)), f"{name}: values differ"
+
+
+def assert_same_dict(actual, expected):
+    assert list(actual) == list(expected)
+    for name in expected:
+        assert_same(actual[name], expected[name], name)
+
+
+@pytest.fixture
+def tmp_file(tmp_path):
+    return str(tmp_path / "model.flashpack")

@@ -1,0 +1,297 @@
+"""Hostile and broken files: each gives a clear exception naming the file and the problem."""
+
+import json
+import os
+import re
+import struct
+
+import pytest
+import torch
+
+import flashpack_ops
+
+MAGIC = b"FLASHPK\0"
+
+
+def write_raw(path, payload: bytes, footer, *, footer_len=None, magic=MAGIC):
+    """Writes a file by hand: payload, footer (a dict, str or bytes), length, magic."""
+    if isinstance(footer, dict):
+        footer = json.dumps(footer)
+    if isinstance(footer, str):
+        footer = footer.encode("utf-8")
+    with open(path, "wb") as f:
+        f.write(payload)
+        f.write(footer)
+        f.write(struct.pack("<Q", len(footer) if footer_len is None else footer_len))
+        f.write(magic)
+    return str(path)
+
+
+def v4(index, macroblocks, **extra):
+    meta = {"format": "flashpack_v4", "align_bytes": 128, "total_payload_bytes": 64, "total_elems": 16,
+            "macroblocks": macroblocks, "index": index}
+    meta.update(extra)
+    return meta
+
+
+GOOD_BLOCK = {"dtype": "float32", "offset_bytes": 0, "length_bytes": 64, "length_elems": 16}
+GOOD_ENTRY = {"name": "w", "shape": [4, 4], "offset": 0, "length": 16, "macroblock": 0}
+
+
+def expect_error(path, pattern, exc=ValueError):
+    """Both entry points raise `exc` with a message naming the file and matching `pattern`."""
+    for load in (lambda: torch.ops.flashpack.load(path, "cpu"), lambda: flashpack_ops.load_file(path),
+                 lambda: flashpack_ops.read_metadata(path)):
+        with pytest.raises(exc, match=pattern) as info:
+            load()
+        assert path in str(info.value)
+    assert not flashpack_ops.is_flashpack_file(path)
+
+
+def test_hand_written_file_loads(tmp_path):
+    payload = torch.arange(16, dtype=torch.float32).numpy().tobytes()
+    path = write_raw(tmp_path / "ok.flashpack", payload, v4([GOOD_ENTRY], [GOOD_BLOCK]))
+    assert torch.equal(flashpack_ops.load_file(path)["w"], torch.arange(16.0).reshape(4, 4))
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "nope.flashpack")
+    with pytest.raises(FileNotFoundError, match="nope.flashpack"):
+        flashpack_ops.load_file(path)
+    with pytest.raises(RuntimeError, match=re.escape(path) + ".*No such file"):
+        torch.ops.flashpack.load(path, "cpu")
+
+
+def test_directory(tmp_path):
+    with pytest.raises(RuntimeError, match="is a directory"):
+        flashpack_ops.load_file(tmp_path)
+
+
+@pytest.mark.parametrize("size", [0, 1, 15])
+def test_too_small(tmp_path, size):
+    path = str(tmp_path / "small.flashpack")
+    open(path, "wb").write(b"\0" * size)
+    expect_error(path, "too small")
+
+
+def test_bad_magic(tmp_path):
+    path = write_raw(tmp_path / "m.flashpack", b"", v4([], []), magic=b"SAFETENS")
+    expect_error(path, "magic")
+
+
+def test_a_safetensors_file_is_not_a_flashpack_file(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    path = str(tmp_path / "model.safetensors")
+    safetensors.save_file({"a": torch.ones(3)}, path)
+    expect_error(path, "not a flashpack file")
+
+
+@pytest.mark.parametrize("footer_len", [10**6, 2**40, 2**63, 2**64 - 1])
+def test_lying_footer_length(tmp_path, footer_len):
+    path = write_raw(tmp_path / "len.flashpack", b"x" * 100, v4([], []), footer_len=footer_len)
+    expect_error(path, "footer length .* larger than the file")
+
+
+@pytest.mark.parametrize("footer", [
+    b"", b"{", b"{\"format\": ", b"[1, 2", b"{\"a\": 1,}", b"{\"a\" 1}", b"nul", b"{} x", b"\xff\xfe",
+    b"{\"format\": \"flashpack_v4\xff\"}", b"{\"a\": \"\x01\"}", b"{\"a\": 01}", b"{\"a\": \"\\ud800\"}",
+    b"{\"a\": \"\\x\"}", b"{\"a\": -}", b"{\"a\": 1e}",
+], ids=repr)
+def test_broken_json(tmp_path, footer):
+    path = write_raw(tmp_path / "json.flashpack", b"", footer)
+    expect_error(path, "not valid JSON|not a JSON object")
+
+
+@pytest.mark.parametrize("depth", [65, 1000, 200_000])
+def test_deeply_nested_json_does_not_blow_the_stack(tmp_path, depth):
+    path = write_raw(tmp_path / "deep.flashpack", b"", "[" * depth + "]" * depth)
+    expect_error(path, "nesting deeper than 64")
+
+
+def test_64_levels_of_nesting_parse(tmp_path):
+    path = write_raw(tmp_path / "deep.flashpack", b"", "[" * 64 + "]" * 64)
+    expect_error(path, "footer is not a JSON object")
+
+
+@pytest.mark.parametrize("footer", ["[]", "3", "\"flashpack_v4\"", "null"])
+def test_footer_not_an_object(tmp_path, footer):
+    expect_error(write_raw(tmp_path / "obj.flashpack", b"", footer), "not a JSON object")
+
+
+def test_unknown_format(tmp_path):
+    expect_error(write_raw(tmp_path / "f.flashpack", b"", {"format": "flashpack_v9", "index": []}),
+                 "unknown format 'flashpack_v9'")
+
+
+def test_missing_format(tmp_path):
+    expect_error(write_raw(tmp_path / "f.flashpack", b"", {"index": []}), "no \"format\" field")
+
+
+def test_unknown_dtype(tmp_path):
+    block = dict(GOOD_BLOCK, dtype="float128")
+    expect_error(write_raw(tmp_path / "d.flashpack", b"\0" * 64, v4([GOOD_ENTRY], [block])),
+                 "macroblock 0: unknown dtype 'float128'")
+
+
+def test_quantized_dtype_name_is_unknown(tmp_path):
+    block = dict(GOOD_BLOCK, dtype="qint8", length_bytes=16)
+    expect_error(write_raw(tmp_path / "q.flashpack", b"\0" * 64, v4([GOOD_ENTRY], [block])), "unknown dtype 'qint8'")
+
+
+@pytest.mark.parametrize("entry, pattern", [
+    (dict(GOOD_ENTRY, offset=1), "index entry 'w' ends at element 17, past the end of macroblock 0 \\(16 elements\\)"),
+    (dict(GOOD_ENTRY, offset=2**63 - 1, length=2**63 - 1, shape=[2**63 - 1]), "ends at element 18446744073709551614"),
+    (dict(GOOD_ENTRY, offset=2**64 - 1), "\"offset\" must be an integer"),
+    (dict(GOOD_ENTRY, shape=[4, -4]), "index entry 'w': \"shape\" is negative \\(-4\\)"),
+    (dict(GOOD_ENTRY, shape=[4, 5]), "the shape holds 20 elements but \"length\" says 16"),
+    (dict(GOOD_ENTRY, shape=[2**32, 2**32, 2]), "more than 2\\^64"),
+    (dict(GOOD_ENTRY, shape=[1] * 65, length=1), "65 dimensions"),
+    (dict(GOOD_ENTRY, shape=[4.0, 4]), "\"shape\" must be an integer"),
+    (dict(GOOD_ENTRY, shape="4x4"), "\"shape\" must be an array"),
+    (dict(GOOD_ENTRY, offset=-1), "\"offset\" is negative"),
+    (dict(GOOD_ENTRY, offset="0"), "\"offset\" must be an integer"),
+    (dict(GOOD_ENTRY, length=True), "\"length\" must be an integer"),
+    (dict(GOOD_ENTRY, macroblock=1), "refers to macroblock 1 but the file has 1"),
+    (dict(GOOD_ENTRY, macroblock=-1), "\"macroblock\" is negative"),
+    (dict(GOOD_ENTRY, name=7), "index entry 0: \"name\" must be a string"),
+    ({k: v for k, v in GOOD_ENTRY.items() if k != "shape"}, "index entry 'w' has no \"shape\" field"),
+    ({k: v for k, v in GOOD_ENTRY.items() if k != "name"}, "index entry 0 has no \"name\" field"),
+], ids=lambda x: x if isinstance(x, str) and len(x) < 30 else None)
+def test_bad_index_entries(tmp_path, entry, pattern):
+    path = write_raw(tmp_path / "e.flashpack", b"\0" * 64, v4([entry], [GOOD_BLOCK]))
+    expect_error(path, pattern)
+
+
+def test_duplicate_names(tmp_path):
+    path = write_raw(tmp_path / "dup.flashpack", b"\0" * 64, v4([GOOD_ENTRY, GOOD_ENTRY], [GOOD_BLOCK]))
+    expect_error(path, "index entry 'w' appears twice")
+
+
+@pytest.mark.parametrize("block, pattern", [
+    (dict(GOOD_BLOCK, offset_bytes=4), "macroblock 0 \\(float32\\) ends past the payload end 64"),
+    (dict(GOOD_BLOCK, offset_bytes=2), "offset_bytes 2 is not a multiple of the 4-byte element size"),
+    (dict(GOOD_BLOCK, length_bytes=60), "length_bytes 60 does not equal length_elems 16 x 4 bytes"),
+    (dict(GOOD_BLOCK, length_elems=2**62, length_bytes=0), "does not equal length_elems"),
+    (dict(GOOD_BLOCK, offset_bytes=2**64 - 4), "\"offset_bytes\" must be an integer"),
+    (dict(GOOD_BLOCK, offset_bytes=2**63 - 4, length_bytes=2**62, length_elems=2**60), "ends past the payload end"),
+    (dict(GOOD_BLOCK, dtype=3), "\"dtype\" must be a string"),
+    ({k: v for k, v in GOOD_BLOCK.items() if k != "length_elems"}, "macroblock 0 has no \"length_elems\" field"),
+], ids=lambda x: x if isinstance(x, str) and len(x) < 30 else None)
+def test_bad_macroblocks(tmp_path, block, pattern):
+    path = write_raw(tmp_path / "b.flashpack", b"\0" * 64, v4([GOOD_ENTRY], [block]))
+    expect_error(path, pattern)
+
+
+def test_v4_without_macroblocks(tmp_path):
+    meta = v4([GOOD_ENTRY], [])
+    del meta["macroblocks"]
+    expect_error(write_raw(tmp_path / "nm.flashpack", b"\0" * 64, meta), "no \"macroblocks\" field")
+    expect_error(write_raw(tmp_path / "nb.flashpack", b"\0" * 64, v4([GOOD_ENTRY], [])),
+                 "refers to macroblock 0 but the file has 0")
+
+
+def test_v3_payload_truncated(tmp_path):
+    meta = {"format": "flashpack_v3", "target_dtype": "bfloat16", "align_bytes": 128, "total_elems": 1000,
+            "index": [{"name": "w", "shape": [1000], "offset": 0, "length": 1000}]}
+    expect_error(write_raw(tmp_path / "v3.flashpack", b"\0" * 1999, meta), "ends past the payload end 1999")
+
+
+def test_v3_overflowing_total(tmp_path):
+    meta = {"format": "flashpack_v3", "target_dtype": "float64", "align_bytes": 128, "total_elems": 2**62, "index": []}
+    expect_error(write_raw(tmp_path / "v3o.flashpack", b"", meta), "overflows")
+
+
+def test_truncated_anywhere(tmp_path):
+    src = str(tmp_path / "full.flashpack")
+    flashpack_ops.save_file({"a": torch.randn(1000), "b": torch.arange(100), "c": torch.ones(3, dtype=torch.bool)}, src)
+    data = open(src, "rb").read()
+    cut_path = str(tmp_path / "cut.flashpack")
+    cuts = sorted(set(list(range(0, 64)) + list(range(0, len(data), 97)) + list(range(len(data) - 300, len(data)))))
+    for cut in cuts:
+        open(cut_path, "wb").write(data[:cut])
+        with pytest.raises(ValueError, match=re.escape(cut_path)):
+            flashpack_ops.load_file(cut_path)
+
+
+def test_payload_cut_out_of_the_middle(tmp_path):
+    src = str(tmp_path / "full.flashpack")
+    flashpack_ops.save_file({"a": torch.randn(1000), "b": torch.arange(100)}, src)
+    data = open(src, "rb").read()
+    path = str(tmp_path / "hole.flashpack")
+    open(path, "wb").write(data[:100] + data[4196:])  # footer and trailer intact, payload short
+    expect_error(path, "ends past the payload end")
+
+
+def test_error_names_the_file_in_read_metadata(tmp_path):
+    path = write_raw(tmp_path / "x.flashpack", b"", "{")
+    with pytest.raises(ValueError, match=re.escape(path)):
+        flashpack_ops.get_flashpack_file_metadata(path)
+
+
+def test_unknown_keys_are_ignored(tmp_path):
+    payload = torch.arange(16, dtype=torch.float32).numpy().tobytes()
+    meta = v4([dict(GOOD_ENTRY, extra={"nested": [1, 2.5, None, True]})], [dict(GOOD_BLOCK, note="hi")], producer="x")
+    path = write_raw(tmp_path / "extra.flashpack", payload, meta)
+    assert torch.equal(flashpack_ops.load_file(path)["w"], torch.arange(16.0).reshape(4, 4))
+
+
+def test_dtype_aliases_are_accepted(tmp_path):
+    payload = torch.arange(16, dtype=torch.float32).numpy().tobytes()
+    path = write_raw(tmp_path / "alias.flashpack", payload, v4([GOOD_ENTRY], [dict(GOOD_BLOCK, dtype="float")]))
+    assert flashpack_ops.load_file(path)["w"].dtype == torch.float32
+
+
+# --- save errors: clear message, old file intact, no temporary left ---------------------------
+
+def _assert_intact(tmp_file, original):
+    assert torch.equal(flashpack_ops.load_file(tmp_file)["ok"], original)
+    assert os.listdir(os.path.dirname(tmp_file)) == [os.path.basename(tmp_file)]
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    (lambda: torch.quantize_per_tensor(torch.randn(3), 0.1, 0, torch.qint8), "tensor 'bad' is quantized"),
+    (lambda: torch.randn(3, 3).to_sparse(), "tensor 'bad' has layout Sparse"),
+    (lambda: torch.empty(3, device="meta"), "tensor 'bad' is on the meta device"),
+], ids=["quantized", "sparse", "meta"])
+def test_failed_save_leaves_the_old_file(tmp_file, bad, pattern):
+    original = torch.randn(100)
+    flashpack_ops.save_file({"ok": original}, tmp_file)
+    with pytest.raises(ValueError, match=pattern) as info:
+        flashpack_ops.save_file({"ok": torch.zeros(100), "bad": bad()}, tmp_file)
+    assert tmp_file in str(info.value)
+    _assert_intact(tmp_file, original)
+
+
+def test_failed_conversion_leaves_the_old_file(tmp_file):
+    original = torch.randn(100)
+    flashpack_ops.save_file({"ok": original}, tmp_file)
+    with pytest.raises(ValueError, match="tensor 'bits' cannot be converted to float32"):
+        flashpack_ops.save_file({"ok": torch.zeros(100), "bits": torch.zeros(4, dtype=torch.uint8).view(torch.bits8)},
+                                tmp_file, target_dtype=torch.float32)
+    _assert_intact(tmp_file, original)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"align_bytes": -1}, "align_bytes must be between 0 and 2\\^30"),
+    ({"target_dtype": torch.qint8}, "target_dtype QInt8 cannot be stored"),
+])
+def test_bad_save_arguments(tmp_file, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        flashpack_ops.save_file({"a": torch.ones(1)}, tmp_file, **kwargs)
+    assert not os.path.exists(tmp_file)
+
+
+def test_save_into_missing_directory(tmp_path):
+    path = str(tmp_path / "no" / "such" / "dir" / "m.flashpack")
+    with pytest.raises(RuntimeError, match="cannot create a temporary file in .*No such file"):
+        flashpack_ops.save_file({"a": torch.ones(1)}, path)
+
+
+def test_save_over_a_directory(tmp_path):
+    with pytest.raises(RuntimeError, match="is a directory"):
+        flashpack_ops.save_file({"a": torch.ones(1)}, tmp_path)
+
+
+def test_save_rejects_non_mapping(tmp_file):
+    with pytest.raises(TypeError, match="mapping"):
+        flashpack_ops.save_file([torch.ones(1)], tmp_file)

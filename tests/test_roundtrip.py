@@ -1,0 +1,244 @@
+"""Round trips on the CPU: every dtype and shape, ties, order, zero-copy and copy modes."""
+
+import os
+
+import pytest
+import torch
+
+import flashpack_ops
+from conftest import STORABLE_DTYPES, assert_same, assert_same_dict, random_tensor
+
+SHAPES = [(), (0,), (3, 0, 2), (1,), (7,), (5, 3), (2, 3, 4, 5), (1, 1, 1, 1, 1, 1, 1, 1)]
+
+
+def _save_load(tensors, path, through_ops):
+    if through_ops:
+        torch.ops.flashpack.save(tensors, path)
+        return torch.ops.flashpack.load(path, "cpu")
+    flashpack_ops.save_file(tensors, path)
+    return flashpack_ops.load_file(path)
+
+
+@pytest.mark.parametrize("through_ops", [True, False], ids=["torch.ops", "wrappers"])
+@pytest.mark.parametrize("dtype", STORABLE_DTYPES, ids=str)
+def test_every_dtype_and_shape(dtype, through_ops, tmp_file):
+    tensors = {f"t{k}": random_tensor(shape, dtype, seed=k) for k, shape in enumerate(SHAPES)}
+    loaded = _save_load(tensors, tmp_file, through_ops)
+    assert_same_dict(loaded, tensors)
+    assert loaded["t0"].dim() == 0
+
+
+def test_all_dtypes_in_one_file(tmp_file):
+    tensors = {str(dtype): random_tensor((3, 5), dtype, seed=k) for k, dtype in enumerate(STORABLE_DTYPES)}
+    flashpack_ops.save_file(tensors, tmp_file)
+    meta = flashpack_ops.read_metadata(tmp_file)
+    assert meta["format"] == "flashpack_v4"
+    assert len(meta["macroblocks"]) == len(STORABLE_DTYPES)
+    assert_same_dict(flashpack_ops.load_file(tmp_file), tensors)
+
+
+def test_blocks_are_page_aligned_and_tensors_128_aligned(tmp_file):
+    tensors = {"a": torch.randn(33), "b": torch.randn(7).half(), "c": torch.randn(5), "d": torch.ones(3, dtype=torch.int8)}
+    flashpack_ops.save_file(tensors, tmp_file)
+    meta = flashpack_ops.read_metadata(tmp_file)
+    for block in meta["macroblocks"]:
+        assert block["offset_bytes"] % 4096 == 0
+    for rec in meta["index"]:
+        esize = tensors[rec["name"]].element_size()
+        assert (rec["offset"] * esize) % 128 == 0
+
+
+def test_order_is_kept(tmp_file):
+    names = ["z", "a", "m", "b.weight", "a.bias", "0"]
+    tensors = {n: torch.full((k + 1,), float(k)) for k, n in enumerate(names)}
+    tensors["mixed"] = torch.arange(3)
+    flashpack_ops.save_file(tensors, tmp_file)
+    assert list(flashpack_ops.load_file(tmp_file)) == names + ["mixed"]
+    assert [r["name"] for r in flashpack_ops.read_metadata(tmp_file)["index"]] == names + ["mixed"]
+
+
+def test_unicode_and_odd_names(tmp_file):
+    tensors = {"": torch.ones(1), 'quote"back\\slash': torch.ones(2), "new\nline\ttab": torch.ones(3),
+               "ünïcödé.层.🙂": torch.ones(4), "\x01ctrl": torch.ones(5)}
+    flashpack_ops.save_file(tensors, tmp_file)
+    assert_same_dict(flashpack_ops.load_file(tmp_file), tensors)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(6, 4).t(),
+    lambda: torch.randn(5, 8)[:, ::3],
+    lambda: torch.randn(4, 1, 3).expand(4, 6, 3),
+    lambda: torch.randn(10)[2:7],
+    lambda: torch.randn(3, 4, 5).permute(2, 0, 1),
+], ids=["transposed", "strided", "expanded", "offset-slice", "permuted"])
+def test_non_contiguous_inputs_are_saved_as_their_values(make, tmp_file):
+    t = make()
+    flashpack_ops.save_file({"t": t}, tmp_file)
+    loaded = flashpack_ops.load_file(tmp_file)["t"]
+    assert loaded.is_contiguous()
+    assert_same(loaded, t.contiguous())
+
+
+@pytest.mark.parametrize("dtype", STORABLE_DTYPES, ids=str)
+def test_non_contiguous_every_dtype(dtype, tmp_file):
+    base = random_tensor((4, 6), dtype, seed=3)
+    flashpack_ops.save_file({"t": base.t()}, tmp_file)
+    # The expected values go through a same-width integer view: some dtypes (uint4, ...)
+    # have no copy kernel of their own.
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(base.element_size())
+    expected = base.view(width).t().contiguous().view(dtype) if width else base.t().contiguous()
+    assert_same(flashpack_ops.load_file(tmp_file)["t"], expected)
+
+
+def test_tied_tensors_are_stored_once_and_share_memory(tmp_file):
+    embed = torch.randn(1000, 64)
+    tensors = {"embed.weight": embed, "layer.weight": torch.randn(64, 64), "lm_head.weight": embed}
+    flashpack_ops.save_file(tensors, tmp_file)
+    meta = flashpack_ops.read_metadata(tmp_file)
+    recs = {r["name"]: r for r in meta["index"]}
+    assert recs["embed.weight"]["offset"] == recs["lm_head.weight"]["offset"]
+    assert meta["macroblocks"][0]["length_elems"] < 2 * 1000 * 64  # stored once
+    loaded = flashpack_ops.load_file(tmp_file)
+    assert_same_dict(loaded, tensors)
+    assert loaded["embed.weight"].data_ptr() == loaded["lm_head.weight"].data_ptr()
+    loaded["embed.weight"][0, 0] = 42.0
+    assert loaded["lm_head.weight"][0, 0].item() == 42.0
+
+
+def test_views_with_different_shapes_are_stored_separately(tmp_file):
+    base = torch.randn(4, 8)
+    tensors = {"base": base, "flat": base.view(-1), "half": base[:2]}
+    flashpack_ops.save_file(tensors, tmp_file)
+    assert_same_dict(flashpack_ops.load_file(tmp_file), {k: v.contiguous() for k, v in tensors.items()})
+
+
+def test_target_dtype_converts_everything(tmp_file):
+    tensors = {"w": torch.randn(8, 8), "b": torch.randn(8).double(), "h": torch.randn(3).half()}
+    flashpack_ops.save_file(tensors, tmp_file, target_dtype=torch.bfloat16)
+    loaded = flashpack_ops.load_file(tmp_file)
+    assert [b["dtype"] for b in flashpack_ops.read_metadata(tmp_file)["macroblocks"]] == ["bfloat16"]
+    for name, t in tensors.items():
+        assert_same(loaded[name], t.to(torch.bfloat16), name)
+
+
+@pytest.mark.parametrize("align", [0, 1, 64, 128, 4096, 100])
+def test_alignment_option(align, tmp_file):
+    tensors = {"a": torch.randn(3), "b": torch.randn(5), "c": torch.arange(3, dtype=torch.int16)}
+    flashpack_ops.save_file(tensors, tmp_file, align_bytes=align)
+    meta = flashpack_ops.read_metadata(tmp_file)
+    assert meta["align_bytes"] == align
+    for rec in meta["index"]:
+        esize = tensors[rec["name"]].element_size()
+        if align:
+            assert (rec["offset"] * esize) % align == 0
+    assert_same_dict(flashpack_ops.load_file(tmp_file), tensors)
+
+
+def test_empty_state_dict(tmp_file):
+    flashpack_ops.save_file({}, tmp_file)
+    assert flashpack_ops.load_file(tmp_file) == {}
+
+
+def test_only_empty_tensors(tmp_file):
+    tensors = {"a": torch.empty(0), "b": torch.empty(2, 0, dtype=torch.int64)}
+    flashpack_ops.save_file(tensors, tmp_file)
+    assert_same_dict(flashpack_ops.load_file(tmp_file), tensors)
+
+
+def test_cpu_load_is_zero_copy_and_never_writes_the_file(tmp_file):
+    tensors = {"a": torch.randn(1000), "b": torch.randn(10)}
+    flashpack_ops.save_file(tensors, tmp_file)
+    before = open(tmp_file, "rb").read()
+    loaded = flashpack_ops.load_file(tmp_file)
+    a = loaded["a"]
+    # Views of one mapping: both blocks' tensors sit inside the same address range, at
+    # the file offsets the footer gives.
+    meta = flashpack_ops.read_metadata(tmp_file)
+    assert loaded["b"].data_ptr() - a.data_ptr() == meta["index"][1]["offset"] * 4
+    a.mul_(2)  # writable, copy-on-write
+    assert torch.equal(a, tensors["a"] * 2)
+    del loaded, a
+    assert open(tmp_file, "rb").read() == before
+    assert_same_dict(flashpack_ops.load_file(tmp_file), tensors)
+
+
+def test_mapping_outlives_the_dict_and_the_file_name(tmp_file):
+    t = torch.randn(4096)
+    flashpack_ops.save_file({"t": t}, tmp_file)
+    view = flashpack_ops.load_file(tmp_file)["t"]
+    os.remove(tmp_file)
+    flashpack_ops.save_file({"t": torch.zeros(4096)}, tmp_file)  # a new file at the same path
+    assert_same(view, t)
+
+
+def test_copy_mode_gives_private_memory(tmp_file):
+    tensors = {"a": torch.randn(100_000), "b": torch.arange(17, dtype=torch.int32), "e": torch.empty(0)}
+    flashpack_ops.save_file(tensors, tmp_file)
+    loaded = flashpack_ops.load_file(tmp_file, copy=True, num_threads=3)
+    assert_same_dict(loaded, tensors)
+    os.remove(tmp_file)
+    assert_same_dict(loaded, tensors)
+
+
+def test_large_tensor_spans_many_chunks(tmp_file):
+    t = random_tensor((40 * 1024 * 1024 + 3,), torch.uint8, seed=9)  # > 32 MiB write and 16 MiB read chunks
+    flashpack_ops.save_file({"big": t, "tail": torch.ones(3)}, tmp_file, num_threads=4)
+    for copy in (False, True):
+        assert_same_dict(flashpack_ops.load_file(tmp_file, copy=copy, num_threads=4), {"big": t, "tail": torch.ones(3)})
+
+
+def test_requires_grad_and_autograd_tensors_are_saved(tmp_file):
+    w = torch.randn(3, 3, requires_grad=True)
+    y = w * 2
+    flashpack_ops.save_file({"w": w, "y": y}, tmp_file)
+    loaded = flashpack_ops.load_file(tmp_file)
+    assert_same(loaded["w"], w.detach())
+    assert_same(loaded["y"], y.detach())
+    assert not loaded["w"].requires_grad
+
+
+def test_load_accepts_pathlike_and_devices(tmp_path):
+    path = tmp_path / "m.flashpack"
+    flashpack_ops.save_file({"a": torch.ones(2)}, path)
+    assert_same(flashpack_ops.load_file(path, torch.device("cpu"))["a"], torch.ones(2))
+    assert_same(torch.ops.flashpack.load(str(path), torch.device("cpu"))["a"], torch.ones(2))
+    assert_same(torch.ops.flashpack.load(str(path))["a"], torch.ones(2))
+
+
+def test_load_list_matches_load(tmp_file):
+    tensors = {"a": torch.randn(3), "b": torch.arange(4), "c": torch.randn(2, 2)}
+    flashpack_ops.save_file(tensors, tmp_file)
+    values = torch.ops.flashpack.load_list(tmp_file, "cpu")
+    assert len(values) == 3
+    for value, expected in zip(values, tensors.values()):
+        assert_same(value, expected)
+
+
+def test_overwrite_replaces_the_file(tmp_file):
+    flashpack_ops.save_file({"a": torch.ones(10)}, tmp_file)
+    flashpack_ops.save_file({"b": torch.zeros(3)}, tmp_file)
+    assert_same_dict(flashpack_ops.load_file(tmp_file), {"b": torch.zeros(3)})
+    assert os.listdir(os.path.dirname(tmp_file)) == [os.path.basename(tmp_file)]
+
+
+def test_saved_file_has_usual_permissions(tmp_file):
+    old = os.umask(0o022)
+    try:
+        flashpack_ops.save_file({"a": torch.ones(1)}, tmp_file)
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_file).st_mode & 0o777 == 0o644
+
+
+def test_many_small_tensors(tmp_file):
+    tensors = {f"layers.{k}.weight": torch.full((k % 7 + 1, 3), float(k)) for k in range(20_000)}
+    flashpack_ops.save_file(tensors, tmp_file)
+    loaded = flashpack_ops.load_file(tmp_file)
+    assert len(loaded) == 20_000
+    for name in ("layers.0.weight", "layers.12345.weight", "layers.19999.weight"):
+        assert_same(loaded[name], tensors[name])
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_built_with_cuda_reports_the_build():
+    assert flashpack_ops.has_cuda() == bool(torch.ops.flashpack.built_with_cuda())
