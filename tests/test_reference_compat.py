@@ -1,0 +1,140 @@
+"""Files are interchangeable with the reference `flashpack` package (0.4.x), both ways."""
+
+import pytest
+import torch
+
+import flashpack_ops
+from conftest import assert_same, assert_same_dict, random_tensor
+
+flashpack = pytest.importorskip("flashpack")
+from flashpack.deserialization import iterate_from_flash_tensor, read_flashpack_file  # noqa: E402
+
+# The dtypes the reference can store (it maps each to a numpy dtype; it has no 4-bit,
+# sub-byte or bits dtypes).
+REFERENCE_DTYPES = [
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+    torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex32, torch.complex64,
+    torch.complex128, torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz,
+    torch.float8_e8m0fnu,
+]
+
+
+def mixed_state_dict():
+    return {
+        "embed.weight": random_tensor((64, 32), torch.bfloat16, seed=1),
+        "layers.0.attn.q.weight": random_tensor((32, 32), torch.bfloat16, seed=2),
+        "layers.0.norm.weight": torch.ones(32, dtype=torch.float32),
+        "layers.0.mlp.scale": random_tensor((7,), torch.float8_e4m3fn, seed=3),
+        "position_ids": torch.arange(16, dtype=torch.int64),
+        "mask": torch.rand(5) > 0.5,
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.empty(0, 3),
+    }
+
+
+def read_with_reference(path):
+    storage, meta = read_flashpack_file(path)
+    return {name: view.clone() for name, view in iterate_from_flash_tensor(storage, meta)}
+
+
+# --- reference writes, we read --------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", REFERENCE_DTYPES, ids=str)
+def test_reference_single_dtype_v3_file_loads(dtype, tmp_file):
+    tensors = {"a": random_tensor((3, 5), dtype, seed=1), "b": random_tensor((17,), dtype, seed=2),
+               "c": random_tensor((), dtype, seed=3), "d": random_tensor((2, 0), dtype, seed=4)}
+    flashpack.pack_to_file(tensors, tmp_file, target_dtype=None)
+    assert flashpack_ops.read_metadata(tmp_file)["format"] == "flashpack_v3"
+    loaded = flashpack_ops.load_file(tmp_file)
+    assert set(loaded) == set(tensors)
+    for name, t in tensors.items():
+        assert_same(loaded[name], t, name)
+
+
+def test_reference_multi_dtype_v4_file_loads(tmp_file):
+    tensors = mixed_state_dict()
+    flashpack.pack_to_file(tensors, tmp_file, target_dtype=None)
+    assert flashpack_ops.read_metadata(tmp_file)["format"] == "flashpack_v4"
+    loaded = flashpack_ops.load_file(tmp_file)
+    # The reference orders tensors largest first; the dict follows the file's index.
+    assert list(loaded) == [r["name"] for r in flashpack.get_flashpack_file_metadata(tmp_file)["index"]]
+    for name, t in tensors.items():
+        assert_same(loaded[name], t, name)
+
+
+def test_reference_target_dtype_coercion_loads(tmp_file):
+    tensors = {"w": torch.randn(8, 8), "b": torch.randn(8, dtype=torch.float64), "h": torch.randn(4).half()}
+    flashpack.pack_to_file(tensors, tmp_file, target_dtype=torch.bfloat16)
+    loaded = flashpack_ops.load_file(tmp_file)
+    for name, t in tensors.items():
+        assert_same(loaded[name], t.to(torch.bfloat16), name)
+
+
+@pytest.mark.parametrize("align", [0, 64, 128, 4096])
+def test_reference_alignments_load(align, tmp_file):
+    tensors = mixed_state_dict()
+    flashpack.pack_to_file(tensors, tmp_file, target_dtype=None, align_bytes=align)
+    loaded = flashpack_ops.load_file(tmp_file, copy=align == 64)
+    for name, t in tensors.items():
+        assert_same(loaded[name], t, name)
+
+
+def test_reference_model_file_assigns_into_our_model(tmp_file):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    flashpack.pack_to_file(model, tmp_file, target_dtype=None)
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    flashpack_ops.assign_from_file(fresh, tmp_file)
+    x = torch.randn(3, 8)
+    assert torch.equal(fresh(x), model(x))
+
+
+# --- we write, the reference reads -----------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", REFERENCE_DTYPES, ids=str)
+def test_our_file_loads_in_reference(dtype, tmp_file):
+    tensors = {"a": random_tensor((3, 5), dtype, seed=1), "b": random_tensor((17,), dtype, seed=2),
+               "d": random_tensor((2, 0), dtype, seed=4)}
+    flashpack_ops.save_file(tensors, tmp_file)
+    assert_same_dict(read_with_reference(tmp_file), tensors)
+
+
+def test_our_mixed_file_loads_in_reference(tmp_file):
+    tensors = mixed_state_dict()
+    flashpack_ops.save_file(tensors, tmp_file)
+    loaded = read_with_reference(tmp_file)
+    assert list(loaded) == list(tensors)
+    for name, t in tensors.items():
+        # The reference returns 0-d tensors as shape (1,).
+        expected = t.reshape(1) if t.dim() == 0 else t
+        assert_same(loaded[name], expected, name)
+    meta = flashpack.get_flashpack_file_metadata(tmp_file)
+    assert meta["format"] == "flashpack_v4"
+    assert flashpack.is_flashpack_file(tmp_file)
+
+
+def test_our_tied_file_loads_in_reference(tmp_file):
+    embed = torch.randn(50, 8)
+    tensors = {"embed.weight": embed, "lm_head.weight": embed, "norm": torch.ones(8)}
+    flashpack_ops.save_file(tensors, tmp_file)
+    assert_same_dict(read_with_reference(tmp_file), tensors)
+
+
+def test_our_target_dtype_and_alignment_load_in_reference(tmp_file):
+    tensors = mixed_state_dict()
+    flashpack_ops.save_file(tensors, tmp_file, target_dtype=torch.float16, align_bytes=256)
+    loaded = read_with_reference(tmp_file)
+    for name, t in tensors.items():
+        expected = t.to(torch.float16)
+        assert_same(loaded[name], expected.reshape(1) if t.dim() == 0 else expected, name)
+
+
+def test_reference_assign_from_file_reads_our_model_file(tmp_file):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4)).eval()
+    model[1].running_mean.normal_()
+    flashpack_ops.pack_to_file(model, tmp_file)
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4)).eval()
+    flashpack.assign_from_file(fresh, tmp_file, strict=True)
+    x = torch.randn(3, 8)
+    assert torch.equal(fresh(x), model(x))
