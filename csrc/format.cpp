@@ -44,38 +44,186 @@ constexpr DTypeName kDTypes[] = {FLASHPACK_DTYPES(FLASHPACK_ENTRY)};
   throw std::invalid_argument("'" + path + "': " + what);
 }
 
-const json::Value& member(const json::Value& obj, const char* key, const std::string& path, const std::string& where) {
-  const json::Value* v = obj.find(key);
-  if (v == nullptr) bad(path, where + " has no \"" + key + "\" field");
-  return *v;
+// One scalar field of the footer, kept with its kind so that a type error can name the
+// field once the entry it belongs to (and its name) is known. Not copyable: `s` may view
+// `storage`.
+struct Field {
+  bool present = false;
+  json::Kind kind = json::Kind::Null;
+  json::Number num;
+  std::string_view s;
+  std::string storage;
+
+  Field() = default;
+  Field(const Field&) = delete;
+  Field& operator=(const Field&) = delete;
+
+  void read(json::Reader& r) {
+    present = true;
+    kind = r.peek();
+    switch (kind) {
+      case json::Kind::Number: num = r.number(); break;
+      case json::Kind::String: s = r.string(storage); break;
+      case json::Kind::Bool: r.boolean(); break;
+      case json::Kind::Null: r.null(); break;
+      default: r.skip();
+    }
+  }
+};
+
+// What an error message names ("index entry 'w'", "macroblock 2", "footer"). The text
+// is only built when an error is thrown: 20,000 entries must not cost 20,000 strings.
+struct Where {
+  const char* what;
+  size_t k = 0;
+  const std::string* name = nullptr;
+  bool numbered = false;
+
+  std::string str() const {
+    if (name != nullptr) return std::string(what) + " '" + *name + "'";
+    if (numbered) return std::string(what) + " " + std::to_string(k);
+    return what;
+  }
+};
+
+void require(bool present, const char* key, const std::string& path, const Where& where) {
+  if (!present) bad(path, where.str() + " has no \"" + key + "\" field");
 }
 
-// A non-negative integer field; anything else (negative, fractional, too large for
-// int64, a string) is an error naming the field.
-uint64_t count(const json::Value& v, const char* key, const std::string& path, const std::string& where) {
-  if (v.kind != json::Kind::Int) bad(path, where + ": \"" + key + "\" must be an integer");
-  if (v.i < 0) bad(path, where + ": \"" + key + "\" is negative (" + std::to_string(v.i) + ")");
-  return static_cast<uint64_t>(v.i);
+// A non-negative integer; anything else (negative, fractional, too large for int64, a
+// string) is an error naming the field.
+uint64_t count(bool present, json::Kind kind, const json::Number& num, const char* key, const std::string& path,
+               const Where& where) {
+  require(present, key, path, where);
+  if (kind != json::Kind::Number || !num.is_int) bad(path, where.str() + ": \"" + key + "\" must be an integer");
+  if (num.i < 0) bad(path, where.str() + ": \"" + key + "\" is negative (" + std::to_string(num.i) + ")");
+  return static_cast<uint64_t>(num.i);
 }
 
-uint64_t count_field(const json::Value& obj, const char* key, const std::string& path, const std::string& where) {
-  return count(member(obj, key, path, where), key, path, where);
+uint64_t count(const Field& f, const char* key, const std::string& path, const Where& where) {
+  return count(f.present, f.kind, f.num, key, path, where);
 }
 
-c10::ScalarType dtype_field(const json::Value& obj, const char* key, const std::string& path, const std::string& where) {
-  const json::Value& v = member(obj, key, path, where);
-  if (v.kind != json::Kind::String) bad(path, where + ": \"" + key + "\" must be a string");
-  auto t = dtype_from_name(v.s);
-  if (!t) bad(path, where + ": unknown dtype '" + v.s + "'");
+c10::ScalarType dtype_of(const Field& f, const char* key, const std::string& path, const Where& where) {
+  require(f.present, key, path, where);
+  if (f.kind != json::Kind::String) bad(path, where.str() + ": \"" + key + "\" must be a string");
+  auto t = dtype_from_name(f.s);
+  if (!t) bad(path, where.str() + ": unknown dtype '" + std::string(f.s) + "'");
   return *t;
 }
+
+// A dimension of a shape: a number, or the kind of whatever stood there instead.
+struct Dim {
+  json::Kind kind = json::Kind::Null;
+  json::Number num;
+};
 
 bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) {
   return __builtin_mul_overflow(a, b, out);
 }
 
-std::string entry_where(const std::string& name) {
-  return "index entry '" + name + "'";
+Block read_block(json::Reader& r, size_t k, const std::string& path) {
+  const Where where{"macroblock", k, nullptr, true};
+  if (r.peek() != json::Kind::Object) bad(path, where.str() + " is not an object");
+  Field dtype, offset_bytes, length_bytes, length_elems;
+  std::string_view key;
+  std::string key_storage;
+  r.begin_object();
+  for (bool first = true; r.next_member(first, key, key_storage);) {
+    if (key == "dtype") dtype.read(r);
+    else if (key == "offset_bytes") offset_bytes.read(r);
+    else if (key == "length_bytes") length_bytes.read(r);
+    else if (key == "length_elems") length_elems.read(r);
+    else r.skip();
+  }
+  Block b;
+  b.dtype = dtype_of(dtype, "dtype", path, where);
+  b.offset_bytes = count(offset_bytes, "offset_bytes", path, where);
+  b.length_bytes = count(length_bytes, "length_bytes", path, where);
+  b.length_elems = count(length_elems, "length_elems", path, where);
+  uint64_t expect = 0;
+  if (mul_overflows(b.length_elems, c10::elementSize(b.dtype), &expect) || expect != b.length_bytes) {
+    bad(path, where.str() + ": length_bytes " + std::to_string(b.length_bytes) + " does not equal length_elems " +
+                  std::to_string(b.length_elems) + " x " + std::to_string(c10::elementSize(b.dtype)) + " bytes");
+  }
+  return b;
+}
+
+// Reads one index entry and checks what it says of itself; its block is checked later,
+// once every block is known (the keys may come in any order).
+// A missing "macroblock" means block 0, as the reference reads v3 files.
+Entry read_entry(json::Reader& r, size_t k, const std::string& path) {
+  if (r.peek() != json::Kind::Object) bad(path, "index entry " + std::to_string(k) + " is not an object");
+  Field name, offset, length, block;
+  Dim dims[kMaxDims];
+  size_t ndim = 0;
+  bool shape_present = false;
+  json::Kind shape_kind = json::Kind::Null;
+  std::string_view key;
+  std::string key_storage;
+  r.begin_object();
+  for (bool first = true; r.next_member(first, key, key_storage);) {
+    if (key == "name") {
+      name.read(r);
+    } else if (key == "shape") {
+      shape_present = true;
+      shape_kind = r.peek();
+      if (shape_kind != json::Kind::Array) {
+        r.skip();
+        continue;
+      }
+      ndim = 0;
+      r.begin_array();
+      for (bool first_dim = true; r.next_item(first_dim); ++ndim) {
+        const json::Kind kind = r.peek();
+        if (ndim < kMaxDims && kind == json::Kind::Number) {
+          dims[ndim] = {kind, r.number()};
+        } else {
+          if (ndim < kMaxDims) dims[ndim].kind = kind;
+          r.skip();  // a bad dimension is reported below, with the entry's name
+        }
+      }
+    } else if (key == "offset") {
+      offset.read(r);
+    } else if (key == "length") {
+      length.read(r);
+    } else if (key == "macroblock") {
+      block.read(r);
+    } else {
+      r.skip();
+    }
+  }
+
+  const Where numbered{"index entry", k, nullptr, true};
+  require(name.present, "name", path, numbered);
+  if (name.kind != json::Kind::String) bad(path, numbered.str() + ": \"name\" must be a string");
+  Entry e;
+  e.name = std::string(name.s);
+  const Where where{"index entry", k, &e.name};
+  require(shape_present, "shape", path, where);
+  if (shape_kind != json::Kind::Array) bad(path, where.str() + ": \"shape\" must be an array");
+  if (ndim > kMaxDims) {
+    bad(path, where.str() + " has " + std::to_string(ndim) + " dimensions, more than " + std::to_string(kMaxDims));
+  }
+  uint64_t numel = 1;
+  bool numel_overflow = false;
+  e.shape.resize(ndim);
+  for (size_t d = 0; d < ndim; ++d) {
+    const uint64_t dim = count(true, dims[d].kind, dims[d].num, "shape", path, where);
+    e.shape[d] = static_cast<int64_t>(dim);
+    numel_overflow |= mul_overflows(numel, dim, &numel);
+  }
+  e.offset = count(offset, "offset", path, where);
+  e.length = count(length, "length", path, where);
+  if (numel_overflow || numel != e.length) {
+    bad(path, where.str() + ": the shape holds " + (numel_overflow ? std::string("more than 2^64") : std::to_string(numel)) +
+                  " elements but \"length\" says " + std::to_string(e.length));
+  }
+  if (block.present) {
+    const uint64_t id = count(block, "macroblock", path, where);
+    e.block = static_cast<uint32_t>(std::min<uint64_t>(id, UINT32_MAX));
+  }
+  return e;
 }
 
 }  // namespace
@@ -95,55 +243,77 @@ std::optional<c10::ScalarType> dtype_from_name(std::string_view name) {
 }
 
 Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::string& path) {
-  json::Value root;
-  try {
-    root = json::parse(footer);
-  } catch (const std::invalid_argument& e) {
-    bad(path, std::string("footer is not valid JSON (") + e.what() + ")");
-  }
-  if (root.kind != json::Kind::Object) bad(path, "footer is not a JSON object");
-
   Layout layout;
   layout.payload_bytes = payload_bytes;
-  const json::Value& fmt = member(root, "format", path, "footer");
-  if (fmt.kind != json::Kind::String) bad(path, "footer: \"format\" must be a string");
-  layout.format = fmt.s;
-  if (const json::Value* a = root.find("align_bytes")) {
-    layout.align_bytes = static_cast<int64_t>(count(*a, "align_bytes", path, "footer"));
+  Field format, align, target_dtype, total_elems;
+  bool has_blocks = false, has_index = false;
+  json::Kind blocks_kind = json::Kind::Array;
+  std::vector<Block> blocks;
+  try {
+    json::Reader r(footer);
+    if (r.peek() != json::Kind::Object) bad(path, "footer is not a JSON object");
+    std::string_view key;
+    std::string key_storage;
+    r.begin_object();
+    for (bool first = true; r.next_member(first, key, key_storage);) {
+      if (key == "format") {
+        format.read(r);
+      } else if (key == "align_bytes") {
+        align.read(r);
+      } else if (key == "target_dtype") {
+        target_dtype.read(r);
+      } else if (key == "total_elems") {
+        total_elems.read(r);
+      } else if (key == "macroblocks") {
+        has_blocks = true;
+        blocks_kind = r.peek();
+        if (blocks_kind != json::Kind::Array) {
+          r.skip();
+          continue;
+        }
+        blocks.clear();
+        r.begin_array();
+        for (bool first_block = true; r.next_item(first_block);) blocks.push_back(read_block(r, blocks.size(), path));
+      } else if (key == "index") {
+        has_index = true;
+        if (r.peek() != json::Kind::Array) bad(path, "footer: \"index\" must be an array");
+        layout.entries.clear();
+        r.begin_array();
+        for (bool first_entry = true; r.next_item(first_entry);) {
+          layout.entries.push_back(read_entry(r, layout.entries.size(), path));
+        }
+      } else {
+        r.skip();
+      }
+    }
+    r.finish();
+  } catch (const json::SyntaxError& e) {
+    bad(path, std::string("footer is not valid JSON (") + e.what() + ")");
   }
+
+  const Where footer_where{"footer"};
+  require(format.present, "format", path, footer_where);
+  if (format.kind != json::Kind::String) bad(path, "footer: \"format\" must be a string");
+  layout.format = std::string(format.s);
+  if (align.present) layout.align_bytes = static_cast<int64_t>(count(align, "align_bytes", path, footer_where));
 
   if (layout.format == kFormatV3) {
     Block b;
-    b.dtype = dtype_field(root, "target_dtype", path, "footer");
+    b.dtype = dtype_of(target_dtype, "target_dtype", path, footer_where);
     b.offset_bytes = 0;
-    b.length_elems = count_field(root, "total_elems", path, "footer");
+    b.length_elems = count(total_elems, "total_elems", path, footer_where);
     if (mul_overflows(b.length_elems, c10::elementSize(b.dtype), &b.length_bytes)) {
       bad(path, "footer: total_elems " + std::to_string(b.length_elems) + " overflows when counted in bytes");
     }
     layout.blocks.push_back(b);
   } else if (layout.format == kFormatV4) {
-    const json::Value& mbs = member(root, "macroblocks", path, "footer");
-    if (mbs.kind != json::Kind::Array) bad(path, "footer: \"macroblocks\" must be an array");
-    layout.blocks.reserve(mbs.items.size());
-    for (size_t k = 0; k < mbs.items.size(); ++k) {
-      const json::Value& mb = mbs.items[k];
-      const std::string where = "macroblock " + std::to_string(k);
-      if (mb.kind != json::Kind::Object) bad(path, where + " is not an object");
-      Block b;
-      b.dtype = dtype_field(mb, "dtype", path, where);
-      b.offset_bytes = count_field(mb, "offset_bytes", path, where);
-      b.length_bytes = count_field(mb, "length_bytes", path, where);
-      b.length_elems = count_field(mb, "length_elems", path, where);
-      uint64_t expect = 0;
-      if (mul_overflows(b.length_elems, c10::elementSize(b.dtype), &expect) || expect != b.length_bytes) {
-        bad(path, where + ": length_bytes " + std::to_string(b.length_bytes) + " does not equal length_elems " +
-                      std::to_string(b.length_elems) + " x " + std::to_string(c10::elementSize(b.dtype)) + " bytes");
-      }
-      layout.blocks.push_back(b);
-    }
+    if (!has_blocks) bad(path, "footer has no \"macroblocks\" field");
+    if (blocks_kind != json::Kind::Array) bad(path, "footer: \"macroblocks\" must be an array");
+    layout.blocks = std::move(blocks);
   } else {
     bad(path, "unknown format '" + layout.format + "' (expected " + kFormatV3 + " or " + kFormatV4 + ")");
   }
+  if (!has_index) bad(path, "footer has no \"index\" field");
 
   for (size_t k = 0; k < layout.blocks.size(); ++k) {
     const Block& b = layout.blocks[k];
@@ -155,64 +325,30 @@ Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::
     }
     uint64_t end = 0;
     if (__builtin_add_overflow(b.offset_bytes, b.length_bytes, &end) || end > payload_bytes) {
-      bad(path, where + " ends past the payload end " + std::to_string(payload_bytes) +
-                    " (offset_bytes " + std::to_string(b.offset_bytes) + " + length_bytes " +
-                    std::to_string(b.length_bytes) + "); the file is truncated or the footer is wrong");
+      bad(path, where + " ends past the payload end " + std::to_string(payload_bytes) + " (offset_bytes " +
+                    std::to_string(b.offset_bytes) + " + length_bytes " + std::to_string(b.length_bytes) +
+                    "); the file is truncated or the footer is wrong");
     }
   }
 
-  const json::Value& index = member(root, "index", path, "footer");
-  if (index.kind != json::Kind::Array) bad(path, "footer: \"index\" must be an array");
-  layout.entries.reserve(index.items.size());
   std::unordered_set<std::string_view> seen;
-  seen.reserve(index.items.size());
-  for (size_t k = 0; k < index.items.size(); ++k) {
-    const json::Value& rec = index.items[k];
-    if (rec.kind != json::Kind::Object) bad(path, "index entry " + std::to_string(k) + " is not an object");
-    const json::Value& name = member(rec, "name", path, "index entry " + std::to_string(k));
-    if (name.kind != json::Kind::String) bad(path, "index entry " + std::to_string(k) + ": \"name\" must be a string");
-    Entry e;
-    e.name = name.s;
-    const std::string where = entry_where(e.name);
-
-    const json::Value& shape = member(rec, "shape", path, where);
-    if (shape.kind != json::Kind::Array) bad(path, where + ": \"shape\" must be an array");
-    if (shape.items.size() > kMaxDims) {
-      bad(path, where + " has " + std::to_string(shape.items.size()) + " dimensions, more than " + std::to_string(kMaxDims));
-    }
-    uint64_t numel = 1;
-    bool numel_overflow = false;
-    for (const json::Value& d : shape.items) {
-      const uint64_t dim = count(d, "shape", path, where);
-      e.shape.push_back(static_cast<int64_t>(dim));
-      numel_overflow |= mul_overflows(numel, dim, &numel);
-    }
-    e.offset = count_field(rec, "offset", path, where);
-    e.length = count_field(rec, "length", path, where);
-    if (numel_overflow || numel != e.length) {
-      bad(path, where + ": the shape holds " + (numel_overflow ? std::string("more than 2^64") : std::to_string(numel)) +
-                    " elements but \"length\" says " + std::to_string(e.length));
-    }
-    if (const json::Value* mb = rec.find("macroblock")) {
-      const uint64_t id = count(*mb, "macroblock", path, where);
-      if (id >= layout.blocks.size()) {
-        bad(path, where + " refers to macroblock " + std::to_string(id) + " but the file has " +
-                      std::to_string(layout.blocks.size()));
-      }
-      e.block = static_cast<uint32_t>(id);
-    } else if (layout.blocks.empty()) {
-      bad(path, where + " refers to macroblock 0 but the file has none");
+  seen.reserve(layout.entries.size());
+  for (size_t k = 0; k < layout.entries.size(); ++k) {
+    const Entry& e = layout.entries[k];
+    const Where where{"index entry", k, &e.name};
+    if (e.block >= layout.blocks.size()) {
+      bad(path, where.str() + " refers to macroblock " + std::to_string(e.block) + " but the file has " +
+                    std::to_string(layout.blocks.size()));
     }
     const Block& b = layout.blocks[e.block];
     uint64_t end = 0;
     if (__builtin_add_overflow(e.offset, e.length, &end) || end > b.length_elems) {
-      bad(path, where + " ends at element " + (end < e.offset ? std::string("past 2^64") : std::to_string(end)) +
+      bad(path, where.str() + " ends at element " + (end < e.offset ? std::string("past 2^64") : std::to_string(end)) +
                     ", past the end of macroblock " + std::to_string(e.block) + " (" + std::to_string(b.length_elems) +
                     " elements)");
     }
-    // The set views the names inside the parsed document, which outlives it.
-    if (!seen.insert(name.s).second) bad(path, where + " appears twice in the index");
-    layout.entries.push_back(std::move(e));
+    // The set views the names inside the entries, which no longer move.
+    if (!seen.insert(e.name).second) bad(path, where.str() + " appears twice in the index");
   }
   return layout;
 }

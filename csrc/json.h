@@ -1,43 +1,82 @@
 // A small strict JSON reader and writer for the flashpack footer.
 //
-// Torch wheels ship no JSON library, and the footer is untrusted input, so the
-// parser is deliberately strict and bounded: nesting depth is capped (no stack
-// overflow from "[[[[..."), numbers must be integers or plain decimals, strings
-// must be valid UTF-8, and every error names the byte offset where it was found.
+// Torch wheels ship no JSON library, and the footer is untrusted input, so the reader
+// is strict and bounded: nesting depth is capped (no stack overflow from "[[[[..."),
+// strings must be valid UTF-8, and every error names the byte offset where it was found.
+//
+// NOTE: the reader is a pull parser, not a document tree. A footer indexing 20,000
+// tensors is ~1.5 MB of JSON read on every load, and a tree costs an allocation per
+// value; worse, a hostile footer of N bytes could expand to a tree of 20-40 N bytes.
+// Pulling values straight into the index keeps memory proportional to what is kept.
 #pragma once
 
 #include <cstdint>
-#include <memory>
+#include <stdexcept>
 #include <string>
 #include <string_view>
-#include <utility>
-#include <vector>
 
 namespace flashpack::json {
 
-enum class Kind { Null, Bool, Int, Float, String, Array, Object };
-
-struct Value {
-  Kind kind = Kind::Null;
-  bool b = false;
-  int64_t i = 0;        // Kind::Int (the integer fits in int64)
-  double f = 0.0;       // Kind::Float, or an integer too large for int64
-  std::string s;        // Kind::String
-  std::vector<Value> items;                            // Kind::Array
-  std::vector<std::pair<std::string, Value>> members;  // Kind::Object, in file order
-
-  // First member with this key, or nullptr. Objects in the footer are small,
-  // so a linear scan beats building a map.
-  const Value* find(std::string_view key) const;
+// Thrown for text that is not well-formed JSON.
+struct SyntaxError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
 };
 
-// NOTE: 64 levels is far deeper than any footer (which nests 4 deep) and keeps
-// the recursive parser's stack use to a few KiB.
+enum class Kind : uint8_t { Null, Bool, Number, String, Array, Object };
+
+// NOTE: 64 levels is far deeper than any footer (which nests 4 deep).
 constexpr int kMaxDepth = 64;
 
-// Parses a whole document; trailing non-space bytes are an error.
-// Throws std::invalid_argument with the offset and the problem.
-Value parse(std::string_view text);
+struct Number {
+  bool is_int = false;  // an integer that fits in int64
+  int64_t i = 0;
+  double f = 0.0;
+};
+
+// Reads one JSON document from a text that must outlive the reader. Every method
+// throws SyntaxError("malformed JSON at byte N: ...") on bad input.
+//
+//   reader.begin_object();
+//   for (bool first = true; reader.next_member(first, key);) { ... read or skip the value ... }
+class Reader {
+ public:
+  explicit Reader(std::string_view text);
+
+  // The kind of the next value (after white space), without consuming it.
+  Kind peek();
+
+  void begin_object();
+  // Advances to the next member: false at the closing '}', else the key is stored in
+  // `key` (a view into the text or into `key_storage` when it held escapes).
+  bool next_member(bool& first, std::string_view& key, std::string& key_storage);
+
+  void begin_array();
+  // Advances to the next item: false at the closing ']'.
+  bool next_item(bool& first);
+
+  // A string value; the view points into the text, or into `storage` if it held escapes.
+  std::string_view string(std::string& storage);
+  Number number();
+  bool boolean();
+  void null();
+  // Skips one value of any kind.
+  void skip();
+  // Fails unless only white space is left.
+  void finish();
+
+  [[noreturn]] void fail(const std::string& what) const;
+
+ private:
+  void skip_space();
+  void enter();
+  void utf8_sequence();
+  unsigned hex4();
+
+  const char* p_;
+  const char* begin_;
+  const char* end_;
+  int depth_ = 0;
+};
 
 // Appends `s` as a JSON string literal (quotes and escapes) to `out`.
 void append_quoted(std::string& out, std::string_view s);
