@@ -5,9 +5,10 @@ from __future__ import annotations
 import errno
 import json
 import os
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, NoReturn, Optional, Tuple, Union
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from . import _library
 
@@ -101,7 +102,18 @@ def load_file(
 
     Example:
         >>> state_dict = load_file("model.flashpack", device="cuda")
+
+    Under ``torch.compile`` (``fullgraph=True`` included) this traces as
+    ``flashpack::load_list``, and the names, read from the file's index when compiling,
+    are zipped back. A compiled graph keeps the names and shapes it was traced with:
+    after replacing the file at ``path`` with one of another layout, call
+    ``torch.compiler.reset()``.
     """
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace an op returning a dict; load_list returns the same tensors.
+        path = os.fspath(path)
+        tensors = torch.ops.flashpack.load_list(path, _device(device), copy=copy, num_threads=num_threads)
+        return dict(zip(_entry_names(path), tensors))
     return torch.ops.flashpack.load(
         _path(path, must_exist=True), _device(device), copy=copy, num_threads=num_threads
     )
@@ -115,3 +127,89 @@ def read_metadata(path: PathLike) -> Dict[str, Any]:
         ValueError: the file is not a valid flashpack file.
     """
     return json.loads(torch.ops.flashpack.read_footer(_path(path, must_exist=True)))
+
+
+# torch.compile and torch.export: fake implementations, run when tracing. The file's
+# footer gives every name, shape and dtype, so a graph knows the outputs of a load
+# without reading the payload.
+
+
+def _entry_names(path: str) -> List[str]:
+    """The file's entry names in index order: what load_list's tensors are zipped with."""
+    # Outside any tracing mode: torch.export would otherwise record the read in its graph.
+    with _disable_current_modes():
+        footer = torch.ops.flashpack.read_footer(path)
+    return [entry["name"] for entry in json.loads(footer)["index"]]
+
+
+def _raise_as(op: str, error: Exception) -> NoReturn:
+    # The fakes read the footer through read_footer; a bad file must fail as the real
+    # op does, with the real op's name in front of the same message.
+    message = str(error)
+    prefix = "flashpack::read_footer: "
+    if message.startswith(prefix):
+        raise type(error)(op + ": " + message[len(prefix):]) from None
+    raise error
+
+
+def _fake_views(op: str, path: str, device: torch.device) -> Tuple[List[str], List[torch.Tensor]]:
+    # The same checks, in the same order and words, as load_any() in csrc/flashpack.cpp.
+    if device.type == "cuda" and not torch.ops.flashpack.built_with_cuda():
+        raise ValueError(f"{op}: cannot load '{path}' to {device}: flashpack_ops was built without CUDA "
+                         "(rebuild with a CUDA build of torch and nvcc on the PATH)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{op}: cannot load '{path}' to {device}: only cpu and cuda are supported")
+    try:
+        # Outside the fake mode: it would log every bad file as a failed meta kernel.
+        with _disable_current_modes():
+            footer = json.loads(torch.ops.flashpack.read_footer(path))
+    except (ValueError, RuntimeError) as error:
+        _raise_as(op, error)
+    if "macroblocks" in footer:  # flashpack_v4
+        blocks = [(block["dtype"], block["length_elems"]) for block in footer["macroblocks"]]
+    else:  # flashpack_v3: one block
+        blocks = [(footer["target_dtype"], footer["total_elems"])]
+    # Like the real op, every entry of a block shares that block's storage (a view
+    # without an autograd base), so aliasing between the outputs is the same.
+    storages = [torch.empty(length, dtype=getattr(torch, dtype), device=device).untyped_storage()
+                for dtype, length in blocks]
+    names, tensors = [], []
+    for entry in footer["index"]:
+        dtype, _ = blocks[entry.get("macroblock", 0)]
+        shape = entry["shape"]
+        strides, stride = [], 1
+        for size in reversed(shape):
+            strides.insert(0, stride)
+            stride *= size
+        view = torch.empty(0, dtype=getattr(torch, dtype), device=device)
+        view.set_(storages[entry.get("macroblock", 0)], entry["offset"], shape, strides)
+        names.append(entry["name"])
+        tensors.append(view)
+    # load_file() zips these names in while Dynamo traces it. Marking _entry_names
+    # imports Dynamo (0.7 s), so it is done here, where a trace is already under way,
+    # rather than when flashpack_ops is imported.
+    torch.compiler.assume_constant_result(_entry_names)
+    return names, tensors
+
+
+@torch.library.register_fake("flashpack::load_list")
+def _load_list_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0):
+    return _fake_views("flashpack::load_list", path, device)[1]
+
+
+@torch.library.register_fake("flashpack::load")
+def _load_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0):
+    # Dynamo cannot put an op returning a dict in a graph; with this fake it breaks the
+    # graph there instead of failing, and opcheck and export can run the op.
+    return dict(zip(*_fake_views("flashpack::load", path, device)))
+
+
+@torch.library.register_fake("flashpack::save")
+def _save_fake(tensors, path, *, target_dtype=None, align_bytes=DEFAULT_ALIGN_BYTES, num_threads=0):
+    # A save has no output for a graph to keep, so a graph would be free to drop it
+    # (Inductor does), or to move it past a load of the same file. Refusing fake tensors
+    # makes Dynamo break the graph here and run the save eagerly, in program order.
+    from torch._subclasses.fake_tensor import UnsupportedOperatorException
+
+    raise UnsupportedOperatorException(
+        f"flashpack::save writes '{path}': torch.compile runs it eagerly, between graphs")

@@ -1,0 +1,190 @@
+"""The flashpack ops under torch.compile, their fake implementations, and torch.library.opcheck.
+
+Compiling is slow on small machines: the models are tiny and there are few compiles.
+"""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import flashpack_ops
+from conftest import assert_same_dict
+
+# Small integers: every sum and product below is exact in float32, whatever order a
+# compiled kernel adds in, so compiled and eager results can be compared bit for bit.
+WEIGHTS = {
+    "linear.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4) - 6,
+    "linear.bias": torch.tensor([1.0, -2.0, 3.0]),
+    "scale": torch.tensor([2.0, 1.0, -1.0], dtype=torch.bfloat16),
+    "steps": torch.tensor([3], dtype=torch.int64),
+}
+X = torch.tensor([[1.0, 0.0, -1.0, 2.0], [0.0, 3.0, 1.0, -1.0]])
+
+ALL_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+@pytest.fixture
+def weights_file(tmp_path):
+    path = str(tmp_path / "weights.flashpack")
+    flashpack_ops.save_file(WEIGHTS, path)
+    return path
+
+
+class Loader(nn.Module):
+    """Loads its weights from a flashpack file on every call and uses them all."""
+
+    def __init__(self, path: str, device: str = "cpu"):
+        super().__init__()
+        self.path, self.device = path, device
+
+    def forward(self, x: torch.Tensor):
+        w = flashpack_ops.load_file(self.path, self.device)
+        y = nn.functional.linear(x, w["linear.weight"], w["linear.bias"]) * w["scale"].float() * w["steps"]
+        return y, w
+
+
+def test_compiled_model_loads_weights_fullgraph(weights_file):
+    model = Loader(weights_file)
+    expected, _ = model(X)
+    y, w = torch.compile(model, fullgraph=True)(X)
+    assert torch.equal(y, expected)
+    assert_same_dict(w, WEIGHTS)
+
+
+def test_compiled_save_is_not_dropped(tmp_path):
+    path = str(tmp_path / "out.flashpack")
+
+    def save_then_load(x: torch.Tensor):
+        flashpack_ops.save_file({"twice": x * 2}, path)  # nothing uses it but the load below
+        return flashpack_ops.load_file(path)["twice"] + 1
+
+    # Inductor drops graph nodes whose outputs are unused: the save must run all the same.
+    compiled = torch.compile(save_then_load)
+    for k in range(2):
+        x = X + k
+        assert torch.equal(compiled(x), x * 2 + 1)
+        assert_same_dict(flashpack_ops.load_file(path), {"twice": x * 2})
+
+
+def test_save_refuses_fullgraph(tmp_path):
+    path = str(tmp_path / "out.flashpack")
+
+    def save(x: torch.Tensor):
+        torch.ops.flashpack.save({"x": x}, path)
+        return x + 1
+
+    with pytest.raises(Exception, match="flashpack::save writes"):
+        torch.compile(save, backend="aot_eager", fullgraph=True)(X)
+    assert not os.path.exists(path)
+
+
+def test_direct_load_op_breaks_the_graph(weights_file):
+    def direct(x: torch.Tensor):
+        w = torch.ops.flashpack.load(weights_file)
+        return x @ w["linear.weight"].T
+
+    assert torch.equal(torch.compile(direct, backend="aot_eager")(X), direct(X))
+
+    torch.compiler.reset()  # else the graph-broken compile above is reused as is
+    with pytest.raises(Exception, match="non-Tensor"):
+        torch.compile(direct, backend="aot_eager", fullgraph=True)(X)
+
+
+def fake_error(op, *args):
+    with FakeTensorMode():
+        with pytest.raises(Exception) as caught:
+            op(*args)
+    return caught.value
+
+
+def eager_error(op, *args):
+    with pytest.raises(Exception) as caught:
+        op(*args)
+    return caught.value
+
+
+@pytest.mark.parametrize("op", ["load", "load_list"])
+@pytest.mark.parametrize("problem", ["missing", "truncated", "not a flashpack file"])
+def test_fake_raises_the_real_error(op, problem, tmp_path, weights_file):
+    path = str(tmp_path / "bad.flashpack")
+    if problem == "truncated":
+        with open(weights_file, "rb") as src, open(path, "wb") as dst:
+            dst.write(src.read()[:-5])
+    elif problem == "not a flashpack file":
+        with open(path, "wb") as dst:
+            dst.write(b"{}" * 100)
+    op = getattr(torch.ops.flashpack, op)
+    fake, real = fake_error(op, path), eager_error(op, path)
+    assert type(fake) is type(real)
+    assert str(fake) == str(real)
+
+
+@pytest.mark.skipif(flashpack_ops.has_cuda(), reason="the library has the CUDA path")
+def test_fake_raises_the_real_error_for_cuda_without_cuda(weights_file):
+    cuda = torch.device("cuda")
+    fake = fake_error(torch.ops.flashpack.load_list, weights_file, cuda)
+    real = eager_error(torch.ops.flashpack.load_list, weights_file, cuda)
+    assert type(fake) is type(real) is ValueError
+    assert str(fake) == str(real)
+
+
+def sharing(tensors):
+    """Which outputs share a storage, as one group number per tensor."""
+    groups = {}
+    return [groups.setdefault(t.untyped_storage()._cdata, len(groups)) for t in tensors]
+
+
+@pytest.mark.parametrize("writer", ["flashpack_ops", "reference v3", "reference v4"])
+def test_fake_outputs_match_the_real_ones(writer, tmp_path):
+    path = str(tmp_path / "weights.flashpack")
+    if writer == "flashpack_ops":
+        flashpack_ops.save_file(WEIGHTS, path)
+    else:
+        reference = pytest.importorskip("flashpack")
+        one_dtype = {"a": torch.ones(3, 4), "b": torch.arange(5.0), "c": torch.zeros(())}
+        reference.pack_to_file(WEIGHTS if writer == "reference v4" else one_dtype, path, target_dtype=None)
+        assert flashpack_ops.read_metadata(path)["format"] == "flashpack_" + writer[-2:]
+    real = torch.ops.flashpack.load_list(path)
+    with FakeTensorMode():
+        fake = torch.ops.flashpack.load_list(path)
+    for r, f in zip(real, fake, strict=True):
+        assert (f.shape, f.dtype, f.stride(), f.storage_offset()) == (r.shape, r.dtype, r.stride(), r.storage_offset())
+    assert sharing(fake) == sharing(real)
+    torch.library.opcheck(torch.ops.flashpack.load_list.default, (path,), test_utils=ALL_CHECKS)
+
+
+@pytest.mark.parametrize("copy", [False, True])
+@pytest.mark.parametrize("op", ["load", "load_list"])
+def test_opcheck_loads(op, copy, weights_file):
+    torch.library.opcheck(getattr(torch.ops.flashpack, op).default, (weights_file, torch.device("cpu")),
+                          {"copy": copy}, test_utils=ALL_CHECKS)
+
+
+def test_opcheck_save(tmp_path):
+    # test_faketensor: save refuses fake tensors on purpose, so that torch.compile runs it
+    # eagerly between graphs (a graph could drop or reorder it). test_aot_dispatch_dynamic:
+    # AOTAutograd cannot pass tensors inside a Dict(str, Tensor) argument.
+    torch.library.opcheck(torch.ops.flashpack.save.default, ({"w": X}, str(tmp_path / "w.flashpack")),
+                          test_utils=("test_schema", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("op, args", [("read_footer", ("FILE",)), ("built_with_cuda", ())])
+def test_opcheck_tensorless_ops(op, args, weights_file):
+    # test_aot_dispatch_dynamic: no tensor in or out, nothing for AOTAutograd to trace (and
+    # opcheck cannot compare a str result).
+    args = tuple(weights_file if a == "FILE" else a for a in args)
+    torch.library.opcheck(getattr(torch.ops.flashpack, op).default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_model_loads_weights_to_cuda_fullgraph(weights_file):
+    model = Loader(weights_file, "cuda")
+    y, w = torch.compile(model, fullgraph=True)(X.cuda())
+    assert y.is_cuda and all(t.is_cuda for t in w.values())
+    assert_same_dict(w, WEIGHTS)
+    # Exact: the weights and inputs are small integers.
+    assert torch.equal(y.cpu(), Loader(weights_file)(X)[0])

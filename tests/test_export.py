@@ -1,0 +1,79 @@
+"""torch.export of a model that loads its weights through the flashpack ops."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import flashpack_ops
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(flashpack_ops.__file__)))
+WEIGHTS = {"weight": torch.arange(12, dtype=torch.float32).reshape(3, 4) - 6, "bias": torch.tensor([1.0, -2.0, 3.0])}
+X = torch.tensor([[1.0, 0.0, -1.0, 2.0], [0.0, 3.0, 1.0, -1.0]])
+
+
+class Loader(nn.Module):
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = flashpack_ops.load_file(self.path)
+        return nn.functional.linear(x, w["weight"], w["bias"])
+
+
+# A fresh interpreter that only imports flashpack_ops (which registers the ops and fakes).
+FRESH_PROCESS = """
+import sys
+import torch
+import flashpack_ops
+
+program = torch.export.load(sys.argv[1])
+x = flashpack_ops.load_file(sys.argv[2])["x"]
+flashpack_ops.save_file({"y": program.module()(x)}, sys.argv[3])
+"""
+
+
+def test_exported_program_loads_weights_through_the_op(tmp_path):
+    weights = str(tmp_path / "weights.flashpack")
+    flashpack_ops.save_file(WEIGHTS, weights)
+    model = Loader(weights)
+    expected = model(X)
+
+    program = torch.export.export(model, (X,))
+    targets = [node.target for node in program.graph.nodes if node.op == "call_function"]
+    assert torch.ops.flashpack.load_list.default in targets
+    # The footer is read when exporting, not by the exported program.
+    assert torch.ops.flashpack.read_footer.default not in targets
+    assert torch.equal(program.module()(X), expected)
+
+    # The program reads the file when it runs: new values (same layout) show up.
+    flashpack_ops.save_file({name: t * 2 for name, t in WEIGHTS.items()}, weights)
+    assert torch.equal(program.module()(X), expected * 2)
+
+    saved = str(tmp_path / "model.pt2")
+    torch.export.save(program, saved)
+    inputs, outputs = str(tmp_path / "x.flashpack"), str(tmp_path / "y.flashpack")
+    flashpack_ops.save_file({"x": X}, inputs)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, saved, inputs, outputs],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert torch.equal(flashpack_ops.load_file(outputs)["y"], expected * 2)
+
+
+def test_export_refuses_save(tmp_path):
+    path = str(tmp_path / "out.flashpack")
+
+    class Saver(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            flashpack_ops.save_file({"x": x}, path)
+            return x + 1
+
+    # An exported program is a pure graph: a save in it could be dropped or reordered.
+    with pytest.raises(Exception, match="flashpack::save writes"):
+        torch.export.export(Saver(), (X,))
+    assert not os.path.exists(path)

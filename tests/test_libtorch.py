@@ -1,0 +1,61 @@
+"""The LibTorch example (torchscript/): a C++ program with no Python in it, built and run by run.sh."""
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import flashpack_ops
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(flashpack_ops.__file__)))
+RUN = os.path.join(REPO, "torchscript", "run.sh")
+
+
+def _missing() -> str:
+    """What the example needs and this machine lacks ('' if nothing)."""
+    if not os.path.exists(RUN):
+        return f"no {RUN}: flashpack_ops is installed, not a source checkout"
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    missing = [name for name, found in (("cmake", shutil.which("cmake")), ("a C++ compiler", compiler),
+                                        ("ldd", shutil.which("ldd"))) if not found]
+    return f"needs {' and '.join(missing)} to build the LibTorch example" if missing else ""
+
+
+def _torchscript_refusal() -> str:
+    """Why this torch will not script a module ('' if it will): make_inputs.py scripts one."""
+
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.script(probe)
+    except Exception as error:  # whatever a torch that dropped TorchScript raises
+        return f"torch {torch.__version__} refuses TorchScript ({type(error).__name__}: {error})"
+    return ""
+
+
+MISSING = _missing() or _torchscript_refusal()
+
+
+@pytest.mark.skipif(bool(MISSING), reason=MISSING)
+def test_libtorch_program_loads_and_runs_scripted_model(tmp_path):
+    run = subprocess.run(["bash", RUN, str(tmp_path)], env=dict(os.environ, PYTHON=sys.executable),
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "ok: ldd shows no libpython or libtorch_python" in run.stdout
+    assert "ok: no libpython or libtorch_python in the process" in run.stdout
+    assert "all checks passed" in run.stdout, run.stdout
+
+    # Written by the C++ program, read here: one format on both sides.
+    weight = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 8 - 0.5
+    table = torch.arange(6).reshape(2, 3).to(torch.bfloat16)
+    written = flashpack_ops.load_file(tmp_path / "from_cpp.flashpack")
+    assert list(written) == ["doubled", "table"]
+    assert torch.equal(written["doubled"], weight * 2)
+    assert written["table"].dtype == torch.bfloat16 and torch.equal(written["table"], table)
