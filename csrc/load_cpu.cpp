@@ -6,7 +6,10 @@
 #include <ATen/ops/empty.h>
 #include <c10/core/TensorImpl.h>
 
+#include <algorithm>
 #include <memory>
+#include <numeric>
+#include <tuple>
 
 namespace flashpack {
 
@@ -58,18 +61,60 @@ std::vector<c10::Storage> read_blocks(const InputFile& file, const Layout& layou
 
 }  // namespace
 
+namespace {
+
+void release_block(void* ctx) {
+  delete static_cast<c10::Storage*>(ctx);
+}
+
+}  // namespace
+
 std::vector<at::Tensor> make_views(const Layout& layout, const std::vector<c10::Storage>& blocks, c10::Device device) {
+  // Each tensor gets a storage of its own over its bytes of the block, holding the block
+  // alive: so torch.compile sees outputs that do not alias, and torch.save of one tensor
+  // writes that tensor, not its whole block. Only tied entries (same block, offset and
+  // length) share a storage, so they stay views of the same memory.
   // NOTE: building each TensorImpl directly costs well under a microsecond, where
   // as_strided() through the dispatcher costs several; it matters for 20,000 tensors.
   const c10::DispatchKeySet keys(c10::computeDispatchKey(std::nullopt, at::kStrided, device));
+  const auto& entries = layout.entries;
+  const auto same_bytes = [&](uint32_t a, uint32_t b) {
+    return entries[a].block == entries[b].block && entries[a].offset == entries[b].offset &&
+           entries[a].length == entries[b].length;
+  };
+  // Group tied entries: after a stable sort by position, each entry equal to its
+  // predecessor takes the storage of the first (lowest-index) entry of its group.
+  std::vector<uint32_t> order(entries.size());
+  std::iota(order.begin(), order.end(), 0u);
+  std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
+    return std::tie(entries[a].block, entries[a].offset, entries[a].length) <
+           std::tie(entries[b].block, entries[b].offset, entries[b].length);
+  });
+  std::vector<int64_t> tied_to(entries.size(), -1);
+  for (size_t i = 1; i < order.size(); ++i) {
+    if (entries[order[i]].length > 0 && same_bytes(order[i], order[i - 1])) {
+      const int64_t prev = tied_to[order[i - 1]];
+      tied_to[order[i]] = prev >= 0 ? prev : order[i - 1];
+    }
+  }
+
   std::vector<at::Tensor> out;
-  out.reserve(layout.entries.size());
-  for (const Entry& e : layout.entries) {
+  out.reserve(entries.size());
+  for (size_t k = 0; k < entries.size(); ++k) {
+    const Entry& e = entries[k];
     const Block& b = layout.blocks[e.block];
-    auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(blocks[e.block]), keys,
-                                                     c10::scalarTypeToTypeMeta(b.dtype));
+    c10::Storage storage;
+    if (tied_to[k] >= 0) {
+      storage = out[tied_to[k]].storage();
+    } else {
+      const uint64_t esize = c10::elementSize(b.dtype);
+      const c10::Storage& block = blocks[e.block];
+      char* data = static_cast<char*>(block.mutable_data()) + e.offset * esize;
+      c10::DataPtr ptr(data, new c10::Storage(block), &release_block, block.device());
+      storage = c10::Storage(c10::Storage::use_byte_size_t(), e.length * esize, std::move(ptr), nullptr, false);
+    }
+    auto impl = c10::make_intrusive<c10::TensorImpl>(std::move(storage), keys, c10::scalarTypeToTypeMeta(b.dtype));
     impl->set_sizes_contiguous(e.shape);
-    impl->set_storage_offset(static_cast<int64_t>(e.offset));
     out.emplace_back(std::move(impl));
   }
   return out;

@@ -169,22 +169,22 @@ def _fake_views(op: str, path: str, device: torch.device) -> Tuple[List[str], Li
         blocks = [(block["dtype"], block["length_elems"]) for block in footer["macroblocks"]]
     else:  # flashpack_v3: one block
         blocks = [(footer["target_dtype"], footer["total_elems"])]
-    # Like the real op, every entry of a block shares that block's storage (a view
-    # without an autograd base), so aliasing between the outputs is the same.
-    storages = [torch.empty(length, dtype=getattr(torch, dtype), device=device).untyped_storage()
-                for dtype, length in blocks]
-    names, tensors = [], []
+    # Like the real op, each entry has a storage of its own, except tied entries (same
+    # block, offset and length), which share one: aliasing between outputs is the same.
+    names, tensors, first_of = [], [], {}
     for entry in footer["index"]:
-        dtype, _ = blocks[entry.get("macroblock", 0)]
-        shape = entry["shape"]
-        strides, stride = [], 1
-        for size in reversed(shape):
-            strides.insert(0, stride)
-            stride *= size
-        view = torch.empty(0, dtype=getattr(torch, dtype), device=device)
-        view.set_(storages[entry.get("macroblock", 0)], entry["offset"], shape, strides)
+        block = entry.get("macroblock", 0)
+        dtype = getattr(torch, blocks[block][0])
+        key = (block, entry["offset"], entry["length"])
+        tied = first_of.get(key) if entry["length"] > 0 else None
+        if tied is None:
+            tensor = torch.empty(entry["shape"], dtype=dtype, device=device)
+            first_of.setdefault(key, tensor)
+        else:
+            tensor = torch.empty(0, dtype=dtype, device=device)
+            tensor.set_(tied.untyped_storage(), 0, entry["shape"])
         names.append(entry["name"])
-        tensors.append(view)
+        tensors.append(tensor)
     # load_file() zips these names in while Dynamo traces it. Marking _entry_names
     # imports Dynamo (0.7 s), so it is done here, where a trace is already under way,
     # rather than when flashpack_ops is imported.

@@ -242,3 +242,20 @@ def test_many_small_tensors(tmp_file):
 
 def test_built_with_cuda_reports_the_build():
     assert flashpack_ops.has_cuda() == bool(torch.ops.flashpack.built_with_cuda())
+
+
+def test_each_tensor_owns_its_bytes_and_ties_share_a_storage(tmp_path):
+    path = str(tmp_path / "m.flashpack")
+    embed = torch.randn(256, 64)
+    tensors = {"embed": embed, "norm": torch.ones(64), "head": embed, "big": torch.randn(1 << 20)}
+    flashpack_ops.save_file(tensors, path)
+    loaded = flashpack_ops.load_file(path)
+    for name, t in loaded.items():
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+        assert t.storage_offset() == 0
+    assert loaded["head"].untyped_storage().data_ptr() == loaded["embed"].untyped_storage().data_ptr()
+    assert loaded["norm"].untyped_storage().data_ptr() != loaded["embed"].untyped_storage().data_ptr()
+    # Saving one loaded tensor writes that tensor, not the whole block it lives in.
+    torch.save(loaded["norm"], tmp_path / "norm.pt")
+    assert os.path.getsize(tmp_path / "norm.pt") < 16 * 1024
+    assert torch.equal(torch.load(tmp_path / "norm.pt"), torch.ones(64))
