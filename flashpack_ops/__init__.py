@@ -15,6 +15,8 @@ from .api import (
     pack_to_file,
     revert_from_file,
 )
+from .mixin import FlashPackMixin
+from .integrations import patch_integrations
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,8 @@ __all__ = [
     "revert_from_file",
     "get_flashpack_file_metadata",
     "is_flashpack_file",
+    "FlashPackMixin",
+    "patch_integrations",
     "has_cuda",
     "library_path",
     "__version__",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional, Union
 
 import torch
@@ -15,6 +16,19 @@ def _is_ignored(name: str, names=None, prefixes=None, suffixes=None) -> bool:
         or (prefixes and any(name.startswith(p) for p in prefixes))
         or (suffixes and any(name.endswith(s) for s in suffixes))
     )
+
+
+def filter_state_dict(
+    state_dict: Dict[str, torch.Tensor],
+    ignore_names: Optional[List[str]] = None,
+    ignore_prefixes: Optional[List[str]] = None,
+    ignore_suffixes: Optional[List[str]] = None,
+) -> Dict[str, torch.Tensor]:
+    """``state_dict`` without the names given, the names starting or ending as given."""
+    if not (ignore_names or ignore_prefixes or ignore_suffixes):
+        return state_dict
+    return {name: t for name, t in state_dict.items()
+            if not _is_ignored(name, ignore_names, ignore_prefixes, ignore_suffixes)}
 
 
 def pack_to_file(
@@ -78,11 +92,62 @@ def revert_from_file(path: PathLike, silent: bool = True) -> Dict[str, torch.Ten
 
 def _default_device(model: torch.nn.Module) -> torch.device:
     device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
+    if not isinstance(device, torch.device):
+        device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    # A model built on the meta device has nowhere real to go but the CPU.
+    return torch.device("cpu") if device.type == "meta" else device
+
+
+class _Slot:
+    """One tensor of the model and every name it is reachable by (tied weights share a slot)."""
+
+    __slots__ = ("names", "old", "is_param", "persistent", "source", "value")
+
+    def __init__(self, name: str, old: torch.Tensor, is_param: bool, persistent: bool):
+        self.names = [name]
+        self.old = old
+        self.is_param = is_param
+        self.persistent = persistent  # in state_dict(); a non-persistent buffer is never missing
+        self.source: Optional[str] = None  # the file entry that fills it
+        self.value: Optional[torch.Tensor] = None
+
+
+def _model_slots(model: torch.nn.Module) -> Dict[str, _Slot]:
+    """Every parameter and buffer name of ``model`` mapped to its slot; aliases share one."""
+    by_name: Dict[str, _Slot] = {}
+    by_id: Dict[int, _Slot] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = module_name + "." if module_name else ""
+        entries = [(n, t, True, True) for n, t in module._parameters.items()]
+        entries += [(n, t, False, n not in module._non_persistent_buffers_set) for n, t in module._buffers.items()]
+        for attr, tensor, is_param, persistent in entries:
+            if tensor is None:
+                continue
+            name = prefix + attr
+            slot = by_id.get(id(tensor))
+            if slot is None:
+                slot = by_id[id(tensor)] = _Slot(name, tensor, is_param, persistent)
+            else:
+                slot.names.append(name)
+                slot.persistent = slot.persistent or persistent
+            by_name[name] = slot
+    return by_name
+
+
+def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    module_path, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module_path), attr, value)
+
+
+def _as_parameter(value: torch.Tensor, old: torch.Tensor) -> torch.nn.Parameter:
+    param = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+    # Keep what libraries hang on parameters (transformers' init flags, optimizer tags).
+    param.__dict__.update(getattr(old, "__dict__", {}))
+    return param
+
+
+def _format_names(kind: str, names: List[str]) -> str:
+    return f"{len(names)} {kind}: {', '.join(names)}"
 
 
 def assign_from_file(
@@ -106,76 +171,124 @@ def assign_from_file(
     local_rank: Optional[int] = None,
     world_size: Optional[int] = None,
     coerce_dtype: bool = False,
+    *,
+    dtype: Optional[torch.dtype] = None,
 ) -> None:
     """Load a flashpack file into ``model``'s parameters and buffers, without copies.
 
-    Each parameter becomes an ``nn.Parameter`` viewing the loaded block (keeping its
-    ``requires_grad``); each buffer becomes the loaded view. Works on models built on the
-    meta device.
+    Each parameter becomes an ``nn.Parameter`` viewing the loaded memory (same
+    ``requires_grad``, same attributes); each buffer becomes the loaded view. Nothing is
+    copied unless a dtype conversion is asked for. Tied tensors (one tensor under several
+    names) stay tied: every name gets the same new ``Parameter``. The model may be built
+    on the meta device; tensors the file does not hold are moved to ``device`` (buffers
+    computed in ``__init__`` keep their values; tensors still on the meta device are
+    zero-filled with a warning, which only a non-strict load allows). Everything is
+    checked before the model is touched: on error the model is unchanged.
 
     Args:
         model: the module to fill.
-        path: the flashpack file.
-        device: where to load; defaults to the model's device (cpu for a meta model).
-        strict: if set, overrides both strict_params and strict_buffers.
+        path: the flashpack file (ours or the reference package's).
+        device: where to load; defaults to the model's device (the CPU for a meta model).
+        strict: if set, overrides ``strict_params`` and ``strict_buffers``; ``False``
+            also accepts entries of the file the model does not have.
         strict_params: raise if a parameter of the model is not in the file.
         strict_buffers: raise if a buffer of the model is not in the file.
-        ignore_names, ignore_prefixes, ignore_suffixes: file entries to skip.
-        coerce_dtype: convert a buffer to the model's dtype when the file's differs.
+        keep_flash_ref_on_model: keep the loaded dict on ``model._flash_shared_storage``.
+        silent: print nothing (a summary otherwise).
+        ignore_names, ignore_prefixes, ignore_suffixes: names to skip, in the file and
+            in the model.
+        coerce_dtype: convert a buffer to the model's dtype when the file's differs;
+            otherwise a floating buffer takes the file's dtype, as parameters do.
+        dtype: convert the file's floating-point tensors to this dtype (a copy).
+        num_streams, chunk_bytes, rank, local_rank, world_size, distributed_sharded,
+            distributed_shard_strategy: accepted for compatibility; the operators pick
+            their own threads and chunks.
 
     Raises:
-        ValueError: strict and names are missing or unexpected (listing them), or a
-            shape does not match.
+        ValueError: names missing from the file or unexpected in it (all listed), or a
+            shape or dtype that does not match.
+        NotImplementedError: ``use_distributed_loading=True``.
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     model = torch.nn.Linear(4, 4)
+        >>> assign_from_file(model, "linear.flashpack", device="cpu")
     """
     if use_distributed_loading:
         raise NotImplementedError("flashpack_ops.assign_from_file: distributed loading is not available yet")
-    if device is None:
-        device = _default_device(model)
-        if device.type == "meta":
-            device = torch.device("cpu")
+    device = _default_device(model) if device is None else torch.device(device)
+    if device.type == "meta":
+        raise ValueError(f"flashpack_ops.assign_from_file: cannot load {path} onto the meta device")
     tensors = load_file(path, device)
-    if keep_flash_ref_on_model:
-        model._flash_shared_storage = tensors
 
-    params = dict(model.named_parameters(remove_duplicate=False))
-    buffers = dict(model.named_buffers(remove_duplicate=False))
-    assigned_params, assigned_buffers, unexpected = set(), set(), []
+    def ignored(name: str) -> bool:
+        return _is_ignored(name, ignore_names, ignore_prefixes, ignore_suffixes)
+
+    slots = _model_slots(model)
+    unexpected, mismatched = [], []
     for name, view in tensors.items():
-        if _is_ignored(name, ignore_names, ignore_prefixes, ignore_suffixes):
+        if ignored(name):
             continue
-        module_path, _, attr = name.rpartition(".")
-        if name in params:
-            module = model.get_submodule(module_path)
-            old = params[name]
-            if old.shape != view.shape:
-                raise ValueError(f"{path}: '{name}' has shape {tuple(view.shape)} in the file but "
-                                 f"{tuple(old.shape)} in {type(model).__name__}")
-            setattr(module, attr, torch.nn.Parameter(view, requires_grad=old.requires_grad))
-            assigned_params.add(name)
-        elif name in buffers:
-            module = model.get_submodule(module_path)
-            old = buffers[name]
-            if old is not None and old.dtype != view.dtype:
-                if not coerce_dtype:
-                    raise TypeError(f"{path}: dtype mismatch for buffer '{name}': model={old.dtype} vs file={view.dtype}")
-                view = view.to(old.dtype)
-            module._buffers[attr] = view
-            assigned_buffers.add(name)
-        else:
+        slot = slots.get(name)
+        if slot is None:
             unexpected.append(name)
+            continue
+        if slot.source is not None:
+            continue  # a tied tensor the file stores under another name too
+        if view.shape != slot.old.shape:
+            mismatched.append(f"'{name}' has shape {tuple(view.shape)} in the file but "
+                              f"{tuple(slot.old.shape)} in the model")
+            continue
+        if dtype is not None and view.is_floating_point():
+            view = view.to(dtype)
+        if not slot.is_param and view.dtype != slot.old.dtype:
+            if coerce_dtype:
+                view = view.to(slot.old.dtype)
+            elif not (view.is_floating_point() and slot.old.is_floating_point()):
+                mismatched.append(f"buffer '{name}' is {view.dtype} in the file but {slot.old.dtype} in the "
+                                  "model (pass coerce_dtype=True to convert it)")
+                continue
+        slot.source, slot.value = name, view
 
-    is_strict_params = strict_params if strict is None else strict
-    is_strict_buffers = strict_buffers if strict is None else strict
-    missing_params = sorted(n for n in params if n not in assigned_params
-                            and not _is_ignored(n, ignore_names, ignore_prefixes, ignore_suffixes))
-    missing_buffers = sorted(n for n in buffers if n not in assigned_buffers
-                             and not _is_ignored(n, ignore_names, ignore_prefixes, ignore_suffixes))
-    problems = []
-    if (strict or strict_params or strict_buffers) and unexpected and strict is not False:
-        problems.append(f"{len(unexpected)} unexpected names in the file: {unexpected}")
-    if is_strict_params and missing_params:
-        problems.append(f"missing {len(missing_params)} parameters: {missing_params}")
-    if is_strict_buffers and missing_buffers:
-        problems.append(f"missing {len(missing_buffers)} buffers: {missing_buffers}")
+    unique = list({id(s): s for s in slots.values()}.values())
+    missing_params = [s.names[0] for s in unique if s.source is None and s.is_param
+                      and not all(ignored(n) for n in s.names)]
+    missing_buffers = [s.names[0] for s in unique if s.source is None and not s.is_param and s.persistent
+                       and not all(ignored(n) for n in s.names)]
+    check_params = strict_params if strict is None else strict
+    check_buffers = strict_buffers if strict is None else strict
+    problems = list(mismatched)
+    if check_params and missing_params:
+        problems.append(_format_names("parameters missing from the file", missing_params))
+    if check_buffers and missing_buffers:
+        problems.append(_format_names("buffers missing from the file", missing_buffers))
+    if unexpected and strict is not False and (check_params or check_buffers):
+        problems.append(_format_names(f"names in the file that {type(model).__name__} does not have", unexpected))
     if problems:
         raise ValueError(f"Error while assigning {path} to {type(model).__name__}: " + "; ".join(problems))
+
+    zero_filled = []
+    for slot in unique:
+        value = slot.value
+        if value is None:
+            if slot.old.is_meta:
+                value = torch.zeros(slot.old.shape, dtype=slot.old.dtype, device=device)
+                zero_filled.append(slot.names[0])
+            elif slot.old.device != device:
+                value = slot.old.detach().to(device)
+            else:
+                continue
+        if slot.is_param:
+            value = _as_parameter(value, slot.old)
+        for name in slot.names:
+            _set_tensor(model, name, value)
+
+    if zero_filled:
+        warnings.warn(f"flashpack_ops.assign_from_file: {len(zero_filled)} tensors of {type(model).__name__} are "
+                      f"not in {path} and were zero-filled: {zero_filled}", stacklevel=2)
+    if keep_flash_ref_on_model:
+        model._flash_shared_storage = tensors
+    if not silent:
+        loaded = sum(1 for s in unique if s.source is not None)
+        print(f"flashpack_ops: assigned {loaded} tensors from {path} to {type(model).__name__} on {device}"
+              + (f", ignored {len(unexpected)} names not in the model" if unexpected else ""))

@@ -1,0 +1,179 @@
+"""The ``flashpack`` command: convert checkpoints, revert them, and inspect flashpack files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+EXAMPLES = """\
+examples:
+  flashpack convert model.safetensors                  # -> model.flashpack beside it
+  flashpack convert ./Llama-3-8B --dtype bf16          # adds model.flashpack to the model directory
+  flashpack convert ./sd-dir --subfolder unet --variant fp16
+  flashpack convert org/model ./model-flashpack        # from the Hugging Face Hub
+  flashpack revert model.flashpack model.safetensors
+  flashpack metadata model.flashpack --show-index
+  flashpack metadata model.flashpack --verify
+"""
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .commands import convert_to_flashpack
+
+    written = convert_to_flashpack(
+        args.source, args.destination, dtype=args.dtype, ignore_names=args.ignore_names,
+        ignore_prefixes=args.ignore_prefixes, ignore_suffixes=args.ignore_suffixes,
+        use_transformers=args.use_transformers, use_diffusers=args.use_diffusers, silent=args.quiet,
+        subfolder=args.subfolder, variant=args.variant, revision=args.revision,
+    )
+    print(f"wrote {os.path.abspath(written)}")
+
+
+def _revert(args: argparse.Namespace) -> None:
+    from .commands import revert_from_flashpack
+
+    written = revert_from_flashpack(args.path, args.destination, silent=args.quiet)
+    print(f"wrote {os.path.abspath(written)}")
+
+
+def _metadata(args: argparse.Namespace) -> None:
+    from . import ops
+    from .commands import summarize
+
+    path = args.path
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.flashpack")
+    if args.verify:
+        import flashpack_ops
+
+        verify = getattr(flashpack_ops, "verify_file", None)
+        if verify is None:
+            raise RuntimeError("--verify needs flashpack_ops.verify_file, which this build of flashpack_ops lacks")
+        result = verify(path)
+        if result is False:
+            raise ValueError(f"{path} failed verification")
+    if args.json:
+        meta = ops.read_metadata(path)
+        if not args.show_index:
+            meta.pop("index", None)
+        print(json.dumps(meta, indent=2))
+        return
+    info = summarize(path)
+    print(f"file:        {info['path']} ({_human_bytes(info['file_bytes'])})")
+    print(f"format:      {info['format']}")
+    print(f"tensors:     {info['tensors']}")
+    print(f"elements:    {info['elements']:,}")
+    print(f"align_bytes: {info['align_bytes']}")
+    print("blocks:")
+    for i, block in enumerate(info["blocks"]):
+        print(f"  {i}: {block['dtype']:<16} offset {block['offset_bytes']:>14,}  "
+              f"{_human_bytes(int(block['length_bytes']))}")
+    if args.show_index:
+        dtypes = [b["dtype"] for b in info["blocks"]]
+        width = max((len(r["name"]) for r in info["index"]), default=4)
+        print("index:")
+        for r in info["index"]:
+            block = int(r.get("macroblock", 0))
+            print(f"  {r['name']:<{width}}  {dtypes[block]:<16} {str(tuple(r['shape'])):<20} "
+                  f"block {block} offset {int(r['offset']):,}")
+    if args.verify:
+        print(f"verified:    {path} is intact")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="flashpack", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Convert checkpoints to flashpack files (one contiguous block per dtype, loaded from disk "
+                    "to GPU at the speed of the hardware), revert them, and inspect them.",
+    )
+    parser.add_argument("--version", action="version", version=f"flashpack_ops {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="on error, print the full traceback")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    convert = commands.add_parser(
+        "convert", help="convert a checkpoint, model directory or Hub repo to flashpack",
+        description="Convert to flashpack. SOURCE is a .safetensors/.bin/.pt/.pth/.ckpt file, a sharded "
+                    "checkpoint's .index.json (or the directory holding it), a transformers or diffusers model "
+                    "or pipeline directory, or a Hugging Face Hub repo id. A file becomes one .flashpack file "
+                    "(beside it by default); a model directory gets config.json + model.flashpack (in place by "
+                    "default), ready for from_pretrained_flashpack.")
+    convert.add_argument("source", help="file, directory or Hub repo id")
+    convert.add_argument("destination", nargs="?", help="output file or directory (required for a repo id)")
+    convert.add_argument("--dtype", help="convert every tensor to this dtype (bfloat16, bf16, float16, fp16, ...)")
+    convert.add_argument("--ignore-names", nargs="+", action="extend", default=[], metavar="NAME", help="tensors to leave out")
+    convert.add_argument("--ignore-prefixes", nargs="+", action="extend", default=[], metavar="PREFIX",
+                         help="leave out tensors whose names start so")
+    convert.add_argument("--ignore-suffixes", nargs="+", action="extend", default=[], metavar="SUFFIX",
+                         help="leave out tensors whose names end so")
+    convert.add_argument("--subfolder", help="the model lies in this subfolder (e.g. unet)")
+    convert.add_argument("--variant", help="read *.VARIANT.safetensors weights (e.g. fp16)")
+    convert.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    convert.add_argument("--use-transformers", action="store_true", help="load the directory with transformers")
+    convert.add_argument("--use-diffusers", action="store_true", help="load the directory with diffusers")
+    convert.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    convert.set_defaults(run=_convert)
+
+    revert = commands.add_parser(
+        "revert", help="write a flashpack file back as .safetensors or a torch file",
+        description="Write a flashpack file back as .safetensors (the default) or a torch file (.pt, .pth, "
+                    ".bin, .ckpt), chosen by the destination's extension.")
+    revert.add_argument("path", help="the .flashpack file (or a directory holding model.flashpack)")
+    revert.add_argument("destination", nargs="?", help="output file; PATH with .safetensors by default")
+    revert.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    revert.set_defaults(run=_revert)
+
+    metadata = commands.add_parser(
+        "metadata", help="print a summary of a flashpack file",
+        description="Print a flashpack file's format, blocks and sizes, read from its footer alone.")
+    metadata.add_argument("path", help="the .flashpack file (or a directory holding model.flashpack)")
+    metadata.add_argument("-i", "--show-index", action="store_true", help="also list every tensor")
+    metadata.add_argument("-j", "--json", action="store_true", help="print the footer as JSON")
+    metadata.add_argument("--verify", action="store_true", help="also check the payload against the file's checks")
+    metadata.set_defaults(run=_metadata)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.strerror}: {error.filename}"
+    else:
+        text = str(error) or type(error).__name__
+    if isinstance(error, KeyError):  # str(KeyError) is the quoted key alone
+        text = f"missing key {text}"
+    return " ".join(text.split())
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the ``flashpack`` command; returns the exit status (0 on success, 1 on error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print(f"flashpack {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # every failure becomes one line; --verbose shows the traceback
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"flashpack {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

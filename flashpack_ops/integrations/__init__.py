@@ -1,0 +1,23 @@
+"""Hugging Face integrations (transformers, diffusers), imported on use: flashpack_ops needs neither."""
+
+import importlib.util
+
+
+def patch_integrations() -> None:
+    """Add ``from_pretrained_flashpack`` to the auto classes of the installed libraries.
+
+    After it, ``transformers.AutoModelForCausalLM.from_pretrained_flashpack(directory)``
+    and ``diffusers.AutoModel.from_pretrained_flashpack(directory)`` pick the model class
+    from the directory's config, as ``from_pretrained`` does.
+    """
+    if importlib.util.find_spec("transformers") is not None:
+        from .transformers import patch_transformers_auto_model
+
+        patch_transformers_auto_model()
+    if importlib.util.find_spec("diffusers") is not None:
+        from .diffusers import patch_diffusers_auto_model
+
+        patch_diffusers_auto_model()
+
+
+__all__ = ["patch_integrations"]

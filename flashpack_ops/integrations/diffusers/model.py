@@ -1,0 +1,179 @@
+"""diffusers: save a ``ModelMixin`` (UNet, VAE, transformer) as config + flashpack file, and load it back."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, List, Optional, Type, TypeVar, Union
+
+import diffusers
+import torch
+from diffusers import ModelMixin
+
+from ...api import assign_from_file, filter_state_dict, pack_to_file
+from ...mixin import FlashPackMixin, init_empty_parameters
+from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
+from .._hub import (FLASHPACK_FILE, build_and_load_dtypes, flashpack_file_in, resolve_directory,
+                    upload_directory)
+
+M = TypeVar("M", bound=ModelMixin)
+
+_IGNORED_KWARGS = ("proxies", "local_dir_use_symlinks", "num_streams", "chunk_bytes", "use_distributed_loading",
+                   "distributed_sharded", "distributed_shard_strategy", "rank", "local_rank", "world_size",
+                   "low_cpu_mem_usage", "use_safetensors", "variant")
+
+
+def save_pretrained_flashpack(
+    model: ModelMixin,
+    save_directory: Union[str, "os.PathLike[str]"],
+    *,
+    is_main_process: bool = True,
+    push_to_hub: bool = False,
+    target_dtype: Optional[torch.dtype] = None,
+    align_bytes: int = DEFAULT_ALIGN_BYTES,
+    silent: bool = True,
+    num_workers: int = 0,
+    commit_message: Optional[str] = None,
+    create_pr: bool = False,
+    token: Optional[str] = None,
+    repo_id: Optional[str] = None,
+    private: Optional[bool] = None,
+    ignore_names: Optional[List[str]] = None,
+    ignore_prefixes: Optional[List[str]] = None,
+    ignore_suffixes: Optional[List[str]] = None,
+    **kwargs: Any,
+) -> None:
+    """Write ``config.json`` and ``model.flashpack`` to a directory (created if needed).
+
+    Args:
+        model: any diffusers model.
+        save_directory: the directory.
+        is_main_process: only the main process writes (distributed training).
+        target_dtype: convert every tensor to this dtype.
+        push_to_hub, repo_id, private, token, commit_message, create_pr: upload the
+            directory to the Hugging Face Hub afterwards.
+        align_bytes, num_workers: as in :func:`flashpack_ops.pack_to_file`.
+        ignore_names, ignore_prefixes, ignore_suffixes: tensors to leave out of the file.
+    """
+    save_directory = os.fspath(save_directory)
+    if os.path.isfile(save_directory):
+        raise NotADirectoryError(f"{save_directory} is a file; save_pretrained_flashpack needs a directory")
+    if is_main_process:
+        os.makedirs(save_directory, exist_ok=True)
+        model.save_config(save_directory)
+        state_dict = filter_state_dict(model.state_dict(), ignore_names, ignore_prefixes, ignore_suffixes)
+        pack_to_file(state_dict, os.path.join(save_directory, FLASHPACK_FILE), target_dtype=target_dtype,
+                     align_bytes=align_bytes, num_workers=num_workers)
+    if push_to_hub and is_main_process:
+        upload_directory(save_directory, repo_id, private, token, commit_message, create_pr)
+
+
+def _concrete_class(model_class: type, config: dict, model_dir: str) -> type:
+    """The class to build: ``model_class``, or the one the config names for a generic class."""
+    if model_class is ModelMixin or model_class.__name__ == "AutoModel" or not hasattr(model_class, "from_config"):
+        name = str(config.get("_class_name", "")).removeprefix("FlashPack")
+        found = getattr(diffusers, name, None) if name else None
+        if found is None:
+            raise ValueError(f"{model_dir}/config.json names the model class '{name}', which diffusers "
+                             f"{diffusers.__version__} does not have")
+        return found
+    return model_class
+
+
+def from_pretrained_flashpack(
+    model_class: Type[M],
+    pretrained_model_name_or_path: Union[str, "os.PathLike[str]"],
+    device: Optional[DeviceLike] = None,
+    *,
+    torch_dtype: Optional[Union[torch.dtype, str]] = None,
+    dtype: Optional[Union[torch.dtype, str]] = None,
+    silent: bool = True,
+    strict: Optional[bool] = None,
+    strict_params: bool = True,
+    strict_buffers: bool = False,
+    keep_flash_ref_on_model: bool = False,
+    ignore_names: Optional[List[str]] = None,
+    ignore_prefixes: Optional[List[str]] = None,
+    ignore_suffixes: Optional[List[str]] = None,
+    coerce_dtype: bool = False,
+    subfolder: Optional[str] = None,
+    revision: Optional[str] = None,
+    local_dir: Optional[str] = None,
+    local_files_only: bool = False,
+    cache_dir: Optional[str] = None,
+    token: Optional[Union[str, bool]] = None,
+    force_download: bool = False,
+    **kwargs: Any,
+) -> M:
+    """Build ``model_class`` from a directory's ``config.json`` and load its ``model.flashpack``.
+
+    The model is built with its parameters on the meta device, then every parameter
+    views the loaded memory: the weights are never held twice.
+
+    Args:
+        model_class: a diffusers model class (``UNet2DConditionModel``); ``ModelMixin``
+            or ``AutoModel`` picks the class the config names.
+        pretrained_model_name_or_path: a directory, or a Hub repo id.
+        device: where the weights go; the CPU by default.
+        torch_dtype, dtype: convert the file's floating-point tensors to this dtype
+            (a copy). By default the model takes the file's dtypes.
+        subfolder: the model lies in this subfolder (``"unet"``).
+        revision, local_dir, local_files_only, cache_dir, token, force_download: for
+            downloads from the Hub.
+        strict, strict_params, strict_buffers, ignore_names, ignore_prefixes,
+            ignore_suffixes, coerce_dtype, keep_flash_ref_on_model, silent: as in
+            :func:`flashpack_ops.assign_from_file`.
+        **kwargs: config entries to override.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        FileNotFoundError: no ``model.flashpack`` in the directory.
+        HubUnavailableError: a repo id while offline, with no cached copy.
+        ValueError: the file does not match the model (names listed).
+    """
+    patterns = [f"{subfolder}/*"] if subfolder else None
+    directory = resolve_directory(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+                                  local_dir=local_dir, token=token, local_files_only=local_files_only,
+                                  force_download=force_download, allow_patterns=patterns)
+    path = flashpack_file_in(directory, subfolder)
+    model_dir = os.path.dirname(path)
+    for unused in _IGNORED_KWARGS:
+        kwargs.pop(unused, None)
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        model_class = _concrete_class(model_class, json.load(f), model_dir)
+    config = model_class.load_config(model_dir)
+    build_dtype, load_dtype = build_and_load_dtypes(path, dtype, torch_dtype)
+    with init_empty_parameters(build_dtype):
+        model = model_class.from_config(config, **kwargs)
+    assign_from_file(
+        model, path, device=device if device is not None else "cpu", strict=strict, strict_params=strict_params,
+        strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
+        ignore_names=ignore_names, ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes,
+        coerce_dtype=coerce_dtype, dtype=load_dtype,
+    )
+    model.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
+    return model.eval()
+
+
+class FlashPackDiffusersModelMixin(ModelMixin, FlashPackMixin):
+    """Adds ``save_pretrained_flashpack`` and ``from_pretrained_flashpack`` to a diffusers model.
+
+    Example:
+        >>> class FlashUNet(UNet2DConditionModel, FlashPackDiffusersModelMixin):
+        ...     pass
+        >>> unet = FlashUNet.from_pretrained_flashpack("sd-dir", subfolder="unet", device="cuda")
+    """
+
+    flashpack_init_method: Optional[str] = "from_config"
+
+    def save_pretrained_flashpack(self, save_directory: Union[str, "os.PathLike[str]"], **kwargs: Any) -> None:
+        """See :func:`flashpack_ops.integrations.diffusers.save_pretrained_flashpack`."""
+        save_pretrained_flashpack(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained_flashpack(cls: Type[M], pretrained_model_name_or_path: Union[str, "os.PathLike[str]"],
+                                  device: Optional[DeviceLike] = None, **kwargs: Any) -> M:
+        """See :func:`flashpack_ops.integrations.diffusers.from_pretrained_flashpack`."""
+        return from_pretrained_flashpack(cls, pretrained_model_name_or_path, device, **kwargs)

@@ -1,0 +1,250 @@
+"""diffusers pipelines: every model component as config + flashpack file, the rest saved as usual."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+import warnings
+from typing import Any, Dict, List, Optional, Type, TypeVar, Union
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline, ModelMixin
+
+from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
+from .._hub import FLASHPACK_FILE, resolve_directory, upload_directory
+from . import model as diffusers_model
+
+P = TypeVar("P", bound=DiffusionPipeline)
+DtypeOrPerComponent = Optional[Union[torch.dtype, str, Dict[str, Union[torch.dtype, str]]]]
+
+
+def _transformers_model_class() -> Optional[type]:
+    if importlib.util.find_spec("transformers") is None:
+        return None
+    from transformers import PreTrainedModel
+
+    return PreTrainedModel
+
+
+def _for_component(value: DtypeOrPerComponent, name: str) -> Any:
+    if isinstance(value, dict):
+        return value.get(name, value.get("default"))
+    return value
+
+
+def _component_entries(config: Dict[str, Any]) -> Dict[str, Any]:
+    """model_index.json's components: name -> (library, class name), or (None, None) for an absent one."""
+    return {name: value for name, value in config.items()
+            if not name.startswith("_") and isinstance(value, (list, tuple)) and len(value) == 2}
+
+
+def save_pipeline_flashpack(
+    pipeline: DiffusionPipeline,
+    save_directory: Union[str, "os.PathLike[str]"],
+    *,
+    target_dtype: DtypeOrPerComponent = None,
+    safe_serialization: bool = True,
+    variant: Optional[str] = None,
+    max_shard_size: Optional[Union[int, str]] = None,
+    is_main_process: bool = True,
+    align_bytes: int = DEFAULT_ALIGN_BYTES,
+    num_workers: int = 0,
+    silent: bool = True,
+    push_to_hub: bool = False,
+    commit_message: Optional[str] = None,
+    create_pr: bool = False,
+    token: Optional[str] = None,
+    repo_id: Optional[str] = None,
+    private: Optional[bool] = None,
+    **kwargs: Any,
+) -> None:
+    """Save a pipeline: ``model_index.json``, and one subfolder per component.
+
+    Models (diffusers and transformers) are written as ``config.json`` +
+    ``model.flashpack``; schedulers, tokenizers and feature extractors with their own
+    ``save_pretrained``.
+
+    Args:
+        pipeline: any diffusers pipeline.
+        save_directory: created if needed.
+        target_dtype: one dtype for every model, or ``{"unet": torch.float16,
+            "default": torch.bfloat16}``.
+        safe_serialization, variant, max_shard_size: passed to the ``save_pretrained``
+            of components that are not models and take them.
+        is_main_process, align_bytes, num_workers, push_to_hub, commit_message,
+            create_pr, token, repo_id, private: as for single models.
+    """
+    save_directory = os.fspath(save_directory)
+    if not is_main_process:
+        return
+    os.makedirs(save_directory, exist_ok=True)
+    transformers_model = _transformers_model_class()
+    for name in _component_entries(dict(pipeline.config)):
+        component = getattr(pipeline, name, None)
+        if component is None:
+            continue
+        component = getattr(component, "_orig_mod", component)  # unwrap torch.compile
+        sub_directory = os.path.join(save_directory, name)
+        dtype = _for_component(target_dtype, name)
+        if isinstance(component, ModelMixin):
+            diffusers_model.save_pretrained_flashpack(component, sub_directory, target_dtype=dtype,
+                                                      align_bytes=align_bytes, num_workers=num_workers)
+        elif transformers_model is not None and isinstance(component, transformers_model):
+            from ..transformers import save_pretrained_flashpack
+
+            save_pretrained_flashpack(component, sub_directory, target_dtype=dtype, align_bytes=align_bytes,
+                                      num_workers=num_workers)
+        elif hasattr(component, "save_pretrained"):
+            accepted = inspect.signature(component.save_pretrained).parameters
+            options = {"safe_serialization": safe_serialization, "variant": variant, "max_shard_size": max_shard_size}
+            component.save_pretrained(sub_directory, **{k: v for k, v in options.items()
+                                                        if k in accepted and v is not None})
+        else:
+            warnings.warn(f"flashpack_ops: pipeline component '{name}' ({type(component).__name__}) has no "
+                          "save_pretrained and is not saved", stacklevel=2)
+    pipeline.save_config(save_directory)
+    if push_to_hub:
+        upload_directory(save_directory, repo_id, private, token, commit_message, create_pr)
+
+
+def _import_class(library: str, class_name: str) -> type:
+    """The class model_index.json names; FlashPack subclasses resolve to the class they extend."""
+    modules = []
+    for module_name in (library, f"diffusers.pipelines.{library}", "diffusers", "transformers"):
+        try:
+            modules.append(importlib.import_module(module_name))
+        except ImportError:
+            continue
+    for name in (class_name, class_name.removeprefix("FlashPack")):
+        for module in modules:
+            found = getattr(module, name, None)
+            if isinstance(found, type):
+                return found
+    raise ValueError(f"model_index.json names the class {library}.{class_name}, which cannot be imported")
+
+
+def _load_component(component_class: type, directory: str, name: str, device: Optional[DeviceLike],
+                    dtype: Any, load_kwargs: Dict[str, Any]) -> Any:
+    sub_directory = os.path.join(directory, name)
+    transformers_model = _transformers_model_class()
+    if os.path.isfile(os.path.join(sub_directory, FLASHPACK_FILE)):
+        if issubclass(component_class, ModelMixin):
+            return diffusers_model.from_pretrained_flashpack(component_class, directory, device, subfolder=name,
+                                                             torch_dtype=dtype, **load_kwargs)
+        if transformers_model is not None and issubclass(component_class, transformers_model):
+            from ..transformers import from_pretrained_flashpack
+
+            return from_pretrained_flashpack(component_class, directory, device, subfolder=name, torch_dtype=dtype,
+                                             **load_kwargs)
+        raise ValueError(f"{sub_directory} holds a {FLASHPACK_FILE} but {component_class.__name__} is neither a "
+                         "diffusers nor a transformers model")
+    if not hasattr(component_class, "from_pretrained"):
+        raise ValueError(f"pipeline component '{name}' ({component_class.__name__}) has no from_pretrained")
+    location = sub_directory if os.path.isdir(sub_directory) else directory
+    if isinstance(component_class, type) and issubclass(component_class, torch.nn.Module):
+        is_transformers = transformers_model is not None and issubclass(component_class, transformers_model)
+        options = {} if dtype is None else {"dtype" if is_transformers else "torch_dtype": dtype}
+        return component_class.from_pretrained(location, **options).to(device or "cpu")
+    return component_class.from_pretrained(location)
+
+
+def load_pipeline_flashpack(
+    pipeline_class: Type[P],
+    pretrained_model_name_or_path: Union[str, "os.PathLike[str]"],
+    device: Optional[DeviceLike] = None,
+    *,
+    torch_dtype: DtypeOrPerComponent = None,
+    silent: bool = True,
+    strict: Optional[bool] = None,
+    strict_params: bool = True,
+    strict_buffers: bool = False,
+    ignore_names: Optional[List[str]] = None,
+    ignore_prefixes: Optional[List[str]] = None,
+    ignore_suffixes: Optional[List[str]] = None,
+    coerce_dtype: bool = False,
+    revision: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    token: Optional[Union[str, bool]] = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+    **kwargs: Any,
+) -> P:
+    """Load a pipeline saved by :func:`save_pipeline_flashpack` (or the reference package).
+
+    Every component with a ``model.flashpack`` is built on the meta device and loaded
+    from it; the others load with their own ``from_pretrained``.
+
+    Args:
+        pipeline_class: the pipeline class; ``DiffusionPipeline`` (or
+            ``FlashPackDiffusionPipeline``) picks the one ``model_index.json`` names.
+        pretrained_model_name_or_path: a directory, or a Hub repo id.
+        device: where the models go; the CPU by default.
+        torch_dtype: one dtype for every model or ``{"unet": ..., "default": ...}``;
+            by default each model keeps its file's dtypes.
+        strict, strict_params, strict_buffers, ignore_names, ignore_prefixes,
+            ignore_suffixes, coerce_dtype, silent: applied to every model component.
+        revision, cache_dir, token, local_files_only, force_download: for the Hub.
+        **kwargs: components to use instead of loading them (``scheduler=...``), and
+            arguments of the pipeline's ``__init__``.
+
+    Returns:
+        The pipeline.
+
+    Raises:
+        FileNotFoundError: no ``model_index.json``.
+        HubUnavailableError: a repo id while offline, with no cached copy.
+    """
+    directory = resolve_directory(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, token=token,
+                                  local_files_only=local_files_only, force_download=force_download)
+    if not os.path.isfile(os.path.join(directory, "model_index.json")):
+        raise FileNotFoundError(f"{directory} has no model_index.json; is it a diffusers pipeline directory?")
+    config = DiffusionPipeline.load_config(directory)
+    if pipeline_class in (DiffusionPipeline, FlashPackDiffusionPipeline):
+        pipeline_class = _import_class("diffusers", config["_class_name"])
+    expected_modules, optional_kwargs = pipeline_class._get_signature_keys(pipeline_class)
+    load_kwargs = dict(silent=silent, strict=strict, strict_params=strict_params, strict_buffers=strict_buffers,
+                       ignore_names=ignore_names, ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes,
+                       coerce_dtype=coerce_dtype)
+    init: Dict[str, Any] = {}
+    for name, (library, class_name) in _component_entries(config).items():
+        if name in kwargs:
+            init[name] = kwargs.pop(name)
+        elif library is None or class_name is None:
+            init[name] = None
+        else:
+            init[name] = _load_component(_import_class(library, class_name), directory, name, device,
+                                         _for_component(torch_dtype, name), load_kwargs)
+    for name, value in config.items():
+        if not name.startswith("_") and name not in init and name in optional_kwargs:
+            init[name] = value
+    init.update({k: kwargs.pop(k) for k in list(kwargs) if k in expected_modules or k in optional_kwargs})
+    if kwargs:
+        warnings.warn(f"flashpack_ops: {pipeline_class.__name__} does not take {sorted(kwargs)}; ignoring them",
+                      stacklevel=2)
+    pipeline = pipeline_class(**{k: v for k, v in init.items() if k in expected_modules or k in optional_kwargs})
+    pipeline.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
+    return pipeline
+
+
+class FlashPackDiffusionPipeline(DiffusionPipeline):
+    """Adds ``save_pretrained_flashpack`` and ``from_pretrained_flashpack`` to a diffusers pipeline.
+
+    Example:
+        >>> class FlashSD(StableDiffusionPipeline, FlashPackDiffusionPipeline):
+        ...     pass
+        >>> pipe = FlashSD.from_pretrained_flashpack("sd-dir", device="cuda")
+        >>> pipe.save_pretrained_flashpack("sd-copy")
+    """
+
+    def save_pretrained_flashpack(self, save_directory: Union[str, "os.PathLike[str]"], **kwargs: Any) -> None:
+        """See :func:`flashpack_ops.integrations.diffusers.save_pipeline_flashpack`."""
+        save_pipeline_flashpack(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained_flashpack(cls: Type[P], pretrained_model_name_or_path: Union[str, "os.PathLike[str]"],
+                                  device: Optional[DeviceLike] = None, **kwargs: Any) -> P:
+        """See :func:`flashpack_ops.integrations.diffusers.load_pipeline_flashpack`."""
+        return load_pipeline_flashpack(cls, pretrained_model_name_or_path, device, **kwargs)

@@ -1,0 +1,66 @@
+"""``AutoModel*.from_pretrained_flashpack``: pick the model class from the config, as ``from_pretrained`` does."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+from ...ops import DeviceLike
+from .._hub import resolve_directory
+
+
+def _auto_from_pretrained_flashpack(
+    cls: Any,
+    pretrained_model_name_or_path: Union[str, "os.PathLike[str]"],
+    device: Optional[DeviceLike] = None,
+    *,
+    subfolder: Optional[str] = None,
+    revision: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    token: Optional[Union[str, bool]] = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+    trust_remote_code: bool = False,
+    torch_dtype: Any = None,
+    dtype: Any = None,
+    **kwargs: Any,
+) -> Any:
+    from transformers import AutoConfig
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    from .model import from_pretrained_flashpack
+
+    directory = resolve_directory(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, token=token,
+                                  local_files_only=local_files_only, force_download=force_download,
+                                  allow_patterns=[f"{subfolder}/*"] if subfolder else None)
+    model_dir = os.path.join(directory, subfolder) if subfolder else directory
+    config, kwargs = AutoConfig.from_pretrained(model_dir, return_unused_kwargs=True,
+                                                trust_remote_code=trust_remote_code, **kwargs)
+    if type(config) not in cls._model_mapping:
+        raise ValueError(f"{cls.__name__} has no model class for {type(config).__name__} (from {model_dir})")
+    model_class = _get_model_class(config, cls._model_mapping)
+    return from_pretrained_flashpack(model_class, directory, device, config=config, subfolder=subfolder,
+                                     torch_dtype=torch_dtype, dtype=dtype, **kwargs)
+
+
+def patch_transformers_auto_model() -> None:
+    """Give transformers' classes the flashpack methods, so no subclass is needed.
+
+    Every auto class (``AutoModelForCausalLM``...) gets a ``from_pretrained_flashpack``
+    that picks the model class from the config, as ``from_pretrained`` does; every
+    ``PreTrainedModel`` gets ``save_pretrained_flashpack`` and ``from_pretrained_flashpack``
+    (classes that define them keep theirs).
+
+    Example:
+        >>> patch_transformers_auto_model()
+        >>> model = AutoModelForCausalLM.from_pretrained_flashpack("llama-dir", device="cuda")
+    """
+    from transformers import PreTrainedModel
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    from .model import FlashPackTransformersModelMixin
+
+    for method in ("save_pretrained_flashpack", "from_pretrained_flashpack"):
+        if method not in PreTrainedModel.__dict__:
+            setattr(PreTrainedModel, method, FlashPackTransformersModelMixin.__dict__[method])
+    _BaseAutoModelClass.from_pretrained_flashpack = classmethod(_auto_from_pretrained_flashpack)

@@ -1,0 +1,225 @@
+"""FlashPackMixin and assign_from_file: models built on meta, weights that are the loaded memory."""
+
+import warnings
+
+import pytest
+import torch
+
+import flashpack_ops
+from flashpack_ops import FlashPackMixin, assign_from_file
+from flashpack_ops.mixin import init_empty_parameters
+
+
+class TinyLM(torch.nn.Module, FlashPackMixin):
+    """Embedding tied to the head, a rotary-like non-persistent buffer, a frozen bias, dropout."""
+
+    def __init__(self, vocab=40, width=16, base=10000.0):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.proj = torch.nn.Linear(width, width)
+        self.proj.bias.requires_grad_(False)
+        self.norm = torch.nn.LayerNorm(width)
+        self.drop = torch.nn.Dropout(0.5)
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+        inv_freq = 1.0 / (base ** (torch.arange(0, width, 2, dtype=torch.float32) / width))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("step", torch.tensor(7, dtype=torch.int64))
+
+    def forward(self, ids):
+        h = self.norm(self.proj(self.embed(ids)))
+        angles = ids[:, None].float() * self.inv_freq[None, :]
+        h = h * torch.cat([angles.cos(), angles.sin()], dim=-1)
+        return self.head(self.drop(h)) + self.step
+
+
+def trained_model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = TinyLM(**kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model.step.fill_(11)
+    return model.eval()
+
+
+IDS = torch.arange(12) % 40
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = trained_model()
+    path = tmp_path / "tiny.flashpack"
+    model.save_flashpack(path)
+    return model, path
+
+
+def test_round_trip_outputs_are_bit_identical(saved):
+    model, path = saved
+    loaded = TinyLM.from_flashpack(path)
+    assert torch.equal(loaded(IDS), model(IDS))
+
+
+def test_parameters_are_the_loaded_memory(saved):
+    _, path = saved
+    loaded = TinyLM.from_flashpack(path, keep_flash_ref_on_model=True)
+    tensors = loaded._flash_shared_storage
+    for name, param in loaded.named_parameters(remove_duplicate=False):
+        assert param.data_ptr() == tensors[name].data_ptr(), name
+    assert loaded.step.data_ptr() == tensors["step"].data_ptr()
+
+
+def test_tied_weights_stay_one_parameter(saved):
+    _, path = saved
+    loaded = TinyLM.from_flashpack(path)
+    assert loaded.head.weight is loaded.embed.weight
+    assert len(list(loaded.parameters())) == len(list(trained_model().parameters()))
+
+
+def test_non_persistent_buffer_is_computed_not_left_on_meta(saved):
+    _, path = saved
+    loaded = TinyLM.from_flashpack(path)
+    assert "inv_freq" not in flashpack_ops.load_file(path)
+    assert torch.equal(loaded.inv_freq, TinyLM().inv_freq)
+    for name, tensor in list(loaded.named_parameters()) + list(loaded.named_buffers()):
+        assert tensor.device.type == "cpu", name
+
+
+def test_eval_mode_and_requires_grad_kept(saved):
+    _, path = saved
+    loaded = TinyLM.from_flashpack(path)
+    assert not loaded.training and not loaded.drop.training
+    assert loaded.embed.weight.requires_grad and loaded.proj.weight.requires_grad
+    assert not loaded.proj.bias.requires_grad
+    assert isinstance(loaded.proj.weight, torch.nn.Parameter)
+
+
+def test_constructor_arguments_are_passed(tmp_path):
+    model = trained_model(vocab=24, width=8)
+    path = tmp_path / "small.flashpack"
+    model.save_flashpack(path)
+    loaded = TinyLM.from_flashpack(path, 24, width=8)
+    assert torch.equal(loaded(IDS % 24), model(IDS % 24))
+    with pytest.warns(UserWarning, match="does not take"):
+        TinyLM.from_flashpack(path, 24, width=8, not_an_argument=1)
+
+
+def test_init_empty_parameters_keeps_buffers_real():
+    with init_empty_parameters():
+        model = TinyLM()
+    assert all(p.is_meta for p in model.parameters())
+    assert not model.inv_freq.is_meta and not model.step.is_meta
+    assert torch.nn.Module.register_parameter.__name__ == "register_parameter"
+
+
+def test_strict_error_lists_missing_and_unexpected_names(tmp_path):
+    model = trained_model()
+    state = dict(model.state_dict())
+    state["extra.weight"] = torch.ones(3)
+    del state["proj.bias"]
+    path = tmp_path / "mismatch.flashpack"
+    flashpack_ops.save_file(state, path)
+    with pytest.raises(ValueError, match=r"parameters missing from the file: proj\.bias") as info:
+        TinyLM.from_flashpack(path)
+    assert "extra.weight" in str(info.value) and str(path) in str(info.value)
+
+
+def test_failed_assign_leaves_model_untouched(tmp_path):
+    path = tmp_path / "partial.flashpack"
+    flashpack_ops.save_file({"proj.weight": torch.zeros(16, 16)}, path)
+    model = trained_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="missing"):
+        assign_from_file(model, path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_shape_mismatch_is_named(tmp_path):
+    state = trained_model().state_dict()
+    state["proj.weight"] = torch.zeros(4, 4)
+    path = tmp_path / "shape.flashpack"
+    flashpack_ops.save_file(state, path)
+    with pytest.raises(ValueError, match=r"'proj\.weight' has shape \(4, 4\) in the file but \(16, 16\)"):
+        TinyLM.from_flashpack(path)
+
+
+def test_non_strict_load_zero_fills_what_is_missing_and_warns(tmp_path):
+    state = dict(trained_model().state_dict())
+    del state["proj.bias"]
+    state["extra"] = torch.ones(2)
+    path = tmp_path / "loose.flashpack"
+    flashpack_ops.save_file(state, path)
+    with pytest.warns(UserWarning, match=r"zero-filled: \['proj\.bias'\]"):
+        loaded = TinyLM.from_flashpack(path, strict=False)
+    assert torch.equal(loaded.proj.bias, torch.zeros(16))
+    assert not any(t.is_meta for t in loaded.parameters())
+
+
+def test_ignored_names_are_skipped_both_ways(saved):
+    model, path = saved
+    with pytest.warns(UserWarning, match="zero-filled"):
+        loaded = TinyLM.from_flashpack(path, ignore_prefixes=["proj."], strict=False)
+    assert torch.equal(loaded.proj.weight, torch.zeros(16, 16))
+    assert torch.equal(loaded.embed.weight, model.embed.weight)
+    # With the names ignored, a strict load does not count them as missing.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        TinyLM.from_flashpack(path, ignore_suffixes=[".bias"])
+
+
+def test_dtype_conversion_and_buffer_dtypes(tmp_path):
+    model = trained_model()
+    path = tmp_path / "bf16.flashpack"
+    model.save_flashpack(path, target_dtype=torch.bfloat16)
+    fresh = trained_model(seed=1)
+    with pytest.raises(ValueError, match="buffer 'step' is torch.bfloat16 in the file but torch.int64"):
+        assign_from_file(fresh, path)
+    assign_from_file(fresh, path, coerce_dtype=True)
+    assert fresh.embed.weight.dtype == torch.bfloat16 and fresh.step.dtype == torch.int64
+    assert torch.equal(fresh.embed.weight, model.embed.weight.to(torch.bfloat16))
+
+    f32 = tmp_path / "f32.flashpack"
+    model.save_flashpack(f32)
+    converted = trained_model(seed=1)
+    assign_from_file(converted, f32, dtype=torch.float16)
+    assert converted.proj.weight.dtype == torch.float16 and converted.step.dtype == torch.int64
+    assert torch.equal(converted.proj.weight, model.proj.weight.half())
+
+
+def test_assign_into_a_built_model_moves_nothing_it_does_not_load(saved):
+    model, path = saved
+    fresh = trained_model(seed=3)
+    inv_freq = fresh.inv_freq
+    assign_from_file(fresh, path, strict=True)
+    assert fresh.inv_freq is inv_freq
+    assert torch.equal(fresh(IDS), model(IDS))
+
+
+def test_reference_package_file_loads(tmp_path):
+    flashpack = pytest.importorskip("flashpack")
+    model = trained_model()
+    path = tmp_path / "ref.flashpack"
+    flashpack.pack_to_file(model, str(path), target_dtype=None)
+    loaded = TinyLM.from_flashpack(path)
+    assert torch.equal(loaded(IDS), model(IDS))
+    assert loaded.head.weight is loaded.embed.weight
+
+
+def test_import_as_flashpack_keeps_reference_names():
+    import flashpack_ops as flashpack
+
+    for name in ("FlashPackMixin", "assign_from_file", "pack_to_file", "get_flashpack_file_metadata",
+                 "is_flashpack_file", "patch_integrations"):
+        assert hasattr(flashpack, name), name
+    assert [p for p in ("path", "device", "strict", "ignore_names", "ignore_prefixes", "ignore_suffixes")
+            if p not in flashpack.FlashPackMixin.from_flashpack.__code__.co_varnames] == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_from_flashpack_onto_cuda(saved):
+    model, path = saved
+    loaded = TinyLM.from_flashpack(path, device="cuda")
+    assert all(t.is_cuda for t in list(loaded.parameters()) + list(loaded.buffers()))
+    assert loaded.head.weight is loaded.embed.weight
+    assert torch.equal(loaded(IDS.cuda()).cpu(), model(IDS))
