@@ -150,6 +150,35 @@ def _library_model_class(config: Dict[str, Any], directory: str, use_transformer
     return None
 
 
+_SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _stored_float_dtype(directory: str, variant: Optional[str]) -> Optional[torch.dtype]:
+    """The floating dtype holding most bytes of a directory's safetensors weights (None if unknown).
+
+    diffusers loads weights in float32 unless told otherwise; a float16 checkpoint should
+    stay float16 when converted.
+    """
+    try:
+        weights = _weights_in_directory(directory, variant)
+    except (FileNotFoundError, ValueError):
+        return None
+    if weights.endswith(".index.json"):
+        with open(weights, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+        weights = os.path.join(directory, shards[0]) if shards else ""
+    if not weights.endswith(".safetensors") or not os.path.isfile(weights):
+        return None
+    with open(weights, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    sizes: Dict[torch.dtype, int] = {}
+    for name, entry in header.items():
+        if name != "__metadata__" and entry.get("dtype") in _SAFETENSORS_FLOATS:
+            dtype = _SAFETENSORS_FLOATS[entry["dtype"]]
+            sizes[dtype] = sizes.get(dtype, 0) + entry["data_offsets"][1] - entry["data_offsets"][0]
+    return max(sizes, key=sizes.get) if sizes else None
+
+
 def _convert_model_directory(model_class: type, directory: str, destination: str, dtype: Optional[torch.dtype],
                              variant: Optional[str], ignore: Dict[str, Any]) -> str:
     is_transformers = model_class.__module__.startswith("transformers")
@@ -160,7 +189,8 @@ def _convert_model_directory(model_class: type, directory: str, destination: str
     else:
         from .integrations.diffusers import save_pretrained_flashpack
 
-        model = model_class.from_pretrained(directory, variant=variant)
+        stored = _stored_float_dtype(directory, variant)
+        model = model_class.from_pretrained(directory, variant=variant, torch_dtype=dtype or stored)
     save_pretrained_flashpack(model, destination, target_dtype=dtype, **ignore)
     return os.path.join(destination, FLASHPACK_FILE)
 
@@ -171,7 +201,12 @@ def _convert_pipeline_directory(directory: str, destination: str, dtype: Optiona
 
     from .integrations.diffusers import save_pipeline_flashpack
 
-    pipeline = DiffusionPipeline.from_pretrained(directory, variant=variant)
+    config = _read_config(directory, "model_index.json") or {}
+    stored = {name: _stored_float_dtype(os.path.join(directory, name), variant) for name in config
+              if not name.startswith("_") and os.path.isdir(os.path.join(directory, name))}
+    dtypes = {name: dtype or value for name, value in stored.items() if dtype or value}
+    pipeline = DiffusionPipeline.from_pretrained(directory, variant=variant,
+                                                 torch_dtype=dict(dtypes, default=dtype or torch.float32))
     save_pipeline_flashpack(pipeline, destination, target_dtype=dtype)
     return destination
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import json
 import os
 import warnings
 from typing import Any, Dict, List, Optional, Type, TypeVar, Union
@@ -106,8 +107,36 @@ def save_pipeline_flashpack(
             warnings.warn(f"flashpack_ops: pipeline component '{name}' ({type(component).__name__}) has no "
                           "save_pretrained and is not saved", stacklevel=2)
     pipeline.save_config(save_directory)
+    _name_library_classes(pipeline, os.path.join(save_directory, "model_index.json"))
     if push_to_hub:
         upload_directory(save_directory, repo_id, private, token, commit_message, create_pr)
+
+
+def _library_class(cls: type) -> type:
+    """The first class of ``cls``'s MRO that diffusers or transformers define (``cls`` if none)."""
+    for base in cls.__mro__:
+        if base.__module__.split(".")[0] in ("diffusers", "transformers"):
+            return base
+    return cls
+
+
+def _name_library_classes(pipeline: DiffusionPipeline, index_path: str) -> None:
+    """Record library classes in model_index.json, not subclasses that only add flashpack methods.
+
+    Any loader, ``DiffusionPipeline.from_pretrained`` included, can then import every class.
+    """
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    index["_class_name"] = _library_class(type(pipeline)).__name__
+    for name, entry in _component_entries(index).items():
+        component = getattr(pipeline, name, None)
+        if component is not None and entry[0] is not None:
+            cls = _library_class(type(getattr(component, "_orig_mod", component)))
+            if cls is not type(component):
+                index[name] = [cls.__module__.split(".")[0], cls.__name__]
+    with open(index_path, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def _import_class(library: str, class_name: str) -> type:
