@@ -1,0 +1,162 @@
+"""transformers: ``from_pretrained(directory, device_map=...)`` against ``from_pretrained_flashpack``.
+
+Builds a Llama-shaped model from a config (about 1.2B parameters, no download), writes it
+once with ``save_pretrained`` (safetensors) and once with ``save_pretrained_flashpack``,
+then times loading each onto the device, warm (files in the page cache, after one untimed
+load) and cold (the files' pages dropped before every load), in one run. Every loaded
+model is checked bit for bit against the other. Prints a table last.
+
+    python benchmarks/bench_transformers.py                          # 1b, cuda, bfloat16
+    python benchmarks/bench_transformers.py --size tiny --device cpu  # a quick check anywhere
+
+Cold loads drop the files' pages with posix_fadvise(DONTNEED), which needs no root (with
+root, --drop-caches also drops the whole page cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from typing import Callable, Dict, List
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from flashpack_ops.integrations.transformers import from_pretrained_flashpack, save_pretrained_flashpack
+
+SIZES = {
+    # The shape of Llama 3.2 1B: 1.24B parameters, 2.5 GB in bfloat16.
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=8192),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=256),
+}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def drop_file_pages(directories: List[str], whole_cache: bool) -> None:
+    os.sync()
+    if whole_cache:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return
+    for directory in directories:
+        for name in os.listdir(directory):
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def release(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def time_loads(load: Callable[[], torch.nn.Module], device: str, runs: int, cold: bool,
+               directories: List[str], whole_cache: bool) -> List[float]:
+    times = []
+    for _ in range(runs):
+        if cold:
+            drop_file_pages(directories, whole_cache)
+        release(device)
+        sync(device)
+        start = time.perf_counter()
+        model = load()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        del model
+    release(device)
+    return times
+
+
+def directory_bytes(directory: str, suffix: str) -> int:
+    return sum(os.path.getsize(os.path.join(directory, n)) for n in os.listdir(directory) if n.endswith(suffix))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="1b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--runs", type=int, default=3, help="timed loads per loader and cache state")
+    parser.add_argument("--workdir", default=None, help="where to write the two checkpoints (a temp dir)")
+    parser.add_argument("--drop-caches", action="store_true", help="cold: drop the whole page cache (root)")
+    parser.add_argument("--no-cold", action="store_true", help="skip the cold loads")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    device = args.device
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="flashpack-bench-")
+    hf_dir, fp_dir = os.path.join(workdir, "safetensors"), os.path.join(workdir, "flashpack")
+    config = LlamaConfig(**SIZES[args.size])
+    print(f"building a {args.size} Llama ({args.dtype}) in {workdir} ...", flush=True)
+    torch.manual_seed(0)
+    build_on = device if device.startswith("cuda") else "cpu"
+    with torch.device(build_on):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    parameters = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(hf_dir)
+    save_pretrained_flashpack(model, fp_dir)
+    del model
+    release(device)
+    sizes = {"safetensors": directory_bytes(hf_dir, ".safetensors"), "flashpack": directory_bytes(fp_dir, ".flashpack")}
+
+    device_map = device if device.startswith("cuda") else "cpu"
+    loaders: Dict[str, Callable[[], torch.nn.Module]] = {
+        "transformers from_pretrained": lambda: LlamaForCausalLM.from_pretrained(
+            hf_dir, device_map=device_map, dtype=dtype),
+        "flashpack from_pretrained_flashpack": lambda: from_pretrained_flashpack(
+            LlamaForCausalLM, fp_dir, device=device),
+    }
+    files = {"transformers from_pretrained": sizes["safetensors"],
+             "flashpack from_pretrained_flashpack": sizes["flashpack"]}
+
+    # Both loaders give the same model, bit for bit.
+    first, second = (loader() for loader in loaders.values())
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the two loads differ"
+    ids = torch.arange(16, device=device).reshape(1, 16)
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, second(ids).logits), "the two models compute differently"
+    del first, second, a, b
+    release(device)
+
+    results = {}
+    for name, load in loaders.items():
+        warm = time_loads(load, device, args.runs, False, [], False)
+        cold = ([] if args.no_cold else
+                time_loads(load, device, args.runs, True, [hf_dir, fp_dir], args.drop_caches))
+        results[name] = (statistics.median(warm), statistics.median(cold) if cold else None)
+        print(f"  {name}: warm {warm}  cold {cold}", flush=True)
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    card = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    print()
+    print(f"{args.size} Llama, {parameters / 1e9:.2f}B parameters, {args.dtype}, onto {device} ({card}), "
+          f"torch {torch.__version__}, commit {commit}, median of {args.runs}")
+    print(f"| loader | file | warm s | warm GB/s | cold s | cold GB/s |")
+    print(f"| --- | --- | --- | --- | --- | --- |")
+    for name, (warm, cold) in results.items():
+        gb = files[name] / 1e9
+        cold_text = f"{cold:.3f} | {gb / cold:.2f}" if cold else "- | -"
+        print(f"| {name} | {gb:.2f} GB | {warm:.3f} | {gb / warm:.2f} | {cold_text} |")
+    base, ours = results["transformers from_pretrained"], results["flashpack from_pretrained_flashpack"]
+    speedups = f"warm {base[0] / ours[0]:.1f}x" + (f", cold {base[1] / ours[1]:.1f}x" if ours[1] else "")
+    print(f"from_pretrained_flashpack vs from_pretrained: {speedups}")
+
+
+if __name__ == "__main__":
+    main()
