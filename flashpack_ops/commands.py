@@ -179,6 +179,15 @@ def _stored_float_dtype(directory: str, variant: Optional[str]) -> Optional[torc
     return max(sizes, key=sizes.get) if sizes else None
 
 
+def _quiet_libraries() -> None:
+    """Silence the progress bars transformers and diffusers draw while loading."""
+    for library in ("transformers", "diffusers"):
+        try:
+            __import__(f"{library}.utils.logging", fromlist=["disable_progress_bar"]).disable_progress_bar()
+        except (ImportError, AttributeError):
+            pass
+
+
 def _convert_model_directory(model_class: type, directory: str, destination: str, dtype: Optional[torch.dtype],
                              variant: Optional[str], ignore: Dict[str, Any]) -> str:
     is_transformers = model_class.__module__.startswith("transformers")
@@ -298,6 +307,8 @@ def convert_to_flashpack(
             _read_config(model_dir, "model_index.json") is None:
         raise FileNotFoundError(f"{model_dir} holds no checkpoint to convert (.safetensors, .bin, .pt, .ckpt or "
                                 ".index.json)")
+    if silent:
+        _quiet_libraries()
     if _read_config(model_dir, "model_index.json") is not None:
         return _convert_pipeline_directory(model_dir, destination, target_dtype, variant)
     config = _read_config(model_dir, "config.json")
