@@ -197,9 +197,10 @@ def _convert_model_directory(model_class: type, directory: str, destination: str
         model = model_class.from_pretrained(directory, dtype="auto", variant=variant)
     else:
         from .integrations.diffusers import save_pretrained_flashpack
+        from .integrations.diffusers.model import dtype_argument
 
-        stored = _stored_float_dtype(directory, variant)
-        model = model_class.from_pretrained(directory, variant=variant, torch_dtype=dtype or stored)
+        stored = dtype or _stored_float_dtype(directory, variant)
+        model = model_class.from_pretrained(directory, variant=variant, **{dtype_argument(): stored})
     save_pretrained_flashpack(model, destination, target_dtype=dtype, **ignore)
     return os.path.join(destination, FLASHPACK_FILE)
 
@@ -214,8 +215,10 @@ def _convert_pipeline_directory(directory: str, destination: str, dtype: Optiona
     stored = {name: _stored_float_dtype(os.path.join(directory, name), variant) for name in config
               if not name.startswith("_") and os.path.isdir(os.path.join(directory, name))}
     dtypes = {name: dtype or value for name, value in stored.items() if dtype or value}
-    pipeline = DiffusionPipeline.from_pretrained(directory, variant=variant,
-                                                 torch_dtype=dict(dtypes, default=dtype or torch.float32))
+    from .integrations.diffusers.model import dtype_argument
+
+    pipeline = DiffusionPipeline.from_pretrained(
+        directory, variant=variant, **{dtype_argument(): dict(dtypes, default=dtype or torch.float32)})
     save_pipeline_flashpack(pipeline, destination, target_dtype=dtype)
     return destination
 

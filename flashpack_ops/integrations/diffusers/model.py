@@ -18,6 +18,12 @@ from .._hub import (FLASHPACK_FILE, build_and_load_dtypes, flashpack_file_in, re
 
 M = TypeVar("M", bound=ModelMixin)
 
+def dtype_argument() -> str:
+    """The name diffusers' ``from_pretrained`` gives its dtype argument (``dtype`` from 0.42 on)."""
+    major, minor = (int(x) for x in diffusers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (0, 42) else "torch_dtype"
+
+
 _IGNORED_KWARGS = ("proxies", "local_dir_use_symlinks", "num_streams", "chunk_bytes", "use_distributed_loading",
                    "distributed_sharded", "distributed_shard_strategy", "rank", "local_rank", "world_size",
                    "low_cpu_mem_usage", "use_safetensors", "variant")

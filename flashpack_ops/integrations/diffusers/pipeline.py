@@ -175,7 +175,7 @@ def _load_component(component_class: type, directory: str, name: str, device: Op
     location = sub_directory if os.path.isdir(sub_directory) else directory
     if isinstance(component_class, type) and issubclass(component_class, torch.nn.Module):
         is_transformers = transformers_model is not None and issubclass(component_class, transformers_model)
-        options = {} if dtype is None else {"dtype" if is_transformers else "torch_dtype": dtype}
+        options = {} if dtype is None else {"dtype" if is_transformers else diffusers_model.dtype_argument(): dtype}
         return component_class.from_pretrained(location, **options).to(device or "cpu")
     return component_class.from_pretrained(location)
 
