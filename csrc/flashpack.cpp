@@ -32,11 +32,8 @@ auto translate_errors(const char* op, Fn&& fn) -> decltype(fn()) {
   }
 }
 
-std::vector<at::Tensor> load_any(const char* op, const std::string& path, c10::Device device, bool copy,
-                                 int64_t num_threads, Layout* layout) {
-  LoadOptions opts;
-  opts.copy = copy;
-  opts.num_threads = num_threads;
+std::vector<at::Tensor> load_any(const char* op, const std::string& path, c10::Device device, const LoadOptions& opts,
+                                 Layout* layout) {
   return translate_errors(op, [&] {
     if (device.is_cpu()) return load_cpu(path, opts, layout);
     if (device.is_cuda()) {
@@ -52,17 +49,35 @@ std::vector<at::Tensor> load_any(const char* op, const std::string& path, c10::D
   });
 }
 
-c10::Dict<std::string, at::Tensor> load(const std::string& path, c10::Device device, bool copy, int64_t num_threads) {
+LoadOptions load_options(bool copy, int64_t num_threads, int64_t chunk_bytes, int64_t pinned_bytes,
+                         int64_t num_streams, std::string route) {
+  LoadOptions opts;
+  opts.copy = copy;
+  opts.num_threads = num_threads;
+  opts.chunk_bytes = chunk_bytes;
+  opts.pinned_bytes = pinned_bytes;
+  opts.num_streams = num_streams;
+  opts.route = std::move(route);
+  return opts;
+}
+
+c10::Dict<std::string, at::Tensor> load(const std::string& path, c10::Device device, bool copy, int64_t num_threads,
+                                        int64_t chunk_bytes, int64_t pinned_bytes, int64_t num_streams,
+                                        std::string route) {
   Layout layout;
-  auto tensors = load_any("flashpack::load", path, device, copy, num_threads, &layout);
+  auto tensors = load_any("flashpack::load", path, device,
+                          load_options(copy, num_threads, chunk_bytes, pinned_bytes, num_streams, std::move(route)),
+                          &layout);
   c10::Dict<std::string, at::Tensor> out;
   out.reserve(tensors.size());
   for (size_t k = 0; k < tensors.size(); ++k) out.insert(std::move(layout.entries[k].name), std::move(tensors[k]));
   return out;
 }
 
-std::vector<at::Tensor> load_list(const std::string& path, c10::Device device, bool copy, int64_t num_threads) {
-  return load_any("flashpack::load_list", path, device, copy, num_threads, nullptr);
+std::vector<at::Tensor> load_list(const std::string& path, c10::Device device, bool copy, int64_t num_threads,
+                                  int64_t chunk_bytes, int64_t pinned_bytes, int64_t num_streams, std::string route) {
+  return load_any("flashpack::load_list", path, device,
+                  load_options(copy, num_threads, chunk_bytes, pinned_bytes, num_streams, std::move(route)), nullptr);
 }
 
 void save_op(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
@@ -89,15 +104,34 @@ bool built_with_cuda() {
 #endif
 }
 
+// Empty (and 0) in a build without CUDA.
+c10::Dict<std::string, int64_t> cuda_stats_op(bool reset_peaks) {
+  c10::Dict<std::string, int64_t> out;
+#ifdef WITH_CUDA
+  for (auto& [name, value] : cuda_stats(reset_peaks)) out.insert(name, value);
+#endif
+  return out;
+}
+
+int64_t release_pinned_memory_op() {
+#ifdef WITH_CUDA
+  return release_pinned_memory();
+#else
+  return 0;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(flashpack, m) {
   constexpr auto kSideEffects = c10::AliasAnalysisKind::CONSERVATIVE;
   m.def(torch::schema(
-      "load(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0) -> Dict(str, Tensor)",
+      "load(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0, int chunk_bytes=0, "
+      "int pinned_bytes=0, int num_streams=0, str route=\"auto\") -> Dict(str, Tensor)",
       kSideEffects));
   m.def(torch::schema(
-      "load_list(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0) -> Tensor[]",
+      "load_list(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0, int chunk_bytes=0, "
+      "int pinned_bytes=0, int num_streams=0, str route=\"auto\") -> Tensor[]",
       kSideEffects));
   m.def(torch::schema(
       "save(Dict(str, Tensor) tensors, str path, *, ScalarType? target_dtype=None, int align_bytes=128, "
@@ -105,6 +139,9 @@ TORCH_LIBRARY(flashpack, m) {
       kSideEffects));
   m.def(torch::schema("read_footer(str path) -> str", kSideEffects));
   m.def("built_with_cuda() -> bool");
+  // Process-wide state of the CUDA path: read (and peaks reset) by tests and benchmarks.
+  m.def(torch::schema("cuda_stats(bool reset_peaks=False) -> Dict(str, int)", kSideEffects));
+  m.def(torch::schema("release_pinned_memory() -> int", kSideEffects));
 }
 
 TORCH_LIBRARY_IMPL(flashpack, CompositeExplicitAutograd, m) {
@@ -113,6 +150,8 @@ TORCH_LIBRARY_IMPL(flashpack, CompositeExplicitAutograd, m) {
   m.impl("save", &save_op);
   m.impl("read_footer", &read_footer);
   m.impl("built_with_cuda", &built_with_cuda);
+  m.impl("cuda_stats", &cuda_stats_op);
+  m.impl("release_pinned_memory", &release_pinned_memory_op);
 }
 
 }  // namespace flashpack

@@ -9,6 +9,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace flashpack {
@@ -16,6 +17,11 @@ namespace flashpack {
 struct LoadOptions {
   bool copy = false;        // CPU: read into fresh memory instead of mapping the file
   int64_t num_threads = 0;  // 0: FLASHPACK_NUM_THREADS, else min(cores, 16)
+  // CUDA only (docs/cuda.md); 0 or "auto": the environment variable, else the default.
+  int64_t chunk_bytes = 0;     // FLASHPACK_CHUNK_BYTES: bytes per read / registration
+  int64_t pinned_bytes = 0;    // FLASHPACK_PINNED_BYTES: pinned memory one load may hold (256 MiB)
+  int64_t num_streams = 0;     // FLASHPACK_NUM_STREAMS: copy streams (4)
+  std::string route = "auto";  // FLASHPACK_CUDA_ROUTE: auto, direct, buffered or register
 };
 
 // One tensor per index entry, in index order, each a view into its block's storage
@@ -27,6 +33,11 @@ std::vector<at::Tensor> load_cpu(const std::string& path, const LoadOptions& opt
 #ifdef WITH_CUDA
 std::vector<at::Tensor> load_cuda(const std::string& path, c10::Device device, const LoadOptions& opts,
                                   Layout* layout_out);
+// The CUDA path's counters (pinned memory held, bytes moved by each route), by name;
+// reset_peaks restarts the peak gauges from their current values.
+std::vector<std::pair<std::string, int64_t>> cuda_stats(bool reset_peaks);
+// Frees the idle pinned staging memory the CUDA path keeps between loads; returns the bytes freed.
+int64_t release_pinned_memory();
 #endif
 
 void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,

@@ -7,7 +7,7 @@ flashpack`` runs code written for it.
 """
 
 from ._library import has_cuda, library_path
-from .ops import load_file, read_metadata, save_file
+from .ops import cuda_stats, load_file, read_metadata, release_pinned_memory, save_file
 from .api import (
     assign_from_file,
     get_flashpack_file_metadata,
@@ -32,6 +32,8 @@ __all__ = [
     "FlashPackMixin",
     "patch_integrations",
     "has_cuda",
+    "cuda_stats",
+    "release_pinned_memory",
     "library_path",
     "__version__",
 ]

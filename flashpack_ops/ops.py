@@ -78,6 +78,10 @@ def load_file(
     *,
     copy: bool = False,
     num_threads: int = 0,
+    chunk_bytes: int = 0,
+    pinned_bytes: int = 0,
+    num_streams: int = 0,
+    route: str = "auto",
 ) -> Dict[str, torch.Tensor]:
     """Load a flashpack file as a dict of tensors, in the file's order.
 
@@ -90,6 +94,13 @@ def load_file(
         device: ``"cpu"``, ``"cuda"`` (the current device), ``"cuda:N"`` or an index.
         copy: CPU only; read into fresh memory instead of mapping the file.
         num_threads: reader threads; 0 picks a default (``FLASHPACK_NUM_THREADS``).
+        chunk_bytes: CUDA only; bytes per read or registration (``FLASHPACK_CHUNK_BYTES``).
+        pinned_bytes: CUDA only; pinned host memory this load may hold, 256 MiB by
+            default (``FLASHPACK_PINNED_BYTES``).
+        num_streams: CUDA only; copy streams, 4 by default (``FLASHPACK_NUM_STREAMS``).
+        route: CUDA only; ``"auto"`` (registered if the file is in the page cache, else
+            buffered reads), ``"direct"`` (O_DIRECT reads), ``"buffered"`` or ``"register"``
+            (``FLASHPACK_CUDA_ROUTE``). See docs/cuda.md.
 
     Returns:
         Dict[str, torch.Tensor]: the tensors, bit for bit as saved.
@@ -115,8 +126,38 @@ def load_file(
         tensors = torch.ops.flashpack.load_list(path, _device(device), copy=copy, num_threads=num_threads)
         return dict(zip(_entry_names(path), tensors))
     return torch.ops.flashpack.load(
-        _path(path, must_exist=True), _device(device), copy=copy, num_threads=num_threads
+        _path(path, must_exist=True), _device(device), copy=copy, num_threads=num_threads,
+        chunk_bytes=chunk_bytes, pinned_bytes=pinned_bytes, num_streams=num_streams, route=route,
     )
+
+
+def cuda_stats(reset_peaks: bool = False) -> Dict[str, int]:
+    """Counters of the CUDA load path, for tests and benchmarks.
+
+    Keys: ``pinned_bytes`` / ``pinned_peak_bytes`` (pinned staging memory held by the
+    process-wide pool now / at most), ``registered_bytes`` / ``registered_peak_bytes``
+    (file pages registered with the driver), ``loads`` (CUDA loads completed), and the bytes
+    copied to GPUs after an O_DIRECT read (``bytes_direct``), a buffered read
+    (``bytes_buffered``) or straight from the registered page cache (``bytes_registered``),
+    and ``register_fallbacks`` (loads that staged because the driver refused registration).
+    The byte counters only grow: compare them before and after a load.
+
+    Args:
+        reset_peaks: restart both peaks from the current values (after reading them).
+
+    Returns:
+        Dict[str, int]: the counters; empty if flashpack_ops was built without CUDA.
+    """
+    return dict(torch.ops.flashpack.cuda_stats(reset_peaks))
+
+
+def release_pinned_memory() -> int:
+    """Free the pinned staging memory the CUDA path keeps between loads.
+
+    Returns:
+        int: the bytes freed (0 without CUDA, or when no load has run).
+    """
+    return int(torch.ops.flashpack.release_pinned_memory())
 
 
 def read_metadata(path: PathLike) -> Dict[str, Any]:

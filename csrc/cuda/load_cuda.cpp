@@ -1,0 +1,727 @@
+// The CUDA path: the payload goes from the file to one allocation per block on the GPU,
+// by one of two routes.
+//
+//   staged      worker threads pread chunks (buffered, or O_DIRECT for files not in the
+//               page cache) into a fixed ring of pinned buffers; each filled buffer is
+//               copied to the GPU with cudaMemcpyAsync on one of a few rotating streams,
+//               and refilled only once an event says its copy finished.
+//   registered  for files already in the page cache: chunks of a read-only mapping of the
+//               file are registered with the driver (cudaHostRegisterReadOnly) and the GPU
+//               copies straight out of the page cache, no host-side copy at all; a chunk is
+//               unregistered once its copy finished.
+//
+// Both routes run the same pipeline (Pipeline below) and hold a bounded amount of pinned
+// memory whatever the file size. The destination blocks are allocated on the caller's
+// current stream; the copy streams wait for that allocation first, and the caller's stream
+// waits for the copy streams at the end, so the outputs are ready to use on it.
+#include "cuda/pinned_pool.h"
+#include "io.h"
+#include "load.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace flashpack {
+
+namespace {
+
+constexpr uint64_t kMiB = uint64_t(1) << 20;
+
+// NOTE: 256 MiB of pinned staging is enough to keep 16 readers and the copy engine busy at
+// once (32 buffers of 8 MiB: 16 being read, the rest queued for DMA), and small next to a
+// host's RAM. GPU.md: pinned host -> GPU runs at 54.9 GB/s, so the ring turns over every
+// ~5 ms.
+constexpr uint64_t kDefaultPinnedBytes = 256 * kMiB;
+// NOTE: one copy engine moves host -> device bytes whatever the stream count; streams only
+// keep its queue full. GPU.md: 4 rotating streams reach 54.6 GB/s, one 2 GiB copy 54.9.
+constexpr int kDefaultStreams = 4;
+// NOTE: the driver serializes part of cudaHostRegister: GPU.md measured 64 MiB chunks
+// registered at 53.6 GB/s by 4 threads but only 42.3 GB/s by 16.
+constexpr int kDefaultRegisterThreads = 4;
+// NOTE: the staged route splits the ring into 32 buffers (8 MiB at the default size): more
+// buffers than the 16 default readers, so a reader never waits for a free buffer while
+// copies are queued, and 8 MiB copies still run at full DMA speed (~150 us each). The
+// registered route has no read step to overlap, so 16 larger chunks (16 MiB) halve the
+// number of register/unregister calls.
+constexpr uint64_t kStagedChunksPerRing = 32;
+constexpr uint64_t kRegisteredChunksPerRing = 16;
+constexpr uint64_t kMinAutoChunkBytes = 1 * kMiB;
+constexpr uint64_t kMaxAutoChunkBytes = 64 * kMiB;
+// A file counts as cached when this share of the sampled payload pages is resident.
+constexpr double kWarmFraction = 0.9;
+
+enum class Route { Auto, Direct, Buffered, Register };
+
+// NOTE: files not in the page cache are read buffered by default: on the measured H100
+// host's disk, 8 buffered readers got 2.2 GB/s against 1.5 GB/s for O_DIRECT at any reader
+// count (GPU.md), and a buffered read stays fast when the residency check misjudges a
+// cached file. O_DIRECT remains one option away (route="direct") for disks where the page
+// cache copy becomes the bottleneck.
+constexpr Route kColdRoute = Route::Buffered;
+
+const char* route_name(Route r) {
+  switch (r) {
+    case Route::Auto: return "auto";
+    case Route::Direct: return "direct";
+    case Route::Buffered: return "buffered";
+    case Route::Register: return "register";
+  }
+  return "?";
+}
+
+// O_DIRECT offsets and lengths, and registered ranges, are multiples of this.
+uint64_t io_align() {
+  static const uint64_t a = std::max<uint64_t>(4096, static_cast<uint64_t>(::sysconf(_SC_PAGESIZE)));
+  return a;
+}
+uint64_t align_down(uint64_t x, uint64_t a) { return x / a * a; }
+uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
+
+// ---- options ---------------------------------------------------------------------------
+
+int64_t env_count(const char* name) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return 0;
+  char* end = nullptr;
+  errno = 0;
+  const long long n = std::strtoll(v, &end, 10);
+  if (errno != 0 || end == v || *end != '\0' || n < 0) {
+    throw std::invalid_argument(std::string("environment variable ") + name + "='" + v +
+                                "' is not a non-negative integer");
+  }
+  return static_cast<int64_t>(n);
+}
+
+// An argument wins over its environment variable; 0 in both means the default.
+int64_t arg_or_env(int64_t arg, const char* arg_name, const char* env_name, const std::string& path) {
+  if (arg < 0) {
+    throw std::invalid_argument("cannot load '" + path + "': " + arg_name + " must be >= 0 (0 picks the default), got " +
+                                std::to_string(arg));
+  }
+  return arg > 0 ? arg : env_count(env_name);
+}
+
+Route parse_route(const std::string& name, const std::string& path) {
+  for (Route r : {Route::Auto, Route::Direct, Route::Buffered, Route::Register}) {
+    if (name == route_name(r)) return r;
+  }
+  throw std::invalid_argument("cannot load '" + path + "': unknown route '" + name +
+                              "' (expected auto, direct, buffered or register)");
+}
+
+struct Tuning {
+  Route route = Route::Auto;
+  int64_t threads = 0;       // 0: per route, see threads_for()
+  uint64_t chunk_bytes = 0;  // 0: per route, see chunk_for()
+  uint64_t pinned_bytes = kDefaultPinnedBytes;
+  int streams = kDefaultStreams;
+};
+
+Tuning resolve(const LoadOptions& opts, const std::string& path) {
+  Tuning t;
+  std::string route = opts.route;
+  if (route.empty() || route == "auto") {
+    const char* env = std::getenv("FLASHPACK_CUDA_ROUTE");
+    route = env != nullptr && *env != '\0' ? env : "auto";
+  }
+  t.route = parse_route(route, path);
+  if (opts.num_threads < 0) {
+    throw std::invalid_argument("cannot load '" + path + "': num_threads must be >= 0 (0 picks the default), got " +
+                                std::to_string(opts.num_threads));
+  }
+  t.threads = opts.num_threads;
+  const uint64_t a = io_align();
+  if (int64_t c = arg_or_env(opts.chunk_bytes, "chunk_bytes", "FLASHPACK_CHUNK_BYTES", path)) {
+    t.chunk_bytes = align_up(static_cast<uint64_t>(c), a);
+  }
+  if (int64_t p = arg_or_env(opts.pinned_bytes, "pinned_bytes", "FLASHPACK_PINNED_BYTES", path)) {
+    t.pinned_bytes = std::max(a, align_down(static_cast<uint64_t>(p), a));
+  }
+  if (int64_t s = arg_or_env(opts.num_streams, "num_streams", "FLASHPACK_NUM_STREAMS", path)) {
+    t.streams = static_cast<int>(std::min<int64_t>(s, 64));
+  }
+  return t;
+}
+
+// Chunk size for a route: as asked, else a fixed share of the ring; never more than the ring.
+uint64_t chunk_for(const Tuning& t, Route r) {
+  const uint64_t a = io_align();
+  uint64_t c = t.chunk_bytes;
+  if (c == 0) {
+    const uint64_t share = t.pinned_bytes / (r == Route::Register ? kRegisteredChunksPerRing : kStagedChunksPerRing);
+    c = align_down(std::clamp(share, kMinAutoChunkBytes, kMaxAutoChunkBytes), a);
+  }
+  return std::max(a, std::min(c, t.pinned_bytes));
+}
+
+int threads_for(const Tuning& t, Route r) {
+  if (t.threads > 0 || std::getenv("FLASHPACK_NUM_THREADS") != nullptr) {
+    return default_threads(static_cast<int>(t.threads));
+  }
+  return r == Route::Register ? std::min(kDefaultRegisterThreads, default_threads(0)) : default_threads(0);
+}
+
+// ---- plan ------------------------------------------------------------------------------
+
+// A run of one block's bytes that lies within one chunk.
+struct Segment {
+  uint32_t block;
+  uint64_t block_offset;
+  uint64_t file_offset;
+  uint64_t bytes;
+};
+
+// The unit of work: every segment within one `chunk_bytes`-aligned cell of the file. Its
+// aligned span [align_down(begin), align_up(end)) stays inside the cell, so two chunks never
+// share a page (registered ranges must not overlap) and a span always fits one buffer.
+struct Chunk {
+  uint64_t begin;  // file offset of the first byte needed
+  uint64_t end;    // one past the last byte needed
+  uint64_t bytes;  // bytes copied to the GPU (alignment gaps between blocks excluded)
+  size_t first_segment;
+  size_t segments;
+};
+
+struct Plan {
+  std::vector<Segment> segments;
+  std::vector<Chunk> chunks;
+  uint64_t max_span = 0;  // largest aligned span of a chunk: the staging buffer size
+};
+
+Plan plan_chunks(const Layout& layout, uint64_t cell) {
+  const uint64_t a = io_align();
+  Plan plan;
+  for (uint32_t b = 0; b < layout.blocks.size(); ++b) {
+    const Block& blk = layout.blocks[b];
+    const uint64_t end = blk.offset_bytes + blk.length_bytes;
+    for (uint64_t p = blk.offset_bytes; p < end;) {
+      const uint64_t piece_end = std::min(end, (p / cell + 1) * cell);
+      plan.segments.push_back({b, p - blk.offset_bytes, p, piece_end - p});
+      p = piece_end;
+    }
+  }
+  // Blocks are usually in file order already; sorting also copes with files whose blocks
+  // are not (or overlap): segments of one cell end up in one chunk either way.
+  std::stable_sort(plan.segments.begin(), plan.segments.end(), [cell](const Segment& x, const Segment& y) {
+    return x.file_offset / cell < y.file_offset / cell ||
+           (x.file_offset / cell == y.file_offset / cell && x.file_offset < y.file_offset);
+  });
+  for (size_t k = 0; k < plan.segments.size(); ++k) {
+    const Segment& s = plan.segments[k];
+    if (plan.chunks.empty() || plan.segments[plan.chunks.back().first_segment].file_offset / cell != s.file_offset / cell) {
+      plan.chunks.push_back({s.file_offset, s.file_offset, 0, k, 0});
+    }
+    Chunk& c = plan.chunks.back();
+    c.end = std::max(c.end, s.file_offset + s.bytes);
+    c.bytes += s.bytes;
+    ++c.segments;
+  }
+  for (const Chunk& c : plan.chunks) {
+    plan.max_span = std::max(plan.max_span, align_up(c.end, a) - align_down(c.begin, a));
+  }
+  return plan;
+}
+
+// ---- the file ----------------------------------------------------------------------------
+
+// A shared, read-only mapping of the whole file: for the residency check and for
+// registration. It never faults pages in by itself.
+class ReadOnlyMap {
+ public:
+  explicit ReadOnlyMap(const InputFile& file) : size_(file.size()) {
+    void* p = ::mmap(nullptr, size_, PROT_READ, MAP_SHARED, file.fd(), 0);
+    if (p != MAP_FAILED) data_ = static_cast<char*>(p);
+  }
+  ~ReadOnlyMap() {
+    if (data_ != nullptr) ::munmap(data_, size_);
+  }
+  ReadOnlyMap(const ReadOnlyMap&) = delete;
+  ReadOnlyMap& operator=(const ReadOnlyMap&) = delete;
+
+  bool ok() const { return data_ != nullptr; }
+  char* data() const { return data_; }
+
+ private:
+  char* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+// The share of the payload [begin, end) that sits in the page cache, from a sample of it;
+// 0 when it cannot tell (the caller then treats the file as cold).
+double resident_fraction(const ReadOnlyMap& map, uint64_t begin, uint64_t end) {
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  begin = align_down(begin, page);
+  if (!map.ok() || end <= begin) return 0.0;
+  const uint64_t pages = (end - begin + page - 1) / page;
+  // NOTE: 64 windows of 64 pages cost a few microseconds whatever the file size; a full
+  // mincore of a 3.5 GB file would walk 850,000 pages on every load.
+  const uint64_t window = std::min<uint64_t>(64, pages);
+  const uint64_t windows = std::min<uint64_t>(64, pages / window);
+  std::vector<unsigned char> vec(window);
+  uint64_t seen = 0;
+  uint64_t resident = 0;
+  for (uint64_t w = 0; w < windows; ++w) {
+    const uint64_t first = windows == 1 ? 0 : (pages - window) * w / (windows - 1);
+    if (::mincore(map.data() + begin + first * page, window * page, vec.data()) != 0) return 0.0;
+    for (unsigned char v : vec) resident += v & 1;
+    seen += window;
+  }
+  return seen == 0 ? 0.0 : static_cast<double>(resident) / static_cast<double>(seen);
+}
+
+// A second descriptor on the same open file with O_DIRECT, or -1 where the filesystem has
+// no O_DIRECT (tmpfs) or /proc is missing. Reopening through /proc/self/fd reaches the very
+// inode already open, even if `path` was replaced since.
+int open_direct(const InputFile& file) {
+  const std::string proc = "/proc/self/fd/" + std::to_string(file.fd());
+  const int fd = ::open(proc.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+  if (fd < 0) return -1;
+  struct stat a, b;
+  if (::fstat(fd, &a) != 0 || ::fstat(file.fd(), &b) != 0 || a.st_ino != b.st_ino || a.st_dev != b.st_dev) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+class Descriptor {
+ public:
+  explicit Descriptor(int fd) : fd_(fd) {}
+  ~Descriptor() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  Descriptor(const Descriptor&) = delete;
+  Descriptor& operator=(const Descriptor&) = delete;
+  int get() const { return fd_; }
+
+ private:
+  int fd_;
+};
+
+bool register_supported(c10::DeviceIndex device) {
+  int plain = 0;
+  int read_only = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&plain, cudaDevAttrHostRegisterSupported, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&read_only, cudaDevAttrHostRegisterReadOnlySupported, device));
+  return plain != 0 && read_only != 0;
+}
+
+// ---- the pipeline ------------------------------------------------------------------------
+
+class Event {
+ public:
+  Event() { C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming)); }
+  ~Event() {
+    if (event_ != nullptr) C10_CUDA_CHECK_WARN(cudaEventDestroy(event_));
+  }
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+
+  void record(cudaStream_t s) { C10_CUDA_CHECK(cudaEventRecord(event_, s)); }
+  // Returns at once if the event was never recorded.
+  void synchronize() { C10_CUDA_CHECK(cudaEventSynchronize(event_)); }
+  void block(cudaStream_t s) { C10_CUDA_CHECK(cudaStreamWaitEvent(s, event_, 0)); }
+  cudaEvent_t get() const { return event_; }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
+// The driver refused to register part of the mapping: the load starts over, staged.
+class RegistrationRefused : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Where a chunk's bytes come from, for the GPU to copy.
+class Source {
+ public:
+  virtual ~Source() = default;
+  // Makes the file bytes [chunk.begin, chunk.end) readable by the GPU through `slot`;
+  // returns the host address holding byte chunk.begin. Safe to call from several threads
+  // for different slots.
+  virtual const char* fill(size_t slot, const Chunk& chunk) = 0;
+  // Called once every copy out of `slot` has finished, before it is filled again or the
+  // load ends.
+  virtual void release(size_t slot) = 0;
+};
+
+// Reads each chunk into its slot's pinned buffer.
+class StagedSource final : public Source {
+ public:
+  StagedSource(const InputFile& file, int direct_fd, char* ring, uint64_t buffer_bytes)
+      : file_(file), direct_fd_(direct_fd), ring_(ring), buffer_bytes_(buffer_bytes) {}
+
+  const char* fill(size_t slot, const Chunk& c) override {
+    char* buf = ring_ + slot * buffer_bytes_;
+    if (direct_fd_ >= 0 && direct_ok_.load(std::memory_order_relaxed)) {
+      const uint64_t begin = align_down(c.begin, io_align());
+      if (read_direct(buf, begin, align_up(c.end, io_align()), c.end)) {
+        cuda::stats().bytes_direct += static_cast<int64_t>(c.bytes);
+        return buf + (c.begin - begin);
+      }
+    }
+    pread_exact(file_.fd(), buf, c.end - c.begin, c.begin, file_.path());
+    cuda::stats().bytes_buffered += static_cast<int64_t>(c.bytes);
+    return buf;
+  }
+
+  void release(size_t) override {}
+
+ private:
+  // Reads [begin, end) with O_DIRECT; only the bytes before `needed` must exist (the aligned
+  // end may pass the end of the file). False if the filesystem refuses direct reads, before
+  // anything was read: the caller then reads buffered, and so does every later chunk.
+  bool read_direct(char* buf, uint64_t begin, uint64_t end, uint64_t needed) {
+    uint64_t got = 0;
+    while (begin + got < needed) {
+      const ssize_t n = ::pread(direct_fd_, buf + got, end - begin - got, static_cast<off_t>(begin + got));
+      if (n < 0) {
+        const int err = errno;
+        if (err == EINTR) continue;
+        if (err == EINVAL && got == 0) {
+          direct_ok_.store(false, std::memory_order_relaxed);
+          return false;
+        }
+        throw std::runtime_error("read failed on '" + file_.path() + "' at byte " + std::to_string(begin + got) +
+                                 " (O_DIRECT): " + std::strerror(err));
+      }
+      if (n == 0) {
+        throw std::runtime_error("'" + file_.path() + "' ended early at byte " + std::to_string(begin + got) +
+                                 " (was it truncated while being read?)");
+      }
+      got += static_cast<uint64_t>(n);
+      if (got % io_align() != 0 && begin + got < needed) {
+        // A short read mid-file leaves an unaligned offset O_DIRECT cannot continue from.
+        pread_exact(file_.fd(), buf + got, needed - begin - got, begin + got, file_.path());
+        return true;
+      }
+    }
+    return true;
+  }
+
+  const InputFile& file_;
+  const int direct_fd_;
+  char* const ring_;
+  const uint64_t buffer_bytes_;
+  std::atomic<bool> direct_ok_{true};
+};
+
+// Registers each chunk's pages of the mapped file, so the GPU reads the page cache itself.
+class RegisteredSource final : public Source {
+ public:
+  RegisteredSource(const ReadOnlyMap& map, size_t slots, const std::string& path)
+      : map_(map), ranges_(slots), path_(path) {}
+
+  const char* fill(size_t slot, const Chunk& c) override {
+    const uint64_t begin = align_down(c.begin, io_align());
+    const uint64_t bytes = align_up(c.end, io_align()) - begin;
+    // Checked by hand rather than with C10_CUDA_CHECK: a refusal is not an error, the load
+    // falls back to staging.
+    const cudaError_t err = cudaHostRegister(map_.data() + begin, bytes, cudaHostRegisterReadOnly);
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();  // clear it, so the next CUDA call does not report it
+      throw RegistrationRefused("'" + path_ + "': cudaHostRegister of bytes " + std::to_string(begin) + ".." +
+                                std::to_string(begin + bytes) + " refused: " + cudaGetErrorString(err));
+    }
+    ranges_[slot] = {begin, bytes};
+    cuda::stats().registered.add(static_cast<int64_t>(bytes));
+    cuda::stats().bytes_registered += static_cast<int64_t>(c.bytes);
+    return map_.data() + c.begin;
+  }
+
+  void release(size_t slot) override {
+    Range& r = ranges_[slot];
+    if (r.bytes == 0) return;
+    const uint64_t bytes = std::exchange(r.bytes, 0);
+    C10_CUDA_CHECK(cudaHostUnregister(map_.data() + r.begin));
+    cuda::stats().registered.add(-static_cast<int64_t>(bytes));
+  }
+
+ private:
+  struct Range {
+    uint64_t begin = 0;
+    uint64_t bytes = 0;
+  };
+  const ReadOnlyMap& map_;
+  std::vector<Range> ranges_;
+  const std::string& path_;
+};
+
+// Moves every chunk of a plan to the GPU: `threads` workers each take the next chunk and a
+// free slot, wait until the slot's previous copies finished, fill it and queue its copies
+// on the next stream. The destructor waits for every copy and releases every slot, so
+// nothing is freed, returned to the pool or unregistered while the GPU may still read it,
+// errors included.
+class Pipeline {
+ public:
+  Pipeline(c10::DeviceIndex device, size_t slots, int streams, Source& source, cudaStream_t caller)
+      : device_(device), source_(source), slots_(slots) {
+    for (size_t k = 0; k < slots; ++k) free_.push_back(k);
+    // The destination blocks were just allocated on the caller's stream, possibly in memory
+    // that stream's pending work still uses: the copy streams start after it.
+    Event ready;
+    ready.record(caller);
+    for (int k = 0; k < streams; ++k) {
+      streams_.push_back(c10::cuda::getStreamFromPool(false, device).stream());
+      ready.block(streams_.back());
+    }
+  }
+
+  ~Pipeline() {
+    if (!finished_) {
+      // An error: copies may still be queued behind the slots' last events.
+      for (cudaStream_t s : streams_) C10_CUDA_CHECK_WARN(cudaStreamSynchronize(s));
+    }
+    for (size_t k = 0; k < slots_.size(); ++k) {
+      try {
+        settle(k);
+      } catch (const std::exception& e) {
+        TORCH_WARN("flashpack: while cleaning up a failed CUDA load: ", e.what());
+      }
+    }
+  }
+
+  Pipeline(const Pipeline&) = delete;
+  Pipeline& operator=(const Pipeline&) = delete;
+
+  void run(const Plan& plan, const std::vector<char*>& dst, int threads) {
+    parallel_for(plan.chunks.size(), std::min<int>(threads, static_cast<int>(slots_.size())), [&](size_t k) {
+      // Worker threads start on device 0; set, never restored, as the thread ends with the load.
+      C10_CUDA_CHECK(c10::cuda::SetDevice(device_));
+      const Chunk& c = plan.chunks[k];
+      SlotLease lease(*this);
+      settle(lease.slot);
+      const char* host = source_.fill(lease.slot, c);
+      slots_[lease.slot].filled = true;
+      const cudaStream_t stream = streams_[k % streams_.size()];
+      try {
+        for (size_t s = c.first_segment; s < c.first_segment + c.segments; ++s) {
+          const Segment& seg = plan.segments[s];
+          C10_CUDA_CHECK(cudaMemcpyAsync(dst[seg.block] + seg.block_offset, host + (seg.file_offset - c.begin),
+                                         seg.bytes, cudaMemcpyHostToDevice, stream));
+        }
+      } catch (...) {
+        // The copies queued before the failure must still be waited for before anyone
+        // reuses or releases the slot.
+        C10_CUDA_CHECK_WARN(cudaEventRecord(slots_[lease.slot].done.get(), stream));
+        throw;
+      }
+      slots_[lease.slot].done.record(stream);
+    });
+  }
+
+  // Waits on the host for the last copies, releases every slot, and makes `caller` wait
+  // for the copy streams.
+  void finish(cudaStream_t caller) {
+    for (size_t k = 0; k < slots_.size(); ++k) settle(k);
+    for (cudaStream_t s : streams_) {
+      Event joined;
+      joined.record(s);
+      joined.block(caller);
+    }
+    finished_ = true;
+  }
+
+ private:
+  struct Slot {
+    Event done;  // recorded after the slot's last copies
+    bool filled = false;
+  };
+
+  // Takes the least recently used free slot (the likeliest to have finished its copies)
+  // and gives it back when the chunk's copies are queued, or on an error. Every holder
+  // gives its slot back, so waiting for one always ends.
+  struct SlotLease {
+    explicit SlotLease(Pipeline& p) : pipe(p) {
+      std::unique_lock<std::mutex> lock(p.mutex_);
+      p.slot_free_.wait(lock, [&] { return !p.free_.empty(); });
+      slot = p.free_.front();
+      p.free_.pop_front();
+    }
+    ~SlotLease() {
+      {
+        std::lock_guard<std::mutex> lock(pipe.mutex_);
+        pipe.free_.push_back(slot);
+      }
+      pipe.slot_free_.notify_one();
+    }
+    Pipeline& pipe;
+    size_t slot = 0;
+  };
+
+  // Waits for the slot's last copies, then lets the source reuse it.
+  void settle(size_t k) {
+    Slot& s = slots_[k];
+    s.done.synchronize();
+    if (s.filled) {
+      s.filled = false;
+      source_.release(k);
+    }
+  }
+
+  const c10::DeviceIndex device_;
+  Source& source_;
+  std::vector<Slot> slots_;
+  std::vector<cudaStream_t> streams_;  // from torch's stream pool, which owns them
+  std::mutex mutex_;
+  std::condition_variable slot_free_;
+  std::deque<size_t> free_;
+  bool finished_ = false;
+};
+
+struct Target {
+  c10::DeviceIndex device;
+  cudaStream_t caller;
+  std::vector<char*> dst;  // one per block
+};
+
+void copy_staged(const InputFile& file, const Layout& layout, const Target& t, const Tuning& tuning, Route route) {
+  const Plan plan = plan_chunks(layout, chunk_for(tuning, route));
+  if (plan.chunks.empty()) return;
+  Descriptor direct(route == Route::Direct ? open_direct(file) : -1);
+  const uint64_t buffer = plan.max_span;
+  const size_t slots = static_cast<size_t>(
+      std::clamp<uint64_t>(tuning.pinned_bytes / buffer, 1, static_cast<uint64_t>(plan.chunks.size())));
+  // Declared in this order so that they are destroyed in the reverse one: the pipeline
+  // drains the copies before the ring goes back to the pool.
+  cuda::PinnedLease ring = cuda::lease_pinned(buffer * slots);
+  StagedSource source(file, direct.get(), ring.data(), buffer);
+  Pipeline pipe(t.device, slots, tuning.streams, source, t.caller);
+  pipe.run(plan, t.dst, threads_for(tuning, route));
+  pipe.finish(t.caller);
+}
+
+void copy_registered(const ReadOnlyMap& map, const std::string& path, const Layout& layout, const Target& t,
+                     const Tuning& tuning) {
+  const Plan plan = plan_chunks(layout, chunk_for(tuning, Route::Register));
+  if (plan.chunks.empty()) return;
+  // Registered bytes in flight are bounded by the same budget as the staging ring.
+  const size_t slots = static_cast<size_t>(
+      std::clamp<uint64_t>(tuning.pinned_bytes / plan.max_span, 1, static_cast<uint64_t>(plan.chunks.size())));
+  RegisteredSource source(map, slots, path);
+  Pipeline pipe(t.device, slots, tuning.streams, source, t.caller);
+  pipe.run(plan, t.dst, threads_for(tuning, Route::Register));
+  pipe.finish(t.caller);
+}
+
+// The route for this load: as asked, or by whether the payload is in the page cache.
+Route choose_route(Route asked, const ReadOnlyMap& map, const Layout& layout, c10::DeviceIndex device) {
+  if (asked == Route::Direct || asked == Route::Buffered) return asked;
+  const bool can_register = map.ok() && register_supported(device);
+  if (asked == Route::Register) {
+    if (can_register) return Route::Register;
+    ++cuda::stats().register_fallbacks;
+    return Route::Buffered;
+  }
+  uint64_t begin = UINT64_MAX;
+  uint64_t end = 0;
+  for (const Block& b : layout.blocks) {
+    if (b.length_bytes == 0) continue;
+    begin = std::min(begin, b.offset_bytes);
+    end = std::max(end, b.offset_bytes + b.length_bytes);
+  }
+  if (resident_fraction(map, begin, end) < kWarmFraction) return kColdRoute;
+  // NOTE: GPU.md: the page cache reaches the GPU at ~55 GB/s once registered (chunks
+  // register at 53.6 GB/s with 4 threads, overlapped with the copies), while staging costs
+  // a host copy that tops out at 48.4 GB/s with 16 threads before any DMA.
+  return can_register ? Route::Register : Route::Buffered;
+}
+
+std::vector<at::Tensor> load_on(const std::string& path, c10::DeviceIndex index, const LoadOptions& opts,
+                                Layout* layout_out) {
+  c10::cuda::CUDAGuard guard(index);
+  const c10::Device device(c10::kCUDA, index);
+  const Tuning tuning = resolve(opts, path);
+  InputFile file(path);
+  Layout layout = read_layout(file.fd(), file.size(), path);
+
+  // One allocation per block, through the caching allocator, on the caller's current stream.
+  Target target{index, c10::cuda::getCurrentCUDAStream(index).stream(), {}};
+  std::vector<c10::Storage> storages;
+  storages.reserve(layout.blocks.size());
+  for (const Block& b : layout.blocks) {
+    at::Tensor block = at::empty({static_cast<int64_t>(b.length_bytes)}, at::TensorOptions().dtype(at::kByte).device(device));
+    target.dst.push_back(static_cast<char*>(block.data_ptr()));
+    storages.push_back(block.storage());
+  }
+
+  ReadOnlyMap map(file);
+  Route route = choose_route(tuning.route, map, layout, index);
+  if (route == Route::Register) {
+    try {
+      copy_registered(map, path, layout, target, tuning);
+    } catch (const RegistrationRefused&) {
+      // Every copy has drained by now; the staged route rewrites the blocks from scratch.
+      ++cuda::stats().register_fallbacks;
+      route = Route::Buffered;
+    }
+  }
+  if (route != Route::Register) copy_staged(file, layout, target, tuning, route);
+  // No recordStream is needed: the blocks belong to the caller's stream, which now waits
+  // for the copy streams, and every copy has finished before this returns.
+  ++cuda::stats().loads;
+
+  auto views = make_views(layout, storages, device);
+  if (layout_out != nullptr) *layout_out = std::move(layout);
+  return views;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> load_cuda(const std::string& path, c10::Device device, const LoadOptions& opts,
+                                  Layout* layout_out) {
+  const c10::DeviceIndex count = c10::cuda::device_count();
+  if (count <= 0) {
+    throw std::runtime_error("cannot load '" + path + "' to " + device.str() +
+                             ": no CUDA device is available (torch.cuda.is_available() is False)");
+  }
+  const c10::DeviceIndex index = device.has_index() ? device.index() : c10::cuda::current_device();
+  if (index < 0 || index >= count) {
+    throw std::invalid_argument("cannot load '" + path + "' to cuda:" + std::to_string(index) + ": only " +
+                                std::to_string(count) + " CUDA device(s) are visible");
+  }
+  try {
+    return load_on(path, index, opts, layout_out);
+  } catch (c10::OutOfMemoryError& e) {
+    // Kept as torch.OutOfMemoryError, which callers catch to free memory and retry.
+    e.add_context("while loading '" + path + "' to cuda:" + std::to_string(index));
+    throw;
+  } catch (const c10::Error& e) {
+    throw std::runtime_error("'" + path + "' to cuda:" + std::to_string(index) + ": " + e.what_without_backtrace());
+  }
+}
+
+std::vector<std::pair<std::string, int64_t>> cuda_stats(bool reset_peaks) {
+  return cuda::stats_snapshot(reset_peaks);
+}
+
+int64_t release_pinned_memory() {
+  return cuda::release_pinned_memory();
+}
+
+}  // namespace flashpack

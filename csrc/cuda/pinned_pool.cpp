@@ -1,0 +1,126 @@
+#include "cuda/pinned_pool.h"
+
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime_api.h>
+
+#include <mutex>
+
+namespace flashpack::cuda {
+
+namespace {
+
+class Pool {
+ public:
+  PinnedLease lease(size_t bytes) {
+    char* stale = nullptr;
+    size_t stale_bytes = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (idle_ != nullptr && idle_bytes_ >= bytes) {
+        return PinnedLease(std::exchange(idle_, nullptr), std::exchange(idle_bytes_, 0));
+      }
+      // Too small for this load: free it rather than hold both.
+      stale = std::exchange(idle_, nullptr);
+      stale_bytes = std::exchange(idle_bytes_, 0);
+    }
+    free_pinned(stale, stale_bytes);
+    void* p = nullptr;
+    // NOTE: portable, so a ring allocated while loading to one GPU is pinned for every
+    // GPU the process later loads to.
+    C10_CUDA_CHECK(cudaHostAlloc(&p, bytes, cudaHostAllocPortable));
+    stats().pinned.add(static_cast<int64_t>(bytes));
+    return PinnedLease(static_cast<char*>(p), bytes);
+  }
+
+  void give_back(char* data, size_t bytes) noexcept {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      // Keep the larger of the two: the next load of that size then allocates nothing.
+      if (bytes > idle_bytes_) {
+        std::swap(data, idle_);
+        std::swap(bytes, idle_bytes_);
+      }
+    }
+    free_pinned(data, bytes);
+  }
+
+  int64_t release() {
+    char* data = nullptr;
+    size_t bytes = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      data = std::exchange(idle_, nullptr);
+      bytes = std::exchange(idle_bytes_, 0);
+    }
+    free_pinned(data, bytes);
+    return static_cast<int64_t>(bytes);
+  }
+
+ private:
+  static void free_pinned(char* data, size_t bytes) noexcept {
+    if (data == nullptr) return;
+    C10_CUDA_CHECK_WARN(cudaFreeHost(data));
+    stats().pinned.add(-static_cast<int64_t>(bytes));
+  }
+
+  std::mutex mutex_;
+  char* idle_ = nullptr;
+  size_t idle_bytes_ = 0;
+};
+
+// Never destroyed: freeing pinned memory during static destruction would race the CUDA
+// runtime's own teardown. The process exit returns the pages.
+Pool& pool() {
+  static Pool* p = new Pool();
+  return *p;
+}
+
+}  // namespace
+
+PinnedLease::~PinnedLease() {
+  if (data_ != nullptr) pool().give_back(data_, bytes_);
+}
+
+PinnedLease& PinnedLease::operator=(PinnedLease&& other) noexcept {
+  if (this != &other) {
+    if (data_ != nullptr) pool().give_back(data_, bytes_);
+    data_ = std::exchange(other.data_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+PinnedLease lease_pinned(size_t bytes) {
+  return pool().lease(bytes);
+}
+
+int64_t release_pinned_memory() {
+  return pool().release();
+}
+
+Stats& stats() {
+  static Stats* s = new Stats();
+  return *s;
+}
+
+std::vector<std::pair<std::string, int64_t>> stats_snapshot(bool reset_peaks) {
+  Stats& s = stats();
+  std::vector<std::pair<std::string, int64_t>> out = {
+      {"pinned_bytes", s.pinned.current()},
+      {"pinned_peak_bytes", s.pinned.peak()},
+      {"registered_bytes", s.registered.current()},
+      {"registered_peak_bytes", s.registered.peak()},
+      {"loads", s.loads.load()},
+      {"bytes_direct", s.bytes_direct.load()},
+      {"bytes_buffered", s.bytes_buffered.load()},
+      {"bytes_registered", s.bytes_registered.load()},
+      {"register_fallbacks", s.register_fallbacks.load()},
+  };
+  if (reset_peaks) {
+    s.pinned.reset_peak();
+    s.registered.reset_peak();
+  }
+  return out;
+}
+
+}  // namespace flashpack::cuda

@@ -1,0 +1,569 @@
+"""The CUDA load path (csrc/cuda/): files reach the GPU bit for bit by every route, with
+bounded pinned memory, on the caller's stream, from several threads at once.
+
+These tests need a GPU and a CUDA build of flashpack_ops; elsewhere they are skipped.
+tests/cuda_emulator/ runs them on a machine without a GPU, against an emulated CUDA runtime.
+"""
+
+import math
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import flashpack_ops
+from flashpack_ops import cuda_stats, load_file, read_metadata, release_pinned_memory, save_file
+
+HAS_GPU = torch.cuda.is_available()
+
+pytestmark = [
+    pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
+    pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental"),
+]
+
+needs_cuda_build = pytest.mark.skipif(
+    not flashpack_ops.has_cuda(), reason="flashpack_ops was built without CUDA (see test_built_with_cuda)"
+)
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+# Every dtype the format stores that this torch knows.
+DTYPE_NAMES = (
+    "bool uint8 int8 int16 int32 int64 uint16 uint32 uint64 float16 bfloat16 float32 float64 "
+    "complex32 complex64 complex128 float8_e4m3fn float8_e4m3fnuz float8_e5m2 float8_e5m2fnuz "
+    "float8_e8m0fnu float4_e2m1fn_x2 bits1x8 bits2x4 bits4x2 bits8 bits16 "
+    "uint1 uint2 uint3 uint4 uint5 uint6 uint7 int1 int2 int3 int4 int5 int6 int7"
+).split()
+DTYPES = [getattr(torch, n) for n in DTYPE_NAMES if isinstance(getattr(torch, n, None), torch.dtype)]
+
+ROUTE_COUNTERS = {"direct": "bytes_direct", "buffered": "bytes_buffered", "register": "bytes_registered"}
+
+
+def emulated() -> bool:
+    return HAS_GPU and torch.cuda.get_device_name(0).endswith("(fake cudart)")
+
+
+def random_tensor(shape, dtype, gen):
+    numel = math.prod(shape)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool()
+    raw = torch.randint(0, 256, (numel * dtype.itemsize,), dtype=torch.uint8, generator=gen)
+    return raw.view(dtype).reshape(shape)
+
+
+def raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def to_cpu(tensors):
+    """CPU views with the same storages, offsets and shapes: one device copy per block."""
+    copies = {}
+    out = {}
+    for name, t in tensors.items():
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in copies:
+            copies[storage.data_ptr()] = storage.cpu()
+        out[name] = torch.empty(0, dtype=t.dtype).set_(copies[storage.data_ptr()], t.storage_offset(), t.shape, t.stride())
+    return out
+
+
+def assert_loaded(loaded, expected, device=None):
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    assert list(loaded) == list(expected)
+    for name, t in loaded.items():
+        assert t.device == device, name
+        assert t.dtype == expected[name].dtype and t.shape == expected[name].shape, name
+    for name, t in to_cpu(loaded).items():
+        assert torch.equal(raw_bytes(t), raw_bytes(expected[name])), f"{name} differs"
+
+
+def payload_bytes(path) -> int:
+    meta = read_metadata(path)
+    if meta["format"] == "flashpack_v3":
+        return meta["total_elems"] * getattr(torch, meta["target_dtype"]).itemsize
+    return sum(b["length_bytes"] for b in meta["macroblocks"])
+
+
+def stats_delta(before):
+    after = cuda_stats()
+    return {k: after[k] - before[k] for k in after}
+
+
+def mixed_dict(gen, scale=1):
+    """Several dtypes, sizes that are no multiple of any chunk, a 0-d and an empty tensor."""
+    return {
+        "embed": random_tensor((1000 * scale + 3, 37), torch.bfloat16, gen),
+        "norm": random_tensor((4097,), torch.float32, gen),
+        "scalar": random_tensor((), torch.float64, gen),
+        "empty": random_tensor((0, 5), torch.float16, gen),
+        "ids": random_tensor((333 * scale,), torch.int64, gen),
+        "mask": random_tensor((77,), torch.bool, gen),
+        "proj": random_tensor((513, 129), torch.bfloat16, gen),
+    }
+
+
+def filesystem_type(path) -> str:
+    path = os.path.realpath(path)
+    best, kind = "", ""
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            mount_point = fields[1]
+            if (path == mount_point or path.startswith(mount_point.rstrip("/") + "/")) and len(mount_point) > len(best):
+                best, kind = mount_point, fields[2]
+    return kind
+
+
+def supports_o_direct(directory) -> bool:
+    import mmap
+
+    probe = os.path.join(directory, "o_direct_probe")
+    with open(probe, "wb") as f:
+        f.write(b"\0" * 8192)
+    try:
+        fd = os.open(probe, os.O_RDONLY | os.O_DIRECT)
+    except (OSError, AttributeError):
+        return False
+    try:
+        return os.preadv(fd, [mmap.mmap(-1, 4096)], 0) >= 0
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def evict_from_page_cache(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def mixed(tmp_path, gen):
+    tensors = mixed_dict(gen)
+    path = tmp_path / "mixed.flashpack"
+    save_file(tensors, path)
+    return path, tensors
+
+
+# ---- build --------------------------------------------------------------------------------
+
+
+def test_built_with_cuda():
+    # A GPU machine must not silently test a CPU-only build.
+    assert flashpack_ops.has_cuda(), "torch sees a GPU but flashpack_ops was built without CUDA: rebuild with nvcc"
+
+
+# ---- correctness ----------------------------------------------------------------------------
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_dtype_is_bit_exact(tmp_path, gen, dtype):
+    tensors = {"a": random_tensor((3, 5), dtype, gen), "b": random_tensor((4099,), dtype, gen)}
+    path = tmp_path / "t.flashpack"
+    save_file(tensors, path)
+    assert_loaded(load_file(path, "cuda"), tensors)
+
+
+@needs_cuda_build
+def test_all_dtypes_in_one_file(tmp_path, gen):
+    tensors = {str(d): random_tensor((17, 3), d, gen) for d in DTYPES}
+    path = tmp_path / "all.flashpack"
+    save_file(tensors, path)
+    for route in ROUTE_COUNTERS:
+        assert_loaded(load_file(path, "cuda", route=route), tensors)
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("chunk_bytes", [4 * KiB, 12 * KiB, 64 * KiB, 1 * MiB, 0], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("route", sorted(ROUTE_COUNTERS))
+def test_sizes_that_are_no_multiple_of_the_chunk(mixed, chunk_bytes, route):
+    path, tensors = mixed
+    assert_loaded(load_file(path, "cuda", chunk_bytes=chunk_bytes, route=route), tensors)
+
+
+@needs_cuda_build
+def test_load_list_and_load_agree(mixed):
+    path, tensors = mixed
+    as_list = torch.ops.flashpack.load_list(str(path), torch.device("cuda"))
+    assert_loaded(dict(zip(tensors, as_list)), tensors)
+
+
+@needs_cuda_build
+def test_tied_tensors_share_memory(tmp_path, gen):
+    shared = random_tensor((64, 33), torch.float32, gen)
+    tensors = {"embed.weight": shared, "other": random_tensor((5,), torch.float32, gen), "lm_head.weight": shared}
+    path = tmp_path / "tied.flashpack"
+    save_file(tensors, path)
+    loaded = load_file(path, "cuda")
+    assert_loaded(loaded, tensors)
+    assert loaded["embed.weight"].data_ptr() == loaded["lm_head.weight"].data_ptr()
+
+
+@needs_cuda_build
+def test_twenty_thousand_small_tensors(tmp_path, gen):
+    tensors = {f"layers.{k}.weight": random_tensor((k % 7 + 1, 9), torch.bfloat16, gen) for k in range(20_000)}
+    path = tmp_path / "many.flashpack"
+    save_file(tensors, path)
+    loaded = load_file(path, "cuda")
+    assert_loaded(loaded, tensors)
+    assert len({t.untyped_storage().data_ptr() for t in loaded.values()}) == 1  # one block, one allocation
+
+
+@needs_cuda_build
+def test_file_larger_than_the_ring(tmp_path, gen):
+    tensors = mixed_dict(gen, scale=40)  # ~3 MiB, a 256 KiB ring
+    path = tmp_path / "big.flashpack"
+    save_file(tensors, path)
+    assert payload_bytes(path) > 8 * 256 * KiB
+    for route in ROUTE_COUNTERS:
+        assert_loaded(load_file(path, "cuda", route=route, pinned_bytes=256 * KiB, chunk_bytes=32 * KiB), tensors)
+
+
+@needs_cuda_build
+def test_reference_flashpack_files_load(tmp_path, gen):
+    flashpack = pytest.importorskip("flashpack", reason="the reference flashpack package is not installed")
+    one_dtype = {f"w{k}": random_tensor((k * 31 + 1, 3), torch.bfloat16, gen) for k in range(9)}
+    several = {**one_dtype, "ids": random_tensor((101,), torch.int64, gen), "f": random_tensor((7, 7), torch.float32, gen)}
+    for name, tensors, fmt in (("v3", one_dtype, "flashpack_v3"), ("v4", several, "flashpack_v4")):
+        path = tmp_path / f"{name}.flashpack"
+        flashpack.pack_to_file(tensors, str(path), target_dtype=None, align_bytes=128)
+        meta = read_metadata(path)
+        assert meta["format"] == fmt and meta["align_bytes"] == 128
+        for route in ROUTE_COUNTERS:
+            loaded = load_file(path, "cuda", route=route, chunk_bytes=8 * KiB)
+            # The reference writes largest first; compare by name.
+            assert_loaded(loaded, {k: tensors[k] for k in loaded})
+            assert set(loaded) == set(tensors)
+
+
+# ---- routes and the proof that the CUDA branch ran ----------------------------------------
+
+
+@needs_cuda_build
+def test_the_cuda_branch_moves_every_payload_byte(mixed):
+    # Fails if load(..., "cuda") were a CPU load followed by .to("cuda"): the counters
+    # only move inside csrc/cuda/.
+    path, tensors = mixed
+    before = cuda_stats()
+    assert_loaded(load_file(path, "cuda"), tensors)
+    delta = stats_delta(before)
+    assert delta["loads"] == 1
+    assert sum(delta[c] for c in ROUTE_COUNTERS.values()) == payload_bytes(path)
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("route", sorted(ROUTE_COUNTERS))
+def test_each_route_when_forced(tmp_path, gen, route):
+    if route == "direct" and not supports_o_direct(tmp_path):
+        pytest.skip(f"{tmp_path} ({filesystem_type(tmp_path)}) has no O_DIRECT")
+    tensors = mixed_dict(gen, scale=8)
+    path = tmp_path / "r.flashpack"
+    save_file(tensors, path)
+    before = cuda_stats()
+    assert_loaded(load_file(path, "cuda", route=route, chunk_bytes=64 * KiB, pinned_bytes=256 * KiB), tensors)
+    delta = stats_delta(before)
+    if route == "register" and delta["register_fallbacks"]:
+        pytest.skip("this driver refuses cudaHostRegister(ReadOnly) on file mappings; the load staged instead")
+    assert delta[ROUTE_COUNTERS[route]] == payload_bytes(path), delta
+
+
+@needs_cuda_build
+def test_route_from_the_environment(mixed, monkeypatch):
+    path, tensors = mixed
+    monkeypatch.setenv("FLASHPACK_CUDA_ROUTE", "buffered")
+    before = cuda_stats()
+    assert_loaded(load_file(path, "cuda"), tensors)
+    assert stats_delta(before)["bytes_buffered"] == payload_bytes(path)
+
+
+@needs_cuda_build
+def test_auto_registers_a_cached_file(mixed):
+    path, tensors = mixed
+    load_file(path, "cuda", route="buffered")  # now certainly in the page cache
+    before = cuda_stats()
+    assert_loaded(load_file(path, "cuda"), tensors)
+    delta = stats_delta(before)
+    if delta["register_fallbacks"]:
+        pytest.skip("this driver refuses cudaHostRegister(ReadOnly) on file mappings")
+    assert delta["bytes_registered"] == payload_bytes(path), delta
+
+
+@needs_cuda_build
+def test_auto_reads_an_uncached_file_buffered(tmp_path, gen):
+    if filesystem_type(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip(f"{tmp_path} is in memory: its pages cannot leave the page cache")
+    tensors = mixed_dict(gen, scale=40)
+    path = tmp_path / "cold.flashpack"
+    save_file(tensors, path)
+    evict_from_page_cache(path)
+    before = cuda_stats()
+    assert_loaded(load_file(path, "cuda"), tensors)
+    delta = stats_delta(before)
+    assert delta["bytes_registered"] == 0 and delta["bytes_buffered"] == payload_bytes(path), delta
+
+
+# ---- pinned memory ----------------------------------------------------------------------------
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("route", ["buffered", "register"])
+def test_pinned_memory_stays_within_the_ring(tmp_path, gen, route):
+    ring = 512 * KiB
+    tensors = mixed_dict(gen, scale=40)
+    path = tmp_path / "p.flashpack"
+    save_file(tensors, path)
+    release_pinned_memory()
+    cuda_stats(reset_peaks=True)
+    assert_loaded(load_file(path, "cuda", route=route, pinned_bytes=ring, chunk_bytes=64 * KiB), tensors)
+    stats = cuda_stats()
+    assert stats["pinned_peak_bytes"] <= ring and stats["registered_peak_bytes"] <= ring, stats
+    assert stats["registered_bytes"] == 0, stats  # every range unregistered
+    if route == "buffered":
+        assert 0 < stats["pinned_bytes"] <= ring, stats  # the ring, kept for the next load
+    release_pinned_memory()
+    assert cuda_stats()["pinned_bytes"] == 0
+
+
+@needs_cuda_build
+def test_default_ring_is_bounded_whatever_the_file_size(tmp_path, gen):
+    tensors = mixed_dict(gen, scale=40)
+    path = tmp_path / "d.flashpack"
+    save_file(tensors, path)
+    release_pinned_memory()
+    cuda_stats(reset_peaks=True)
+    for route in ROUTE_COUNTERS:
+        assert_loaded(load_file(path, "cuda", route=route), tensors)
+    stats = cuda_stats()
+    assert stats["pinned_peak_bytes"] <= 256 * MiB and stats["registered_peak_bytes"] <= 256 * MiB, stats
+
+
+@needs_cuda_build
+def test_pinned_bytes_from_the_environment(mixed, monkeypatch):
+    path, tensors = mixed
+    monkeypatch.setenv("FLASHPACK_PINNED_BYTES", str(64 * KiB))
+    monkeypatch.setenv("FLASHPACK_CHUNK_BYTES", str(16 * KiB))
+    monkeypatch.setenv("FLASHPACK_NUM_STREAMS", "3")
+    release_pinned_memory()
+    cuda_stats(reset_peaks=True)
+    assert_loaded(load_file(path, "cuda", route="buffered"), tensors)
+    assert 0 < cuda_stats()["pinned_peak_bytes"] <= 64 * KiB
+
+
+# ---- streams, threads, devices -------------------------------------------------------------------
+
+
+@needs_cuda_build
+def test_load_on_a_non_default_stream(mixed):
+    path, tensors = mixed
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        loaded = load_file(path, "cuda")
+        # Used on the caller's stream with no synchronization of our own.
+        assert_loaded(loaded, tensors)
+    torch.cuda.synchronize()
+
+
+@needs_cuda_build
+def test_two_loads_at_once_from_two_threads(tmp_path, gen):
+    files = []
+    for k in range(2):
+        tensors = mixed_dict(gen, scale=20)
+        path = tmp_path / f"t{k}.flashpack"
+        save_file(tensors, path)
+        files.append((path, tensors))
+    release_pinned_memory()
+    cuda_stats(reset_peaks=True)
+    ring = 256 * KiB
+    results, errors = [None, None], []
+    barrier = threading.Barrier(2)
+
+    def work(k):
+        try:
+            barrier.wait()
+            for route in ("buffered", "register", "buffered"):
+                results[k] = load_file(files[k][0], "cuda", route=route, pinned_bytes=ring, chunk_bytes=32 * KiB)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a load did not finish (deadlock?)"
+    assert not errors, errors
+    for k in range(2):
+        assert_loaded(results[k], files[k][1])
+    stats = cuda_stats()
+    assert stats["pinned_peak_bytes"] <= 2 * ring, stats  # one ring per running load, never more
+    assert stats["registered_bytes"] == 0
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda", 0), 0], ids=str)
+def test_device_forms(mixed, device):
+    path, tensors = mixed
+    assert_loaded(load_file(path, device), tensors, torch.device("cuda", 0))
+
+
+@needs_cuda_build
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_means_the_current_device(mixed):
+    path, tensors = mixed
+    with torch.cuda.device(1):
+        loaded = load_file(path, "cuda")
+    assert_loaded(loaded, tensors, torch.device("cuda", 1))
+    assert_loaded(load_file(path, "cuda:1"), tensors, torch.device("cuda", 1))
+
+
+# ---- errors --------------------------------------------------------------------------------------
+
+
+@needs_cuda_build
+def test_a_missing_device_is_named(mixed):
+    path, _ = mixed
+    n = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=rf"mixed.flashpack' to cuda:{n}: only {n} CUDA device"):
+        load_file(path, f"cuda:{n}")
+
+
+@needs_cuda_build
+def test_a_corrupt_file_is_named(tmp_path, mixed):
+    path, _ = mixed
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # the magic
+    bad = tmp_path / "bad.flashpack"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"flashpack::load: '.*bad.flashpack': not a flashpack file"):
+        load_file(bad, "cuda")
+
+
+@needs_cuda_build
+def test_a_truncated_payload_is_named(tmp_path, mixed):
+    path, _ = mixed
+    data = path.read_bytes()
+    bad = tmp_path / "short.flashpack"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"short.flashpack"):
+        load_file(bad, "cuda")
+
+
+@needs_cuda_build
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"route": "fast"}, r"unknown route 'fast' \(expected auto, direct, buffered or register\)"),
+        ({"chunk_bytes": -1}, r"chunk_bytes must be >= 0"),
+        ({"pinned_bytes": -5}, r"pinned_bytes must be >= 0"),
+        ({"num_streams": -2}, r"num_streams must be >= 0"),
+        ({"num_threads": -1}, r"num_threads must be >= 0"),
+    ],
+)
+def test_bad_options_are_named(mixed, kwargs, message):
+    path, _ = mixed
+    with pytest.raises(ValueError, match=message):
+        load_file(path, "cuda", **kwargs)
+
+
+@needs_cuda_build
+def test_a_bad_environment_variable_is_named(mixed, monkeypatch):
+    path, _ = mixed
+    monkeypatch.setenv("FLASHPACK_CHUNK_BYTES", "8MB")
+    with pytest.raises(ValueError, match=r"FLASHPACK_CHUNK_BYTES='8MB' is not a non-negative integer"):
+        load_file(path, "cuda")
+
+
+@needs_cuda_build
+def test_nothing_is_held_after_a_failed_load(tmp_path, mixed):
+    path, _ = mixed
+    bad = tmp_path / "short.flashpack"
+    data = path.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    before = cuda_stats()
+    for route in ROUTE_COUNTERS:
+        with pytest.raises(ValueError):
+            load_file(bad, "cuda", route=route)
+    after = cuda_stats()
+    assert after["registered_bytes"] == 0 and after["pinned_bytes"] <= max(before["pinned_bytes"], 256 * MiB)
+
+
+# ---- emulator only: registration refused -------------------------------------------------------------
+
+REFUSAL_SCRIPT = r"""
+import sys, torch, flashpack_ops
+from flashpack_ops import cuda_stats, load_file, save_file
+g = torch.Generator().manual_seed(0)
+t = {"a": torch.randint(0, 256, (300_000,), dtype=torch.uint8, generator=g).view(torch.float32),
+     "b": torch.randint(0, 256, (4099,), dtype=torch.uint8, generator=g)}
+save_file(t, sys.argv[1])
+before = cuda_stats()
+out = load_file(sys.argv[1], "cuda", route=sys.argv[2], chunk_bytes=64 * 1024, pinned_bytes=256 * 1024)
+after = cuda_stats()
+for k in t:
+    assert torch.equal(out[k].cpu().view(torch.uint8), t[k].view(torch.uint8)), k
+print(after["register_fallbacks"] - before["register_fallbacks"], after["bytes_buffered"] - before["bytes_buffered"],
+      after["registered_bytes"])
+"""
+
+
+@needs_cuda_build
+@pytest.mark.skipif(not emulated(), reason="forcing the driver to refuse registration needs tests/cuda_emulator")
+@pytest.mark.parametrize("refuse_at", ["1", "3"], ids=["first-chunk", "mid-load"])
+@pytest.mark.parametrize("route", ["auto", "register"])
+def test_refused_registration_falls_back_to_staging(tmp_path, refuse_at, route):
+    env = dict(os.environ, FAKE_CUDA_REFUSE_REGISTER_AT=refuse_at)
+    out = subprocess.run([sys.executable, "-c", REFUSAL_SCRIPT, str(tmp_path / "f.flashpack"), route], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    fallbacks, buffered, registered_now = map(int, out.stdout.split())
+    assert fallbacks == 1 and buffered == 300_000 + 4099 and registered_now == 0
+
+
+@needs_cuda_build
+@pytest.mark.skipif(not emulated(), reason="hiding read-only registration support needs tests/cuda_emulator")
+def test_no_read_only_registration_stages(tmp_path):
+    env = dict(os.environ, FAKE_CUDA_NO_READONLY_REGISTER="1")
+    out = subprocess.run([sys.executable, "-c", REFUSAL_SCRIPT, str(tmp_path / "f.flashpack"), "register"], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    fallbacks, buffered, _ = map(int, out.stdout.split())
+    assert fallbacks == 1 and buffered == 300_000 + 4099
+
+
+@needs_cuda_build
+@pytest.mark.skipif(not emulated(), reason="failing a copy on purpose needs tests/cuda_emulator")
+@pytest.mark.parametrize("route", ["buffered", "register"])
+def test_a_failed_copy_releases_everything(tmp_path, route):
+    script = REFUSAL_SCRIPT.split("before = cuda_stats()")[0] + r"""
+from flashpack_ops import release_pinned_memory
+try:
+    load_file(sys.argv[1], "cuda", route=sys.argv[2], chunk_bytes=64 * 1024, pinned_bytes=256 * 1024)
+except RuntimeError as e:
+    assert sys.argv[1] in str(e) and "cuda:0" in str(e), e
+else:
+    raise AssertionError("the load did not fail")
+s = cuda_stats()
+assert s["registered_bytes"] == 0 and s["pinned_bytes"] <= 256 * 1024, s
+assert release_pinned_memory() == s["pinned_bytes"] and cuda_stats()["pinned_bytes"] == 0
+out = load_file(sys.argv[1], "cuda", route=sys.argv[2])  # the process is still healthy
+assert torch.equal(out["b"].cpu(), t["b"])
+print("ok")
+"""
+    env = dict(os.environ, FAKE_CUDA_FAIL_UPLOAD_AT="4")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "f.flashpack"), route], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
