@@ -69,6 +69,8 @@ constexpr int kDefaultRegisterThreads = 4;
 // number of register/unregister calls.
 constexpr uint64_t kStagedChunksPerRing = 32;
 constexpr uint64_t kRegisteredChunksPerRing = 16;
+// More slots than this only add events and bookkeeping: tiny chunks from a large ring.
+constexpr uint64_t kMaxSlots = 256;
 constexpr uint64_t kMinAutoChunkBytes = 1 * kMiB;
 constexpr uint64_t kMaxAutoChunkBytes = 64 * kMiB;
 // A file counts as cached when this share of the sampled payload pages is resident.
@@ -600,13 +602,18 @@ struct Target {
   std::vector<char*> dst;  // one per block
 };
 
+// As many slots of `span` bytes as the budget holds: at least one, at most one per chunk.
+size_t slot_count(uint64_t budget, uint64_t span, const Plan& plan) {
+  const uint64_t most = std::min<uint64_t>(kMaxSlots, plan.chunks.size());
+  return static_cast<size_t>(std::clamp<uint64_t>(budget / span, 1, most));
+}
+
 void copy_staged(const InputFile& file, const Layout& layout, const Target& t, const Tuning& tuning, Route route) {
   const Plan plan = plan_chunks(layout, chunk_for(tuning, route));
   if (plan.chunks.empty()) return;
   Descriptor direct(route == Route::Direct ? open_direct(file) : -1);
   const uint64_t buffer = plan.max_span;
-  const size_t slots = static_cast<size_t>(
-      std::clamp<uint64_t>(tuning.pinned_bytes / buffer, 1, static_cast<uint64_t>(plan.chunks.size())));
+  const size_t slots = slot_count(tuning.pinned_bytes, buffer, plan);
   // Declared in this order so that they are destroyed in the reverse one: the pipeline
   // drains the copies before the ring goes back to the pool.
   cuda::PinnedLease ring = cuda::lease_pinned(buffer * slots);
@@ -621,8 +628,7 @@ void copy_registered(const ReadOnlyMap& map, const std::string& path, const Layo
   const Plan plan = plan_chunks(layout, chunk_for(tuning, Route::Register));
   if (plan.chunks.empty()) return;
   // Registered bytes in flight are bounded by the same budget as the staging ring.
-  const size_t slots = static_cast<size_t>(
-      std::clamp<uint64_t>(tuning.pinned_bytes / plan.max_span, 1, static_cast<uint64_t>(plan.chunks.size())));
+  const size_t slots = slot_count(tuning.pinned_bytes, plan.max_span, plan);
   RegisteredSource source(map, slots, path);
   Pipeline pipe(t.device, slots, tuning.streams, source, t.caller);
   pipe.run(plan, t.dst, threads_for(tuning, Route::Register));

@@ -1,0 +1,642 @@
+#!/usr/bin/env python3
+"""Disk -> GPU: flashpack_ops against safetensors, torch.load and the reference flashpack.
+
+Loads a 3.5 GB LLM-shaped bf16 state dict (74 tensors) and 20,000 small bf16 tensors to the
+GPU with every loader, from the page cache (warm) and with the page cache dropped (cold),
+in one run on one machine, next to that machine's ceilings: pinned host -> GPU copy speed
+and parallel disk reads. Every load is timed between two torch.cuda.synchronize() calls,
+checked bit for bit against the saved tensors, and reported as the median of --runs.
+
+Writes bench.json (every number) and bench.png (load time per loader, GB/s vs size) into
+--out, and prints a short table last. Run by benchmarks/gpu_check.sh; see docs/cuda.md.
+
+    python benchmarks/bench_gpu.py --out /tmp/bench            # on a GPU machine, as root
+    python benchmarks/bench_gpu.py --out /tmp/dry --cpu-dry-run # the script's logic, tiny, on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import mmap
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+GB = 1e9
+MiB = 1 << 20
+MAIN_LOADERS = ["flashpack_ops", "safetensors", "torch.load", "flashpack 0.4.5"]
+PEERS = MAIN_LOADERS[1:]
+# flashpack_ops with one route or setting forced, next to its default ("auto").
+VARIANTS = {
+    "flashpack_ops[buffered]": dict(route="buffered"),
+    "flashpack_ops[direct]": dict(route="direct"),
+    "flashpack_ops[register]": dict(route="register"),
+    "flashpack_ops[register 64MiB/1GiB]": dict(route="register", chunk_bytes=64 * MiB, pinned_bytes=1024 * MiB),
+    "flashpack_ops[buffered 16MiB/512MiB]": dict(route="buffered", chunk_bytes=16 * MiB, pinned_bytes=512 * MiB),
+}
+COLD_VARIANTS = ["flashpack_ops[direct]"]
+FORMATS = {"flashpack_ops": "fp", "safetensors": "st", "torch.load": "pt", "flashpack 0.4.5": "ref"}
+SUFFIX = {"fp": ".flashpack", "st": ".safetensors", "pt": ".pt", "ref": ".ref.flashpack"}
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+def llm_shapes(layers: int, hidden: int, inter: int, vocab: int) -> Dict[str, tuple]:
+    """A Llama-style decoder: embedding, `layers` x 9 tensors, final norm (74 for 8 layers)."""
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[p + f"self_attn.{name}.weight"] = (hidden, hidden)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+    shapes["model.norm.weight"] = (hidden,)
+    return shapes
+
+
+def make_tensors(shapes: Dict[str, tuple], gen_device: str, seed: int) -> Dict[str, torch.Tensor]:
+    g = torch.Generator(device=gen_device).manual_seed(seed)
+    out = {}
+    for name, shape in shapes.items():
+        out[name] = torch.randn(shape, dtype=torch.bfloat16, device=gen_device, generator=g).cpu()
+    return out
+
+
+def nbytes(tensors: Dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def save_all(tensors: Dict[str, torch.Tensor], stem: str, timings: Optional[dict] = None) -> Dict[str, str]:
+    import flashpack
+    import flashpack_ops
+    import safetensors.torch
+
+    paths = {fmt: stem + SUFFIX[fmt] for fmt in SUFFIX}
+    savers = {
+        "fp": lambda p: flashpack_ops.save_file(tensors, p),
+        "st": lambda p: safetensors.torch.save_file(tensors, p),
+        "pt": lambda p: torch.save(tensors, p),
+        "ref": lambda p: flashpack.pack_to_file(tensors, p, target_dtype=None, silent=True),
+    }
+    for fmt, save in savers.items():
+        t0 = time.perf_counter()
+        save(paths[fmt])
+        if timings is not None:
+            timings[fmt] = time.perf_counter() - t0
+    return paths
+
+
+# ---- loaders ---------------------------------------------------------------------------------
+
+
+def make_loaders(device: torch.device) -> Dict[str, Callable[[Dict[str, str]], Dict[str, torch.Tensor]]]:
+    import flashpack_ops
+    import safetensors.torch
+    from flashpack.deserialization import iterate_from_flash_tensor, read_flashpack_file
+
+    def reference(paths):
+        storage, meta = read_flashpack_file(paths["ref"], device=device)
+        return dict(iterate_from_flash_tensor(storage, meta))
+
+    loaders = {
+        "flashpack_ops": lambda paths: flashpack_ops.load_file(paths["fp"], device),
+        "safetensors": lambda paths: safetensors.torch.load_file(paths["st"], device=str(device)),
+        "torch.load": lambda paths: torch.load(paths["pt"], mmap=True, map_location=device, weights_only=True),
+        "flashpack 0.4.5": reference,
+    }
+    for name, kwargs in VARIANTS.items():
+        loaders[name] = lambda paths, kw=kwargs: flashpack_ops.load_file(paths["fp"], device, **kw)
+    return loaders
+
+
+# ---- checks ----------------------------------------------------------------------------------
+
+
+class Expected:
+    """The saved tensors, where they can be compared fast: on the GPU unless --host-checks."""
+
+    def __init__(self, tensors: Dict[str, torch.Tensor], device: torch.device, host_checks: bool):
+        self.names = sorted(tensors)
+        self.shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+        self.host = tensors
+        self.on_device = device.type == "cuda" and not host_checks
+        if self.on_device:
+            self.flat = torch.cat([tensors[n].reshape(-1) for n in self.names]).view(torch.int16).to(device)
+
+    def check(self, out: Dict[str, torch.Tensor]) -> Optional[str]:
+        """None if `out` holds exactly the saved bits, else what differs."""
+        if sorted(out) != self.names:
+            return f"names differ: {len(out)} loaded, {len(self.names)} saved"
+        for n in self.names:
+            t = out[n]
+            if tuple(t.shape) != self.shapes[n] or t.dtype != torch.bfloat16:
+                return f"{n}: {t.dtype} {tuple(t.shape)}, saved bfloat16 {self.shapes[n]}"
+        if self.on_device:
+            flat = torch.cat([out[n].reshape(-1) for n in self.names]).view(torch.int16)
+            return None if torch.equal(flat, self.flat) else "bytes differ"
+        for n in self.names:
+            if not torch.equal(out[n].cpu().view(torch.int16), self.host[n].view(torch.int16)):
+                return f"{n}: bytes differ"
+        return None
+
+
+# ---- the machine -----------------------------------------------------------------------------
+
+
+def drop_caches(files: List[str]) -> str:
+    """Empties the page cache; returns how. Root drops every cache, others evict `files`."""
+    ok = subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], capture_output=True).returncode == 0
+    if ok:
+        return "drop_caches"
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return "fadvise"
+
+
+def read_file_gbps(path: str, threads: int, direct: bool, chunk: int = 64 * MiB) -> float:
+    """Reads the whole file with `threads` parallel preads (no GPU): the disk or page cache ceiling."""
+    size = os.path.getsize(path)
+    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+    fd = os.open(path, flags)
+    offsets = list(range(0, size, chunk))
+    lock = threading.Lock()
+    errors = []
+
+    def worker():
+        buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+        try:
+            while True:
+                with lock:
+                    if not offsets:
+                        return
+                    off = offsets.pop()
+                os.preadv(fd, [buf], off)
+        except Exception as e:
+            errors.append(e)
+        finally:
+            buf.close()
+
+    try:
+        t0 = time.perf_counter()
+        pool = [threading.Thread(target=worker) for _ in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        dt = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    if errors:
+        raise errors[0]
+    return size / GB / dt
+
+
+def h2d_gbps(device: torch.device, nbytes_: int, runs: int) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    src = torch.empty(nbytes_, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes_, dtype=torch.uint8, device=device)
+    times = []
+    for k in range(runs + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        if k:
+            times.append(time.perf_counter() - t0)
+    del src, dst
+    return nbytes_ / GB / statistics.median(times)
+
+
+def machine(device: torch.device) -> dict:
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpus": os.cpu_count(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        info["commit"] = None
+    for mod in ("flashpack", "safetensors"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            info[mod] = None
+    return info
+
+
+# ---- the benchmark ---------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.t_start = time.perf_counter()
+        self.results: List[dict] = []
+        self.report = {"machine": machine(self.device), "args": vars(args), "ceilings": {}, "saves": {},
+                       "results": self.results, "skipped": [], "errors": []}
+        self.loaders = make_loaders(self.device)
+        self.datasets: Dict[str, dict] = {}
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def out_of_time(self) -> bool:
+        return self.args.deadline_s > 0 and time.perf_counter() - self.t_start > self.args.deadline_s
+
+    def save_report(self):
+        path = os.path.join(self.args.out, "bench.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(self.report, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    def add_dataset(self, key: str, tensors: Dict[str, torch.Tensor], stem: str, save_timings: Optional[dict] = None):
+        paths = save_all(tensors, stem, save_timings)
+        self.datasets[key] = {"paths": paths, "bytes": nbytes(tensors), "count": len(tensors),
+                              "expected": Expected(tensors, self.device, self.args.host_checks)}
+
+    def drop_dataset(self, key: str):
+        for p in self.datasets.pop(key)["paths"].values():
+            os.remove(p)
+
+    def stats(self) -> dict:
+        import flashpack_ops
+
+        s = dict(flashpack_ops.cuda_stats()) if self.device.type == "cuda" else {}
+        if self.device.type == "cuda" and hasattr(torch.cuda, "host_memory_stats"):
+            try:
+                h = torch.cuda.host_memory_stats()
+                s["torch_pinned_peak_bytes"] = next(
+                    (h[k] for k in ("allocated_bytes.peak", "allocated_bytes.all.peak") if k in h), 0)
+            except Exception:
+                pass
+        return s
+
+    def reset_peaks(self):
+        import flashpack_ops
+
+        if self.device.type == "cuda":
+            flashpack_ops.cuda_stats(reset_peaks=True)
+            if hasattr(torch.cuda, "reset_peak_host_memory_stats"):
+                try:
+                    torch.cuda.reset_peak_host_memory_stats()
+                except Exception:
+                    pass
+
+    def measure(self, loader: str, key: str, cold: bool) -> dict:
+        ds = self.datasets[key]
+        load = self.loaders[loader]
+        row = {"loader": loader, "dataset": key, "cache": "cold" if cold else "warm", "bytes": ds["bytes"],
+               "tensors": ds["count"], "times_s": [], "bitexact": True, "problems": [], "stats": []}
+        files = list(ds["paths"].values())
+        try:
+            if not cold:
+                out = load(ds["paths"])  # untimed: fills the page cache and any pool
+                problem = ds["expected"].check(out)
+                del out
+                if problem:
+                    row["problems"].append(f"untimed load: {problem}")
+            for _ in range(self.args.runs):
+                if cold:
+                    row["cache_drop"] = drop_caches(files)
+                gc.collect()
+                self.reset_peaks()
+                before = self.stats()
+                self.sync()
+                t0 = time.perf_counter()
+                out = load(ds["paths"])
+                self.sync()
+                row["times_s"].append(time.perf_counter() - t0)
+                after = self.stats()
+                row["stats"].append({k: after[k] - before.get(k, 0) if k.startswith("bytes_") or k == "loads" else after[k]
+                                     for k in after})
+                problem = ds["expected"].check(out)
+                del out
+                if problem:
+                    row["problems"].append(problem)
+        except Exception as e:
+            row["problems"].append(f"{type(e).__name__}: {e}")
+            traceback.print_exc()
+        row["bitexact"] = not row["problems"]
+        if row["times_s"]:
+            row["median_s"] = statistics.median(row["times_s"])
+            row["gbps"] = ds["bytes"] / GB / row["median_s"]
+        peaks = [s.get("pinned_peak_bytes", 0) for s in row["stats"]] + [s.get("registered_peak_bytes", 0) for s in row["stats"]]
+        row["flashpack_pinned_peak_bytes"] = max(peaks) if peaks else None
+        torch_peaks = [s.get("torch_pinned_peak_bytes", 0) for s in row["stats"]]
+        row["torch_pinned_peak_bytes"] = max(torch_peaks) if torch_peaks else None
+        status = "ok" if row["bitexact"] else "NOT BIT-EXACT: " + "; ".join(row["problems"])[:300]
+        log(f"  {loader:38s} {key:10s} {row['cache']}: "
+            + (f"{row['median_s']:.3f} s  {row['gbps']:6.2f} GB/s  " if "median_s" in row else "")
+            + status)
+        self.results.append(row)
+        return row
+
+    def section(self, name: str, fn: Callable[[], None], required: bool = False):
+        if not required and self.out_of_time():
+            log(f"-- {name}: skipped (past the {self.args.deadline_s:.0f} s deadline)")
+            self.report["skipped"].append(name)
+            return
+        log(f"-- {name} (t={time.perf_counter() - self.t_start:.0f} s)")
+        try:
+            fn()
+        except Exception as e:
+            traceback.print_exc()
+            self.report["errors"].append(f"{name}: {type(e).__name__}: {e}")
+        self.save_report()
+
+    # Sections, most important first.
+
+    def setup(self):
+        a = self.args
+        gen_device = "cuda" if self.device.type == "cuda" and not a.host_checks else "cpu"
+        os.makedirs(a.workdir, exist_ok=True)
+        self.report["machine"]["workdir_fs"] = fs_type(a.workdir)
+        shapes = llm_shapes(a.llm_layers, a.hidden, a.intermediate, a.vocab)
+        self.llm = make_tensors(shapes, gen_device, seed=1)
+        self.add_dataset("llm", self.llm, os.path.join(a.workdir, "llm"), self.report["saves"])
+        h, w = (int(x) for x in a.small_shape.split(","))
+        small = make_tensors({f"blocks.{k}.weight": (h, w) for k in range(a.small_count)}, gen_device, seed=2)
+        self.add_dataset("small", small, os.path.join(a.workdir, "small"))
+        self.report["saves"] = {k: {"s": v, "gbps": self.datasets["llm"]["bytes"] / GB / v}
+                                for k, v in self.report["saves"].items()}
+        for key, ds in self.datasets.items():
+            log(f"  {key}: {ds['count']} tensors, {ds['bytes'] / GB:.3f} GB")
+        subprocess.run(["sync"])
+
+    def warm_ceilings(self):
+        c = self.report["ceilings"]
+        c["h2d_pinned_gbps"] = h2d_gbps(self.device, self.args.h2d_bytes, self.args.runs)
+        fp = self.datasets["llm"]["paths"]["fp"]
+        read_file_gbps(fp, 16, False)
+        c["warm_read_16_threads_gbps"] = read_file_gbps(fp, 16, False)
+        log("  " + ", ".join(f"{k} {v:.2f}" for k, v in c.items() if v is not None))
+
+    def cold_ceilings(self):
+        c = self.report["ceilings"]
+        fp = self.datasets["llm"]["paths"]["fp"]
+        for threads, direct in ((8, False), (16, False), (8, True)):
+            key = f"cold_read_{threads}_{'direct' if direct else 'buffered'}_gbps"
+            c["cold_drop"] = drop_caches([fp])
+            try:
+                c[key] = read_file_gbps(fp, threads, direct)
+            except OSError as e:
+                c[key] = None
+                self.report["errors"].append(f"{key}: {e}")
+            log(f"  {key} {c[key]}")
+
+    def run_loaders(self, names, key, cold):
+        for loader in names:
+            self.measure(loader, key, cold)
+
+    def size_sweep(self):
+        a = self.args
+        gen_device = "cuda" if self.device.type == "cuda" and not a.host_checks else "cpu"
+        for layers in a.sweep_layers:
+            if self.out_of_time():
+                self.report["skipped"].append(f"size sweep {layers} layers")
+                continue
+            key = f"llm_L{layers}"
+            shapes = llm_shapes(layers, a.hidden, a.intermediate, a.vocab)
+            tensors = {n: self.llm[n] for n in shapes} if all(n in self.llm for n in shapes) else \
+                make_tensors(shapes, gen_device, seed=3)
+            self.add_dataset(key, tensors, os.path.join(a.workdir, key))
+            self.run_loaders(MAIN_LOADERS, key, cold=False)
+            self.drop_dataset(key)
+
+    def run(self):
+        a = self.args
+        self.section("setup", self.setup, required=True)
+        self.section("ceilings, warm", self.warm_ceilings, required=True)
+        self.section("llm, warm", lambda: self.run_loaders(MAIN_LOADERS, "llm", cold=False), required=True)
+        self.section("small, warm", lambda: self.run_loaders(MAIN_LOADERS, "small", cold=False))
+        if not a.no_cold:
+            self.section("ceilings, cold", self.cold_ceilings)
+            self.section("llm, cold", lambda: self.run_loaders(MAIN_LOADERS, "llm", cold=True))
+            self.section("small, cold", lambda: self.run_loaders(MAIN_LOADERS, "small", cold=True))
+        self.section("llm, warm, flashpack_ops settings", lambda: self.run_loaders(list(VARIANTS), "llm", cold=False))
+        if not a.no_cold:
+            self.section("llm, cold, flashpack_ops settings", lambda: self.run_loaders(COLD_VARIANTS, "llm", cold=True))
+        self.section("size sweep, warm", self.size_sweep)
+        self.report["elapsed_s"] = time.perf_counter() - self.t_start
+        self.save_report()
+        plot(self.report, os.path.join(a.out, "bench.png"))
+        summary = table(self.report)
+        with open(os.path.join(a.out, "summary.txt"), "w") as f:
+            f.write(summary + "\n")
+        if not a.keep_files:
+            for key in list(self.datasets):
+                self.drop_dataset(key)
+        log("")
+        log(summary)
+
+
+def fs_type(path: str) -> str:
+    path = os.path.realpath(path)
+    best, kind = "", "?"
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            mp = fields[1]
+            if (path == mp or path.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
+                best, kind = mp, fields[2]
+    return kind
+
+
+# ---- reporting -------------------------------------------------------------------------------
+
+
+def find(report, loader, dataset, cache):
+    for r in report["results"]:
+        if r["loader"] == loader and r["dataset"] == dataset and r["cache"] == cache and "median_s" in r:
+            return r
+    return None
+
+
+def table(report) -> str:
+    m = report["machine"]
+    c = report["ceilings"]
+    lines = [f"flashpack_ops disk -> GPU, {m.get('gpu', m['device'])}, torch {m['torch']}, {m['cpus']} CPUs, "
+             f"commit {m.get('commit')}, {m['date']}, workdir on {m.get('workdir_fs')}",
+             "median of %d runs; GB/s = tensor bytes / time; (Nx) = peer time / flashpack_ops time" % report["args"]["runs"]]
+
+    def fmt(v, unit="GB/s"):
+        return f"{v:.2f} {unit}" if isinstance(v, (int, float)) else "n/a"
+
+    lines.append("ceilings: pinned H2D " + fmt(c.get("h2d_pinned_gbps")) + " | page-cache read, 16 threads "
+                 + fmt(c.get("warm_read_16_threads_gbps")) + " | cold read: 8 buffered " + fmt(c.get("cold_read_8_buffered_gbps"))
+                 + ", 16 buffered " + fmt(c.get("cold_read_16_buffered_gbps")) + ", 8 O_DIRECT "
+                 + fmt(c.get("cold_read_8_direct_gbps")))
+    header = f"{'dataset':18s} {'cache':5s} " + " ".join(f"{n:>24s}" for n in MAIN_LOADERS)
+    lines += ["", header, "-" * len(header)]
+    datasets = []
+    for r in report["results"]:
+        if (r["dataset"], r["cache"]) not in datasets:
+            datasets.append((r["dataset"], r["cache"]))
+    for dataset, cache in datasets:
+        base = find(report, "flashpack_ops", dataset, cache)
+        if base is None:
+            continue
+        cells = []
+        for loader in MAIN_LOADERS:
+            r = find(report, loader, dataset, cache)
+            if r is None:
+                cells.append(f"{'n/a':>24s}")
+                continue
+            flag = "" if r["bitexact"] else " BAD"
+            ratio = "" if loader == "flashpack_ops" else f" ({r['median_s'] / base['median_s']:.1f}x)"
+            cells.append(f"{r['median_s']:7.3f}s {r['gbps']:6.2f}GB/s{ratio}{flag}".rjust(24))
+        label = f"{dataset} {base['bytes'] / GB:.2f}GB"
+        lines.append(f"{label:18s} {cache:5s} " + " ".join(cells))
+    variants = [r for r in report["results"] if r["loader"].startswith("flashpack_ops[") and "median_s" in r]
+    if variants:
+        lines.append("")
+        lines.append("flashpack_ops settings (llm):")
+        for r in variants:
+            lines.append(f"  {r['loader']:38s} {r['cache']:5s} {r['median_s']:7.3f} s {r['gbps']:6.2f} GB/s"
+                         f"{'' if r['bitexact'] else '  NOT BIT-EXACT'}")
+    pinned = [r["flashpack_pinned_peak_bytes"] for r in report["results"]
+              if r["loader"].startswith("flashpack_ops") and r.get("flashpack_pinned_peak_bytes")]
+    ref_pinned = [r["torch_pinned_peak_bytes"] for r in report["results"]
+                  if r["loader"] == "flashpack 0.4.5" and r.get("torch_pinned_peak_bytes")]
+    lines.append("")
+    lines.append("peak pinned/registered host memory: flashpack_ops " + (f"{max(pinned) / MiB:.0f} MiB" if pinned else "n/a")
+                 + ", flashpack 0.4.5 " + (f"{max(ref_pinned) / MiB:.0f} MiB" if ref_pinned else "n/a"))
+    bad = [f"{r['loader']} {r['dataset']} {r['cache']}" for r in report["results"] if not r["bitexact"]]
+    lines.append("bit-exact: " + ("every load" if not bad else "FAILED for " + ", ".join(bad)))
+    # The targets of GPU.md, where measured.
+    warm = find(report, "flashpack_ops", "llm", "warm")
+    cold = find(report, "flashpack_ops", "llm", "cold")
+    small = find(report, "flashpack_ops", "small", "warm")
+    checks = []
+    if warm:
+        checks.append(f"warm >= 45 GB/s: {'PASS' if warm['gbps'] >= 45 else 'MISS'} ({warm['gbps']:.1f})")
+    if cold:
+        checks.append(f"cold >= 2.0 GB/s: {'PASS' if cold['gbps'] >= 2.0 else 'MISS'} ({cold['gbps']:.2f})")
+    if small:
+        checks.append(f"small warm <= 0.05 s: {'PASS' if small['median_s'] <= 0.05 else 'MISS'} ({small['median_s']:.3f})")
+    if checks and m["device"].startswith("cuda"):
+        lines.append("targets (GPU.md): " + "; ".join(checks))
+    if report["skipped"] or report["errors"]:
+        lines.append("skipped: " + (", ".join(report["skipped"]) or "-") + "; errors: " + (" | ".join(report["errors"]) or "-"))
+    return "\n".join(lines)
+
+
+def plot(report, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:
+        log(f"no plot: matplotlib is not importable ({e})")
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5.5))
+    groups = [(d, c) for d, c in (("llm", "warm"), ("llm", "cold"), ("small", "warm"), ("small", "cold"))
+              if find(report, "flashpack_ops", d, c)]
+    width = 0.8 / len(MAIN_LOADERS)
+    for k, loader in enumerate(MAIN_LOADERS):
+        values = [(find(report, loader, d, c) or {}).get("median_s", 0) for d, c in groups]
+        left.bar([g + k * width for g in range(len(groups))], values, width, label=loader)
+    left.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
+    left.set_xticklabels([f"{d} {c}" for d, c in groups])
+    left.set_ylabel("load time to GPU (s, median)")
+    left.set_yscale("log")
+    left.legend()
+    left.set_title("load time per loader (lower is better)")
+    for loader in MAIN_LOADERS:
+        pts = sorted((r["bytes"] / GB, r["gbps"]) for r in report["results"]
+                     if r["loader"] == loader and r["cache"] == "warm" and r["dataset"].startswith("llm") and "gbps" in r)
+        if pts:
+            right.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=loader)
+    h2d = report["ceilings"].get("h2d_pinned_gbps")
+    if h2d:
+        right.axhline(h2d, linestyle="--", color="gray", label="pinned H2D ceiling")
+    right.set_xlabel("state dict size (GB)")
+    right.set_ylabel("GB/s (warm)")
+    right.set_title("throughput vs size, page cache warm")
+    right.legend()
+    m = report["machine"]
+    fig.suptitle(f"{m.get('gpu', m['device'])}, torch {m['torch']}, commit {m.get('commit')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    log(f"plot: {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for bench.json, bench.png, summary.txt")
+    p.add_argument("--workdir", default="/var/tmp/flashpack_bench", help="where the files go (a real disk)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--llm-layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=11008)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--small-count", type=int, default=20_000)
+    p.add_argument("--small-shape", default="128,128")
+    p.add_argument("--sweep-layers", type=int, nargs="*", default=[1, 4], help="smaller dicts for GB/s vs size")
+    p.add_argument("--h2d-bytes", type=int, default=2 << 30)
+    p.add_argument("--deadline-s", type=float, default=0, help="skip optional sections after this many seconds")
+    p.add_argument("--no-cold", action="store_true")
+    p.add_argument("--host-checks", action="store_true", help="make and compare tensors on the host (no kernels)")
+    p.add_argument("--keep-files", action="store_true")
+    p.add_argument("--cpu-dry-run", action="store_true", help="tiny sizes on the CPU: checks the script, measures nothing")
+    p.add_argument("--summarize", metavar="BENCH_JSON", help="only print the table (and plot) of an earlier run")
+    a = p.parse_args(argv)
+    if a.summarize:
+        with open(a.summarize) as f:
+            report = json.load(f)
+        plot(report, os.path.join(a.out, "bench.png"))
+        summary = table(report)
+        with open(os.path.join(a.out, "summary.txt"), "w") as f:
+            f.write(summary + "\n")
+        log(summary)
+        return
+    if a.cpu_dry_run:
+        a.device, a.host_checks = "cpu", True
+        a.hidden, a.intermediate, a.vocab, a.small_count, a.small_shape = 256, 688, 2000, 500, "16,16"
+        a.h2d_bytes = 1 << 20
+    os.makedirs(a.out, exist_ok=True)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("bench_gpu.py: no CUDA device; use --cpu-dry-run to check the script on a CPU")
+    Bench(a).run()
+    if not a.keep_files:
+        shutil.rmtree(a.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

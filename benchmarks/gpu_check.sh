@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The GPU check, in one go: build flashpack_ops with CUDA, run the CUDA tests and the rest of
+# the suite, then benchmark disk -> GPU against safetensors, torch.load and the reference
+# flashpack (benchmarks/bench_gpu.py). Logs and results go to $OUT; a short table comes last.
+#
+#   OUT=/some/folder benchmarks/gpu_check.sh        # as root, on the GPU machine
+#
+# Expects that machine: python3 with a CUDA build of torch, nvcc, safetensors, numpy, pytest,
+# root (to drop the page cache for cold runs), no network. Budget: about 5 minutes on a
+# 16-core H100 host, never more than CHECK_BUDGET_S (420 s): every step has a time limit and
+# the benchmark skips its optional sections when time runs short.
+#
+# The reference flashpack 0.4.5, and what it or the plot imports beyond that machine's
+# packages, come as wheels in .whl/ at the repository root (git-ignored, carried beside the
+# tree). Only wheels whose package is not importable are installed, into /tmp/site. To
+# prepare .whl/ on a machine with a network (cp312 wheels for the GPU machine's python3):
+#   cp /tmp/fpwhl/flashpack-0.4.5-py3-none-any.whl .whl/
+#   pip download --no-deps -d .whl accelerate==1.15.0 click
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+#     -d .whl matplotlib contourpy kiwisolver pillow fonttools cycler pyparsing python-dateutil six
+#
+# BENCH_ARGS adds arguments to bench_gpu.py (small sizes for a dry run under
+# tests/cuda_emulator, say).
+#
+# Files in $OUT (7): build.log, pytest_cuda.log, pytest_rest.log, bench.log, bench.json,
+# bench.png, summary.txt.
+set -uo pipefail
+
+BUDGET_S="${CHECK_BUDGET_S:-420}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${OUT:-$ROOT/gpu_check_out}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+cd "$ROOT" || exit 1
+start=$SECONDS
+left() { echo $((BUDGET_S - (SECONDS - start))); }
+status=()
+
+# ---- the machine ----
+{
+  echo "== $(date -u) on $(hostname)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.max,pcie.link.width.max --format=csv 2>&1
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| gpu', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+  nvcc --version 2>&1 | tail -1
+  echo "cpus: $(nproc), memory: $(free -g | awk '/Mem:/ {print $2}') GB, commit: $(git rev-parse --short HEAD 2>/dev/null)"
+} > "$OUT/build.log" 2>&1
+
+# ---- wheels: the reference flashpack, and whatever else is missing ----
+if compgen -G ".whl/*.whl" > /dev/null; then
+  mapfile -t missing < <("$PY" - <<'EOF'
+import glob, importlib.util, os
+# wheel distribution name -> the module it provides
+modules = {"flashpack": "flashpack", "accelerate": "accelerate", "click": "click", "matplotlib": "matplotlib",
+           "contourpy": "contourpy", "cycler": "cycler", "fonttools": "fontTools", "kiwisolver": "kiwisolver",
+           "pillow": "PIL", "pyparsing": "pyparsing", "python_dateutil": "dateutil", "six": "six"}
+for wheel in sorted(glob.glob(".whl/*.whl")):
+    dist = os.path.basename(wheel).split("-")[0].lower()
+    module = modules.get(dist, dist)
+    if dist == "flashpack" or importlib.util.find_spec(module) is None:
+        print(wheel)
+EOF
+  )
+  if ((${#missing[@]})); then
+    echo "== installing into /tmp/site: ${missing[*]}" >> "$OUT/build.log"
+    "$PY" -m pip install -q --no-index --no-deps --target /tmp/site "${missing[@]}" >> "$OUT/build.log" 2>&1
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+else
+  echo "== no .whl/ folder: the reference flashpack is not installed, its tests and benchmark rows are skipped" >> "$OUT/build.log"
+fi
+
+# ---- build ----
+arch="$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))" 2>/dev/null || echo 9.0)"
+export TORCH_CUDA_ARCH_LIST="$arch" FLASHPACK_FORCE_CUDA=1 MAX_JOBS="$(nproc)" PIP_BREAK_SYSTEM_PACKAGES=1
+echo "== build (TORCH_CUDA_ARCH_LIST=$arch)" >> "$OUT/build.log"
+if ! timeout 240 "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e . >> "$OUT/build.log" 2>&1; then
+  echo "== pip install -e . failed; building in place instead" >> "$OUT/build.log"
+  timeout 240 "$PY" setup.py build_ext --inplace >> "$OUT/build.log" 2>&1
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if "$PY" -c "import flashpack_ops, sys; sys.exit(0 if flashpack_ops.has_cuda() else 1)" >> "$OUT/build.log" 2>&1; then
+  warnings=$(grep -cE '\.(cpp|h|cu|cuh):[0-9]+:[0-9]+: warning:' "$OUT/build.log")
+  status+=("build: CUDA, $warnings compiler warnings ($((SECONDS - start)) s)")
+else
+  status+=("build: FAILED or without CUDA, see build.log")
+fi
+
+# ---- tests ----
+timeout $(( $(left) > 200 ? 150 : 60 )) "$PY" -m pytest -x -q -rs tests/test_cuda.py > "$OUT/pytest_cuda.log" 2>&1
+rc=$?
+status+=("tests/test_cuda.py: rc=$rc, $(tail -1 "$OUT/pytest_cuda.log")")
+rest_limit=$(( $(left) - 240 ))
+if ((rest_limit > 20)); then
+  timeout $((rest_limit > 60 ? 60 : rest_limit)) "$PY" -m pytest -q -rs tests --ignore=tests/test_cuda.py \
+    --ignore=tests/cuda_emulator > "$OUT/pytest_rest.log" 2>&1
+  rc=$?
+  status+=("rest of the suite: rc=$rc, $(tail -1 "$OUT/pytest_rest.log")")
+else
+  echo "not run: out of time" > "$OUT/pytest_rest.log"
+  status+=("rest of the suite: not run, out of time")
+fi
+
+# ---- benchmark ----
+workdir=/var/tmp/flashpack_bench
+if [[ "$(stat -f -c %T /var/tmp 2>/dev/null)" == tmpfs ]]; then workdir="$ROOT/.bench_data"; fi
+bench_limit=$(( $(left) - 15 ))
+if ((bench_limit > 60)); then
+  timeout "$bench_limit" "$PY" benchmarks/bench_gpu.py --out "$OUT" --workdir "$workdir" \
+    --deadline-s $((bench_limit - 75)) ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+  rc=$?
+  status+=("benchmark: rc=$rc ($((SECONDS - start)) s so far)")
+  if [[ ! -s "$OUT/summary.txt" && -s "$OUT/bench.json" ]]; then
+    "$PY" benchmarks/bench_gpu.py --out "$OUT" --summarize "$OUT/bench.json" >> "$OUT/bench.log" 2>&1
+  fi
+  rm -rf "$workdir"
+else
+  status+=("benchmark: not run, out of time")
+fi
+
+echo
+printf '%s\n' "${status[@]}"
+echo "total: $((SECONDS - start)) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+echo
+[[ -s "$OUT/summary.txt" ]] && cat "$OUT/summary.txt"
