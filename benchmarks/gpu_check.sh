@@ -92,7 +92,7 @@ rc=$?
 status+=("tests/test_cuda.py: rc=$rc, $(tail -1 "$OUT/pytest_cuda.log")")
 rest_limit=$(( $(left) - 240 ))
 if ((rest_limit > 20)); then
-  timeout $((rest_limit > 60 ? 60 : rest_limit)) "$PY" -m pytest -q -rs tests --ignore=tests/test_cuda.py \
+  timeout $((rest_limit > 90 ? 90 : rest_limit)) "$PY" -m pytest -q -rs tests --ignore=tests/test_cuda.py \
     --ignore=tests/cuda_emulator > "$OUT/pytest_rest.log" 2>&1
   rc=$?
   status+=("rest of the suite: rc=$rc, $(tail -1 "$OUT/pytest_rest.log")")

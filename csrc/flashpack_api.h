@@ -48,18 +48,24 @@ inline torch::jit::Stack call(const c10::OperatorHandle& handle, torch::jit::Sta
 
 // flashpack::load: the file's tensors by name, in file order. On the CPU they view a
 // private memory map of the file (copy=false); on CUDA the payload is streamed to the GPU.
+// chunk_bytes, pinned_bytes, num_streams and route tune the CUDA path (docs/cuda.md); 0 and
+// "auto" pick the defaults.
 inline c10::Dict<std::string, at::Tensor> load(const std::string& path, c10::Device device = c10::kCPU,
-                                               bool copy = false, int64_t num_threads = 0) {
+                                               bool copy = false, int64_t num_threads = 0, int64_t chunk_bytes = 0,
+                                               int64_t pinned_bytes = 0, int64_t num_streams = 0,
+                                               const std::string& route = "auto") {
   static const c10::OperatorHandle handle = detail::op("flashpack::load");
-  auto out = detail::call(handle, {path, device, copy, num_threads});
+  auto out = detail::call(handle, {path, device, copy, num_threads, chunk_bytes, pinned_bytes, num_streams, route});
   return c10::impl::toTypedDict<std::string, at::Tensor>(std::move(out.at(0)).toGenericDict());
 }
 
 // flashpack::load_list: the same tensors, in index order.
 inline std::vector<at::Tensor> load_list(const std::string& path, c10::Device device = c10::kCPU,
-                                         bool copy = false, int64_t num_threads = 0) {
+                                         bool copy = false, int64_t num_threads = 0, int64_t chunk_bytes = 0,
+                                         int64_t pinned_bytes = 0, int64_t num_streams = 0,
+                                         const std::string& route = "auto") {
   static const c10::OperatorHandle handle = detail::op("flashpack::load_list");
-  auto out = detail::call(handle, {path, device, copy, num_threads});
+  auto out = detail::call(handle, {path, device, copy, num_threads, chunk_bytes, pinned_bytes, num_streams, route});
   return std::move(out.at(0)).toTensorVector();
 }
 

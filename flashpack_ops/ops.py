@@ -123,7 +123,10 @@ def load_file(
     if torch.compiler.is_compiling():
         # Dynamo cannot trace an op returning a dict; load_list returns the same tensors.
         path = os.fspath(path)
-        tensors = torch.ops.flashpack.load_list(path, _device(device), copy=copy, num_threads=num_threads)
+        tensors = torch.ops.flashpack.load_list(
+            path, _device(device), copy=copy, num_threads=num_threads, chunk_bytes=chunk_bytes,
+            pinned_bytes=pinned_bytes, num_streams=num_streams, route=route,
+        )
         return dict(zip(_entry_names(path), tensors))
     return torch.ops.flashpack.load(
         _path(path, must_exist=True), _device(device), copy=copy, num_threads=num_threads,
@@ -234,12 +237,14 @@ def _fake_views(op: str, path: str, device: torch.device) -> Tuple[List[str], Li
 
 
 @torch.library.register_fake("flashpack::load_list")
-def _load_list_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0):
+def _load_list_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0, chunk_bytes=0, pinned_bytes=0,
+                    num_streams=0, route="auto"):
     return _fake_views("flashpack::load_list", path, device)[1]
 
 
 @torch.library.register_fake("flashpack::load")
-def _load_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0):
+def _load_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0, chunk_bytes=0, pinned_bytes=0,
+               num_streams=0, route="auto"):
     # Dynamo cannot put an op returning a dict in a graph; with this fake it breaks the
     # graph there instead of failing, and opcheck and export can run the op.
     return dict(zip(*_fake_views("flashpack::load", path, device)))
