@@ -33,6 +33,8 @@ OUT="${OUT:-$ROOT/gpu_check_out}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 cd "$ROOT" || exit 1
+# The machine's python3 may be marked externally managed; this is a throwaway machine.
+export PIP_BREAK_SYSTEM_PACKAGES=1
 start=$SECONDS
 left() { echo $((BUDGET_S - (SECONDS - start))); }
 status=()
@@ -72,7 +74,7 @@ fi
 
 # ---- build ----
 arch="$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))" 2>/dev/null || echo 9.0)"
-export TORCH_CUDA_ARCH_LIST="$arch" FLASHPACK_FORCE_CUDA=1 MAX_JOBS="$(nproc)" PIP_BREAK_SYSTEM_PACKAGES=1
+export TORCH_CUDA_ARCH_LIST="$arch" FLASHPACK_FORCE_CUDA=1 MAX_JOBS="$(nproc)"
 echo "== build (TORCH_CUDA_ARCH_LIST=$arch)" >> "$OUT/build.log"
 if ! timeout 240 "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e . >> "$OUT/build.log" 2>&1; then
   echo "== pip install -e . failed; building in place instead" >> "$OUT/build.log"
