@@ -8,11 +8,29 @@ Environment flags (read once, here):
 
 import glob
 import os
+import shutil
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+def _cuda_home_with_headers():
+    # torch takes CUDA_HOME from the directory above `which nvcc`; where nvcc is a link or a
+    # wrapper script (/usr/local/bin/nvcc) that directory has no CUDA headers.
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    candidates = [os.path.dirname(os.path.dirname(p)) for p in (nvcc, os.path.realpath(nvcc))]
+    for home in candidates + ["/usr/local/cuda"]:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and _cuda_home_with_headers():
+    os.environ["CUDA_HOME"] = _cuda_home_with_headers()
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 FORCE_CUDA = os.environ.get("FLASHPACK_FORCE_CUDA", "0") == "1"
 NO_CUDA = os.environ.get("FLASHPACK_NO_CUDA", "0") == "1"
