@@ -262,3 +262,21 @@ def test_save_into_read_only_directory(tmp_path):
             flashpack_ops.save_file(new, path)
         assert same(flashpack_ops.load_file(path, copy=True), old)
         assert temporaries(directory) == []
+
+
+# ---------------------------------------------------------------------------------------
+# Files changed in place by other programs
+# ---------------------------------------------------------------------------------------
+
+def test_copied_load_is_independent_of_later_changes_to_the_file(tmp_path):
+    """A mapped load shares pages with the file: a program that rewrites or truncates the
+    file in place (instead of renaming a new one over it, as save_file does) changes or
+    invalidates those tensors (docs/security.md). copy=True owns its memory."""
+    path = tmp_path / "model.flashpack"
+    old, _ = versions()
+    flashpack_ops.save_file(old, path)
+    copied = flashpack_ops.load_file(path, copy=True)
+    with open(path, "r+b") as f:
+        f.write(b"\xff" * 65536)
+    os.truncate(path, 100)
+    assert same(copied, old)
