@@ -3,6 +3,7 @@
 #include "io.h"
 #include "json.h"
 
+#include <algorithm>
 #include <cstring>
 #include <numeric>
 #include <stdexcept>
@@ -207,17 +208,28 @@ Entry read_entry(json::Reader& r, size_t k, const std::string& path) {
   }
   uint64_t numel = 1;
   bool numel_overflow = false;
+  // torch gives a contiguous tensor strides that are products of the later dimensions,
+  // zeros counted as 1, and refuses any past int64 even when a zero dimension leaves the
+  // tensor empty ([0, 2^62, 2^62]): so that product ("span") is bounded too.
+  uint64_t span = 1;
+  bool span_overflow = false;
   e.shape.resize(ndim);
   for (size_t d = 0; d < ndim; ++d) {
     const uint64_t dim = count(true, dims[d].kind, dims[d].num, "shape", path, where);
     e.shape[d] = static_cast<int64_t>(dim);
     numel_overflow |= mul_overflows(numel, dim, &numel);
+    span_overflow |= mul_overflows(span, std::max<uint64_t>(dim, 1), &span);
   }
   e.offset = count(offset, "offset", path, where);
   e.length = count(length, "length", path, where);
   if (numel_overflow || numel != e.length) {
     bad(path, where.str() + ": the shape holds " + (numel_overflow ? std::string("more than 2^64") : std::to_string(numel)) +
                   " elements but \"length\" says " + std::to_string(e.length));
+  }
+  if (span_overflow || span > uint64_t(INT64_MAX)) {
+    std::string text;
+    for (int64_t dim : e.shape) text += (text.empty() ? "" : ", ") + std::to_string(dim);
+    bad(path, where.str() + " has shape [" + text + "], too large for a tensor (its size or strides exceed 2^63 - 1)");
   }
   if (block.present) {
     const uint64_t id = count(block, "macroblock", path, where);

@@ -136,6 +136,8 @@ int default_threads(int requested) {
 }
 
 AtomicWriter::AtomicWriter(const std::string& path, uint64_t size) : path_(path) {
+  // Caught here, an empty path would only fail at the rename, after the whole file was written.
+  if (path.empty()) throw std::invalid_argument("cannot save to '': the path is empty");
   struct stat st;
   if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
     throw std::runtime_error("cannot save to '" + path + "': it is a directory");
@@ -150,9 +152,9 @@ AtomicWriter::AtomicWriter(const std::string& path, uint64_t size) : path_(path)
     tmp_path_ = dir + "/." + base + "." + suffix + ".tmp";
     // 0666 so the finished file gets the usual permissions after the umask.
     fd_ = ::open(tmp_path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-    if (fd_ < 0 && errno != EEXIST) os_error("cannot create a temporary file in", dir, errno);
+    if (fd_ < 0 && errno != EEXIST) os_error("cannot save '" + path + "': cannot create a temporary file in", dir, errno);
   }
-  if (fd_ < 0) os_error("cannot create a temporary file in", dir, EEXIST);
+  if (fd_ < 0) os_error("cannot save '" + path + "': cannot create a temporary file in", dir, EEXIST);
   if (size == 0) return;
   // NOTE: reserving the space up front turns a full disk into one clear error before
   // any byte is written, and gives the file few, large extents. Filesystems without

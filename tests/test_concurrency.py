@@ -1,0 +1,125 @@
+"""Loads and saves from many threads at once: exact results, no deadlock, no torn files.
+
+The ops release the GIL, so these threads really run the C++ loaders side by side, each of
+which starts its own reader threads. Every wait has a timeout, so a deadlock fails the test
+instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import flashpack_ops
+
+THREADS = 8
+TIMEOUT_S = 120
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+
+
+def state_dict(seed: int, scale: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "embed": torch.randn(256 * scale, 64, generator=g),
+        "attn.qkv": torch.randn(64, 192 * scale, generator=g).to(torch.bfloat16),
+        "norm": torch.randn(64, generator=g).half(),
+        "step": torch.tensor(seed, dtype=torch.int64),
+        "mask": torch.rand(100 + seed, generator=g) > 0.5,
+        **{f"layers.{i}.bias": torch.randn(i + seed + 1, generator=g) for i in range(50)},
+    }
+
+
+def equal(loaded: dict, expected: dict) -> bool:
+    return list(loaded) == list(expected) and all(
+        a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b) for a, b in zip(loaded.values(), expected.values()))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("concurrent")
+    out = []
+    for seed in range(4):
+        sd = state_dict(seed, scale=1 + seed)
+        path = str(d / f"m{seed}.flashpack")
+        flashpack_ops.save_file(sd, path)
+        out.append((path, sd))
+    return out
+
+
+def run_threads(fn, n=THREADS):
+    """Runs fn(thread index) on n threads released together; returns their results."""
+    start = threading.Barrier(n)
+
+    def body(i):
+        start.wait(timeout=TIMEOUT_S)
+        return fn(i)
+
+    with ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(body, i) for i in range(n)]
+        return [f.result(timeout=TIMEOUT_S) for f in futures]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_threads_loading_same_and_different_files(files, device):
+    def worker(i):
+        rng = random.Random(i)
+        mismatches = []
+        for k in range(25):
+            # Half the threads hammer one file, the others pick at random.
+            path, expected = files[0] if i % 2 == 0 else rng.choice(files)
+            copy = device == "cpu" and rng.random() < 0.5
+            loaded = flashpack_ops.load_file(path, device, copy=copy, num_threads=rng.choice([0, 1, 4]))
+            assert all(t.device.type == device for t in loaded.values())
+            if not equal(loaded, expected):
+                mismatches.append((path, copy, k))
+        return mismatches
+
+    assert run_threads(worker) == [[]] * THREADS
+
+
+def test_concurrent_save_and_load_of_one_path(tmp_path):
+    """Loaders see the old or the new file, never a mixture: the save writes a temporary
+    file and renames it, and rename switches the path from one complete inode to another."""
+    path = str(tmp_path / "live.flashpack")
+    versions = [state_dict(10, scale=8), state_dict(11, scale=12)]
+    flashpack_ops.save_file(versions[0], path)
+    saves = 60
+    done = threading.Event()
+
+    def worker(i):
+        if i == 0:  # the saver
+            try:
+                for k in range(saves):
+                    flashpack_ops.save_file(versions[(k + 1) % 2], path)
+            finally:
+                done.set()
+            return {}
+        seen = {0: 0, 1: 0}
+        rng = random.Random(i)
+        while not done.is_set():
+            loaded = flashpack_ops.load_file(path, copy=rng.random() < 0.5)
+            match = [v for v in (0, 1) if equal(loaded, versions[v])]
+            assert match, "a load saw a file that is neither the old nor the new one"
+            seen[match[0]] += 1
+        return seen
+
+    results = run_threads(worker, n=5)
+    totals = {v: sum(r.get(v, 0) for r in results[1:]) for v in (0, 1)}
+    assert totals[0] > 0 and totals[1] > 0, f"the loads did not overlap the saves: {totals}"
+
+
+def test_mapped_tensors_survive_the_file_being_replaced(tmp_path):
+    """A mapped load keeps the old inode alive: saving over the path does not change tensors
+    already loaded from it."""
+    path = str(tmp_path / "m.flashpack")
+    old, new = state_dict(1, scale=4), state_dict(2, scale=4)
+    flashpack_ops.save_file(old, path)
+    mapped = flashpack_ops.load_file(path)
+    flashpack_ops.save_file(new, path)
+    assert equal(mapped, old)
+    assert equal(flashpack_ops.load_file(path), new)

@@ -1,0 +1,282 @@
+"""Saving never tears a file: a save killed at any point, a full disk or a bad destination
+leaves whatever was at the path before, bit for bit, and a clear error naming the file.
+
+save_file writes a temporary file beside the destination, fsyncs it and renames it over the
+destination. rename(2) is atomic: at every instant the path names either the old inode or
+the complete new one. These tests exercise that claim with SIGKILL at random moments and
+with disks that fill up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import resource
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import flashpack_ops
+
+
+def versions():
+    """Two state dicts that differ in names, dtypes, sizes and values, so that a mixture of
+    the two, or a truncation of either, can never pass for one of them."""
+    g = torch.Generator().manual_seed(7)
+    old = {"a": torch.randn(1 << 20, generator=g), "b": torch.arange(1000, dtype=torch.int64)}
+    new = {"a": torch.randn(3 << 20, generator=g).to(torch.bfloat16), "c": torch.rand(777, generator=g) > 0.5,
+           "b": torch.arange(5000, dtype=torch.int32)}
+    return old, new
+
+
+def same(a: dict, b: dict) -> bool:
+    return list(a) == list(b) and all(
+        x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y) for x, y in zip(a.values(), b.values()))
+
+
+def temporaries(directory) -> list:
+    return [n for n in os.listdir(directory) if n.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------------------
+# SIGKILL at random points
+# ---------------------------------------------------------------------------------------
+
+# The saver runs in its own process, imports torch once and forks one child per save, so
+# that each kill costs milliseconds rather than an interpreter start. It never runs a
+# parallel ATen op before forking (one intra-op thread, tensors built from bytes), so the
+# children inherit no held locks.
+SAVER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, sys.argv[1])
+    import flashpack_ops
+    from test_crash_safety import versions
+
+    path = sys.argv[2]
+    sds = versions()
+    flashpack_ops.save_file(sds[0], path)
+    t0 = time.perf_counter()
+    flashpack_ops.save_file(sds[1], path + ".probe")
+    os.unlink(path + ".probe")
+    print(time.perf_counter() - t0, flush=True)
+    for line in sys.stdin:
+        which, delay = line.split()
+        started, tell = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.write(tell, b"s")
+                flashpack_ops.save_file(sds[int(which)], path)
+                code = 0
+            finally:
+                os._exit(code)
+        os.read(started, 1)  # the delay counts from the start of the save, not of the fork
+        os.close(started)
+        os.close(tell)
+        time.sleep(float(delay))
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status):
+            print("killed", flush=True)
+        else:
+            print("finished" if os.WEXITSTATUS(status) == 0 else "failed", flush=True)
+    """
+)
+
+KILLS = 50
+
+
+def test_save_killed_at_random_points_leaves_old_or_new_file(tmp_path):
+    path = str(tmp_path / "model.flashpack")
+    sds = versions()
+    saver = subprocess.Popen(
+        [sys.executable, "-c", SAVER, os.path.dirname(os.path.abspath(__file__)), path],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        save_seconds = float(saver.stdout.readline())
+        rng = random.Random(1234)
+        current = 0  # which version the path holds
+        seen = {"kept old": 0, "got new": 0, "left a temporary": 0}
+        for _ in range(KILLS):
+            which = 1 - current
+            # From the very start of the save to a little past its end.
+            saver.stdin.write(f"{which} {rng.uniform(0, 1.3 * save_seconds):.6f}\n")
+            saver.stdin.flush()
+            assert saver.stdout.readline().strip() in ("killed", "finished")
+            loaded = flashpack_ops.load_file(path, copy=True)
+            if same(loaded, sds[which]):
+                current = which
+                seen["got new"] += 1
+            else:
+                assert same(loaded, sds[current]), "the destination is neither the old nor the new file"
+                seen["kept old"] += 1
+            # A killed save cannot clean up after itself; its temporary file is hidden,
+            # beside the destination, and never mistaken for it.
+            for name in temporaries(tmp_path):
+                assert name.startswith(".model.flashpack.")
+                os.unlink(tmp_path / name)
+                seen["left a temporary"] += 1
+        # Both outcomes happened, and some kills landed mid-write: the test tested something.
+        assert seen["kept old"] > 0 and seen["got new"] > 0 and seen["left a temporary"] > 0, seen
+    finally:
+        saver.stdin.close()
+        saver.wait(timeout=60)
+    assert saver.returncode == 0
+    assert sorted(os.listdir(tmp_path)) == ["model.flashpack"]
+
+
+# ---------------------------------------------------------------------------------------
+# Full disk
+# ---------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def file_size_limit(nbytes):
+    """RLIMIT_FSIZE for this process: writes past `nbytes` fail with EFBIG (Python ignores
+    the SIGXFSZ that comes with them)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+@contextlib.contextmanager
+def small_filesystem(directory, size_bytes):
+    """A tmpfs of `size_bytes` mounted on `directory`, where mounting is allowed (root with
+    CAP_SYS_ADMIN); skips the test elsewhere."""
+    os.makedirs(directory, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(directory)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def check_failed_save_kept_old(path, old, err):
+    assert str(path) in str(err), f"the error does not name the file: {err}"
+    assert same(flashpack_ops.load_file(path, copy=True), old), "the old file was damaged"
+    assert temporaries(os.path.dirname(path)) == [], "a temporary file was left behind"
+
+
+def test_file_size_limit_gives_clear_error_and_keeps_old_file(tmp_path):
+    old, new = versions()
+    path = tmp_path / "model.flashpack"
+    flashpack_ops.save_file(old, path)
+    with file_size_limit(os.path.getsize(path) + 4096):  # the old file fits, the new one does not
+        with pytest.raises(RuntimeError, match=r"File too large") as err:
+            flashpack_ops.save_file(new, path)
+    check_failed_save_kept_old(str(path), old, err.value)
+
+
+def test_full_disk_gives_clear_error_and_keeps_old_file(tmp_path):
+    old, new = versions()
+    with small_filesystem(tmp_path / "disk", 8 << 20) as disk:
+        path = disk / "model.flashpack"
+        flashpack_ops.save_file(old, path)  # about 4 MiB of 8
+        with pytest.raises(RuntimeError, match=r"No space left on device") as err:
+            flashpack_ops.save_file(new, path)  # about 7 MiB more
+        check_failed_save_kept_old(str(path), old, err.value)
+        # Once there is room again, the same save goes through.
+        os.unlink(path)
+        flashpack_ops.save_file(new, path)
+        assert same(flashpack_ops.load_file(path, copy=True), new)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad destinations
+# ---------------------------------------------------------------------------------------
+
+def test_save_into_missing_directory(tmp_path):
+    path = tmp_path / "no" / "such" / "dir" / "model.flashpack"
+    with pytest.raises(RuntimeError, match=rf"{path}.*No such file or directory"):
+        flashpack_ops.save_file(versions()[0], path)
+    assert not (tmp_path / "no").exists()
+
+
+def test_save_over_a_directory(tmp_path):
+    target = tmp_path / "model.flashpack"
+    target.mkdir()
+    (target / "keep").write_text("x")
+    with pytest.raises(RuntimeError, match=rf"{target}': it is a directory"):
+        flashpack_ops.save_file(versions()[0], target)
+    assert (target / "keep").read_text() == "x"
+    assert temporaries(tmp_path) == []
+
+
+def test_save_under_a_file(tmp_path):
+    parent = tmp_path / "file"
+    parent.write_text("x")
+    with pytest.raises(RuntimeError, match=rf"{parent}/model.flashpack.*Not a directory"):
+        flashpack_ops.save_file(versions()[0], parent / "model.flashpack")
+
+
+def test_save_to_empty_path():
+    with pytest.raises(ValueError, match=r"the path is empty"):
+        flashpack_ops.save_file(versions()[0], "")
+
+
+@contextlib.contextmanager
+def read_only_directory(directory):
+    """`directory`, made read-only: by its mode for ordinary users, by a read-only bind mount
+    for root (which ignores modes); skips where neither works."""
+    os.makedirs(directory, exist_ok=True)
+    if os.geteuid() != 0:
+        os.chmod(directory, 0o555)
+        try:
+            yield directory
+        finally:
+            os.chmod(directory, 0o755)
+        return
+    r = subprocess.run(["mount", "-o", "bind,ro", str(directory), str(directory)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"running as root and cannot bind-mount read-only: {r.stderr.decode().strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_save_into_read_only_directory(tmp_path):
+    old, new = versions()
+    directory = tmp_path / "ro"
+    directory.mkdir()
+    path = directory / "model.flashpack"
+    flashpack_ops.save_file(old, path)
+    with read_only_directory(directory):
+        with pytest.raises(RuntimeError, match=rf"{path}.*(Read-only file system|Permission denied)"):
+            flashpack_ops.save_file(new, path)
+        assert same(flashpack_ops.load_file(path, copy=True), old)
+        assert temporaries(directory) == []
+
+
+# ---------------------------------------------------------------------------------------
+# Files changed in place by other programs
+# ---------------------------------------------------------------------------------------
+
+def test_copied_load_is_independent_of_later_changes_to_the_file(tmp_path):
+    """A mapped load shares pages with the file: a program that rewrites or truncates the
+    file in place (instead of renaming a new one over it, as save_file does) changes or
+    invalidates those tensors (docs/security.md). copy=True owns its memory."""
+    path = tmp_path / "model.flashpack"
+    old, _ = versions()
+    flashpack_ops.save_file(old, path)
+    copied = flashpack_ops.load_file(path, copy=True)
+    with open(path, "r+b") as f:
+        f.write(b"\xff" * 65536)
+    os.truncate(path, 100)
+    assert same(copied, old)

@@ -1,0 +1,174 @@
+"""Memory: a CPU load maps the file instead of copying it, and repeated loads leak nothing.
+
+Each measurement runs in a fresh interpreter, so that pytest's own allocations do not blur
+the resident set size (VmRSS in /proc/self/status). The multi-GiB file is sparse: its
+payload is a hole, so it costs no disk space and no time to write, yet the loader sees an
+ordinary file of that size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import flashpack_ops
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+
+MiB = 1 << 20
+
+# Helpers shared by the measuring scripts.
+PRELUDE = textwrap.dedent(
+    """
+    import json, os, struct, sys
+    import torch
+    import flashpack_ops
+
+    def status(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def rss():
+        # No gc.collect(): it costs ~0.1 s with torch loaded, and the tensors here are
+        # freed by reference counting as soon as they are dropped.
+        return status("VmRSS")
+
+    def sparse_file(path, blocks):
+        # blocks: [(dtype name, element size, [(name, shape), ...])]; the payload is a hole.
+        macroblocks, index, cursor = [], [], 0
+        for b, (dtype, esize, tensors) in enumerate(blocks):
+            cursor = (cursor + 4095) // 4096 * 4096
+            elems = 0
+            for name, shape in tensors:
+                n = 1
+                for d in shape:
+                    n *= d
+                index.append({"name": name, "shape": shape, "offset": elems, "length": n, "macroblock": b})
+                elems += n
+            macroblocks.append({"dtype": dtype, "offset_bytes": cursor, "length_bytes": elems * esize,
+                                "length_elems": elems})
+            cursor += elems * esize
+        footer = json.dumps({"format": "flashpack_v4", "align_bytes": 128, "total_payload_bytes": cursor,
+                             "total_elems": sum(m["length_elems"] for m in macroblocks),
+                             "macroblocks": macroblocks, "index": index}).encode()
+        with open(path, "wb") as f:
+            f.truncate(cursor)
+            f.seek(cursor)
+            f.write(footer + struct.pack("<Q", len(footer)) + b"FLASHPK\\0")
+        return cursor
+    """
+)
+
+
+def run(script: str, *args) -> dict:
+    r = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(script), *map(str, args)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_loading_a_2_gib_file_to_cpu_maps_it_without_copying(tmp_path):
+    path = tmp_path / "big.flashpack"
+    result = run(
+        """
+        path = sys.argv[1]
+        payload = sparse_file(path, [
+            ("float32", 4, [(f"layers.{i}.weight", [8192, 8192]) for i in range(6)]),   # 1.5 GiB
+            ("bfloat16", 2, [(f"layers.{i}.bias", [8192, 4096]) for i in range(8)]),    # 0.5 GiB
+        ])
+        flashpack_ops.load_file(path)  # first use: library, allocator and thread setup
+        before = rss()
+        sd = flashpack_ops.load_file(path)
+        after_load = rss()
+        # One element per tensor: a page each, and proof the views point at real data.
+        firsts = sorted({float(t.view(-1)[0]) for t in sd.values()} | {float(t.view(-1)[-1]) for t in sd.values()})
+        after_touch = rss()
+        nbytes = sum(t.nbytes for t in sd.values())
+        del sd
+        print(json.dumps({"payload": payload, "nbytes": nbytes, "before": before, "after_load": after_load,
+                          "after_touch": after_touch, "after_free": rss(), "firsts": firsts}))
+        """,
+        path,
+    )
+    assert result["nbytes"] == 2 << 30 and result["payload"] >= 2 << 30
+    assert result["firsts"] == [0.0]
+    # A copy would add 2 GiB; a mapping adds page tables and the footer's bookkeeping.
+    assert result["after_load"] - result["before"] < 32 * MiB, result
+    assert result["after_touch"] - result["before"] < 32 * MiB, result
+    assert os.path.getsize(path) > 2 << 30
+    path.unlink()
+
+
+@pytest.fixture(scope="module")
+def repeated_loads(tmp_path_factory):
+    """VmRSS after each of 100 loads in a row, mapped and copied, every page read each time."""
+    path = tmp_path_factory.mktemp("repeated") / "m.flashpack"
+    g = torch.Generator().manual_seed(0)
+    flashpack_ops.save_file({f"w{i}": torch.randn(1 << 18, generator=g) for i in range(8)}, path)  # 8 MiB
+    result = run(
+        """
+        samples = {}
+        for mode in ("mapped", "copied"):
+            samples[mode] = []
+            for k in range(100):
+                sd = flashpack_ops.load_file(sys.argv[1], copy=mode == "copied")
+                total = sum(float(t.sum()) for t in sd.values())
+                del sd
+                samples[mode].append(rss())
+        print(json.dumps(samples))
+        """,
+        path,
+    )
+    path.unlink()
+    return result
+
+
+@pytest.mark.parametrize("mode", ["mapped", "copied"])
+def test_hundred_loads_in_a_row_keep_rss_flat(repeated_loads, mode):
+    samples = repeated_loads[mode]
+    # After a few rounds (allocator caches, thread stacks) the size must stop growing. The
+    # allocator may keep a few freed 8 MiB buffers around, hence the slack; a leak of one
+    # file per load would add 800 MiB, of one of its eight tensors 100 MiB.
+    settled = max(samples[:10])
+    assert max(samples[10:]) - settled < 48 * MiB, [s // MiB for s in samples]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_hundred_cuda_loads_keep_host_pinned_and_device_memory_flat(tmp_path):
+    path = tmp_path / "m.flashpack"
+    g = torch.Generator().manual_seed(0)
+    flashpack_ops.save_file({f"w{i}": torch.randn(8 << 20, generator=g) for i in range(8)}, path)  # 256 MiB
+    result = run(
+        """
+        path = sys.argv[1]
+        samples = []
+        for k in range(100):
+            sd = flashpack_ops.load_file(path, "cuda")
+            torch.cuda.synchronize()
+            assert all(t.is_cuda for t in sd.values())
+            del sd
+            stats = flashpack_ops.cuda_stats()
+            samples.append((rss(), status("VmLck") + status("VmPin"), stats["pinned_bytes"],
+                            stats["registered_bytes"], torch.cuda.memory_allocated()))
+        released = flashpack_ops.release_pinned_memory()
+        print(json.dumps({"samples": samples, "released": released,
+                          "pinned_after_release": flashpack_ops.cuda_stats()["pinned_bytes"]}))
+        """,
+        path,
+    )
+    samples = result["samples"]
+    # The pinned pool is kept between loads on purpose; it must not grow after the first few.
+    for field, name in enumerate(["RSS", "locked/pinned pages", "pinned pool", "registered pages"]):
+        settled = max(s[field] for s in samples[:10])
+        assert max(s[field] for s in samples[10:]) - settled < 16 * MiB, (name, [s[field] // MiB for s in samples])
+    assert all(s[4] == 0 for s in samples), "device memory still allocated after the tensors were freed"
+    assert result["pinned_after_release"] == 0
