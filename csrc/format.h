@@ -33,9 +33,10 @@ inline constexpr const char* kFormatV4 = "flashpack_v4";
 inline constexpr int64_t kDefaultAlignBytes = 128;
 inline constexpr uint64_t kBlockAlignBytes = 4096;
 
-// Limits on untrusted footers. A footer is ~100 bytes per tensor, so 1 GiB allows
-// about ten million tensors, far past any real checkpoint.
-inline constexpr uint64_t kMaxFooterBytes = uint64_t(1) << 30;
+// Limits on untrusted footers. A footer is ~100 bytes per tensor, so 256 MiB allows
+// millions of tensors, far past any real checkpoint, while a hostile footer of empty
+// tensors (~45 bytes each, ~750 bytes each once loaded) stays within a few GB.
+inline constexpr uint64_t kMaxFooterBytes = uint64_t(256) << 20;
 inline constexpr size_t kMaxDims = 64;
 
 // The torch name of a dtype ("bfloat16"), or nullptr if flashpack cannot store it.

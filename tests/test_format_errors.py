@@ -304,3 +304,14 @@ def test_escaped_names_are_decoded(tmp_path):
     assert "\\u00e9" in footer and "\\ud83d\\ude42" in footer
     path = write_raw(tmp_path / "esc.flashpack", payload, footer)
     assert list(flashpack_ops.load_file(path)) == ["caf\u00e9 \U0001f642 \"q\" \\ \n"]
+
+
+def test_footer_larger_than_the_limit(tmp_path):
+    # A sparse file: 300 MiB long, almost nothing on disk.
+    path = str(tmp_path / "huge.flashpack")
+    size = 300 << 20
+    with open(path, "wb") as f:
+        f.truncate(size - 16)
+        f.seek(size - 16)
+        f.write(struct.pack("<Q", 257 << 20) + MAGIC)
+    expect_error(path, "exceeds the limit of 268435456 bytes")
