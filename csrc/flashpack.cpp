@@ -4,6 +4,7 @@
 // each op registers a single CompositeExplicitAutograd kernel instead. Every op reads or
 // writes files, so each is declared CONSERVATIVE: TorchScript must never drop a save()
 // or merge two load()s as if they were pure.
+#include "checksum.h"
 #include "io.h"
 #include "load.h"
 
@@ -11,6 +12,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <future>
 #include <stdexcept>
 
 namespace flashpack {
@@ -38,7 +40,16 @@ std::vector<at::Tensor> load_any(const char* op, const std::string& path, c10::D
     if (device.is_cpu()) return load_cpu(path, opts, layout);
     if (device.is_cuda()) {
 #ifdef WITH_CUDA
-      return load_cuda(path, device, opts, layout);
+      if (!opts.verify) return load_cuda(path, device, opts, layout);
+      // NOTE: the check reads the file on the host, through the page cache, on its own
+      // threads while the GPU load runs, so it costs little more than the slower of the two.
+      // A failed load is reported first; the check's result is only looked at after a success.
+      auto check = std::async(std::launch::async, [&] {
+        verify_file(path, default_threads(static_cast<int>(opts.num_threads)));
+      });
+      auto tensors = load_cuda(path, device, opts, layout);
+      check.get();
+      return tensors;
 #else
       throw std::invalid_argument("cannot load '" + path + "' to " + device.str() +
                                   ": flashpack_ops was built without CUDA (rebuild with a CUDA build of torch "
@@ -50,10 +61,11 @@ std::vector<at::Tensor> load_any(const char* op, const std::string& path, c10::D
 }
 
 LoadOptions load_options(bool copy, int64_t num_threads, int64_t chunk_bytes, int64_t pinned_bytes,
-                         int64_t num_streams, std::string route) {
+                         int64_t num_streams, std::string route, bool verify) {
   LoadOptions opts;
   opts.copy = copy;
   opts.num_threads = num_threads;
+  opts.verify = verify;
   opts.chunk_bytes = chunk_bytes;
   opts.pinned_bytes = pinned_bytes;
   opts.num_streams = num_streams;
@@ -63,11 +75,11 @@ LoadOptions load_options(bool copy, int64_t num_threads, int64_t chunk_bytes, in
 
 c10::Dict<std::string, at::Tensor> load(const std::string& path, c10::Device device, bool copy, int64_t num_threads,
                                         int64_t chunk_bytes, int64_t pinned_bytes, int64_t num_streams,
-                                        std::string route) {
+                                        std::string route, bool verify) {
   Layout layout;
-  auto tensors = load_any("flashpack::load", path, device,
-                          load_options(copy, num_threads, chunk_bytes, pinned_bytes, num_streams, std::move(route)),
-                          &layout);
+  auto tensors = load_any(
+      "flashpack::load", path, device,
+      load_options(copy, num_threads, chunk_bytes, pinned_bytes, num_streams, std::move(route), verify), &layout);
   c10::Dict<std::string, at::Tensor> out;
   out.reserve(tensors.size());
   for (size_t k = 0; k < tensors.size(); ++k) out.insert(std::move(layout.entries[k].name), std::move(tensors[k]));
@@ -75,14 +87,25 @@ c10::Dict<std::string, at::Tensor> load(const std::string& path, c10::Device dev
 }
 
 std::vector<at::Tensor> load_list(const std::string& path, c10::Device device, bool copy, int64_t num_threads,
-                                  int64_t chunk_bytes, int64_t pinned_bytes, int64_t num_streams, std::string route) {
+                                  int64_t chunk_bytes, int64_t pinned_bytes, int64_t num_streams, std::string route,
+                                  bool verify) {
   return load_any("flashpack::load_list", path, device,
-                  load_options(copy, num_threads, chunk_bytes, pinned_bytes, num_streams, std::move(route)), nullptr);
+                  load_options(copy, num_threads, chunk_bytes, pinned_bytes, num_streams, std::move(route), verify),
+                  nullptr);
 }
 
 void save_op(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
-             std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads) {
-  translate_errors("flashpack::save", [&] { save(tensors, path, target_dtype, align_bytes, num_threads); });
+             std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads, bool checksum) {
+  translate_errors("flashpack::save", [&] { save(tensors, path, target_dtype, align_bytes, num_threads, checksum); });
+}
+
+void verify_op(const std::string& path, int64_t num_threads) {
+  translate_errors("flashpack::verify", [&] { verify_file(path, default_threads(static_cast<int>(num_threads))); });
+}
+
+at::Tensor read_range_op(const std::string& path, int64_t offset, int64_t length, c10::Device device,
+                         int64_t num_threads) {
+  return translate_errors("flashpack::read_range", [&] { return read_range(path, offset, length, device, num_threads); });
 }
 
 // The footer as the file holds it, once validated: what Python needs to know about a file (names,
@@ -127,17 +150,21 @@ TORCH_LIBRARY(flashpack, m) {
   constexpr auto kSideEffects = c10::AliasAnalysisKind::CONSERVATIVE;
   m.def(torch::schema(
       "load(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0, int chunk_bytes=0, "
-      "int pinned_bytes=0, int num_streams=0, str route=\"auto\") -> Dict(str, Tensor)",
+      "int pinned_bytes=0, int num_streams=0, str route=\"auto\", bool verify=False) -> Dict(str, Tensor)",
       kSideEffects));
   m.def(torch::schema(
       "load_list(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0, int chunk_bytes=0, "
-      "int pinned_bytes=0, int num_streams=0, str route=\"auto\") -> Tensor[]",
+      "int pinned_bytes=0, int num_streams=0, str route=\"auto\", bool verify=False) -> Tensor[]",
       kSideEffects));
   m.def(torch::schema(
       "save(Dict(str, Tensor) tensors, str path, *, ScalarType? target_dtype=None, int align_bytes=128, "
-      "int num_threads=0) -> ()",
+      "int num_threads=0, bool checksum=False) -> ()",
       kSideEffects));
   m.def(torch::schema("read_footer(str path) -> str", kSideEffects));
+  m.def(torch::schema("verify(str path, *, int num_threads=0) -> ()", kSideEffects));
+  m.def(torch::schema(
+      "read_range(str path, int offset, int length, Device device=\"cpu\", *, int num_threads=0) -> Tensor",
+      kSideEffects));
   m.def("built_with_cuda() -> bool");
   // Process-wide state of the CUDA path: read (and peaks reset) by tests and benchmarks.
   m.def(torch::schema("cuda_stats(bool reset_peaks=False) -> Dict(str, int)", kSideEffects));
@@ -149,6 +176,8 @@ TORCH_LIBRARY_IMPL(flashpack, CompositeExplicitAutograd, m) {
   m.impl("load_list", &load_list);
   m.impl("save", &save_op);
   m.impl("read_footer", &read_footer);
+  m.impl("verify", &verify_op);
+  m.impl("read_range", &read_range_op);
   m.impl("built_with_cuda", &built_with_cuda);
   m.impl("cuda_stats", &cuda_stats_op);
   m.impl("release_pinned_memory", &release_pinned_memory_op);

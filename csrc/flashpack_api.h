@@ -49,13 +49,15 @@ inline torch::jit::Stack call(const c10::OperatorHandle& handle, torch::jit::Sta
 // flashpack::load: the file's tensors by name, in file order. On the CPU they view a
 // private memory map of the file (copy=false); on CUDA the payload is streamed to the GPU.
 // chunk_bytes, pinned_bytes, num_streams and route tune the CUDA path (docs/cuda.md); 0 and
-// "auto" pick the defaults.
+// "auto" pick the defaults. verify=true checks the payload against the checksums saved with
+// checksum=true.
 inline c10::Dict<std::string, at::Tensor> load(const std::string& path, c10::Device device = c10::kCPU,
                                                bool copy = false, int64_t num_threads = 0, int64_t chunk_bytes = 0,
                                                int64_t pinned_bytes = 0, int64_t num_streams = 0,
-                                               const std::string& route = "auto") {
+                                               const std::string& route = "auto", bool verify = false) {
   static const c10::OperatorHandle handle = detail::op("flashpack::load");
-  auto out = detail::call(handle, {path, device, copy, num_threads, chunk_bytes, pinned_bytes, num_streams, route});
+  auto out =
+      detail::call(handle, {path, device, copy, num_threads, chunk_bytes, pinned_bytes, num_streams, route, verify});
   return c10::impl::toTypedDict<std::string, at::Tensor>(std::move(out.at(0)).toGenericDict());
 }
 
@@ -63,19 +65,26 @@ inline c10::Dict<std::string, at::Tensor> load(const std::string& path, c10::Dev
 inline std::vector<at::Tensor> load_list(const std::string& path, c10::Device device = c10::kCPU,
                                          bool copy = false, int64_t num_threads = 0, int64_t chunk_bytes = 0,
                                          int64_t pinned_bytes = 0, int64_t num_streams = 0,
-                                         const std::string& route = "auto") {
+                                         const std::string& route = "auto", bool verify = false) {
   static const c10::OperatorHandle handle = detail::op("flashpack::load_list");
-  auto out = detail::call(handle, {path, device, copy, num_threads, chunk_bytes, pinned_bytes, num_streams, route});
+  auto out =
+      detail::call(handle, {path, device, copy, num_threads, chunk_bytes, pinned_bytes, num_streams, route, verify});
   return std::move(out.at(0)).toTensorVector();
 }
 
 // flashpack::save: writes the tensors atomically (temporary file, fsync, rename).
-// align_bytes defaults to the schema's 128.
+// align_bytes defaults to the schema's 128; checksum=true stores CRC-32C checksums.
 inline void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
                  std::optional<c10::ScalarType> target_dtype = std::nullopt, int64_t align_bytes = 128,
-                 int64_t num_threads = 0) {
+                 int64_t num_threads = 0, bool checksum = false) {
   static const c10::OperatorHandle handle = detail::op("flashpack::save");
-  detail::call(handle, {tensors, path, target_dtype, align_bytes, num_threads});
+  detail::call(handle, {tensors, path, target_dtype, align_bytes, num_threads, checksum});
+}
+
+// flashpack::verify: checks the payload against its checksums; throws naming the bad range.
+inline void verify(const std::string& path, int64_t num_threads = 0) {
+  static const c10::OperatorHandle handle = detail::op("flashpack::verify");
+  detail::call(handle, {path, num_threads});
 }
 
 // flashpack::read_footer: the file's footer JSON, validated, without reading the payload.

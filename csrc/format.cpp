@@ -4,6 +4,7 @@
 #include "json.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <numeric>
 #include <stdexcept>
@@ -123,10 +124,74 @@ bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) {
   return __builtin_mul_overflow(a, b, out);
 }
 
+// The optional integrity keys of a v4 macroblock (checksum.h), as read; checked by
+// apply() once the block's length is known (the keys may come in any order).
+struct ChecksumKeys {
+  Field algorithm, chunk_bytes;
+  bool sums_present = false;
+  json::Kind sums_kind = json::Kind::Array;
+  std::vector<uint32_t> sums;
+  size_t items = 0;
+  size_t first_bad = SIZE_MAX;  // the first item that is not an integer in [0, 2^32)
+
+  void read_sums(json::Reader& r) {
+    sums_present = true;
+    sums_kind = r.peek();
+    if (sums_kind != json::Kind::Array) {
+      r.skip();
+      return;
+    }
+    sums.clear();
+    items = 0;
+    first_bad = SIZE_MAX;
+    r.begin_array();
+    for (bool first = true; r.next_item(first); ++items) {
+      if (r.peek() == json::Kind::Number) {
+        const json::Number n = r.number();
+        if (n.is_int && n.i >= 0 && n.i <= 0xFFFFFFFFll) {
+          sums.push_back(static_cast<uint32_t>(n.i));
+          continue;
+        }
+      } else {
+        r.skip();
+      }
+      first_bad = std::min(first_bad, items);
+    }
+  }
+
+  // All three keys or none. Values of an algorithm we do not know are kept out of the
+  // layout, so such a file still loads and only verification refuses it.
+  void apply(Block& b, const std::string& path, const Where& where) {
+    if (!algorithm.present && !chunk_bytes.present && !sums_present) return;
+    if (!algorithm.present || !chunk_bytes.present || !sums_present) {
+      bad(path, where.str() + " has only some of \"checksum\", \"checksum_chunk_bytes\" and \"checksums\" (all three "
+                              "or none)");
+    }
+    if (algorithm.kind != json::Kind::String || algorithm.s.empty()) {
+      bad(path, where.str() + ": \"checksum\" must be a non-empty string");
+    }
+    b.checksum = std::string(algorithm.s);
+    b.checksum_chunk_bytes = count(chunk_bytes, "checksum_chunk_bytes", path, where);
+    if (b.checksum_chunk_bytes == 0) bad(path, where.str() + ": \"checksum_chunk_bytes\" must be positive");
+    if (sums_kind != json::Kind::Array) bad(path, where.str() + ": \"checksums\" must be an array");
+    if (b.checksum != kChecksumCrc32c) return;
+    const uint64_t expect = b.length_bytes / b.checksum_chunk_bytes + (b.length_bytes % b.checksum_chunk_bytes != 0);
+    if (items != expect) {
+      bad(path, where.str() + " has " + std::to_string(items) + " checksums but its " + std::to_string(b.length_bytes) +
+                    " bytes in chunks of " + std::to_string(b.checksum_chunk_bytes) + " need " + std::to_string(expect));
+    }
+    if (first_bad != SIZE_MAX) {
+      bad(path, where.str() + ": checksums[" + std::to_string(first_bad) + "] must be an integer from 0 to 4294967295");
+    }
+    b.checksums = std::move(sums);
+  }
+};
+
 Block read_block(json::Reader& r, size_t k, const std::string& path) {
   const Where where{"macroblock", k, nullptr, true};
   if (r.peek() != json::Kind::Object) bad(path, where.str() + " is not an object");
   Field dtype, offset_bytes, length_bytes, length_elems;
+  ChecksumKeys checksums;
   std::string_view key;
   std::string key_storage;
   r.begin_object();
@@ -135,6 +200,9 @@ Block read_block(json::Reader& r, size_t k, const std::string& path) {
     else if (key == "offset_bytes") offset_bytes.read(r);
     else if (key == "length_bytes") length_bytes.read(r);
     else if (key == "length_elems") length_elems.read(r);
+    else if (key == "checksum") checksums.algorithm.read(r);
+    else if (key == "checksum_chunk_bytes") checksums.chunk_bytes.read(r);
+    else if (key == "checksums") checksums.read_sums(r);
     else r.skip();
   }
   Block b;
@@ -147,6 +215,7 @@ Block read_block(json::Reader& r, size_t k, const std::string& path) {
     bad(path, where.str() + ": length_bytes " + std::to_string(b.length_bytes) + " does not equal length_elems " +
                   std::to_string(b.length_elems) + " x " + std::to_string(c10::elementSize(b.dtype)) + " bytes");
   }
+  checksums.apply(b, path, where);
   return b;
 }
 
@@ -406,7 +475,18 @@ std::string footer_json(const Layout& layout) {
     out += "{\"dtype\":\"";
     out += dtype_name(b.dtype);
     out += "\",\"offset_bytes\":" + std::to_string(b.offset_bytes) + ",\"length_bytes\":" +
-           std::to_string(b.length_bytes) + ",\"length_elems\":" + std::to_string(b.length_elems) + "}";
+           std::to_string(b.length_bytes) + ",\"length_elems\":" + std::to_string(b.length_elems);
+    if (!b.checksum.empty()) {
+      out += ",\"checksum\":";
+      json::append_quoted(out, b.checksum);
+      out += ",\"checksum_chunk_bytes\":" + std::to_string(b.checksum_chunk_bytes) + ",\"checksums\":[";
+      for (size_t i = 0; i < b.checksums.size(); ++i) {
+        if (i) out += ',';
+        out += std::to_string(b.checksums[i]);
+      }
+      out += ']';
+    }
+    out += '}';
   }
   out += "],\"index\":[";
   for (size_t k = 0; k < layout.entries.size(); ++k) {

@@ -6,7 +6,8 @@
 // Two footer formats exist, both written by the reference `flashpack` package:
 //   flashpack_v3  one dtype: {format, target_dtype, align_bytes, total_elems, index}
 //   flashpack_v4  several:   {format, align_bytes, total_payload_bytes, total_elems,
-//                             macroblocks: [{dtype, offset_bytes, length_bytes, length_elems}],
+//                             macroblocks: [{dtype, offset_bytes, length_bytes, length_elems,
+//                                            and optionally checksum, checksum_chunk_bytes, checksums}],
 //                             index: [{name, shape, offset, length, macroblock}]}
 // Offsets and lengths in the index count elements of the block's dtype. We read both
 // and write v4. Everything here is plain C++ over c10::ScalarType: no tensors.
@@ -26,6 +27,7 @@ inline constexpr char kMagic[8] = {'F', 'L', 'A', 'S', 'H', 'P', 'K', '\0'};
 inline constexpr uint64_t kTrailerBytes = 16;  // u64 footer length + magic
 inline constexpr const char* kFormatV3 = "flashpack_v3";
 inline constexpr const char* kFormatV4 = "flashpack_v4";
+inline constexpr const char* kChecksumCrc32c = "crc32c";  // the one checksum algorithm (checksum.h)
 
 // NOTE: the reference aligns tensors to 128 bytes; we keep that for tensors (it is
 // cache-line friendly and wastes little on 20,000 small tensors) but start every block
@@ -49,6 +51,11 @@ struct Block {
   uint64_t offset_bytes = 0;  // from the start of the file
   uint64_t length_bytes = 0;
   uint64_t length_elems = 0;
+  // Integrity keys (checksum.h), our extension of v4. `checksum` is the algorithm, empty
+  // when none was stored; `checksums` is filled only for an algorithm this build knows.
+  std::string checksum;
+  uint64_t checksum_chunk_bytes = 0;
+  std::vector<uint32_t> checksums;
 };
 
 struct Entry {

@@ -17,6 +17,7 @@ namespace flashpack {
 struct LoadOptions {
   bool copy = false;        // CPU: read into fresh memory instead of mapping the file
   int64_t num_threads = 0;  // 0: FLASHPACK_NUM_THREADS, else min(cores, 16)
+  bool verify = false;      // check the payload against the footer's checksums (checksum.h)
   // CUDA only (docs/cuda.md); 0 or "auto": the environment variable, else the default.
   int64_t chunk_bytes = 0;     // FLASHPACK_CHUNK_BYTES: bytes per read / registration
   int64_t pinned_bytes = 0;    // FLASHPACK_PINNED_BYTES: pinned memory one load may hold (256 MiB)
@@ -30,6 +31,11 @@ std::vector<at::Tensor> make_views(const Layout& layout, const std::vector<c10::
 
 std::vector<at::Tensor> load_cpu(const std::string& path, const LoadOptions& opts, Layout* layout_out);
 
+// Bytes [offset, offset + length) of a file as a uint8 tensor on `device`, read with several
+// threads (through pinned memory for CUDA). For callers that split a file among processes.
+at::Tensor read_range(const std::string& path, int64_t offset, int64_t length, c10::Device device,
+                      int64_t num_threads);
+
 #ifdef WITH_CUDA
 std::vector<at::Tensor> load_cuda(const std::string& path, c10::Device device, const LoadOptions& opts,
                                   Layout* layout_out);
@@ -41,6 +47,7 @@ int64_t release_pinned_memory();
 #endif
 
 void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
-          std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads);
+          std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads,
+          bool checksum = false);
 
 }  // namespace flashpack

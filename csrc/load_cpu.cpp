@@ -1,5 +1,6 @@
 // The CPU path: map the file and hand out views into the mapping (zero-copy), or, with
 // copy=True, read the blocks into fresh memory with several threads.
+#include "checksum.h"
 #include "io.h"
 #include "load.h"
 
@@ -9,6 +10,7 @@
 #include <algorithm>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <tuple>
 
 namespace flashpack {
@@ -37,7 +39,7 @@ std::vector<c10::Storage> map_blocks(const InputFile& file, const Layout& layout
   return storages;
 }
 
-std::vector<c10::Storage> read_blocks(const InputFile& file, const Layout& layout, int threads) {
+std::vector<c10::Storage> read_blocks(const InputFile& file, const Layout& layout, int threads, Verifier* verifier) {
   struct Chunk {
     char* dst;
     uint64_t offset;
@@ -48,14 +50,31 @@ std::vector<c10::Storage> read_blocks(const InputFile& file, const Layout& layou
   for (const Block& b : layout.blocks) {
     at::Tensor buf = at::empty({static_cast<int64_t>(b.length_bytes)}, at::kByte);
     char* base = static_cast<char*>(buf.data_ptr());
+    storages.push_back(buf.storage());
+    if (verifier != nullptr) continue;  // the checksum chunks decide the reads, below
     for (uint64_t off = 0; off < b.length_bytes; off += kReadChunkBytes) {
       chunks.push_back({base + off, b.offset_bytes + off, std::min(kReadChunkBytes, b.length_bytes - off)});
     }
-    storages.push_back(buf.storage());
   }
-  parallel_for(chunks.size(), threads, [&](size_t k) {
-    pread_exact(file.fd(), chunks[k].dst, chunks[k].bytes, chunks[k].offset, file.path());
+  if (verifier == nullptr) {
+    parallel_for(chunks.size(), threads, [&](size_t k) {
+      pread_exact(file.fd(), chunks[k].dst, chunks[k].bytes, chunks[k].offset, file.path());
+    });
+    return storages;
+  }
+  // Verifying: the reads follow the checksum chunks, each checked slice by slice as it lands.
+  parallel_for(verifier->chunks().size(), threads, [&](size_t k) {
+    const Verifier::Chunk& c = verifier->chunks()[k];
+    char* dst = static_cast<char*>(storages[c.block].mutable_data()) + (c.offset - layout.blocks[c.block].offset_bytes);
+    uint32_t reg = ~0u;
+    for (uint64_t done = 0; done < c.bytes; done += kChecksumSliceBytes) {
+      const uint64_t n = std::min(kChecksumSliceBytes, c.bytes - done);
+      pread_exact(file.fd(), dst + done, n, c.offset + done, file.path());
+      reg = crc32c_update(reg, dst + done, n);
+    }
+    verifier->check(k, ~reg);
   });
+  verifier->finish();
   return storages;
 }
 
@@ -123,11 +142,43 @@ std::vector<at::Tensor> make_views(const Layout& layout, const std::vector<c10::
 std::vector<at::Tensor> load_cpu(const std::string& path, const LoadOptions& opts, Layout* layout_out) {
   InputFile file(path);
   Layout layout = read_layout(file.fd(), file.size(), path);
-  const auto storages = opts.copy ? read_blocks(file, layout, default_threads(static_cast<int>(opts.num_threads)))
+  const int threads = default_threads(static_cast<int>(opts.num_threads));
+  std::optional<Verifier> verifier;
+  if (opts.verify) verifier.emplace(path, layout);
+  const auto storages = opts.copy ? read_blocks(file, layout, threads, verifier ? &*verifier : nullptr)
                                   : map_blocks(file, layout);
+  if (opts.verify && !opts.copy) {
+    std::vector<const char*> bases;
+    for (const c10::Storage& s : storages) bases.push_back(static_cast<const char*>(s.data()));
+    verify_in_memory(path, layout, bases, threads);
+  }
   auto views = make_views(layout, storages, c10::Device(c10::kCPU));
   if (layout_out != nullptr) *layout_out = std::move(layout);
   return views;
+}
+
+at::Tensor read_range(const std::string& path, int64_t offset, int64_t length, c10::Device device,
+                      int64_t num_threads) {
+  if (!device.is_cpu() && !device.is_cuda()) {
+    throw std::invalid_argument("cannot read '" + path + "' to " + device.str() + ": only cpu and cuda are supported");
+  }
+  InputFile file(path);
+  if (offset < 0 || length < 0 || static_cast<uint64_t>(offset) > file.size() ||
+      static_cast<uint64_t>(length) > file.size() - static_cast<uint64_t>(offset)) {
+    throw std::invalid_argument("'" + path + "': cannot read " + std::to_string(length) + " bytes at offset " +
+                                std::to_string(offset) + ": the file has " + std::to_string(file.size()) + " bytes");
+  }
+  // NOTE: for CUDA the bytes land in pinned memory first, so the copy to the GPU runs at
+  // full PCIe speed instead of going through the driver's pageable staging.
+  at::Tensor buf = at::empty({length}, at::TensorOptions().dtype(at::kByte).pinned_memory(device.is_cuda()));
+  char* base = static_cast<char*>(buf.data_ptr());
+  const uint64_t n = static_cast<uint64_t>(length);
+  parallel_for((n + kReadChunkBytes - 1) / kReadChunkBytes, default_threads(static_cast<int>(num_threads)),
+               [&](size_t k) {
+                 const uint64_t off = k * kReadChunkBytes;
+                 pread_exact(file.fd(), base + off, std::min(kReadChunkBytes, n - off), offset + off, path);
+               });
+  return device.is_cpu() ? buf : buf.to(device);
 }
 
 }  // namespace flashpack

@@ -1,5 +1,6 @@
 // Saving: plan the layout, write every tensor straight from its memory into a temporary
 // file with several threads, append the footer, then fsync and rename (io.h).
+#include "checksum.h"
 #include "io.h"
 #include "load.h"
 
@@ -56,7 +57,7 @@ at::ScalarType bits_dtype(size_t element_size) {
 }  // namespace
 
 void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
-          std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads) {
+          std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads, bool checksum) {
   if (align_bytes < 0 || align_bytes > (int64_t(1) << 30)) {
     throw std::invalid_argument("'" + path + "': align_bytes must be between 0 and 2^30, got " + std::to_string(align_bytes));
   }
@@ -90,7 +91,15 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
   }
 
   Layout layout = plan_layout(requests, align_bytes);
-  const std::string footer = footer_json(layout);
+  // Checksums are known only once the payload is written, but the file's size is fixed up
+  // front: reserve the footer the widest checksums would give and pad the real one with
+  // spaces (JSON whitespace, which every reader skips) to that length.
+  std::optional<ChecksumBuilder> sums;
+  if (checksum) {
+    sums.emplace(layout);
+    sums->store(layout, /*placeholder=*/true);
+  }
+  std::string footer = footer_json(layout);
   const uint64_t file_size = layout.payload_bytes + footer.size() + kTrailerBytes;
   AtomicWriter out(path, file_size);
 
@@ -121,10 +130,21 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
     const Task& task = tasks[i];
     const Entry& e = layout.entries[task.entry];
     const Block& b = layout.blocks[e.block];
-    const uint64_t file_off = b.offset_bytes + e.offset * c10::elementSize(b.dtype);
+    const uint64_t in_block = e.offset * c10::elementSize(b.dtype);
+    const uint64_t file_off = b.offset_bytes + in_block;
     if (task.bytes > 0) {
       const char* src = static_cast<const char*>(sources[task.entry].const_data_ptr());
-      out.pwrite_all(src + task.begin, task.bytes, file_off + task.begin);
+      if (!sums) {
+        out.pwrite_all(src + task.begin, task.bytes, file_off + task.begin);
+        return;
+      }
+      // NOTE: checksumming a slice just before writing it lets the write copy bytes the
+      // checksum left in the L2 cache, instead of reading the tensor from memory twice.
+      for (uint64_t off = task.begin; off < task.begin + task.bytes; off += kChecksumSliceBytes) {
+        const uint64_t n = std::min(kChecksumSliceBytes, task.begin + task.bytes - off);
+        sums->add(e.block, in_block + off, src + off, n);
+        out.pwrite_all(src + off, n, file_off + off);
+      }
       return;
     }
     const at::Tensor& src = sources[task.entry];
@@ -142,7 +162,15 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
                                   err.what_without_backtrace());
     }
     out.pwrite_all(converted.const_data_ptr(), converted.nbytes(), file_off);
+    if (sums) sums->add(e.block, in_block, converted.const_data_ptr(), converted.nbytes());
   });
+
+  if (sums) {
+    const size_t reserved = footer.size();
+    sums->store(layout);
+    footer = footer_json(layout);
+    footer.resize(reserved, ' ');
+  }
 
   std::string trailer = footer;
   const uint64_t len = footer.size();

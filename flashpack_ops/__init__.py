@@ -7,7 +7,7 @@ flashpack`` runs code written for it.
 """
 
 from ._library import has_cuda, library_path
-from .ops import cuda_stats, load_file, read_metadata, release_pinned_memory, save_file
+from .ops import cuda_stats, load_file, read_metadata, release_pinned_memory, save_file, verify_file
 from .api import (
     assign_from_file,
     get_flashpack_file_metadata,
@@ -24,6 +24,7 @@ __all__ = [
     "load_file",
     "save_file",
     "read_metadata",
+    "verify_file",
     "pack_to_file",
     "assign_from_file",
     "revert_from_file",

@@ -39,6 +39,7 @@ def pack_to_file(
     align_bytes: int = DEFAULT_ALIGN_BYTES,
     silent: bool = True,
     num_workers: int = 0,
+    checksum: bool = False,
 ) -> None:
     """Pack a state dict, or a module's state dict, into a flashpack file.
 
@@ -50,6 +51,7 @@ def pack_to_file(
         align_bytes: alignment of each tensor within its block.
         silent: unused, kept for compatibility.
         num_workers: writer threads, 0 for the default.
+        checksum: store checksums for ``verify_file`` (see ``save_file``).
 
     Raises:
         ValueError: nothing to pack, or a tensor that cannot be stored.
@@ -63,7 +65,7 @@ def pack_to_file(
     if not state_dict:
         raise ValueError("No tensors to pack.")
     save_file(state_dict, destination_path, target_dtype=target_dtype, align_bytes=align_bytes,
-              num_threads=num_workers)
+              num_threads=num_workers, checksum=checksum)
 
 
 def get_flashpack_file_metadata(path: PathLike) -> Dict[str, Any]:

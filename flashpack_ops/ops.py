@@ -42,6 +42,7 @@ def save_file(
     target_dtype: Optional[torch.dtype] = None,
     align_bytes: int = DEFAULT_ALIGN_BYTES,
     num_threads: int = 0,
+    checksum: bool = False,
 ) -> None:
     """Save a dict of tensors to a flashpack file.
 
@@ -56,6 +57,8 @@ def save_file(
         target_dtype: if given, every tensor is converted to this dtype.
         align_bytes: alignment of each tensor within its block (blocks are page-aligned).
         num_threads: writer threads; 0 picks a default (``FLASHPACK_NUM_THREADS``).
+        checksum: also store a CRC-32C of every 16 MiB of the payload in the footer, for
+            ``load_file(..., verify=True)`` and ``verify_file``. Other readers ignore it.
 
     Raises:
         ValueError: a tensor cannot be stored (quantized, sparse, on the meta device), naming it.
@@ -68,7 +71,7 @@ def save_file(
         raise TypeError(f"tensors must be a mapping of str to Tensor, got {type(tensors).__name__}")
     torch.ops.flashpack.save(
         dict(tensors), _path(path, must_exist=False), target_dtype=target_dtype,
-        align_bytes=align_bytes, num_threads=num_threads,
+        align_bytes=align_bytes, num_threads=num_threads, checksum=checksum,
     )
 
 
@@ -82,6 +85,7 @@ def load_file(
     pinned_bytes: int = 0,
     num_streams: int = 0,
     route: str = "auto",
+    verify: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """Load a flashpack file as a dict of tensors, in the file's order.
 
@@ -101,6 +105,8 @@ def load_file(
         route: CUDA only; ``"auto"`` (registered if the file is in the page cache, else
             buffered reads), ``"direct"`` (O_DIRECT reads), ``"buffered"`` or ``"register"``
             (``FLASHPACK_CUDA_ROUTE``). See docs/cuda.md.
+        verify: check the payload against the checksums stored by ``save_file(...,
+            checksum=True)`` before returning (on the host, also for CUDA).
 
     Returns:
         Dict[str, torch.Tensor]: the tensors, bit for bit as saved.
@@ -108,7 +114,8 @@ def load_file(
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file is not a valid flashpack file; the message names the file,
-            the entry and the problem.
+            the entry and the problem. With ``verify``: the payload does not match its
+            checksums, or none were stored.
         RuntimeError: the file could not be read.
 
     Example:
@@ -125,12 +132,13 @@ def load_file(
         path = os.fspath(path)
         tensors = torch.ops.flashpack.load_list(
             path, _device(device), copy=copy, num_threads=num_threads, chunk_bytes=chunk_bytes,
-            pinned_bytes=pinned_bytes, num_streams=num_streams, route=route,
+            pinned_bytes=pinned_bytes, num_streams=num_streams, route=route, verify=verify,
         )
         return dict(zip(_entry_names(path), tensors))
     return torch.ops.flashpack.load(
         _path(path, must_exist=True), _device(device), copy=copy, num_threads=num_threads,
         chunk_bytes=chunk_bytes, pinned_bytes=pinned_bytes, num_streams=num_streams, route=route,
+        verify=verify,
     )
 
 
@@ -161,6 +169,29 @@ def release_pinned_memory() -> int:
         int: the bytes freed (0 without CUDA, or when no load has run).
     """
     return int(torch.ops.flashpack.release_pinned_memory())
+
+
+def verify_file(path: PathLike, *, num_threads: int = 0) -> None:
+    """Check a flashpack file's payload against the checksums stored in its footer.
+
+    Reads the whole payload (with several threads) and compares the CRC-32C of each
+    16 MiB chunk of each block with the one ``save_file(..., checksum=True)`` stored.
+
+    Args:
+        path: a flashpack file saved with ``checksum=True``.
+        num_threads: reader threads; 0 picks a default (``FLASHPACK_NUM_THREADS``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: a chunk does not match (the message names the file, the block, the
+            byte range and the tensors in it), no checksums were stored, or the file is
+            not a valid flashpack file.
+        RuntimeError: the file could not be read.
+
+    Example:
+        >>> verify_file("model.flashpack")  # returns None when every byte matches
+    """
+    torch.ops.flashpack.verify(_path(path, must_exist=True), num_threads=num_threads)
 
 
 def read_metadata(path: PathLike) -> Dict[str, Any]:
@@ -238,20 +269,21 @@ def _fake_views(op: str, path: str, device: torch.device) -> Tuple[List[str], Li
 
 @torch.library.register_fake("flashpack::load_list")
 def _load_list_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0, chunk_bytes=0, pinned_bytes=0,
-                    num_streams=0, route="auto"):
+                    num_streams=0, route="auto", verify=False):
     return _fake_views("flashpack::load_list", path, device)[1]
 
 
 @torch.library.register_fake("flashpack::load")
 def _load_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0, chunk_bytes=0, pinned_bytes=0,
-               num_streams=0, route="auto"):
+               num_streams=0, route="auto", verify=False):
     # Dynamo cannot put an op returning a dict in a graph; with this fake it breaks the
     # graph there instead of failing, and opcheck and export can run the op.
     return dict(zip(*_fake_views("flashpack::load", path, device)))
 
 
 @torch.library.register_fake("flashpack::save")
-def _save_fake(tensors, path, *, target_dtype=None, align_bytes=DEFAULT_ALIGN_BYTES, num_threads=0):
+def _save_fake(tensors, path, *, target_dtype=None, align_bytes=DEFAULT_ALIGN_BYTES, num_threads=0,
+               checksum=False):
     # A save has no output for a graph to keep, so a graph would be free to drop it
     # (Inductor does), or to move it past a load of the same file. Refusing fake tensors
     # makes Dynamo break the graph here and run the save eagerly, in program order.
@@ -259,3 +291,12 @@ def _save_fake(tensors, path, *, target_dtype=None, align_bytes=DEFAULT_ALIGN_BY
 
     raise UnsupportedOperatorException(
         f"flashpack::save writes '{path}': torch.compile runs it eagerly, between graphs")
+
+
+@torch.library.register_fake("flashpack::verify")
+def _verify_fake(path, *, num_threads=0):
+    # Like a save, a check has no output for a graph to keep, and dropping it would drop
+    # the error it exists to raise: it runs eagerly, between graphs.
+    from torch._subclasses.fake_tensor import UnsupportedOperatorException
+
+    raise UnsupportedOperatorException(f"flashpack::verify reads '{path}': torch.compile runs it eagerly")

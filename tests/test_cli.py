@@ -189,11 +189,15 @@ def test_metadata_summary_index_and_json(tmp_path, capsys):
 
 def test_metadata_verify(tmp_path, capsys):
     path = tmp_path / "m.flashpack"
-    flashpack_ops.save_file(state_dict(), path)
+    can_verify = hasattr(flashpack_ops, "verify_file")
+    flashpack_ops.save_file(state_dict(), path, **({"checksum": True} if can_verify else {}))
     status = cli.main(["metadata", str(path), "--verify"])
     captured = capsys.readouterr()
-    if hasattr(flashpack_ops, "verify_file"):
+    if can_verify:
         assert status == 0 and "verified" in captured.out
+        flashpack_ops.save_file(state_dict(), path)  # no checksums: nothing to verify
+        assert cli.main(["metadata", str(path), "--verify"]) == 1
+        assert "save it with checksum=True" in capsys.readouterr().err
     else:
         assert status == 1 and "needs flashpack_ops.verify_file" in captured.err
 
