@@ -8,6 +8,7 @@ flashpack`` runs code written for it.
 
 from ._library import has_cuda, library_path
 from .ops import cuda_stats, load_file, read_metadata, release_pinned_memory, save_file, verify_file
+from .distributed import load_file_distributed
 from .api import (
     assign_from_file,
     get_flashpack_file_metadata,
@@ -25,6 +26,7 @@ __all__ = [
     "save_file",
     "read_metadata",
     "verify_file",
+    "load_file_distributed",
     "pack_to_file",
     "assign_from_file",
     "revert_from_file",

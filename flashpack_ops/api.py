@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
+from .distributed import SHARD_STRATEGIES, load_file_distributed, maybe_init_distributed
 from .ops import DEFAULT_ALIGN_BYTES, DeviceLike, PathLike, load_file, read_metadata, save_file
 
 
@@ -202,26 +203,34 @@ def assign_from_file(
         coerce_dtype: convert a buffer to the model's dtype when the file's differs;
             otherwise a floating buffer takes the file's dtype, as parameters do.
         dtype: convert the file's floating-point tensors to this dtype (a copy).
-        num_streams, chunk_bytes, rank, local_rank, world_size, distributed_sharded,
-            distributed_shard_strategy: accepted for compatibility; the operators pick
-            their own threads and chunks.
+        use_distributed_loading: load over torch.distributed (see ``load_file_distributed``):
+            rank 0 reads and broadcasts, or with ``distributed_sharded`` every rank reads
+            its share and the ranks all-gather. Starts the process group from ``rank``,
+            ``local_rank``, ``world_size`` or the torchrun environment if none exists.
+        distributed_shard_strategy: the reference's names, ``"contiguous"`` or
+            ``"windows"``, are accepted; both load the same tensors.
+        num_streams, chunk_bytes: accepted for compatibility; the operators pick their
+            own threads and chunks.
 
     Raises:
         ValueError: names missing from the file or unexpected in it (all listed), or a
             shape or dtype that does not match.
-        NotImplementedError: ``use_distributed_loading=True``.
 
     Example:
         >>> with torch.device("meta"):
         ...     model = torch.nn.Linear(4, 4)
         >>> assign_from_file(model, "linear.flashpack", device="cpu")
     """
-    if use_distributed_loading:
-        raise NotImplementedError("flashpack_ops.assign_from_file: distributed loading is not available yet")
+    if use_distributed_loading and distributed_shard_strategy not in (None,) + SHARD_STRATEGIES:
+        raise ValueError(f"unknown distributed_shard_strategy {distributed_shard_strategy!r}; expected one of "
+                         f"{', '.join(SHARD_STRATEGIES)}")
     device = _default_device(model) if device is None else torch.device(device)
     if device.type == "meta":
         raise ValueError(f"flashpack_ops.assign_from_file: cannot load {path} onto the meta device")
-    tensors = load_file(path, device)
+    if use_distributed_loading and maybe_init_distributed(rank, local_rank, world_size):
+        tensors = load_file_distributed(path, device, sharded=distributed_sharded)
+    else:
+        tensors = load_file(path, device)
 
     def ignored(name: str) -> bool:
         return _is_ignored(name, ignore_names, ignore_prefixes, ignore_suffixes)

@@ -1,0 +1,77 @@
+"""One rank of a distributed-loading test run (started by tests/test_distributed.py).
+
+    python dist_worker.py RANK WORLD INIT_FILE CASES_JSON OUT_JSON [BACKEND DEVICE]
+
+Runs every case against the same process group and writes, per case, "ok" or the
+exception's type and message. Each case compares what load_file_distributed returned on
+this rank with a plain load_file, bit for bit.
+"""
+
+import json
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+import flashpack_ops
+from flashpack_ops.distributed import load_file_distributed
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    # Bytes, not values: NaNs and float8 compare as stored.
+    return torch.equal(a.cpu().reshape(-1).view(torch.uint8), b.cpu().reshape(-1).view(torch.uint8))
+
+
+def check_same(got, want, ties):
+    assert list(got) == list(want), f"names or order differ: {list(got)} vs {list(want)}"
+    for name in want:
+        assert same_bits(got[name], want[name]), f"'{name}' differs"
+    for a, b in ties:
+        assert got[a].data_ptr() == got[b].data_ptr(), f"'{a}' and '{b}' no longer share memory"
+
+
+def run_case(case, rank, device):
+    path = case["path"].format(rank=rank)
+    kwargs = case.get("kwargs", {})
+    if case.get("assign"):
+        # The reference entry point, on a model whose parameters are placeholders.
+        model = torch.nn.Sequential(torch.nn.Linear(37, 29), torch.nn.LayerNorm(29))
+        flashpack_ops.assign_from_file(model, path, device=device, use_distributed_loading=True, **kwargs)
+        got = dict(model.state_dict())
+    else:
+        got = load_file_distributed(path, device, **kwargs)
+    want = flashpack_ops.load_file(case["path"].format(rank=0), device)
+    check_same(got, want, case.get("ties", []))
+
+
+def main():
+    rank, world, init_file, cases_json, out_json = sys.argv[1:6]
+    backend = sys.argv[6] if len(sys.argv) > 6 else "gloo"
+    device = sys.argv[7] if len(sys.argv) > 7 else "cpu"
+    rank, world = int(rank), int(world)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    with open(cases_json) as f:
+        cases = json.load(f)
+    results = {}
+    for name, case in cases.items():
+        try:
+            run_case(case, rank, device)
+            results[name] = "ok"
+        except Exception as exc:  # reported to the test, which decides
+            results[name] = f"{type(exc).__name__}: {exc}"
+            if not case.get("expect_error"):
+                traceback.print_exc()
+        # Every case starts together, whatever the previous one did on this rank.
+        dist.barrier()
+    with open(out_json, "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

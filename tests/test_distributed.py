@@ -1,0 +1,258 @@
+"""Distributed loading over torch.distributed: broadcast from one rank, or sharded reads plus
+all-gather. Real process groups (gloo on the CPU, 2 to 4 processes; NCCL with the GPUs there
+are), real files, results compared bit for bit with a plain load on every rank."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import flashpack_ops
+from flashpack_ops.distributed import _plan_windows, SHARD_ALIGN_BYTES
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
+
+
+def mixed_state_dict(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f32 = torch.randn(30011, generator=g)
+    f32[5] = float("nan")
+    return {
+        "f32": f32,
+        "bf16": torch.randn(12345, generator=g).to(torch.bfloat16),
+        "i64": torch.randint(-2**40, 2**40, (5003,), generator=g),
+        "u8": torch.randint(0, 256, (70001,), generator=g).to(torch.uint8),
+        "bool": torch.rand(999, generator=g) > 0.5,
+        "f8": torch.randn(40000, generator=g).to(torch.float8_e4m3fn),
+        "c64": torch.randn(3001, generator=g, dtype=torch.complex64),
+        "f16_small": torch.randn(7, generator=g).half(),
+        "empty": torch.empty(0, 5),
+        "scalar": torch.tensor(3.5, dtype=torch.float64),
+        "grid": torch.randn(17, 13, 11, generator=g),
+        "tied": f32,
+    }
+
+
+MIXED_TIES = [["f32", "tied"]]
+
+
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(37, 29), torch.nn.LayerNorm(29))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    paths = {name: str(d / f"{name}.flashpack") for name in ("mixed", "tiny", "checked", "corrupt", "model", "ref")}
+    flashpack_ops.save_file(mixed_state_dict(), paths["mixed"])
+    flashpack_ops.save_file({"t": torch.arange(3, dtype=torch.int16)}, paths["tiny"])
+    flashpack_ops.save_file(mixed_state_dict(), paths["checked"], checksum=True)
+    flashpack_ops.save_file(mixed_state_dict(), paths["corrupt"], checksum=True)
+    block = flashpack_ops.read_metadata(paths["corrupt"])["macroblocks"][0]
+    with open(paths["corrupt"], "r+b") as f:
+        f.seek(block["offset_bytes"] + 1000)
+        byte = f.read(1)[0]
+        f.seek(block["offset_bytes"] + 1000)
+        f.write(bytes([byte ^ 0x40]))
+    flashpack_ops.save_file(model().state_dict(), paths["model"])
+    from flashpack import pack_to_file as reference_pack
+    ref = mixed_state_dict(1)
+    reference_pack({k: ref[k] for k in ("f32", "bf16", "i64", "u8", "bool", "f16_small", "grid")}, paths["ref"],
+                   target_dtype=None, num_workers=2)
+    # Per-rank files: every rank but 1 has one; every rank has a different one.
+    for rank in (0, 2, 3):
+        flashpack_ops.save_file(mixed_state_dict(), str(d / f"not1_{rank}.flashpack"))
+    for rank in range(4):
+        flashpack_ops.save_file({"t": torch.zeros(5000 + rank)}, str(d / f"differs_{rank}.flashpack"))
+    paths["not1"] = str(d / "not1_{rank}.flashpack")
+    paths["differs"] = str(d / "differs_{rank}.flashpack")
+    paths["missing"] = str(d / "missing.flashpack")
+    paths["dir"] = str(d)
+    return paths
+
+
+def cases(files, world):
+    return {
+        "broadcast": {"path": files["mixed"], "ties": MIXED_TIES},
+        "broadcast_from_last_rank": {"path": files["mixed"], "kwargs": {"src": world - 1}, "ties": MIXED_TIES},
+        "broadcast_tiny": {"path": files["tiny"]},
+        # Only rank 0 reads: rank 1 has no file at that path.
+        "broadcast_file_only_on_src": {"path": files["not1"], "ties": MIXED_TIES},
+        "broadcast_reference_file": {"path": files["ref"]},
+        "broadcast_verify": {"path": files["checked"], "kwargs": {"verify": True}, "ties": MIXED_TIES},
+        # 8 KiB pieces: many windows per block, shrinking pieces and leftovers.
+        "sharded_small_windows": {"path": files["mixed"], "kwargs": {"sharded": True, "shard_bytes": 8192},
+                                  "ties": MIXED_TIES},
+        "sharded_default_windows": {"path": files["mixed"], "kwargs": {"sharded": True}, "ties": MIXED_TIES},
+        "sharded_tiny": {"path": files["tiny"], "kwargs": {"sharded": True}},
+        "sharded_reference_file": {"path": files["ref"], "kwargs": {"sharded": True, "shard_bytes": 4096}},
+        "sharded_verify": {"path": files["checked"], "kwargs": {"sharded": True, "verify": True},
+                           "ties": MIXED_TIES},
+        "assign_broadcast": {"path": files["model"], "assign": True},
+        "assign_sharded": {"path": files["model"], "assign": True, "kwargs": {"distributed_sharded": True}},
+        "error_missing_on_src": {"path": files["missing"], "expect_error": True},
+        "error_missing_sharded": {"path": files["missing"], "kwargs": {"sharded": True}, "expect_error": True},
+        "error_missing_on_rank_1": {"path": files["not1"], "kwargs": {"sharded": True}, "expect_error": True},
+        "error_files_differ": {"path": files["differs"], "kwargs": {"sharded": True}, "expect_error": True},
+        "error_corrupt_verify": {"path": files["corrupt"], "kwargs": {"verify": True}, "expect_error": True},
+    }
+
+
+def worker_env():
+    # The workers import the same flashpack_ops as this process, installed or built in place.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(flashpack_ops.__file__)))
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", FLASHPACK_NUM_THREADS="2")
+
+
+def run_world(files, world, backend="gloo", gpus=False, errors=True):
+    """Runs every case on `world` worker processes; returns each rank's results."""
+    d = files["dir"]
+    tag = f"{backend}{world}"
+    cases_json = os.path.join(d, f"cases_{tag}.json")
+    with open(cases_json, "w") as f:
+        json.dump({k: v for k, v in cases(files, world).items() if errors or not v.get("expect_error")}, f)
+    init_file = os.path.join(d, f"init_{tag}")
+    if os.path.exists(init_file):
+        os.remove(init_file)
+    outs = [os.path.join(d, f"out_{tag}_{r}.json") for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world), init_file, cases_json, outs[r],
+                               backend, f"cuda:{r}" if gpus else "cpu"],
+                              env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(world)]
+    logs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=300)
+            logs.append(out.decode(errors="replace"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{logs[r]}"
+    results = []
+    for out in outs:
+        with open(out) as f:
+            results.append(json.load(f))
+    return results
+
+
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda w: f"world{w}")
+def world_results(request, files):
+    return request.param, run_world(files, request.param)
+
+
+@pytest.mark.parametrize("case", [
+    "broadcast", "broadcast_from_last_rank", "broadcast_tiny", "broadcast_file_only_on_src",
+    "broadcast_reference_file",
+    "broadcast_verify", "sharded_small_windows", "sharded_default_windows", "sharded_tiny",
+    "sharded_reference_file", "sharded_verify", "assign_broadcast", "assign_sharded",
+])
+def test_every_rank_gets_the_plain_load_bit_for_bit(world_results, case):
+    world, results = world_results
+    for rank in range(world):
+        assert results[rank][case] == "ok", f"rank {rank}: {results[rank][case]}"
+
+
+def test_missing_file_on_src_fails_on_every_rank(world_results):
+    world, results = world_results
+    assert results[0]["error_missing_on_src"].startswith("FileNotFoundError")
+    for rank in range(1, world):
+        assert "loading on rank 0 failed: FileNotFoundError" in results[rank]["error_missing_on_src"]
+
+
+def test_missing_file_sharded_fails_on_every_rank(world_results):
+    world, results = world_results
+    for rank in range(world):
+        assert results[rank]["error_missing_sharded"].startswith("FileNotFoundError")
+
+
+def test_file_missing_on_one_rank_fails_on_every_rank(world_results):
+    world, results = world_results
+    assert results[1]["error_missing_on_rank_1"].startswith("FileNotFoundError")
+    for rank in [0] + list(range(2, world)):
+        assert "failed on another rank" in results[rank]["error_missing_on_rank_1"]
+
+
+def test_different_files_on_ranks_are_refused(world_results):
+    world, results = world_results
+    for rank in range(world):
+        assert "differs between ranks" in results[rank]["error_files_differ"]
+
+
+def test_corrupt_file_with_verify_fails_on_every_rank(world_results):
+    world, results = world_results
+    assert results[0]["error_corrupt_verify"].startswith("ValueError")
+    for rank in range(world):
+        assert "checksum mismatch in macroblock 0" in results[rank]["error_corrupt_verify"]
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 4095, 4096, 8191, 12288, 3 * 4096 + 17, 10**6 + 3, 7 << 20])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("shard_bytes", [4096, 12288, 1 << 20])
+def test_windows_tile_the_block(nbytes, world, shard_bytes):
+    windows, rest = _plan_windows(nbytes, world, shard_bytes)
+    pos = 0
+    for start, piece in windows:
+        assert start == pos and 0 < piece <= shard_bytes and piece % SHARD_ALIGN_BYTES == 0
+        pos += world * piece
+    assert pos == rest <= nbytes
+    assert nbytes - rest < world * SHARD_ALIGN_BYTES
+
+
+def test_needs_a_process_group(files):
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="needs an initialized torch.distributed process group"):
+        flashpack_ops.load_file_distributed(files["mixed"])
+
+
+def test_assign_from_file_without_a_world_loads_normally(files):
+    m = model()
+    want = {k: v.clone() for k, v in m.state_dict().items()}
+    m2 = torch.nn.Sequential(torch.nn.Linear(37, 29), torch.nn.LayerNorm(29))
+    flashpack_ops.assign_from_file(m2, files["model"], use_distributed_loading=True, world_size=1)
+    for k, v in m2.state_dict().items():
+        assert torch.equal(v, want[k])
+
+
+def test_unknown_shard_strategy_is_refused(files):
+    with pytest.raises(ValueError, match="unknown distributed_shard_strategy 'ring'"):
+        flashpack_ops.assign_from_file(model(), files["model"], use_distributed_loading=True, world_size=1,
+                                       distributed_shard_strategy="ring")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not torch.distributed.is_nccl_available(), reason="needs NCCL")
+def test_nccl_on_the_gpus_there_are(files):
+    # One process per GPU; on a one-GPU machine that is a world of one, which still runs
+    # every broadcast and all-gather through NCCL.
+    if not flashpack_ops.has_cuda():
+        pytest.skip("flashpack_ops was built without CUDA")
+    world = torch.cuda.device_count()
+    for rank, res in enumerate(run_world(files, world, backend="nccl", gpus=True, errors=False)):
+        for case, outcome in res.items():
+            assert outcome == "ok", f"rank {rank}, {case}: {outcome}"
+
+
+@pytest.mark.parametrize("offset,length", [(0, 0), (0, 1), (4095, 3), (1000, 70001), (0, None)])
+def test_read_range_returns_the_file_bytes(files, offset, length):
+    path = files["mixed"]
+    with open(path, "rb") as f:
+        raw = f.read()
+    length = len(raw) if length is None else length
+    got = torch.ops.flashpack.read_range(path, offset, length, "cpu", num_threads=3)
+    assert got.dtype == torch.uint8 and got.shape == (length,)
+    assert bytes(got.numpy()) == raw[offset:offset + length]
+
+
+@pytest.mark.parametrize("offset,length", [(-1, 4), (0, -4), (0, 10**9), (2**62, 1)])
+def test_read_range_refuses_bytes_past_the_file(files, offset, length):
+    with pytest.raises(ValueError, match=r"flashpack::read_range: '.*mixed.flashpack': cannot read -?\d+ bytes at "
+                                         r"offset -?\d+: the file has \d+ bytes"):
+        torch.ops.flashpack.read_range(files["mixed"], offset, length, "cpu")
