@@ -15,20 +15,14 @@ import torch
 import torch.distributed as dist
 
 import flashpack_ops
+from conftest import assert_same
 from flashpack_ops.distributed import load_file_distributed
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    # Bytes, not values: NaNs and float8 compare as stored.
-    return torch.equal(a.cpu().reshape(-1).view(torch.uint8), b.cpu().reshape(-1).view(torch.uint8))
 
 
 def check_same(got, want, ties):
     assert list(got) == list(want), f"names or order differ: {list(got)} vs {list(want)}"
     for name in want:
-        assert same_bits(got[name], want[name]), f"'{name}' differs"
+        assert_same(got[name], want[name], name)
     for a, b in ties:
         assert got[a].data_ptr() == got[b].data_ptr(), f"'{a}' and '{b}' no longer share memory"
 

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 import flashpack_ops
+from conftest import STORABLE_DTYPES, random_tensor
 from flashpack_ops.distributed import _plan_windows, SHARD_ALIGN_BYTES
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
@@ -34,6 +35,8 @@ def mixed_state_dict(seed=0):
         "scalar": torch.tensor(3.5, dtype=torch.float64),
         "grid": torch.randn(17, 13, 11, generator=g),
         "tied": f32,
+        # One block of every other storable dtype, too small to split: read by every rank.
+        **{f"t_{str(dtype)[6:]}": random_tensor((3, 5), dtype, seed=k) for k, dtype in enumerate(STORABLE_DTYPES)},
     }
 
 

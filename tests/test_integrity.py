@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import flashpack_ops
+from conftest import STORABLE_DTYPES, assert_same, assert_same_dict, random_tensor
 from flashpack_ops import load_file, read_metadata, save_file, verify_file
 
 CHUNK = 16 << 20
@@ -31,39 +32,15 @@ def crc32c_reference(data: bytes) -> int:
     return crc ^ 0xFFFFFFFF
 
 
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(a.cpu().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
-
-
 def every_kind():
-    g = torch.Generator().manual_seed(0)
-    f32 = torch.randn(1000, generator=g)
-    sd = {
-        "bool": torch.rand(33, generator=g) > 0.5,
-        "uint8": torch.randint(0, 256, (101,), generator=g).to(torch.uint8),
-        "int8": torch.randint(-128, 128, (7, 3), generator=g).to(torch.int8),
-        "int16": torch.randint(-2**15, 2**15, (55,), generator=g).to(torch.int16),
-        "int32": torch.randint(-2**31, 2**31, (66,), generator=g).to(torch.int32),
-        "int64": torch.randint(-2**62, 2**62, (77,), generator=g),
-        "uint16": torch.randint(0, 2**16, (9,), generator=g).to(torch.uint16),
-        "uint32": torch.randint(0, 2**32, (9,), generator=g).to(torch.uint32),
-        "uint64": torch.randint(0, 2**62, (9,), generator=g).to(torch.uint64),
-        "float16": torch.randn(3, 5, generator=g).half(),
-        "bfloat16": torch.randn(129, generator=g).bfloat16(),
-        "float32": f32,
-        "float64": torch.randn(31, generator=g).double(),
-        "complex64": torch.randn(17, generator=g, dtype=torch.complex64),
-        "complex128": torch.randn(5, generator=g, dtype=torch.complex128),
-        "float8_e4m3fn": torch.randn(40, generator=g).to(torch.float8_e4m3fn),
-        "float8_e5m2": torch.randn(41, generator=g).to(torch.float8_e5m2),
-        "empty": torch.empty(0, 4),
-        "empty_int": torch.empty(0, dtype=torch.int32),
-        "scalar": torch.tensor(2.5),
-        "transposed": torch.randn(6, 9, generator=g).t(),  # written through a conversion
-        "tied": f32,
-    }
+    """One tensor of every storable dtype (one block each), plus empty, scalar, tied and
+    non-contiguous ones."""
+    sd = {f"t_{str(dtype)[6:]}": random_tensor((3, 11), dtype, seed=k) for k, dtype in enumerate(STORABLE_DTYPES)}
+    sd["empty"] = torch.empty(0, 4)
+    sd["empty_int"] = torch.empty(0, dtype=torch.int32)
+    sd["scalar"] = torch.tensor(2.5)
+    sd["transposed"] = torch.randn(6, 9).t()  # written through a conversion
+    sd["tied"] = sd["t_float32"]
     return sd
 
 
@@ -122,10 +99,8 @@ def test_round_trip_every_kind_with_checksums(tmp_path, copy):
     save_file(sd, path, checksum=True)
     verify_file(path)
     got = load_file(path, copy=copy, verify=True)
-    assert list(got) == list(sd)
-    for name, t in sd.items():
-        assert same_bits(got[name], t), name
-    assert got["tied"].data_ptr() == got["float32"].data_ptr()
+    assert_same_dict(got, sd)
+    assert got["tied"].data_ptr() == got["t_float32"].data_ptr()
 
 
 def test_every_block_carries_one_checksum_per_chunk(big):
@@ -304,8 +279,7 @@ def test_file_without_checksums_loads_and_says_nothing_to_verify(tmp_path):
     path = str(tmp_path / "plain.flashpack")
     save_file(sd, path)
     assert "checksums" not in read_metadata(path)["macroblocks"][0]
-    got = load_file(path)
-    assert all(same_bits(got[k], v) for k, v in sd.items())
+    assert_same_dict(load_file(path), sd)
     msg = r"nothing to verify: no checksums were stored in this flashpack_v4 file; save it with checksum=True"
     with pytest.raises(ValueError, match=msg):
         verify_file(path)
