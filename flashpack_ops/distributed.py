@@ -245,7 +245,8 @@ def _load_sharded(path: str, device: torch.device, shard_bytes: int, num_threads
                          "pass the same value on every rank")
 
     # NOTE: each gather runs asynchronously while this rank reads its next piece, so the
-    # disk and the interconnect work at the same time.
+    # disk and the interconnect work at the same time; at most two pieces are alive at once,
+    # so the extra memory is two windows, not 1/N of the file.
     works = []
     try:
         for k, start, piece in plans:
@@ -260,6 +261,8 @@ def _load_sharded(path: str, device: torch.device, shard_bytes: int, num_threads
                     raise error
                 raise _failed_elsewhere(path, f"reading macroblock {k}")
             works.append((_all_gather(blocks[k].narrow(0, start, world * piece), mine), mine))
+            if len(works) > 1:
+                works.pop(0)[0].wait()
     finally:
         for work, _ in works:
             work.wait()
