@@ -236,7 +236,7 @@ def _load_sharded(path: str, device: torch.device, shard_bytes: int, num_threads
     if high[0]:
         if error is not None:
             raise error
-        raise _failed_elsewhere(path, "reading the footer or verifying the file")
+        raise _failed_elsewhere(path, "reading the footer, allocating or reading")
     if high[1] != low[1]:
         raise ValueError(f"'{path}' differs between ranks (their footers do not match); every rank must "
                          "read the same file")
