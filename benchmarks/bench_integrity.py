@@ -91,8 +91,11 @@ def main():
         line("save", save_plain)
         line("save, checksum=True", save_checked, save_plain)
 
-        (verify,) = median_seconds([lambda: flashpack_ops.verify_file(checked)], args.repeats)
+        verify, verify_one = median_seconds(
+            [lambda: flashpack_ops.verify_file(checked), lambda: flashpack_ops.verify_file(checked, num_threads=1)],
+            args.repeats)
         line("verify_file", verify)
+        line("verify_file, 1 thread", verify_one)
 
         copy_plain, copy_checked = median_seconds(
             [lambda: flashpack_ops.load_file(checked, copy=True),
