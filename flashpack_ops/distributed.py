@@ -2,15 +2,15 @@
 
 Two ways, both over the job's own process group (gloo for CPU tensors, NCCL for CUDA):
 
-* **broadcast** (default): rank ``src`` loads the file with the ordinary engine and
-  broadcasts each block; the other ranks only receive (they need not see the file at all:
-  the footer comes from ``src`` too).
+* **broadcast** (default): rank ``src`` reads the file and broadcasts it; the other ranks
+  only receive (they need not see the file at all: the footer comes from ``src`` too).
 * **sharded**: every rank reads about 1/N of each block and the ranks all-gather the
   pieces, so the disk (or network file system) serves the file once, N readers at a time.
 
-Blocks travel as raw bytes (``uint8``), so every dtype works with every backend, and the
-tensors come back as views of their block, as ``load_file`` returns them (tied entries share
-memory). Failures are agreed on before any bytes move: if one rank cannot read, every rank
+Blocks travel as raw bytes (``uint8``), so every dtype works with every backend, window by
+window, the next window being read while the current one moves. The tensors come back as
+``load_file`` returns them: each with a storage of its own over its block, tied entries
+sharing one. Failures are agreed on before bytes move: if one rank cannot read, every rank
 raises instead of waiting forever in a collective.
 """
 
@@ -26,12 +26,12 @@ import torch.distributed as dist
 
 from .ops import DeviceLike, PathLike, _device, _path
 
-# NOTE: 256 MiB per rank per all-gather is the band where the gathers are large enough to
-# run at link speed and small enough that reading the next window overlaps the current one;
-# the reference measured 128-256 MiB best on 8 H200s.
-DEFAULT_SHARD_BYTES = 256 << 20
+# NOTE: 256 MiB per collective (per rank for an all-gather) is the band where transfers run
+# at link speed while the next window's read still overlaps the current transfer; the
+# reference measured 128-256 MiB best on 8 H200s.
+DEFAULT_WINDOW_BYTES = 256 << 20
 
-# Shard boundaries sit on multiples of this, a multiple of every element size and of the
+# Sharded pieces start on multiples of this, a multiple of every element size and of the
 # 4096-byte block alignment, so each piece is a page-aligned read.
 SHARD_ALIGN_BYTES = 4096
 
@@ -66,8 +66,7 @@ def _layout(footer: str) -> Tuple[List[_Block], List[_Entry]]:
     meta = json.loads(footer)
     if meta["format"] == "flashpack_v3":
         dtype = _dtype(meta["target_dtype"])
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        blocks = [_Block(dtype, 0, int(meta["total_elems"]) * itemsize)]
+        blocks = [_Block(dtype, 0, int(meta["total_elems"]) * dtype.itemsize)]
     else:
         blocks = [_Block(_dtype(b["dtype"]), int(b["offset_bytes"]), int(b["length_bytes"]))
                   for b in meta["macroblocks"]]
@@ -77,45 +76,36 @@ def _layout(footer: str) -> Tuple[List[_Block], List[_Entry]]:
     return blocks, entries
 
 
-def _needed(blocks: List[_Block], entries: List[_Entry]) -> List[bool]:
-    """Blocks that some non-empty tensor views: the only bytes worth moving."""
-    needed = [False] * len(blocks)
+def _allocate(layout: List[_Block], entries: List[_Entry], device: torch.device) -> List[Optional[torch.Tensor]]:
+    """A uint8 buffer per block some non-empty tensor views: the only bytes worth moving.
+    The same on every rank, since it follows from the footer alone."""
+    needed = [False] * len(layout)
     for e in entries:
         if e.length > 0:
             needed[e.block] = True
-    return needed
+    return [torch.empty(spec.nbytes, dtype=torch.uint8, device=device) if need else None
+            for spec, need in zip(layout, needed)]
 
 
-def _views(blocks: List[Optional[torch.Tensor]], layout: List[_Block], entries: List[_Entry],
-           device: torch.device) -> Dict[str, torch.Tensor]:
-    typed = [b.view(spec.dtype) if b is not None else None for b, spec in zip(blocks, layout)]
-    out = {}
+def _tensors(blocks: List[Optional[torch.Tensor]], layout: List[_Block], entries: List[_Entry],
+             device: torch.device) -> Dict[str, torch.Tensor]:
+    """The entries over their blocks, as load_file builds them: each tensor on a storage of
+    its own over its bytes (sharing the block's memory), tied entries on the same one."""
+    out: Dict[str, torch.Tensor] = {}
+    storages: Dict[Tuple[int, int, int], torch.UntypedStorage] = {}
     for e in entries:
         dtype = layout[e.block].dtype
         if e.length == 0:
             out[e.name] = torch.empty(e.shape, dtype=dtype, device=device)
-        else:
-            out[e.name] = typed[e.block].narrow(0, e.offset, e.length).view(e.shape)
-    return out
-
-
-def _block_bytes(tensors: List[torch.Tensor], layout: List[_Block], entries: List[_Entry]) -> List[Optional[torch.Tensor]]:
-    """Each needed block as a uint8 tensor sharing memory with the loaded views.
-
-    A view of entry ``e`` starts ``e.offset`` elements into its block, which gives where the
-    block starts in the view's storage: no bytes are copied.
-    """
-    found: List[Optional[torch.Tensor]] = [None] * len(layout)
-    for t, e in zip(tensors, entries):
-        if e.length == 0 or found[e.block] is not None:
             continue
-        spec = layout[e.block]
-        start = (t.storage_offset() - e.offset) * t.element_size()
-        storage = t.untyped_storage()
-        if start < 0 or start + spec.nbytes > storage.nbytes():
-            raise RuntimeError(f"flashpack_ops: the loaded storage does not hold macroblock {e.block} whole")
-        found[e.block] = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage, start, (spec.nbytes,))
-    return found
+        key = (e.block, e.offset, e.length)
+        storage = storages.get(key)
+        if storage is None:
+            start = e.offset * dtype.itemsize
+            # A slice of an untyped storage is a new storage over the same memory.
+            storage = storages[key] = blocks[e.block].untyped_storage()[start:start + e.length * dtype.itemsize]
+        out[e.name] = torch.empty(0, dtype=dtype, device=device).set_(storage, 0, e.shape)
+    return out
 
 
 def _control_device(device: torch.device) -> torch.device:
@@ -127,11 +117,6 @@ def _control_device(device: torch.device) -> torch.device:
     return torch.device("cpu")
 
 
-def _all_gather(output: torch.Tensor, piece: torch.Tensor):
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return gather(output, piece, async_op=True)
-
-
 def _agree(values: List[int], ctrl: torch.device) -> Tuple[List[int], List[int]]:
     """The maximum and the minimum over all ranks of each value, in one all-reduce."""
     t = torch.tensor(values + [-v for v in values], dtype=torch.int64, device=ctrl)
@@ -141,54 +126,84 @@ def _agree(values: List[int], ctrl: torch.device) -> Tuple[List[int], List[int]]
     return got[:n], [-v for v in got[n:]]
 
 
-def _failed_elsewhere(path: str, what: str) -> RuntimeError:
-    return RuntimeError(f"'{path}': {what} failed on another rank (this rank's part succeeded); "
-                        "see that rank's error")
+def _raise_together(error: Optional[BaseException], ctrl: torch.device, path: str, what: str) -> None:
+    """Raises on every rank if `error` happened on any: this rank's own error, or one
+    saying that `what` failed elsewhere."""
+    if _agree([int(error is not None)], ctrl)[0][0]:
+        if error is not None:
+            raise error
+        raise RuntimeError(f"'{path}': {what} failed on another rank (this rank's part succeeded); "
+                           "see that rank's error")
 
 
-def _load_broadcast(path: str, device: torch.device, src: int, num_threads: int, verify: bool,
-                    ctrl: torch.device) -> Dict[str, torch.Tensor]:
+class _InFlight:
+    """Asynchronous collectives, at most two at a time: the transfer of one window overlaps
+    the read of the next, and only two windows' pieces are held at once."""
+
+    def __init__(self):
+        self._works = []
+
+    def add(self, work, keep_alive: Optional[torch.Tensor] = None) -> None:
+        self._works.append((work, keep_alive))
+        if len(self._works) > 2:
+            self._works.pop(0)[0].wait()
+
+    def wait_all(self) -> None:
+        while self._works:
+            self._works.pop(0)[0].wait()
+
+
+def _read(path: str, offset: int, length: int, device: torch.device, num_threads: int) -> torch.Tensor:
+    return torch.ops.flashpack.read_range(path, offset, length, device, num_threads=num_threads)
+
+
+def _load_broadcast(path: str, device: torch.device, src: int, window_bytes: int, num_threads: int,
+                    verify: bool, ctrl: torch.device) -> Dict[str, torch.Tensor]:
     rank = dist.get_rank()
     status: List[Optional[str]] = [None, None]  # [footer, error]
     error: Optional[BaseException] = None
-    tensors: List[torch.Tensor] = []
     if rank == src:
         try:
             path = _path(path, must_exist=True)
-            footer = torch.ops.flashpack.read_footer(path)
-            tensors = torch.ops.flashpack.load_list(path, device, num_threads=num_threads, verify=verify)
-            layout, entries = _layout(footer)
-            blocks = _block_bytes(tensors, layout, entries)
-            status[0] = footer
+            status[0] = torch.ops.flashpack.read_footer(path)
+            if verify:
+                torch.ops.flashpack.verify(path, num_threads=num_threads)
         except Exception as exc:  # re-raised below, once every rank knows
             error = exc
-            status[1] = f"{type(exc).__name__}: {exc}"
+            status = [None, f"{type(exc).__name__}: {exc}"]
     dist.broadcast_object_list(status, src=src, device=ctrl if ctrl.type == "cuda" else None)
     if status[1] is not None:
         if error is not None:
             raise error
         raise RuntimeError(f"'{path}': loading on rank {src} failed: {status[1]}")
 
-    if rank != src:
-        try:
-            layout, entries = _layout(status[0])
-            blocks = [torch.empty(spec.nbytes, dtype=torch.uint8, device=device) if need else None
-                      for spec, need in zip(layout, _needed(layout, entries))]
-        except Exception as exc:  # out of memory, most likely
-            error = exc
-    if _agree([int(error is not None)], ctrl)[0][0]:
-        if error is not None:
-            raise error
-        raise _failed_elsewhere(path, "allocating the blocks")
-    works = [dist.broadcast(block, src=src, async_op=True) for block in blocks if block is not None]
-    for work in works:
-        work.wait()
-    if rank == src:
-        return {e.name: t for e, t in zip(entries, tensors)}
-    return _views(blocks, layout, entries, device)
+    try:
+        layout, entries = _layout(status[0])
+        blocks = _allocate(layout, entries, device)
+    except Exception as exc:  # out of memory, most likely
+        error = exc
+    _raise_together(error, ctrl, path, "allocating the blocks")
+
+    in_flight = _InFlight()
+    try:
+        for k, block in enumerate(blocks):
+            if block is None:
+                continue
+            for start in range(0, block.numel(), window_bytes):
+                window = block[start:start + window_bytes]
+                if rank == src:
+                    try:
+                        window.copy_(_read(path, layout[k].offset + start, window.numel(), device, num_threads))
+                    except Exception as exc:
+                        error = exc
+                _raise_together(error, ctrl, path, f"reading macroblock {k}")
+                in_flight.add(dist.broadcast(window, src=src, async_op=True))
+    finally:
+        in_flight.wait_all()
+    return _tensors(blocks, layout, entries, device)
 
 
-def _plan_windows(nbytes: int, world: int, shard_bytes: int) -> Tuple[List[Tuple[int, int]], int]:
+def _plan_windows(nbytes: int, world: int, window_bytes: int) -> Tuple[List[Tuple[int, int]], int]:
     """Windows ``(start, piece)`` tiling a block: rank r reads ``[start + r*piece, start +
     (r+1)*piece)``. Pieces shrink toward the end so that what is left over, which every rank
     reads itself, is under ``world * SHARD_ALIGN_BYTES``. Returns the windows and where that
@@ -196,16 +211,20 @@ def _plan_windows(nbytes: int, world: int, shard_bytes: int) -> Tuple[List[Tuple
     windows = []
     pos = 0
     while nbytes - pos >= world * SHARD_ALIGN_BYTES:
-        piece = min(shard_bytes, (nbytes - pos) // world // SHARD_ALIGN_BYTES * SHARD_ALIGN_BYTES)
+        piece = min(window_bytes, (nbytes - pos) // world // SHARD_ALIGN_BYTES * SHARD_ALIGN_BYTES)
         windows.append((pos, piece))
         pos += world * piece
     return windows, pos
 
 
-def _load_sharded(path: str, device: torch.device, shard_bytes: int, num_threads: int, verify: bool,
+def _all_gather(output: torch.Tensor, piece: torch.Tensor):
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(output, piece, async_op=True)
+
+
+def _load_sharded(path: str, device: torch.device, window_bytes: int, num_threads: int, verify: bool,
                   ctrl: torch.device) -> Dict[str, torch.Tensor]:
     rank, world = dist.get_rank(), dist.get_world_size()
-    read_range = torch.ops.flashpack.read_range
 
     # Everything that can fail on one rank alone happens before the first collective that
     # moves data: reading the footer, allocating, the leftovers every rank reads itself.
@@ -216,57 +235,45 @@ def _load_sharded(path: str, device: torch.device, shard_bytes: int, num_threads
         footer = torch.ops.flashpack.read_footer(path)
         footer_crc = zlib.crc32(footer.encode())
         layout, entries = _layout(footer)
-        needed = _needed(layout, entries)
-        blocks = [torch.empty(spec.nbytes, dtype=torch.uint8, device=device) if need else None
-                  for spec, need in zip(layout, needed)]
+        blocks = _allocate(layout, entries, device)
         plans = []
-        for k, (spec, block) in enumerate(zip(layout, blocks)):
+        for k, block in enumerate(blocks):
             if block is None:
                 continue
-            windows, rest = _plan_windows(spec.nbytes, world, shard_bytes)
+            windows, rest = _plan_windows(block.numel(), world, window_bytes)
             plans.extend((k, start, piece) for start, piece in windows)
-            if rest < spec.nbytes:
-                block[rest:].copy_(read_range(path, spec.offset + rest, spec.nbytes - rest, device,
-                                              num_threads=num_threads))
+            if rest < block.numel():
+                block[rest:].copy_(_read(path, layout[k].offset + rest, block.numel() - rest, device, num_threads))
         if verify and rank == 0:
             torch.ops.flashpack.verify(path, num_threads=num_threads)
     except Exception as exc:  # re-raised below, once every rank knows
         error = exc
-    high, low = _agree([int(error is not None), footer_crc, shard_bytes], ctrl)
+    high, low = _agree([int(error is not None), footer_crc, window_bytes], ctrl)
     if high[0]:
         if error is not None:
             raise error
-        raise _failed_elsewhere(path, "reading the footer, allocating or reading")
+        raise RuntimeError(f"'{path}': reading the footer, allocating or reading failed on another rank "
+                           "(this rank's part succeeded); see that rank's error")
     if high[1] != low[1]:
         raise ValueError(f"'{path}' differs between ranks (their footers do not match); every rank must "
                          "read the same file")
     if high[2] != low[2]:
-        raise ValueError(f"load_file_distributed: shard_bytes differs between ranks ({low[2]} to {high[2]}); "
+        raise ValueError(f"load_file_distributed: window_bytes differs between ranks ({low[2]} to {high[2]}); "
                          "pass the same value on every rank")
 
-    # NOTE: each gather runs asynchronously while this rank reads its next piece, so the
-    # disk and the interconnect work at the same time; at most two pieces are alive at once,
-    # so the extra memory is two windows, not 1/N of the file.
-    works = []
+    in_flight = _InFlight()
     try:
         for k, start, piece in plans:
-            spec = layout[k]
             mine = None
             try:
-                mine = read_range(path, spec.offset + start + rank * piece, piece, device, num_threads=num_threads)
+                mine = _read(path, layout[k].offset + start + rank * piece, piece, device, num_threads)
             except Exception as exc:
                 error = exc
-            if _agree([int(mine is None)], ctrl)[0][0]:
-                if error is not None:
-                    raise error
-                raise _failed_elsewhere(path, f"reading macroblock {k}")
-            works.append((_all_gather(blocks[k].narrow(0, start, world * piece), mine), mine))
-            if len(works) > 1:
-                works.pop(0)[0].wait()
+            _raise_together(error, ctrl, path, f"reading macroblock {k}")
+            in_flight.add(_all_gather(blocks[k][start:start + world * piece], mine), keep_alive=mine)
     finally:
-        for work, _ in works:
-            work.wait()
-    return _views(blocks, layout, entries, device)
+        in_flight.wait_all()
+    return _tensors(blocks, layout, entries, device)
 
 
 def load_file_distributed(
@@ -275,14 +282,14 @@ def load_file_distributed(
     *,
     src: int = 0,
     sharded: bool = False,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    window_bytes: int = DEFAULT_WINDOW_BYTES,
     num_threads: int = 0,
     verify: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """Load a flashpack file on every rank of the default process group.
 
-    Every rank must call it with the same arguments (except ``path``, which only has to
-    name the same file). With ``sharded=False`` only rank ``src`` touches the file.
+    Every rank must call it with the same arguments (``path`` only has to name the same
+    file). With ``sharded=False`` only rank ``src`` touches the file.
 
     Args:
         path: the flashpack file.
@@ -290,11 +297,11 @@ def load_file_distributed(
             under NCCL and to the CPU otherwise.
         src: with ``sharded=False``, the rank that reads the file and broadcasts it.
         sharded: every rank reads its share of each block and the ranks all-gather.
-        shard_bytes: with ``sharded``, the most each rank reads per all-gather (rounded
-            down to a multiple of 4096).
+        window_bytes: bytes per broadcast, or per rank per all-gather when ``sharded``
+            (then rounded down to a multiple of 4096).
         num_threads: reader threads per rank; 0 picks a default (``FLASHPACK_NUM_THREADS``).
-        verify: check the file against its checksums (on rank ``src``, or rank 0 when
-            sharded, which then reads the whole file once more).
+        verify: check the file against its checksums first, on rank ``src`` (rank 0 when
+            sharded), which reads the whole file once more for it.
 
     Returns:
         Dict[str, torch.Tensor]: the same tensors on every rank, in the file's order, bit
@@ -320,12 +327,12 @@ def load_file_distributed(
         device = torch.device("cuda", torch.cuda.current_device())
     path = os.fspath(path)
     ctrl = _control_device(device)
+    if window_bytes < SHARD_ALIGN_BYTES:
+        raise ValueError(f"window_bytes must be at least {SHARD_ALIGN_BYTES}, got {window_bytes}")
     if not sharded:
-        return _load_broadcast(path, device, src, num_threads, verify, ctrl)
-    if shard_bytes < SHARD_ALIGN_BYTES:
-        raise ValueError(f"shard_bytes must be at least {SHARD_ALIGN_BYTES}, got {shard_bytes}")
-    shard_bytes -= shard_bytes % SHARD_ALIGN_BYTES
-    return _load_sharded(path, device, shard_bytes, num_threads, verify, ctrl)
+        return _load_broadcast(path, device, src, window_bytes, num_threads, verify, ctrl)
+    window_bytes -= window_bytes % SHARD_ALIGN_BYTES
+    return _load_sharded(path, device, window_bytes, num_threads, verify, ctrl)
 
 
 def maybe_init_distributed(rank: Optional[int] = None, local_rank: Optional[int] = None,

@@ -23,6 +23,9 @@ def check_same(got, want, ties):
     assert list(got) == list(want), f"names or order differ: {list(got)} vs {list(want)}"
     for name in want:
         assert_same(got[name], want[name], name)
+        # As load_file gives them: a storage of its own over its bytes.
+        t = got[name]
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), f"'{name}' shares a bigger storage"
     for a, b in ties:
         assert got[a].data_ptr() == got[b].data_ptr(), f"'{a}' and '{b}' no longer share memory"
 

@@ -83,17 +83,18 @@ def cases(files, world):
     return {
         "broadcast": {"path": files["mixed"], "ties": MIXED_TIES},
         "broadcast_from_last_rank": {"path": files["mixed"], "kwargs": {"src": world - 1}, "ties": MIXED_TIES},
+        "broadcast_small_windows": {"path": files["mixed"], "kwargs": {"window_bytes": 5000}, "ties": MIXED_TIES},
         "broadcast_tiny": {"path": files["tiny"]},
         # Only rank 0 reads: rank 1 has no file at that path.
         "broadcast_file_only_on_src": {"path": files["not1"], "ties": MIXED_TIES},
         "broadcast_reference_file": {"path": files["ref"]},
         "broadcast_verify": {"path": files["checked"], "kwargs": {"verify": True}, "ties": MIXED_TIES},
         # 8 KiB pieces: many windows per block, shrinking pieces and leftovers.
-        "sharded_small_windows": {"path": files["mixed"], "kwargs": {"sharded": True, "shard_bytes": 8192},
+        "sharded_small_windows": {"path": files["mixed"], "kwargs": {"sharded": True, "window_bytes": 8192},
                                   "ties": MIXED_TIES},
         "sharded_default_windows": {"path": files["mixed"], "kwargs": {"sharded": True}, "ties": MIXED_TIES},
         "sharded_tiny": {"path": files["tiny"], "kwargs": {"sharded": True}},
-        "sharded_reference_file": {"path": files["ref"], "kwargs": {"sharded": True, "shard_bytes": 4096}},
+        "sharded_reference_file": {"path": files["ref"], "kwargs": {"sharded": True, "window_bytes": 4096}},
         "sharded_verify": {"path": files["checked"], "kwargs": {"sharded": True, "verify": True},
                            "ties": MIXED_TIES},
         "assign_broadcast": {"path": files["model"], "assign": True},
@@ -152,7 +153,7 @@ def world_results(request, files):
 
 
 @pytest.mark.parametrize("case", [
-    "broadcast", "broadcast_from_last_rank", "broadcast_tiny", "broadcast_file_only_on_src",
+    "broadcast", "broadcast_from_last_rank", "broadcast_small_windows", "broadcast_tiny", "broadcast_file_only_on_src",
     "broadcast_reference_file",
     "broadcast_verify", "sharded_small_windows", "sharded_default_windows", "sharded_tiny",
     "sharded_reference_file", "sharded_verify", "assign_broadcast", "assign_sharded",
@@ -198,12 +199,12 @@ def test_corrupt_file_with_verify_fails_on_every_rank(world_results):
 
 @pytest.mark.parametrize("nbytes", [0, 1, 4095, 4096, 8191, 12288, 3 * 4096 + 17, 10**6 + 3, 7 << 20])
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("shard_bytes", [4096, 12288, 1 << 20])
-def test_windows_tile_the_block(nbytes, world, shard_bytes):
-    windows, rest = _plan_windows(nbytes, world, shard_bytes)
+@pytest.mark.parametrize("window_bytes", [4096, 12288, 1 << 20])
+def test_windows_tile_the_block(nbytes, world, window_bytes):
+    windows, rest = _plan_windows(nbytes, world, window_bytes)
     pos = 0
     for start, piece in windows:
-        assert start == pos and 0 < piece <= shard_bytes and piece % SHARD_ALIGN_BYTES == 0
+        assert start == pos and 0 < piece <= window_bytes and piece % SHARD_ALIGN_BYTES == 0
         pos += world * piece
     assert pos == rest <= nbytes
     assert nbytes - rest < world * SHARD_ALIGN_BYTES
