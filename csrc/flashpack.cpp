@@ -95,8 +95,10 @@ std::vector<at::Tensor> load_list(const std::string& path, c10::Device device, b
 }
 
 void save_op(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
-             std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads, bool checksum) {
-  translate_errors("flashpack::save", [&] { save(tensors, path, target_dtype, align_bytes, num_threads, checksum); });
+             std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads, bool checksum,
+             bool durable) {
+  translate_errors("flashpack::save",
+                   [&] { save(tensors, path, target_dtype, align_bytes, num_threads, checksum, durable); });
 }
 
 void verify_op(const std::string& path, int64_t num_threads) {
@@ -158,7 +160,7 @@ TORCH_LIBRARY(flashpack, m) {
       kSideEffects));
   m.def(torch::schema(
       "save(Dict(str, Tensor) tensors, str path, *, ScalarType? target_dtype=None, int align_bytes=128, "
-      "int num_threads=0, bool checksum=False) -> ()",
+      "int num_threads=0, bool checksum=False, bool durable=True) -> ()",
       kSideEffects));
   m.def(torch::schema("read_footer(str path) -> str", kSideEffects));
   m.def(torch::schema("verify(str path, *, int num_threads=0) -> ()", kSideEffects));

@@ -61,10 +61,12 @@ int default_threads(int requested);
 // Writes a new file at `path` atomically: the bytes go to a temporary file in the same
 // directory; commit() fsyncs it, renames it over `path` and fsyncs the directory. If the
 // writer is destroyed without commit() (an exception, say), the temporary file is
-// removed and whatever was at `path` is untouched.
+// removed and whatever was at `path` is untouched. With durable=false there is no fsync:
+// other processes still see the old file or the new one, but a power loss may leave
+// neither on disk.
 class AtomicWriter {
  public:
-  AtomicWriter(const std::string& path, uint64_t size);
+  AtomicWriter(const std::string& path, uint64_t size, bool durable = true);
   ~AtomicWriter();
   AtomicWriter(const AtomicWriter&) = delete;
   AtomicWriter& operator=(const AtomicWriter&) = delete;
@@ -77,6 +79,7 @@ class AtomicWriter {
   std::string path_;
   std::string tmp_path_;
   int fd_ = -1;
+  bool durable_ = true;
   bool committed_ = false;
 };
 

@@ -57,7 +57,8 @@ at::ScalarType bits_dtype(size_t element_size) {
 }  // namespace
 
 void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
-          std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads, bool checksum) {
+          std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads, bool checksum,
+          bool durable) {
   if (align_bytes < 0 || align_bytes > (int64_t(1) << 30)) {
     throw std::invalid_argument("'" + path + "': align_bytes must be between 0 and 2^30, got " + std::to_string(align_bytes));
   }
@@ -101,7 +102,7 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
   }
   std::string footer = footer_json(layout);
   const uint64_t file_size = layout.payload_bytes + footer.size() + kTrailerBytes;
-  AtomicWriter out(path, file_size);
+  AtomicWriter out(path, file_size, durable);
 
   // Tensors already in their final form (CPU, contiguous, right dtype) are written
   // straight from their memory in chunks; the others are converted inside the task

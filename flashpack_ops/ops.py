@@ -43,6 +43,7 @@ def save_file(
     align_bytes: int = DEFAULT_ALIGN_BYTES,
     num_threads: int = 0,
     checksum: bool = False,
+    durable: bool = True,
 ) -> None:
     """Save a dict of tensors to a flashpack file.
 
@@ -59,6 +60,9 @@ def save_file(
         num_threads: writer threads; 0 picks a default (``FLASHPACK_NUM_THREADS``).
         checksum: also store a CRC-32C of every 16 MiB of the payload in the footer, for
             ``load_file(..., verify=True)`` and ``verify_file``. Other readers ignore it.
+        durable: flush the file and its directory entry to disk (fsync) before returning,
+            so that not even a power loss can lose it. ``False`` skips the flushes, for
+            scratch files: the replacement is still atomic for every other process.
 
     Raises:
         ValueError: a tensor cannot be stored (quantized, sparse, on the meta device), naming it.
@@ -71,7 +75,7 @@ def save_file(
         raise TypeError(f"tensors must be a mapping of str to Tensor, got {type(tensors).__name__}")
     torch.ops.flashpack.save(
         dict(tensors), _path(path, must_exist=False), target_dtype=target_dtype,
-        align_bytes=align_bytes, num_threads=num_threads, checksum=checksum,
+        align_bytes=align_bytes, num_threads=num_threads, checksum=checksum, durable=durable,
     )
 
 
@@ -283,7 +287,7 @@ def _load_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0, c
 
 @torch.library.register_fake("flashpack::save")
 def _save_fake(tensors, path, *, target_dtype=None, align_bytes=DEFAULT_ALIGN_BYTES, num_threads=0,
-               checksum=False):
+               checksum=False, durable=True):
     # A save has no output for a graph to keep, so a graph would be free to drop it
     # (Inductor does), or to move it past a load of the same file. Refusing fake tensors
     # makes Dynamo break the graph here and run the save eagerly, in program order.

@@ -259,3 +259,12 @@ def test_each_tensor_owns_its_bytes_and_ties_share_a_storage(tmp_path):
     torch.save(loaded["norm"], tmp_path / "norm.pt")
     assert os.path.getsize(tmp_path / "norm.pt") < 16 * 1024
     assert torch.equal(torch.load(tmp_path / "norm.pt"), torch.ones(64))
+
+
+def test_non_durable_save_writes_the_same_file(tmp_path):
+    tensors = {"a": torch.randn(1 << 18), "b": torch.arange(5), "tied": None}
+    tensors["tied"] = tensors["a"]
+    flashpack_ops.save_file(tensors, tmp_path / "durable.flashpack")
+    flashpack_ops.save_file(tensors, tmp_path / "fast.flashpack", durable=False)
+    assert (tmp_path / "durable.flashpack").read_bytes() == (tmp_path / "fast.flashpack").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["durable.flashpack", "fast.flashpack"]
