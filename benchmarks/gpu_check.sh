@@ -14,8 +14,7 @@
 # packages, come as wheels in .whl/ at the repository root (git-ignored, carried beside the
 # tree). Only wheels whose package is not importable are installed, into /tmp/site. To
 # prepare .whl/ on a machine with a network (cp312 wheels for the GPU machine's python3):
-#   cp /tmp/fpwhl/flashpack-0.4.5-py3-none-any.whl .whl/
-#   pip download --no-deps -d .whl accelerate==1.15.0 click
+#   pip download --no-deps -d .whl flashpack==0.4.5 accelerate==1.15.0 click
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
 #     -d .whl matplotlib contourpy kiwisolver pillow fonttools cycler pyparsing python-dateutil six
