@@ -1,0 +1,38 @@
+"""The Python package around the library: importing, and what happens without a build."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flashpack_ops
+
+
+def test_import_registers_the_ops():
+    assert hasattr(torch.ops.flashpack, "load")
+    assert os.path.exists(flashpack_ops.library_path())
+
+
+def test_missing_library_says_how_to_build(tmp_path):
+    # A copy of the package without its compiled library, imported in a fresh process.
+    package = os.path.dirname(flashpack_ops.__file__)
+    shutil.copytree(package, tmp_path / "flashpack_ops",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    result = subprocess.run([sys.executable, "-c", "import flashpack_ops"], cwd=tmp_path,
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode != 0
+    assert "ImportError" in result.stderr
+    assert "flashpack_ops/_C*.so) was not found" in result.stderr
+    assert "pip install --no-build-isolation ." in result.stderr
+
+
+def test_the_library_holds_no_python():
+    # One build serves every CPython and LibTorch-only programs: no libpython dependency.
+    if shutil.which("ldd") is None:
+        pytest.skip("ldd is not installed")
+    out = subprocess.run(["ldd", flashpack_ops.library_path()], capture_output=True, text=True).stdout
+    assert "libpython" not in out
+    assert "libtorch_python" not in out
