@@ -19,7 +19,9 @@ from .api import (
 from .mixin import FlashPackMixin
 from .integrations import patch_integrations
 
-__version__ = "0.1.0"
+__version__ = version = "0.1.0"
+__version_tuple__ = version_tuple = (0, 1, 0)
+__commit_id__ = commit_id = None  # the reference package's names for the same facts
 
 __all__ = [
     "load_file",
@@ -39,4 +41,9 @@ __all__ = [
     "release_pinned_memory",
     "library_path",
     "__version__",
+    "__version_tuple__",
+    "version",
+    "version_tuple",
+    "__commit_id__",
+    "commit_id",
 ]

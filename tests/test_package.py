@@ -36,3 +36,12 @@ def test_the_library_holds_no_python():
     out = subprocess.run(["ldd", flashpack_ops.library_path()], capture_output=True, text=True).stdout
     assert "libpython" not in out
     assert "libtorch_python" not in out
+
+
+def test_reference_names_are_all_there():
+    flashpack = pytest.importorskip("flashpack")
+    # read_flashpack_file_distributed returns the reference's block storage object; ours is
+    # load_file_distributed, which returns the dict.
+    missing = [n for n in flashpack.__all__ if not hasattr(flashpack_ops, n)]
+    assert missing == ["read_flashpack_file_distributed"]
+    assert flashpack_ops.version == flashpack_ops.__version__
