@@ -541,7 +541,7 @@ def table(report) -> str:
                  + ", flashpack 0.4.5 " + (f"{max(ref_pinned) / MiB:.0f} MiB" if ref_pinned else "n/a"))
     bad = [f"{r['loader']} {r['dataset']} {r['cache']}" for r in report["results"] if not r["bitexact"]]
     lines.append("bit-exact: " + ("every load" if not bad else "FAILED for " + ", ".join(bad)))
-    # The targets of GPU.md, where measured.
+    # The targets in benchmarks/RESULTS.md, where measured.
     warm = find(report, "flashpack_ops", "llm", "warm")
     cold = find(report, "flashpack_ops", "llm", "cold")
     small = find(report, "flashpack_ops", "small", "warm")
@@ -553,7 +553,7 @@ def table(report) -> str:
     if small:
         checks.append(f"small warm <= 0.05 s: {'PASS' if small['median_s'] <= 0.05 else 'MISS'} ({small['median_s']:.3f})")
     if checks and m["device"].startswith("cuda"):
-        lines.append("targets (GPU.md): " + "; ".join(checks))
+        lines.append("targets: " + "; ".join(checks))
     if report["skipped"] or report["errors"]:
         lines.append("skipped: " + (", ".join(report["skipped"]) or "-") + "; errors: " + (" | ".join(report["errors"]) or "-"))
     return "\n".join(lines)

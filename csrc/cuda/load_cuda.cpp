@@ -53,13 +53,13 @@ constexpr uint64_t kMiB = uint64_t(1) << 20;
 
 // NOTE: 256 MiB of pinned staging is enough to keep 16 readers and the copy engine busy at
 // once (32 buffers of 8 MiB: 16 being read, the rest queued for DMA), and small next to a
-// host's RAM. GPU.md: pinned host -> GPU runs at 54.9 GB/s, so the ring turns over every
+// host's RAM. H100 host (benchmarks/RESULTS.md): pinned host -> GPU runs at 54.9 GB/s, so the ring turns over every
 // ~5 ms.
 constexpr uint64_t kDefaultPinnedBytes = 256 * kMiB;
 // NOTE: one copy engine moves host -> device bytes whatever the stream count; streams only
-// keep its queue full. GPU.md: 4 rotating streams reach 54.6 GB/s, one 2 GiB copy 54.9.
+// keep its queue full. H100 host: 4 rotating streams reach 54.6 GB/s, one 2 GiB copy 54.9.
 constexpr int kDefaultStreams = 4;
-// NOTE: the driver serializes part of cudaHostRegister: GPU.md measured 64 MiB chunks
+// NOTE: the driver serializes part of cudaHostRegister: on the H100 host 64 MiB chunks were
 // registered at 53.6 GB/s by 4 threads but only 42.3 GB/s by 16.
 constexpr int kDefaultRegisterThreads = 4;
 // NOTE: the staged route splits the ring into 32 buffers (8 MiB at the default size): more
@@ -80,7 +80,7 @@ enum class Route { Auto, Direct, Buffered, Register };
 
 // NOTE: files not in the page cache are read buffered by default: on the measured H100
 // host's disk, 8 buffered readers got 2.2 GB/s against 1.5 GB/s for O_DIRECT at any reader
-// count (GPU.md), and a buffered read stays fast when the residency check misjudges a
+// count (benchmarks/RESULTS.md), and a buffered read stays fast when the residency check misjudges a
 // cached file. O_DIRECT remains one option away (route="direct") for disks where the page
 // cache copy becomes the bottleneck.
 constexpr Route kColdRoute = Route::Buffered;
@@ -652,7 +652,7 @@ Route choose_route(Route asked, const ReadOnlyMap& map, const Layout& layout, c1
     end = std::max(end, b.offset_bytes + b.length_bytes);
   }
   if (resident_fraction(map, begin, end) < kWarmFraction) return kColdRoute;
-  // NOTE: GPU.md: the page cache reaches the GPU at ~55 GB/s once registered (chunks
+  // NOTE: on the H100 host (benchmarks/RESULTS.md) the page cache reaches the GPU at ~55 GB/s once registered (chunks
   // register at 53.6 GB/s with 4 threads, overlapped with the copies), while staging costs
   // a host copy that tops out at 48.4 GB/s with 16 threads before any DMA.
   return can_register ? Route::Register : Route::Buffered;
