@@ -1,6 +1,7 @@
 #include "io.h"
 
 #include <fcntl.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -131,7 +132,11 @@ int default_threads(int requested) {
   }
   // NOTE: reads from the page cache scale to about 16 threads (48 GB/s measured on a
   // 16-core H100 host); more only adds contention.
-  const unsigned hw = std::thread::hardware_concurrency();
+  // The CPUs this process may run on (a container's cpuset), not the host's count.
+  cpu_set_t cpus;
+  unsigned hw = 0;
+  if (::sched_getaffinity(0, sizeof(cpus), &cpus) == 0) hw = static_cast<unsigned>(CPU_COUNT(&cpus));
+  if (hw == 0) hw = std::thread::hardware_concurrency();
   return static_cast<int>(std::min(16u, std::max(1u, hw)));
 }
 

@@ -62,6 +62,7 @@ constexpr int kDefaultStreams = 4;
 // NOTE: the driver serializes part of cudaHostRegister: on the H100 host 64 MiB chunks were
 // registered at 53.6 GB/s by 4 threads but only 42.3 GB/s by 16.
 constexpr int kDefaultRegisterThreads = 4;
+constexpr int kMinDiskReaders = 8;
 // NOTE: the staged route splits the ring into 32 buffers (8 MiB at the default size): more
 // buffers than the 16 default readers, so a reader never waits for a free buffer while
 // copies are queued, and 8 MiB copies still run at full DMA speed (~150 us each). The
@@ -184,7 +185,11 @@ int threads_for(const Tuning& t, Route r) {
   if (t.threads > 0 || std::getenv("FLASHPACK_NUM_THREADS") != nullptr) {
     return default_threads(static_cast<int>(t.threads));
   }
-  return r == Route::Register ? std::min(kDefaultRegisterThreads, default_threads(0)) : default_threads(0);
+  if (r == Route::Register) return std::min(kDefaultRegisterThreads, default_threads(0));
+  // NOTE: reads from disk are waits, not work: the readers are the disk's queue depth, so
+  // a process confined to a few CPUs still runs at least kMinDiskReaders of them (the H100
+  // host's disk gave its 2.2 GB/s to 8 buffered readers).
+  return std::max(kMinDiskReaders, default_threads(0));
 }
 
 // ---- plan ------------------------------------------------------------------------------
