@@ -2,6 +2,7 @@
 
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -62,6 +63,21 @@ def assert_same_dict(actual, expected):
     assert list(actual) == list(expected)
     for name in expected:
         assert_same(actual[name], expected[name], name)
+
+
+def torchscript_refusal() -> str:
+    """Why this torch will not script a function ('' if it will): TorchScript is deprecated."""
+
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.script(probe)
+    except Exception as error:  # whatever a torch that dropped TorchScript raises
+        return f"torch {torch.__version__} refuses TorchScript ({type(error).__name__}: {error})"
+    return ""
 
 
 @pytest.fixture

@@ -4,12 +4,12 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
 
 import flashpack_ops
+from conftest import torchscript_refusal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(flashpack_ops.__file__)))
 RUN = os.path.join(REPO, "torchscript", "run.sh")
@@ -25,22 +25,9 @@ def _missing() -> str:
     return f"needs {' and '.join(missing)} to build the LibTorch example" if missing else ""
 
 
-def _torchscript_refusal() -> str:
-    """Why this torch will not script a module ('' if it will): make_inputs.py scripts one."""
-
-    def probe(x: torch.Tensor) -> torch.Tensor:
-        return x + 1
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.script(probe)
-    except Exception as error:  # whatever a torch that dropped TorchScript raises
-        return f"torch {torch.__version__} refuses TorchScript ({type(error).__name__}: {error})"
-    return ""
 
 
-MISSING = _missing() or _torchscript_refusal()
+MISSING = _missing() or torchscript_refusal()
 
 
 @pytest.mark.skipif(bool(MISSING), reason=MISSING)

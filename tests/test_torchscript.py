@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import warnings
 from typing import Dict
 
 import pytest
@@ -11,25 +10,12 @@ import torch
 from torch import nn
 
 import flashpack_ops
-from conftest import assert_same_dict
+from conftest import assert_same_dict, torchscript_refusal
 
 
-def _torchscript_refusal() -> str:
-    """Why this torch will not script a function ('' if it will): TorchScript is deprecated."""
-
-    def probe(x: torch.Tensor) -> torch.Tensor:
-        return x + 1
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.script(probe)
-    except Exception as error:  # whatever a torch that dropped TorchScript raises
-        return f"torch {torch.__version__} refuses TorchScript ({type(error).__name__}: {error})"
-    return ""
 
 
-REFUSAL = _torchscript_refusal()
+REFUSAL = torchscript_refusal()
 pytestmark = [
     pytest.mark.skipif(bool(REFUSAL), reason=REFUSAL),
     pytest.mark.filterwarnings(r"ignore:`torch\.jit\..*` is deprecated:DeprecationWarning"),

@@ -8,6 +8,7 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 
+from ..api import filter_state_dict, pack_to_file
 from ..ops import read_metadata
 
 FLASHPACK_FILE = "model.flashpack"
@@ -74,6 +75,30 @@ def flashpack_file_in(directory: str, subfolder: Optional[str] = None) -> str:
         raise FileNotFoundError(f"{path} not found; write it with save_pretrained_flashpack() or "
                                 f"`flashpack convert {model_dir}`")
     return path
+
+
+def locate_flashpack(name_or_path: Union[str, "os.PathLike[str]"], subfolder: Optional[str] = None,
+                     **hub: Any) -> str:
+    """The ``model.flashpack`` of a local model directory or a Hub repo id (``hub``: resolve_directory's options)."""
+    patterns = [f"{subfolder}/*"] if subfolder else None
+    return flashpack_file_in(resolve_directory(name_or_path, allow_patterns=patterns, **hub), subfolder)
+
+
+def checked_save_directory(save_directory: Union[str, "os.PathLike[str]"]) -> str:
+    """``save_directory`` as a str, refusing an existing file."""
+    save_directory = os.fspath(save_directory)
+    if os.path.isfile(save_directory):
+        raise NotADirectoryError(f"{save_directory} is a file; save_pretrained_flashpack needs a directory")
+    return save_directory
+
+
+def write_weights(model: torch.nn.Module, save_directory: str, *, target_dtype: Optional[torch.dtype],
+                  align_bytes: int, num_workers: int, ignore_names: Any, ignore_prefixes: Any,
+                  ignore_suffixes: Any) -> None:
+    """The model's state dict, less the ignored names, as ``save_directory/model.flashpack``."""
+    state_dict = filter_state_dict(model.state_dict(), ignore_names, ignore_prefixes, ignore_suffixes)
+    pack_to_file(state_dict, os.path.join(save_directory, FLASHPACK_FILE), target_dtype=target_dtype,
+                 align_bytes=align_bytes, num_workers=num_workers)
 
 
 def parse_dtype(dtype: Any) -> Optional[torch.dtype]:

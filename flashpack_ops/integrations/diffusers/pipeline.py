@@ -10,7 +10,6 @@ import os
 import warnings
 from typing import Any, Dict, List, Optional, Type, TypeVar, Union
 
-import diffusers
 import torch
 from diffusers import DiffusionPipeline, ModelMixin
 

@@ -11,11 +11,11 @@ import torch
 import transformers
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 
-from ...api import assign_from_file, filter_state_dict, pack_to_file
+from ...api import assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
-from .._hub import (FLASHPACK_FILE, build_and_load_dtypes, flashpack_file_in, resolve_directory,
-                    upload_directory)
+from .._hub import (build_and_load_dtypes, checked_save_directory, locate_flashpack, upload_directory,
+                    write_weights)
 
 M = TypeVar("M", bound=PreTrainedModel)
 
@@ -71,9 +71,7 @@ def save_pretrained_flashpack(
         align_bytes, num_workers: as in :func:`flashpack_ops.pack_to_file`.
         ignore_names, ignore_prefixes, ignore_suffixes: tensors to leave out of the file.
     """
-    save_directory = os.fspath(save_directory)
-    if os.path.isfile(save_directory):
-        raise NotADirectoryError(f"{save_directory} is a file; save_pretrained_flashpack needs a directory")
+    save_directory = checked_save_directory(save_directory)
     if is_main_process:
         os.makedirs(save_directory, exist_ok=True)
         config = model.config
@@ -83,9 +81,9 @@ def save_pretrained_flashpack(
         config.save_pretrained(save_directory)
         if model.can_generate() and getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(save_directory)
-        state_dict = filter_state_dict(model.state_dict(), ignore_names, ignore_prefixes, ignore_suffixes)
-        pack_to_file(state_dict, os.path.join(save_directory, FLASHPACK_FILE), target_dtype=target_dtype,
-                     align_bytes=align_bytes, num_workers=num_workers)
+        write_weights(model, save_directory, target_dtype=target_dtype, align_bytes=align_bytes,
+                      num_workers=num_workers, ignore_names=ignore_names, ignore_prefixes=ignore_prefixes,
+                      ignore_suffixes=ignore_suffixes)
     if push_to_hub and is_main_process:
         upload_directory(save_directory, repo_id, private, token, commit_message, create_pr)
 
@@ -146,11 +144,9 @@ def from_pretrained_flashpack(
         HubUnavailableError: a repo id while offline, with no cached copy.
         ValueError: the file does not match the model (names listed).
     """
-    patterns = [f"{subfolder}/*"] if subfolder else None
-    directory = resolve_directory(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
-                                  local_dir=local_dir, token=token, local_files_only=local_files_only,
-                                  force_download=force_download, allow_patterns=patterns)
-    path = flashpack_file_in(directory, subfolder)
+    path = locate_flashpack(pretrained_model_name_or_path, subfolder, revision=revision, cache_dir=cache_dir,
+                            local_dir=local_dir, token=token, local_files_only=local_files_only,
+                            force_download=force_download)
     model_dir = os.path.dirname(path)
     for unused in ("proxies", "local_dir_use_symlinks", "num_streams", "chunk_bytes", "use_distributed_loading",
                    "distributed_sharded", "distributed_shard_strategy", "rank", "local_rank", "world_size"):
