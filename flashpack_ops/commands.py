@@ -295,8 +295,6 @@ def convert_to_flashpack(
         if destination_path is None:
             raise ValueError(f"converting the Hub repo '{source}' needs a destination directory")
         patterns = [f"{subfolder}/*", "*.json"] if subfolder else None
-        from huggingface_hub import snapshot_download  # noqa: F401  (clear ImportError first)
-
         directory = resolve_directory(source, revision=revision, allow_patterns=patterns)
     else:
         directory = source
