@@ -30,8 +30,32 @@ fi
 DIR="${1:-$BUILD/data}"
 
 TORCH_PREFIX="$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+# With a CUDA build of torch, find_package(Torch) looks for a CUDA toolkit, NVRTC included.
+# Point it at the toolkit nvcc belongs to (nvcc may be a wrapper script elsewhere), and at
+# the NVRTC that torch's wheel brings where that toolkit has none.
+mapfile -t CUDA_HINTS < <("$PYTHON" - <<'EOF'
+import glob, os, shutil
+import torch
+if torch.version.cuda:
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        homes += [os.path.dirname(os.path.dirname(p)) for p in (nvcc, os.path.realpath(nvcc))]
+    homes.append("/usr/local/cuda")
+    home = next((h for h in homes if h and os.path.exists(os.path.join(h, "bin", "nvcc"))
+                 and os.path.exists(os.path.join(h, "include", "cuda_runtime.h"))), None)
+    if home:
+        print(f"-DCUDA_TOOLKIT_ROOT_DIR={home}")
+        print(f"-DCMAKE_CUDA_COMPILER={os.path.join(home, 'bin', 'nvcc')}")
+        if not glob.glob(os.path.join(home, "lib*", "libnvrtc.so*")):
+            site = os.path.dirname(os.path.dirname(torch.__file__))
+            wheel = sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libnvrtc.so*")))
+            if wheel:
+                print(f"-DCUDA_nvrtc_LIBRARY={wheel[0]}")
+EOF
+)
 cmake -S "$HERE" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" \
-  -DFLASHPACK_OPS_LIBRARY="$OPS_LIBRARY" >/dev/null
+  -DFLASHPACK_OPS_LIBRARY="$OPS_LIBRARY" "${CUDA_HINTS[@]}" >/dev/null
 cmake --build "$BUILD" -j "${JOBS:-2}"
 
 "$PYTHON" "$HERE/make_inputs.py" "$DIR"
