@@ -94,6 +94,16 @@ std::vector<at::Tensor> load_list(const std::string& path, c10::Device device, b
                   nullptr);
 }
 
+// The blocks themselves, one 1-D tensor each (load.h block_tensors), for the reference
+// package's read_flashpack_file.
+std::vector<at::Tensor> load_blocks(const std::string& path, c10::Device device, bool copy, int64_t num_threads,
+                                    int64_t chunk_bytes, int64_t pinned_bytes, int64_t num_streams, std::string route,
+                                    bool verify) {
+  LoadOptions opts = load_options(copy, num_threads, chunk_bytes, pinned_bytes, num_streams, std::move(route), verify);
+  opts.blocks = true;
+  return load_any("flashpack::load_blocks", path, device, opts, nullptr);
+}
+
 void save_op(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
              std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads, bool checksum,
              bool durable) {
@@ -159,6 +169,10 @@ TORCH_LIBRARY(flashpack, m) {
       "int pinned_bytes=0, int num_streams=0, str route=\"auto\", bool verify=False) -> Tensor[]",
       kSideEffects));
   m.def(torch::schema(
+      "load_blocks(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0, int chunk_bytes=0, "
+      "int pinned_bytes=0, int num_streams=0, str route=\"auto\", bool verify=False) -> Tensor[]",
+      kSideEffects));
+  m.def(torch::schema(
       "save(Dict(str, Tensor) tensors, str path, *, ScalarType? target_dtype=None, int align_bytes=128, "
       "int num_threads=0, bool checksum=False, bool durable=True) -> ()",
       kSideEffects));
@@ -176,6 +190,7 @@ TORCH_LIBRARY(flashpack, m) {
 TORCH_LIBRARY_IMPL(flashpack, CompositeExplicitAutograd, m) {
   m.impl("load", &load);
   m.impl("load_list", &load_list);
+  m.impl("load_blocks", &load_blocks);
   m.impl("save", &save_op);
   m.impl("read_footer", &read_footer);
   m.impl("verify", &verify_op);

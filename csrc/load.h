@@ -23,11 +23,21 @@ struct LoadOptions {
   int64_t pinned_bytes = 0;    // FLASHPACK_PINNED_BYTES: pinned memory one load may hold (256 MiB)
   int64_t num_streams = 0;     // FLASHPACK_NUM_STREAMS: copy streams (4)
   std::string route = "auto";  // FLASHPACK_CUDA_ROUTE: auto, direct, buffered or register
+  bool blocks = false;         // return the blocks themselves (see block_tensors), not the entries
 };
 
 // One tensor per index entry, in index order, each a view into its block's storage
 // (so tied entries share memory). `blocks[k]` must hold layout.blocks[k]'s bytes.
 std::vector<at::Tensor> make_views(const Layout& layout, const std::vector<c10::Storage>& blocks, c10::Device device);
+
+// One 1-D tensor per block, of the block's dtype and length, over `blocks[k]` itself: what
+// the reference package's read_flashpack_file returns, for callers that slice blocks.
+std::vector<at::Tensor> block_tensors(const Layout& layout, const std::vector<c10::Storage>& blocks,
+                                      c10::Device device);
+
+// make_views or block_tensors, as `opts.blocks` asks.
+std::vector<at::Tensor> load_outputs(const Layout& layout, const std::vector<c10::Storage>& blocks, c10::Device device,
+                                     const LoadOptions& opts);
 
 std::vector<at::Tensor> load_cpu(const std::string& path, const LoadOptions& opts, Layout* layout_out);
 

@@ -139,6 +139,25 @@ std::vector<at::Tensor> make_views(const Layout& layout, const std::vector<c10::
   return out;
 }
 
+std::vector<at::Tensor> block_tensors(const Layout& layout, const std::vector<c10::Storage>& blocks,
+                                      c10::Device device) {
+  const c10::DispatchKeySet keys(c10::computeDispatchKey(std::nullopt, at::kStrided, device));
+  std::vector<at::Tensor> out;
+  out.reserve(blocks.size());
+  for (size_t k = 0; k < blocks.size(); ++k) {
+    const Block& b = layout.blocks[k];
+    auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(blocks[k]), keys, c10::scalarTypeToTypeMeta(b.dtype));
+    impl->set_sizes_contiguous({static_cast<int64_t>(b.length_elems)});
+    out.emplace_back(std::move(impl));
+  }
+  return out;
+}
+
+std::vector<at::Tensor> load_outputs(const Layout& layout, const std::vector<c10::Storage>& blocks, c10::Device device,
+                                     const LoadOptions& opts) {
+  return opts.blocks ? block_tensors(layout, blocks, device) : make_views(layout, blocks, device);
+}
+
 std::vector<at::Tensor> load_cpu(const std::string& path, const LoadOptions& opts, Layout* layout_out) {
   InputFile file(path);
   Layout layout = read_layout(file.fd(), file.size(), path);
@@ -152,7 +171,7 @@ std::vector<at::Tensor> load_cpu(const std::string& path, const LoadOptions& opt
     for (const c10::Storage& s : storages) bases.push_back(static_cast<const char*>(s.data()));
     verify_in_memory(path, layout, bases, threads);
   }
-  auto views = make_views(layout, storages, c10::Device(c10::kCPU));
+  auto views = load_outputs(layout, storages, c10::Device(c10::kCPU), opts);
   if (layout_out != nullptr) *layout_out = std::move(layout);
   return views;
 }

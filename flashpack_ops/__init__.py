@@ -8,12 +8,16 @@ flashpack`` runs code written for it.
 
 from ._library import has_cuda, library_path
 from .ops import cuda_stats, load_file, read_metadata, release_pinned_memory, save_file, verify_file
-from .distributed import load_file_distributed
+from .distributed import load_blocks_distributed, load_file_distributed
 from .api import (
+    FlashTensorStorage,
     assign_from_file,
     get_flashpack_file_metadata,
     is_flashpack_file,
+    iterate_from_flash_tensor,
     pack_to_file,
+    read_flashpack_file,
+    read_flashpack_file_distributed,
     revert_from_file,
 )
 from .mixin import FlashPackMixin
@@ -29,11 +33,16 @@ __all__ = [
     "read_metadata",
     "verify_file",
     "load_file_distributed",
+    "load_blocks_distributed",
     "pack_to_file",
     "assign_from_file",
     "revert_from_file",
     "get_flashpack_file_metadata",
     "is_flashpack_file",
+    "read_flashpack_file",
+    "read_flashpack_file_distributed",
+    "iterate_from_flash_tensor",
+    "FlashTensorStorage",
     "FlashPackMixin",
     "patch_integrations",
     "has_cuda",

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Any, Dict, List, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
-from .distributed import SHARD_STRATEGIES, load_file_distributed, maybe_init_distributed
-from .ops import DEFAULT_ALIGN_BYTES, DeviceLike, PathLike, load_file, read_metadata, save_file
+from .distributed import SHARD_STRATEGIES, load_blocks_distributed, load_file_distributed, maybe_init_distributed
+from .ops import DEFAULT_ALIGN_BYTES, DeviceLike, PathLike, _device, _path, load_file, read_metadata, save_file
 
 
 def _is_ignored(name: str, names=None, prefixes=None, suffixes=None) -> bool:
@@ -91,6 +93,146 @@ def is_flashpack_file(path: PathLike) -> bool:
 def revert_from_file(path: PathLike, silent: bool = True) -> Dict[str, torch.Tensor]:
     """Read a flashpack file into ordinary CPU tensors (not backed by the file)."""
     return load_file(path, "cpu", copy=True)
+
+
+@dataclass
+class FlashTensorStorage:
+    """The blocks of a flashpack file: one 1-D tensor per block (macroblock), of the
+    block's dtype, as the reference's ``read_flashpack_file`` returns them.
+
+    ``iterate_from_flash_tensor`` turns them and the file's metadata into named tensors.
+    ``backing_arrays`` is the reference's field for its numpy memory maps; always None here.
+    """
+
+    blocks: List[torch.Tensor]
+    backing_arrays: Optional[list] = None
+
+    def block(self, idx: int) -> torch.Tensor:
+        return self.blocks[idx]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks[0].device if self.blocks else torch.device("cpu")
+
+
+def _with_macroblocks(meta: Dict[str, Any]) -> Dict[str, Any]:
+    # As the reference returns it: every index entry names its block, 0 in a flashpack_v3 file.
+    for record in meta["index"]:
+        record.setdefault("macroblock", 0)
+    return meta
+
+
+def read_flashpack_file(
+    path: PathLike,
+    device: DeviceLike = "cpu",
+    chunk_bytes: int = 0,
+    num_streams: int = 0,
+    silent: bool = True,
+    metadata: Optional[Dict[str, Any]] = None,
+) -> Tuple[FlashTensorStorage, Dict[str, Any]]:
+    """Read a flashpack file's blocks, with the reference's arguments and results.
+
+    On the CPU the blocks map the file (nothing is copied); on CUDA they are streamed to
+    the GPU as ``load_file`` does (``torch.ops.flashpack.load_blocks``).
+
+    Args:
+        path: a flashpack file.
+        device: where the blocks go.
+        chunk_bytes, num_streams: CUDA tuning, as for ``load_file``; 0 picks the default.
+        silent: unused, kept for compatibility.
+        metadata: accepted for compatibility; the file's own footer is read, checked and
+            returned whatever is passed.
+
+    Returns:
+        Tuple[FlashTensorStorage, Dict[str, Any]]: the blocks, and the footer (every index
+        entry with its ``macroblock``, as the reference gives it).
+
+    Raises:
+        FileNotFoundError, ValueError, RuntimeError: as ``load_file``.
+
+    Example:
+        >>> storage, meta = read_flashpack_file("model.flashpack", "cuda")
+        >>> state_dict = dict(iterate_from_flash_tensor(storage, meta))
+    """
+    path = _path(path, must_exist=True)
+    blocks = torch.ops.flashpack.load_blocks(path, _device(device), chunk_bytes=chunk_bytes, num_streams=num_streams)
+    return FlashTensorStorage(list(blocks)), _with_macroblocks(read_metadata(path))
+
+
+def read_flashpack_file_distributed(
+    path: PathLike,
+    device: DeviceLike = "cuda",
+    src: int = 0,
+    chunk_bytes: int = 0,
+    num_streams: int = 0,
+    silent: bool = True,
+    metadata: Optional[Dict[str, Any]] = None,
+    sharded: bool = False,
+    shard_strategy: Optional[str] = None,
+) -> Tuple[FlashTensorStorage, Dict[str, Any]]:
+    """``read_flashpack_file`` on every rank of the default process group.
+
+    Rank ``src`` reads the file and broadcasts it; with ``sharded=True`` every rank reads
+    its share and the ranks all-gather (see ``load_file_distributed``). Other ranks need
+    not see the file unless ``sharded``.
+
+    Args:
+        shard_strategy: the reference's ``"contiguous"`` or ``"windows"``; both give the
+            same blocks.
+        chunk_bytes, num_streams, silent, metadata: accepted for compatibility (the footer
+            always comes from the file, on rank ``src``).
+
+    Returns:
+        Tuple[FlashTensorStorage, Dict[str, Any]]: the same blocks and footer on every rank.
+
+    Raises:
+        RuntimeError: no process group is initialized, or the load failed on another rank.
+        ValueError: the file is invalid, or the arguments are.
+    """
+    if shard_strategy not in (None,) + SHARD_STRATEGIES:
+        raise ValueError(f"unknown shard_strategy {shard_strategy!r}; expected one of {', '.join(SHARD_STRATEGIES)}")
+    blocks, footer = load_blocks_distributed(path, device, src=src, sharded=sharded)
+    return FlashTensorStorage(blocks), _with_macroblocks(footer)
+
+
+def iterate_from_flash_tensor(
+    flash_tensor: Union[FlashTensorStorage, torch.Tensor],
+    metadata: Dict[str, Any],
+    ignore_names: Optional[List[str]] = None,
+    ignore_prefixes: Optional[List[str]] = None,
+    ignore_suffixes: Optional[List[str]] = None,
+) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The named tensors of a file, as views into its blocks, in index order.
+
+    Args:
+        flash_tensor: the blocks from ``read_flashpack_file``, or a single block tensor.
+        metadata: the file's footer (as returned with the blocks).
+        ignore_names, ignore_prefixes, ignore_suffixes: names to skip.
+
+    Yields:
+        Tuple[str, torch.Tensor]: each name and its tensor, with the shape it was saved
+        with (0-d tensors stay 0-d).
+
+    Raises:
+        ValueError: an index entry does not fit the blocks given.
+    """
+    storage = flash_tensor if isinstance(flash_tensor, FlashTensorStorage) else FlashTensorStorage([flash_tensor])
+    for record in metadata["index"]:
+        name = record["name"]
+        if _is_ignored(name, ignore_names, ignore_prefixes, ignore_suffixes):
+            continue
+        index = int(record.get("macroblock", 0))
+        offset, length, shape = int(record["offset"]), int(record["length"]), tuple(record["shape"])
+        if not 0 <= index < len(storage):
+            raise ValueError(f"index entry '{name}' is in macroblock {index}, but there are {len(storage)} blocks")
+        block = storage.block(index)
+        if offset < 0 or length < 0 or offset + length > block.numel() or math.prod(shape) != length:
+            raise ValueError(f"index entry '{name}' (offset {offset}, length {length}, shape {list(shape)}) does not "
+                             f"fit macroblock {index} of {block.numel()} elements")
+        yield name, block.narrow(0, offset, length).view(shape)
 
 
 def _default_device(model: torch.nn.Module) -> torch.device:

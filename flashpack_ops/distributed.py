@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -157,8 +157,15 @@ def _read(path: str, offset: int, length: int, device: torch.device, num_threads
     return torch.ops.flashpack.read_range(path, offset, length, device, num_threads=num_threads)
 
 
+class _Loaded(NamedTuple):
+    footer: str
+    layout: List[_Block]
+    entries: List[_Entry]
+    blocks: List[Optional[torch.Tensor]]  # uint8; None where no non-empty tensor lies
+
+
 def _load_broadcast(path: str, device: torch.device, src: int, window_bytes: int, num_threads: int,
-                    verify: bool, ctrl: torch.device) -> Dict[str, torch.Tensor]:
+                    verify: bool, ctrl: torch.device) -> _Loaded:
     rank = dist.get_rank()
     status: List[Optional[str]] = [None, None]  # [footer, error]
     error: Optional[BaseException] = None
@@ -200,7 +207,7 @@ def _load_broadcast(path: str, device: torch.device, src: int, window_bytes: int
                 in_flight.add(dist.broadcast(window, src=src, async_op=True))
     finally:
         in_flight.wait_all()
-    return _tensors(blocks, layout, entries, device)
+    return _Loaded(status[0], layout, entries, blocks)
 
 
 def _plan_windows(nbytes: int, world: int, window_bytes: int) -> Tuple[List[Tuple[int, int]], int]:
@@ -223,7 +230,7 @@ def _all_gather(output: torch.Tensor, piece: torch.Tensor):
 
 
 def _load_sharded(path: str, device: torch.device, window_bytes: int, num_threads: int, verify: bool,
-                  ctrl: torch.device) -> Dict[str, torch.Tensor]:
+                  ctrl: torch.device) -> _Loaded:
     rank, world = dist.get_rank(), dist.get_world_size()
 
     # Everything that can fail on one rank alone happens before the first collective that
@@ -273,7 +280,27 @@ def _load_sharded(path: str, device: torch.device, window_bytes: int, num_thread
             in_flight.add(_all_gather(blocks[k][start:start + world * piece], mine), keep_alive=mine)
     finally:
         in_flight.wait_all()
-    return _tensors(blocks, layout, entries, device)
+    return _Loaded(footer, layout, entries, blocks)
+
+
+def _load(path: PathLike, device: Optional[DeviceLike], src: int, sharded: bool, window_bytes: int,
+          num_threads: int, verify: bool) -> Tuple[_Loaded, torch.device]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("load_file_distributed needs an initialized torch.distributed process group "
+                           "(call torch.distributed.init_process_group first)")
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    device = _device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    path = os.fspath(path)
+    ctrl = _control_device(device)
+    if window_bytes < SHARD_ALIGN_BYTES:
+        raise ValueError(f"window_bytes must be at least {SHARD_ALIGN_BYTES}, got {window_bytes}")
+    if not sharded:
+        return _load_broadcast(path, device, src, window_bytes, num_threads, verify, ctrl), device
+    window_bytes -= window_bytes % SHARD_ALIGN_BYTES
+    return _load_sharded(path, device, window_bytes, num_threads, verify, ctrl), device
 
 
 def load_file_distributed(
@@ -317,22 +344,35 @@ def load_file_distributed(
         >>> torch.cuda.set_device(local_rank)
         >>> state_dict = load_file_distributed("model.flashpack", sharded=True)
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("load_file_distributed needs an initialized torch.distributed process group "
-                           "(call torch.distributed.init_process_group first)")
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    device = _device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    path = os.fspath(path)
-    ctrl = _control_device(device)
-    if window_bytes < SHARD_ALIGN_BYTES:
-        raise ValueError(f"window_bytes must be at least {SHARD_ALIGN_BYTES}, got {window_bytes}")
-    if not sharded:
-        return _load_broadcast(path, device, src, window_bytes, num_threads, verify, ctrl)
-    window_bytes -= window_bytes % SHARD_ALIGN_BYTES
-    return _load_sharded(path, device, window_bytes, num_threads, verify, ctrl)
+    loaded, device = _load(path, device, src, sharded, window_bytes, num_threads, verify)
+    return _tensors(loaded.blocks, loaded.layout, loaded.entries, device)
+
+
+def load_blocks_distributed(
+    path: PathLike,
+    device: Optional[DeviceLike] = None,
+    *,
+    src: int = 0,
+    sharded: bool = False,
+    window_bytes: int = DEFAULT_WINDOW_BYTES,
+    num_threads: int = 0,
+    verify: bool = False,
+) -> Tuple[List[torch.Tensor], Dict[str, Any]]:
+    """``load_file_distributed``, returning the blocks and the footer instead of the tensors.
+
+    Takes the same arguments. Returns one 1-D tensor per block, of the block's dtype (as
+    ``torch.ops.flashpack.load_blocks`` does on one process), and the file's footer as a
+    dict; ``iterate_from_flash_tensor`` turns them into named tensors.
+    """
+    loaded, device = _load(path, device, src, sharded, window_bytes, num_threads, verify)
+    blocks = []
+    for spec, block in zip(loaded.layout, loaded.blocks):
+        if block is None:
+            # No non-empty tensor lies in this block, so it was not moved: none of its bytes
+            # is ever read.
+            block = torch.zeros(spec.nbytes, dtype=torch.uint8, device=device)
+        blocks.append(block.view(spec.dtype))
+    return blocks, json.loads(loaded.footer)
 
 
 def maybe_init_distributed(rank: Optional[int] = None, local_rank: Optional[int] = None,

@@ -231,8 +231,9 @@ def _raise_as(op: str, error: Exception) -> NoReturn:
     raise error
 
 
-def _fake_views(op: str, path: str, device: torch.device) -> Tuple[List[str], List[torch.Tensor]]:
-    # The same checks, in the same order and words, as load_any() in csrc/flashpack.cpp.
+def _fake_footer(op: str, path: str, device: torch.device) -> Tuple[Dict[str, Any], List[Tuple[str, int]]]:
+    """The footer and each block's (dtype name, elements), after the checks load_any() in
+    csrc/flashpack.cpp makes, in the same order and words."""
     if device.type == "cuda" and not torch.ops.flashpack.built_with_cuda():
         raise ValueError(f"{op}: cannot load '{path}' to {device}: flashpack_ops was built without CUDA "
                          "(rebuild with a CUDA build of torch and nvcc on the PATH)")
@@ -248,6 +249,11 @@ def _fake_views(op: str, path: str, device: torch.device) -> Tuple[List[str], Li
         blocks = [(block["dtype"], block["length_elems"]) for block in footer["macroblocks"]]
     else:  # flashpack_v3: one block
         blocks = [(footer["target_dtype"], footer["total_elems"])]
+    return footer, blocks
+
+
+def _fake_views(op: str, path: str, device: torch.device) -> Tuple[List[str], List[torch.Tensor]]:
+    footer, blocks = _fake_footer(op, path, device)
     # Like the real op, each entry has a storage of its own, except tied entries (same
     # block, offset and length), which share one: aliasing between outputs is the same.
     names, tensors, first_of = [], [], {}
@@ -283,6 +289,13 @@ def _load_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0, c
     # Dynamo cannot put an op returning a dict in a graph; with this fake it breaks the
     # graph there instead of failing, and opcheck and export can run the op.
     return dict(zip(*_fake_views("flashpack::load", path, device)))
+
+
+@torch.library.register_fake("flashpack::load_blocks")
+def _load_blocks_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0, chunk_bytes=0,
+                      pinned_bytes=0, num_streams=0, route="auto", verify=False):
+    _, blocks = _fake_footer("flashpack::load_blocks", path, device)
+    return [torch.empty(elems, dtype=getattr(torch, dtype), device=device) for dtype, elems in blocks]
 
 
 @torch.library.register_fake("flashpack::save")

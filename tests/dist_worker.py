@@ -30,9 +30,23 @@ def check_same(got, want, ties):
         assert got[a].data_ptr() == got[b].data_ptr(), f"'{a}' and '{b}' no longer share memory"
 
 
+def check_same_blocks(got, want):
+    storage, meta = got
+    want_storage, want_meta = want
+    assert meta == want_meta, "the footers differ"
+    assert len(storage) == len(want_storage), f"{len(storage)} blocks, {len(want_storage)} in the file"
+    for k, (a, b) in enumerate(zip(storage.blocks, want_storage.blocks)):
+        assert_same(a, b, f"block {k}")
+
+
 def run_case(case, rank, device):
     path = case["path"].format(rank=rank)
     kwargs = case.get("kwargs", {})
+    if case.get("blocks"):
+        # The reference's block-level entry point.
+        got = flashpack_ops.read_flashpack_file_distributed(path, device, **kwargs)
+        check_same_blocks(got, flashpack_ops.read_flashpack_file(case["path"].format(rank=0), device))
+        return
     if case.get("assign"):
         # The reference entry point, on a model whose parameters are placeholders.
         model = torch.nn.Sequential(torch.nn.Linear(37, 29), torch.nn.LayerNorm(29))

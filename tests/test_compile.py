@@ -157,7 +157,7 @@ def test_fake_outputs_match_the_real_ones(writer, tmp_path):
 
 
 @pytest.mark.parametrize("copy", [False, True])
-@pytest.mark.parametrize("op", ["load", "load_list"])
+@pytest.mark.parametrize("op", ["load", "load_list", "load_blocks"])
 def test_opcheck_loads(op, copy, weights_file):
     torch.library.opcheck(getattr(torch.ops.flashpack, op).default, (weights_file, torch.device("cpu")),
                           {"copy": copy}, test_utils=ALL_CHECKS)

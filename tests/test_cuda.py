@@ -163,6 +163,24 @@ def test_load_list_and_load_agree(mixed):
 
 
 @needs_cuda_build
+def test_read_flashpack_file_streams_the_blocks(mixed):
+    # The reference's block-level API (flashpack::load_blocks): the blocks the CPU maps,
+    # moved by the CUDA branch, and the saved tensors as views of them.
+    path, tensors = mixed
+    before = cuda_stats()
+    storage, meta = flashpack_ops.read_flashpack_file(path, "cuda")
+    delta = stats_delta(before)
+    assert delta["loads"] == 1
+    assert sum(delta[c] for c in ROUTE_COUNTERS.values()) == payload_bytes(path)
+    assert storage.device == torch.device("cuda", torch.cuda.current_device())
+    cpu_storage, _ = flashpack_ops.read_flashpack_file(path)
+    assert len(storage) == len(cpu_storage)
+    for k in range(len(storage)):
+        assert_same(storage.block(k).cpu(), cpu_storage.block(k), f"block {k}")
+    assert_loaded(dict(flashpack_ops.iterate_from_flash_tensor(storage, meta)), tensors)
+
+
+@needs_cuda_build
 def test_tied_tensors_share_memory(tmp_path):
     shared = random_tensor((64, 33), torch.float32, 1)
     tensors = {"embed.weight": shared, "other": random_tensor((5,), torch.float32, 2), "lm_head.weight": shared}

@@ -97,6 +97,10 @@ def cases(files, world):
         "sharded_reference_file": {"path": files["ref"], "kwargs": {"sharded": True, "window_bytes": 4096}},
         "sharded_verify": {"path": files["checked"], "kwargs": {"sharded": True, "verify": True},
                            "ties": MIXED_TIES},
+        "blocks_broadcast": {"path": files["mixed"], "blocks": True, "kwargs": {"src": world - 1}},
+        "blocks_sharded": {"path": files["mixed"], "blocks": True,
+                           "kwargs": {"sharded": True, "shard_strategy": "windows"}},
+        "blocks_reference_file": {"path": files["ref"], "blocks": True, "kwargs": {"sharded": True}},
         "assign_broadcast": {"path": files["model"], "assign": True},
         "assign_sharded": {"path": files["model"], "assign": True, "kwargs": {"distributed_sharded": True}},
         "error_missing_on_src": {"path": files["missing"], "expect_error": True},
@@ -157,6 +161,7 @@ def world_results(request, files):
     "broadcast_reference_file",
     "broadcast_verify", "sharded_small_windows", "sharded_default_windows", "sharded_tiny",
     "sharded_reference_file", "sharded_verify", "assign_broadcast", "assign_sharded",
+    "blocks_broadcast", "blocks_sharded", "blocks_reference_file",
 ])
 def test_every_rank_gets_the_plain_load_bit_for_bit(world_results, case):
     world, results = world_results
@@ -223,6 +228,16 @@ def test_assign_from_file_without_a_world_loads_normally(files):
     flashpack_ops.assign_from_file(m2, files["model"], use_distributed_loading=True, world_size=1)
     for k, v in m2.state_dict().items():
         assert torch.equal(v, want[k])
+
+
+def test_read_flashpack_file_distributed_needs_a_process_group(files):
+    with pytest.raises(RuntimeError, match="needs an initialized torch.distributed process group"):
+        flashpack_ops.read_flashpack_file_distributed(files["mixed"], "cpu")
+
+
+def test_read_flashpack_file_distributed_refuses_an_unknown_strategy(files):
+    with pytest.raises(ValueError, match="unknown shard_strategy 'ring'"):
+        flashpack_ops.read_flashpack_file_distributed(files["mixed"], "cpu", sharded=True, shard_strategy="ring")
 
 
 def test_unknown_shard_strategy_is_refused(files):

@@ -40,8 +40,13 @@ def test_the_library_holds_no_python():
 
 def test_reference_names_are_all_there():
     flashpack = pytest.importorskip("flashpack")
-    # read_flashpack_file_distributed returns the reference's block storage object; ours is
-    # load_file_distributed, which returns the dict.
     missing = [n for n in flashpack.__all__ if not hasattr(flashpack_ops, n)]
-    assert missing == ["read_flashpack_file_distributed"]
+    assert missing == []
+    from flashpack import deserialization
+
+    from flashpack_ops import deserialization as ours
+    public = [n for n in ("read_flashpack_file", "iterate_from_flash_tensor", "FlashTensorStorage",
+                          "read_flashpack_file_distributed", "assign_from_file", "revert_from_file")
+              if hasattr(deserialization, n)]
+    assert [n for n in public if not hasattr(ours, n)] == []
     assert flashpack_ops.version == flashpack_ops.__version__

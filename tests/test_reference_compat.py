@@ -138,3 +138,59 @@ def test_reference_assign_from_file_reads_our_model_file(tmp_file):
     flashpack.assign_from_file(fresh, tmp_file, strict=True)
     x = torch.randn(3, 8)
     assert torch.equal(fresh(x), model(x))
+
+
+# --- the reference's block-level API, from flashpack_ops --------------------------------------
+
+@pytest.mark.parametrize("writer", ["ours", "reference_v4", "reference_v3"])
+def test_read_flashpack_file_gives_the_reference_blocks(writer, tmp_file):
+    tensors = mixed_state_dict()
+    if writer == "ours":
+        flashpack_ops.save_file(tensors, tmp_file)
+    elif writer == "reference_v4":
+        flashpack.pack_to_file(tensors, tmp_file, target_dtype=None)
+    else:
+        tensors = {k: t for k, t in tensors.items() if t.dtype == torch.bfloat16}
+        flashpack.pack_to_file(tensors, tmp_file, target_dtype=None)
+    storage, meta = flashpack_ops.read_flashpack_file(tmp_file)
+    ref_storage, ref_meta = read_flashpack_file(tmp_file)
+    assert meta == ref_meta
+    assert len(storage) == len(ref_storage) and storage.device == torch.device("cpu")
+    for k in range(len(storage)):
+        assert_same(storage.block(k), ref_storage.block(k), f"block {k}")
+    # The named tensors are the saved ones, 0-d tensors included, each a view of its block.
+    loaded = dict(flashpack_ops.iterate_from_flash_tensor(storage, meta))
+    assert list(loaded) == [r["name"] for r in meta["index"]]
+    for name, t in tensors.items():
+        assert_same(loaded[name], t, name)
+        if t.numel():
+            block = storage.block(next(r.get("macroblock", 0) for r in meta["index"] if r["name"] == name))
+            assert loaded[name].untyped_storage().data_ptr() == block.untyped_storage().data_ptr()
+
+
+def test_iterate_from_flash_tensor_skips_ignored_names_and_takes_a_single_block(tmp_file):
+    tensors = {"a.weight": torch.randn(3, 4), "a.bias": torch.randn(4), "b.weight": torch.randn(2, 2)}
+    flashpack_ops.save_file(tensors, tmp_file)
+    storage, meta = flashpack_ops.read_flashpack_file(tmp_file)
+    kept = dict(flashpack_ops.iterate_from_flash_tensor(storage.block(0), meta, ignore_prefixes=["b."],
+                                                        ignore_suffixes=[".bias"]))
+    assert list(kept) == ["a.weight"]
+    assert_same(kept["a.weight"], tensors["a.weight"])
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"macroblock": 3}, "is in macroblock 3, but there are 1 blocks"),
+    ({"offset": 10**6}, "does not fit macroblock 0"),
+    ({"shape": [5, 5]}, "does not fit macroblock 0"),
+])
+def test_iterate_from_flash_tensor_refuses_entries_that_do_not_fit(change, problem, tmp_file):
+    flashpack_ops.save_file({"w": torch.randn(3, 4)}, tmp_file)
+    storage, meta = flashpack_ops.read_flashpack_file(tmp_file)
+    meta["index"][0].update(change)
+    with pytest.raises(ValueError, match=f"index entry 'w' .*{problem}"):
+        list(flashpack_ops.iterate_from_flash_tensor(storage, meta))
+
+
+def test_read_flashpack_file_names_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.flashpack"):
+        flashpack_ops.read_flashpack_file(str(tmp_path / "nothing.flashpack"))

@@ -697,7 +697,7 @@ std::vector<at::Tensor> load_on(const std::string& path, c10::DeviceIndex index,
   // for the copy streams, and every copy has finished before this returns.
   ++cuda::stats().loads;
 
-  auto views = make_views(layout, storages, device);
+  auto views = load_outputs(layout, storages, device, opts);
   if (layout_out != nullptr) *layout_out = std::move(layout);
   return views;
 }
