@@ -497,7 +497,7 @@ after = cuda_stats()
 for k in t:
     assert torch.equal(out[k].cpu().view(torch.uint8), t[k].view(torch.uint8)), k
 print(after["register_fallbacks"] - before["register_fallbacks"], after["bytes_buffered"] - before["bytes_buffered"],
-      after["registered_bytes"])
+      after["registered_bytes"], after["bytes_registered"] - before["bytes_registered"])
 """
 
 
@@ -510,8 +510,12 @@ def test_refused_registration_falls_back_to_staging(tmp_path, refuse_at, route):
     out = subprocess.run([sys.executable, "-c", REFUSAL_SCRIPT, str(tmp_path / "f.flashpack"), route], env=env,
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    fallbacks, buffered, registered_now = map(int, out.stdout.split())
+    fallbacks, buffered, registered_now, registered_moved = map(int, out.stdout.split())
     assert fallbacks == 1 and buffered == 300_000 + 4099 and registered_now == 0
+    # Chunks copied before the refusal count for the route that finished the load only.
+    assert registered_moved == 0
+    # Why, said once: the driver's own words.
+    assert "cudaHostRegister of bytes" in out.stderr and "refused" in out.stderr
 
 
 @needs_cuda_build
@@ -521,7 +525,7 @@ def test_no_read_only_registration_stages(tmp_path):
     out = subprocess.run([sys.executable, "-c", REFUSAL_SCRIPT, str(tmp_path / "f.flashpack"), "register"], env=env,
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    fallbacks, buffered, _ = map(int, out.stdout.split())
+    fallbacks, buffered, _, _ = map(int, out.stdout.split())
     assert fallbacks == 1 and buffered == 300_000 + 4099
 
 

@@ -410,7 +410,8 @@ class StagedSource final : public Source {
       if (n < 0) {
         const int err = errno;
         if (err == EINTR) continue;
-        if (err == EINVAL && got == 0) {
+        // EINVAL: no O_DIRECT here; EFAULT: the kernel would not DMA into this memory.
+        if ((err == EINVAL || err == EFAULT) && got == 0) {
           direct_ok_.store(false, std::memory_order_relaxed);
           return false;
         }
@@ -457,9 +458,12 @@ class RegisteredSource final : public Source {
     }
     ranges_[slot] = {begin, bytes};
     cuda::stats().registered.add(static_cast<int64_t>(bytes));
-    cuda::stats().bytes_registered += static_cast<int64_t>(c.bytes);
+    moved_ += static_cast<int64_t>(c.bytes);
     return map_.data() + c.begin;
   }
+
+  // Bytes copied so far; counted in the stats only once the load succeeds by this route.
+  int64_t moved() const { return moved_.load(); }
 
   void release(size_t slot) override {
     Range& r = ranges_[slot];
@@ -477,6 +481,7 @@ class RegisteredSource final : public Source {
   const ReadOnlyMap& map_;
   std::vector<Range> ranges_;
   const std::string& path_;
+  std::atomic<int64_t> moved_{0};
 };
 
 // Moves every chunk of a plan to the GPU: `threads` workers each take the next chunk and a
@@ -518,7 +523,8 @@ class Pipeline {
 
   void run(const Plan& plan, const std::vector<char*>& dst, int threads) {
     parallel_for(plan.chunks.size(), std::min<int>(threads, static_cast<int>(slots_.size())), [&](size_t k) {
-      // Worker threads start on device 0; set, never restored, as the thread ends with the load.
+      // Worker threads start on device 0. Not restored here: a worker ends with the load,
+      // and on the calling thread (which runs tasks too) load_on's CUDAGuard restores it.
       C10_CUDA_CHECK(c10::cuda::SetDevice(device_));
       const Chunk& c = plan.chunks[k];
       SlotLease lease(*this);
@@ -638,6 +644,7 @@ void copy_registered(const ReadOnlyMap& map, const std::string& path, const Layo
   Pipeline pipe(t.device, slots, tuning.streams, source, t.caller);
   pipe.run(plan, t.dst, threads_for(tuning, Route::Register));
   pipe.finish(t.caller);
+  cuda::stats().bytes_registered += source.moved();
 }
 
 // The route for this load: as asked, or by whether the payload is in the page cache.
@@ -686,8 +693,9 @@ std::vector<at::Tensor> load_on(const std::string& path, c10::DeviceIndex index,
   if (route == Route::Register) {
     try {
       copy_registered(map, path, layout, target, tuning);
-    } catch (const RegistrationRefused&) {
+    } catch (const RegistrationRefused& e) {
       // Every copy has drained by now; the staged route rewrites the blocks from scratch.
+      TORCH_WARN_ONCE("flashpack: ", e.what(), "; loads of cached files are staged through pinned buffers instead");
       ++cuda::stats().register_fallbacks;
       route = Route::Buffered;
     }
