@@ -353,8 +353,8 @@ class Bench:
                 self.sync()
                 row["times_s"].append(time.perf_counter() - t0)
                 after = self.stats()
-                row["stats"].append({k: after[k] - before.get(k, 0) if k.startswith("bytes_") or k == "loads" else after[k]
-                                     for k in after})
+                row["stats"].append({k: after[k] - before.get(k, 0) if k.startswith(("bytes_", "ns_")) or k == "loads"
+                                     else after[k] for k in after})
                 problem = ds["expected"].check(out)
                 del out
                 if problem:
@@ -498,6 +498,16 @@ def find(report, loader, dataset, cache):
     return None
 
 
+def steps(row) -> str:
+    """The median run's time per step of the CUDA path (cuda_stats), in ms, summed over threads."""
+    runs = [s for s in row.get("stats", []) if "ns_loads" in s]
+    if not runs:
+        return ""
+    run = sorted(runs, key=lambda s: s["ns_loads"])[len(runs) // 2]
+    names = {"ns_read": "read", "ns_register": "reg", "ns_unregister": "unreg", "ns_wait": "wait"}
+    return " ".join(f"{label} {run[k] / 1e6:.1f}" for k, label in names.items() if run.get(k))
+
+
 def table(report) -> str:
     m = report["machine"]
     c = report["ceilings"]
@@ -536,10 +546,12 @@ def table(report) -> str:
     variants = [r for r in report["results"] if r["loader"].startswith("flashpack_ops[") and "median_s" in r]
     if variants:
         lines.append("")
-        lines.append("flashpack_ops settings (llm):")
-        for r in variants:
-            lines.append(f"  {r['loader']:38s} {r['cache']:5s} {r['median_s']:7.3f} s {r['gbps']:6.2f} GB/s"
-                         f"{'' if r['bitexact'] else '  NOT BIT-EXACT'}")
+        lines.append("flashpack_ops settings; time per step in ms, summed over threads (median run):")
+        defaults = [r for r in report["results"]
+                    if r["loader"] == "flashpack_ops" and r["dataset"] in ("llm", "small") and "median_s" in r]
+        for r in defaults + variants:
+            lines.append(f"  {r['loader']:38s} {r['dataset']:6s} {r['cache']:5s} {r['median_s']:7.3f} s "
+                         f"{r['gbps']:6.2f} GB/s  {steps(r)}{'' if r['bitexact'] else '  NOT BIT-EXACT'}")
     saves = report.get("saves") or {}
     if "fp" in saves:
         names = {"fp": "flashpack_ops", "fp_nosync": "flashpack_ops durable=False", "st": "safetensors",

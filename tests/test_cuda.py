@@ -260,6 +260,10 @@ def test_each_route_when_forced(tmp_path, route):
     if route == "register" and delta["register_fallbacks"]:
         pytest.skip("this driver refuses cudaHostRegister(ReadOnly) on file mappings; the load staged instead")
     assert delta[ROUTE_COUNTERS[route]] == payload_bytes(path), delta
+    # The time went into this route's steps, and is counted.
+    steps = ("ns_register", "ns_unregister") if route == "register" else ("ns_read",)
+    assert delta["ns_loads"] > 0 and all(delta[step] > 0 for step in steps), delta
+    assert all(delta[step] == 0 for step in ("ns_read", "ns_register", "ns_unregister") if step not in steps), delta
 
 
 @needs_cuda_build

@@ -384,6 +384,7 @@ class StagedSource final : public Source {
       : file_(file), direct_fd_(direct_fd), ring_(ring), buffer_bytes_(buffer_bytes) {}
 
   const char* fill(size_t slot, const Chunk& c) override {
+    cuda::StepTimer timer(cuda::stats().ns_read);
     char* buf = ring_ + slot * buffer_bytes_;
     if (direct_fd_ >= 0 && direct_ok_.load(std::memory_order_relaxed)) {
       const uint64_t begin = align_down(c.begin, io_align());
@@ -450,7 +451,10 @@ class RegisteredSource final : public Source {
     const uint64_t bytes = align_up(c.end, io_align()) - begin;
     // Checked by hand rather than with C10_CUDA_CHECK: a refusal is not an error, the load
     // falls back to staging.
-    const cudaError_t err = cudaHostRegister(map_.data() + begin, bytes, cudaHostRegisterReadOnly);
+    const cudaError_t err = [&] {
+      cuda::StepTimer timer(cuda::stats().ns_register);
+      return cudaHostRegister(map_.data() + begin, bytes, cudaHostRegisterReadOnly);
+    }();
     if (err != cudaSuccess) {
       (void)cudaGetLastError();  // clear it, so the next CUDA call does not report it
       throw RegistrationRefused("'" + path_ + "': cudaHostRegister of bytes " + std::to_string(begin) + ".." +
@@ -469,6 +473,7 @@ class RegisteredSource final : public Source {
     Range& r = ranges_[slot];
     if (r.bytes == 0) return;
     const uint64_t bytes = std::exchange(r.bytes, 0);
+    cuda::StepTimer timer(cuda::stats().ns_unregister);
     C10_CUDA_CHECK(cudaHostUnregister(map_.data() + r.begin));
     cuda::stats().registered.add(-static_cast<int64_t>(bytes));
   }
@@ -590,7 +595,10 @@ class Pipeline {
   // Waits for the slot's last copies, then lets the source reuse it.
   void settle(size_t k) {
     Slot& s = slots_[k];
-    s.done.synchronize();
+    {
+      cuda::StepTimer timer(cuda::stats().ns_wait);
+      s.done.synchronize();
+    }
     if (s.filled) {
       s.filled = false;
       source_.release(k);
@@ -672,6 +680,7 @@ Route choose_route(Route asked, const ReadOnlyMap& map, const Layout& layout, c1
 
 std::vector<at::Tensor> load_on(const std::string& path, c10::DeviceIndex index, const LoadOptions& opts,
                                 Layout* layout_out) {
+  cuda::StepTimer timer(cuda::stats().ns_loads);
   c10::cuda::CUDAGuard guard(index);
   const c10::Device device(c10::kCUDA, index);
   const Tuning tuning = resolve(opts, path);

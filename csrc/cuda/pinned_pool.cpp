@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime_api.h>
 
+#include <chrono>
 #include <mutex>
 
 namespace flashpack::cuda {
@@ -98,6 +99,19 @@ int64_t release_pinned_memory() {
   return pool().release();
 }
 
+namespace {
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+}  // namespace
+
+StepTimer::StepTimer(std::atomic<int64_t>& counter) : counter_(counter), start_(now_ns()) {}
+
+StepTimer::~StepTimer() {
+  counter_ += now_ns() - start_;
+}
+
 Stats& stats() {
   static Stats* s = new Stats();
   return *s;
@@ -115,6 +129,11 @@ std::vector<std::pair<std::string, int64_t>> stats_snapshot(bool reset_peaks) {
       {"bytes_buffered", s.bytes_buffered.load()},
       {"bytes_registered", s.bytes_registered.load()},
       {"register_fallbacks", s.register_fallbacks.load()},
+      {"ns_loads", s.ns_loads.load()},
+      {"ns_read", s.ns_read.load()},
+      {"ns_register", s.ns_register.load()},
+      {"ns_unregister", s.ns_unregister.load()},
+      {"ns_wait", s.ns_wait.load()},
   };
   if (reset_peaks) {
     s.pinned.reset_peak();

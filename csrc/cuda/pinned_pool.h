@@ -76,6 +76,26 @@ struct Stats {
   std::atomic<int64_t> bytes_buffered{0};       // copied to a GPU after a buffered read
   std::atomic<int64_t> bytes_registered{0};     // copied to a GPU straight from the registered mapping
   std::atomic<int64_t> register_fallbacks{0};   // loads that fell back to staging after a refused registration
+  // Where the time goes, in nanoseconds, for tuning (docs/cuda.md). Steps run on several
+  // threads at once, so their sums can exceed ns_loads, the loads' wall time.
+  std::atomic<int64_t> ns_loads{0};       // CUDA loads, from opening the file to returning
+  std::atomic<int64_t> ns_read{0};        // reading chunks into the staging ring
+  std::atomic<int64_t> ns_register{0};    // cudaHostRegister of chunks of the mapping
+  std::atomic<int64_t> ns_unregister{0};  // cudaHostUnregister of them
+  std::atomic<int64_t> ns_wait{0};        // waiting for a slot's copies to finish before reusing it
+};
+
+// Adds the time from its construction to its destruction to a counter.
+class StepTimer {
+ public:
+  explicit StepTimer(std::atomic<int64_t>& counter);
+  ~StepTimer();
+  StepTimer(const StepTimer&) = delete;
+  StepTimer& operator=(const StepTimer&) = delete;
+
+ private:
+  std::atomic<int64_t>& counter_;
+  int64_t start_;
 };
 
 Stats& stats();
