@@ -16,7 +16,8 @@
 # The reference flashpack 0.4.5, and what it or the plot imports beyond that machine's
 # packages, come as wheels in .whl/ at the repository root (git-ignored, carried beside the
 # tree). Only wheels whose package is not importable are installed, into /tmp/site. To
-# prepare .whl/ on a machine with a network (cp312 wheels for the GPU machine's python3):
+# prepare .whl/ on a machine with a network (cp312 wheels for the GPU machine's python3; a
+# machine whose image has accelerate, click and matplotlib needs the first wheel only):
 #   pip download --no-deps -d .whl flashpack==0.4.5 accelerate==1.15.0 click
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
