@@ -107,9 +107,11 @@ tests() {  # tests LIMIT TITLE PYTEST-ARGS...
 : > "$OUT/tests.log"
 tests $(( $(left) > 300 ? 150 : 60 )) "tests/test_cuda.py" tests/test_cuda.py
 # Outside test_cuda.py, the tests that need a GPU have cuda, nccl or gpu in their names
-# (scripted and compiled loads to cuda, concurrency, memory, distributed, mixins).
+# (scripted and compiled loads to cuda, concurrency, memory, distributed, mixins); the
+# LibTorch program runs its CUDA checks where there is a GPU.
+gpu_tests="cuda or nccl or gpu or libtorch"
 tests $(( $(left) > 300 ? 120 : 45 )) "GPU tests elsewhere" tests --ignore=tests/test_cuda.py \
-  --ignore=tests/cuda_emulator -k "cuda or nccl or gpu"
+  --ignore=tests/cuda_emulator -k "$gpu_tests"
 
 # ---- benchmarks ----
 workdir=/var/tmp/flashpack_bench
@@ -148,7 +150,7 @@ if ((rest_limit > 30)); then
   parallel=()
   if "$PY" -c "import xdist" 2> /dev/null; then parallel=(-n 8); fi
   tests "$rest_limit" "rest of the suite" tests --ignore=tests/test_cuda.py --ignore=tests/cuda_emulator \
-    -k "not (cuda or nccl or gpu)" "${parallel[@]}"
+    -k "not ($gpu_tests)" "${parallel[@]}"
 else
   status+=("rest of the suite: not run, out of time (CI runs it)")
 fi

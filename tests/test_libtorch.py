@@ -25,8 +25,6 @@ def _missing() -> str:
     return f"needs {' and '.join(missing)} to build the LibTorch example" if missing else ""
 
 
-
-
 MISSING = _missing() or torchscript_refusal()
 
 
@@ -38,6 +36,10 @@ def test_libtorch_program_loads_and_runs_scripted_model(tmp_path):
     assert "ok: ldd shows no libpython or libtorch_python" in run.stdout
     assert "ok: no libpython or libtorch_python in the process" in run.stdout
     assert "all checks passed" in run.stdout, run.stdout
+    if torch.cuda.is_available() and flashpack_ops.has_cuda():
+        # Where there is a GPU, the program's CUDA checks run too, none skipped.
+        assert "ok: flashpack::load to cuda" in run.stdout, run.stdout
+        assert "ok: the scripted model runs on the GPU" in run.stdout, run.stdout
 
     # Written by the C++ program, read here: one format on both sides.
     weight = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 8 - 0.5
