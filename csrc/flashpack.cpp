@@ -9,6 +9,7 @@
 #include "load.h"
 
 #include <ATen/core/List.h>
+#include <ATen/core/enum_tag.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -160,18 +161,22 @@ int64_t release_pinned_memory_op() {
 
 TORCH_LIBRARY(flashpack, m) {
   constexpr auto kSideEffects = c10::AliasAnalysisKind::CONSERVATIVE;
+  // NOTE: a load to CUDA reads the file, registers host memory and waits on the host, none of
+  // which a CUDA graph can capture: torch.compile(mode="reduce-overhead") keeps these ops
+  // out of its graphs.
+  const std::vector<at::Tag> kNotInCudaGraphs = {at::Tag::cudagraph_unsafe};
   m.def(torch::schema(
       "load(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0, int chunk_bytes=0, "
       "int pinned_bytes=0, int num_streams=0, str route=\"auto\", bool verify=False) -> Dict(str, Tensor)",
-      kSideEffects));
+      kSideEffects), kNotInCudaGraphs);
   m.def(torch::schema(
       "load_list(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0, int chunk_bytes=0, "
       "int pinned_bytes=0, int num_streams=0, str route=\"auto\", bool verify=False) -> Tensor[]",
-      kSideEffects));
+      kSideEffects), kNotInCudaGraphs);
   m.def(torch::schema(
       "load_blocks(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0, int chunk_bytes=0, "
       "int pinned_bytes=0, int num_streams=0, str route=\"auto\", bool verify=False) -> Tensor[]",
-      kSideEffects));
+      kSideEffects), kNotInCudaGraphs);
   m.def(torch::schema(
       "save(Dict(str, Tensor) tensors, str path, *, ScalarType? target_dtype=None, int align_bytes=128, "
       "int num_threads=0, bool checksum=False, bool durable=True) -> ()",
@@ -180,7 +185,7 @@ TORCH_LIBRARY(flashpack, m) {
   m.def(torch::schema("verify(str path, *, int num_threads=0) -> ()", kSideEffects));
   m.def(torch::schema(
       "read_range(str path, int offset, int length, Device device=\"cpu\", *, int num_threads=0) -> Tensor",
-      kSideEffects));
+      kSideEffects), kNotInCudaGraphs);
   m.def("built_with_cuda() -> bool");
   // Process-wide state of the CUDA path: read (and peaks reset) by tests and benchmarks.
   m.def(torch::schema("cuda_stats(bool reset_peaks=False) -> Dict(str, int)", kSideEffects));

@@ -180,6 +180,24 @@ def test_opcheck_tensorless_ops(op, args, weights_file):
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@pytest.mark.parametrize("op", ["load", "load_list", "load_blocks", "read_range"])
+def test_loads_are_kept_out_of_cuda_graphs(op):
+    assert torch.Tag.cudagraph_unsafe in getattr(torch.ops.flashpack, op).default.tags
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_load_to_cuda_with_cuda_graphs(weights_file):
+    # mode="reduce-overhead" records CUDA graphs (from the third call); the load cannot be
+    # captured, and must stay outside them.
+    model = Loader(weights_file, "cuda")
+    compiled = torch.compile(model, mode="reduce-overhead")
+    expected = Loader(weights_file)(X)[0]
+    for _ in range(4):
+        y, w = compiled(X.cuda())
+        assert torch.equal(y.cpu(), expected)
+        assert_same_dict(w, WEIGHTS)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_model_loads_weights_to_cuda_fullgraph(weights_file):
     model = Loader(weights_file, "cuda")
