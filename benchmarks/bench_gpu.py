@@ -454,12 +454,13 @@ class Bench:
         self.section("setup", self.setup, required=True)
         self.section("ceilings, warm", self.warm_ceilings, required=True)
         self.section("llm, warm", lambda: self.run_loaders(MAIN_LOADERS, "llm", cold=False), required=True)
+        # Cheap, and what the defaults are chosen from: before anything slow.
+        self.section("llm, warm, flashpack_ops settings", lambda: self.run_loaders(list(VARIANTS), "llm", cold=False))
         self.section("small, warm", lambda: self.run_loaders(MAIN_LOADERS, "small", cold=False))
         if not a.no_cold:
             self.section("ceilings, cold", self.cold_ceilings)
             self.section("llm, cold", lambda: self.run_loaders(MAIN_LOADERS, "llm", cold=True))
             self.section("small, cold", lambda: self.run_loaders(MAIN_LOADERS, "small", cold=True))
-        self.section("llm, warm, flashpack_ops settings", lambda: self.run_loaders(list(VARIANTS), "llm", cold=False))
         if not a.no_cold:
             self.section("llm, cold, flashpack_ops settings", lambda: self.run_loaders(COLD_VARIANTS, "llm", cold=True))
         self.section("size sweep, warm", self.size_sweep)
