@@ -5,7 +5,9 @@ Loads a 3.5 GB LLM-shaped bf16 state dict (74 tensors) and 20,000 small bf16 ten
 GPU with every loader, from the page cache (warm) and with the page cache dropped (cold),
 in one run on one machine, next to that machine's ceilings: pinned host -> GPU copy speed
 and parallel disk reads. Every load is timed between two torch.cuda.synchronize() calls,
-checked bit for bit against the saved tensors, and reported as the median of --runs.
+checked bit for bit against the saved tensors, and reported as the median of --runs. Last,
+each loader's first load in a fresh process ("first"): what a cold start pays on top of
+CUDA's own start-up.
 
 Writes bench.json (every number) and bench.png (load time per loader, GB/s vs size) into
 --out, and prints a short table last. Run by benchmarks/gpu_check.sh; see docs/cuda.md.
@@ -268,6 +270,41 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+def first_load(loader: str, paths: Dict[str, str], device: torch.device) -> dict:
+    """In a process that has loaded nothing yet: the time of its first load, after CUDA is up.
+
+    What a server pays at a cold start beyond CUDA's own start-up, which every loader pays alike:
+    pinned memory, streams, allocator and registration set up on first use. The result is then
+    checked bit for bit against the same tensors read on the CPU from another file format.
+    """
+    import flashpack_ops
+    import safetensors.torch
+
+    torch.zeros(1, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    load = make_loaders(device)[loader]
+    t0 = time.perf_counter()
+    out = load(paths)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    expected = (safetensors.torch.load_file(paths["st"]) if loader == "flashpack_ops"
+                else flashpack_ops.load_file(paths["fp"]))
+    problem = None
+    if sorted(out) != sorted(expected):
+        problem = f"names differ: {len(out)} loaded, {len(expected)} saved"
+    else:
+        for n, t in expected.items():
+            got = out[n]
+            # On the host: plain and the same under tests/cuda_emulator, which runs no kernels.
+            if got.dtype != t.dtype or got.shape != t.shape or not torch.equal(
+                    got.cpu().view(torch.int16), t.view(torch.int16)):
+                problem = f"{n}: bytes differ"
+                break
+    return {"seconds": seconds, "problem": problem}
+
+
 # ---- the benchmark ---------------------------------------------------------------------------
 
 
@@ -449,6 +486,37 @@ class Bench:
             self.run_loaders(MAIN_LOADERS, key, cold=False)
             self.drop_dataset(key)
 
+    def fresh_processes(self):
+        """The first load of each loader in a process of its own (one run each: a first load
+        happens once per process), the page cache warm."""
+        ds = self.datasets["llm"]
+        for loader in MAIN_LOADERS:
+            if self.out_of_time():
+                self.report["skipped"].append(f"first load in a fresh process: {loader}")
+                continue
+            row = {"loader": loader, "dataset": "llm", "cache": "first", "bytes": ds["bytes"], "tensors": ds["count"],
+                   "times_s": [], "bitexact": False, "problems": [], "stats": []}
+            cmd = [sys.executable, os.path.abspath(__file__), "--first-load", loader, "--device", str(self.device),
+                   "--paths", json.dumps(ds["paths"])]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            result = None
+            for line in done.stdout.splitlines():
+                if line.startswith("{"):
+                    result = json.loads(line)
+            if done.returncode != 0 or result is None:
+                row["problems"].append(f"exit {done.returncode}: {done.stderr.strip()[-300:]}")
+            else:
+                row["times_s"] = [result["seconds"]]
+                row["median_s"] = result["seconds"]
+                row["gbps"] = ds["bytes"] / GB / result["seconds"]
+                if result["problem"]:
+                    row["problems"].append(result["problem"])
+            row["bitexact"] = not row["problems"]
+            log(f"  {loader:38s} llm        first: "
+                + (f"{row['median_s']:.3f} s  {row['gbps']:6.2f} GB/s  " if "median_s" in row else "")
+                + ("ok" if row["bitexact"] else "NOT BIT-EXACT: " + "; ".join(row["problems"])[:300]))
+            self.results.append(row)
+
     def run(self):
         a = self.args
         self.section("setup", self.setup, required=True)
@@ -464,6 +532,7 @@ class Bench:
         if not a.no_cold:
             self.section("llm, cold, flashpack_ops settings", lambda: self.run_loaders(COLD_VARIANTS, "llm", cold=True))
         self.section("size sweep, warm", self.size_sweep)
+        self.section("llm, first load in a fresh process", self.fresh_processes)
         self.report["elapsed_s"] = time.perf_counter() - self.t_start
         self.save_report()
         plot(self.report, os.path.join(a.out, "bench.png"))
@@ -599,7 +668,8 @@ def plot(report, path):
         log(f"no plot: matplotlib is not importable ({e})")
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5.5))
-    groups = [(d, c) for d, c in (("llm", "warm"), ("llm", "cold"), ("small", "warm"), ("small", "cold"))
+    groups = [(d, c) for d, c in (("llm", "warm"), ("llm", "cold"), ("llm", "first"), ("small", "warm"),
+                                                  ("small", "cold"))
               if find(report, "flashpack_ops", d, c)]
     width = 0.8 / len(MAIN_LOADERS)
     for k, loader in enumerate(MAIN_LOADERS):
@@ -632,7 +702,7 @@ def plot(report, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder for bench.json, bench.png, summary.txt")
+    p.add_argument("--out", help="folder for bench.json, bench.png, summary.txt")
     p.add_argument("--workdir", default="/var/tmp/flashpack_bench", help="where the files go (a real disk)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--runs", type=int, default=3)
@@ -650,7 +720,14 @@ def main(argv=None):
     p.add_argument("--keep-files", action="store_true")
     p.add_argument("--cpu-dry-run", action="store_true", help="tiny sizes on the CPU: checks the script, measures nothing")
     p.add_argument("--summarize", metavar="BENCH_JSON", help="only print the table (and plot) of an earlier run")
+    p.add_argument("--first-load", metavar="LOADER", help=argparse.SUPPRESS)  # the child of fresh_processes
+    p.add_argument("--paths", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.first_load:
+        print(json.dumps(first_load(a.first_load, json.loads(a.paths), torch.device(a.device))), flush=True)
+        return
+    if not a.out:
+        p.error("--out is required")
     if a.summarize:
         with open(a.summarize) as f:
             report = json.load(f)
