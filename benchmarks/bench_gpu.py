@@ -498,7 +498,10 @@ class Bench:
                    "times_s": [], "bitexact": False, "problems": [], "stats": []}
             cmd = [sys.executable, os.path.abspath(__file__), "--first-load", loader, "--device", str(self.device),
                    "--paths", json.dumps(ds["paths"])]
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            except subprocess.TimeoutExpired:
+                done = subprocess.CompletedProcess(cmd, "timed out after 60 s", "", "")
             result = None
             for line in done.stdout.splitlines():
                 if line.startswith("{"):
