@@ -82,6 +82,14 @@ def test_any_model_class_and_auto_classes(model, saved):
     assert torch.equal(logits(auto), logits(model))
 
 
+def test_from_pretrained_loading_options_are_accepted(model, saved):
+    """Arguments that pick or tune a weights file for from_pretrained do not reach the model's
+    constructor: switching a from_pretrained call over does not raise TypeError."""
+    loaded = FlashLlama.from_pretrained_flashpack(saved, low_cpu_mem_usage=True, use_safetensors=True,
+                                                  variant="fp16", num_streams=4)
+    assert torch.equal(logits(loaded), logits(model))
+
+
 def test_torch_dtype_matches_from_pretrained(model, saved, tmp_path):
     model.save_pretrained(tmp_path)
     reference = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()

@@ -13,6 +13,13 @@ from ..ops import read_metadata
 
 FLASHPACK_FILE = "model.flashpack"
 
+# Arguments of from_pretrained (and of the reference's loaders) that choose among weight files or
+# tune their loading: a flashpack directory has one file, so from_pretrained_flashpack accepts
+# and drops them rather than pass them on to the model's constructor.
+IGNORED_LOAD_KWARGS = ("proxies", "local_dir_use_symlinks", "low_cpu_mem_usage", "use_safetensors", "variant",
+                       "num_streams", "chunk_bytes", "use_distributed_loading", "distributed_sharded",
+                       "distributed_shard_strategy", "rank", "local_rank", "world_size")
+
 _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 

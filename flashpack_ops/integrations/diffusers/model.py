@@ -13,8 +13,8 @@ from diffusers import ModelMixin
 from ...api import assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
-from .._hub import (build_and_load_dtypes, checked_save_directory, locate_flashpack, upload_directory,
-                    write_weights)
+from .._hub import (IGNORED_LOAD_KWARGS, build_and_load_dtypes, checked_save_directory, locate_flashpack,
+                    upload_directory, write_weights)
 
 M = TypeVar("M", bound=ModelMixin)
 
@@ -22,11 +22,6 @@ def dtype_argument() -> str:
     """The name diffusers' ``from_pretrained`` gives its dtype argument (``dtype`` from 0.42 on)."""
     major, minor = (int(x) for x in diffusers.__version__.split(".")[:2])
     return "dtype" if (major, minor) >= (0, 42) else "torch_dtype"
-
-
-_IGNORED_KWARGS = ("proxies", "local_dir_use_symlinks", "num_streams", "chunk_bytes", "use_distributed_loading",
-                   "distributed_sharded", "distributed_shard_strategy", "rank", "local_rank", "world_size",
-                   "low_cpu_mem_usage", "use_safetensors", "variant")
 
 
 def save_pretrained_flashpack(
@@ -141,7 +136,7 @@ def from_pretrained_flashpack(
                             local_dir=local_dir, token=token, local_files_only=local_files_only,
                             force_download=force_download)
     model_dir = os.path.dirname(path)
-    for unused in _IGNORED_KWARGS:
+    for unused in IGNORED_LOAD_KWARGS:
         kwargs.pop(unused, None)
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
         model_class = _concrete_class(model_class, json.load(f), model_dir)

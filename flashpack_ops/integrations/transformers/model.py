@@ -14,8 +14,8 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrai
 from ...api import assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
-from .._hub import (build_and_load_dtypes, checked_save_directory, locate_flashpack, upload_directory,
-                    write_weights)
+from .._hub import (IGNORED_LOAD_KWARGS, build_and_load_dtypes, checked_save_directory, locate_flashpack,
+                    upload_directory, write_weights)
 
 M = TypeVar("M", bound=PreTrainedModel)
 
@@ -148,8 +148,7 @@ def from_pretrained_flashpack(
                             local_dir=local_dir, token=token, local_files_only=local_files_only,
                             force_download=force_download)
     model_dir = os.path.dirname(path)
-    for unused in ("proxies", "local_dir_use_symlinks", "num_streams", "chunk_bytes", "use_distributed_loading",
-                   "distributed_sharded", "distributed_shard_strategy", "rank", "local_rank", "world_size"):
+    for unused in IGNORED_LOAD_KWARGS:
         kwargs.pop(unused, None)
     if config is None:
         config_class = model_class.config_class
