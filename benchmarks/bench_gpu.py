@@ -294,17 +294,8 @@ def first_load(loader: str, paths: Dict[str, str], device: torch.device) -> dict
     seconds = time.perf_counter() - t0
     expected = (safetensors.torch.load_file(paths["st"]) if loader == "flashpack_ops"
                 else flashpack_ops.load_file(paths["fp"]))
-    problem = None
-    if sorted(out) != sorted(expected):
-        problem = f"names differ: {len(out)} loaded, {len(expected)} saved"
-    else:
-        for n, t in expected.items():
-            got = out[n]
-            # On the host: plain and the same under tests/cuda_emulator, which runs no kernels.
-            if got.dtype != t.dtype or got.shape != t.shape or not torch.equal(
-                    got.cpu().view(torch.int16), t.view(torch.int16)):
-                problem = f"{n}: bytes differ"
-                break
+    # On the host: the same under tests/cuda_emulator, which runs no kernels.
+    problem = Expected(expected, device, host_checks=True).check(out)
     return {"seconds": seconds, "problem": problem}
 
 
@@ -371,8 +362,7 @@ class Bench:
     def measure(self, loader: str, key: str, cold: bool) -> dict:
         ds = self.datasets[key]
         load = self.loaders[loader]
-        row = {"loader": loader, "dataset": key, "cache": "cold" if cold else "warm", "bytes": ds["bytes"],
-               "tensors": ds["count"], "times_s": [], "bitexact": True, "problems": [], "stats": []}
+        row = self.new_row(loader, key, "cold" if cold else "warm")
         files = list(ds["paths"].values())
         try:
             if not cold:
@@ -410,12 +400,20 @@ class Bench:
         row["flashpack_pinned_peak_bytes"] = max(peaks) if peaks else None
         torch_peaks = [s.get("torch_pinned_peak_bytes", 0) for s in row["stats"]]
         row["torch_pinned_peak_bytes"] = max(torch_peaks) if torch_peaks else None
+        self.add_row(row)
+        return row
+
+    def new_row(self, loader: str, key: str, cache: str) -> dict:
+        ds = self.datasets[key]
+        return {"loader": loader, "dataset": key, "cache": cache, "bytes": ds["bytes"], "tensors": ds["count"],
+                "times_s": [], "bitexact": True, "problems": [], "stats": []}
+
+    def add_row(self, row: dict):
         status = "ok" if row["bitexact"] else "NOT BIT-EXACT: " + "; ".join(row["problems"])[:300]
-        log(f"  {loader:38s} {key:10s} {row['cache']}: "
+        log(f"  {row['loader']:38s} {row['dataset']:10s} {row['cache']}: "
             + (f"{row['median_s']:.3f} s  {row['gbps']:6.2f} GB/s  " if "median_s" in row else "")
             + status)
         self.results.append(row)
-        return row
 
     def section(self, name: str, fn: Callable[[], None], required: bool = False):
         if not required and self.out_of_time():
@@ -497,31 +495,27 @@ class Bench:
             if self.out_of_time():
                 self.report["skipped"].append(f"first load in a fresh process: {loader}")
                 continue
-            row = {"loader": loader, "dataset": "llm", "cache": "first", "bytes": ds["bytes"], "tensors": ds["count"],
-                   "times_s": [], "bitexact": False, "problems": [], "stats": []}
+            row = self.new_row(loader, "llm", "first")
             cmd = [sys.executable, os.path.abspath(__file__), "--first-load", loader, "--device", str(self.device),
                    "--paths", json.dumps(ds["paths"])]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
             except subprocess.TimeoutExpired:
-                done = subprocess.CompletedProcess(cmd, "timed out after 60 s", "", "")
-            result = None
-            for line in done.stdout.splitlines():
-                if line.startswith("{"):
-                    result = json.loads(line)
-            if done.returncode != 0 or result is None:
+                done = None
+            lines = [line for line in (done.stdout if done else "").splitlines() if line.startswith("{")]
+            if done is None:
+                row["problems"].append("timed out after 60 s")
+            elif done.returncode != 0 or not lines:
                 row["problems"].append(f"exit {done.returncode}: {done.stderr.strip()[-300:]}")
             else:
+                result = json.loads(lines[-1])
                 row["times_s"] = [result["seconds"]]
                 row["median_s"] = result["seconds"]
                 row["gbps"] = ds["bytes"] / GB / result["seconds"]
                 if result["problem"]:
                     row["problems"].append(result["problem"])
             row["bitexact"] = not row["problems"]
-            log(f"  {loader:38s} llm        first: "
-                + (f"{row['median_s']:.3f} s  {row['gbps']:6.2f} GB/s  " if "median_s" in row else "")
-                + ("ok" if row["bitexact"] else "NOT BIT-EXACT: " + "; ".join(row["problems"])[:300]))
-            self.results.append(row)
+            self.add_row(row)
 
     def run(self):
         a = self.args
