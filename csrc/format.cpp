@@ -172,7 +172,12 @@ struct ChecksumKeys {
     }
     b.checksum = std::string(algorithm.s);
     b.checksum_chunk_bytes = count(chunk_bytes, "checksum_chunk_bytes", path, where);
-    if (b.checksum_chunk_bytes == 0) bad(path, where.str() + ": \"checksum_chunk_bytes\" must be positive");
+    // Each chunk costs a record and a read when verifying: a tiny chunk size would turn a
+    // small footer into millions of them. Writers use 16 MiB.
+    if (b.checksum_chunk_bytes < kMinChecksumChunkBytes) {
+      bad(path, where.str() + ": \"checksum_chunk_bytes\" is " + std::to_string(b.checksum_chunk_bytes) +
+                    ", less than the smallest allowed, " + std::to_string(kMinChecksumChunkBytes));
+    }
     if (sums_kind != json::Kind::Array) bad(path, where.str() + ": \"checksums\" must be an array");
     if (b.checksum != kChecksumCrc32c) return;
     const uint64_t expect = b.length_bytes / b.checksum_chunk_bytes + (b.length_bytes % b.checksum_chunk_bytes != 0);
@@ -279,7 +284,9 @@ Entry read_entry(json::Reader& r, size_t k, const std::string& path) {
   bool numel_overflow = false;
   // torch gives a contiguous tensor strides that are products of the later dimensions,
   // zeros counted as 1, and refuses any past int64 even when a zero dimension leaves the
-  // tensor empty ([0, 2^62, 2^62]): so that product ("span") is bounded too.
+  // tensor empty ([0, 2^62, 2^62]): so the largest stride ("span", the product of every
+  // dimension but the first) is bounded too. The first dimension is in no stride:
+  // [2^40, 0, 2^40] is a valid empty tensor.
   uint64_t span = 1;
   bool span_overflow = false;
   e.shape.resize(ndim);
@@ -287,7 +294,7 @@ Entry read_entry(json::Reader& r, size_t k, const std::string& path) {
     const uint64_t dim = count(true, dims[d].kind, dims[d].num, "shape", path, where);
     e.shape[d] = static_cast<int64_t>(dim);
     numel_overflow |= mul_overflows(numel, dim, &numel);
-    span_overflow |= mul_overflows(span, std::max<uint64_t>(dim, 1), &span);
+    if (d > 0) span_overflow |= mul_overflows(span, std::max<uint64_t>(dim, 1), &span);
   }
   e.offset = count(offset, "offset", path, where);
   e.length = count(length, "length", path, where);
@@ -409,6 +416,28 @@ Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::
       bad(path, where + " ends past the payload end " + std::to_string(payload_bytes) + " (offset_bytes " +
                     std::to_string(b.offset_bytes) + " + length_bytes " + std::to_string(b.length_bytes) +
                     "); the file is truncated or the footer is wrong");
+    }
+  }
+
+  // Writers lay the blocks one after another. Blocks that share bytes would make a copying
+  // load allocate the shared bytes once per block: a small file listing the same range a
+  // thousand times could ask for a thousand times its size.
+  std::vector<size_t> by_offset;
+  for (size_t k = 0; k < layout.blocks.size(); ++k) {
+    if (layout.blocks[k].length_bytes > 0) by_offset.push_back(k);
+  }
+  std::sort(by_offset.begin(), by_offset.end(), [&](size_t a, size_t b) {
+    return layout.blocks[a].offset_bytes < layout.blocks[b].offset_bytes;
+  });
+  for (size_t i = 1; i < by_offset.size(); ++i) {
+    const Block& prev = layout.blocks[by_offset[i - 1]];
+    const Block& next = layout.blocks[by_offset[i]];
+    if (prev.offset_bytes + prev.length_bytes > next.offset_bytes) {
+      bad(path, "macroblocks " + std::to_string(by_offset[i - 1]) + " and " + std::to_string(by_offset[i]) +
+                    " overlap (bytes " + std::to_string(prev.offset_bytes) + "-" +
+                    std::to_string(prev.offset_bytes + prev.length_bytes) + " and " +
+                    std::to_string(next.offset_bytes) + "-" + std::to_string(next.offset_bytes + next.length_bytes) +
+                    "); the footer is corrupt");
     }
   }
 

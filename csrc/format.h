@@ -40,6 +40,7 @@ inline constexpr uint64_t kBlockAlignBytes = 4096;
 // tensors (~45 bytes each, ~750 bytes each once loaded) stays within a few GB.
 inline constexpr uint64_t kMaxFooterBytes = uint64_t(256) << 20;
 inline constexpr size_t kMaxDims = 64;
+inline constexpr uint64_t kMinChecksumChunkBytes = 4096;
 
 // The torch name of a dtype ("bfloat16"), or nullptr if flashpack cannot store it.
 const char* dtype_name(c10::ScalarType t);

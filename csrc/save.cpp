@@ -25,6 +25,9 @@ std::string where(const std::string& path, const std::string& name) {
 
 void check_storable(const at::Tensor& t, const std::string& path, const std::string& name) {
   if (!t.defined()) throw std::invalid_argument(where(path, name) + " is an undefined tensor");
+  if (t.is_nested()) {
+    throw std::invalid_argument(where(path, name) + " is a nested tensor; save its components (unbind()) instead");
+  }
   if (t.layout() != at::kStrided) {
     throw std::invalid_argument(where(path, name) + " has layout " + c10::str(t.layout()) +
                                 "; only dense (strided) tensors can be saved, call .to_dense() first");
@@ -41,6 +44,30 @@ void check_storable(const at::Tensor& t, const std::string& path, const std::str
   if (t.is_meta() || (t.numel() > 0 && !t.has_storage())) {
     throw std::invalid_argument(where(path, name) + " is on the " + t.device().str() +
                                 " device and has no data to save");
+  }
+  // The largest stride of the contiguous tensor a load builds: a shape whose strides would
+  // pass 2^63 - 1 (possible only for an empty tensor) is one no reader could rebuild.
+  uint64_t span = 1;
+  for (size_t d = 1; d < t.sizes().size(); ++d) {
+    if (__builtin_mul_overflow(span, std::max<uint64_t>(t.sizes()[d], 1), &span) || span > uint64_t(INT64_MAX)) {
+      throw std::invalid_argument(where(path, name) + " has shape " + c10::str(t.sizes()) +
+                                  ", whose contiguous strides exceed 2^63 - 1; no reader could rebuild it");
+    }
+  }
+  if (t.numel() == 0) return;
+  // Written straight from memory, so the memory must be there: a fake or wrapper-subclass
+  // tensor, or a parameter whose storage was freed (resize_(0), as FSDP does), has none.
+  const c10::Storage& storage = t.storage();
+  uint64_t last = static_cast<uint64_t>(t.storage_offset());
+  for (size_t d = 0; d < t.sizes().size(); ++d) {
+    last += static_cast<uint64_t>(t.sizes()[d] - 1) * static_cast<uint64_t>(t.strides()[d]);
+  }
+  const uint64_t needed = (last + 1) * t.element_size();
+  if (storage.data() == nullptr || needed > storage.nbytes()) {
+    throw std::invalid_argument(where(path, name) + " has no data in memory to save: it needs " + std::to_string(needed) +
+                                " bytes of storage but its storage holds " +
+                                std::to_string(storage.data() == nullptr ? 0 : storage.nbytes()) +
+                                " (a fake or tensor-subclass wrapper, or a tensor whose storage was freed or resized)");
   }
 }
 
@@ -72,7 +99,9 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
   std::vector<at::Tensor> sources;
   requests.reserve(tensors.size());
   sources.reserve(tensors.size());
-  using TieKey = std::tuple<const void*, int, int, at::ScalarType, std::vector<int64_t>, std::vector<int64_t>>;
+  // x and x.conj() share memory and shape but not values: the lazy conj and neg bits count too.
+  using TieKey =
+      std::tuple<const void*, int, int, at::ScalarType, bool, bool, std::vector<int64_t>, std::vector<int64_t>>;
   std::map<TieKey, int64_t> first_of;
   for (const auto& item : tensors) {
     const std::string& name = item.key();
@@ -83,7 +112,8 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
     r.dtype = target_dtype.value_or(t.scalar_type());
     r.shape = t.sizes().vec();
     if (t.numel() > 0) {
-      TieKey key{t.const_data_ptr(), static_cast<int>(t.device().type()), t.device().index(), t.scalar_type(), t.sizes().vec(), t.strides().vec()};
+      TieKey key{t.const_data_ptr(), static_cast<int>(t.device().type()), t.device().index(), t.scalar_type(),
+                 t.is_conj(), t.is_neg(), t.sizes().vec(), t.strides().vec()};
       auto [it, inserted] = first_of.emplace(std::move(key), static_cast<int64_t>(requests.size()));
       if (!inserted) r.tie = it->second;
     }
@@ -116,7 +146,9 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
   for (size_t k = 0; k < requests.size(); ++k) {
     const at::Tensor& t = sources[k];
     if (requests[k].tie >= 0 || t.numel() == 0) continue;
-    const bool direct = t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == requests[k].dtype;
+    // A lazy conj or neg view holds the original's bits: it is resolved in a convert task.
+    const bool direct = t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == requests[k].dtype &&
+                        !t.is_conj() && !t.is_neg();
     if (!direct) {
       tasks.push_back({k, 0, 0});
       continue;
@@ -148,9 +180,9 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
       }
       return;
     }
-    const at::Tensor& src = sources[task.entry];
     at::Tensor converted;
     try {
+      const at::Tensor src = sources[task.entry].resolve_conj().resolve_neg();
       if (src.scalar_type() == b.dtype) {
         // Same dtype: move the bits through an integer view of the same width, which
         // every dtype has (uint4 or float4_e2m1fn_x2 have no copy kernel of their own).

@@ -146,6 +146,7 @@ def test_quantized_dtype_name_is_unknown(tmp_path):
     (dict(GOOD_ENTRY, shape=[4, -4]), "index entry 'w': \"shape\" is negative \\(-4\\)"),
     (dict(GOOD_ENTRY, shape=[4, 5]), "the shape holds 20 elements but \"length\" says 16"),
     (dict(GOOD_ENTRY, shape=[2**32, 2**32, 2]), "more than 2\\^64"),
+    (dict(GOOD_ENTRY, shape=[0, 2**62, 4], length=0), "has shape \\[0, 4611686018427387904, 4\\], too large"),
     (dict(GOOD_ENTRY, shape=[1] * 65, length=1), "65 dimensions"),
     (dict(GOOD_ENTRY, shape=[4.0, 4]), "\"shape\" must be an integer"),
     (dict(GOOD_ENTRY, shape="4x4"), "\"shape\" must be an array"),
@@ -181,6 +182,28 @@ def test_duplicate_names(tmp_path):
 def test_bad_macroblocks(tmp_path, block, pattern):
     path = write_raw(tmp_path / "b.flashpack", b"\0" * 64, v4([GOOD_ENTRY], [block]))
     expect_error(path, pattern)
+
+
+def test_overlapping_macroblocks(tmp_path):
+    # A copying load allocates every block: a small file listing one range many times over
+    # must not cost many times its size.
+    blocks = [dict(GOOD_BLOCK) for _ in range(100)]
+    path = write_raw(tmp_path / "o.flashpack", b"\0" * 64, v4([GOOD_ENTRY], blocks))
+    expect_error(path, "macroblocks [0-9]+ and [0-9]+ overlap \\(bytes 0-64 and 0-64\\); the footer is corrupt")
+    halves = [dict(GOOD_BLOCK, length_bytes=48, length_elems=12),
+              dict(GOOD_BLOCK, offset_bytes=32, length_bytes=32, length_elems=8)]
+    path = write_raw(tmp_path / "p.flashpack", b"\0" * 64, v4([GOOD_ENTRY | {"length": 12, "shape": [12]}], halves))
+    expect_error(path, "macroblocks 0 and 1 overlap \\(bytes 0-48 and 32-64\\)")
+
+
+def test_adjacent_and_empty_macroblocks_are_not_overlaps(tmp_path):
+    blocks = [dict(GOOD_BLOCK, length_bytes=32, length_elems=8), dict(GOOD_BLOCK, offset_bytes=32, length_bytes=32,
+              length_elems=8), dict(GOOD_BLOCK, offset_bytes=16, length_bytes=0, length_elems=0)]
+    entries = [dict(GOOD_ENTRY, shape=[8], length=8), dict(GOOD_ENTRY, name="v", shape=[8], length=8, macroblock=1),
+               dict(GOOD_ENTRY, name="e", shape=[0], length=0, macroblock=2)]
+    payload = torch.arange(16, dtype=torch.float32).numpy().tobytes()
+    loaded = flashpack_ops.load_file(write_raw(tmp_path / "a.flashpack", payload, v4(entries, blocks)), copy=True)
+    assert torch.equal(loaded["v"], torch.arange(8.0, 16.0)) and loaded["e"].shape == (0,)
 
 
 def test_v4_without_macroblocks(tmp_path):
@@ -291,6 +314,67 @@ def test_save_into_missing_directory(tmp_path):
 def test_save_over_a_directory(tmp_path):
     with pytest.raises(RuntimeError, match="is a directory"):
         flashpack_ops.save_file({"a": torch.ones(1)}, tmp_path)
+
+
+def test_empty_tensor_with_huge_leading_dimension_round_trips(tmp_file):
+    # The first dimension is in no stride: torch makes this tensor, so it must load too.
+    t = torch.empty((2**40, 0, 2**40))
+    flashpack_ops.save_file({"t": t}, tmp_file)
+    assert flashpack_ops.load_file(tmp_file)["t"].shape == (2**40, 0, 2**40)
+
+
+def test_save_refuses_a_shape_no_reader_can_rebuild(tmp_file):
+    t = torch.empty_strided((0, 2**62, 4), (1, 1, 1))
+    with pytest.raises(ValueError, match="tensor 't' has shape \\[0, 4611686018427387904, 4\\], whose contiguous "
+                                         "strides exceed 2\\^63 - 1"):
+        flashpack_ops.save_file({"t": t}, tmp_file)
+    assert not os.path.exists(tmp_file)
+
+
+def _fake_tensor():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        return torch.empty(1024)
+
+
+def _freed_parameter():
+    t = torch.nn.Parameter(torch.randn(1024))
+    t.untyped_storage().resize_(0)  # how FSDP frees a sharded parameter's full storage
+    return t
+
+
+def _shrunk_storage():
+    t = torch.randn(1024)
+    t.untyped_storage().resize_(64)
+    return t
+
+
+def _wrapper_subclass():
+    from torch.testing._internal.two_tensor import TwoTensor
+    return TwoTensor(torch.ones(3, 4), torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("checksum", [False, True], ids=["plain", "checksum"])
+@pytest.mark.parametrize("make, needed, held", [
+    (_fake_tensor, 4096, 0), (_freed_parameter, 4096, 0), (_shrunk_storage, 4096, 64), (_wrapper_subclass, 48, 0),
+], ids=["fake", "freed", "shrunk", "wrapper_subclass"])
+def test_tensors_without_their_data_are_refused(tmp_file, make, needed, held, checksum):
+    # Saved from memory that is not there, these once crashed the process or wrote other memory.
+    original = torch.randn(10)
+    flashpack_ops.save_file({"ok": original}, tmp_file)
+    with pytest.raises(ValueError, match=f"tensor 'bad' has no data in memory to save: it needs {needed} bytes of "
+                                         f"storage but its storage holds {held}") as info:
+        flashpack_ops.save_file({"ok": torch.zeros(10), "bad": make()}, tmp_file, checksum=checksum)
+    assert tmp_file in str(info.value)
+    _assert_intact(tmp_file, original)
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=["strided", "jagged"])
+def test_nested_tensors_are_refused_by_name(tmp_file, layout):
+    nt = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=layout)
+    with pytest.raises(ValueError, match=f"'{re.escape(tmp_file)}': tensor 'nt' is a nested tensor; save its "
+                                         "components"):
+        flashpack_ops.save_file({"nt": nt}, tmp_file)
 
 
 def test_save_rejects_non_mapping(tmp_file):

@@ -105,6 +105,25 @@ def test_tied_tensors_are_stored_once_and_share_memory(tmp_file):
     assert loaded["lm_head.weight"][0, 0].item() == 42.0
 
 
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "transposed"])
+def test_lazy_conj_and_neg_views_are_saved_as_their_values(tmp_file, contiguous):
+    # x.conj() and x.imag of it share x's memory and flip signs lazily: the values saved
+    # must be the resolved ones, and such a view is not a tie of x.
+    x = torch.randn(3, 4, dtype=torch.complex64)
+    if not contiguous:
+        x = x.t()
+    tensors = {"x": x, "conj": x.conj(), "imag_of_conj": x.conj().imag, "imag": x.imag,
+               "neg": torch.ops.aten._neg_view(x.real)}
+    assert tensors["conj"].is_conj() and tensors["imag_of_conj"].is_neg() and tensors["neg"].is_neg()
+    flashpack_ops.save_file(tensors, tmp_file)
+    expected = {k: v.resolve_conj().resolve_neg().contiguous() for k, v in tensors.items()}
+    loaded = flashpack_ops.load_file(tmp_file)
+    assert_same_dict(loaded, expected)
+    assert not loaded["conj"].is_conj() and not loaded["imag_of_conj"].is_neg()
+    offsets = [r["offset"] for r in flashpack_ops.read_metadata(tmp_file)["index"] if r["macroblock"] == 0]
+    assert len(set(offsets)) == len(offsets)
+
+
 def test_views_with_different_shapes_are_stored_separately(tmp_file):
     base = torch.randn(4, 8)
     tensors = {"base": base, "flat": base.view(-1), "half": base[:2]}
