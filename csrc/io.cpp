@@ -25,6 +25,13 @@ namespace {
   throw std::runtime_error(what + " '" + path + "': " + std::strerror(err));
 }
 
+// The OS reads a path up to its first NUL byte: "model\0.x" would open "model".
+void check_path(const std::string& path) {
+  if (path.find('\0') != std::string::npos) {
+    throw std::invalid_argument("'" + path.substr(0, path.find('\0')) + "\\0...': the path contains a NUL byte");
+  }
+}
+
 std::string dir_of(const std::string& path) {
   const auto slash = path.find_last_of('/');
   if (slash == std::string::npos) return ".";
@@ -35,6 +42,7 @@ std::string dir_of(const std::string& path) {
 }  // namespace
 
 InputFile::InputFile(const std::string& path, bool direct) : path_(path) {
+  check_path(path);
   int flags = O_RDONLY | O_CLOEXEC;
   if (direct) flags |= O_DIRECT;
   fd_ = ::open(path.c_str(), flags);
@@ -125,10 +133,12 @@ void parallel_for(size_t tasks, int threads, const std::function<void(size_t)>& 
 }
 
 int default_threads(int requested) {
-  if (requested > 0) return requested;
+  // Far past any useful count, and a bound on the threads a mistyped argument starts.
+  constexpr int kMaxThreads = 256;
+  if (requested > 0) return std::min(requested, kMaxThreads);
   if (const char* env = std::getenv("FLASHPACK_NUM_THREADS")) {
     const int n = std::atoi(env);
-    if (n > 0) return n;
+    if (n > 0) return std::min(n, kMaxThreads);
   }
   // NOTE: reads from the page cache scale to about 16 threads (48 GB/s measured on a
   // 16-core H100 host); more only adds contention.
@@ -143,13 +153,33 @@ int default_threads(int requested) {
 AtomicWriter::AtomicWriter(const std::string& path, uint64_t size, bool durable) : path_(path), durable_(durable) {
   // Caught here, an empty path would only fail at the rename, after the whole file was written.
   if (path.empty()) throw std::invalid_argument("cannot save to '': the path is empty");
+  check_path(path);
   struct stat st;
-  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
+  const bool exists = ::stat(path.c_str(), &st) == 0;
+  if (exists && S_ISDIR(st.st_mode)) {
     throw std::runtime_error("cannot save to '" + path + "': it is a directory");
   }
-  const auto slash = path.find_last_of('/');
-  const std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
-  const std::string dir = dir_of(path);
+  // Like open(path, "w"), a save through a symbolic link replaces the file it points to,
+  // not the link (the rename would otherwise turn the link into a regular file).
+  struct stat lst;
+  if (exists && ::lstat(path.c_str(), &lst) == 0 && S_ISLNK(lst.st_mode)) {
+    if (char* target = ::realpath(path.c_str(), nullptr)) {
+      target_ = target;
+      std::free(target);
+    }
+  }
+  const std::string& dest = target();
+  const auto slash = dest.find_last_of('/');
+  std::string base = slash == std::string::npos ? dest : dest.substr(slash + 1);
+  // The temporary name adds 22 bytes to the file's: keep it under NAME_MAX (255) by
+  // shortening the part taken from the file's name, at a UTF-8 character boundary.
+  constexpr size_t kMaxBase = 200;
+  if (base.size() > kMaxBase) {
+    base.resize(kMaxBase);
+    while (!base.empty() && (static_cast<unsigned char>(base.back()) & 0xC0) == 0x80) base.pop_back();
+    if (!base.empty() && (static_cast<unsigned char>(base.back()) & 0x80) != 0) base.pop_back();
+  }
+  const std::string dir = dir_of(dest);
   std::random_device rd;
   for (int attempt = 0; attempt < 100 && fd_ < 0; ++attempt) {
     char suffix[17];
@@ -160,6 +190,8 @@ AtomicWriter::AtomicWriter(const std::string& path, uint64_t size, bool durable)
     if (fd_ < 0 && errno != EEXIST) os_error("cannot save '" + path + "': cannot create a temporary file in", dir, errno);
   }
   if (fd_ < 0) os_error("cannot save '" + path + "': cannot create a temporary file in", dir, EEXIST);
+  // A file that is replaced keeps its permissions, as it would if it were rewritten in place.
+  if (exists) ::fchmod(fd_, st.st_mode & 07777);
   if (size == 0) return;
   // NOTE: reserving the space up front turns a full disk into one clear error before
   // any byte is written, and gives the file few, large extents. Filesystems without
@@ -207,11 +239,11 @@ void AtomicWriter::commit() {
   const int fd = fd_;
   fd_ = -1;
   if (::close(fd) != 0) os_error("cannot close", path_, errno);
-  if (::rename(tmp_path_.c_str(), path_.c_str()) != 0) os_error("cannot rename the temporary file onto", path_, errno);
+  if (::rename(tmp_path_.c_str(), target().c_str()) != 0) os_error("cannot rename the temporary file onto", path_, errno);
   committed_ = true;
   if (!durable_) return;
   // The rename is durable only once the directory entry is on disk.
-  const int dfd = ::open(dir_of(path_).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  const int dfd = ::open(dir_of(target()).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd >= 0) {
     ::fsync(dfd);
     ::close(dfd);

@@ -76,7 +76,11 @@ class AtomicWriter {
   void commit();
 
  private:
+  // The file that is replaced: path_, or where path_ leads when it is a symbolic link.
+  const std::string& target() const { return target_.empty() ? path_ : target_; }
+
   std::string path_;
+  std::string target_;
   std::string tmp_path_;
   int fd_ = -1;
   bool durable_ = true;

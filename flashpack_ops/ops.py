@@ -24,9 +24,19 @@ def _path(path: PathLike, *, must_exist: bool) -> str:
     path = os.fspath(path)
     if not isinstance(path, str):
         raise TypeError(f"path must be a str or os.PathLike[str], got {type(path).__name__}")
+    if "\0" in path:
+        # The OS would read the path only up to the NUL: "model\0.x" would be "model".
+        raise ValueError(f"{path!r}: the path contains a NUL byte")
     if must_exist and not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, "flashpack file not found", path)
     return path
+
+
+def _identity(path: str) -> Tuple[int, int, int, int]:
+    """What changes when the file at ``path`` is replaced (a save renames a new file over
+    it) or rewritten in place: for reads that open the path more than once."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _device(device: DeviceLike) -> torch.device:
@@ -49,7 +59,9 @@ def save_file(
 
     The file is written to a temporary file beside ``path``, flushed to disk and renamed
     over ``path``: if anything fails, ``path`` keeps its old content and no temporary
-    file is left. Tensors that are the same memory (tied weights) are stored once.
+    file is left. A file that is replaced keeps its permissions; when ``path`` is a
+    symbolic link, the file it points to is replaced, as ``open(path, "w")`` would.
+    Tensors that are the same memory (tied weights) are stored once.
 
     Args:
         tensors: names to tensors, on any device, contiguous or not. The file keeps the
@@ -65,7 +77,9 @@ def save_file(
             scratch files: the replacement is still atomic for every other process.
 
     Raises:
-        ValueError: a tensor cannot be stored (quantized, sparse, on the meta device), naming it.
+        ValueError: a tensor cannot be stored (quantized, sparse, nested, on the meta device,
+            without data in memory), naming it.
+        TypeError: a name that is not a ``str`` or a value that is not a tensor, naming it.
         RuntimeError: the file could not be written (disk full, permissions), naming it.
 
     Example:
@@ -73,8 +87,19 @@ def save_file(
     """
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors must be a mapping of str to Tensor, got {type(tensors).__name__}")
+    path = _path(path, must_exist=False)
+    for name, tensor in tensors.items():
+        # Named here: the operator's own check would only say the dict's type is wrong.
+        if not isinstance(name, str):
+            raise TypeError(f"cannot save '{path}': the name {name!r} is a {type(name).__name__}, not a str")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"cannot save '{path}': '{name}' is a {type(tensor).__name__}, not a Tensor")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"cannot save '{path}': the name {name!r} cannot be written as UTF-8 ({exc.reason})") from None
     torch.ops.flashpack.save(
-        dict(tensors), _path(path, must_exist=False), target_dtype=target_dtype,
+        dict(tensors), path, target_dtype=target_dtype,
         align_bytes=align_bytes, num_threads=num_threads, checksum=checksum, durable=durable,
     )
 

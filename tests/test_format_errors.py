@@ -377,6 +377,33 @@ def test_nested_tensors_are_refused_by_name(tmp_file, layout):
         flashpack_ops.save_file({"nt": nt}, tmp_file)
 
 
+@pytest.mark.parametrize("tensors, exc, pattern", [
+    ({3: torch.ones(1)}, TypeError, "the name 3 is a int, not a str"),
+    ({"w": [1.0, 2.0]}, TypeError, "'w' is a list, not a Tensor"),
+    ({"bad\ud800": torch.ones(1)}, ValueError, "the name 'bad\\\\ud800' cannot be written as UTF-8"),
+], ids=["int_name", "not_a_tensor", "lone_surrogate"])
+def test_bad_names_and_values_are_named(tmp_file, tensors, exc, pattern):
+    with pytest.raises(exc, match=f"cannot save '{re.escape(tmp_file)}': {pattern}"):
+        flashpack_ops.save_file(tensors, tmp_file)
+
+
+def test_paths_with_a_nul_byte_are_refused(tmp_path):
+    # The OS would stop at the NUL: "m\0.x" would silently be "m".
+    flashpack_ops.save_file({"a": torch.ones(1)}, tmp_path / "m")
+    bad = str(tmp_path / "m\0.x")
+    with pytest.raises(ValueError, match="the path contains a NUL byte"):
+        flashpack_ops.save_file({"a": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="the path contains a NUL byte"):
+        flashpack_ops.load_file(bad)
+    # The operators check too, for TorchScript and C++ callers.
+    with pytest.raises(ValueError, match="the path contains a NUL byte"):
+        torch.ops.flashpack.load(bad, "cpu")
+    with pytest.raises(ValueError, match="the path contains a NUL byte"):
+        torch.ops.flashpack.save({"a": torch.zeros(1)}, bad)
+    assert torch.equal(flashpack_ops.load_file(tmp_path / "m")["a"], torch.ones(1))
+    assert os.listdir(tmp_path) == ["m"]
+
+
 def test_save_rejects_non_mapping(tmp_file):
     with pytest.raises(TypeError, match="mapping"):
         flashpack_ops.save_file([torch.ones(1)], tmp_file)

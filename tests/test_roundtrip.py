@@ -249,6 +249,36 @@ def test_saved_file_has_usual_permissions(tmp_file):
     assert os.stat(tmp_file).st_mode & 0o777 == 0o644
 
 
+def test_overwriting_keeps_the_file_permissions(tmp_file):
+    flashpack_ops.save_file({"a": torch.ones(1)}, tmp_file)
+    os.chmod(tmp_file, 0o600)
+    flashpack_ops.save_file({"a": torch.zeros(1)}, tmp_file)
+    assert os.stat(tmp_file).st_mode & 0o777 == 0o600
+
+
+def test_saving_through_a_symlink_replaces_its_target(tmp_path):
+    # As open(path, "w") does: the link stays a link and the file it points to is replaced.
+    os.mkdir(tmp_path / "store")
+    target, link = tmp_path / "store" / "model.flashpack", tmp_path / "model.flashpack"
+    flashpack_ops.save_file({"a": torch.ones(2)}, target)
+    os.symlink(os.path.join("store", "model.flashpack"), link)
+    flashpack_ops.save_file({"a": torch.zeros(2)}, link)
+    assert os.path.islink(link)
+    assert torch.equal(flashpack_ops.load_file(target)["a"], torch.zeros(2))
+    assert sorted(os.listdir(tmp_path / "store")) == ["model.flashpack"]
+    assert sorted(os.listdir(tmp_path)) == ["model.flashpack", "store"]
+
+
+def test_longest_file_names_can_be_saved(tmp_path):
+    # 255 bytes is the longest name most filesystems take; the temporary file's name must
+    # fit too. A name of multi-byte characters is shortened at a character boundary.
+    for name in ["m" * 255, "é" * 127]:
+        path = tmp_path / name
+        flashpack_ops.save_file({"a": torch.ones(3)}, path)
+        assert torch.equal(flashpack_ops.load_file(path)["a"], torch.ones(3))
+    assert len(os.listdir(tmp_path)) == 2
+
+
 def test_many_small_tensors(tmp_file):
     tensors = {f"layers.{k}.weight": torch.full((k % 7 + 1, 3), float(k)) for k in range(20_000)}
     flashpack_ops.save_file(tensors, tmp_file)
