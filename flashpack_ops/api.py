@@ -10,7 +10,10 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 
 from .distributed import SHARD_STRATEGIES, load_blocks_distributed, load_file_distributed, maybe_init_distributed
-from .ops import DEFAULT_ALIGN_BYTES, DeviceLike, PathLike, _device, _path, load_file, read_metadata, save_file
+from .ops import (DEFAULT_ALIGN_BYTES, DeviceLike, PathLike, _device, _identity, _path, load_file, read_metadata,
+                  save_file)
+
+_READ_ATTEMPTS = 3
 
 
 def _is_ignored(name: str, names=None, prefixes=None, suffixes=None) -> bool:
@@ -158,8 +161,17 @@ def read_flashpack_file(
         >>> state_dict = dict(iterate_from_flash_tensor(storage, meta))
     """
     path = _path(path, must_exist=True)
-    blocks = torch.ops.flashpack.load_blocks(path, _device(device), chunk_bytes=chunk_bytes, num_streams=num_streams)
-    return FlashTensorStorage(list(blocks)), _with_macroblocks(read_metadata(path))
+    # The blocks and the footer are read by two calls: a save that replaces the file between
+    # them would pair one file's index with the other's bytes, so both must see one file.
+    for _ in range(_READ_ATTEMPTS):
+        before = _identity(path)
+        metadata = read_metadata(path)
+        blocks = torch.ops.flashpack.load_blocks(path, _device(device), chunk_bytes=chunk_bytes,
+                                                 num_streams=num_streams)
+        if _identity(path) == before:
+            return FlashTensorStorage(list(blocks)), _with_macroblocks(metadata)
+    raise RuntimeError(f"'{path}' was replaced or modified while being read, {_READ_ATTEMPTS} times in a row; "
+                       "load it once it is no longer being written")
 
 
 def read_flashpack_file_distributed(
@@ -394,6 +406,10 @@ def assign_from_file(
             continue
         if dtype is not None and view.is_floating_point():
             view = view.to(dtype)
+        if slot.is_param and slot.old.requires_grad and not (view.is_floating_point() or view.is_complex()):
+            mismatched.append(f"parameter '{name}' requires grad but is {view.dtype} in the file (only floating "
+                              "point and complex tensors can require grad)")
+            continue
         if not slot.is_param and view.dtype != slot.old.dtype:
             if coerce_dtype:
                 view = view.to(slot.old.dtype)
@@ -420,7 +436,8 @@ def assign_from_file(
     if problems:
         raise ValueError(f"Error while assigning {path} to {type(model).__name__}: " + "; ".join(problems))
 
-    zero_filled = []
+    # Every new tensor is made before the first is assigned: on any error the model is unchanged.
+    zero_filled, assignments = [], []
     for slot in unique:
         value = slot.value
         if value is None:
@@ -433,7 +450,9 @@ def assign_from_file(
                 continue
         if slot.is_param:
             value = _as_parameter(value, slot.old)
-        for name in slot.names:
+        assignments.append((slot.names, value))
+    for names, value in assignments:
+        for name in names:
             _set_tensor(model, name, value)
 
     if zero_filled:

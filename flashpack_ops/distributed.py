@@ -24,7 +24,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .ops import DeviceLike, PathLike, _device, _path
+from .ops import DeviceLike, PathLike, _device, _identity, _path
 
 # NOTE: 256 MiB per collective (per rank for an all-gather) is the band where transfers run
 # at link speed while the next window's read still overlaps the current transfer; the
@@ -169,9 +169,11 @@ def _load_broadcast(path: str, device: torch.device, src: int, window_bytes: int
     rank = dist.get_rank()
     status: List[Optional[str]] = [None, None]  # [footer, error]
     error: Optional[BaseException] = None
+    identity = None
     if rank == src:
         try:
             path = _path(path, must_exist=True)
+            identity = _identity(path)
             status[0] = torch.ops.flashpack.read_footer(path)
             if verify:
                 torch.ops.flashpack.verify(path, num_threads=num_threads)
@@ -207,7 +209,22 @@ def _load_broadcast(path: str, device: torch.device, src: int, window_bytes: int
                 in_flight.add(dist.broadcast(window, src=src, async_op=True))
     finally:
         in_flight.wait_all()
+    if rank == src:
+        error = _changed_error(path, identity)
+    _raise_together(error, ctrl, path, f"reading on rank {src}")
     return _Loaded(status[0], layout, entries, blocks)
+
+
+def _changed_error(path: str, identity) -> Optional[BaseException]:
+    """The footer and every window are read by separate calls: a save that replaced the file
+    in between would mix two files' bytes."""
+    try:
+        if _identity(path) == identity:
+            return None
+    except OSError:
+        pass
+    return RuntimeError(f"'{path}' was replaced or modified while being loaded; load it again once it is no "
+                        "longer being written")
 
 
 def _plan_windows(nbytes: int, world: int, window_bytes: int) -> Tuple[List[Tuple[int, int]], int]:
@@ -237,8 +254,10 @@ def _load_sharded(path: str, device: torch.device, window_bytes: int, num_thread
     # moves data: reading the footer, allocating, the leftovers every rank reads itself.
     error: Optional[BaseException] = None
     footer_crc = 0
+    identity = None
     try:
         path = _path(path, must_exist=True)
+        identity = _identity(path)
         footer = torch.ops.flashpack.read_footer(path)
         footer_crc = zlib.crc32(footer.encode())
         layout, entries = _layout(footer)
@@ -280,6 +299,7 @@ def _load_sharded(path: str, device: torch.device, window_bytes: int, num_thread
             in_flight.add(_all_gather(blocks[k][start:start + world * piece], mine), keep_alive=mine)
     finally:
         in_flight.wait_all()
+    _raise_together(_changed_error(path, identity), ctrl, path, "reading")
     return _Loaded(footer, layout, entries, blocks)
 
 

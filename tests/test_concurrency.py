@@ -123,3 +123,40 @@ def test_mapped_tensors_survive_the_file_being_replaced(tmp_path):
     flashpack_ops.save_file(new, path)
     assert equal(mapped, old)
     assert equal(flashpack_ops.load_file(path), new)
+
+
+def test_read_flashpack_file_never_mixes_two_files(tmp_path):
+    # read_flashpack_file reads the footer and the blocks in two calls; a save that renames
+    # a new file over the path between them must not pair one file's names with the other's
+    # bytes. The two files have the same layout with the names swapped, so a mix loads
+    # without error and only the values tell.
+    path = str(tmp_path / "swapped.flashpack")
+    a = {"x": torch.full((256,), 1.0), "y": torch.full((256,), 2.0)}
+    b = {"y": a["y"], "x": a["x"]}
+    flashpack_ops.save_file(a, path, durable=False)
+    stop = threading.Event()
+
+    def writer():
+        k = 0
+        while not stop.is_set():
+            flashpack_ops.save_file(a if k % 2 else b, path, durable=False)
+            k += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    loads = given_up = 0
+    try:
+        for _ in range(3000):
+            try:
+                storage, meta = flashpack_ops.read_flashpack_file(path)
+            except RuntimeError as exc:  # replaced during each of its attempts: said plainly
+                assert "was replaced or modified while being read" in str(exc)
+                given_up += 1
+                continue
+            loaded = dict(flashpack_ops.iterate_from_flash_tensor(storage, meta))
+            assert torch.equal(loaded["x"], a["x"]) and torch.equal(loaded["y"], a["y"])
+            loads += 1
+    finally:
+        stop.set()
+        thread.join(TIMEOUT_S)
+    assert loads > given_up

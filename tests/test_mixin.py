@@ -135,6 +135,19 @@ def test_failed_assign_leaves_model_untouched(tmp_path):
         assert torch.equal(tensor, before[name]), name
 
 
+def test_integer_tensor_for_a_trainable_parameter_is_refused_before_any_change(tmp_path):
+    # The last parameter cannot take the file's dtype (int64 cannot require grad): the
+    # error must name it and come before the first parameter is replaced.
+    path = tmp_path / "int_bias.flashpack"
+    flashpack_ops.save_file({"weight": torch.full((2, 2), 7.0), "bias": torch.tensor([1, 2])}, path)
+    model = torch.nn.Linear(2, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="parameter 'bias' requires grad but is torch.int64 in the file"):
+        assign_from_file(model, path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
 def test_shape_mismatch_is_named(tmp_path):
     state = trained_model().state_dict()
     state["proj.weight"] = torch.zeros(4, 4)
