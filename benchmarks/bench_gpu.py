@@ -90,18 +90,31 @@ def nbytes(tensors: Dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def reference_flashpack():
+    """The reference package, or None (logged) where it cannot be imported: its rows are then
+    left out and the rest of the benchmark still runs."""
+    try:
+        import flashpack
+        import flashpack.deserialization
+        return flashpack
+    except Exception as e:  # ImportError, or a dependency of its own failing at import
+        log(f"  reference flashpack not importable, its rows are left out: {type(e).__name__}: {e}")
+        return None
+
+
 def save_all(tensors: Dict[str, torch.Tensor], stem: str, timings: Optional[dict] = None) -> Dict[str, str]:
-    import flashpack
     import flashpack_ops
     import safetensors.torch
 
-    paths = {fmt: stem + SUFFIX[fmt] for fmt in SUFFIX}
+    flashpack = reference_flashpack()
+    paths = {fmt: stem + SUFFIX[fmt] for fmt in SUFFIX if fmt != "ref" or flashpack is not None}
     savers = {
         "fp": lambda p: flashpack_ops.save_file(tensors, p),
         "st": lambda p: safetensors.torch.save_file(tensors, p),
         "pt": lambda p: torch.save(tensors, p),
-        "ref": lambda p: flashpack.pack_to_file(tensors, p, target_dtype=None, silent=True),
     }
+    if flashpack is not None:
+        savers["ref"] = lambda p: flashpack.pack_to_file(tensors, p, target_dtype=None, silent=True)
     for fmt, save in savers.items():
         t0 = time.perf_counter()
         save(paths[fmt])
@@ -124,18 +137,19 @@ def save_all(tensors: Dict[str, torch.Tensor], stem: str, timings: Optional[dict
 def make_loaders(device: torch.device) -> Dict[str, Callable[[Dict[str, str]], Dict[str, torch.Tensor]]]:
     import flashpack_ops
     import safetensors.torch
-    from flashpack.deserialization import iterate_from_flash_tensor, read_flashpack_file
-
-    def reference(paths):
-        storage, meta = read_flashpack_file(paths["ref"], device=device)
-        return dict(iterate_from_flash_tensor(storage, meta))
 
     loaders = {
         "flashpack_ops": lambda paths: flashpack_ops.load_file(paths["fp"], device),
         "safetensors": lambda paths: safetensors.torch.load_file(paths["st"], device=str(device)),
         "torch.load": lambda paths: torch.load(paths["pt"], mmap=True, map_location=device, weights_only=True),
-        "flashpack 0.4.5": reference,
     }
+    flashpack = reference_flashpack()
+    if flashpack is not None:
+        def reference(paths):
+            storage, meta = flashpack.deserialization.read_flashpack_file(paths["ref"], device=device)
+            return dict(flashpack.deserialization.iterate_from_flash_tensor(storage, meta))
+
+        loaders["flashpack 0.4.5"] = reference
     for name, kwargs in VARIANTS.items():
         loaders[name] = lambda paths, kw=kwargs: flashpack_ops.load_file(paths["fp"], device, **kw)
     return loaders
@@ -226,6 +240,21 @@ def read_file_gbps(path: str, threads: int, direct: bool, chunk: int = 64 * MiB)
     if errors:
         raise errors[0]
     return size / GB / dt
+
+
+def dirty_bytes() -> int:
+    """The page cache's dirty bytes (/proc/meminfo), 0 where unknown. A load must not dirty
+    the file it reads: some drivers mark the pages of registered host memory dirty when they
+    unregister it, even for read-only registrations, which would make the kernel write the
+    whole file back to disk after each load."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("Dirty:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def h2d_gbps(device: torch.device, nbytes_: int, runs: int) -> Optional[float]:
@@ -359,7 +388,9 @@ class Bench:
                 except Exception:
                     pass
 
-    def measure(self, loader: str, key: str, cold: bool) -> dict:
+    def measure(self, loader: str, key: str, cold: bool) -> Optional[dict]:
+        if loader not in self.loaders:
+            return None  # the reference, where it cannot be imported (logged once)
         ds = self.datasets[key]
         load = self.loaders[loader]
         row = self.new_row(loader, key, "cold" if cold else "warm")
@@ -377,11 +408,13 @@ class Bench:
                 gc.collect()
                 self.reset_peaks()
                 before = self.stats()
+                dirty = dirty_bytes()
                 self.sync()
                 t0 = time.perf_counter()
                 out = load(ds["paths"])
                 self.sync()
                 row["times_s"].append(time.perf_counter() - t0)
+                row.setdefault("dirtied_bytes", []).append(dirty_bytes() - dirty)
                 after = self.stats()
                 row["stats"].append({k: after[k] - before.get(k, 0) if k.startswith(("bytes_", "ns_")) or k == "loads"
                                      else after[k] for k in after})
@@ -492,6 +525,8 @@ class Bench:
         happens once per process), the page cache warm."""
         ds = self.datasets["llm"]
         for loader in MAIN_LOADERS:
+            if loader not in self.loaders:
+                continue
             if self.out_of_time():
                 self.report["skipped"].append(f"first load in a fresh process: {loader}")
                 continue
@@ -634,6 +669,14 @@ def table(report) -> str:
         lines.append("save llm: " + ", ".join(
             f"{names.get(k, k)} {v['s']:.2f} s" + ("" if k == "fp" else f" ({v['s'] / base:.2f}x)")
             for k, v in saves.items()))
+    # Dirty page-cache growth during a load: near 0 unless the load marked the file dirty.
+    dirtied = [(min(r["dirtied_bytes"]), r) for r in report["results"] if r.get("dirtied_bytes")]
+    suspects = [f"{r['loader']} {r['dataset']} {r['cache']} {d / MiB:.0f} MiB" for d, r in dirtied
+                if d > r["bytes"] // 4]
+    if dirtied:
+        lines.append("")
+        lines.append("page cache dirtied by a load (min over runs): " + ("; ".join(suspects) if suspects else
+                     f"none (at most {max(d for d, _ in dirtied) / MiB:.0f} MiB)"))
     pinned = [r["flashpack_pinned_peak_bytes"] for r in report["results"]
               if r["loader"].startswith("flashpack_ops") and r.get("flashpack_pinned_peak_bytes")]
     ref_pinned = [r["torch_pinned_peak_bytes"] for r in report["results"]

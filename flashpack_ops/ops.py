@@ -179,7 +179,7 @@ def cuda_stats(reset_peaks: bool = False) -> Dict[str, int]:
     (file pages registered with the driver), ``loads`` (CUDA loads completed), and the bytes
     copied to GPUs after an O_DIRECT read (``bytes_direct``), a buffered read
     (``bytes_buffered``) or straight from the registered page cache (``bytes_registered``),
-    and ``register_fallbacks`` (loads that staged because the driver refused registration);
+    and ``register_fallbacks`` (loads that staged because the driver refused or cannot do registration);
     ``ns_loads``, ``ns_read``, ``ns_register``, ``ns_unregister`` and ``ns_wait``: time spent
     loading, and in each step summed over threads (nanoseconds, see docs/cuda.md).
     The byte and time counters only grow: compare them before and after a load.

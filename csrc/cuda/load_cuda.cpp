@@ -675,7 +675,9 @@ Route choose_route(Route asked, const ReadOnlyMap& map, const Layout& layout, c1
   // NOTE: on the H100 host (benchmarks/RESULTS.md) the page cache reaches the GPU at ~55 GB/s once registered (chunks
   // register at 53.6 GB/s with 4 threads, overlapped with the copies), while staging costs
   // a host copy that tops out at 48.4 GB/s with 16 threads before any DMA.
-  return can_register ? Route::Register : Route::Buffered;
+  if (can_register) return Route::Register;
+  ++cuda::stats().register_fallbacks;  // a cached file that registration would have served
+  return Route::Buffered;
 }
 
 std::vector<at::Tensor> load_on(const std::string& path, c10::DeviceIndex index, const LoadOptions& opts,
