@@ -107,9 +107,10 @@ std::vector<at::Tensor> load_blocks(const std::string& path, c10::Device device,
 
 void save_op(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
              std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads, bool checksum,
-             bool durable) {
-  translate_errors("flashpack::save",
-                   [&] { save(tensors, path, target_dtype, align_bytes, num_threads, checksum, durable); });
+             bool durable, bool floating_only) {
+  translate_errors("flashpack::save", [&] {
+    save(tensors, path, target_dtype, align_bytes, num_threads, checksum, durable, floating_only);
+  });
 }
 
 void verify_op(const std::string& path, int64_t num_threads) {
@@ -179,7 +180,7 @@ TORCH_LIBRARY(flashpack, m) {
       kSideEffects), kNotInCudaGraphs);
   m.def(torch::schema(
       "save(Dict(str, Tensor) tensors, str path, *, ScalarType? target_dtype=None, int align_bytes=128, "
-      "int num_threads=0, bool checksum=False, bool durable=True) -> ()",
+      "int num_threads=0, bool checksum=False, bool durable=True, bool floating_only=False) -> ()",
       kSideEffects));
   m.def(torch::schema("read_footer(str path) -> str", kSideEffects));
   m.def(torch::schema("verify(str path, *, int num_threads=0) -> ()", kSideEffects));

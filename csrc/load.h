@@ -58,6 +58,6 @@ int64_t release_pinned_memory();
 
 void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
           std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads,
-          bool checksum = false, bool durable = true);
+          bool checksum = false, bool durable = true, bool floating_only = false);
 
 }  // namespace flashpack

@@ -5,6 +5,7 @@
 #include "load.h"
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
 #include <map>
@@ -85,7 +86,7 @@ at::ScalarType bits_dtype(size_t element_size) {
 
 void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
           std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads, bool checksum,
-          bool durable) {
+          bool durable, bool floating_only) {
   if (align_bytes < 0 || align_bytes > (int64_t(1) << 30)) {
     throw std::invalid_argument("'" + path + "': align_bytes must be between 0 and 2^30, got " + std::to_string(align_bytes));
   }
@@ -109,7 +110,10 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
     check_storable(t, path, name);
     SaveRequest r;
     r.name = name;
-    r.dtype = target_dtype.value_or(t.scalar_type());
+    // floating_only: as nn.Module.to(dtype), integer, bool and complex tensors keep theirs
+    // (a BatchNorm's num_batches_tracked must stay int64 for the model to load it back).
+    const bool convert = target_dtype && (!floating_only || at::isFloatingType(t.scalar_type()));
+    r.dtype = convert ? *target_dtype : t.scalar_type();
     r.shape = t.sizes().vec();
     if (t.numel() > 0) {
       TieKey key{t.const_data_ptr(), static_cast<int>(t.device().type()), t.device().index(), t.scalar_type(),

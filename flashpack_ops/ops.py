@@ -54,6 +54,7 @@ def save_file(
     num_threads: int = 0,
     checksum: bool = False,
     durable: bool = True,
+    floating_only: bool = False,
 ) -> None:
     """Save a dict of tensors to a flashpack file.
 
@@ -75,6 +76,8 @@ def save_file(
         durable: flush the file and its directory entry to disk (fsync) before returning,
             so that not even a power loss can lose it. ``False`` skips the flushes, for
             scratch files: the replacement is still atomic for every other process.
+        floating_only: convert only the floating-point tensors to ``target_dtype``, as
+            ``nn.Module.to(dtype)`` does; integer, bool and complex tensors keep their dtype.
 
     Raises:
         ValueError: a tensor cannot be stored (quantized, sparse, nested, on the meta device,
@@ -101,6 +104,7 @@ def save_file(
     torch.ops.flashpack.save(
         dict(tensors), path, target_dtype=target_dtype,
         align_bytes=align_bytes, num_threads=num_threads, checksum=checksum, durable=durable,
+        floating_only=floating_only,
     )
 
 
@@ -327,7 +331,7 @@ def _load_blocks_fake(path, device=torch.device("cpu"), *, copy=False, num_threa
 
 @torch.library.register_fake("flashpack::save")
 def _save_fake(tensors, path, *, target_dtype=None, align_bytes=DEFAULT_ALIGN_BYTES, num_threads=0,
-               checksum=False, durable=True):
+               checksum=False, durable=True, floating_only=False):
     # A save has no output for a graph to keep, so a graph would be free to drop it
     # (Inductor does), or to move it past a load of the same file. Refusing fake tensors
     # makes Dynamo break the graph here and run the save eagerly, in program order.

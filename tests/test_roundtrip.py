@@ -317,3 +317,18 @@ def test_non_durable_save_writes_the_same_file(tmp_path):
     flashpack_ops.save_file(tensors, tmp_path / "fast.flashpack", durable=False)
     assert (tmp_path / "durable.flashpack").read_bytes() == (tmp_path / "fast.flashpack").read_bytes()
     assert sorted(os.listdir(tmp_path)) == ["durable.flashpack", "fast.flashpack"]
+
+
+def test_floating_only_converts_floats_and_keeps_the_rest(tmp_file):
+    # As nn.Module.to(dtype): a BatchNorm's int64 counter, masks and complex tensors keep
+    # their dtype, so the model can load the file back.
+    tensors = {"w": torch.randn(4, 4), "h": torch.randn(3).half(), "steps": torch.tensor(7),
+               "mask": torch.tensor([True, False]), "z": torch.randn(2, dtype=torch.complex64),
+               "ids": torch.arange(5, dtype=torch.int32)}
+    flashpack_ops.save_file(tensors, tmp_file, target_dtype=torch.bfloat16, floating_only=True)
+    loaded = flashpack_ops.load_file(tmp_file)
+    expected = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}
+    assert_same_dict(loaded, expected)
+    # Without it, every tensor is converted, as the reference's pack_to_file does.
+    flashpack_ops.save_file({"steps": tensors["steps"]}, tmp_file, target_dtype=torch.bfloat16)
+    assert flashpack_ops.load_file(tmp_file)["steps"].dtype == torch.bfloat16
