@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -330,6 +330,7 @@ def assign_from_file(
     coerce_dtype: bool = False,
     *,
     dtype: Optional[torch.dtype] = None,
+    _keep_float32: Optional[Callable[[str], bool]] = None,
 ) -> None:
     """Load a flashpack file into ``model``'s parameters and buffers, without copies.
 
@@ -350,7 +351,10 @@ def assign_from_file(
             also accepts entries of the file the model does not have.
         strict_params: raise if a parameter of the model is not in the file.
         strict_buffers: raise if a buffer of the model is not in the file.
-        keep_flash_ref_on_model: keep the loaded dict on ``model._flash_shared_storage``.
+        keep_flash_ref_on_model: keep the loaded blocks on the model, as the reference does:
+            ``model._flash_shared_storage`` (a ``FlashTensorStorage``) and
+            ``model._flash_shared_storage_meta`` (the footer); ``iterate_from_flash_tensor``
+            turns them back into the named tensors.
         silent: print nothing (a summary otherwise).
         ignore_names, ignore_prefixes, ignore_suffixes: names to skip, in the file and
             in the model.
@@ -381,7 +385,16 @@ def assign_from_file(
     device = _default_device(model) if device is None else torch.device(device)
     if device.type == "meta":
         raise ValueError(f"flashpack_ops.assign_from_file: cannot load {path} onto the meta device")
-    if use_distributed_loading and maybe_init_distributed(rank, local_rank, world_size):
+    distributed = use_distributed_loading and maybe_init_distributed(rank, local_rank, world_size)
+    storage = meta = None
+    if keep_flash_ref_on_model:
+        # The blocks themselves, so that the model can hold them; the tensors are views of them.
+        if distributed:
+            storage, meta = read_flashpack_file_distributed(path, device, sharded=distributed_sharded)
+        else:
+            storage, meta = read_flashpack_file(path, device)
+        tensors = dict(iterate_from_flash_tensor(storage, meta))
+    elif distributed:
         tensors = load_file_distributed(path, device, sharded=distributed_sharded)
     else:
         tensors = load_file(path, device)
@@ -405,7 +418,7 @@ def assign_from_file(
                               f"{tuple(slot.old.shape)} in the model")
             continue
         if dtype is not None and view.is_floating_point():
-            view = view.to(dtype)
+            view = view.to(torch.float32 if _keep_float32 is not None and _keep_float32(name) else dtype)
         if slot.is_param and slot.old.requires_grad and not (view.is_floating_point() or view.is_complex()):
             mismatched.append(f"parameter '{name}' requires grad but is {view.dtype} in the file (only floating "
                               "point and complex tensors can require grad)")
@@ -459,7 +472,8 @@ def assign_from_file(
         warnings.warn(f"flashpack_ops.assign_from_file: {len(zero_filled)} tensors of {type(model).__name__} are "
                       f"not in {path} and were zero-filled: {zero_filled}", stacklevel=2)
     if keep_flash_ref_on_model:
-        model._flash_shared_storage = tensors
+        model._flash_shared_storage = storage
+        model._flash_shared_storage_meta = meta
     if not silent:
         loaded = sum(1 for s in unique if s.source is not None)
         print(f"flashpack_ops: assigned {loaded} tensors from {path} to {type(model).__name__} on {device}"

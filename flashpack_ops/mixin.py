@@ -10,8 +10,8 @@ from typing import Any, Callable, ClassVar, Iterator, List, Optional
 
 import torch
 
-from .api import assign_from_file, pack_to_file
-from .ops import DEFAULT_ALIGN_BYTES, DeviceLike, PathLike
+from .api import assign_from_file
+from .ops import DEFAULT_ALIGN_BYTES, DeviceLike, PathLike, save_file
 
 _META_INIT_LOCK = threading.RLock()
 # The dtypes torch accepts as its default dtype.
@@ -145,9 +145,11 @@ class FlashPackMixin:
                 ignore_suffixes, coerce_dtype, keep_flash_ref_on_model, silent: as in
                 :func:`flashpack_ops.assign_from_file`.
             init_fn: builds the module instead of the class (or ``flashpack_init_method``).
-            num_streams, chunk_bytes, use_distributed_loading, distributed_sharded,
-                distributed_shard_strategy, rank, local_rank, world_size: accepted for
-                compatibility with the reference package.
+            use_distributed_loading, distributed_sharded, distributed_shard_strategy, rank,
+                local_rank, world_size: load over torch.distributed, as in
+                :func:`flashpack_ops.assign_from_file`; ``rank``, ``local_rank`` and
+                ``world_size`` also go to the constructor if it takes them.
+            num_streams, chunk_bytes: accepted for compatibility with the reference package.
 
         Returns:
             The module, in ``eval()`` mode like ``from_pretrained``; parameters keep the
@@ -160,8 +162,13 @@ class FlashPackMixin:
         if init_fn is None:
             method = cls.flashpack_init_method
             init_fn = getattr(cls, method) if method and hasattr(cls, method) else cls
+        try:
+            accepted = inspect.signature(init_fn).parameters
+        except (TypeError, ValueError):
+            accepted = {}
+        # As the reference does: given to a constructor that takes them, never warned about.
         for name, value in (("rank", rank), ("local_rank", local_rank), ("world_size", world_size)):
-            if value is not None:
+            if name in accepted:
                 kwargs.setdefault(name, value)
         with init_empty_parameters():
             model = _call_with_accepted_kwargs(init_fn, args, kwargs)
@@ -175,8 +182,9 @@ class FlashPackMixin:
             ignore_names=ignore_names or cls.flashpack_ignore_names,
             ignore_prefixes=ignore_prefixes or cls.flashpack_ignore_prefixes,
             ignore_suffixes=ignore_suffixes or cls.flashpack_ignore_suffixes,
-            use_distributed_loading=use_distributed_loading,
-            coerce_dtype=coerce_dtype or cls.flashpack_coerce_dtype,
+            use_distributed_loading=use_distributed_loading, distributed_sharded=distributed_sharded,
+            distributed_shard_strategy=distributed_shard_strategy, rank=rank, local_rank=local_rank,
+            world_size=world_size, coerce_dtype=coerce_dtype or cls.flashpack_coerce_dtype,
         )
         # from_pretrained returns models in eval mode; dropout left on would corrupt inference.
         return model.eval()
@@ -194,7 +202,9 @@ class FlashPackMixin:
 
         Args:
             destination_path: the file to write.
-            target_dtype: convert every tensor to this dtype (e.g. ``torch.bfloat16``).
+            target_dtype: convert the floating-point tensors to this dtype (e.g.
+                ``torch.bfloat16``), as ``module.to(dtype)`` does; integer and bool buffers
+                keep theirs, so the module loads the file back.
             name_order: only these names, in this order; the state dict's order by default.
             align_bytes: alignment of each tensor in its block.
             silent: unused, kept for compatibility.
@@ -206,5 +216,10 @@ class FlashPackMixin:
         """
         if not isinstance(self, torch.nn.Module):
             raise TypeError(f"FlashPackMixin.save_flashpack needs an nn.Module, got {type(self).__name__}")
-        pack_to_file(self, destination_path, target_dtype=target_dtype, name_order=name_order,
-                     align_bytes=align_bytes, silent=silent, num_workers=num_workers)
+        state_dict = self.state_dict()
+        if name_order is not None:
+            state_dict = {name: state_dict[name] for name in name_order if name in state_dict}
+        if not state_dict:
+            raise ValueError("No tensors to pack.")
+        save_file(state_dict, destination_path, target_dtype=target_dtype, align_bytes=align_bytes,
+                  num_threads=num_workers, floating_only=True)

@@ -47,7 +47,10 @@ def test_unet_round_trip_is_bit_identical(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.flashpack"]
     loaded = FlashUNet.from_pretrained_flashpack(tmp_path, keep_flash_ref_on_model=True)
     assert type(loaded) is FlashUNet and not loaded.training
-    tensors = loaded._flash_shared_storage
+    # The blocks the model keeps, as the reference keeps them; every weight is a view of them.
+    storage, meta = loaded._flash_shared_storage, loaded._flash_shared_storage_meta
+    assert isinstance(storage, flashpack_ops.FlashTensorStorage)
+    tensors = dict(flashpack_ops.iterate_from_flash_tensor(storage, meta))
     for name, param in loaded.named_parameters():
         assert param.data_ptr() == tensors[name].data_ptr(), name
     with torch.no_grad():
@@ -105,3 +108,24 @@ def test_pipeline_saved_by_diffusers_loads_unchanged(tmp_path):
     for p in (loaded, expected):
         p.set_progress_bar_config(disable=True)
     assert torch.equal(torch.from_numpy(run(loaded)), torch.from_numpy(run(expected)))
+
+
+@pytest.mark.parametrize("argument", ["dtype", "torch_dtype"])
+def test_pipeline_dtype_under_either_name(tmp_path, argument):
+    # diffusers 0.42 names it dtype and deprecates torch_dtype: both must take effect.
+    pipeline = FlashDDPMPipeline(unet=tiny_unet(FlashUNet), scheduler=DDPMScheduler(num_train_timesteps=10))
+    pipeline.save_pretrained_flashpack(tmp_path)
+    loaded = FlashDDPMPipeline.from_pretrained_flashpack(tmp_path, **{argument: torch.bfloat16})
+    assert {p.dtype for p in loaded.unet.parameters()} == {torch.bfloat16}
+    assert torch.equal(loaded.unet.conv_in.weight, pipeline.unet.conv_in.weight.to(torch.bfloat16))
+
+
+def test_model_options_from_pretrained_takes(tmp_path):
+    unet = tiny_unet(FlashUNet)
+    unet.save_pretrained_flashpack(tmp_path)
+    loaded, info = FlashUNet.from_pretrained_flashpack(tmp_path, device_map="cpu", low_cpu_mem_usage=True,
+                                                       output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert torch.equal(loaded.conv_in.weight, unet.conv_in.weight)
+    with pytest.raises(ValueError, match="quantization_config=.* is not supported"):
+        FlashUNet.from_pretrained_flashpack(tmp_path, quantization_config={"load_in_4bit": True})

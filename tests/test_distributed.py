@@ -70,9 +70,12 @@ def files(tmp_path_factory):
     # Per-rank files: every rank but 1 has one; every rank has a different one.
     for rank in (0, 2, 3):
         flashpack_ops.save_file(mixed_state_dict(), str(d / f"not1_{rank}.flashpack"))
+    for rank in (0, 2, 3):
+        flashpack_ops.save_file(model().state_dict(), str(d / f"model_not1_{rank}.flashpack"))
     for rank in range(4):
         flashpack_ops.save_file({"t": torch.zeros(5000 + rank)}, str(d / f"differs_{rank}.flashpack"))
     paths["not1"] = str(d / "not1_{rank}.flashpack")
+    paths["model_not1"] = str(d / "model_not1_{rank}.flashpack")
     paths["differs"] = str(d / "differs_{rank}.flashpack")
     paths["missing"] = str(d / "missing.flashpack")
     paths["dir"] = str(d)
@@ -103,6 +106,14 @@ def cases(files, world):
         "blocks_reference_file": {"path": files["ref"], "blocks": True, "kwargs": {"sharded": True}},
         "assign_broadcast": {"path": files["model"], "assign": True},
         "assign_sharded": {"path": files["model"], "assign": True, "kwargs": {"distributed_sharded": True}},
+        "assign_keeping_the_blocks": {"path": files["model"], "assign": True,
+                                      "kwargs": {"distributed_sharded": True, "keep_flash_ref_on_model": True}},
+        "mixin_sharded": {"path": files["model"], "mixin": True, "kwargs": {"distributed_sharded": True}},
+        # Broadcast: only rank 0 reads, so rank 1 needs no file...
+        "mixin_broadcast_file_only_on_src": {"path": files["model_not1"], "mixin": True},
+        # ...while sharded, every rank reads: this fails only if distributed_sharded got through.
+        "error_mixin_sharded_missing_on_rank_1": {"path": files["model_not1"], "mixin": True,
+                                                  "kwargs": {"distributed_sharded": True}, "expect_error": True},
         "error_missing_on_src": {"path": files["missing"], "expect_error": True},
         "error_missing_sharded": {"path": files["missing"], "kwargs": {"sharded": True}, "expect_error": True},
         "error_missing_on_rank_1": {"path": files["not1"], "kwargs": {"sharded": True}, "expect_error": True},
@@ -160,7 +171,8 @@ def world_results(request, files):
     "broadcast", "broadcast_from_last_rank", "broadcast_small_windows", "broadcast_tiny", "broadcast_file_only_on_src",
     "broadcast_reference_file",
     "broadcast_verify", "sharded_small_windows", "sharded_default_windows", "sharded_tiny",
-    "sharded_reference_file", "sharded_verify", "assign_broadcast", "assign_sharded",
+    "sharded_reference_file", "sharded_verify", "assign_broadcast", "assign_sharded", "assign_keeping_the_blocks",
+    "mixin_sharded", "mixin_broadcast_file_only_on_src",
     "blocks_broadcast", "blocks_sharded", "blocks_reference_file",
 ])
 def test_every_rank_gets_the_plain_load_bit_for_bit(world_results, case):
@@ -187,6 +199,13 @@ def test_file_missing_on_one_rank_fails_on_every_rank(world_results):
     assert results[1]["error_missing_on_rank_1"].startswith("FileNotFoundError")
     for rank in [0] + list(range(2, world)):
         assert "failed on another rank" in results[rank]["error_missing_on_rank_1"]
+
+
+def test_from_flashpack_passes_distributed_sharded_on(world_results):
+    world, results = world_results
+    assert results[1]["error_mixin_sharded_missing_on_rank_1"].startswith("FileNotFoundError")
+    for rank in [0] + list(range(2, world)):
+        assert "failed on another rank" in results[rank]["error_mixin_sharded_missing_on_rank_1"]
 
 
 def test_different_files_on_ranks_are_refused(world_results):

@@ -63,7 +63,10 @@ def test_round_trip_outputs_are_bit_identical(saved):
 def test_parameters_are_the_loaded_memory(saved):
     _, path = saved
     loaded = TinyLM.from_flashpack(path, keep_flash_ref_on_model=True)
-    tensors = loaded._flash_shared_storage
+    # The blocks the model keeps, as the reference keeps them; every weight is a view of them.
+    storage, meta = loaded._flash_shared_storage, loaded._flash_shared_storage_meta
+    assert isinstance(storage, flashpack_ops.FlashTensorStorage)
+    tensors = dict(flashpack_ops.iterate_from_flash_tensor(storage, meta))
     for name, param in loaded.named_parameters(remove_duplicate=False):
         assert param.data_ptr() == tensors[name].data_ptr(), name
     assert loaded.step.data_ptr() == tensors["step"].data_ptr()
@@ -183,8 +186,17 @@ def test_ignored_names_are_skipped_both_ways(saved):
 
 def test_dtype_conversion_and_buffer_dtypes(tmp_path):
     model = trained_model()
+    # save_flashpack converts floating-point tensors only, as model.to(dtype) does: the
+    # integer buffer keeps its dtype and the model loads the file back as it is.
+    saved = tmp_path / "saved_bf16.flashpack"
+    model.save_flashpack(saved, target_dtype=torch.bfloat16)
+    fresh = trained_model(seed=1)
+    assign_from_file(fresh, saved)
+    assert fresh.embed.weight.dtype == torch.bfloat16 and fresh.step.dtype == torch.int64
+    assert torch.equal(fresh.step, model.step)
+    # pack_to_file converts every tensor, as the reference does.
     path = tmp_path / "bf16.flashpack"
-    model.save_flashpack(path, target_dtype=torch.bfloat16)
+    flashpack_ops.pack_to_file(model, path, target_dtype=torch.bfloat16)
     fresh = trained_model(seed=1)
     with pytest.raises(ValueError, match="buffer 'step' is torch.bfloat16 in the file but torch.int64"):
         assign_from_file(fresh, path)
@@ -236,3 +248,21 @@ def test_from_flashpack_onto_cuda(saved):
     assert all(t.is_cuda for t in list(loaded.parameters()) + list(loaded.buffers()))
     assert loaded.head.weight is loaded.embed.weight
     assert torch.equal(loaded(IDS.cuda()).cpu(), model(IDS))
+
+
+class RankAwareLM(TinyLM):
+    def __init__(self, vocab=40, width=16, rank=None, world_size=None):
+        super().__init__(vocab, width)
+        self.seen = (rank, world_size)
+
+
+def test_rank_and_world_size_reach_constructors_that_take_them(saved):
+    # As the reference does: given to a constructor that takes them, and no warning about a
+    # constructor that does not (a world of one loads normally).
+    _, path = saved
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = TinyLM.from_flashpack(path, rank=0, local_rank=0, world_size=1, use_distributed_loading=True)
+    assert torch.equal(loaded(IDS), trained_model()(IDS))
+    aware = RankAwareLM.from_flashpack(path, rank=0, world_size=1)
+    assert aware.seen == (0, 1)

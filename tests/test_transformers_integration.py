@@ -1,6 +1,9 @@
 """transformers: save_pretrained_flashpack / from_pretrained_flashpack on a tiny Llama built from a config."""
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from flashpack_ops.integrations._hub import HubUnavailableError  # noqa: E402
 from flashpack_ops.integrations.transformers import (  # noqa: E402
     FlashPackTransformersModelMixin,
     from_pretrained_flashpack,
+    save_pretrained_flashpack,
 )
 
 
@@ -60,7 +64,10 @@ def test_outputs_are_bit_identical(model, saved):
 
 def test_weights_are_the_loaded_memory_and_stay_tied(saved):
     loaded = FlashLlama.from_pretrained_flashpack(saved, keep_flash_ref_on_model=True)
-    tensors = loaded._flash_shared_storage
+    # The blocks the model keeps, as the reference keeps them; every weight is a view of them.
+    storage, meta = loaded._flash_shared_storage, loaded._flash_shared_storage_meta
+    assert isinstance(storage, flashpack_ops.FlashTensorStorage)
+    tensors = dict(flashpack_ops.iterate_from_flash_tensor(storage, meta))
     for name, param in loaded.named_parameters():
         assert param.data_ptr() == tensors[name].data_ptr(), name
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
@@ -134,3 +141,174 @@ def test_loads_onto_cuda(model, saved):
     with torch.no_grad():
         out = loaded(IDS.cuda()).logits
     assert out.shape == logits(model).shape
+
+
+@pytest.mark.parametrize("device_map", ["cpu", {"": "cpu"}, "auto", torch.device("cpu")],
+                         ids=["str", "dict", "auto", "device"])
+def test_device_map_for_one_device_is_the_device(model, saved, device_map):
+    # from_pretrained(..., device_map=...) calls switch over as they are; "auto" is the
+    # first GPU where there is one, as from_pretrained puts a model that fits there.
+    loaded = FlashLlama.from_pretrained_flashpack(saved, device_map=device_map)
+    expected = "cuda" if device_map == "auto" and torch.cuda.is_available() else "cpu"
+    assert {t.device.type for t in loaded.parameters()} == {expected}
+    assert torch.equal(logits(loaded.cpu()), logits(model))
+
+
+def test_device_map_over_several_devices_is_refused(saved):
+    with pytest.raises(ValueError, match=r"device_map places the model on several devices"):
+        FlashLlama.from_pretrained_flashpack(saved, device_map={"model": "cpu", "lm_head": "meta"})
+    with pytest.raises(ValueError, match=r"device='cpu' and device_map='cuda:0' disagree"):
+        FlashLlama.from_pretrained_flashpack(saved, device="cpu", device_map="cuda:0")
+
+
+@pytest.mark.parametrize("option", [{"quantization_config": {"load_in_8bit": True}}, {"tp_plan": "auto"},
+                                    {"gguf_file": "model.gguf"}, {"key_mapping": {"a": "b"}}],
+                         ids=["quantization_config", "tp_plan", "gguf_file", "key_mapping"])
+def test_options_that_would_change_the_model_are_refused(saved, option):
+    # Loading the model as saved while the caller asked for it quantized or sharded would be
+    # a silent surprise; their defaults are accepted.
+    (name, value), = option.items()
+    with pytest.raises(ValueError, match=f"{name}=.* is not supported: a flashpack file is loaded as it was saved"):
+        FlashLlama.from_pretrained_flashpack(saved, **option)
+    FlashLlama.from_pretrained_flashpack(saved, **{name: None})
+
+
+def test_download_only_options_are_accepted(model, saved):
+    loaded = FlashLlama.from_pretrained_flashpack(saved, max_memory={0: "10GB"}, offload_folder="/nowhere",
+                                                  weights_only=True, trust_remote_code=False, _fast_init=True)
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_output_loading_info_lists_what_the_file_lacks(model, tmp_path):
+    model.save_pretrained_flashpack(tmp_path, ignore_names=["model.norm.weight"])
+    loaded, info = FlashLlama.from_pretrained_flashpack(tmp_path, strict=False, output_loading_info=True)
+    assert info == {"missing_keys": ["model.norm.weight"], "unexpected_keys": [], "mismatched_keys": [],
+                    "error_msgs": []}
+    assert isinstance(loaded, FlashLlama)
+
+
+def test_generation_config_argument_is_used(saved):
+    generation_config = transformers.GenerationConfig(max_new_tokens=3, do_sample=False)
+    loaded = FlashLlama.from_pretrained_flashpack(saved, generation_config=generation_config)
+    assert loaded.generation_config.max_new_tokens == 3
+
+
+def test_auto_model_takes_a_config(model, saved):
+    flashpack_ops.patch_integrations()
+    config = transformers.AutoConfig.from_pretrained(saved)
+    config.output_hidden_states = True
+    loaded = AutoModelForCausalLM.from_pretrained_flashpack(saved, config=config)
+    assert loaded.config.output_hidden_states
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def tiny_t5():
+    torch.manual_seed(0)
+    config = transformers.T5Config(num_layers=2, d_model=32, d_ff=64, num_heads=4, d_kv=8, vocab_size=64,
+                                   decoder_start_token_id=0)
+    return transformers.T5ForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_modules_kept_in_float32_match_from_pretrained(tmp_path, dtype):
+    # T5 keeps its feed-forward output ("wo") in float32 when loaded as float16.
+    t5 = tiny_t5()
+    assert t5._keep_in_fp32_modules
+    t5.save_pretrained(tmp_path / "hf")
+    save_pretrained_flashpack(t5, tmp_path / "fp")
+    reference = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=dtype).eval()
+    loaded = from_pretrained_flashpack(transformers.T5ForConditionalGeneration, tmp_path / "fp", torch_dtype=dtype)
+    assert {n: p.dtype for n, p in loaded.named_parameters()} == {n: p.dtype for n, p in reference.named_parameters()}
+    ids = torch.tensor([[1, 5, 9, 33]])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, decoder_input_ids=ids).logits,
+                           reference(input_ids=ids, decoder_input_ids=ids).logits)
+
+
+def test_saving_with_a_target_dtype_keeps_float32_modules(tmp_path):
+    t5 = tiny_t5()
+    save_pretrained_flashpack(t5, tmp_path, target_dtype=torch.float16)
+    loaded = from_pretrained_flashpack(transformers.T5ForConditionalGeneration, tmp_path)
+    wo = loaded.encoder.block[0].layer[1].DenseReluDense.wo.weight
+    assert wo.dtype == torch.float32 and torch.equal(wo, t5.encoder.block[0].layer[1].DenseReluDense.wo.weight)
+    assert loaded.shared.weight.dtype == torch.float16
+
+
+def test_integer_buffers_keep_their_dtype_with_a_target_dtype(tmp_path):
+    # A BatchNorm's num_batches_tracked is int64: converted to bfloat16 with the rest, the
+    # model could not load its own file back.
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_channels=3)
+    resnet = transformers.ResNetModel(config).eval()
+    save_pretrained_flashpack(resnet, tmp_path, target_dtype=torch.bfloat16)
+    loaded = from_pretrained_flashpack(transformers.ResNetModel, tmp_path)
+    tracked = [b for n, b in loaded.named_buffers() if n.endswith("num_batches_tracked")]
+    assert tracked and all(b.dtype == torch.int64 for b in tracked)
+    expected = resnet.to(torch.bfloat16)
+    pixels = torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixels).last_hidden_state, expected(pixels).last_hidden_state)
+
+
+CUSTOM_CONFIG = '''
+from transformers import PretrainedConfig
+
+
+class TinyCustomConfig(PretrainedConfig):
+    model_type = "flashpack_tiny_custom"
+
+    def __init__(self, width=8, **kwargs):
+        self.width = width
+        super().__init__(**kwargs)
+'''
+
+CUSTOM_MODEL = '''
+import torch
+from transformers import PreTrainedModel
+
+from .configuration_tiny import TinyCustomConfig
+
+
+class TinyCustomModel(PreTrainedModel):
+    config_class = TinyCustomConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.lin = torch.nn.Linear(config.width, config.width)
+        self.post_init()
+
+    def forward(self, x):
+        return self.lin(x)
+'''
+
+
+def test_auto_model_loads_a_model_whose_code_ships_with_it(tmp_path):
+    # trust_remote_code=True, as from_pretrained takes it: the class comes from the directory.
+    # A fresh process, so that no earlier import of the class can help.
+    (tmp_path / "configuration_tiny.py").write_text(CUSTOM_CONFIG)
+    (tmp_path / "modeling_tiny.py").write_text(CUSTOM_MODEL)
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "flashpack_tiny_custom", "width": 8, "architectures": ["TinyCustomModel"],
+        "auto_map": {"AutoConfig": "configuration_tiny.TinyCustomConfig", "AutoModel": "modeling_tiny.TinyCustomModel"}}))
+    script = f"""
+import sys, torch, transformers
+import flashpack_ops
+from flashpack_ops.integrations.transformers import save_pretrained_flashpack
+torch.manual_seed(0)
+config = transformers.AutoConfig.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+model = transformers.AutoModel.from_config(config, trust_remote_code=True)
+save_pretrained_flashpack(model, {str(tmp_path)!r})
+flashpack_ops.patch_integrations()
+try:  # without trust_remote_code, refused as from_pretrained refuses it
+    transformers.AutoModel.from_pretrained_flashpack({str(tmp_path)!r})
+    raise SystemExit("loaded custom code without trust_remote_code")
+except ValueError as e:
+    assert "custom code" in str(e) or "trust_remote_code" in str(e), e
+loaded = transformers.AutoModel.from_pretrained_flashpack({str(tmp_path)!r}, trust_remote_code=True)
+assert type(loaded).__name__ == "TinyCustomModel"
+assert torch.equal(loaded.lin.weight, model.lin.weight) and torch.equal(loaded.lin.bias, model.lin.bias)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

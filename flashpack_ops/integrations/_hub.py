@@ -4,21 +4,37 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from ..api import filter_state_dict, pack_to_file
-from ..ops import read_metadata
+from ..api import filter_state_dict
+from ..ops import read_metadata, save_file
 
 FLASHPACK_FILE = "model.flashpack"
 
-# Arguments of from_pretrained (and of the reference's loaders) that choose among weight files or
-# tune their loading: a flashpack directory has one file, so from_pretrained_flashpack accepts
-# and drops them rather than pass them on to the model's constructor.
+# Arguments of from_pretrained (transformers', diffusers' and the reference's) that choose among
+# weight files, place or tune the download, or tune loading: a flashpack directory has one file,
+# loaded whole, so they change nothing and from_pretrained_flashpack drops them rather than pass
+# them on to the model's constructor.
 IGNORED_LOAD_KWARGS = ("proxies", "local_dir_use_symlinks", "low_cpu_mem_usage", "use_safetensors", "variant",
-                       "num_streams", "chunk_bytes", "use_distributed_loading", "distributed_sharded",
-                       "distributed_shard_strategy", "rank", "local_rank", "world_size")
+                       "num_streams", "chunk_bytes", "resume_download", "mirror", "_fast_init", "weights_only",
+                       "disable_mmap", "offload_folder", "offload_state_dict", "offload_buffers", "max_memory",
+                       "tqdm_class", "_commit_hash", "_from_auto", "_from_pipeline", "adapter_name",
+                       "allow_all_kernels", "use_flashpack", "flashpack_kwargs")
+
+# Arguments that would change what is loaded, with their defaults: any other value is refused,
+# since silently loading the model as saved (not quantized, not sharded...) would be wrong.
+UNSUPPORTED_LOAD_KWARGS = {"quantization_config": None, "gguf_file": None, "key_mapping": None, "tp_plan": None,
+                           "tp_size": None, "device_mesh": None, "distributed_config": None, "adapter_kwargs": None,
+                           "state_dict": None, "from_tf": False, "from_flax": False, "use_kernels": False,
+                           "kernel_config": None, "ignore_mismatched_sizes": False}
+
+# Passed on to assign_from_file.
+DISTRIBUTED_LOAD_KWARGS = ("use_distributed_loading", "distributed_sharded", "distributed_shard_strategy", "rank",
+                           "local_rank", "world_size")
+
+_SPREADING_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
@@ -101,11 +117,82 @@ def checked_save_directory(save_directory: Union[str, "os.PathLike[str]"]) -> st
 
 def write_weights(model: torch.nn.Module, save_directory: str, *, target_dtype: Optional[torch.dtype],
                   align_bytes: int, num_workers: int, ignore_names: Any, ignore_prefixes: Any,
-                  ignore_suffixes: Any) -> None:
-    """The model's state dict, less the ignored names, as ``save_directory/model.flashpack``."""
+                  ignore_suffixes: Any, keep_float32: Optional[Callable[[str], bool]] = None) -> None:
+    """The model's state dict, less the ignored names, as ``save_directory/model.flashpack``.
+
+    ``target_dtype`` converts the floating-point tensors only, as ``model.to(dtype)`` and
+    ``from_pretrained(dtype=...)`` do: integer buffers (a BatchNorm's ``num_batches_tracked``)
+    keep their dtype, so the model loads the file back. Names ``keep_float32`` accepts become
+    float32 instead.
+    """
     state_dict = filter_state_dict(model.state_dict(), ignore_names, ignore_prefixes, ignore_suffixes)
-    pack_to_file(state_dict, os.path.join(save_directory, FLASHPACK_FILE), target_dtype=target_dtype,
-                 align_bytes=align_bytes, num_workers=num_workers)
+    if not state_dict:
+        raise ValueError("No tensors to pack.")
+    if target_dtype is not None and keep_float32 is not None:
+        # Two target dtypes: converted here, tensor by tensor (the writer converts to one); a
+        # tied tensor is converted once, so the file still stores it once.
+        converted: Dict[Tuple[int, torch.dtype], torch.Tensor] = {}
+        for name, t in state_dict.items():
+            if t.is_floating_point():
+                dtype = torch.float32 if keep_float32(name) else target_dtype
+                if (id(t), dtype) not in converted:
+                    converted[id(t), dtype] = t.to(dtype)
+                state_dict[name] = converted[id(t), dtype]
+        target_dtype = None
+    save_file(state_dict, os.path.join(save_directory, FLASHPACK_FILE), target_dtype=target_dtype,
+              align_bytes=align_bytes, num_threads=num_workers, floating_only=True)
+
+
+def _device_of_map(device_map: Any, what: str) -> torch.device:
+    """The one device a ``device_map`` names; the whole model is loaded to one device."""
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError(f"{what}: device_map places the model on several devices ({sorted(map(str, devices))}); "
+                             "a flashpack file is loaded to one device: pass device= instead")
+        device_map = devices.pop()
+    if isinstance(device_map, str) and device_map in _SPREADING_DEVICE_MAPS:
+        # With one device to use, from_pretrained puts the whole model on the first GPU.
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    if device_map == "disk":
+        raise ValueError(f"{what}: device_map='disk' (offloading) is not supported; pass device= instead")
+    return torch.device(device_map)
+
+
+def take_load_kwargs(kwargs: Dict[str, Any], device: Any, what: str) -> Tuple[Any, Dict[str, Any]]:
+    """Takes from_pretrained's loading arguments out of ``kwargs`` (what remains goes to the config
+    and the model's constructor): drops those that change nothing, refuses those it cannot honour,
+    turns ``device_map`` into a device. Returns the device and the distributed-loading options.
+
+    Raises:
+        ValueError: an argument that would change what is loaded, or a device_map over several
+            devices, or one that contradicts ``device``.
+    """
+    for name in IGNORED_LOAD_KWARGS:
+        kwargs.pop(name, None)
+    for name, default in UNSUPPORTED_LOAD_KWARGS.items():
+        value = kwargs.pop(name, default)
+        if value is not default and value != default:
+            raise ValueError(f"{what}: {name}={value!r} is not supported: a flashpack file is loaded as it was saved "
+                             f"(load with from_pretrained for {name})")
+    device_map = kwargs.pop("device_map", None)
+    if device_map is not None:
+        mapped = _device_of_map(device_map, what)
+        if device is not None and torch.device(device) != mapped:
+            raise ValueError(f"{what}: device={device!r} and device_map={device_map!r} disagree; pass one of them")
+        device = mapped
+    distributed = {name: kwargs.pop(name) for name in DISTRIBUTED_LOAD_KWARGS if name in kwargs}
+    return device, distributed
+
+
+def loading_info(model: torch.nn.Module, path: str) -> Dict[str, List[str]]:
+    """What ``from_pretrained(..., output_loading_info=True)`` returns beside the model."""
+    in_file = {entry["name"] for entry in read_metadata(path)["index"]}
+    in_model = set(model.state_dict())
+    return {"missing_keys": sorted(in_model - in_file), "unexpected_keys": sorted(in_file - in_model),
+            "mismatched_keys": [], "error_msgs": []}
 
 
 def parse_dtype(dtype: Any) -> Optional[torch.dtype]:

@@ -13,7 +13,7 @@ from diffusers import ModelMixin
 from ...api import assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
-from .._hub import (IGNORED_LOAD_KWARGS, build_and_load_dtypes, checked_save_directory, locate_flashpack,
+from .._hub import (build_and_load_dtypes, checked_save_directory, loading_info, locate_flashpack, take_load_kwargs,
                     upload_directory, write_weights)
 
 M = TypeVar("M", bound=ModelMixin)
@@ -50,7 +50,7 @@ def save_pretrained_flashpack(
         model: any diffusers model.
         save_directory: the directory.
         is_main_process: only the main process writes (distributed training).
-        target_dtype: convert every tensor to this dtype.
+        target_dtype: convert the floating-point tensors to this dtype.
         push_to_hub, repo_id, private, token, commit_message, create_pr: upload the
             directory to the Hugging Face Hub afterwards.
         align_bytes, num_workers: as in :func:`flashpack_ops.pack_to_file`.
@@ -122,22 +122,29 @@ def from_pretrained_flashpack(
         strict, strict_params, strict_buffers, ignore_names, ignore_prefixes,
             ignore_suffixes, coerce_dtype, keep_flash_ref_on_model, silent: as in
             :func:`flashpack_ops.assign_from_file`.
-        **kwargs: config entries to override.
+        device_map: one device for the whole model, in place of ``device``.
+        output_loading_info: also return ``{"missing_keys", "unexpected_keys", ...}``.
+        use_distributed_loading, distributed_sharded, rank, local_rank, world_size: as in
+            :func:`flashpack_ops.assign_from_file`.
+        **kwargs: config entries to override. from_pretrained's arguments that only choose
+            or tune the weights' download are accepted and have no effect; those that would
+            change what is loaded (``quantization_config``...) raise ValueError.
 
     Returns:
-        The model, in eval mode.
+        The model, in eval mode (and the loading info).
 
     Raises:
         FileNotFoundError: no ``model.flashpack`` in the directory.
         HubUnavailableError: a repo id while offline, with no cached copy.
-        ValueError: the file does not match the model (names listed).
+        ValueError: the file does not match the model (names listed), or an argument
+            from_pretrained_flashpack cannot honour.
     """
+    device, distributed = take_load_kwargs(kwargs, device, f"{model_class.__name__}.from_pretrained_flashpack")
+    output_loading_info = kwargs.pop("output_loading_info", False)
     path = locate_flashpack(pretrained_model_name_or_path, subfolder, revision=revision, cache_dir=cache_dir,
                             local_dir=local_dir, token=token, local_files_only=local_files_only,
                             force_download=force_download)
     model_dir = os.path.dirname(path)
-    for unused in IGNORED_LOAD_KWARGS:
-        kwargs.pop(unused, None)
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
         model_class = _concrete_class(model_class, json.load(f), model_dir)
     config = model_class.load_config(model_dir)
@@ -148,10 +155,11 @@ def from_pretrained_flashpack(
         model, path, device=device if device is not None else "cpu", strict=strict, strict_params=strict_params,
         strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
         ignore_names=ignore_names, ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes,
-        coerce_dtype=coerce_dtype, dtype=load_dtype,
+        coerce_dtype=coerce_dtype, dtype=load_dtype, **distributed,
     )
     model.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
-    return model.eval()
+    model.eval()
+    return (model, loading_info(model, path)) if output_loading_info else model
 
 
 class FlashPackDiffusersModelMixin(ModelMixin, FlashPackMixin):

@@ -14,7 +14,7 @@ import torch
 from diffusers import DiffusionPipeline, ModelMixin
 
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
-from .._hub import FLASHPACK_FILE, resolve_directory, upload_directory
+from .._hub import FLASHPACK_FILE, resolve_directory, take_load_kwargs, upload_directory
 from . import model as diffusers_model
 
 P = TypeVar("P", bound=DiffusionPipeline)
@@ -185,6 +185,7 @@ def load_pipeline_flashpack(
     device: Optional[DeviceLike] = None,
     *,
     torch_dtype: DtypeOrPerComponent = None,
+    dtype: DtypeOrPerComponent = None,
     silent: bool = True,
     strict: Optional[bool] = None,
     strict_params: bool = True,
@@ -210,13 +211,15 @@ def load_pipeline_flashpack(
             ``FlashPackDiffusionPipeline``) picks the one ``model_index.json`` names.
         pretrained_model_name_or_path: a directory, or a Hub repo id.
         device: where the models go; the CPU by default.
-        torch_dtype: one dtype for every model or ``{"unet": ..., "default": ...}``;
-            by default each model keeps its file's dtypes.
+        torch_dtype, dtype: one dtype for every model or ``{"unet": ..., "default": ...}``;
+            by default each model keeps its file's dtypes (``dtype`` is diffusers' newer
+            name for ``torch_dtype``).
         strict, strict_params, strict_buffers, ignore_names, ignore_prefixes,
             ignore_suffixes, coerce_dtype, silent: applied to every model component.
         revision, cache_dir, token, local_files_only, force_download: for the Hub.
         **kwargs: components to use instead of loading them (``scheduler=...``), and
-            arguments of the pipeline's ``__init__``.
+            arguments of the pipeline's ``__init__``. ``device_map`` (one device) and
+            from_pretrained's loading options are taken as for single models.
 
     Returns:
         The pipeline.
@@ -225,6 +228,11 @@ def load_pipeline_flashpack(
         FileNotFoundError: no ``model_index.json``.
         HubUnavailableError: a repo id while offline, with no cached copy.
     """
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"{pipeline_class.__name__}.from_pretrained_flashpack: dtype={dtype!r} and "
+                         f"torch_dtype={torch_dtype!r} disagree; pass one of them")
+    torch_dtype = dtype if dtype is not None else torch_dtype
+    device, distributed = take_load_kwargs(kwargs, device, f"{pipeline_class.__name__}.from_pretrained_flashpack")
     directory = resolve_directory(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, token=token,
                                   local_files_only=local_files_only, force_download=force_download)
     if not os.path.isfile(os.path.join(directory, "model_index.json")):
@@ -235,7 +243,7 @@ def load_pipeline_flashpack(
     expected_modules, optional_kwargs = pipeline_class._get_signature_keys(pipeline_class)
     load_kwargs = dict(silent=silent, strict=strict, strict_params=strict_params, strict_buffers=strict_buffers,
                        ignore_names=ignore_names, ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes,
-                       coerce_dtype=coerce_dtype)
+                       coerce_dtype=coerce_dtype, **distributed)
     init: Dict[str, Any] = {}
     for name, (library, class_name) in _component_entries(config).items():
         if name in kwargs:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from typing import Any, ContextManager, List, Optional, Type, TypeVar, Union
+import re
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Type, TypeVar, Union
 
 import torch
 import transformers
@@ -14,8 +15,8 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrai
 from ...api import assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
-from .._hub import (IGNORED_LOAD_KWARGS, build_and_load_dtypes, checked_save_directory, locate_flashpack,
-                    upload_directory, write_weights)
+from .._hub import (build_and_load_dtypes, checked_save_directory, loading_info, locate_flashpack,
+                    take_load_kwargs, upload_directory, write_weights)
 
 M = TypeVar("M", bound=PreTrainedModel)
 
@@ -37,6 +38,24 @@ def _no_init_weights() -> ContextManager[None]:
         except ImportError:
             return contextlib.nullcontext()
     return no_init_weights()
+
+
+def keeps_in_float32(model: PreTrainedModel, dtype: Optional[torch.dtype]) -> Optional[Callable[[str], bool]]:
+    """Which tensors ``from_pretrained(dtype=dtype)`` keeps in float32, or None for none.
+
+    Models list modules whose precision matters (T5's ``wo``) in ``_keep_in_fp32_modules``
+    (kept for float16) and ``_keep_in_fp32_modules_strict`` (for float16 and bfloat16);
+    a name matches as transformers matches it, a regular-expression search with ``*`` as ``.*``.
+    """
+    modules = set()
+    if dtype == torch.float16:
+        modules |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if dtype in (torch.float16, torch.bfloat16):
+        modules |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if not modules:
+        return None
+    pattern = re.compile("|".join(f"(?:{m.replace('*', '.*')})" for m in sorted(modules)))
+    return lambda name: pattern.search(name) is not None
 
 
 def save_pretrained_flashpack(
@@ -67,7 +86,9 @@ def save_pretrained_flashpack(
         is_main_process: only the main process writes (distributed training).
         push_to_hub, repo_id, private, token, commit_message, create_pr: upload the
             directory to the Hugging Face Hub afterwards.
-        target_dtype: convert every tensor to this dtype; the config records it.
+        target_dtype: convert the floating-point tensors to this dtype (the config records
+            it), except those the model keeps in float32 at that dtype, as
+            ``from_pretrained(dtype=...)`` does.
         align_bytes, num_workers: as in :func:`flashpack_ops.pack_to_file`.
         ignore_names, ignore_prefixes, ignore_suffixes: tensors to leave out of the file.
     """
@@ -83,7 +104,7 @@ def save_pretrained_flashpack(
             model.generation_config.save_pretrained(save_directory)
         write_weights(model, save_directory, target_dtype=target_dtype, align_bytes=align_bytes,
                       num_workers=num_workers, ignore_names=ignore_names, ignore_prefixes=ignore_prefixes,
-                      ignore_suffixes=ignore_suffixes)
+                      ignore_suffixes=ignore_suffixes, keep_float32=keeps_in_float32(model, target_dtype))
     if push_to_hub and is_main_process:
         upload_directory(save_directory, repo_id, private, token, commit_message, create_pr)
 
@@ -134,22 +155,36 @@ def from_pretrained_flashpack(
         strict, strict_params, strict_buffers, ignore_names, ignore_prefixes,
             ignore_suffixes, coerce_dtype, keep_flash_ref_on_model, silent: as in
             :func:`flashpack_ops.assign_from_file`.
+        device_map: one device for the whole model (``"cuda"``, ``0``, ``{"": "cuda:1"}``,
+            ``"auto"`` for the first GPU); in place of ``device``.
+        output_loading_info: also return ``{"missing_keys", "unexpected_keys", ...}``.
+        generation_config: use this instead of the directory's ``generation_config.json``.
+        use_distributed_loading, distributed_sharded, rank, local_rank, world_size: as in
+            :func:`flashpack_ops.assign_from_file`.
         **kwargs: config attributes to override, or arguments of the model's ``__init__``.
+            from_pretrained's arguments that only choose or tune the weights' download
+            (``low_cpu_mem_usage``, ``use_safetensors``, ``variant``...) are accepted and
+            have no effect; those that would change what is loaded (``quantization_config``,
+            ``tp_plan``, ``gguf_file``...) raise ValueError.
 
     Returns:
-        The model, in eval mode, as ``from_pretrained`` returns it.
+        The model, in eval mode, as ``from_pretrained`` returns it (and the loading info).
 
     Raises:
         FileNotFoundError: no ``model.flashpack`` in the directory.
         HubUnavailableError: a repo id while offline, with no cached copy.
-        ValueError: the file does not match the model (names listed).
+        ValueError: the file does not match the model (names listed), or an argument
+            from_pretrained_flashpack cannot honour.
     """
+    what = f"{model_class.__name__}.from_pretrained_flashpack"
+    device, distributed = take_load_kwargs(kwargs, device, what)
+    output_loading_info = kwargs.pop("output_loading_info", False)
+    generation_config = kwargs.pop("generation_config", None)
+    kwargs.pop("trust_remote_code", None)  # the class is given: no code to fetch
     path = locate_flashpack(pretrained_model_name_or_path, subfolder, revision=revision, cache_dir=cache_dir,
                             local_dir=local_dir, token=token, local_files_only=local_files_only,
                             force_download=force_download)
     model_dir = os.path.dirname(path)
-    for unused in IGNORED_LOAD_KWARGS:
-        kwargs.pop(unused, None)
     if config is None:
         config_class = model_class.config_class
         if config_class is None or config_class is PretrainedConfig:
@@ -166,11 +201,15 @@ def from_pretrained_flashpack(
         model, path, device=device if device is not None else "cpu", strict=strict, strict_params=strict_params,
         strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
         ignore_names=ignore_names, ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes,
-        coerce_dtype=coerce_dtype, dtype=load_dtype,
+        coerce_dtype=coerce_dtype, dtype=load_dtype, _keep_float32=keeps_in_float32(model, load_dtype),
+        **distributed,
     )
-    if model.can_generate() and os.path.isfile(os.path.join(model_dir, "generation_config.json")):
+    if generation_config is not None:
+        model.generation_config = generation_config
+    elif model.can_generate() and os.path.isfile(os.path.join(model_dir, "generation_config.json")):
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
-    return model.eval()
+    model.eval()
+    return (model, loading_info(model, path)) if output_loading_info else model
 
 
 class FlashPackTransformersModelMixin(PreTrainedModel, FlashPackMixin):

@@ -34,11 +34,21 @@ def _auto_from_pretrained_flashpack(
                                   local_files_only=local_files_only, force_download=force_download,
                                   allow_patterns=[f"{subfolder}/*"] if subfolder else None)
     model_dir = os.path.join(directory, subfolder) if subfolder else directory
-    config, kwargs = AutoConfig.from_pretrained(model_dir, return_unused_kwargs=True,
-                                                trust_remote_code=trust_remote_code, **kwargs)
-    if type(config) not in cls._model_mapping:
-        raise ValueError(f"{cls.__name__} has no model class for {type(config).__name__} (from {model_dir})")
-    model_class = _get_model_class(config, cls._model_mapping)
+    config = kwargs.pop("config", None)
+    if config is None:
+        config, kwargs = AutoConfig.from_pretrained(model_dir, return_unused_kwargs=True,
+                                                    trust_remote_code=trust_remote_code, **kwargs)
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code and cls.__name__ in auto_map:
+        # A model whose code ships with it, as from_pretrained loads it (trust_remote_code=True).
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        model_class = get_class_from_dynamic_module(auto_map[cls.__name__], model_dir)
+    elif type(config) in cls._model_mapping:
+        model_class = _get_model_class(config, cls._model_mapping)
+    else:
+        hint = " (its code ships with it: pass trust_remote_code=True)" if cls.__name__ in auto_map else ""
+        raise ValueError(f"{cls.__name__} has no model class for {type(config).__name__} (from {model_dir}){hint}")
     return from_pretrained_flashpack(model_class, directory, device, config=config, subfolder=subfolder,
                                      torch_dtype=torch_dtype, dtype=dtype, **kwargs)
 
