@@ -45,14 +45,19 @@ def init_empty_parameters(dtype: Optional[torch.dtype] = None) -> Iterator[None]
 
     def register_on_meta(module: torch.nn.Module, name: str, param: Optional[torch.nn.Parameter]) -> None:
         register_parameter(module, name, param)
+        if threading.get_ident() != owner:
+            return  # another thread building a model of its own meanwhile: left alone
         param = module._parameters.get(name)
         if param is not None and not param.is_meta and type(param) is torch.nn.Parameter:
             meta = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
             meta.__dict__.update(param.__dict__)
             module._parameters[name] = meta
 
-    # The patch is process-wide: two threads building models at once would both see it.
+    # NOTE: the patch is on the class, so every thread calls it while it is in place; only
+    # the thread that entered here gets meta parameters. (The default dtype is process-wide
+    # too, as in transformers' own from_pretrained.) One build at a time holds the lock.
     with _META_INIT_LOCK:
+        owner = threading.get_ident()
         previous_dtype = torch.get_default_dtype()
         torch.nn.Module.register_parameter = register_on_meta
         try:

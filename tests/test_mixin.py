@@ -266,3 +266,27 @@ def test_rank_and_world_size_reach_constructors_that_take_them(saved):
     assert torch.equal(loaded(IDS), trained_model()(IDS))
     aware = RankAwareLM.from_flashpack(path, rank=0, world_size=1)
     assert aware.seen == (0, 1)
+
+
+def test_other_threads_build_real_parameters_meanwhile():
+    # The parameter patch is on the class while a model is built on meta; a model another
+    # thread builds at the same time must come out real.
+    import threading
+
+    inside, done = threading.Event(), threading.Event()
+    built = {}
+
+    def other_thread():
+        inside.wait(30)
+        built["linear"] = torch.nn.Linear(4, 4)
+        done.set()
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    with init_empty_parameters():
+        mine = torch.nn.Linear(4, 4)
+        inside.set()
+        assert done.wait(30)
+    thread.join(30)
+    assert mine.weight.is_meta
+    assert not built["linear"].weight.is_meta and built["linear"].weight.abs().sum() > 0
