@@ -312,3 +312,29 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_base_model_loads_from_a_checkpoint_with_a_head(tmp_path):
+    # As from_pretrained: BertModel takes the bert.* tensors of a directory saved with a head.
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32)
+    classifier = transformers.BertForSequenceClassification(config).eval()
+    save_pretrained_flashpack(classifier, tmp_path / "fp")
+    classifier.save_pretrained(tmp_path / "hf")
+    reference = transformers.BertModel.from_pretrained(tmp_path / "hf").eval()
+    loaded = from_pretrained_flashpack(transformers.BertModel, tmp_path / "fp", keep_flash_ref_on_model=True)
+    assert isinstance(loaded._flash_shared_storage, flashpack_ops.FlashTensorStorage)
+    ids = torch.tensor([[1, 5, 9, 33, 2]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).last_hidden_state, reference(ids).last_hidden_state)
+
+
+def test_encoder_loads_from_an_encoder_decoder_checkpoint(tmp_path):
+    # T5EncoderModel lists the decoder in _keys_to_ignore_on_load_unexpected.
+    t5 = tiny_t5()
+    save_pretrained_flashpack(t5, tmp_path)
+    encoder = from_pretrained_flashpack(transformers.T5EncoderModel, tmp_path)
+    ids = torch.tensor([[1, 5, 9, 33]])
+    with torch.no_grad():
+        assert torch.equal(encoder(ids).last_hidden_state, t5.encoder(ids).last_hidden_state)

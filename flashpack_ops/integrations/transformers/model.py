@@ -6,7 +6,7 @@ import contextlib
 import copy
 import os
 import re
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Type, TypeVar, Union
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
 import torch
 import transformers
@@ -14,7 +14,7 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrai
 
 from ...api import assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
-from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
+from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, read_metadata
 from .._hub import (build_and_load_dtypes, checked_save_directory, loading_info, locate_flashpack,
                     take_load_kwargs, upload_directory, write_weights)
 
@@ -56,6 +56,36 @@ def keeps_in_float32(model: PreTrainedModel, dtype: Optional[torch.dtype]) -> Op
         return None
     pattern = re.compile("|".join(f"(?:{m.replace('*', '.*')})" for m in sorted(modules)))
     return lambda name: pattern.search(name) is not None
+
+
+def _match_to_file(model: PreTrainedModel, path: str) -> Tuple[torch.nn.Module, List[str]]:
+    """The module to load the file into and the file's names to leave out, as from_pretrained
+    matches a checkpoint to a model: a base model (``BertModel``) takes the ``bert.*`` tensors
+    of a checkpoint saved with a head (``BertForMaskedLM``) and leaves the head out, and names
+    the class lists in ``_keys_to_ignore_on_load_unexpected`` (T5EncoderModel: the decoder)
+    are left out, as is a second name for a tensor the model loads under its first (T5's
+    ``lm_head.weight``, tied to ``shared.weight``: the same bytes, nothing would be lost)."""
+    index = read_metadata(path)["index"]
+    in_file = [entry["name"] for entry in index]
+    target: torch.nn.Module = model
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    in_model = set(model.state_dict())
+    if prefix and not any(n.startswith(prefix + ".") for n in in_model) \
+            and any(n.startswith(prefix + ".") for n in in_file):
+        target = torch.nn.Module()
+        target.add_module(prefix, model)  # the file's names, prefix included, now match
+        in_model = set(target.state_dict())
+    patterns = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    loaded = {(e.get("macroblock", 0), e["offset"], tuple(e["shape"])) for e in index if e["name"] in in_model}
+
+    def leave_out(entry: Dict[str, Any]) -> bool:
+        name = entry["name"]
+        if name in in_model:
+            return False
+        return ((target is not model and not name.startswith(prefix + ".")) or any(p.search(name) for p in patterns)
+                or (entry["length"] > 0 and (entry.get("macroblock", 0), entry["offset"], tuple(entry["shape"])) in loaded))
+
+    return target, [entry["name"] for entry in index if leave_out(entry)]
 
 
 def save_pretrained_flashpack(
@@ -197,19 +227,24 @@ def from_pretrained_flashpack(
     with init_empty_parameters(build_dtype), _no_init_weights():
         model = model_class._from_config(config, **kwargs)
     model.tie_weights()  # skipped with the init; the file's tensors then fill each tied group once
+    target, left_out = _match_to_file(model, path)
     assign_from_file(
-        model, path, device=device if device is not None else "cpu", strict=strict, strict_params=strict_params,
+        target, path, device=device if device is not None else "cpu", strict=strict, strict_params=strict_params,
         strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
-        ignore_names=ignore_names, ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes,
+        ignore_names=list(ignore_names or []) + left_out, ignore_prefixes=ignore_prefixes,
+        ignore_suffixes=ignore_suffixes,
         coerce_dtype=coerce_dtype, dtype=load_dtype, _keep_float32=keeps_in_float32(model, load_dtype),
         **distributed,
     )
+    if keep_flash_ref_on_model and target is not model:
+        model._flash_shared_storage = target._flash_shared_storage
+        model._flash_shared_storage_meta = target._flash_shared_storage_meta
     if generation_config is not None:
         model.generation_config = generation_config
     elif model.can_generate() and os.path.isfile(os.path.join(model_dir, "generation_config.json")):
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     model.eval()
-    return (model, loading_info(model, path)) if output_loading_info else model
+    return (model, loading_info(target, path)) if output_loading_info else model
 
 
 class FlashPackTransformersModelMixin(PreTrainedModel, FlashPackMixin):
