@@ -11,11 +11,13 @@ from typing import List, Optional
 EXAMPLES = """\
 examples:
   flashpack convert model.safetensors                  # -> model.flashpack beside it
-  flashpack convert ./Llama-3-8B --dtype bf16          # adds model.flashpack to the model directory
+  flashpack convert ./Llama-3-8B                       # adds model.flashpack to the model directory
+  flashpack convert ./Llama-3-8B ./llama-bf16 --dtype bf16
   flashpack convert ./sd-dir --subfolder unet --variant fp16
   flashpack convert org/model ./model-flashpack        # from the Hugging Face Hub
   flashpack revert model.flashpack model.safetensors
   flashpack metadata model.flashpack --show-index
+  flashpack convert model.safetensors --checksum --ignore-prefixes vision_tower. --ignore-prefixes lm_head.
   flashpack metadata model.flashpack --verify
 """
 
@@ -28,14 +30,18 @@ def _human_bytes(n: int) -> str:
     return str(n)
 
 
+def _split_commas(values: Optional[List[str]]) -> List[str]:
+    return [item for value in values or [] for item in value.split(",") if item]
+
+
 def _convert(args: argparse.Namespace) -> None:
     from .commands import convert_to_flashpack
 
     written = convert_to_flashpack(
-        args.source, args.destination, dtype=args.dtype, ignore_names=args.ignore_names,
-        ignore_prefixes=args.ignore_prefixes, ignore_suffixes=args.ignore_suffixes,
+        args.source, args.destination, dtype=args.dtype, ignore_names=_split_commas(args.ignore_names),
+        ignore_prefixes=_split_commas(args.ignore_prefixes), ignore_suffixes=_split_commas(args.ignore_suffixes),
         use_transformers=args.use_transformers, use_diffusers=args.use_diffusers, silent=args.quiet,
-        subfolder=args.subfolder, variant=args.variant, revision=args.revision,
+        subfolder=args.subfolder, variant=args.variant, revision=args.revision, checksum=args.checksum,
     )
     print(f"wrote {os.path.abspath(written)}")
 
@@ -60,6 +66,11 @@ def _metadata(args: argparse.Namespace) -> None:
         verify = getattr(flashpack_ops, "verify_file", None)
         if verify is None:
             raise RuntimeError("--verify needs flashpack_ops.verify_file, which this build of flashpack_ops lacks")
+        # verify_file's own message only knows the Python API; name the command's option too.
+        # A footer before flashpack_v4 has no blocks and no checksums; an empty v4 file verifies.
+        if any("checksums" not in block for block in ops.read_metadata(path).get("macroblocks", [{}])):
+            raise ValueError(f"{path} holds no checksums to verify; write it with `flashpack convert --checksum` "
+                             "or save it with checksum=True")
         result = verify(path)
         if result is False:
             raise ValueError(f"{path} failed verification")
@@ -103,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="on error, print the full traceback")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    def add_verbose(command: argparse.ArgumentParser) -> None:
+        # The reference documents -v after the command; SUPPRESS keeps a -v given before it.
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="on error, print the full traceback")
+
     convert = commands.add_parser(
         "convert", help="convert a checkpoint, model directory or Hub repo to flashpack",
         description="Convert to flashpack. SOURCE is a .safetensors/.bin/.pt/.pth/.ckpt file, a sharded "
@@ -112,28 +128,36 @@ def build_parser() -> argparse.ArgumentParser:
                     "default), ready for from_pretrained_flashpack.")
     convert.add_argument("source", help="file, directory or Hub repo id")
     convert.add_argument("destination", nargs="?", help="output file or directory (required for a repo id)")
-    convert.add_argument("--dtype", help="convert every tensor to this dtype (bfloat16, bf16, float16, fp16, ...)")
-    convert.add_argument("--ignore-names", nargs="+", action="extend", default=[], metavar="NAME", help="tensors to leave out")
-    convert.add_argument("--ignore-prefixes", nargs="+", action="extend", default=[], metavar="PREFIX",
-                         help="leave out tensors whose names start so")
-    convert.add_argument("--ignore-suffixes", nargs="+", action="extend", default=[], metavar="SUFFIX",
-                         help="leave out tensors whose names end so")
+    convert.add_argument("--dtype", help="convert the floating-point tensors to this dtype (bfloat16, bf16, float16, "
+                                         "fp16, ...); a model directory then needs a destination")
+    # One value per flag, as in the reference: a flag taking several would swallow the destination.
+    convert.add_argument("--ignore-names", action="append", metavar="NAME",
+                         help="leave out this tensor (repeat the flag, or separate names with commas)")
+    convert.add_argument("--ignore-prefixes", action="append", metavar="PREFIX",
+                         help="leave out tensors whose names start so (repeatable, comma-separated)")
+    convert.add_argument("--ignore-suffixes", action="append", metavar="SUFFIX",
+                         help="leave out tensors whose names end so (repeatable, comma-separated)")
+    convert.add_argument("--checksum", action="store_true",
+                         help="store CRC-32C checksums, for `flashpack metadata --verify` (not for model directories)")
     convert.add_argument("--subfolder", help="the model lies in this subfolder (e.g. unet)")
     convert.add_argument("--variant", help="read *.VARIANT.safetensors weights (e.g. fp16)")
     convert.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     convert.add_argument("--use-transformers", action="store_true", help="load the directory with transformers")
     convert.add_argument("--use-diffusers", action="store_true", help="load the directory with diffusers")
     convert.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    convert.set_defaults(run=_convert)
+    add_verbose(convert)
+    convert.set_defaults(run=_convert, parser=convert)
 
     revert = commands.add_parser(
         "revert", help="write a flashpack file back as .safetensors or a torch file",
         description="Write a flashpack file back as .safetensors (the default) or a torch file (.pt, .pth, "
                     ".bin, .ckpt), chosen by the destination's extension.")
     revert.add_argument("path", help="the .flashpack file (or a directory holding model.flashpack)")
-    revert.add_argument("destination", nargs="?", help="output file; PATH with .safetensors by default")
+    revert.add_argument("destination", nargs="?",
+                        help="output file; PATH with .safetensors by default, which must not exist yet")
     revert.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    revert.set_defaults(run=_revert)
+    add_verbose(revert)
+    revert.set_defaults(run=_revert, parser=revert)
 
     metadata = commands.add_parser(
         "metadata", help="print a summary of a flashpack file",
@@ -141,8 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     metadata.add_argument("path", help="the .flashpack file (or a directory holding model.flashpack)")
     metadata.add_argument("-i", "--show-index", action="store_true", help="also list every tensor")
     metadata.add_argument("-j", "--json", action="store_true", help="print the footer as JSON")
-    metadata.add_argument("--verify", action="store_true", help="also check the payload against the file's checks")
-    metadata.set_defaults(run=_metadata)
+    metadata.add_argument("--verify", action="store_true",
+                          help="also check the payload against the checksums the file stores (convert --checksum)")
+    add_verbose(metadata)
+    metadata.set_defaults(run=_metadata, parser=metadata)
     return parser
 
 
@@ -159,7 +185,14 @@ def _one_line(error: BaseException) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the ``flashpack`` command; returns the exit status (0 on success, 1 on error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    # NOTE: argparse fills an optional positional (nargs="?") with nothing as soon as the first
+    # option follows SOURCE, so `convert m.pt --dtype bf16 out.flashpack` leaves the destination
+    # over; it is the destination when that is still unset.
+    if len(extras) == 1 and not extras[0].startswith("-") and getattr(args, "destination", "") is None:
+        args.destination = extras[0]
+    elif extras:
+        args.parser.error(f"unrecognized arguments: {' '.join(extras)}")
     try:
         args.run(args)
     except KeyboardInterrupt:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -14,6 +14,9 @@ from .ops import load_file, save_file
 
 TORCH_EXTENSIONS = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_EXTENSIONS = (".safetensors",) + TORCH_EXTENSIONS
+# Names a flashpack file must not take: other readers would take it for their format, and it
+# could be the very checkpoint being converted.
+_OTHER_FORMATS = WEIGHT_EXTENSIONS + (".json",)
 
 # Files a conversion never reads: other frameworks' weights.
 _HUB_IGNORE = ["*.h5", "*.msgpack", "*.onnx", "*.onnx_data", "*.tflite", "*.ot", "*.gguf", "*.mlmodel"]
@@ -82,10 +85,24 @@ def read_sharded(index_path: str, quiet: bool = False) -> Dict[str, torch.Tensor
 
 def _weights_in_directory(directory: str, variant: Optional[str]) -> str:
     """The one checkpoint (an index.json, or a single weights file) a directory holds."""
-    def matches(name: str) -> bool:
-        return (f".{variant}." in name) if variant else not _has_variant(name)
-
     names = sorted(os.listdir(directory))
+    if variant:
+        found = _one_checkpoint(directory, names, lambda name: f".{variant}." in name)
+    else:
+        found = _one_checkpoint(directory, names, lambda name: not _has_variant(name))
+        if found is None:
+            # A stem with dots (Meta's consolidated.00.pth, my.model.safetensors) looks like a
+            # variant; when nothing else is there, such a file is the checkpoint.
+            found = _one_checkpoint(directory, names, lambda name: True)
+    if found is None:
+        what = f" for variant '{variant}'" if variant else ""
+        raise FileNotFoundError(f"{directory} holds no checkpoint{what} (.safetensors, .bin, .pt, .ckpt or "
+                                ".index.json)")
+    return found
+
+
+def _one_checkpoint(directory: str, names: Sequence[str], matches: Callable[[str], bool]) -> Optional[str]:
+    """The single index or weights file among ``names`` that ``matches``; None if there is none."""
     for kind in (".safetensors", TORCH_EXTENSIONS):
         indexes = [n for n in names if n.endswith(".index.json") and matches(n)
                    and n[: -len(".index.json")].endswith(kind)]
@@ -97,8 +114,7 @@ def _weights_in_directory(directory: str, variant: Optional[str]) -> str:
         if len(indexes) + len(files) > 1:
             raise ValueError(f"{directory} holds several checkpoints ({', '.join(indexes + files)}); "
                              "convert one file, or its .index.json")
-    what = f" for variant '{variant}'" if variant else ""
-    raise FileNotFoundError(f"{directory} holds no checkpoint{what} (.safetensors, .bin, .pt, .ckpt or .index.json)")
+    return None
 
 
 def _has_variant(name: str) -> bool:
@@ -113,6 +129,28 @@ def _destination_file(destination: Optional[str], default: str) -> str:
     if os.path.isdir(destination) or destination.endswith(os.sep):
         return os.path.join(destination, FLASHPACK_FILE)
     return destination
+
+
+def _checkpoint_files(path: str) -> List[str]:
+    """``path``, and the shards it lists when it is an ``.index.json``."""
+    if not path.endswith(".index.json"):
+        return [path]
+    with open(path, encoding="utf-8") as f:
+        weight_map = json.load(f).get("weight_map")
+    shards = dict.fromkeys(weight_map.values()) if isinstance(weight_map, dict) else {}
+    return [path] + [os.path.join(os.path.dirname(path), str(shard)) for shard in shards]
+
+
+def _check_destination(destination: str, sources: Sequence[str] = ()) -> None:
+    """Refuse to write a flashpack file under another format's name, or over a source checkpoint."""
+    if destination.lower().endswith(_OTHER_FORMATS):
+        raise ValueError(f"{destination}: a flashpack file must not take the extension "
+                         f"{os.path.splitext(destination)[1]} of another format; name it .flashpack")
+    if os.path.exists(destination):
+        for source in sources:
+            if os.path.exists(source) and os.path.samefile(destination, source):
+                raise ValueError(f"{destination} is the checkpoint being converted ({source}); writing over it "
+                                 "would destroy it: give another destination")
 
 
 def _read_config(directory: str, name: str) -> Optional[Dict[str, Any]]:
@@ -206,12 +244,20 @@ def _convert_model_directory(model_class: type, directory: str, destination: str
 
 
 def _convert_pipeline_directory(directory: str, destination: str, dtype: Optional[torch.dtype],
-                                variant: Optional[str]) -> str:
+                                variant: Optional[str], ignore: Dict[str, Any]) -> str:
+    config = _read_config(directory, "model_index.json") or {}
+    if any(ignore.values()):
+        # save_pipeline_flashpack takes no ignore_* (its **kwargs would drop them unseen).
+        models = [name for name in config if not name.startswith("_")
+                  and os.path.isdir(os.path.join(directory, name))
+                  and any(n.endswith(WEIGHT_EXTENSIONS) for n in os.listdir(os.path.join(directory, name)))]
+        raise ValueError(f"{directory}: the ignore options are not supported for a pipeline directory; convert "
+                         f"the component they apply to with --subfolder ({', '.join(models) or 'its name'})")
+
     from diffusers import DiffusionPipeline
 
     from .integrations.diffusers import save_pipeline_flashpack
 
-    config = _read_config(directory, "model_index.json") or {}
     stored = {name: _stored_float_dtype(os.path.join(directory, name), variant) for name in config
               if not name.startswith("_") and os.path.isdir(os.path.join(directory, name))}
     dtypes = {name: dtype or value for name, value in stored.items() if dtype or value}
@@ -237,6 +283,7 @@ def convert_to_flashpack(
     subfolder: Optional[str] = None,
     variant: Optional[str] = None,
     revision: Optional[str] = None,
+    checksum: bool = False,
     **kwargs: Any,
 ) -> str:
     """Convert a checkpoint to flashpack and return what was written.
@@ -254,16 +301,21 @@ def convert_to_flashpack(
           required), then as the directory.
 
     Args:
-        dtype: convert every tensor to this dtype (``torch.bfloat16`` or ``"bf16"``).
+        dtype: convert the floating-point tensors to this dtype (``torch.bfloat16`` or ``"bf16"``).
+            A model or pipeline directory then needs another destination: its rewritten
+            config.json would tell ``from_pretrained`` to load the original weights so too.
         ignore_names, ignore_prefixes, ignore_suffixes: tensors to leave out.
         use_transformers, use_diffusers: force the library for a model directory.
         silent: no progress bars.
         subfolder: the model lies in this subfolder of the directory or repo.
         variant: read ``*.{variant}.safetensors`` weights (``"fp16"``).
         revision: the Hub revision.
+        checksum: store CRC-32C checksums for ``verify_file`` (files, state dicts and
+            weights-only directories; model and pipeline directories refuse it).
 
     Raises:
-        FileNotFoundError, ValueError: the source cannot be read, with the reason.
+        FileNotFoundError, ValueError: the source cannot be read, or the destination is a source
+            checkpoint or has another format's extension, with the reason.
         HubUnavailableError: a repo id while offline, with no cached copy.
     """
     target_dtype = parse_dtype(dtype)
@@ -273,23 +325,28 @@ def convert_to_flashpack(
     if isinstance(source, (torch.nn.Module, dict)):
         if destination_path is None:
             raise ValueError("convert_to_flashpack: a model or state dict needs a destination_path")
+        _check_destination(os.fspath(destination_path))
         state_dict = source.state_dict() if isinstance(source, torch.nn.Module) else source
-        save_file(filter_state_dict(state_dict, **ignore), destination_path, target_dtype=target_dtype)
+        save_file(filter_state_dict(state_dict, **ignore), destination_path, target_dtype=target_dtype,
+                  checksum=checksum, floating_only=True)
         return destination_path
 
     source = os.fspath(source)
     if os.path.isfile(source):
-        if source.endswith(".index.json"):
-            state_dict = read_sharded(source, quiet=silent)
-            default = os.path.join(os.path.dirname(source), FLASHPACK_FILE)
-        else:
-            state_dict = read_state_dict_file(source)
-            default = os.path.splitext(source)[0] + ".flashpack"
+        is_index = source.endswith(".index.json")
+        default = os.path.join(os.path.dirname(source), FLASHPACK_FILE) if is_index else \
+            os.path.splitext(source)[0] + ".flashpack"
         destination = _destination_file(destination_path, default)
-        save_file(filter_state_dict(state_dict, **ignore), destination, target_dtype=target_dtype)
+        _check_destination(destination, _checkpoint_files(source))
+        state_dict = read_sharded(source, quiet=silent) if is_index else read_state_dict_file(source)
+        save_file(filter_state_dict(state_dict, **ignore), destination, target_dtype=target_dtype,
+                  checksum=checksum, floating_only=True)
         return destination
 
     if not os.path.isdir(source):
+        # A name like a file's is a missing file, even where it could pass for a repo id.
+        if not os.path.exists(source) and source.endswith(WEIGHT_EXTENSIONS + (".index.json", ".flashpack")):
+            raise FileNotFoundError(f"{source}: no such file or directory")
         if not looks_like_repo_id(source):
             raise FileNotFoundError(f"{source}: no such file or directory, and not a Hugging Face Hub repo id")
         if destination_path is None:
@@ -310,16 +367,29 @@ def convert_to_flashpack(
                                 ".index.json)")
     if silent:
         _quiet_libraries()
-    if _read_config(model_dir, "model_index.json") is not None:
-        return _convert_pipeline_directory(model_dir, destination, target_dtype, variant)
-    config = _read_config(model_dir, "config.json")
+    is_pipeline = _read_config(model_dir, "model_index.json") is not None
+    config = None if is_pipeline else _read_config(model_dir, "config.json")
     model_class = _library_model_class(config, model_dir, use_transformers, use_diffusers) if config else None
-    if model_class is not None:
+    if is_pipeline or model_class is not None:
+        what = "pipeline" if is_pipeline else "model"
+        if checksum:
+            # save_pretrained_flashpack and save_pipeline_flashpack do not write checksums.
+            raise ValueError(f"{model_dir}: checksums are not supported when converting a {what} directory "
+                             "(save_pretrained_flashpack writes none); convert without --checksum")
+        if target_dtype is not None and os.path.isdir(destination) and os.path.samefile(destination, model_dir):
+            # The rewritten config.json would describe the new dtype, and from_pretrained would
+            # then load the original weights beside it in that dtype without a word.
+            raise ValueError(f"{model_dir}: converting a {what} directory to {target_dtype} in place would rewrite "
+                             "its config for the original weights too; give a destination directory")
+        if is_pipeline:
+            return _convert_pipeline_directory(model_dir, destination, target_dtype, variant, ignore)
         return _convert_model_directory(model_class, model_dir, destination, target_dtype, variant, ignore)
     weights = _weights_in_directory(model_dir, variant)
-    state_dict = read_sharded(weights, quiet=silent) if weights.endswith(".index.json") else read_state_dict_file(weights)
     output = _destination_file(destination, os.path.join(model_dir, FLASHPACK_FILE))
-    save_file(filter_state_dict(state_dict, **ignore), output, target_dtype=target_dtype)
+    _check_destination(output, _checkpoint_files(weights))
+    state_dict = read_sharded(weights, quiet=silent) if weights.endswith(".index.json") else read_state_dict_file(weights)
+    save_file(filter_state_dict(state_dict, **ignore), output, target_dtype=target_dtype, checksum=checksum,
+              floating_only=True)
     return output
 
 
@@ -330,12 +400,16 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
     Tied tensors stay shared in a torch file; safetensors stores each name on its own.
 
     Raises:
+        FileExistsError: no ``destination_path`` was given and the default one exists.
         ValueError: an unknown destination extension, or a dtype safetensors cannot store.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, FLASHPACK_FILE)
-    destination = destination_path or (os.path.splitext(path)[0] + ".safetensors")
+    destination = os.fspath(destination_path) if destination_path else os.path.splitext(path)[0] + ".safetensors"
+    if not destination_path and os.path.isfile(path) and os.path.exists(destination):
+        # Most likely the checkpoint this file was converted from: only an explicit name replaces it.
+        raise FileExistsError(f"{destination} already exists; give the destination explicitly to overwrite it")
     if not destination.endswith(WEIGHT_EXTENSIONS):
         raise ValueError(f"{destination}: unknown extension; use .safetensors or one of {', '.join(TORCH_EXTENSIONS)}")
     # NOTE: the loaded tensors view a private map of the file; both writers stream from it

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,19 +16,19 @@ from conftest import assert_same
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(*args, env=None, check=True):
+def run(*args, env=None, check=True, cwd=None):
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
                        HF_HUB_DISABLE_PROGRESS_BARS="1")
     environment.update(env or {})
     result = subprocess.run([sys.executable, "-m", "flashpack_ops", *map(str, args)], capture_output=True,
-                            text=True, env=environment, timeout=300)
+                            text=True, env=environment, timeout=300, cwd=cwd)
     if check:
         assert result.returncode == 0, result.stderr
     return result
 
 
-def assert_one_line_error(result, text):
-    assert result.returncode == 1
+def assert_one_line_error(result, text, status=1):
+    assert result.returncode == status
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert text in lines[0], lines[0]
@@ -85,6 +86,113 @@ def test_convert_sharded_checkpoint_by_directory_and_by_index(tmp_path):
     assert_file_holds(tmp_path / "again.flashpack", full)
 
 
+def test_ignore_options_take_one_value_each_and_repeat(tmp_path):
+    source = tmp_path / "weights.pt"
+    torch.save(state_dict(), source)
+    # The destination after a flag's value is the destination, not one more name to ignore.
+    run("convert", source, "--ignore-names", "steps", tmp_path / "out.flashpack",
+        "--ignore-names", "layer.bias,embed.weight")
+    assert not (tmp_path / "weights.flashpack").exists()
+    assert_file_holds(tmp_path / "out.flashpack", {"layer.weight": state_dict()["layer.weight"]})
+
+
+def test_options_between_positionals_and_verbose_after_command(tmp_path):
+    source = tmp_path / "weights.pt"
+    torch.save(state_dict(), source)
+    run("convert", source, "--dtype", "bf16", tmp_path / "out.flashpack", "-v")
+    assert set(flashpack_ops.load_file(tmp_path / "out.flashpack")) == set(state_dict())
+    run("revert", tmp_path / "out.flashpack", "-q", tmp_path / "back.pt")
+    assert torch.load(tmp_path / "back.pt", weights_only=True)["layer.weight"].dtype == torch.bfloat16
+
+    for args in (["convert", tmp_path / "nope.pt", "-v"], ["-v", "convert", tmp_path / "nope.pt"]):
+        result = run(*args, check=False)
+        assert result.returncode == 1 and "Traceback" in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("flashpack convert: error: ")
+    result = run("convert", source, tmp_path / "a.flashpack", tmp_path / "b.flashpack", check=False)
+    assert result.returncode == 2 and "flashpack convert: error: unrecognized arguments: " in result.stderr
+    assert not (tmp_path / "a.flashpack").exists()
+
+
+@pytest.mark.parametrize("destination, message", [
+    ("model.safetensors", "must not take the extension .safetensors"),
+    ("model.pt", "must not take the extension .pt"),
+    ("config.json", "must not take the extension .json"),
+    ("link.flashpack", "is the checkpoint being converted"),
+])
+@pytest.mark.parametrize("kind", ["file", "index", "directory"])
+def test_convert_never_writes_over_a_checkpoint(tmp_path, kind, destination, message):
+    from safetensors.torch import save_file
+
+    save_file(state_dict(), tmp_path / "model.safetensors")
+    if kind == "index":
+        weight_map = {name: "model.safetensors" for name in state_dict()}
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    source = {"file": "model.safetensors", "index": "model.safetensors.index.json", "directory": "."}[kind]
+    os.symlink("model.safetensors", tmp_path / "link.flashpack")
+    before = (tmp_path / "model.safetensors").read_bytes()
+    assert_one_line_error(run("convert", source, destination, cwd=tmp_path, check=False), message)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+
+
+def test_convert_state_dict_refuses_another_formats_name(tmp_path):
+    from flashpack_ops.commands import convert_to_flashpack
+
+    with pytest.raises(ValueError, match="must not take the extension .safetensors"):
+        convert_to_flashpack(state_dict(), str(tmp_path / "model.safetensors"))
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["nosuch.safetensors", "nosuch.pt", "nosuch.safetensors.index.json",
+                                  "nosuch.flashpack"])
+def test_missing_local_file_is_not_taken_for_a_repo_id(tmp_path, name):
+    for args in ([name], [name, "out.flashpack"]):
+        result = run("convert", *args, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"}, check=False)
+        assert_one_line_error(result, f"{name}: no such file or directory")
+
+
+def test_weights_only_directory_with_dots_in_the_file_name(tmp_path):
+    # Meta's consolidated.00.pth; the dots are no variant when no other file is there.
+    (tmp_path / "meta").mkdir()
+    torch.save(state_dict(), tmp_path / "meta" / "consolidated.00.pth")
+    run("convert", tmp_path / "meta", tmp_path / "out.flashpack")
+    assert_file_holds(tmp_path / "out.flashpack", state_dict())
+
+    torch.save(state_dict(1), tmp_path / "meta" / "consolidated.01.pth")
+    assert_one_line_error(run("convert", tmp_path / "meta", tmp_path / "two.flashpack", check=False),
+                          "holds several checkpoints (consolidated.00.pth, consolidated.01.pth)")
+
+
+def test_dtype_converts_only_floating_point_tensors(tmp_path):
+    from flashpack_ops.commands import convert_to_flashpack
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    model.register_buffer("mask", torch.tensor([True, False, True]))
+    expected = model.to(torch.bfloat16).state_dict()
+    assert expected["1.num_batches_tracked"].dtype == torch.int64 and expected["mask"].dtype == torch.bool
+    model.float()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "weights").mkdir()
+    torch.save(model.state_dict(), tmp_path / "weights" / "model.pt")
+
+    run("convert", tmp_path / "model.pt", "--dtype", "bf16")
+    run("convert", tmp_path / "weights", "--dtype", "bf16")
+    convert_to_flashpack(model, str(tmp_path / "module.flashpack"), dtype="bf16")
+    for path in (tmp_path / "model.flashpack", tmp_path / "weights" / "model.flashpack",
+                 tmp_path / "module.flashpack"):
+        assert_file_holds(path, expected)
+
+
+def test_convert_checksum_then_metadata_verify(tmp_path):
+    source = tmp_path / "weights.pt"
+    torch.save(state_dict(), source)
+    run("convert", source, tmp_path / "plain.flashpack")
+    assert_one_line_error(run("metadata", tmp_path / "plain.flashpack", "--verify", check=False),
+                          "write it with `flashpack convert --checksum` or save it with checksum=True")
+    run("convert", source, tmp_path / "checked.flashpack", "--checksum")
+    assert "verified:" in run("metadata", tmp_path / "checked.flashpack", "--verify").stdout
+    assert_file_holds(tmp_path / "checked.flashpack", state_dict())
+
+
 # --- model directories ----------------------------------------------------------------------
 
 def test_convert_transformers_directory(tmp_path):
@@ -105,6 +213,24 @@ def test_convert_transformers_directory(tmp_path):
     loaded = from_pretrained_flashpack(transformers.LlamaForCausalLM, tmp_path / "fp")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected(ids).logits)
+
+
+def test_in_place_dtype_conversion_of_model_directory_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+
+    config = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    before = (tmp_path / "config.json").read_bytes()
+    for destination in ([], [tmp_path]):
+        assert_one_line_error(run("convert", tmp_path, *destination, "--dtype", "bf16", check=False),
+                              "in place would rewrite its config for the original weights too; give a "
+                              "destination directory")
+    assert (tmp_path / "config.json").read_bytes() == before and not (tmp_path / "model.flashpack").exists()
+    assert transformers.LlamaForCausalLM.from_pretrained(tmp_path).dtype == torch.float32
+
+    run("convert", tmp_path, "-q")  # without --dtype the config stays true
+    assert transformers.LlamaForCausalLM.from_pretrained(tmp_path).dtype == torch.float32
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +273,26 @@ def test_convert_pipeline_directory_and_subfolder(pipeline_directory, tmp_path):
     assert sorted(os.listdir(tmp_path / "unet")) == ["config.json", "model.flashpack"]
 
 
+def test_convert_pipeline_directory_refuses_what_it_cannot_honour(pipeline_directory, tmp_path):
+    pytest.importorskip("diffusers")
+    # save_pipeline_flashpack takes no ignore options and writes no checksums.
+    assert_one_line_error(run("convert", pipeline_directory, tmp_path / "ignored", "--ignore-prefixes", "conv_in.",
+                              check=False),
+                          "the ignore options are not supported for a pipeline directory; convert the component "
+                          "they apply to with --subfolder (unet)")
+    assert_one_line_error(run("convert", pipeline_directory, tmp_path / "checked", "--checksum", check=False),
+                          "checksums are not supported when converting a pipeline directory")
+    assert_one_line_error(run("convert", pipeline_directory / "unet", tmp_path / "unet", "--checksum",
+                              check=False), "checksums are not supported when converting a model directory")
+    assert not any((tmp_path / name).exists() for name in ("ignored", "checked", "unet"))
+
+    copy = tmp_path / "copy"
+    shutil.copytree(pipeline_directory, copy)
+    assert_one_line_error(run("convert", copy, "--dtype", "fp16", check=False),
+                          "converting a pipeline directory to torch.float16 in place")
+    assert not (copy / "unet" / "model.flashpack").exists()
+
+
 def test_convert_repo_id_offline_fails_in_one_line(tmp_path):
     pytest.importorskip("huggingface_hub")
     result = run("convert", "no-such-org/no-such-model", tmp_path / "out", env={"HF_HUB_OFFLINE": "1"}, check=False)
@@ -173,6 +319,24 @@ def test_revert_to_safetensors_and_torch(tmp_path):
     assert back["head.weight"].data_ptr() == back["embed.weight"].data_ptr()
 
 
+def test_revert_never_overwrites_a_default_destination(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    # After an in-place convert, model.safetensors is the user's original checkpoint.
+    original = state_dict(1)
+    save_file(original, tmp_path / "model.safetensors")
+    flashpack_ops.save_file(state_dict(), tmp_path / "model.flashpack")
+    for source in (tmp_path, tmp_path / "model.flashpack"):
+        assert_one_line_error(run("revert", source, check=False),
+                              f"{tmp_path / 'model.safetensors'} already exists; give the destination explicitly")
+    for name, tensor in load_file(tmp_path / "model.safetensors").items():
+        assert_same(tensor, original[name], name)
+
+    run("revert", tmp_path, tmp_path / "model.safetensors")  # named: overwritten as asked
+    for name, tensor in load_file(tmp_path / "model.safetensors").items():
+        assert_same(tensor, state_dict()[name], name)
+
+
 def test_metadata_summary_index_and_json(tmp_path, capsys):
     path = tmp_path / "m.flashpack"
     flashpack_ops.save_file(state_dict(), path)
@@ -197,7 +361,7 @@ def test_metadata_verify(tmp_path, capsys):
         assert status == 0 and "verified" in captured.out
         flashpack_ops.save_file(state_dict(), path)  # no checksums: nothing to verify
         assert cli.main(["metadata", str(path), "--verify"]) == 1
-        assert "save it with checksum=True" in capsys.readouterr().err
+        assert "flashpack convert --checksum` or save it with checksum=True" in capsys.readouterr().err
     else:
         assert status == 1 and "needs flashpack_ops.verify_file" in captured.err
 
