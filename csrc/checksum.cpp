@@ -285,6 +285,11 @@ void verify_in_memory(const std::string& path, const Layout& layout, const std::
 
 void verify_file(const std::string& path, int threads) {
   InputFile file(path);
+  verify_file(file, threads);
+}
+
+void verify_file(const InputFile& file, int threads) {
+  const std::string& path = file.path();
   const Layout layout = read_layout(file.fd(), file.size(), path);
   Verifier v(path, layout);
   // Each thread reads its chunk slice by slice into one small buffer: the bytes are needed

@@ -19,6 +19,8 @@
 
 namespace flashpack {
 
+class InputFile;
+
 // NOTE: 16 MiB chunks give a 1 GB file 60 independent checks to spread over the threads and
 // cost about 11 footer bytes per chunk (70 KB for a 100 GB file); smaller chunks would only
 // locate a corruption more finely.
@@ -107,5 +109,8 @@ void verify_in_memory(const std::string& path, const Layout& layout, const std::
 
 // Reads a file's payload and checks it, as verify_in_memory.
 void verify_file(const std::string& path, int threads);
+// The same on a file already open: what a load reads is then what is checked, even if the
+// path is replaced meanwhile.
+void verify_file(const InputFile& file, int threads);
 
 }  // namespace flashpack

@@ -41,14 +41,16 @@ std::vector<at::Tensor> load_any(const char* op, const std::string& path, c10::D
     if (device.is_cpu()) return load_cpu(path, opts, layout);
     if (device.is_cuda()) {
 #ifdef WITH_CUDA
-      if (!opts.verify) return load_cuda(path, device, opts, layout);
+      const InputFile file(path);
+      if (!opts.verify) return load_cuda(file, device, opts, layout);
       // NOTE: the check reads the file on the host, through the page cache, on its own
       // threads while the GPU load runs, so it costs little more than the slower of the two.
       // A failed load is reported first; the check's result is only looked at after a success.
+      // Both read one open file: a save replacing the path meanwhile cannot split them.
       auto check = std::async(std::launch::async, [&] {
-        verify_file(path, default_threads(static_cast<int>(opts.num_threads)));
+        verify_file(file, default_threads(static_cast<int>(opts.num_threads)));
       });
-      auto tensors = load_cuda(path, device, opts, layout);
+      auto tensors = load_cuda(file, device, opts, layout);
       check.get();
       return tensors;
 #else

@@ -14,6 +14,8 @@
 
 namespace flashpack {
 
+class InputFile;
+
 struct LoadOptions {
   bool copy = false;        // CPU: read into fresh memory instead of mapping the file
   int64_t num_threads = 0;  // 0: FLASHPACK_NUM_THREADS, else min(cores, 16)
@@ -47,7 +49,8 @@ at::Tensor read_range(const std::string& path, int64_t offset, int64_t length, c
                       int64_t num_threads);
 
 #ifdef WITH_CUDA
-std::vector<at::Tensor> load_cuda(const std::string& path, c10::Device device, const LoadOptions& opts,
+// `file` is open already, so that a check of it running beside the load reads the same file.
+std::vector<at::Tensor> load_cuda(const InputFile& file, c10::Device device, const LoadOptions& opts,
                                   Layout* layout_out);
 // The CUDA path's counters (pinned memory held, bytes moved by each route), by name;
 // reset_peaks restarts the peak gauges from their current values.

@@ -680,13 +680,13 @@ Route choose_route(Route asked, const ReadOnlyMap& map, const Layout& layout, c1
   return Route::Buffered;
 }
 
-std::vector<at::Tensor> load_on(const std::string& path, c10::DeviceIndex index, const LoadOptions& opts,
+std::vector<at::Tensor> load_on(const InputFile& file, c10::DeviceIndex index, const LoadOptions& opts,
                                 Layout* layout_out) {
   cuda::StepTimer timer(cuda::stats().ns_loads);
   c10::cuda::CUDAGuard guard(index);
   const c10::Device device(c10::kCUDA, index);
+  const std::string& path = file.path();
   const Tuning tuning = resolve(opts, path);
-  InputFile file(path);
   Layout layout = read_layout(file.fd(), file.size(), path);
 
   // One allocation per block, through the caching allocator, on the caller's current stream.
@@ -723,8 +723,9 @@ std::vector<at::Tensor> load_on(const std::string& path, c10::DeviceIndex index,
 
 }  // namespace
 
-std::vector<at::Tensor> load_cuda(const std::string& path, c10::Device device, const LoadOptions& opts,
+std::vector<at::Tensor> load_cuda(const InputFile& file, c10::Device device, const LoadOptions& opts,
                                   Layout* layout_out) {
+  const std::string& path = file.path();
   const c10::DeviceIndex count = c10::cuda::device_count();
   if (count <= 0) {
     throw std::runtime_error("cannot load '" + path + "' to " + device.str() +
@@ -736,7 +737,7 @@ std::vector<at::Tensor> load_cuda(const std::string& path, c10::Device device, c
                                 std::to_string(count) + " CUDA device(s) are visible");
   }
   try {
-    return load_on(path, index, opts, layout_out);
+    return load_on(file, index, opts, layout_out);
   } catch (c10::OutOfMemoryError& e) {
     // Kept as torch.OutOfMemoryError, which callers catch to free memory and retry.
     e.add_context("while loading '" + path + "' to cuda:" + std::to_string(index));
