@@ -46,6 +46,11 @@ void check_storable(const at::Tensor& t, const std::string& path, const std::str
     throw std::invalid_argument(where(path, name) + " is on the " + t.device().str() +
                                 " device and has no data to save");
   }
+  // Readers refuse more (format.h): a file they would refuse is not written.
+  if (t.dim() > static_cast<int64_t>(kMaxDims)) {
+    throw std::invalid_argument(where(path, name) + " has " + std::to_string(t.dim()) + " dimensions, more than the " +
+                                std::to_string(kMaxDims) + " a flashpack file may hold");
+  }
   // The largest stride of the contiguous tensor a load builds: a shape whose strides would
   // pass 2^63 - 1 (possible only for an empty tensor) is one no reader could rebuild.
   uint64_t span = 1;
@@ -135,6 +140,12 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
     sums->store(layout, /*placeholder=*/true);
   }
   std::string footer = footer_json(layout);
+  if (footer.size() > kMaxFooterBytes) {
+    throw std::invalid_argument("'" + path + "': the index of " + std::to_string(requests.size()) + " tensors takes " +
+                                std::to_string(footer.size()) + " bytes, more than the " +
+                                std::to_string(kMaxFooterBytes) + " a reader accepts (names too long, or too many "
+                                "tensors for one file)");
+  }
   const uint64_t file_size = layout.payload_bytes + footer.size() + kTrailerBytes;
   AtomicWriter out(path, file_size, durable);
 

@@ -331,6 +331,20 @@ def test_save_refuses_a_shape_no_reader_can_rebuild(tmp_file):
     assert not os.path.exists(tmp_file)
 
 
+def test_save_refuses_what_readers_would_refuse(tmp_file):
+    # Written, these files would then fail to load: refused at save, the old file kept.
+    original = torch.randn(10)
+    flashpack_ops.save_file({"ok": original}, tmp_file)
+    with pytest.raises(ValueError, match="tensor 'deep' has 65 dimensions, more than the 64 a flashpack file may hold"):
+        flashpack_ops.save_file({"deep": torch.zeros([1] * 65)}, tmp_file)
+    with pytest.raises(ValueError, match="the index of 1 tensors takes [0-9]+ bytes, more than the 268435456 a reader "
+                                         "accepts"):
+        flashpack_ops.save_file({"x" * (257 << 20): torch.ones(1)}, tmp_file)
+    _assert_intact(tmp_file, original)
+    flashpack_ops.save_file({"deep": torch.zeros([1] * 64)}, tmp_file)
+    assert flashpack_ops.load_file(tmp_file)["deep"].dim() == 64
+
+
 def _fake_tensor():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
