@@ -89,12 +89,23 @@ c10::Dict<std::string, at::Tensor> load(const std::string& path, c10::Device dev
   return out;
 }
 
+// expect_layout: what the file looked like when a compiled graph was traced (layout_signature).
+// The graph zips the names it read then with these tensors, and assumes their shapes, dtypes
+// and sharing: a file saved since with another layout must fail here, not come out with
+// names on the wrong tensors.
 std::vector<at::Tensor> load_list(const std::string& path, c10::Device device, bool copy, int64_t num_threads,
                                   int64_t chunk_bytes, int64_t pinned_bytes, int64_t num_streams, std::string route,
-                                  bool verify) {
-  return load_any("flashpack::load_list", path, device,
-                  load_options(copy, num_threads, chunk_bytes, pinned_bytes, num_streams, std::move(route), verify),
-                  nullptr);
+                                  bool verify, std::optional<std::string> expect_layout) {
+  Layout layout;
+  auto tensors = load_any(
+      "flashpack::load_list", path, device,
+      load_options(copy, num_threads, chunk_bytes, pinned_bytes, num_streams, std::move(route), verify), &layout);
+  if (expect_layout && layout_signature(layout) != *expect_layout) {
+    TORCH_CHECK_VALUE(false, "flashpack::load_list: '", path, "' no longer has the layout this compiled code was "
+                      "traced with (its names, shapes, dtypes or tied tensors changed since): call "
+                      "torch.compiler.reset() to trace it again");
+  }
+  return tensors;
 }
 
 // The blocks themselves, one 1-D tensor each (load.h block_tensors), for the reference
@@ -132,6 +143,13 @@ std::string read_footer(const std::string& path) {
     std::string footer;
     read_layout(file.fd(), file.size(), path, &footer);
     return footer;
+  });
+}
+
+std::string layout_signature_op(const std::string& path) {
+  return translate_errors("flashpack::layout_signature", [&] {
+    InputFile file(path);
+    return layout_signature(read_layout(file.fd(), file.size(), path));
   });
 }
 
@@ -174,7 +192,8 @@ TORCH_LIBRARY(flashpack, m) {
       kSideEffects), kNotInCudaGraphs);
   m.def(torch::schema(
       "load_list(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0, int chunk_bytes=0, "
-      "int pinned_bytes=0, int num_streams=0, str route=\"auto\", bool verify=False) -> Tensor[]",
+      "int pinned_bytes=0, int num_streams=0, str route=\"auto\", bool verify=False, str? expect_layout=None) "
+      "-> Tensor[]",
       kSideEffects), kNotInCudaGraphs);
   m.def(torch::schema(
       "load_blocks(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0, int chunk_bytes=0, "
@@ -185,6 +204,7 @@ TORCH_LIBRARY(flashpack, m) {
       "int num_threads=0, bool checksum=False, bool durable=True, bool floating_only=False) -> ()",
       kSideEffects));
   m.def(torch::schema("read_footer(str path) -> str", kSideEffects));
+  m.def(torch::schema("layout_signature(str path) -> str", kSideEffects));
   m.def(torch::schema("verify(str path, *, int num_threads=0) -> ()", kSideEffects));
   m.def(torch::schema(
       "read_range(str path, int offset, int length, Device device=\"cpu\", *, int num_threads=0) -> Tensor",
@@ -201,6 +221,7 @@ TORCH_LIBRARY_IMPL(flashpack, CompositeExplicitAutograd, m) {
   m.impl("load_blocks", &load_blocks);
   m.impl("save", &save_op);
   m.impl("read_footer", &read_footer);
+  m.impl("layout_signature", &layout_signature_op);
   m.impl("verify", &verify_op);
   m.impl("read_range", &read_range_op);
   m.impl("built_with_cuda", &built_with_cuda);

@@ -68,7 +68,8 @@ inline std::vector<at::Tensor> load_list(const std::string& path, c10::Device de
                                          const std::string& route = "auto", bool verify = false) {
   static const c10::OperatorHandle handle = detail::op("flashpack::load_list");
   auto out =
-      detail::call(handle, {path, device, copy, num_threads, chunk_bytes, pinned_bytes, num_streams, route, verify});
+      detail::call(handle, {path, device, copy, num_threads, chunk_bytes, pinned_bytes, num_streams, route, verify,
+                            c10::IValue()});
   return std::move(out.at(0)).toTensorVector();
 }
 

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <tuple>
 #include <cstring>
 #include <numeric>
 #include <stdexcept>
@@ -487,6 +489,21 @@ Layout read_layout(int fd, uint64_t file_size, const std::string& path, std::str
   Layout layout = parse_footer(footer, payload_bytes, path);
   if (raw_footer != nullptr) *raw_footer = std::move(footer);
   return layout;
+}
+
+std::string layout_signature(const Layout& layout) {
+  std::string out;
+  std::map<std::tuple<uint32_t, uint64_t, uint64_t>, size_t> first;
+  for (size_t k = 0; k < layout.entries.size(); ++k) {
+    const Entry& e = layout.entries[k];
+    // Length-prefixed, so that no name can run into the next field.
+    out += std::to_string(e.name.size()) + ":" + e.name + " " + dtype_name(layout.blocks[e.block].dtype) + " [";
+    for (int64_t dim : e.shape) out += std::to_string(dim) + ",";
+    size_t tie = k;
+    if (e.length > 0) tie = first.emplace(std::make_tuple(e.block, e.offset, e.length), k).first->second;
+    out += "] " + std::to_string(tie) + "\n";
+  }
+  return out;
 }
 
 std::string footer_json(const Layout& layout) {

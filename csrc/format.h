@@ -88,6 +88,11 @@ Layout read_layout(int fd, uint64_t file_size, const std::string& path, std::str
 // The v4 footer JSON for a layout, as the reference writes it (compact separators).
 std::string footer_json(const Layout& layout);
 
+// What a load's outputs look like, in one string: each entry's name, dtype and shape, and
+// which earlier entry it shares memory with. Two files with the same signature load as the
+// same outputs (values aside): what a compiled graph traced on one of them may assume.
+std::string layout_signature(const Layout& layout);
+
 // One tensor to be written: its final dtype, shape, and the index of an earlier
 // request whose bytes it shares (a tied weight), or -1.
 struct SaveRequest {

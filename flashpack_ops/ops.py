@@ -156,18 +156,27 @@ def load_file(
 
     Under ``torch.compile`` (``fullgraph=True`` included) this traces as
     ``flashpack::load_list``, and the names, read from the file's index when compiling,
-    are zipped back. A compiled graph keeps the names and shapes it was traced with:
-    after replacing the file at ``path`` with one of another layout, call
-    ``torch.compiler.reset()``.
+    are zipped back. The file is read each time the compiled code runs; if it was saved
+    since with another layout (names, shapes, dtypes or tied tensors), the load raises
+    ValueError: call ``torch.compiler.reset()`` to trace it again.
     """
     if torch.compiler.is_compiling():
         # Dynamo cannot trace an op returning a dict; load_list returns the same tensors.
         path = os.fspath(path)
+        layout = _traced_layout(path)
+        if layout is None:
+            # The file cannot be read now: the op breaks the graph, runs and says why.
+            torch.ops.flashpack.load_list(path, _device(device))
+        names, firsts, signature = layout
         tensors = torch.ops.flashpack.load_list(
             path, _device(device), copy=copy, num_threads=num_threads, chunk_bytes=chunk_bytes,
             pinned_bytes=pinned_bytes, num_streams=num_streams, route=route, verify=verify,
+            expect_layout=signature,
         )
-        return dict(zip(_entry_names(path), tensors))
+        # A tied name takes the very tensor of the first name of its group: the graph then
+        # knows they are one (load_list's schema cannot say that its outputs alias), and an
+        # in-place update through one name shows through the other, as in eager mode.
+        return {name: tensors[first] for name, first in zip(names, firsts)}
     return torch.ops.flashpack.load(
         _path(path, must_exist=True), _device(device), copy=copy, num_threads=num_threads,
         chunk_bytes=chunk_bytes, pinned_bytes=pinned_bytes, num_streams=num_streams, route=route,
@@ -244,12 +253,31 @@ def read_metadata(path: PathLike) -> Dict[str, Any]:
 # without reading the payload.
 
 
-def _entry_names(path: str) -> List[str]:
-    """The file's entry names in index order: what load_list's tensors are zipped with."""
-    # Outside any tracing mode: torch.export would otherwise record the read in its graph.
-    with _disable_current_modes():
-        footer = torch.ops.flashpack.read_footer(path)
-    return [entry["name"] for entry in json.loads(footer)["index"]]
+def _traced_layout(path: str) -> Optional[Tuple[Tuple[str, ...], Tuple[int, ...], str]]:
+    """What load_file's compiled form builds its dict from, read once when tracing: the
+    entry names in index order, for each the index of the first entry it is tied to (itself
+    if none), and the layout signature load_list then checks the file against. None if the
+    file cannot be read (an error raised here would reach the caller as Dynamo's own)."""
+    # Outside any tracing mode: torch.export would otherwise record the reads in its graph.
+    try:
+        with _disable_current_modes():
+            footer = json.loads(torch.ops.flashpack.read_footer(path))
+            signature = torch.ops.flashpack.layout_signature(path)
+    except (ValueError, RuntimeError):
+        return None
+    names, firsts, first_of = [], [], {}
+    for k, entry in enumerate(footer["index"]):
+        key = (entry.get("macroblock", 0), entry["offset"], entry["length"])
+        names.append(entry["name"])
+        firsts.append(first_of.setdefault(key, k) if entry["length"] > 0 else k)
+    return tuple(names), tuple(firsts), signature
+
+
+# NOTE: load_file calls _traced_layout before any op of its own, so Dynamo must know it is
+# constant before the first trace. torch.compiler.assume_constant_result sets this very
+# attribute, but importing it imports Dynamo (0.7 s) with flashpack_ops; _fake_views makes
+# the public call too, so the mark holds whatever Dynamo's internals become.
+_traced_layout._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _raise_as(op: str, error: Exception) -> NoReturn:
@@ -275,6 +303,14 @@ def _fake_footer(op: str, path: str, device: torch.device) -> Tuple[Dict[str, An
         with _disable_current_modes():
             footer = json.loads(torch.ops.flashpack.read_footer(path))
     except (ValueError, RuntimeError) as error:
+        if torch._guards.TracingContext.try_get() is not None:
+            # Under Dynamo, an error here would surface as its own TorchRuntimeError, which
+            # `except ValueError` misses: break the graph instead, so that the real op runs
+            # eagerly and raises the real error (fullgraph=True reports this message).
+            from torch._subclasses.fake_tensor import UnsupportedOperatorException
+
+            message = str(error).removeprefix("flashpack::read_footer: ")
+            raise UnsupportedOperatorException(f"{op}: {message}") from None
         _raise_as(op, error)
     if "macroblocks" in footer:  # flashpack_v4
         blocks = [(block["dtype"], block["length_elems"]) for block in footer["macroblocks"]]
@@ -301,16 +337,16 @@ def _fake_views(op: str, path: str, device: torch.device) -> Tuple[List[str], Li
             tensor.set_(tied.untyped_storage(), 0, entry["shape"])
         names.append(entry["name"])
         tensors.append(tensor)
-    # load_file() zips these names in while Dynamo traces it. Marking _entry_names
+    # load_file() zips these names in while Dynamo traces it. Marking _traced_layout
     # imports Dynamo (0.7 s), so it is done here, where a trace is already under way,
     # rather than when flashpack_ops is imported.
-    torch.compiler.assume_constant_result(_entry_names)
+    torch.compiler.assume_constant_result(_traced_layout)
     return names, tensors
 
 
 @torch.library.register_fake("flashpack::load_list")
 def _load_list_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0, chunk_bytes=0, pinned_bytes=0,
-                    num_streams=0, route="auto", verify=False):
+                    num_streams=0, route="auto", verify=False, expect_layout=None):
     return _fake_views("flashpack::load_list", path, device)[1]
 
 
@@ -348,3 +384,18 @@ def _verify_fake(path, *, num_threads=0):
     from torch._subclasses.fake_tensor import UnsupportedOperatorException
 
     raise UnsupportedOperatorException(f"flashpack::verify reads '{path}': torch.compile runs it eagerly")
+
+
+@torch.library.register_fake("flashpack::read_range")
+def _read_range_fake(path, offset, length, device=torch.device("cpu"), *, num_threads=0):
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"flashpack::read_range: cannot read '{path}' to {device}: only cpu and cuda are supported")
+    if offset < 0 or length < 0:
+        raise ValueError(f"flashpack::read_range: '{path}': cannot read {length} bytes at offset {offset}")
+    return torch.empty(length, dtype=torch.uint8, device=device)
+
+
+# NOTE: a graph drops a call whose result nothing uses; a load is worth running for itself
+# (verify=True exists to raise), and every run must read the file as it is then.
+for _op in ("load", "load_list", "load_blocks", "read_range"):
+    torch.fx.node.has_side_effect(getattr(torch.ops.flashpack, _op).default)

@@ -93,6 +93,96 @@ def test_direct_load_op_breaks_the_graph(weights_file):
         torch.compile(direct, backend="aot_eager", fullgraph=True)(X)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_file_saved_with_another_layout_is_refused_not_misread(backend, tmp_path):
+    # The graph zips the names it read when tracing with the tensors of each run: the same
+    # two entries saved in the other order loaded with swapped values, without an error.
+    path = str(tmp_path / "w.flashpack")
+    weight, bias = torch.full((3,), 100.0), torch.full((3,), 2.0)
+    flashpack_ops.save_file({"weight": weight, "bias": bias}, path)
+
+    def use(x: torch.Tensor):
+        w = flashpack_ops.load_file(path)
+        return x * w["weight"] + w["bias"]
+
+    torch.compiler.reset()
+    compiled = torch.compile(use, backend=backend, fullgraph=True)
+    x = torch.ones(3)
+    assert torch.equal(compiled(x), use(x))
+    # New values, same layout: read as they are now.
+    flashpack_ops.save_file({"weight": weight * 3, "bias": bias}, path)
+    assert torch.equal(compiled(x), use(x))
+    for other in ({"bias": bias, "weight": weight}, {"weight": torch.ones(5), "bias": torch.ones(5)},
+                  {"weight": weight}, {"weight": weight.double(), "bias": bias}):
+        flashpack_ops.save_file(other, path)
+        with pytest.raises(ValueError, match="no longer has the layout this compiled code was traced with .*"
+                                             "torch.compiler.reset"):
+            compiled(x)
+    torch.compiler.reset()
+    flashpack_ops.save_file({"bias": bias, "weight": weight}, path)
+    assert torch.equal(torch.compile(use, backend=backend, fullgraph=True)(x), use(x))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_load_nothing_uses_still_runs(backend, tmp_path):
+    # load_file(..., verify=True) as an integrity check: a graph must not drop it.
+    path = str(tmp_path / "checked.flashpack")
+    flashpack_ops.save_file({"w": torch.arange(4096.0)}, path, checksum=True)
+
+    def check_then_compute(x: torch.Tensor):
+        flashpack_ops.load_file(path, verify=True)
+        return x + 1
+
+    torch.compiler.reset()
+    compiled = torch.compile(check_then_compute, backend=backend, fullgraph=True)
+    assert torch.equal(compiled(X), X + 1)
+    block = flashpack_ops.read_metadata(path)["macroblocks"][0]
+    with open(path, "r+b") as f:
+        f.seek(block["offset_bytes"] + 100)
+        f.write(b"\xff")
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        compiled(X)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_tied_entries_stay_one_tensor_when_compiled(backend, tmp_path):
+    path = str(tmp_path / "tied.flashpack")
+    shared = torch.arange(6.0).reshape(2, 3)
+    flashpack_ops.save_file({"embed": shared, "lm_head": shared}, path)
+
+    def scale_through_one_name(x: torch.Tensor):
+        w = flashpack_ops.load_file(path)
+        w["embed"].mul_(10)
+        return w["lm_head"] + x
+
+    torch.compiler.reset()
+    x = torch.zeros(2, 3)
+    assert torch.equal(torch.compile(scale_through_one_name, backend=backend, fullgraph=True)(x),
+                       scale_through_one_name(x))
+
+
+def test_a_bad_file_raises_the_eager_error_when_compiled(tmp_path):
+    path = str(tmp_path / "bad.flashpack")
+    with open(path, "wb") as f:
+        f.write(b"{}" * 100)
+    torch.compiler.reset()
+    with pytest.raises(ValueError, match="not a flashpack file"):
+        torch.compile(lambda: flashpack_ops.load_file(path), backend="aot_eager")()
+    # With fullgraph, Dynamo's own error, naming the file and the problem.
+    torch.compiler.reset()
+    with pytest.raises(Exception, match="not a flashpack file"):
+        torch.compile(lambda: flashpack_ops.load_file(path), backend="aot_eager", fullgraph=True)()
+
+
+def test_read_range_compiles(weights_file):
+    def first_bytes(x: torch.Tensor):
+        return torch.ops.flashpack.read_range(weights_file, 0, 24).float() + x
+
+    torch.compiler.reset()
+    x = torch.ones(24)
+    assert torch.equal(torch.compile(first_bytes, backend="aot_eager", fullgraph=True)(x), first_bytes(x))
+
+
 def fake_error(op, *args):
     with FakeTensorMode():
         with pytest.raises(Exception) as caught:
@@ -171,13 +261,18 @@ def test_opcheck_save(tmp_path):
                           test_utils=("test_schema", "test_autograd_registration"))
 
 
-@pytest.mark.parametrize("op, args", [("read_footer", ("FILE",)), ("built_with_cuda", ())])
+@pytest.mark.parametrize("op, args", [("read_footer", ("FILE",)), ("layout_signature", ("FILE",)),
+                                      ("built_with_cuda", ())])
 def test_opcheck_tensorless_ops(op, args, weights_file):
     # test_aot_dispatch_dynamic: no tensor in or out, nothing for AOTAutograd to trace (and
     # opcheck cannot compare a str result).
     args = tuple(weights_file if a == "FILE" else a for a in args)
     torch.library.opcheck(getattr(torch.ops.flashpack, op).default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_opcheck_read_range(weights_file):
+    torch.library.opcheck(torch.ops.flashpack.read_range.default, (weights_file, 8, 100), test_utils=ALL_CHECKS)
 
 
 @pytest.mark.parametrize("op", ["load", "load_list", "load_blocks", "read_range"])
