@@ -1,6 +1,6 @@
 """Quickstart: convert a model to flashpack, load it back, and time it against safetensors.
 
-Builds a small Llama-shaped model (about 150 MB of bf16 weights, no download), saves its
+Builds a small Llama-shaped model (about 136 MB of bf16 weights, no download), saves its
 weights as .safetensors as a hub checkpoint would be, converts that file to .flashpack,
 then loads both files (warm, median of 5), checks every tensor bit for bit, fills a fresh
 model built on the meta device, and compares its output with the original's.

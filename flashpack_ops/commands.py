@@ -418,17 +418,26 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
     if destination.endswith(".safetensors"):
         from safetensors.torch import save_file as save_safetensors
 
+        # safetensors refuses names that share memory: a tied name gets its own copy.
         seen, unique = set(), {}
-        for name, tensor in _progress(tensors.items(), "reverting", total=len(tensors), quiet=silent):
-            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-            unique[name] = tensor.clone() if key in seen and tensor.numel() else tensor
-            seen.add(key)
+        with _progress(tensors.items(), "reverting", total=len(tensors), quiet=silent) as items:
+            for name, tensor in items:
+                key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+                try:
+                    unique[name] = tensor.clone() if key in seen and tensor.numel() else tensor
+                except RuntimeError as e:  # sub-byte dtypes have no copy kernel, nor a safetensors dtype
+                    raise ValueError(f"safetensors cannot store {path}: '{name}' is {tensor.dtype} ({e}); write a "
+                                     ".pt file instead") from None
+                seen.add(key)
         try:
             save_safetensors(unique, destination)
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"safetensors cannot store {path}: {e}; write a .pt file instead") from None
     else:
-        torch.save(tensors, destination)
+        try:
+            torch.save(tensors, destination)
+        except KeyError as e:  # torch.save's table of dtypes lacks the sub-byte ones
+            raise ValueError(f"torch.save cannot store {path}: {e.args[0] if e.args else e}") from None
     return destination
 
 

@@ -319,6 +319,21 @@ def test_revert_to_safetensors_and_torch(tmp_path):
     assert back["head.weight"].data_ptr() == back["embed.weight"].data_ptr()
 
 
+@pytest.mark.parametrize("dtype", [torch.complex128, torch.uint4], ids=str)
+def test_revert_to_safetensors_of_a_dtype_it_lacks_says_to_write_pt(tmp_path, dtype):
+    # uint4 tied: the copy safetensors needs for the second name has no kernel either.
+    t = torch.zeros(8, dtype=torch.uint8).view(dtype) if dtype == torch.uint4 else torch.zeros(3, dtype=dtype)
+    flashpack_ops.save_file({"a": t, "b": t}, tmp_path / "m.flashpack")
+    result = run("revert", "-q", tmp_path / "m.flashpack", check=False)
+    assert_one_line_error(result, f"safetensors cannot store {tmp_path / 'm.flashpack'}: ")
+    assert "write a .pt file instead" in result.stderr
+    if dtype == torch.uint4:  # torch.save has no sub-byte dtypes either: said in one line
+        result = run("revert", "-q", tmp_path / "m.flashpack", tmp_path / "m.pt", check=False)
+        assert_one_line_error(result, "torch.save cannot store")
+    else:
+        run("revert", tmp_path / "m.flashpack", tmp_path / "m.pt")
+
+
 def test_revert_never_overwrites_a_default_destination(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -72,7 +72,8 @@ def _match_to_file(model: PreTrainedModel, path: str) -> Tuple[torch.nn.Module, 
     in_model = set(model.state_dict())
     if prefix and not any(n.startswith(prefix + ".") for n in in_model) \
             and any(n.startswith(prefix + ".") for n in in_file):
-        target = torch.nn.Module()
+        # Named after the model, so that errors name the class the caller asked for.
+        target = type(type(model).__name__, (torch.nn.Module,), {})()
         target.add_module(prefix, model)  # the file's names, prefix included, now match
         in_model = set(target.state_dict())
     patterns = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
