@@ -39,6 +39,22 @@ std::string dir_of(const std::string& path) {
   return path.substr(0, slash);
 }
 
+// Where open(path, "w") would write: symbolic links followed (a relative target against its
+// link's directory), a dangling one to the file it names; a loop is an error, as for open.
+std::string resolve_links(const std::string& path) {
+  std::string at = path;
+  for (int hop = 0; hop < 40; ++hop) {
+    struct stat st;
+    if (::lstat(at.c_str(), &st) != 0 || !S_ISLNK(st.st_mode)) return at;
+    std::vector<char> buf(static_cast<size_t>(st.st_size > 0 ? st.st_size : 4095) + 1);
+    const ssize_t n = ::readlink(at.c_str(), buf.data(), buf.size());
+    if (n < 0) os_error("cannot save: cannot read the symbolic link", at, errno);
+    const std::string link(buf.data(), static_cast<size_t>(n));
+    at = link.front() == '/' ? link : dir_of(at) + "/" + link;
+  }
+  os_error("cannot save to", path, ELOOP);
+}
+
 }  // namespace
 
 InputFile::InputFile(const std::string& path, bool direct) : path_(path) {
@@ -154,19 +170,19 @@ AtomicWriter::AtomicWriter(const std::string& path, uint64_t size, bool durable)
   // Caught here, an empty path would only fail at the rename, after the whole file was written.
   if (path.empty()) throw std::invalid_argument("cannot save to '': the path is empty");
   check_path(path);
+  target_ = resolve_links(path);
   struct stat st;
-  const bool exists = ::stat(path.c_str(), &st) == 0;
+  const bool exists = ::lstat(target_.c_str(), &st) == 0;
   if (exists && S_ISDIR(st.st_mode)) {
     throw std::runtime_error("cannot save to '" + path + "': it is a directory");
   }
-  // Like open(path, "w"), a save through a symbolic link replaces the file it points to,
-  // not the link (the rename would otherwise turn the link into a regular file).
-  struct stat lst;
-  if (exists && ::lstat(path.c_str(), &lst) == 0 && S_ISLNK(lst.st_mode)) {
-    if (char* target = ::realpath(path.c_str(), nullptr)) {
-      target_ = target;
-      std::free(target);
-    }
+  if (exists && !S_ISREG(st.st_mode)) {
+    // The rename would put a regular file in place of a device, a FIFO or a socket.
+    throw std::runtime_error("cannot save to '" + path + "': it is not a regular file (a device, FIFO or socket)");
+  }
+  // As open(path, "w") would: a file this process may not write is not replaced either.
+  if (exists && ::faccessat(AT_FDCWD, target_.c_str(), W_OK, AT_EACCESS) != 0) {
+    os_error("cannot save to", path, errno);
   }
   const std::string& dest = target();
   const auto slash = dest.find_last_of('/');
@@ -190,8 +206,12 @@ AtomicWriter::AtomicWriter(const std::string& path, uint64_t size, bool durable)
     if (fd_ < 0 && errno != EEXIST) os_error("cannot save '" + path + "': cannot create a temporary file in", dir, errno);
   }
   if (fd_ < 0) os_error("cannot save '" + path + "': cannot create a temporary file in", dir, EEXIST);
-  // A file that is replaced keeps its permissions, as it would if it were rewritten in place.
-  if (exists) ::fchmod(fd_, st.st_mode & 07777);
+  // A file that is replaced keeps its owner (where this process may give it) and its
+  // permissions, as it would if it were rewritten in place. chown first: it clears setuid.
+  if (exists) {
+    if (st.st_uid != ::geteuid() || st.st_gid != ::getegid()) (void)!::fchown(fd_, st.st_uid, st.st_gid);
+    ::fchmod(fd_, st.st_mode & 07777);
+  }
   if (size == 0) return;
   // NOTE: reserving the space up front turns a full disk into one clear error before
   // any byte is written, and gives the file few, large extents. Filesystems without

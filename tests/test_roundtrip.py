@@ -1,6 +1,7 @@
 """Round trips on the CPU: every dtype and shape, ties, order, zero-copy and copy modes."""
 
 import os
+import stat
 
 import pytest
 import torch
@@ -332,3 +333,52 @@ def test_floating_only_converts_floats_and_keeps_the_rest(tmp_file):
     # Without it, every tensor is converted, as the reference's pack_to_file does.
     flashpack_ops.save_file({"steps": tensors["steps"]}, tmp_file, target_dtype=torch.bfloat16)
     assert flashpack_ops.load_file(tmp_file)["steps"].dtype == torch.bfloat16
+
+
+def test_a_dangling_symlink_gets_its_target_created(tmp_path):
+    # open(link, "w") creates the file a dangling link names and keeps the link.
+    link = tmp_path / "model.flashpack"
+    os.symlink(os.path.join("store", "model.flashpack"), link)
+    os.mkdir(tmp_path / "store")
+    flashpack_ops.save_file({"a": torch.ones(2)}, link)
+    assert os.path.islink(link)
+    assert torch.equal(flashpack_ops.load_file(tmp_path / "store" / "model.flashpack")["a"], torch.ones(2))
+
+
+def test_a_symlink_loop_is_an_error(tmp_path):
+    os.symlink("b", tmp_path / "a")
+    os.symlink("a", tmp_path / "b")
+    with pytest.raises(RuntimeError, match="Too many levels of symbolic links"):
+        flashpack_ops.save_file({"a": torch.ones(2)}, tmp_path / "a")
+    assert os.path.islink(tmp_path / "a") and os.path.islink(tmp_path / "b")
+
+
+def test_a_fifo_is_not_replaced(tmp_path):
+    # A rename would put a regular file where the FIFO (or a device node) was.
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(RuntimeError, match="it is not a regular file"):
+        flashpack_ops.save_file({"a": torch.ones(2)}, fifo)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert os.listdir(tmp_path) == ["pipe"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_replaced_file_keeps_its_owner(tmp_file):
+    # Rewritten in place, a file keeps its owner; replaced by root, it must too, or its
+    # owner could no longer read its own 0600 file.
+    flashpack_ops.save_file({"a": torch.ones(1)}, tmp_file)
+    os.chown(tmp_file, 65534, 65534)
+    os.chmod(tmp_file, 0o600)
+    flashpack_ops.save_file({"a": torch.zeros(1)}, tmp_file)
+    st = os.stat(tmp_file)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, 0o600)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write any file")
+def test_a_read_only_file_is_not_replaced(tmp_file):
+    flashpack_ops.save_file({"a": torch.ones(1)}, tmp_file)
+    os.chmod(tmp_file, 0o444)
+    with pytest.raises(RuntimeError, match="Permission denied"):
+        flashpack_ops.save_file({"a": torch.zeros(1)}, tmp_file)
+    assert torch.equal(flashpack_ops.load_file(tmp_file)["a"], torch.ones(1))
