@@ -273,24 +273,17 @@ void Verifier::finish() {
   throw std::invalid_argument(msg);
 }
 
-void verify_in_memory(const std::string& path, const Layout& layout, const std::vector<const char*>& blocks,
-                      int threads) {
-  Verifier v(path, layout);
-  parallel_for(v.chunks().size(), threads, [&](size_t k) {
-    const Verifier::Chunk& c = v.chunks()[k];
-    v.check(k, crc32c(blocks[c.block] + (c.offset - layout.blocks[c.block].offset_bytes), c.bytes));
-  });
-  v.finish();
-}
-
 void verify_file(const std::string& path, int threads) {
   InputFile file(path);
   verify_file(file, threads);
 }
 
 void verify_file(const InputFile& file, int threads) {
+  verify_file(file, read_layout(file.fd(), file.size(), file.path()), threads);
+}
+
+void verify_file(const InputFile& file, const Layout& layout, int threads) {
   const std::string& path = file.path();
-  const Layout layout = read_layout(file.fd(), file.size(), path);
   Verifier v(path, layout);
   // Each thread reads its chunk slice by slice into one small buffer: the bytes are needed
   // only for the checksum, and mapping the file would pay a page fault per 4 KiB instead.

@@ -101,16 +101,14 @@ class Verifier {
 // memory.
 inline constexpr uint64_t kChecksumSliceBytes = uint64_t(1) << 20;
 
-// Checks blocks that are already in memory: `blocks[k]` holds block k's bytes.
-// Throws std::invalid_argument naming the file, the block, the byte range and the tensors
-// in it if any chunk differs, or if the file carries no checksums to check.
-void verify_in_memory(const std::string& path, const Layout& layout, const std::vector<const char*>& blocks,
-                      int threads);
-
-// Reads a file's payload and checks it, as verify_in_memory.
+// Reads a file's payload and checks it against the footer's checksums. Throws
+// std::invalid_argument naming the file, the block, the byte range and the tensors in it if
+// any chunk differs, or if the file carries no checksums to check.
 void verify_file(const std::string& path, int threads);
 // The same on a file already open: what a load reads is then what is checked, even if the
 // path is replaced meanwhile.
 void verify_file(const InputFile& file, int threads);
+// The same with the file's layout already read.
+void verify_file(const InputFile& file, const Layout& layout, int threads);
 
 }  // namespace flashpack

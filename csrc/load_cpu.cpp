@@ -167,9 +167,10 @@ std::vector<at::Tensor> load_cpu(const std::string& path, const LoadOptions& opt
   const auto storages = opts.copy ? read_blocks(file, layout, threads, verifier ? &*verifier : nullptr)
                                   : map_blocks(file, layout);
   if (opts.verify && !opts.copy) {
-    std::vector<const char*> bases;
-    for (const c10::Storage& s : storages) bases.push_back(static_cast<const char*>(s.data()));
-    verify_in_memory(path, layout, bases, threads);
+    // NOTE: read with pread from the descriptor the mapping was made from (the same file),
+    // not through the mapping: touching every page of it would put the whole file in this
+    // process's RSS for as long as the tensors live.
+    verify_file(file, layout, threads);
   }
   auto views = load_outputs(layout, storages, c10::Device(c10::kCPU), opts);
   if (layout_out != nullptr) *layout_out = std::move(layout);

@@ -108,6 +108,26 @@ def test_loading_a_2_gib_file_to_cpu_maps_it_without_copying(tmp_path):
     path.unlink()
 
 
+def test_a_verified_mapped_load_keeps_the_file_out_of_rss(tmp_path):
+    # verify=True reads every byte; through the mapping, the whole file would stay in this
+    # process's RSS for as long as the tensors live.
+    path = tmp_path / "checked.flashpack"
+    result = run(
+        """
+        path = sys.argv[1]
+        flashpack_ops.save_file({f"w{i}": torch.full((1 << 24,), float(i)) for i in range(4)}, path, checksum=True)
+        flashpack_ops.load_file(path, verify=True)  # first use: library and thread setup
+        before = rss()
+        sd = flashpack_ops.load_file(path, verify=True)
+        print(json.dumps({"grew": rss() - before, "nbytes": sum(t.nbytes for t in sd.values()),
+                          "firsts": [float(t[0]) for t in sd.values()]}))
+        """,
+        path,
+    )
+    assert result["nbytes"] == 256 * MiB and result["firsts"] == [0.0, 1.0, 2.0, 3.0]
+    assert result["grew"] < 32 * MiB, result
+
+
 @pytest.fixture(scope="module")
 def repeated_loads(tmp_path_factory):
     """VmRSS after each of 100 loads in a row, mapped and copied, every page read each time."""
