@@ -253,13 +253,16 @@ def _load_sharded(path: str, device: torch.device, window_bytes: int, num_thread
     # Everything that can fail on one rank alone happens before the first collective that
     # moves data: reading the footer, allocating, the leftovers every rank reads itself.
     error: Optional[BaseException] = None
-    footer_crc = 0
+    file_crc = 0
     identity = None
     try:
         path = _path(path, must_exist=True)
         identity = _identity(path)
         footer = torch.ops.flashpack.read_footer(path)
-        footer_crc = zlib.crc32(footer.encode())
+        # Every rank reads its own copy of the file: the footer, and a sample of the bytes
+        # (each block's first page and the leftover every rank reads), must be the same on
+        # every rank, or each would gather a mix of several files.
+        file_crc = zlib.crc32(footer.encode())
         layout, entries = _layout(footer)
         blocks = _allocate(layout, entries, device)
         plans = []
@@ -268,24 +271,24 @@ def _load_sharded(path: str, device: torch.device, window_bytes: int, num_thread
                 continue
             windows, rest = _plan_windows(block.numel(), world, window_bytes)
             plans.extend((k, start, piece) for start, piece in windows)
+            head = _read(path, layout[k].offset, min(SHARD_ALIGN_BYTES, block.numel()), torch.device("cpu"), 1)
+            file_crc = zlib.crc32(head.numpy().tobytes(), file_crc)
             if rest < block.numel():
                 block[rest:].copy_(_read(path, layout[k].offset + rest, block.numel() - rest, device, num_threads))
+                file_crc = zlib.crc32(block[rest:].cpu().numpy().tobytes(), file_crc)
         if verify and rank == 0:
             torch.ops.flashpack.verify(path, num_threads=num_threads)
     except Exception as exc:  # re-raised below, once every rank knows
         error = exc
-    high, low = _agree([int(error is not None), footer_crc, window_bytes], ctrl)
+    high, low = _agree([int(error is not None), file_crc], ctrl)
     if high[0]:
         if error is not None:
             raise error
         raise RuntimeError(f"'{path}': reading the footer, allocating or reading failed on another rank "
                            "(this rank's part succeeded); see that rank's error")
     if high[1] != low[1]:
-        raise ValueError(f"'{path}' differs between ranks (their footers do not match); every rank must "
-                         "read the same file")
-    if high[2] != low[2]:
-        raise ValueError(f"load_file_distributed: window_bytes differs between ranks ({low[2]} to {high[2]}); "
-                         "pass the same value on every rank")
+        raise ValueError(f"'{path}' differs between ranks (their footers or sampled bytes do not match); every "
+                         "rank must read the same file")
 
     in_flight = _InFlight()
     try:
@@ -308,15 +311,33 @@ def _load(path: PathLike, device: Optional[DeviceLike], src: int, sharded: bool,
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("load_file_distributed needs an initialized torch.distributed process group "
                            "(call torch.distributed.init_process_group first)")
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    device = _device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     path = os.fspath(path)
-    ctrl = _control_device(device)
-    if window_bytes < SHARD_ALIGN_BYTES:
-        raise ValueError(f"window_bytes must be at least {SHARD_ALIGN_BYTES}, got {window_bytes}")
+    # One rank's bad argument, or ranks that disagree on how to load, must fail on every rank
+    # before the first collective that moves data: otherwise the others wait in it until the
+    # process group times out, or the collectives mismatch and a rank aborts.
+    error: Optional[BaseException] = None
+    ctrl = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    try:
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        device = _device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        ctrl = _control_device(device)
+        if window_bytes < SHARD_ALIGN_BYTES:
+            raise ValueError(f"window_bytes must be at least {SHARD_ALIGN_BYTES}, got {window_bytes}")
+    except Exception as exc:  # raised below, once every rank knows
+        error = exc
+    high, low = _agree([int(error is not None), int(sharded), src, window_bytes], ctrl)
+    if high[0]:
+        if error is not None:
+            raise error
+        raise RuntimeError(f"'{path}': load_file_distributed's arguments were refused on another rank; see that "
+                           "rank's error")
+    for k, name in ((1, "sharded"), (2, "src"), (3, "window_bytes")):
+        if high[k] != low[k]:
+            raise ValueError(f"load_file_distributed: {name} differs between ranks ({low[k]} to {high[k]}); pass "
+                             "the same value on every rank")
     if not sharded:
         return _load_broadcast(path, device, src, window_bytes, num_threads, verify, ctrl), device
     window_bytes -= window_bytes % SHARD_ALIGN_BYTES

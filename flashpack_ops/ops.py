@@ -129,7 +129,9 @@ def load_file(
     Args:
         path: a file written by flashpack_ops or the reference ``flashpack`` package.
         device: ``"cpu"``, ``"cuda"`` (the current device), ``"cuda:N"`` or an index.
-        copy: CPU only; read into fresh memory instead of mapping the file.
+        copy: CPU only; read into fresh memory instead of mapping the file. The memory is one
+            allocation per block, as on CUDA: it is freed once no tensor of the block is alive
+            (keep ``t.clone()`` of a small tensor to let the rest go).
         num_threads: reader threads; 0 picks a default (``FLASHPACK_NUM_THREADS``).
         chunk_bytes: CUDA only; bytes per read or registration (``FLASHPACK_CHUNK_BYTES``).
         pinned_bytes: CUDA only; pinned host memory this load may hold, 256 MiB by

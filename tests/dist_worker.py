@@ -46,7 +46,7 @@ class SequentialNet(torch.nn.Sequential, flashpack_ops.FlashPackMixin):
 
 def run_case(case, rank, device):
     path = case["path"].format(rank=rank)
-    kwargs = case.get("kwargs", {})
+    kwargs = dict(case.get("kwargs", {}), **case.get("rank_kwargs", {}).get(str(rank), {}))
     if case.get("blocks"):
         # The reference's block-level entry point.
         got = flashpack_ops.read_flashpack_file_distributed(path, device, **kwargs)

@@ -74,9 +74,11 @@ def files(tmp_path_factory):
         flashpack_ops.save_file(model().state_dict(), str(d / f"model_not1_{rank}.flashpack"))
     for rank in range(4):
         flashpack_ops.save_file({"t": torch.zeros(5000 + rank)}, str(d / f"differs_{rank}.flashpack"))
+        flashpack_ops.save_file({"t": torch.full((50000,), float(rank))}, str(d / f"values_differ_{rank}.flashpack"))
     paths["not1"] = str(d / "not1_{rank}.flashpack")
     paths["model_not1"] = str(d / "model_not1_{rank}.flashpack")
     paths["differs"] = str(d / "differs_{rank}.flashpack")
+    paths["values_differ"] = str(d / "values_differ_{rank}.flashpack")
     paths["missing"] = str(d / "missing.flashpack")
     paths["dir"] = str(d)
     return paths
@@ -118,6 +120,16 @@ def cases(files, world):
         "error_missing_sharded": {"path": files["missing"], "kwargs": {"sharded": True}, "expect_error": True},
         "error_missing_on_rank_1": {"path": files["not1"], "kwargs": {"sharded": True}, "expect_error": True},
         "error_files_differ": {"path": files["differs"], "kwargs": {"sharded": True}, "expect_error": True},
+        # Same layout, other values: each rank would gather a mix of the files.
+        "error_values_differ": {"path": files["values_differ"], "kwargs": {"sharded": True}, "expect_error": True},
+        # Ranks that disagree on how to load, or one rank's bad argument: every rank raises
+        # instead of waiting in a collective the others never join.
+        "error_window_bytes_differ": {"path": files["mixed"], "rank_kwargs": {"1": {"window_bytes": 16384}},
+                                      "expect_error": True},
+        "error_sharded_differs": {"path": files["mixed"], "rank_kwargs": {"1": {"sharded": True}},
+                                  "expect_error": True},
+        "error_bad_argument_on_rank_1": {"path": files["mixed"], "rank_kwargs": {"1": {"window_bytes": 1000}},
+                                         "expect_error": True},
         "error_corrupt_verify": {"path": files["corrupt"], "kwargs": {"verify": True}, "expect_error": True},
     }
 
@@ -212,6 +224,22 @@ def test_different_files_on_ranks_are_refused(world_results):
     world, results = world_results
     for rank in range(world):
         assert "differs between ranks" in results[rank]["error_files_differ"]
+        assert "differs between ranks" in results[rank]["error_values_differ"]
+
+
+@pytest.mark.parametrize("case, name", [("error_window_bytes_differ", "window_bytes"),
+                                        ("error_sharded_differs", "sharded")])
+def test_ranks_that_disagree_on_the_arguments_all_fail(world_results, case, name):
+    world, results = world_results
+    for rank in range(world):
+        assert f"{name} differs between ranks" in results[rank][case], results[rank][case]
+
+
+def test_a_bad_argument_on_one_rank_fails_on_every_rank(world_results):
+    world, results = world_results
+    assert "window_bytes must be at least 4096" in results[1]["error_bad_argument_on_rank_1"]
+    for rank in [0] + list(range(2, world)):
+        assert "refused on another rank" in results[rank]["error_bad_argument_on_rank_1"]
 
 
 def test_corrupt_file_with_verify_fails_on_every_rank(world_results):
