@@ -32,11 +32,13 @@ def _path(path: PathLike, *, must_exist: bool) -> str:
     return path
 
 
-def _identity(path: str) -> Tuple[int, int, int, int]:
+def _identity(path: str) -> Tuple[int, int, int, int, int]:
     """What changes when the file at ``path`` is replaced (a save renames a new file over
-    it) or rewritten in place: for reads that open the path more than once."""
+    it) or rewritten in place: for reads that open the path more than once. The inode
+    number alone is not enough (a file system reuses a freed one at once), nor are size
+    and mtime (two saves within one timestamp tick): the change time is compared too."""
     st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _device(device: DeviceLike) -> torch.device:
