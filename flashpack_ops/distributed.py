@@ -138,19 +138,20 @@ def _raise_together(error: Optional[BaseException], ctrl: torch.device, path: st
 
 class _InFlight:
     """Asynchronous collectives, at most two at a time: the transfer of one window overlaps
-    the read of the next, and only two windows' pieces are held at once."""
+    the read of the next. Each works in place, in the output block, so no window's bytes are
+    held anywhere else meanwhile."""
 
     def __init__(self):
         self._works = []
 
-    def add(self, work, keep_alive: Optional[torch.Tensor] = None) -> None:
-        self._works.append((work, keep_alive))
+    def add(self, work) -> None:
+        self._works.append(work)
         if len(self._works) > 2:
-            self._works.pop(0)[0].wait()
+            self._works.pop(0).wait()
 
     def wait_all(self) -> None:
         while self._works:
-            self._works.pop(0)[0].wait()
+            self._works.pop(0).wait()
 
 
 def _read(path: str, offset: int, length: int, device: torch.device, num_threads: int) -> torch.Tensor:
@@ -293,13 +294,15 @@ def _load_sharded(path: str, device: torch.device, window_bytes: int, num_thread
     in_flight = _InFlight()
     try:
         for k, start, piece in plans:
-            mine = None
+            # In place: this rank's piece goes to its own slot of the output, which the gather
+            # then fills around it (NCCL and gloo both take an input inside the output).
+            mine = blocks[k][start + rank * piece:start + (rank + 1) * piece]
             try:
-                mine = _read(path, layout[k].offset + start + rank * piece, piece, device, num_threads)
+                mine.copy_(_read(path, layout[k].offset + start + rank * piece, piece, device, num_threads))
             except Exception as exc:
                 error = exc
             _raise_together(error, ctrl, path, f"reading macroblock {k}")
-            in_flight.add(_all_gather(blocks[k][start:start + world * piece], mine), keep_alive=mine)
+            in_flight.add(_all_gather(blocks[k][start:start + world * piece], mine))
     finally:
         in_flight.wait_all()
     _raise_together(_changed_error(path, identity), ctrl, path, "reading")
