@@ -123,13 +123,19 @@ def main() -> None:
     files = {"transformers from_pretrained": sizes["safetensors"],
              "flashpack from_pretrained_flashpack": sizes["flashpack"]}
 
-    # Both loaders give the same model, bit for bit.
+    # Both loaders give the same model, bit for bit. A difference is reported on the result's
+    # last line rather than stopping the run: the timings are still worth having, and the
+    # difference is then the thing to look at.
     first, second = (loader() for loader in loaders.values())
     a, b = first.state_dict(), second.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the two loads differ"
+    differ = sorted(set(a) ^ set(b)) + [k for k in a if k in b and not torch.equal(a[k], b[k])]
     ids = torch.arange(16, device=device).reshape(1, 16)
     with torch.no_grad():
-        assert torch.equal(first(ids).logits, second(ids).logits), "the two models compute differently"
+        same_logits = torch.equal(first(ids).logits, second(ids).logits)
+    check = ("the two models are the same, bit for bit (weights and logits)" if not differ and same_logits else
+             f"NOT BIT-EXACT: {len(differ)} tensors differ ({differ[:5]}), logits "
+             f"{'equal' if same_logits else 'differ'}")
+    print(check, flush=True)
     del first, second, a, b
     release(device)
 
@@ -155,7 +161,7 @@ def main() -> None:
         print(f"| {name} | {gb:.2f} GB | {warm:.3f} | {gb / warm:.2f} | {cold_text} |")
     base, ours = results["transformers from_pretrained"], results["flashpack from_pretrained_flashpack"]
     speedups = f"warm {base[0] / ours[0]:.1f}x" + (f", cold {base[1] / ours[1]:.1f}x" if ours[1] else "")
-    print(f"from_pretrained_flashpack vs from_pretrained: {speedups}")
+    print(f"from_pretrained_flashpack vs from_pretrained: {speedups}; {check}")
 
 
 if __name__ == "__main__":
