@@ -5,11 +5,11 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <map>
-#include <tuple>
 #include <cstring>
+#include <map>
 #include <numeric>
 #include <stdexcept>
+#include <tuple>
 #include <unordered_set>
 
 namespace flashpack {

@@ -102,7 +102,8 @@ def save_file(
         try:
             name.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise ValueError(f"cannot save '{path}': the name {name!r} cannot be written as UTF-8 ({exc.reason})") from None
+            raise ValueError(f"cannot save '{path}': the name {name!r} cannot be written as UTF-8 "
+                             f"({exc.reason})") from None
     torch.ops.flashpack.save(
         dict(tensors), path, target_dtype=target_dtype,
         align_bytes=align_bytes, num_threads=num_threads, checksum=checksum, durable=durable,
@@ -171,6 +172,8 @@ def load_file(
         if layout is None:
             # The file cannot be read now: the op breaks the graph, runs and says why.
             torch.ops.flashpack.load_list(path, _device(device))
+            raise RuntimeError(f"'{path}' could not be read when this code was compiled and can be now: call "
+                               "torch.compiler.reset() to trace it again")
         names, firsts, signature = layout
         tensors = torch.ops.flashpack.load_list(
             path, _device(device), copy=copy, num_threads=num_threads, chunk_bytes=chunk_bytes,
