@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
@@ -17,6 +18,8 @@ _READ_ATTEMPTS = 3
 
 
 def _is_ignored(name: str, names=None, prefixes=None, suffixes=None) -> bool:
+    # One name given as a str is one name, not its characters ("head." would match "emb.").
+    names, prefixes, suffixes = ((v,) if isinstance(v, str) else v for v in (names, prefixes, suffixes))
     return bool(
         (names and name in names)
         or (prefixes and any(name.startswith(p) for p in prefixes))
@@ -70,6 +73,8 @@ def pack_to_file(
         state_dict = {name: state_dict[name] for name in name_order if name in state_dict}
     if not state_dict:
         raise ValueError("No tensors to pack.")
+    # As the reference does (save_file, like torch.save, does not).
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(destination_path))), exist_ok=True)
     save_file(state_dict, destination_path, target_dtype=target_dtype, align_bytes=align_bytes,
               num_threads=num_workers, checksum=checksum)
 
@@ -303,6 +308,22 @@ def _as_parameter(value: torch.Tensor, old: torch.Tensor) -> torch.nn.Parameter:
     return param
 
 
+def _unwrapped(model: torch.nn.Module, tensors: Dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The model a torch.compile or (Distributed)DataParallel wrapper holds, when the file's names
+    are the wrapped model's own (``fc.weight``, not ``_orig_mod.fc.weight`` or ``module.fc.weight``),
+    as ``save_flashpack`` and ``model.module.state_dict()`` write them."""
+    while True:
+        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            inner, prefix = model.module, "module."
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's OptimizedModule
+            inner, prefix = model._orig_mod, "_orig_mod."
+        else:
+            return model
+        if any(name.startswith(prefix) for name in tensors):
+            return model
+        model = inner
+
+
 def _format_names(kind: str, names: List[str]) -> str:
     return f"{len(names)} {kind}: {', '.join(names)}"
 
@@ -402,6 +423,13 @@ def assign_from_file(
     def ignored(name: str) -> bool:
         return _is_ignored(name, ignore_names, ignore_prefixes, ignore_suffixes)
 
+    target = _unwrapped(model, tensors)
+    if target is not model:
+        # Assigned in the wrapped model, the only one whose names the file holds; the
+        # attributes below still go on the model the caller passed.
+        assign_target, model = model, target
+    else:
+        assign_target = model
     slots = _model_slots(model)
     unexpected, mismatched = [], []
     for name, view in tensors.items():
@@ -433,10 +461,12 @@ def assign_from_file(
         slot.source, slot.value = name, view
 
     unique = list({id(s): s for s in slots.values()}.values())
+    # A tensor the file holds in another shape or dtype is reported as such, not as missing too.
+    present = set(tensors)
     missing_params = [s.names[0] for s in unique if s.source is None and s.is_param
-                      and not all(ignored(n) for n in s.names)]
+                      and not all(ignored(n) for n in s.names) and not any(n in present for n in s.names)]
     missing_buffers = [s.names[0] for s in unique if s.source is None and not s.is_param and s.persistent
-                       and not all(ignored(n) for n in s.names)]
+                       and not all(ignored(n) for n in s.names) and not any(n in present for n in s.names)]
     check_params = strict_params if strict is None else strict
     check_buffers = strict_buffers if strict is None else strict
     problems = list(mismatched)
@@ -472,8 +502,8 @@ def assign_from_file(
         warnings.warn(f"flashpack_ops.assign_from_file: {len(zero_filled)} tensors of {type(model).__name__} are "
                       f"not in {path} and were zero-filled: {zero_filled}", stacklevel=2)
     if keep_flash_ref_on_model:
-        model._flash_shared_storage = storage
-        model._flash_shared_storage_meta = meta
+        assign_target._flash_shared_storage = storage
+        assign_target._flash_shared_storage_meta = meta
     if not silent:
         loaded = sum(1 for s in unique if s.source is not None)
         print(f"flashpack_ops: assigned {loaded} tensors from {path} to {type(model).__name__} on {device}"

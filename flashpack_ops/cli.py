@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--ignore-suffixes", action="append", metavar="SUFFIX",
                          help="leave out tensors whose names end so (repeatable, comma-separated)")
     convert.add_argument("--checksum", action="store_true",
-                         help="store CRC-32C checksums, for `flashpack metadata --verify` (not for model directories)")
+                         help="store CRC-32C checksums, for `flashpack metadata --verify`")
     convert.add_argument("--subfolder", help="the model lies in this subfolder (e.g. unet)")
     convert.add_argument("--variant", help="read *.VARIANT.safetensors weights (e.g. fp16)")
     convert.add_argument("--revision", help="Hub revision (branch, tag or commit)")

@@ -227,7 +227,7 @@ def _quiet_libraries() -> None:
 
 
 def _convert_model_directory(model_class: type, directory: str, destination: str, dtype: Optional[torch.dtype],
-                             variant: Optional[str], ignore: Dict[str, Any]) -> str:
+                             variant: Optional[str], ignore: Dict[str, Any], checksum: bool) -> str:
     is_transformers = model_class.__module__.startswith("transformers")
     if is_transformers:
         from .integrations.transformers import save_pretrained_flashpack
@@ -239,12 +239,12 @@ def _convert_model_directory(model_class: type, directory: str, destination: str
 
         stored = dtype or _stored_float_dtype(directory, variant)
         model = model_class.from_pretrained(directory, variant=variant, **{dtype_argument(): stored})
-    save_pretrained_flashpack(model, destination, target_dtype=dtype, **ignore)
+    save_pretrained_flashpack(model, destination, target_dtype=dtype, checksum=checksum, **ignore)
     return os.path.join(destination, FLASHPACK_FILE)
 
 
 def _convert_pipeline_directory(directory: str, destination: str, dtype: Optional[torch.dtype],
-                                variant: Optional[str], ignore: Dict[str, Any]) -> str:
+                                variant: Optional[str], ignore: Dict[str, Any], checksum: bool) -> str:
     config = _read_config(directory, "model_index.json") or {}
     if any(ignore.values()):
         # save_pipeline_flashpack takes no ignore_* (its **kwargs would drop them unseen).
@@ -265,7 +265,7 @@ def _convert_pipeline_directory(directory: str, destination: str, dtype: Optiona
 
     pipeline = DiffusionPipeline.from_pretrained(
         directory, variant=variant, **{dtype_argument(): dict(dtypes, default=dtype or torch.float32)})
-    save_pipeline_flashpack(pipeline, destination, target_dtype=dtype)
+    save_pipeline_flashpack(pipeline, destination, target_dtype=dtype, checksum=checksum)
     return destination
 
 
@@ -310,8 +310,7 @@ def convert_to_flashpack(
         subfolder: the model lies in this subfolder of the directory or repo.
         variant: read ``*.{variant}.safetensors`` weights (``"fp16"``).
         revision: the Hub revision.
-        checksum: store CRC-32C checksums for ``verify_file`` (files, state dicts and
-            weights-only directories; model and pipeline directories refuse it).
+        checksum: store CRC-32C checksums for ``verify_file`` (in every file written).
 
     Raises:
         FileNotFoundError, ValueError: the source cannot be read, or the destination is a source
@@ -372,18 +371,14 @@ def convert_to_flashpack(
     model_class = _library_model_class(config, model_dir, use_transformers, use_diffusers) if config else None
     if is_pipeline or model_class is not None:
         what = "pipeline" if is_pipeline else "model"
-        if checksum:
-            # save_pretrained_flashpack and save_pipeline_flashpack do not write checksums.
-            raise ValueError(f"{model_dir}: checksums are not supported when converting a {what} directory "
-                             "(save_pretrained_flashpack writes none); convert without --checksum")
         if target_dtype is not None and os.path.isdir(destination) and os.path.samefile(destination, model_dir):
             # The rewritten config.json would describe the new dtype, and from_pretrained would
             # then load the original weights beside it in that dtype without a word.
             raise ValueError(f"{model_dir}: converting a {what} directory to {target_dtype} in place would rewrite "
                              "its config for the original weights too; give a destination directory")
         if is_pipeline:
-            return _convert_pipeline_directory(model_dir, destination, target_dtype, variant, ignore)
-        return _convert_model_directory(model_class, model_dir, destination, target_dtype, variant, ignore)
+            return _convert_pipeline_directory(model_dir, destination, target_dtype, variant, ignore, checksum)
+        return _convert_model_directory(model_class, model_dir, destination, target_dtype, variant, ignore, checksum)
     weights = _weights_in_directory(model_dir, variant)
     output = _destination_file(destination, os.path.join(model_dir, FLASHPACK_FILE))
     _check_destination(output, _checkpoint_files(weights))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import threading
 import warnings
 from typing import Any, Callable, ClassVar, Iterator, List, Optional
@@ -226,5 +227,7 @@ class FlashPackMixin:
             state_dict = {name: state_dict[name] for name in name_order if name in state_dict}
         if not state_dict:
             raise ValueError("No tensors to pack.")
+        # As the reference does (save_file, like torch.save, does not).
+        os.makedirs(os.path.dirname(os.path.abspath(os.fspath(destination_path))), exist_ok=True)
         save_file(state_dict, destination_path, target_dtype=target_dtype, align_bytes=align_bytes,
                   num_threads=num_workers, floating_only=True)

@@ -275,16 +275,17 @@ def test_convert_pipeline_directory_and_subfolder(pipeline_directory, tmp_path):
 
 def test_convert_pipeline_directory_refuses_what_it_cannot_honour(pipeline_directory, tmp_path):
     pytest.importorskip("diffusers")
-    # save_pipeline_flashpack takes no ignore options and writes no checksums.
+    # save_pipeline_flashpack takes no ignore options.
     assert_one_line_error(run("convert", pipeline_directory, tmp_path / "ignored", "--ignore-prefixes", "conv_in.",
                               check=False),
                           "the ignore options are not supported for a pipeline directory; convert the component "
                           "they apply to with --subfolder (unet)")
-    assert_one_line_error(run("convert", pipeline_directory, tmp_path / "checked", "--checksum", check=False),
-                          "checksums are not supported when converting a pipeline directory")
-    assert_one_line_error(run("convert", pipeline_directory / "unet", tmp_path / "unet", "--checksum",
-                              check=False), "checksums are not supported when converting a model directory")
-    assert not any((tmp_path / name).exists() for name in ("ignored", "checked", "unet"))
+    assert not (tmp_path / "ignored").exists()
+    # Checksums in every model file written, which metadata --verify then checks.
+    run("convert", pipeline_directory, tmp_path / "checked", "--checksum")
+    run("metadata", tmp_path / "checked" / "unet", "--verify")
+    run("convert", pipeline_directory / "unet", tmp_path / "unet", "--checksum")
+    run("metadata", tmp_path / "unet", "--verify")
 
     copy = tmp_path / "copy"
     shutil.copytree(pipeline_directory, copy)

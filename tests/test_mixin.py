@@ -290,3 +290,41 @@ def test_other_threads_build_real_parameters_meanwhile():
     thread.join(30)
     assert mine.weight.is_meta
     assert not built["linear"].weight.is_meta and built["linear"].weight.abs().sum() > 0
+
+
+def test_one_ignore_name_given_as_a_str_is_one_name(saved):
+    # "proj." as a str must not ignore every name containing a "p", "r", "o" or "j".
+    model, path = saved
+    fresh = trained_model(seed=5)
+    own = fresh.proj.weight.detach().clone()
+    assign_from_file(fresh, path, strict=False, ignore_prefixes="proj.")
+    assert torch.equal(fresh.proj.weight, own)
+    assert torch.equal(fresh.embed.weight, model.embed.weight) and torch.equal(fresh.norm.weight, model.norm.weight)
+
+
+def test_a_shape_mismatch_is_not_also_reported_missing(saved):
+    _, path = saved
+    with pytest.raises(ValueError) as info:
+        TinyLM.from_flashpack(path, width=8)
+    assert "'proj.weight' has shape (16, 16) in the file but (8, 8)" in str(info.value)
+    assert "missing" not in str(info.value)
+
+
+@pytest.mark.parametrize("wrap", ["compiled", "data_parallel"])
+def test_a_wrapped_model_loads_the_file_of_the_model_it_wraps(saved, wrap):
+    # torch.compile's and DataParallel's wrappers add _orig_mod. / module. to every name; the
+    # file, written from the model itself, has none.
+    model, path = saved
+    fresh = trained_model(seed=7)
+    wrapped = torch.compile(fresh) if wrap == "compiled" else torch.nn.DataParallel(fresh)
+    assign_from_file(wrapped, path, keep_flash_ref_on_model=True)
+    assert torch.equal(fresh(IDS), model(IDS))
+    assert isinstance(wrapped._flash_shared_storage, flashpack_ops.FlashTensorStorage)
+
+
+def test_pack_to_file_and_save_flashpack_create_the_directory(tmp_path):
+    # As the reference does.
+    model = trained_model()
+    flashpack_ops.pack_to_file(model, tmp_path / "a" / "b" / "m.flashpack")
+    model.save_flashpack(tmp_path / "c" / "m.flashpack")
+    assert (tmp_path / "a" / "b" / "m.flashpack").is_file() and (tmp_path / "c" / "m.flashpack").is_file()

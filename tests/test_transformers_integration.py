@@ -338,3 +338,30 @@ def test_encoder_loads_from_an_encoder_decoder_checkpoint(tmp_path):
     ids = torch.tensor([[1, 5, 9, 33]])
     with torch.no_grad():
         assert torch.equal(encoder(ids).last_hidden_state, t5.encoder(ids).last_hidden_state)
+
+
+def test_model_with_a_head_loads_a_base_checkpoint_into_its_base(tmp_path):
+    # As from_pretrained: BertForSequenceClassification takes a BertModel directory's tensors
+    # into model.bert. Its head is not in the file: strict says so, strict=False zero-fills it.
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    base = transformers.BertModel(config).eval()
+    save_pretrained_flashpack(base, tmp_path)
+    with pytest.raises(ValueError, match="holds a BertModel without the head BertForSequenceClassification adds: "
+                                         "2 parameters missing from the file: classifier.weight, classifier.bias"):
+        from_pretrained_flashpack(transformers.BertForSequenceClassification, tmp_path)
+    with pytest.warns(UserWarning, match="2 parameters were zero-filled"):
+        loaded = from_pretrained_flashpack(transformers.BertForSequenceClassification, tmp_path, strict=False)
+    ids = torch.tensor([[1, 5, 9, 33, 2]])
+    with torch.no_grad():
+        assert torch.equal(loaded.bert(ids).last_hidden_state, base(ids).last_hidden_state)
+    assert not any(p.is_meta for p in loaded.parameters()) and not loaded.classifier.weight.any()
+
+
+def test_save_takes_checksum_and_says_which_arguments_did_nothing(model, tmp_path):
+    model.save_pretrained_flashpack(tmp_path / "checked", checksum=True)
+    flashpack_ops.verify_file(tmp_path / "checked" / "model.flashpack")
+    # A misspelt argument (or one of save_pretrained's that means nothing here) is named.
+    with pytest.warns(UserWarning, match=r"\['max_shard_size', 'target_dtpye'\] have no effect"):
+        model.save_pretrained_flashpack(tmp_path / "typo", target_dtpye=torch.bfloat16, max_shard_size="5GB")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -117,7 +118,8 @@ def checked_save_directory(save_directory: Union[str, "os.PathLike[str]"]) -> st
 
 def write_weights(model: torch.nn.Module, save_directory: str, *, target_dtype: Optional[torch.dtype],
                   align_bytes: int, num_workers: int, ignore_names: Any, ignore_prefixes: Any,
-                  ignore_suffixes: Any, keep_float32: Optional[Callable[[str], bool]] = None) -> None:
+                  ignore_suffixes: Any, keep_float32: Optional[Callable[[str], bool]] = None,
+                  checksum: bool = False) -> None:
     """The model's state dict, less the ignored names, as ``save_directory/model.flashpack``.
 
     ``target_dtype`` converts the floating-point tensors only, as ``model.to(dtype)`` and
@@ -140,7 +142,16 @@ def write_weights(model: torch.nn.Module, save_directory: str, *, target_dtype: 
                 state_dict[name] = converted[id(t), dtype]
         target_dtype = None
     save_file(state_dict, os.path.join(save_directory, FLASHPACK_FILE), target_dtype=target_dtype,
-              align_bytes=align_bytes, num_threads=num_workers, floating_only=True)
+              align_bytes=align_bytes, num_threads=num_workers, floating_only=True, checksum=checksum)
+
+
+def warn_unused_save_kwargs(kwargs: Dict[str, Any], what: str) -> None:
+    """save_pretrained_flashpack takes save_pretrained's other arguments (safe_serialization,
+    max_shard_size...) so that calls switch over as they are, but says which had no effect: a
+    misspelt target_dtype would otherwise save in the model's dtype without a word."""
+    if kwargs:
+        warnings.warn(f"{what}: {sorted(kwargs)} have no effect on a flashpack directory; ignoring them",
+                      stacklevel=3)
 
 
 def _device_of_map(device_map: Any, what: str) -> torch.device:

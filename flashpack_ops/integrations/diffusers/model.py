@@ -14,7 +14,7 @@ from ...api import assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
 from .._hub import (build_and_load_dtypes, checked_save_directory, loading_info, locate_flashpack, take_load_kwargs,
-                    upload_directory, write_weights)
+                    upload_directory, warn_unused_save_kwargs, write_weights)
 
 M = TypeVar("M", bound=ModelMixin)
 
@@ -42,6 +42,7 @@ def save_pretrained_flashpack(
     ignore_names: Optional[List[str]] = None,
     ignore_prefixes: Optional[List[str]] = None,
     ignore_suffixes: Optional[List[str]] = None,
+    checksum: bool = False,
     **kwargs: Any,
 ) -> None:
     """Write ``config.json`` and ``model.flashpack`` to a directory (created if needed).
@@ -54,15 +55,17 @@ def save_pretrained_flashpack(
         push_to_hub, repo_id, private, token, commit_message, create_pr: upload the
             directory to the Hugging Face Hub afterwards.
         align_bytes, num_workers: as in :func:`flashpack_ops.pack_to_file`.
+        checksum: store CRC-32C checksums, for ``verify_file`` and ``load_file(verify=True)``.
         ignore_names, ignore_prefixes, ignore_suffixes: tensors to leave out of the file.
     """
+    warn_unused_save_kwargs(kwargs, "save_pretrained_flashpack")
     save_directory = checked_save_directory(save_directory)
     if is_main_process:
         os.makedirs(save_directory, exist_ok=True)
         model.save_config(save_directory)
         write_weights(model, save_directory, target_dtype=target_dtype, align_bytes=align_bytes,
                       num_workers=num_workers, ignore_names=ignore_names, ignore_prefixes=ignore_prefixes,
-                      ignore_suffixes=ignore_suffixes)
+                      ignore_suffixes=ignore_suffixes, checksum=checksum)
     if push_to_hub and is_main_process:
         upload_directory(save_directory, repo_id, private, token, commit_message, create_pr)
 

@@ -14,7 +14,7 @@ import torch
 from diffusers import DiffusionPipeline, ModelMixin
 
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
-from .._hub import FLASHPACK_FILE, resolve_directory, take_load_kwargs, upload_directory
+from .._hub import FLASHPACK_FILE, resolve_directory, take_load_kwargs, upload_directory, warn_unused_save_kwargs
 from . import model as diffusers_model
 
 P = TypeVar("P", bound=DiffusionPipeline)
@@ -59,6 +59,7 @@ def save_pipeline_flashpack(
     token: Optional[str] = None,
     repo_id: Optional[str] = None,
     private: Optional[bool] = None,
+    checksum: bool = False,
     **kwargs: Any,
 ) -> None:
     """Save a pipeline: ``model_index.json``, and one subfolder per component.
@@ -75,8 +76,9 @@ def save_pipeline_flashpack(
         safe_serialization, variant, max_shard_size: passed to the ``save_pretrained``
             of components that are not models and take them.
         is_main_process, align_bytes, num_workers, push_to_hub, commit_message,
-            create_pr, token, repo_id, private: as for single models.
+            create_pr, token, repo_id, private, checksum: as for single models.
     """
+    warn_unused_save_kwargs(kwargs, "save_pretrained_flashpack")
     save_directory = os.fspath(save_directory)
     if not is_main_process:
         return
@@ -91,12 +93,13 @@ def save_pipeline_flashpack(
         dtype = _for_component(target_dtype, name)
         if isinstance(component, ModelMixin):
             diffusers_model.save_pretrained_flashpack(component, sub_directory, target_dtype=dtype,
-                                                      align_bytes=align_bytes, num_workers=num_workers)
+                                                      align_bytes=align_bytes, num_workers=num_workers,
+                                                      checksum=checksum)
         elif transformers_model is not None and isinstance(component, transformers_model):
             from ..transformers import save_pretrained_flashpack
 
             save_pretrained_flashpack(component, sub_directory, target_dtype=dtype, align_bytes=align_bytes,
-                                      num_workers=num_workers)
+                                      num_workers=num_workers, checksum=checksum)
         elif hasattr(component, "save_pretrained"):
             accepted = inspect.signature(component.save_pretrained).parameters
             options = {"safe_serialization": safe_serialization, "variant": variant, "max_shard_size": max_shard_size}

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import os
 import re
+import warnings
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
 import torch
@@ -16,7 +17,7 @@ from ...api import assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, read_metadata
 from .._hub import (build_and_load_dtypes, checked_save_directory, loading_info, locate_flashpack,
-                    take_load_kwargs, upload_directory, write_weights)
+                    take_load_kwargs, upload_directory, warn_unused_save_kwargs, write_weights)
 
 M = TypeVar("M", bound=PreTrainedModel)
 
@@ -61,7 +62,9 @@ def keeps_in_float32(model: PreTrainedModel, dtype: Optional[torch.dtype]) -> Op
 def _match_to_file(model: PreTrainedModel, path: str) -> Tuple[torch.nn.Module, List[str]]:
     """The module to load the file into and the file's names to leave out, as from_pretrained
     matches a checkpoint to a model: a base model (``BertModel``) takes the ``bert.*`` tensors
-    of a checkpoint saved with a head (``BertForMaskedLM``) and leaves the head out, and names
+    of a checkpoint saved with a head (``BertForMaskedLM``) and leaves the head out; a model with
+    a head loads a base checkpoint into its base (``model.bert``), the head left to the caller;
+    and names
     the class lists in ``_keys_to_ignore_on_load_unexpected`` (T5EncoderModel: the decoder)
     are left out, as is a second name for a tensor the model loads under its first (T5's
     ``lm_head.weight``, tied to ``shared.weight``: the same bytes, nothing would be lost)."""
@@ -70,11 +73,18 @@ def _match_to_file(model: PreTrainedModel, path: str) -> Tuple[torch.nn.Module, 
     target: torch.nn.Module = model
     prefix = getattr(model, "base_model_prefix", "") or ""
     in_model = set(model.state_dict())
-    if prefix and not any(n.startswith(prefix + ".") for n in in_model) \
-            and any(n.startswith(prefix + ".") for n in in_file):
+    wrapped = False
+    file_has_prefix = any(n.startswith(prefix + ".") for n in in_file)
+    model_has_prefix = any(n.startswith(prefix + ".") for n in in_model)
+    if prefix and file_has_prefix and not model_has_prefix:
         # Named after the model, so that errors name the class the caller asked for.
         target = type(type(model).__name__, (torch.nn.Module,), {})()
         target.add_module(prefix, model)  # the file's names, prefix included, now match
+        in_model = set(target.state_dict())
+        wrapped = True
+    elif prefix and model_has_prefix and not file_has_prefix and isinstance(getattr(model, prefix, None),
+                                                                             torch.nn.Module):
+        target = getattr(model, prefix)
         in_model = set(target.state_dict())
     patterns = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
     loaded = {(e.get("macroblock", 0), e["offset"], tuple(e["shape"])) for e in index if e["name"] in in_model}
@@ -83,10 +93,36 @@ def _match_to_file(model: PreTrainedModel, path: str) -> Tuple[torch.nn.Module, 
         name = entry["name"]
         if name in in_model:
             return False
-        return ((target is not model and not name.startswith(prefix + ".")) or any(p.search(name) for p in patterns)
+        return ((wrapped and not name.startswith(prefix + ".")) or any(p.search(name) for p in patterns)
                 or (entry["length"] > 0 and (entry.get("macroblock", 0), entry["offset"], tuple(entry["shape"])) in loaded))
 
     return target, [entry["name"] for entry in index if leave_out(entry)]
+
+
+def _complete_head(model: PreTrainedModel, base: str, path: str, device: DeviceLike, strict: bool,
+                   what: str) -> None:
+    """After a base checkpoint filled the base of a model with a head: tie the head to the base
+    where the model ties them, then refuse what is left of the head (strict) or zero-fill it."""
+    model.tie_weights()
+    head = [name for name, p in model.named_parameters() if p.is_meta]
+    if head and strict:
+        raise ValueError(f"{what}: {path} holds a {base} without the head {type(model).__name__} adds: "
+                         f"{len(head)} parameters missing from the file: {', '.join(head)} (from_pretrained would "
+                         "initialise them at random; strict=False zero-fills them)")
+    device = torch.device(device)
+    for name in head:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        old = module._parameters[attr]
+        module._parameters[attr] = torch.nn.Parameter(torch.zeros(old.shape, dtype=old.dtype, device=device),
+                                                      requires_grad=old.requires_grad)
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
+    if head:
+        warnings.warn(f"{what}: {path} holds a {base} without the head; {len(head)} parameters were zero-filled: "
+                      f"{head}", stacklevel=3)
 
 
 def save_pretrained_flashpack(
@@ -107,6 +143,7 @@ def save_pretrained_flashpack(
     ignore_names: Optional[List[str]] = None,
     ignore_prefixes: Optional[List[str]] = None,
     ignore_suffixes: Optional[List[str]] = None,
+    checksum: bool = False,
     **kwargs: Any,
 ) -> None:
     """Write ``config.json`` (and ``generation_config.json``) and ``model.flashpack`` to a directory.
@@ -121,8 +158,10 @@ def save_pretrained_flashpack(
             it), except those the model keeps in float32 at that dtype, as
             ``from_pretrained(dtype=...)`` does.
         align_bytes, num_workers: as in :func:`flashpack_ops.pack_to_file`.
+        checksum: store CRC-32C checksums, for ``verify_file`` and ``load_file(verify=True)``.
         ignore_names, ignore_prefixes, ignore_suffixes: tensors to leave out of the file.
     """
+    warn_unused_save_kwargs(kwargs, "save_pretrained_flashpack")
     save_directory = checked_save_directory(save_directory)
     if is_main_process:
         os.makedirs(save_directory, exist_ok=True)
@@ -135,7 +174,8 @@ def save_pretrained_flashpack(
             model.generation_config.save_pretrained(save_directory)
         write_weights(model, save_directory, target_dtype=target_dtype, align_bytes=align_bytes,
                       num_workers=num_workers, ignore_names=ignore_names, ignore_prefixes=ignore_prefixes,
-                      ignore_suffixes=ignore_suffixes, keep_float32=keeps_in_float32(model, target_dtype))
+                      ignore_suffixes=ignore_suffixes, keep_float32=keeps_in_float32(model, target_dtype),
+                      checksum=checksum)
     if push_to_hub and is_main_process:
         upload_directory(save_directory, repo_id, private, token, commit_message, create_pr)
 
@@ -240,6 +280,9 @@ def from_pretrained_flashpack(
     if keep_flash_ref_on_model and target is not model:
         model._flash_shared_storage = target._flash_shared_storage
         model._flash_shared_storage_meta = target._flash_shared_storage_meta
+    if target is getattr(model, getattr(model, "base_model_prefix", "") or "", None):
+        _complete_head(model, type(target).__name__, path, device if device is not None else "cpu",
+                       strict is not False and (strict or strict_params), what)
     if generation_config is not None:
         model.generation_config = generation_config
     elif model.can_generate() and os.path.isfile(os.path.join(model_dir, "generation_config.json")):
