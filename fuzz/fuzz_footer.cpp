@@ -33,12 +33,16 @@ void check_inside(const flashpack::Layout& l) {
       broken("an entry ends past its block");
     }
     // The shape must make a tensor: its element count and its contiguous strides
-    // (products of later dimensions, zeros counted as 1) fit in int64.
+    // (products of later dimensions, zeros counted as 1: the first dimension is in none)
+    // fit in int64.
     uint64_t numel = 1;
     uint64_t span = 1;
-    for (int64_t d : e.shape) {
+    for (size_t k = 0; k < e.shape.size(); ++k) {
+      const int64_t d = e.shape[k];
       if (d < 0) broken("a negative dimension");
-      if (__builtin_mul_overflow(span, std::max<uint64_t>(d, 1), &span)) broken("a shape whose strides overflow");
+      if (k > 0 && __builtin_mul_overflow(span, std::max<uint64_t>(d, 1), &span)) {
+        broken("a shape whose strides overflow");
+      }
       numel *= static_cast<uint64_t>(d);
     }
     if (span > uint64_t(INT64_MAX)) broken("a shape whose strides overflow int64");
@@ -78,6 +82,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return 0;
   }
   check_inside(layout);
+  (void)flashpack::layout_signature(layout);  // what a compiled load compares: any valid layout has one
   const std::string rewritten = flashpack::footer_json(layout);
   flashpack::Layout again;
   try {

@@ -74,6 +74,20 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (ok_mapped != ok_copied) broken("the mapped and the copying load disagree on whether the file is valid");
   if (!ok_mapped) return 0;
   if (mapped.size() != layout.entries.size() || copied.size() != layout.entries.size()) broken("tensor count");
+  {
+    // With verify: the checksum keys parsed and the payload checked (a file without
+    // checksums is an error too, which must name the file as well).
+    flashpack::LoadOptions opts;
+    opts.verify = true;
+    opts.num_threads = 1;
+    try {
+      flashpack::load_cpu(input_path(), opts, nullptr);
+    } catch (const std::invalid_argument& e) {
+      flashpack_fuzz::check_error(e.what(), input_path());
+    } catch (const std::runtime_error& e) {
+      flashpack_fuzz::check_error(e.what(), input_path());
+    }
+  }
 
   for (size_t k = 0; k < layout.entries.size(); ++k) {
     const flashpack::Entry& e = layout.entries[k];
