@@ -232,6 +232,23 @@ Verifier::Verifier(const std::string& path, const Layout& layout) : path_(path),
                          std::min(b.checksum_chunk_bytes, b.length_bytes - begin)});
     }
   }
+  // The blocks' checksums say the bytes are intact, not that the footer still points at the
+  // right ones: a flipped bit in a name, an offset or a "macroblock" key loads other bytes
+  // (or the right bytes under another name) with every block checksum passing.
+  if (layout.blocks.empty()) return;
+  if (!layout.index_crc) {
+    throw std::invalid_argument("'" + path + "': the footer has checksums of its blocks but none of its index "
+                                "(\"index_crc32c\"): it was damaged, or written before flashpack_ops checked the "
+                                "index; save the file again with checksum=True");
+  }
+  const std::string text = index_text(layout);
+  const uint32_t crc = crc32c(text.data(), text.size());
+  if (crc != *layout.index_crc) {
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "crc32c 0x%08x, expected 0x%08x", crc, *layout.index_crc);
+    throw std::invalid_argument("'" + path + "': the index (tensor names, shapes and offsets) does not match its "
+                                "checksum (" + buf + "): the footer is damaged; restore or re-save the file");
+  }
 }
 
 void Verifier::check(size_t k, uint32_t crc) {

@@ -4,7 +4,9 @@
 //   "checksum": "crc32c", "checksum_chunk_bytes": C, "checksums": [u32, ...]
 // checksums[i] is the standard CRC-32C (Castagnoli, as in iSCSI and ext4) of block bytes
 // [i*C, min((i+1)*C, length_bytes)); a block of n bytes has ceil(n / C) of them. parse_footer
-// (format.cpp) validates the keys; this file computes and checks the values.
+// (format.cpp) validates the keys; this file computes and checks the values. With them, the
+// footer's top level has "index_crc32c": the CRC-32C of index_text() (format.h), so that a
+// damaged index cannot point intact blocks at the wrong tensors.
 #pragma once
 
 #include "format.h"

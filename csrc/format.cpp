@@ -335,7 +335,7 @@ std::optional<c10::ScalarType> dtype_from_name(std::string_view name) {
 Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::string& path) {
   Layout layout;
   layout.payload_bytes = payload_bytes;
-  Field format, align, target_dtype, total_elems;
+  Field format, align, target_dtype, total_elems, index_crc;
   bool has_blocks = false, has_index = false;
   json::Kind blocks_kind = json::Kind::Array;
   std::vector<Block> blocks;
@@ -354,6 +354,8 @@ Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::
         target_dtype.read(r);
       } else if (key == "total_elems") {
         total_elems.read(r);
+      } else if (key == "index_crc32c") {
+        index_crc.read(r);
       } else if (key == "macroblocks") {
         has_blocks = true;
         blocks_kind = r.peek();
@@ -386,6 +388,11 @@ Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::
   if (format.kind != json::Kind::String) bad(path, "footer: \"format\" must be a string");
   layout.format = std::string(format.s);
   if (align.present) layout.align_bytes = static_cast<int64_t>(count(align, "align_bytes", path, footer_where));
+  if (index_crc.present) {
+    const uint64_t crc = count(index_crc, "index_crc32c", path, footer_where);
+    if (crc > 0xFFFFFFFFull) bad(path, "footer: \"index_crc32c\" must be an integer from 0 to 4294967295");
+    layout.index_crc = static_cast<uint32_t>(crc);
+  }
 
   if (layout.format == kFormatV3) {
     Block b;
@@ -491,6 +498,20 @@ Layout read_layout(int fd, uint64_t file_size, const std::string& path, std::str
   return layout;
 }
 
+std::string index_text(const Layout& layout) {
+  std::string out;
+  for (const Block& b : layout.blocks) {
+    out += std::string(dtype_name(b.dtype)) + " " + std::to_string(b.offset_bytes) + " " +
+           std::to_string(b.length_bytes) + " " + std::to_string(b.length_elems) + "\n";
+  }
+  for (const Entry& e : layout.entries) {
+    out += std::to_string(e.name.size()) + ":" + e.name + " [";
+    for (int64_t dim : e.shape) out += std::to_string(dim) + ",";
+    out += "] " + std::to_string(e.offset) + " " + std::to_string(e.length) + " " + std::to_string(e.block) + "\n";
+  }
+  return out;
+}
+
 std::string layout_signature(const Layout& layout) {
   std::string out;
   std::map<std::tuple<uint32_t, uint64_t, uint64_t>, size_t> first;
@@ -514,6 +535,7 @@ std::string footer_json(const Layout& layout) {
   out += "{\"format\":\"flashpack_v4\",\"align_bytes\":" + std::to_string(layout.align_bytes);
   out += ",\"total_payload_bytes\":" + std::to_string(layout.payload_bytes);
   out += ",\"total_elems\":" + std::to_string(total_elems);
+  if (layout.index_crc) out += ",\"index_crc32c\":" + std::to_string(*layout.index_crc);
   out += ",\"macroblocks\":[";
   for (size_t k = 0; k < layout.blocks.size(); ++k) {
     const Block& b = layout.blocks[k];

@@ -73,6 +73,9 @@ struct Layout {
   uint64_t payload_bytes = 0;  // bytes before the footer
   std::vector<Block> blocks;
   std::vector<Entry> entries;  // in file (and dict) order
+  // "index_crc32c", written with checksums: the CRC-32C of index_text(). The blocks'
+  // checksums cover the tensor bytes; this covers where the footer says they are.
+  std::optional<uint32_t> index_crc;
 };
 
 // Parses and validates a footer. `payload_bytes` is the size of the file before the
@@ -87,6 +90,10 @@ Layout read_layout(int fd, uint64_t file_size, const std::string& path, std::str
 
 // The v4 footer JSON for a layout, as the reference writes it (compact separators).
 std::string footer_json(const Layout& layout);
+
+// Every block and entry of a layout (dtypes, offsets, lengths, names, shapes), in one string:
+// what "index_crc32c" is computed over.
+std::string index_text(const Layout& layout);
 
 // What a load's outputs look like, in one string: each entry's name, dtype and shape, and
 // which earlier entry it shares memory with. Two files with the same signature load as the

@@ -136,6 +136,8 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
   // spaces (JSON whitespace, which every reader skips) to that length.
   std::optional<ChecksumBuilder> sums;
   if (checksum) {
+    const std::string index = index_text(layout);
+    layout.index_crc = crc32c(index.data(), index.size());
     sums.emplace(layout);
     sums->store(layout, /*placeholder=*/true);
   }

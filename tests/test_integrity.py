@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import struct
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -402,3 +403,31 @@ def test_cuda_load_verifies_on_the_host(big):
     with flipped(path, start + CHUNK + 7):
         with pytest.raises(ValueError, match=r"flashpack::load: .*checksum mismatch in macroblock 0 \(float32\)"):
             load_file(path, "cuda", verify=True)
+
+
+def test_a_damaged_footer_never_verifies_as_other_tensors(tmp_path):
+    # The block checksums cover the bytes; a flipped bit in a name, an offset or a
+    # "macroblock" key points at other bytes (or renames a tensor) with every one of them
+    # passing: the index has its own checksum. Each flip must fail or load the saved tensors.
+    path = tmp_path / "checked.flashpack"
+    saved = {"w": torch.randn(3, 5), "b": torch.randn(3), "i": torch.arange(6, dtype=torch.int64)}
+    save_file(saved, path, checksum=True)
+    data = path.read_bytes()
+    (footer_len,) = struct.unpack("<Q", data[-16:-8])
+    start = len(data) - 16 - footer_len
+    damaged = tmp_path / "damaged.flashpack"
+    loaded_ok = 0
+    for pos in range(start, len(data)):
+        for bit in (0, 5):
+            flipped = bytearray(data)
+            flipped[pos] ^= 1 << bit
+            damaged.write_bytes(bytes(flipped))
+            try:
+                got = load_file(damaged, verify=True)
+            except (ValueError, RuntimeError):
+                continue
+            assert list(got) == list(saved), f"byte {pos - start} of the footer, bit {bit}"
+            for name, tensor in saved.items():
+                assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), (pos - start, bit, name)
+            loaded_ok += 1
+    assert loaded_ok > 0  # whitespace and the like: flips that change nothing still load
