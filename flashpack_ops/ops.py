@@ -27,6 +27,13 @@ def _path(path: PathLike, *, must_exist: bool) -> str:
     if "\0" in path:
         # The OS would read the path only up to the NUL: "model\0.x" would be "model".
         raise ValueError(f"{path!r}: the path contains a NUL byte")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        # A Linux file name may hold any bytes (os.fsdecode keeps the others as surrogates);
+        # the operators take a str as UTF-8 and would fail with torch's own type error.
+        raise ValueError(f"{path!r}: the path is not valid UTF-8, which the flashpack operators need; rename "
+                         "the file") from None
     if must_exist and not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, "flashpack file not found", path)
     return path

@@ -418,6 +418,13 @@ def test_paths_with_a_nul_byte_are_refused(tmp_path):
     assert os.listdir(tmp_path) == ["m"]
 
 
+def test_a_path_that_is_not_utf8_is_named(tmp_path):
+    bad = os.fsdecode(os.fsencode(str(tmp_path)) + b"/bad\xff\xfe.flashpack")
+    for call in (lambda: flashpack_ops.save_file({"a": torch.ones(1)}, bad), lambda: flashpack_ops.load_file(bad)):
+        with pytest.raises(ValueError, match="the path is not valid UTF-8"):
+            call()
+
+
 def test_save_rejects_non_mapping(tmp_file):
     with pytest.raises(TypeError, match="mapping"):
         flashpack_ops.save_file([torch.ones(1)], tmp_file)
