@@ -49,6 +49,8 @@ def pack_to_file(
     silent: bool = True,
     num_workers: int = 0,
     checksum: bool = False,
+    *,
+    floating_only: bool = False,
 ) -> None:
     """Pack a state dict, or a module's state dict, into a flashpack file.
 
@@ -61,6 +63,7 @@ def pack_to_file(
         silent: unused, kept for compatibility.
         num_workers: writer threads, 0 for the default.
         checksum: store checksums for ``verify_file`` (see ``save_file``).
+        floating_only: ``target_dtype`` converts floating-point tensors only (see ``save_file``).
 
     Raises:
         ValueError: nothing to pack, or a tensor that cannot be stored.
@@ -76,7 +79,7 @@ def pack_to_file(
     # As the reference does (save_file, like torch.save, does not).
     os.makedirs(os.path.dirname(os.path.abspath(os.fspath(destination_path))), exist_ok=True)
     save_file(state_dict, destination_path, target_dtype=target_dtype, align_bytes=align_bytes,
-              num_threads=num_workers, checksum=checksum)
+              num_threads=num_workers, checksum=checksum, floating_only=floating_only)
 
 
 def get_flashpack_file_metadata(path: PathLike) -> Dict[str, Any]:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 import threading
 import warnings
 from typing import Any, Callable, ClassVar, Iterator, List, Optional
 
 import torch
 
-from .api import assign_from_file
-from .ops import DEFAULT_ALIGN_BYTES, DeviceLike, PathLike, save_file
+from .api import assign_from_file, pack_to_file
+from .ops import DEFAULT_ALIGN_BYTES, DeviceLike, PathLike
 
 _META_INIT_LOCK = threading.RLock()
 # The dtypes torch accepts as its default dtype.
@@ -222,12 +221,5 @@ class FlashPackMixin:
         """
         if not isinstance(self, torch.nn.Module):
             raise TypeError(f"FlashPackMixin.save_flashpack needs an nn.Module, got {type(self).__name__}")
-        state_dict = self.state_dict()
-        if name_order is not None:
-            state_dict = {name: state_dict[name] for name in name_order if name in state_dict}
-        if not state_dict:
-            raise ValueError("No tensors to pack.")
-        # As the reference does (save_file, like torch.save, does not).
-        os.makedirs(os.path.dirname(os.path.abspath(os.fspath(destination_path))), exist_ok=True)
-        save_file(state_dict, destination_path, target_dtype=target_dtype, align_bytes=align_bytes,
-                  num_threads=num_workers, floating_only=True)
+        pack_to_file(self, destination_path, target_dtype=target_dtype, name_order=name_order,
+                     align_bytes=align_bytes, silent=silent, num_workers=num_workers, floating_only=True)
