@@ -8,6 +8,7 @@
 #include "io.h"
 #include "load.h"
 
+#include <ATen/Context.h>
 #include <ATen/core/List.h>
 #include <ATen/core/enum_tag.h>
 #include <c10/util/Exception.h>
@@ -54,9 +55,12 @@ std::vector<at::Tensor> load_any(const char* op, const std::string& path, c10::D
       check.get();
       return tensors;
 #else
-      throw std::invalid_argument("cannot load '" + path + "' to " + device.str() +
-                                  ": flashpack_ops was built without CUDA (rebuild with a CUDA build of torch "
-                                  "and nvcc on the PATH)");
+      // Said as what the user can act on: no GPU at all, or only this library lacking CUDA.
+      throw std::invalid_argument("cannot load '" + path + "' to " + device.str() + ": " +
+                                  (at::hasCUDA() ? "flashpack_ops was built without CUDA (rebuild with a CUDA build "
+                                                   "of torch and nvcc on the PATH)"
+                                                 : "no CUDA device is available (torch.cuda.is_available() is "
+                                                   "False); load to cpu"));
 #endif
     }
     throw std::invalid_argument("cannot load '" + path + "' to " + device.str() + ": only cpu and cuda are supported");

@@ -86,6 +86,8 @@ def _metadata(args: argparse.Namespace) -> None:
     print(f"tensors:     {info['tensors']}")
     print(f"elements:    {info['elements']:,}")
     print(f"align_bytes: {info['align_bytes']}")
+    checked = bool(info["blocks"]) and all("checksums" in block for block in info["blocks"])
+    print(f"checksums:   {'yes (flashpack metadata --verify checks them)' if checked else 'no'}")
     print("blocks:")
     for i, block in enumerate(info["blocks"]):
         print(f"  {i}: {block['dtype']:<16} offset {block['offset_bytes']:>14,}  "

@@ -48,10 +48,25 @@ def _identity(path: str) -> Tuple[int, int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def _device(device: DeviceLike) -> torch.device:
+def _device(device: Optional[DeviceLike]) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
     if isinstance(device, int):
         return torch.device("cuda", device)
     return torch.device(device)
+
+
+_ROUTES = ("auto", "direct", "buffered", "register")
+
+
+def _dtype(dtype: Union[None, str, torch.dtype], what: str) -> Optional[torch.dtype]:
+    """``torch.bfloat16`` or its name (``"bfloat16"``, ``"torch.bfloat16"``), as the command line takes it."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    found = getattr(torch, str(dtype).removeprefix("torch."), None) if isinstance(dtype, str) else None
+    if not isinstance(found, torch.dtype):
+        raise ValueError(f"{what}: {dtype!r} is not a torch dtype (torch.bfloat16 or \"bfloat16\", say)")
+    return found
 
 
 def save_file(
@@ -111,6 +126,7 @@ def save_file(
         except UnicodeEncodeError as exc:
             raise ValueError(f"cannot save '{path}': the name {name!r} cannot be written as UTF-8 "
                              f"({exc.reason})") from None
+    target_dtype = _dtype(target_dtype, f"cannot save '{path}': target_dtype")
     torch.ops.flashpack.save(
         dict(tensors), path, target_dtype=target_dtype,
         align_bytes=align_bytes, num_threads=num_threads, checksum=checksum, durable=durable,
@@ -172,6 +188,9 @@ def load_file(
     since with another layout (names, shapes, dtypes or tied tensors), the load raises
     ValueError: call ``torch.compiler.reset()`` to trace it again.
     """
+    if route not in _ROUTES:
+        # Checked here for every device: the CPU path has no use for it and would not say.
+        raise ValueError(f"load_file: route must be one of {', '.join(_ROUTES)}, got {route!r}")
     if torch.compiler.is_compiling():
         # Dynamo cannot trace an op returning a dict; load_list returns the same tensors.
         path = os.fspath(path)
@@ -308,8 +327,11 @@ def _fake_footer(op: str, path: str, device: torch.device) -> Tuple[Dict[str, An
     """The footer and each block's (dtype name, elements), after the checks load_any() in
     csrc/flashpack.cpp makes, in the same order and words."""
     if device.type == "cuda" and not torch.ops.flashpack.built_with_cuda():
-        raise ValueError(f"{op}: cannot load '{path}' to {device}: flashpack_ops was built without CUDA "
-                         "(rebuild with a CUDA build of torch and nvcc on the PATH)")
+        if torch.cuda.is_available():
+            raise ValueError(f"{op}: cannot load '{path}' to {device}: flashpack_ops was built without CUDA "
+                             "(rebuild with a CUDA build of torch and nvcc on the PATH)")
+        raise ValueError(f"{op}: cannot load '{path}' to {device}: no CUDA device is available "
+                         "(torch.cuda.is_available() is False); load to cpu")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"{op}: cannot load '{path}' to {device}: only cpu and cuda are supported")
     try:

@@ -382,3 +382,27 @@ def test_a_read_only_file_is_not_replaced(tmp_file):
     with pytest.raises(RuntimeError, match="Permission denied"):
         flashpack_ops.save_file({"a": torch.zeros(1)}, tmp_file)
     assert torch.equal(flashpack_ops.load_file(tmp_file)["a"], torch.ones(1))
+
+
+def test_target_dtype_by_name_and_device_none(tmp_file):
+    # As the command line takes them; None is the default device, the CPU.
+    flashpack_ops.save_file({"w": torch.ones(2)}, tmp_file, target_dtype="bfloat16")
+    assert flashpack_ops.load_file(tmp_file, device=None)["w"].dtype == torch.bfloat16
+    flashpack_ops.save_file({"w": torch.ones(2)}, tmp_file, target_dtype="torch.float16")
+    assert flashpack_ops.load_file(tmp_file)["w"].dtype == torch.float16
+    with pytest.raises(ValueError, match="target_dtype: 'float99' is not a torch dtype"):
+        flashpack_ops.save_file({"w": torch.ones(2)}, tmp_file, target_dtype="float99")
+
+
+def test_an_unknown_route_is_refused_on_every_device(tmp_file):
+    flashpack_ops.save_file({"w": torch.ones(2)}, tmp_file)
+    with pytest.raises(ValueError, match="route must be one of auto, direct, buffered, register, got 'bogus'"):
+        flashpack_ops.load_file(tmp_file, route="bogus")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="says what a machine without a GPU is told")
+def test_cuda_without_a_gpu_says_so(tmp_file):
+    flashpack_ops.save_file({"w": torch.ones(2)}, tmp_file)
+    with pytest.raises(ValueError, match=r"to cuda: no CUDA device is available \(torch.cuda.is_available\(\) is "
+                                         r"False\); load to cpu"):
+        flashpack_ops.load_file(tmp_file, "cuda")
