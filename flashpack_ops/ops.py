@@ -190,7 +190,8 @@ def load_file(
     """
     if route not in _ROUTES:
         # Checked here for every device: the CPU path has no use for it and would not say.
-        raise ValueError(f"load_file: route must be one of {', '.join(_ROUTES)}, got {route!r}")
+        raise ValueError(f"cannot load '{os.fspath(path)}': unknown route {route!r} (expected auto, direct, "
+                         "buffered or register)")
     if torch.compiler.is_compiling():
         # Dynamo cannot trace an op returning a dict; load_list returns the same tensors.
         path = os.fspath(path)
