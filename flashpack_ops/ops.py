@@ -299,12 +299,17 @@ def _traced_layout(path: str) -> Optional[Tuple[Tuple[str, ...], Tuple[int, ...]
             signature = torch.ops.flashpack.layout_signature(path)
     except (ValueError, RuntimeError):
         return None
-    names, firsts, first_of = [], [], {}
-    for k, entry in enumerate(footer["index"]):
+    return tuple(entry["name"] for entry in footer["index"]), tuple(_tie_groups(footer["index"])), signature
+
+
+def _tie_groups(index: List[Dict[str, Any]]) -> List[int]:
+    """For each index entry, the first entry it shares its bytes with (itself if none): the
+    ties the real op makes (same block, offset and length; empty entries share nothing)."""
+    firsts, first_of = [], {}
+    for k, entry in enumerate(index):
         key = (entry.get("macroblock", 0), entry["offset"], entry["length"])
-        names.append(entry["name"])
         firsts.append(first_of.setdefault(key, k) if entry["length"] > 0 else k)
-    return tuple(names), tuple(firsts), signature
+    return firsts
 
 
 # NOTE: load_file calls _traced_layout before any op of its own, so Dynamo must know it is
@@ -360,18 +365,14 @@ def _fake_views(op: str, path: str, device: torch.device) -> Tuple[List[str], Li
     footer, blocks = _fake_footer(op, path, device)
     # Like the real op, each entry has a storage of its own, except tied entries (same
     # block, offset and length), which share one: aliasing between outputs is the same.
-    names, tensors, first_of = [], [], {}
-    for entry in footer["index"]:
-        block = entry.get("macroblock", 0)
-        dtype = getattr(torch, blocks[block][0])
-        key = (block, entry["offset"], entry["length"])
-        tied = first_of.get(key) if entry["length"] > 0 else None
-        if tied is None:
+    names, tensors = [], []
+    for k, (entry, first) in enumerate(zip(footer["index"], _tie_groups(footer["index"]))):
+        dtype = getattr(torch, blocks[entry.get("macroblock", 0)][0])
+        if first == k:
             tensor = torch.empty(entry["shape"], dtype=dtype, device=device)
-            first_of.setdefault(key, tensor)
         else:
             tensor = torch.empty(0, dtype=dtype, device=device)
-            tensor.set_(tied.untyped_storage(), 0, entry["shape"])
+            tensor.set_(tensors[first].untyped_storage(), 0, entry["shape"])
         names.append(entry["name"])
         tensors.append(tensor)
     # load_file() zips these names in while Dynamo traces it. Marking _traced_layout
