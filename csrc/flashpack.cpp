@@ -93,13 +93,16 @@ c10::Dict<std::string, at::Tensor> load(const std::string& path, c10::Device dev
   return out;
 }
 
+// The tensors of load(), in index order. distinct: each tied entry after the first of its
+// group is left out, so that no two outputs share memory, as a traced graph requires of an
+// operator's outputs (load_file() under torch.compile ties the names back).
 // expect_layout: what the file looked like when a compiled graph was traced (layout_signature).
 // The graph zips the names it read then with these tensors, and assumes their shapes, dtypes
 // and sharing: a file saved since with another layout must fail here, not come out with
 // names on the wrong tensors.
 std::vector<at::Tensor> load_list(const std::string& path, c10::Device device, bool copy, int64_t num_threads,
                                   int64_t chunk_bytes, int64_t pinned_bytes, int64_t num_streams, std::string route,
-                                  bool verify, std::optional<std::string> expect_layout) {
+                                  bool verify, std::optional<std::string> expect_layout, bool distinct) {
   Layout layout;
   auto tensors = load_any(
       "flashpack::load_list", path, device,
@@ -108,6 +111,14 @@ std::vector<at::Tensor> load_list(const std::string& path, c10::Device device, b
     TORCH_CHECK_VALUE(false, "flashpack::load_list: '", path, "' no longer has the layout this compiled code was "
                       "traced with (its names, shapes, dtypes or tied tensors changed since): call "
                       "torch.compiler.reset() to trace it again");
+  }
+  if (distinct) {
+    const std::vector<size_t> first = tie_firsts(layout);
+    size_t kept = 0;
+    for (size_t k = 0; k < tensors.size(); ++k) {
+      if (first[k] == k) tensors[kept++] = std::move(tensors[k]);
+    }
+    tensors.resize(kept);
   }
   return tensors;
 }
@@ -196,8 +207,8 @@ TORCH_LIBRARY(flashpack, m) {
       kSideEffects), kNotInCudaGraphs);
   m.def(torch::schema(
       "load_list(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0, int chunk_bytes=0, "
-      "int pinned_bytes=0, int num_streams=0, str route=\"auto\", bool verify=False, str? expect_layout=None) "
-      "-> Tensor[]",
+      "int pinned_bytes=0, int num_streams=0, str route=\"auto\", bool verify=False, str? expect_layout=None, "
+      "bool distinct=False) -> Tensor[]",
       kSideEffects), kNotInCudaGraphs);
   m.def(torch::schema(
       "load_blocks(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0, int chunk_bytes=0, "

@@ -61,15 +61,17 @@ inline c10::Dict<std::string, at::Tensor> load(const std::string& path, c10::Dev
   return c10::impl::toTypedDict<std::string, at::Tensor>(std::move(out.at(0)).toGenericDict());
 }
 
-// flashpack::load_list: the same tensors, in index order.
+// flashpack::load_list: the same tensors, in index order; distinct=true leaves out each
+// tied entry after the first of its group (no two outputs then share memory).
 inline std::vector<at::Tensor> load_list(const std::string& path, c10::Device device = c10::kCPU,
                                          bool copy = false, int64_t num_threads = 0, int64_t chunk_bytes = 0,
                                          int64_t pinned_bytes = 0, int64_t num_streams = 0,
-                                         const std::string& route = "auto", bool verify = false) {
+                                         const std::string& route = "auto", bool verify = false,
+                                         bool distinct = false) {
   static const c10::OperatorHandle handle = detail::op("flashpack::load_list");
   auto out =
       detail::call(handle, {path, device, copy, num_threads, chunk_bytes, pinned_bytes, num_streams, route, verify,
-                            c10::IValue()});
+                            c10::IValue(), distinct});
   return std::move(out.at(0)).toTensorVector();
 }
 

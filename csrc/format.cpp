@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <map>
 #include <numeric>
 #include <stdexcept>
 #include <tuple>
@@ -512,17 +511,33 @@ std::string index_text(const Layout& layout) {
   return out;
 }
 
+std::vector<size_t> tie_firsts(const Layout& layout) {
+  // After a stable sort by position, each entry equal to its predecessor takes the first
+  // (lowest-index) entry of its group: O(n log n), for indexes of 100,000 entries.
+  const auto& entries = layout.entries;
+  const auto position = [&](size_t k) { return std::tie(entries[k].block, entries[k].offset, entries[k].length); };
+  std::vector<size_t> order(entries.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return position(a) < position(b); });
+  std::vector<size_t> first(entries.size());
+  std::iota(first.begin(), first.end(), size_t{0});
+  for (size_t i = 1; i < order.size(); ++i) {
+    if (entries[order[i]].length > 0 && position(order[i]) == position(order[i - 1])) {
+      first[order[i]] = first[order[i - 1]];
+    }
+  }
+  return first;
+}
+
 std::string layout_signature(const Layout& layout) {
   std::string out;
-  std::map<std::tuple<uint32_t, uint64_t, uint64_t>, size_t> first;
+  const std::vector<size_t> first = tie_firsts(layout);
   for (size_t k = 0; k < layout.entries.size(); ++k) {
     const Entry& e = layout.entries[k];
     // Length-prefixed, so that no name can run into the next field.
     out += std::to_string(e.name.size()) + ":" + e.name + " " + dtype_name(layout.blocks[e.block].dtype) + " [";
     for (int64_t dim : e.shape) out += std::to_string(dim) + ",";
-    size_t tie = k;
-    if (e.length > 0) tie = first.emplace(std::make_tuple(e.block, e.offset, e.length), k).first->second;
-    out += "] " + std::to_string(tie) + "\n";
+    out += "] " + std::to_string(first[k]) + "\n";
   }
   return out;
 }

@@ -100,6 +100,11 @@ std::string index_text(const Layout& layout);
 // same outputs (values aside): what a compiled graph traced on one of them may assume.
 std::string layout_signature(const Layout& layout);
 
+// For each entry, the index of the first entry that shares its bytes (same block, offset
+// and length: a tied weight), or its own index. Empty entries share nothing. A load gives
+// tied entries one storage; a traced graph must see them as one tensor.
+std::vector<size_t> tie_firsts(const Layout& layout);
+
 // One tensor to be written: its final dtype, shape, and the index of an earlier
 // request whose bytes it shares (a tied weight), or -1.
 struct SaveRequest {

@@ -97,25 +97,7 @@ std::vector<at::Tensor> make_views(const Layout& layout, const std::vector<c10::
   // as_strided() through the dispatcher costs several; it matters for 20,000 tensors.
   const c10::DispatchKeySet keys(c10::computeDispatchKey(std::nullopt, at::kStrided, device));
   const auto& entries = layout.entries;
-  const auto same_bytes = [&](uint32_t a, uint32_t b) {
-    return entries[a].block == entries[b].block && entries[a].offset == entries[b].offset &&
-           entries[a].length == entries[b].length;
-  };
-  // Group tied entries: after a stable sort by position, each entry equal to its
-  // predecessor takes the storage of the first (lowest-index) entry of its group.
-  std::vector<uint32_t> order(entries.size());
-  std::iota(order.begin(), order.end(), 0u);
-  std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
-    return std::tie(entries[a].block, entries[a].offset, entries[a].length) <
-           std::tie(entries[b].block, entries[b].offset, entries[b].length);
-  });
-  std::vector<int64_t> tied_to(entries.size(), -1);
-  for (size_t i = 1; i < order.size(); ++i) {
-    if (entries[order[i]].length > 0 && same_bytes(order[i], order[i - 1])) {
-      const int64_t prev = tied_to[order[i - 1]];
-      tied_to[order[i]] = prev >= 0 ? prev : order[i - 1];
-    }
-  }
+  const std::vector<size_t> tied_to = tie_firsts(layout);
 
   std::vector<at::Tensor> out;
   out.reserve(entries.size());
@@ -123,7 +105,7 @@ std::vector<at::Tensor> make_views(const Layout& layout, const std::vector<c10::
     const Entry& e = entries[k];
     const Block& b = layout.blocks[e.block];
     c10::Storage storage;
-    if (tied_to[k] >= 0) {
+    if (tied_to[k] != k) {
       storage = out[tied_to[k]].storage();
     } else {
       const uint64_t esize = c10::elementSize(b.dtype);

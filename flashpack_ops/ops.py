@@ -202,15 +202,17 @@ def load_file(
             raise RuntimeError(f"'{path}' could not be read when this code was compiled and can be now: call "
                                "torch.compiler.reset() to trace it again")
         names, firsts, signature = layout
+        # distinct: one tensor per group of tied entries, since a custom operator's outputs
+        # must not alias each other. A tied name then takes the very tensor of the first name
+        # of its group: the graph knows they are one, and an in-place update through one
+        # name shows through the other, as in eager mode.
         tensors = torch.ops.flashpack.load_list(
             path, _device(device), copy=copy, num_threads=num_threads, chunk_bytes=chunk_bytes,
             pinned_bytes=pinned_bytes, num_streams=num_streams, route=route, verify=verify,
-            expect_layout=signature,
+            expect_layout=signature, distinct=True,
         )
-        # A tied name takes the very tensor of the first name of its group: the graph then
-        # knows they are one (load_list's schema cannot say that its outputs alias), and an
-        # in-place update through one name shows through the other, as in eager mode.
-        return {name: tensors[first] for name, first in zip(names, firsts)}
+        position = {k: n for n, k in enumerate(k for k, first in enumerate(firsts) if first == k)}
+        return {name: tensors[position[first]] for name, first in zip(names, firsts)}
     return torch.ops.flashpack.load(
         _path(path, must_exist=True), _device(device), copy=copy, num_threads=num_threads,
         chunk_bytes=chunk_bytes, pinned_bytes=pinned_bytes, num_streams=num_streams, route=route,
@@ -361,12 +363,13 @@ def _fake_footer(op: str, path: str, device: torch.device) -> Tuple[Dict[str, An
     return footer, blocks
 
 
-def _fake_views(op: str, path: str, device: torch.device) -> Tuple[List[str], List[torch.Tensor]]:
+def _fake_views(op: str, path: str, device: torch.device) -> Tuple[List[str], List[torch.Tensor], List[int]]:
+    """The names and fake tensors of a load, and for each the first entry it is tied to."""
     footer, blocks = _fake_footer(op, path, device)
     # Like the real op, each entry has a storage of its own, except tied entries (same
     # block, offset and length), which share one: aliasing between outputs is the same.
-    names, tensors = [], []
-    for k, (entry, first) in enumerate(zip(footer["index"], _tie_groups(footer["index"]))):
+    names, tensors, firsts = [], [], _tie_groups(footer["index"])
+    for k, (entry, first) in enumerate(zip(footer["index"], firsts)):
         dtype = getattr(torch, blocks[entry.get("macroblock", 0)][0])
         if first == k:
             tensor = torch.empty(entry["shape"], dtype=dtype, device=device)
@@ -379,13 +382,30 @@ def _fake_views(op: str, path: str, device: torch.device) -> Tuple[List[str], Li
     # imports Dynamo (0.7 s), so it is done here, where a trace is already under way,
     # rather than when flashpack_ops is imported.
     torch.compiler.assume_constant_result(_traced_layout)
-    return names, tensors
+    return names, tensors, firsts
 
 
 @torch.library.register_fake("flashpack::load_list")
 def _load_list_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0, chunk_bytes=0, pinned_bytes=0,
-                    num_streams=0, route="auto", verify=False, expect_layout=None):
-    return _fake_views("flashpack::load_list", path, device)[1]
+                    num_streams=0, route="auto", verify=False, expect_layout=None, distinct=False):
+    op = "flashpack::load_list"
+    names, tensors, firsts = _fake_views(op, path, device)
+    if distinct:
+        return [t for k, t in enumerate(tensors) if firsts[k] == k]
+    tied = [(names[first], names[k]) for k, first in enumerate(firsts) if first != k]
+    if tied:
+        # A traced graph takes a custom operator's outputs as separate memory (torch.compile
+        # refuses outputs that alias); the real op would return one storage twice.
+        message = (f"{op}: '{path}' has tied entries ('{tied[0][0]}' and '{tied[0][1]}' share their bytes), which "
+                   "a traced graph cannot take as separate outputs: pass distinct=True, or use "
+                   "flashpack_ops.load_file(), which ties the names back")
+        if torch._guards.TracingContext.try_get() is not None:
+            # Under Dynamo: break the graph, so that the op runs eagerly and returns them tied.
+            from torch._subclasses.fake_tensor import UnsupportedOperatorException
+
+            raise UnsupportedOperatorException(message)
+        raise ValueError(message)
+    return tensors
 
 
 @torch.library.register_fake("flashpack::load")
@@ -393,7 +413,8 @@ def _load_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0, c
                num_streams=0, route="auto", verify=False):
     # Dynamo cannot put an op returning a dict in a graph; with this fake it breaks the
     # graph there instead of failing, and opcheck and export can run the op.
-    return dict(zip(*_fake_views("flashpack::load", path, device)))
+    names, tensors, _ = _fake_views("flashpack::load", path, device)
+    return dict(zip(names, tensors))
 
 
 @torch.library.register_fake("flashpack::load_blocks")

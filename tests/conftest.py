@@ -12,6 +12,13 @@ import flashpack_ops  # noqa: F401  (registers torch.ops.flashpack)
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+# torch.compile checks that a custom operator's outputs do not alias, on a compiled
+# function's first call: a warning by default, an error where the CI environment variable
+# is set and in future releases. The suite holds the ops to the error everywhere.
+import torch._functorch.config  # noqa: E402
+
+torch._functorch.config.error_on_custom_op_aliasing = True
+
 # Every dtype torch has that holds plain bits (quantized dtypes carry scale and zero
 # point and are refused with a clear error instead).
 STORABLE_DTYPES = [

@@ -301,3 +301,43 @@ def test_compiled_model_loads_weights_to_cuda_fullgraph(weights_file):
     assert_same_dict(w, WEIGHTS)
     # Exact: the weights and inputs are small integers.
     assert torch.equal(y.cpu(), Loader(weights_file)(X)[0])
+
+
+@pytest.fixture
+def tied_file(tmp_path):
+    path = str(tmp_path / "tied.flashpack")
+    shared = torch.arange(6.0).reshape(2, 3)
+    flashpack_ops.save_file({"embed": shared, "bias": torch.ones(3), "lm_head": shared}, path)
+    return path
+
+
+def test_load_list_distinct_leaves_out_tied_entries(tied_file):
+    every = torch.ops.flashpack.load_list(tied_file)
+    assert sharing(every) == [0, 1, 0]
+    distinct = torch.ops.flashpack.load_list(tied_file, distinct=True)
+    assert len(distinct) == 2 and sharing(distinct) == [0, 1]
+    assert torch.equal(distinct[0], every[0]) and torch.equal(distinct[1], every[1])
+    with FakeTensorMode():
+        fake = torch.ops.flashpack.load_list(tied_file, distinct=True)
+    assert [(f.shape, f.dtype) for f in fake] == [(r.shape, r.dtype) for r in distinct]
+    torch.library.opcheck(torch.ops.flashpack.load_list.default, (tied_file,), {"distinct": True},
+                          test_utils=ALL_CHECKS)
+
+
+def test_fake_load_list_of_tied_entries_says_to_pass_distinct(tied_file):
+    error = fake_error(torch.ops.flashpack.load_list, tied_file)
+    assert isinstance(error, ValueError)
+    assert tied_file in str(error) and "'embed' and 'lm_head'" in str(error) and "distinct=True" in str(error)
+
+
+def test_compiled_load_list_of_tied_entries_runs_eagerly(tied_file):
+    def tensors_plus(x: torch.Tensor):
+        return [t + x for t in torch.ops.flashpack.load_list(tied_file)]
+
+    torch.compiler.reset()
+    x = torch.zeros(())
+    for got, want in zip(torch.compile(tensors_plus, backend="aot_eager")(x), tensors_plus(x), strict=True):
+        assert torch.equal(got, want)
+    torch.compiler.reset()
+    with pytest.raises(Exception, match="distinct=True"):
+        torch.compile(tensors_plus, backend="aot_eager", fullgraph=True)(x)

@@ -94,6 +94,18 @@ void check_ops(const std::string& dir) {
   flashpack::api::save(mine, written);
   check(same(flashpack::api::load(written), mine), "flashpack::save from C++ round-trips");
 
+  c10::Dict<std::string, at::Tensor> tied;
+  tied.insert("embed", loaded.at("table"));
+  tied.insert("lm_head", loaded.at("table"));
+  const std::string tied_path = dir + "/tied.flashpack";
+  flashpack::api::save(tied, tied_path);
+  const auto every = flashpack::api::load_list(tied_path);
+  const auto distinct = flashpack::api::load_list(tied_path, c10::kCPU, false, 0, 0, 0, 0, "auto", false,
+                                                  /*distinct=*/true);
+  check(every.size() == 2 && every[0].is_alias_of(every[1]) && distinct.size() == 1 &&
+            torch::equal(distinct[0], loaded.at("table")),
+        "flashpack::load_list ties saved tensors, and distinct=true returns each once");
+
   if (gpu_usable()) {
     check(same(flashpack::api::load(path, c10::Device(c10::kCUDA)), expected), "flashpack::load to cuda");
   }
