@@ -355,6 +355,7 @@ def assign_from_file(
     *,
     dtype: Optional[torch.dtype] = None,
     _keep_float32: Optional[Callable[[str], bool]] = None,
+    _zero_filled: Optional[List[str]] = None,
 ) -> None:
     """Load a flashpack file into ``model``'s parameters and buffers, without copies.
 
@@ -501,7 +502,9 @@ def assign_from_file(
         for name in names:
             _set_tensor(model, name, value)
 
-    if zero_filled:
+    if _zero_filled is not None:
+        _zero_filled.extend(zero_filled)  # the caller initialises them and says so
+    elif zero_filled:
         warnings.warn(f"flashpack_ops.assign_from_file: {len(zero_filled)} tensors of {type(model).__name__} are "
                       f"not in {path} and were zero-filled: {zero_filled}", stacklevel=2)
     if keep_flash_ref_on_model:

@@ -187,6 +187,36 @@ def test_output_loading_info_lists_what_the_file_lacks(model, tmp_path):
     assert isinstance(loaded, FlashLlama)
 
 
+def test_a_weight_the_file_lacks_is_initialised_as_from_pretrained_does(model, tmp_path):
+    # LlamaRMSNorm's weight starts at ones, as in the freshly built model saved here: the
+    # loaded model then computes the same logits. Zero-filled, it would output zeros.
+    model.save_pretrained_flashpack(tmp_path, ignore_names=["model.norm.weight"])
+    with pytest.warns(UserWarning, match=r"1 parameters were initialised as from_pretrained initialises them: "
+                                         r"\['model.norm.weight'\]"):
+        loaded = FlashLlama.from_pretrained_flashpack(tmp_path, strict=False)
+    assert torch.equal(loaded.model.norm.weight, torch.ones_like(model.model.norm.weight))
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_initialising_a_missing_weight_leaves_the_loaded_ones_of_its_module(tmp_path):
+    # _init_weights sets a LayerNorm's weight to ones and its bias to zeros, in place: the
+    # bias, loaded from the file, must keep the file's values.
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32)
+    base = transformers.BertModel(config).eval()
+    with torch.no_grad():
+        base.embeddings.LayerNorm.bias.normal_()
+    save_pretrained_flashpack(base, tmp_path, ignore_names=["embeddings.LayerNorm.weight"])
+    with pytest.warns(UserWarning, match="1 parameters were initialised"):
+        loaded = from_pretrained_flashpack(transformers.BertModel, tmp_path, strict=False)
+    assert torch.equal(loaded.embeddings.LayerNorm.weight, torch.ones(32))
+    assert torch.equal(loaded.embeddings.LayerNorm.bias, base.embeddings.LayerNorm.bias)
+    for name, tensor in base.state_dict().items():
+        if name != "embeddings.LayerNorm.weight":
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
 def test_generation_config_argument_is_used(saved):
     generation_config = transformers.GenerationConfig(max_new_tokens=3, do_sample=False)
     loaded = FlashLlama.from_pretrained_flashpack(saved, generation_config=generation_config)
@@ -342,7 +372,8 @@ def test_encoder_loads_from_an_encoder_decoder_checkpoint(tmp_path):
 
 def test_model_with_a_head_loads_a_base_checkpoint_into_its_base(tmp_path):
     # As from_pretrained: BertForSequenceClassification takes a BertModel directory's tensors
-    # into model.bert. Its head is not in the file: strict says so, strict=False zero-fills it.
+    # into model.bert. Its head is not in the file: strict says so, strict=False initialises it
+    # with the model's _init_weights, as from_pretrained does.
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=64, max_position_embeddings=32, num_labels=3)
@@ -351,12 +382,20 @@ def test_model_with_a_head_loads_a_base_checkpoint_into_its_base(tmp_path):
     with pytest.raises(ValueError, match="holds a BertModel without the head BertForSequenceClassification adds: "
                                          "2 parameters missing from the file: classifier.weight, classifier.bias"):
         from_pretrained_flashpack(transformers.BertForSequenceClassification, tmp_path)
-    with pytest.warns(UserWarning, match="2 parameters were zero-filled"):
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning, match=r"2 parameters were initialised as from_pretrained initialises them: "
+                                         r"\['classifier.weight', 'classifier.bias'\]"):
         loaded = from_pretrained_flashpack(transformers.BertForSequenceClassification, tmp_path, strict=False)
     ids = torch.tensor([[1, 5, 9, 33, 2]])
     with torch.no_grad():
         assert torch.equal(loaded.bert(ids).last_hidden_state, base(ids).last_hidden_state)
-    assert not any(p.is_meta for p in loaded.parameters()) and not loaded.classifier.weight.any()
+    assert not any(p.is_meta for p in loaded.parameters())
+    # The same draws as _init_weights makes on a fresh Linear after the same seed.
+    expected = torch.nn.Linear(32, 3)
+    torch.manual_seed(1)
+    loaded._init_weights(expected)
+    assert torch.equal(loaded.classifier.weight, expected.weight) and loaded.classifier.weight.any()
+    assert torch.equal(loaded.classifier.bias, expected.bias)
 
 
 def test_save_takes_checksum_and_says_which_arguments_did_nothing(model, tmp_path):

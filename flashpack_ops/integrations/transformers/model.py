@@ -100,15 +100,16 @@ def _match_to_file(model: PreTrainedModel, path: str) -> Tuple[torch.nn.Module, 
 
 
 def _complete_head(model: PreTrainedModel, base: str, path: str, device: DeviceLike, strict: bool,
-                   what: str) -> None:
+                   what: str) -> List[str]:
     """After a base checkpoint filled the base of a model with a head: tie the head to the base
-    where the model ties them, then refuse what is left of the head (strict) or zero-fill it."""
+    where the model ties them, then refuse what is left of the head (strict) or zero-fill it
+    (returns its names, for _initialize_missing)."""
     model.tie_weights()
     head = [name for name, p in model.named_parameters() if p.is_meta]
     if head and strict:
         raise ValueError(f"{what}: {path} holds a {base} without the head {type(model).__name__} adds: "
                          f"{len(head)} parameters missing from the file: {', '.join(head)} (from_pretrained would "
-                         "initialise them at random; strict=False zero-fills them)")
+                         "initialise them at random; so does strict=False)")
     device = torch.device(device)
     for name in head:
         module_name, _, attr = name.rpartition(".")
@@ -120,9 +121,49 @@ def _complete_head(model: PreTrainedModel, base: str, path: str, device: DeviceL
         for name, buffer in module._buffers.items():
             if buffer is not None and buffer.device != device:
                 module._buffers[name] = buffer.to(device)
-    if head:
-        warnings.warn(f"{what}: {path} holds a {base} without the head; {len(head)} parameters were zero-filled: "
-                      f"{head}", stacklevel=3)
+    return head
+
+
+def _initialize_missing(model: PreTrainedModel, names: List[str]) -> List[str]:
+    """Initialise parameters the file lacks (zero-filled, strict=False) as from_pretrained does:
+    the model's ``_init_weights`` on each module that holds one. Meanwhile every other parameter
+    and buffer under that module is swapped for a meta stand-in, so that no loaded weight is
+    touched (``_init_weights`` sets a module's tensors in place). Returns the names left at zero
+    (no ``_init_weights``, or it failed)."""
+    init = getattr(model, "_init_weights", None)
+    if init is None:
+        return list(names)
+    missing = set(names)
+    by_module: Dict[str, List[str]] = {}
+    for name in names:
+        by_module.setdefault(name.rpartition(".")[0], []).append(name)
+    left_zero = []
+    for module_name, own in by_module.items():
+        module = model.get_submodule(module_name)
+        prefix = module_name + "." if module_name else ""
+        stand_ins = []
+        for sub_name, sub in module.named_modules(remove_duplicate=False):
+            for attr, tensor in list(sub._parameters.items()) + list(sub._buffers.items()):
+                full = prefix + (sub_name + "." if sub_name else "") + attr
+                if tensor is None or full in missing:
+                    continue
+                store = sub._parameters if attr in sub._parameters else sub._buffers
+                meta = tensor.detach().to("meta")
+                store[attr] = torch.nn.Parameter(meta, requires_grad=tensor.requires_grad) if store is sub._parameters \
+                    else meta
+                stand_ins.append((store, attr, tensor))
+        try:
+            with torch.no_grad():
+                init(module)
+        except Exception:  # noqa: BLE001 - a model's own init code; what failed stays at zero
+            with torch.no_grad():
+                for name in own:
+                    model.get_parameter(name).zero_()
+            left_zero.extend(own)
+        finally:
+            for store, attr, tensor in reversed(stand_ins):
+                store[attr] = tensor
+    return left_zero
 
 
 def save_pretrained_flashpack(
@@ -269,26 +310,48 @@ def from_pretrained_flashpack(
         model = model_class._from_config(config, **kwargs)
     model.tie_weights()  # skipped with the init; the file's tensors then fill each tied group once
     target, left_out = _match_to_file(model, path)
+    zero_filled: List[str] = []
     assign_from_file(
         target, path, device=device if device is not None else "cpu", strict=strict, strict_params=strict_params,
         strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
         ignore_names=list(ignore_names or []) + left_out, ignore_prefixes=ignore_prefixes,
         ignore_suffixes=ignore_suffixes,
         coerce_dtype=coerce_dtype, dtype=load_dtype, _keep_float32=keeps_in_float32(model, load_dtype),
-        **distributed,
+        _zero_filled=zero_filled, **distributed,
     )
     if keep_flash_ref_on_model and target is not model:
         model._flash_shared_storage = target._flash_shared_storage
         model._flash_shared_storage_meta = target._flash_shared_storage_meta
-    if target is getattr(model, getattr(model, "base_model_prefix", "") or "", None):
-        _complete_head(model, type(target).__name__, path, device if device is not None else "cpu",
-                       strict is not False and (strict or strict_params), what)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if target is not model and target is not getattr(model, prefix, None):  # model wrapped under its prefix
+        zero_filled = [name.removeprefix(prefix + ".") for name in zero_filled]
+    elif target is not model:  # the base of a model with a head
+        zero_filled = [f"{prefix}.{name}" for name in zero_filled]
+        zero_filled += _complete_head(model, type(target).__name__, path, device if device is not None else "cpu",
+                                      strict is not False and (strict or strict_params), what)
+    zero_params = [name for name in zero_filled if _is_parameter(model, name)]
+    if zero_filled:
+        left_zero = _initialize_missing(model, zero_params)
+        initialised = [name for name in zero_params if name not in left_zero]
+        left_zero += [name for name in zero_filled if name not in zero_params]
+        said = []
+        if initialised:
+            said.append(f"{len(initialised)} parameters were initialised as from_pretrained initialises them: "
+                        f"{initialised}")
+        if left_zero:
+            said.append(f"{len(left_zero)} tensors were zero-filled: {left_zero}")
+        warnings.warn(f"{what}: not in {path}, so " + "; ".join(said), stacklevel=2)
     if generation_config is not None:
         model.generation_config = generation_config
     elif model.can_generate() and os.path.isfile(os.path.join(model_dir, "generation_config.json")):
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     model.eval()
     return (model, loading_info(target, path)) if output_loading_info else model
+
+
+def _is_parameter(model: torch.nn.Module, name: str) -> bool:
+    module_name, _, attr = name.rpartition(".")
+    return attr in model.get_submodule(module_name)._parameters
 
 
 class FlashPackTransformersModelMixin(PreTrainedModel, FlashPackMixin):
