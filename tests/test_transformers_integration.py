@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import flashpack_ops  # noqa: E402
-from flashpack_ops.integrations._hub import HubUnavailableError  # noqa: E402
+from flashpack_ops.integrations import HubUnavailableError  # noqa: E402
 from flashpack_ops.integrations.transformers import (  # noqa: E402
     FlashPackTransformersModelMixin,
     from_pretrained_flashpack,
@@ -404,3 +404,17 @@ def test_save_takes_checksum_and_says_which_arguments_did_nothing(model, tmp_pat
     # A misspelt argument (or one of save_pretrained's that means nothing here) is named.
     with pytest.warns(UserWarning, match=r"\['max_shard_size', 'target_dtpye'\] have no effect"):
         model.save_pretrained_flashpack(tmp_path / "typo", target_dtpye=torch.bfloat16, max_shard_size="5GB")
+
+
+@pytest.mark.parametrize("cannot_reach", ["offline mode", "no network"])
+def test_push_to_hub_without_the_hub_says_so_and_keeps_the_directory(model, tmp_path, monkeypatch, cannot_reach):
+    import huggingface_hub.constants
+
+    if cannot_reach == "offline mode":
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    else:  # nothing listens on port 9 of this machine: the connection is refused at once
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(HubUnavailableError, match=r"cannot upload .*tiny to the Hugging Face Hub as 'me/tiny' "
+                                                  r".*it is saved: upload it later with `hf upload me/tiny "):
+        model.save_pretrained_flashpack(tmp_path / "tiny", push_to_hub=True, repo_id="me/tiny", token="not-a-token")
+    assert torch.equal(logits(FlashLlama.from_pretrained_flashpack(tmp_path / "tiny")), logits(model))

@@ -2,6 +2,8 @@
 
 import importlib.util
 
+from ._hub import HubUnavailableError
+
 
 def patch_integrations() -> None:
     """Add ``from_pretrained_flashpack`` to the auto classes of the installed libraries.
@@ -20,4 +22,4 @@ def patch_integrations() -> None:
         patch_diffusers_auto_model()
 
 
-__all__ = ["patch_integrations"]
+__all__ = ["HubUnavailableError", "patch_integrations"]

@@ -245,11 +245,25 @@ def build_and_load_dtypes(path: str, dtype: Any, torch_dtype: Any) -> Tuple[Opti
 
 def upload_directory(save_directory: str, repo_id: Optional[str], private: Optional[bool], token: Optional[str],
                      commit_message: Optional[str], create_pr: bool) -> None:
-    """Create the Hub repo if needed (named after the directory by default) and upload the directory."""
+    """Create the Hub repo if needed (named after the directory by default) and upload the directory.
+
+    Raises:
+        HubUnavailableError: the Hub cannot be reached (offline mode, no network); the
+            directory stays saved. The Hub's own errors (a missing token, no rights) pass on.
+    """
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id or os.path.basename(os.path.abspath(save_directory)), exist_ok=True,
-                              private=private).repo_id
-    api.upload_folder(folder_path=save_directory, repo_id=repo_id, commit_message=commit_message or "Upload flashpack",
-                      create_pr=create_pr)
+    name = repo_id or os.path.basename(os.path.abspath(save_directory))
+    try:
+        repo_id = api.create_repo(name, exist_ok=True, private=private).repo_id
+        api.upload_folder(folder_path=save_directory, repo_id=repo_id,
+                          commit_message=commit_message or "Upload flashpack", create_pr=create_pr)
+    except Exception as error:
+        # huggingface_hub raises ConnectionError in offline mode, and its HTTP client's own
+        # transport errors (httpx, requests, urllib3) when the network is down.
+        module = type(error).__module__.split(".")[0]
+        if not isinstance(error, ConnectionError) and module not in ("httpx", "httpx2", "requests", "urllib3"):
+            raise
+        raise HubUnavailableError(f"cannot upload {save_directory} to the Hugging Face Hub as '{name}' ({error}); "
+                                  f"it is saved: upload it later with `hf upload {name} {save_directory}`") from error
