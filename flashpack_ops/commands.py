@@ -425,7 +425,8 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
                                      ".pt file instead") from None
                 seen.add(key)
         try:
-            save_safetensors(unique, destination)
+            # The metadata save_pretrained writes: transformers checks it when loading.
+            save_safetensors(unique, destination, metadata={"format": "pt"})
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"safetensors cannot store {path}: {e}; write a .pt file instead") from None
     else:

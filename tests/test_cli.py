@@ -304,6 +304,7 @@ def test_convert_repo_id_offline_fails_in_one_line(tmp_path):
 # --- revert and metadata --------------------------------------------------------------------
 
 def test_revert_to_safetensors_and_torch(tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     tied = state_dict()
@@ -313,6 +314,9 @@ def test_revert_to_safetensors_and_torch(tmp_path):
     back = load_file(tmp_path / "m.safetensors")
     for name, tensor in tied.items():
         assert_same(back[name], tensor, name)
+    # As save_pretrained writes it: transformers refuses a checkpoint of another "format".
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
     run("revert", tmp_path / "m.flashpack", tmp_path / "m.pt")
     back = torch.load(tmp_path / "m.pt", weights_only=True)
     for name, tensor in tied.items():
