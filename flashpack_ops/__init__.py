@@ -20,6 +20,7 @@ from .api import (
     read_flashpack_file_distributed,
     revert_from_file,
 )
+from .lazy import safe_open
 from .mixin import FlashPackMixin
 from .integrations import patch_integrations
 
@@ -32,6 +33,7 @@ __all__ = [
     "save_file",
     "read_metadata",
     "verify_file",
+    "safe_open",
     "load_file_distributed",
     "load_blocks_distributed",
     "pack_to_file",

@@ -1,0 +1,129 @@
+"""``safe_open``: safetensors' reading API over a flashpack file, for code written for it."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+from .ops import PathLike, load_file
+
+# safetensors' names for the dtypes it stores; others go by torch's name.
+_SAFETENSORS_DTYPES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.uint16: "U16",
+    torch.int32: "I32", torch.uint32: "U32", torch.int64: "I64", torch.uint64: "U64", torch.float16: "F16",
+    torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64", torch.complex64: "C64",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+class safe_open:  # noqa: N801 - safetensors' name, so that code written for it runs unchanged
+    """Open a flashpack file and read tensors by name, as ``safetensors.safe_open`` does.
+
+    The file is mapped, not read: a tensor's bytes come from disk when it is first used, so
+    reading a few tensors (or slices of one) of a large file costs only those. On the CPU,
+    ``get_tensor`` returns a view of the mapped file (no copy; writing to it changes only
+    this process's memory, never the file); on a GPU, a copy of that view. To load a
+    whole file to a GPU, ``load_file(path, "cuda")`` is much faster.
+
+    Args:
+        filename: a flashpack file (either format).
+        framework: ``"pt"`` (PyTorch), the only framework.
+        device: where tensors go: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a GPU index.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: another framework, or not a valid flashpack file (the message names
+            the file, the entry and the problem).
+
+    Example:
+        >>> with safe_open("model.flashpack", framework="pt", device="cpu") as f:
+        ...     embed = f.get_tensor("embed.weight")
+        ...     rows = f.get_slice("lm_head.weight")[:1024]
+    """
+
+    def __init__(self, filename: PathLike, framework: str = "pt", device: Union[str, int, torch.device] = "cpu"):
+        self._path = os.fspath(filename)
+        if framework not in ("pt", "torch", "pytorch"):
+            raise ValueError(f"cannot open '{self._path}' for framework {framework!r}: flashpack_ops reads "
+                             "PyTorch tensors only (framework=\"pt\")")
+        self._device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"cannot open '{self._path}' for {self._device}: no CUDA device is available "
+                             "(torch.cuda.is_available() is False)")
+        self._tensors: Optional[Dict[str, torch.Tensor]] = load_file(self._path, "cpu")
+
+    def __enter__(self) -> "safe_open":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        # The map stays alive as long as a returned view does.
+        self._tensors = None
+
+    def _open(self) -> Dict[str, torch.Tensor]:
+        if self._tensors is None:
+            raise ValueError(f"'{self._path}' is closed (used after its with block)")
+        return self._tensors
+
+    def _entry(self, name: str) -> torch.Tensor:
+        tensors = self._open()
+        if name not in tensors:
+            raise KeyError(f"'{self._path}' has no tensor named '{name}'")
+        return tensors[name]
+
+    def keys(self) -> List[str]:
+        """The tensor names, sorted (as safetensors lists them)."""
+        return sorted(self._open())
+
+    def offset_keys(self) -> List[str]:
+        """The tensor names in the order the file stores them."""
+        return list(self._open())
+
+    def metadata(self) -> Optional[Dict[str, str]]:
+        """None: a flashpack file holds no free-form metadata (``read_metadata`` gives its index)."""
+        self._open()
+        return None
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """The tensor ``name``, on the device given at open. Raises KeyError if there is none."""
+        tensor = self._entry(name)
+        return tensor if self._device.type == "cpu" else _copy(tensor, ..., self._device)
+
+    def get_slice(self, name: str) -> "_Slice":
+        """A handle on ``name`` that reads only what it is indexed with: ``f.get_slice(n)[:, 0:128]``."""
+        return _Slice(self._entry(name), self._device)
+
+
+class _Slice:
+    """What ``safe_open.get_slice`` returns: shape and dtype without reading, and indexing."""
+
+    def __init__(self, tensor: torch.Tensor, device: torch.device):
+        self._tensor, self._device = tensor, device
+
+    def get_shape(self) -> List[int]:
+        return list(self._tensor.shape)
+
+    def get_dtype(self) -> str:
+        """safetensors' name for the dtype (``"F32"``, ``"BF16"``...), else torch's (``"float8_e4m3fnuz"``)."""
+        dtype = self._tensor.dtype
+        return _SAFETENSORS_DTYPES.get(dtype, str(dtype).removeprefix("torch."))
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        # A contiguous copy, as safetensors gives: a slice is usually a shard, kept apart from the file.
+        return _copy(self._tensor, index, self._device)
+
+
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _copy(tensor: torch.Tensor, index: Any, device: torch.device) -> torch.Tensor:
+    """A contiguous copy of ``tensor[index]`` on ``device``. Indexing and copy kernels lack
+    some dtypes (the sub-byte ones): their bits are indexed and copied as integers."""
+    width = _SAME_WIDTH_INT.get(tensor.element_size())
+    part = (tensor.view(width) if width is not None else tensor)[index]
+    if device.type == "cpu":
+        part = part.clone(memory_format=torch.contiguous_format)
+    else:
+        part = part.to(device, memory_format=torch.contiguous_format)
+    return part.view(tensor.dtype) if width is not None else part

@@ -1,0 +1,113 @@
+"""flashpack_ops.safe_open against safetensors.safe_open on the same tensors."""
+
+import pytest
+import torch
+
+import flashpack_ops
+from conftest import STORABLE_DTYPES, assert_same, random_tensor
+
+safetensors = pytest.importorskip("safetensors")
+from safetensors.torch import save_file as save_safetensors  # noqa: E402
+
+
+def tensors():
+    return {
+        "z.last": random_tensor((5, 7), torch.float32, seed=1),
+        "a.first": random_tensor((3, 4, 2), torch.bfloat16, seed=2),
+        "m.ints": random_tensor((11,), torch.int64, seed=3),
+        "scalar": random_tensor((), torch.float16, seed=4),
+        "empty": torch.empty(0, 3),
+    }
+
+
+@pytest.fixture
+def both(tmp_path):
+    """The same tensors as a flashpack file and a .safetensors file."""
+    flashpack_ops.save_file(tensors(), tmp_path / "m.flashpack")
+    save_safetensors(tensors(), str(tmp_path / "m.safetensors"))
+    return str(tmp_path / "m.flashpack"), str(tmp_path / "m.safetensors")
+
+
+def test_reads_what_safetensors_reads(both):
+    ours, theirs = both
+    with flashpack_ops.safe_open(ours, framework="pt") as f, safetensors.safe_open(theirs, framework="pt") as g:
+        assert f.keys() == g.keys()
+        assert f.offset_keys() == list(tensors())
+        for name in g.keys():
+            assert_same(f.get_tensor(name), g.get_tensor(name), name)
+
+
+@pytest.mark.parametrize("index", [(slice(None),), (slice(1, 3),), (0,), (slice(None), slice(2, 5)),
+                                   (Ellipsis, 1), (slice(0, 0),)], ids=str)
+def test_slices_are_safetensors_slices(both, index):
+    ours, theirs = both
+    with flashpack_ops.safe_open(ours, framework="pt") as f, safetensors.safe_open(theirs, framework="pt") as g:
+        for name in ("z.last", "a.first"):
+            mine, want = f.get_slice(name), g.get_slice(name)
+            assert mine.get_shape() == want.get_shape()
+            assert mine.get_dtype() == want.get_dtype()
+            got = mine[index]
+            assert_same(got, want[index], name)
+            assert got.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", STORABLE_DTYPES, ids=str)
+def test_every_dtype(tmp_path, dtype):
+    value = random_tensor((4, 6), dtype, seed=7)
+    flashpack_ops.save_file({"w": value}, tmp_path / "w.flashpack")
+    with flashpack_ops.safe_open(tmp_path / "w.flashpack", framework="pt") as f:
+        assert_same(f.get_tensor("w"), value, str(dtype))
+        assert_same(f.get_slice("w")[1:3], value[1:3], str(dtype))
+
+
+def test_a_slice_copy_is_apart_from_the_file(both):
+    ours, _ = both
+    with flashpack_ops.safe_open(ours, framework="pt") as f:
+        part = f.get_slice("z.last")[0:2]
+        part.fill_(0)
+        assert torch.equal(f.get_tensor("z.last"), tensors()["z.last"])
+    assert torch.equal(flashpack_ops.load_file(ours)["z.last"], tensors()["z.last"])
+
+
+def test_metadata_is_none(both):
+    with flashpack_ops.safe_open(both[0], framework="pt") as f:
+        assert f.metadata() is None
+
+
+def test_errors_name_the_file_and_the_problem(both, tmp_path):
+    ours, _ = both
+    with flashpack_ops.safe_open(ours, framework="pt") as f:
+        with pytest.raises(KeyError, match=f"'{ours}' has no tensor named 'nope'"):
+            f.get_tensor("nope")
+        with pytest.raises(KeyError, match="no tensor named 'nope'"):
+            f.get_slice("nope")
+        kept = f.get_tensor("m.ints")
+    with pytest.raises(ValueError, match=f"'{ours}' is closed"):
+        f.get_tensor("m.ints")
+    assert torch.equal(kept, tensors()["m.ints"])  # what was returned outlives the with block
+    with pytest.raises(ValueError, match="framework 'np'"):
+        flashpack_ops.safe_open(ours, framework="np")
+    with pytest.raises(FileNotFoundError):
+        flashpack_ops.safe_open(tmp_path / "missing.flashpack", framework="pt")
+    (tmp_path / "bad.flashpack").write_bytes(b"{}" * 100)
+    with pytest.raises(ValueError, match="bad.flashpack"):
+        flashpack_ops.safe_open(tmp_path / "bad.flashpack", framework="pt")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")
+def test_cuda_without_a_gpu_says_so(both):
+    with pytest.raises(ValueError, match="no CUDA device is available"):
+        flashpack_ops.safe_open(both[0], framework="pt", device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("device", ["cuda", 0, "cuda:0"], ids=str)
+def test_reads_to_cuda(both, device):
+    ours, theirs = both
+    with flashpack_ops.safe_open(ours, framework="pt", device=device) as f, \
+            safetensors.safe_open(theirs, framework="pt", device=device) as g:
+        for name in g.keys():
+            got = f.get_tensor(name)
+            assert got.is_cuda
+            assert_same(got, g.get_tensor(name), name)
+            assert_same(f.get_slice(name)[...], g.get_slice(name)[...], name)
