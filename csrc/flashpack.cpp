@@ -135,9 +135,13 @@ std::vector<at::Tensor> load_blocks(const std::string& path, c10::Device device,
 
 void save_op(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
              std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads, bool checksum,
-             bool durable, bool floating_only) {
+             bool durable, bool floating_only, const std::optional<c10::Dict<std::string, std::string>>& metadata) {
+  std::vector<std::pair<std::string, std::string>> pairs;
+  if (metadata) {
+    for (const auto& item : *metadata) pairs.emplace_back(item.key(), item.value());
+  }
   translate_errors("flashpack::save", [&] {
-    save(tensors, path, target_dtype, align_bytes, num_threads, checksum, durable, floating_only);
+    save(tensors, path, target_dtype, align_bytes, num_threads, checksum, durable, floating_only, pairs);
   });
 }
 
@@ -216,7 +220,8 @@ TORCH_LIBRARY(flashpack, m) {
       kSideEffects), kNotInCudaGraphs);
   m.def(torch::schema(
       "save(Dict(str, Tensor) tensors, str path, *, ScalarType? target_dtype=None, int align_bytes=128, "
-      "int num_threads=0, bool checksum=False, bool durable=True, bool floating_only=False) -> ()",
+      "int num_threads=0, bool checksum=False, bool durable=True, bool floating_only=False, "
+      "Dict(str, str)? metadata=None) -> ()",
       kSideEffects));
   m.def(torch::schema("read_footer(str path) -> str", kSideEffects));
   m.def(torch::schema("layout_signature(str path) -> str", kSideEffects));

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <numeric>
+#include <set>
 #include <stdexcept>
 #include <tuple>
 #include <unordered_set>
@@ -228,6 +229,23 @@ Block read_block(json::Reader& r, size_t k, const std::string& path) {
 // Reads one index entry and checks what it says of itself; its block is checked later,
 // once every block is known (the keys may come in any order).
 // A missing "macroblock" means block 0, as the reference reads v3 files.
+std::vector<std::pair<std::string, std::string>> read_metadata(json::Reader& r, const std::string& path) {
+  if (r.peek() != json::Kind::Object) bad(path, "footer: \"metadata\" must be an object of strings");
+  std::vector<std::pair<std::string, std::string>> out;
+  std::set<std::string, std::less<>> seen;
+  std::string_view key;
+  std::string key_storage, value_storage;
+  r.begin_object();
+  for (bool first = true; r.next_member(first, key, key_storage);) {
+    if (!seen.emplace(key).second) bad(path, "footer: \"metadata\" has the key '" + std::string(key) + "' twice");
+    if (r.peek() != json::Kind::String) {
+      bad(path, "footer: \"metadata\" value of '" + std::string(key) + "' must be a string");
+    }
+    out.emplace_back(std::string(key), std::string(r.string(value_storage)));
+  }
+  return out;
+}
+
 Entry read_entry(json::Reader& r, size_t k, const std::string& path) {
   if (r.peek() != json::Kind::Object) bad(path, "index entry " + std::to_string(k) + " is not an object");
   Field name, offset, length, block;
@@ -355,6 +373,8 @@ Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::
         total_elems.read(r);
       } else if (key == "index_crc32c") {
         index_crc.read(r);
+      } else if (key == "metadata") {
+        layout.metadata = read_metadata(r, path);
       } else if (key == "macroblocks") {
         has_blocks = true;
         blocks_kind = r.peek();
@@ -508,6 +528,10 @@ std::string index_text(const Layout& layout) {
     for (int64_t dim : e.shape) out += std::to_string(dim) + ",";
     out += "] " + std::to_string(e.offset) + " " + std::to_string(e.length) + " " + std::to_string(e.block) + "\n";
   }
+  // Only where there is metadata, so that files without it keep the text they were saved with.
+  for (const auto& [key, value] : layout.metadata) {
+    out += "metadata " + std::to_string(key.size()) + ":" + key + " " + std::to_string(value.size()) + ":" + value + "\n";
+  }
   return out;
 }
 
@@ -551,6 +575,16 @@ std::string footer_json(const Layout& layout) {
   out += ",\"total_payload_bytes\":" + std::to_string(layout.payload_bytes);
   out += ",\"total_elems\":" + std::to_string(total_elems);
   if (layout.index_crc) out += ",\"index_crc32c\":" + std::to_string(*layout.index_crc);
+  if (!layout.metadata.empty()) {
+    out += ",\"metadata\":{";
+    for (size_t k = 0; k < layout.metadata.size(); ++k) {
+      if (k) out += ',';
+      json::append_quoted(out, layout.metadata[k].first);
+      out += ':';
+      json::append_quoted(out, layout.metadata[k].second);
+    }
+    out += '}';
+  }
   out += ",\"macroblocks\":[";
   for (size_t k = 0; k < layout.blocks.size(); ++k) {
     const Block& b = layout.blocks[k];

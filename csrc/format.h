@@ -76,6 +76,9 @@ struct Layout {
   // "index_crc32c", written with checksums: the CRC-32C of index_text(). The blocks'
   // checksums cover the tensor bytes; this covers where the footer says they are.
   std::optional<uint32_t> index_crc;
+  // "metadata": free-form string pairs, as safetensors keeps them ({"format": "pt"}), in
+  // file order; empty when the footer has none.
+  std::vector<std::pair<std::string, std::string>> metadata;
 };
 
 // Parses and validates a footer. `payload_bytes` is the size of the file before the

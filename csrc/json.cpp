@@ -329,4 +329,16 @@ void append_quoted(std::string& out, std::string_view s) {
   out += '"';
 }
 
+bool valid_utf8(std::string_view s) {
+  std::string quoted, storage;
+  append_quoted(quoted, s);
+  try {
+    Reader r(quoted);
+    r.string(storage);
+    return true;
+  } catch (const SyntaxError&) {
+    return false;
+  }
+}
+
 }  // namespace flashpack::json

@@ -81,4 +81,8 @@ class Reader {
 // Appends `s` as a JSON string literal (quotes and escapes) to `out`.
 void append_quoted(std::string& out, std::string_view s);
 
+// Whether `s` is valid UTF-8, as a Reader requires of every string (append_quoted passes
+// bytes through: a string that is not would make a footer no reader accepts).
+bool valid_utf8(std::string_view s);
+
 }  // namespace flashpack::json

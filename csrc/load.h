@@ -59,8 +59,10 @@ std::vector<std::pair<std::string, int64_t>> cuda_stats(bool reset_peaks);
 int64_t release_pinned_memory();
 #endif
 
+// metadata: string pairs stored in the footer's "metadata" (as safetensors' save_file takes them).
 void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
           std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads,
-          bool checksum = false, bool durable = true, bool floating_only = false);
+          bool checksum = false, bool durable = true, bool floating_only = false,
+          const std::vector<std::pair<std::string, std::string>>& metadata = {});
 
 }  // namespace flashpack

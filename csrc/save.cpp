@@ -2,6 +2,7 @@
 // file with several threads, append the footer, then fsync and rename (io.h).
 #include "checksum.h"
 #include "io.h"
+#include "json.h"
 #include "load.h"
 
 #include <ATen/core/Tensor.h>
@@ -91,7 +92,7 @@ at::ScalarType bits_dtype(size_t element_size) {
 
 void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
           std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads, bool checksum,
-          bool durable, bool floating_only) {
+          bool durable, bool floating_only, const std::vector<std::pair<std::string, std::string>>& metadata) {
   if (align_bytes < 0 || align_bytes > (int64_t(1) << 30)) {
     throw std::invalid_argument("'" + path + "': align_bytes must be between 0 and 2^30, got " + std::to_string(align_bytes));
   }
@@ -112,6 +113,11 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
   for (const auto& item : tensors) {
     const std::string& name = item.key();
     const at::Tensor& t = item.value();
+    if (!json::valid_utf8(name)) {
+      // Not in the message: its bytes are not text.
+      throw std::invalid_argument("'" + path + "': a tensor name is not valid UTF-8 (entry " +
+                                  std::to_string(requests.size()) + ")");
+    }
     check_storable(t, path, name);
     SaveRequest r;
     r.name = name;
@@ -131,6 +137,12 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
   }
 
   Layout layout = plan_layout(requests, align_bytes);
+  for (const auto& [key, value] : metadata) {
+    if (!json::valid_utf8(key) || !json::valid_utf8(value)) {
+      throw std::invalid_argument("'" + path + "': a metadata key or value is not valid UTF-8");
+    }
+  }
+  layout.metadata = metadata;
   // Checksums are known only once the payload is written, but the file's size is fixed up
   // front: reserve the footer the widest checksums would give and pad the real one with
   // spaces (JSON whitespace, which every reader skips) to that length.
@@ -143,10 +155,11 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
   }
   std::string footer = footer_json(layout);
   if (footer.size() > kMaxFooterBytes) {
-    throw std::invalid_argument("'" + path + "': the index of " + std::to_string(requests.size()) + " tensors takes " +
+    throw std::invalid_argument("'" + path + "': the index of " + std::to_string(requests.size()) + " tensors " +
+                                (metadata.empty() ? "" : "and the metadata ") + "takes " +
                                 std::to_string(footer.size()) + " bytes, more than the " +
-                                std::to_string(kMaxFooterBytes) + " a reader accepts (names too long, or too many "
-                                "tensors for one file)");
+                                std::to_string(kMaxFooterBytes) + " a reader accepts (names or metadata too long, "
+                                "or too many tensors for one file)");
   }
   const uint64_t file_size = layout.payload_bytes + footer.size() + kTrailerBytes;
   AtomicWriter out(path, file_size, durable);

@@ -88,6 +88,8 @@ def _metadata(args: argparse.Namespace) -> None:
     print(f"align_bytes: {info['align_bytes']}")
     checked = bool(info["blocks"]) and all("checksums" in block for block in info["blocks"])
     print(f"checksums:   {'yes (flashpack metadata --verify checks them)' if checked else 'no'}")
+    if info["metadata"]:
+        print("metadata:    " + ", ".join(f"{key}={value!r}" for key, value in info["metadata"].items()))
     print("blocks:")
     for i, block in enumerate(info["blocks"]):
         print(f"  {i}: {block['dtype']:<16} offset {block['offset_bytes']:>14,}  "

@@ -10,7 +10,7 @@ import torch
 
 from .api import filter_state_dict
 from .integrations._hub import FLASHPACK_FILE, looks_like_repo_id, parse_dtype, resolve_directory
-from .ops import load_file, save_file
+from .ops import load_file, read_metadata, save_file
 
 TORCH_EXTENSIONS = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_EXTENSIONS = (".safetensors",) + TORCH_EXTENSIONS
@@ -81,6 +81,27 @@ def read_sharded(index_path: str, quiet: bool = False) -> Dict[str, torch.Tensor
     if absent:
         raise ValueError(f"{index_path} maps names that no shard holds: {absent[:10]}")
     return state_dict
+
+
+def checkpoint_metadata(path: str) -> Optional[Dict[str, str]]:
+    """The metadata of a .safetensors checkpoint ({"format": "pt"}...), kept by convert: one
+    file's, or what every shard of an index holds alike. None for torch files and for shards
+    that disagree."""
+    from safetensors import safe_open as safetensors_open
+
+    if path.endswith(".index.json"):
+        with open(path, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(os.path.dirname(path), shard) for shard in shards]
+    else:
+        files = [path]
+    if not files or not all(f.endswith(".safetensors") for f in files):
+        return None
+    found = []
+    for file in files:
+        with safetensors_open(file, framework="pt") as f:
+            found.append(f.metadata())
+    return found[0] if found[0] and all(m == found[0] for m in found) else None
 
 
 def _weights_in_directory(directory: str, variant: Optional[str]) -> str:
@@ -339,7 +360,7 @@ def convert_to_flashpack(
         _check_destination(destination, _checkpoint_files(source))
         state_dict = read_sharded(source, quiet=silent) if is_index else read_state_dict_file(source)
         save_file(filter_state_dict(state_dict, **ignore), destination, target_dtype=target_dtype,
-                  checksum=checksum, floating_only=True)
+                  checksum=checksum, floating_only=True, metadata=checkpoint_metadata(source))
         return destination
 
     if not os.path.isdir(source):
@@ -384,7 +405,7 @@ def convert_to_flashpack(
     _check_destination(output, _checkpoint_files(weights))
     state_dict = read_sharded(weights, quiet=silent) if weights.endswith(".index.json") else read_state_dict_file(weights)
     save_file(filter_state_dict(state_dict, **ignore), output, target_dtype=target_dtype, checksum=checksum,
-              floating_only=True)
+              floating_only=True, metadata=checkpoint_metadata(weights))
     return output
 
 
@@ -425,8 +446,10 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
                                      ".pt file instead") from None
                 seen.add(key)
         try:
-            # The metadata save_pretrained writes: transformers checks it when loading.
-            save_safetensors(unique, destination, metadata={"format": "pt"})
+            # The file's metadata (a converted checkpoint's), with the "format" save_pretrained
+            # writes where it has none: transformers checks it when loading.
+            metadata = {"format": "pt", **(read_metadata(path).get("metadata") or {})}
+            save_safetensors(unique, destination, metadata=metadata)
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"safetensors cannot store {path}: {e}; write a .pt file instead") from None
     else:
@@ -439,7 +462,6 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
 
 def summarize(path: str) -> Dict[str, Any]:
     """A flashpack file's footer plus what a person wants first: sizes, counts, dtypes."""
-    from .ops import read_metadata
 
     meta = read_metadata(path)
     index = meta.get("index", [])
@@ -452,4 +474,4 @@ def summarize(path: str) -> Dict[str, Any]:
     elements = sum(int(r["length"]) for r in index)
     return {"path": path, "file_bytes": os.path.getsize(path), "format": meta["format"],
             "align_bytes": meta.get("align_bytes"), "tensors": len(index), "elements": elements,
-            "blocks": blocks, "index": index}
+            "blocks": blocks, "index": index, "metadata": meta.get("metadata") or {}}

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from .ops import PathLike, load_file
+from .ops import PathLike, load_file, read_metadata
 
 # safetensors' names for the dtypes it stores; others go by torch's name.
 _SAFETENSORS_DTYPES = {
@@ -52,7 +52,15 @@ class safe_open:  # noqa: N801 - safetensors' name, so that code written for it 
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"cannot open '{self._path}' for {self._device}: no CUDA device is available "
                              "(torch.cuda.is_available() is False)")
-        self._tensors: Optional[Dict[str, torch.Tensor]] = load_file(self._path, "cpu")
+        # The metadata is read apart from the load: read before and after, it must agree, so
+        # that a file replaced meanwhile (an atomic save) cannot pair one file's metadata
+        # with another's tensors.
+        for _ in range(3):
+            self._metadata: Optional[Dict[str, str]] = read_metadata(self._path).get("metadata")
+            self._tensors: Optional[Dict[str, torch.Tensor]] = load_file(self._path, "cpu")
+            if read_metadata(self._path).get("metadata") == self._metadata:
+                return
+        raise RuntimeError(f"'{self._path}' was replaced three times while it was opened; open it again")
 
     def __enter__(self) -> "safe_open":
         return self
@@ -81,9 +89,9 @@ class safe_open:  # noqa: N801 - safetensors' name, so that code written for it 
         return list(self._open())
 
     def metadata(self) -> Optional[Dict[str, str]]:
-        """None: a flashpack file holds no free-form metadata (``read_metadata`` gives its index)."""
+        """The string pairs saved with the file (``save_file(..., metadata=...)``), or None."""
         self._open()
-        return None
+        return self._metadata
 
     def get_tensor(self, name: str) -> torch.Tensor:
         """The tensor ``name``, on the device given at open. Raises KeyError if there is none."""

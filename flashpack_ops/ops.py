@@ -79,6 +79,7 @@ def save_file(
     checksum: bool = False,
     durable: bool = True,
     floating_only: bool = False,
+    metadata: Optional[Mapping[str, str]] = None,
 ) -> None:
     """Save a dict of tensors to a flashpack file.
 
@@ -102,11 +103,15 @@ def save_file(
             scratch files: the replacement is still atomic for every other process.
         floating_only: convert only the floating-point tensors to ``target_dtype``, as
             ``nn.Module.to(dtype)`` does; integer, bool and complex tensors keep their dtype.
+        metadata: string pairs kept in the footer, as safetensors' ``save_file`` takes them
+            (``{"format": "pt"}``); ``read_metadata(path)["metadata"]`` and
+            ``safe_open(path).metadata()`` give them back. Other readers ignore them.
 
     Raises:
         ValueError: a tensor cannot be stored (quantized, sparse, nested, on the meta device,
             without data in memory), naming it.
-        TypeError: a name that is not a ``str`` or a value that is not a tensor, naming it.
+        TypeError: a name that is not a ``str`` or a value that is not a tensor, naming it;
+            a metadata key or value that is not a ``str``.
         RuntimeError: the file could not be written (disk full, permissions), naming it.
 
     Example:
@@ -127,10 +132,24 @@ def save_file(
             raise ValueError(f"cannot save '{path}': the name {name!r} cannot be written as UTF-8 "
                              f"({exc.reason})") from None
     target_dtype = _dtype(target_dtype, f"cannot save '{path}': target_dtype")
+    if metadata is not None:
+        if not isinstance(metadata, Mapping):
+            raise TypeError(f"cannot save '{path}': metadata must be a mapping of str to str, got "
+                            f"{type(metadata).__name__}")
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(f"cannot save '{path}': metadata must map str to str; {key!r}: {value!r} does not")
+            for text in (key, value):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise ValueError(f"cannot save '{path}': the metadata {text!r} cannot be written as UTF-8 "
+                                     f"({exc.reason})") from None
+        metadata = dict(metadata)
     torch.ops.flashpack.save(
         dict(tensors), path, target_dtype=target_dtype,
         align_bytes=align_bytes, num_threads=num_threads, checksum=checksum, durable=durable,
-        floating_only=floating_only,
+        floating_only=floating_only, metadata=metadata,
     )
 
 
@@ -426,7 +445,7 @@ def _load_blocks_fake(path, device=torch.device("cpu"), *, copy=False, num_threa
 
 @torch.library.register_fake("flashpack::save")
 def _save_fake(tensors, path, *, target_dtype=None, align_bytes=DEFAULT_ALIGN_BYTES, num_threads=0,
-               checksum=False, durable=True, floating_only=False):
+               checksum=False, durable=True, floating_only=False, metadata=None):
     # A save has no output for a graph to keep, so a graph would be free to drop it
     # (Inductor does), or to move it past a load of the same file. Refusing fake tensors
     # makes Dynamo break the graph here and run the save eagerly, in program order.

@@ -58,7 +58,8 @@ def main():
         # The reference writes flashpack_v3 for one dtype, flashpack_v4 for several.
         reference_pack(sd, os.path.join(load_dir, f"ref_{name}.flashpack"), None, name_order=list(sd), silent=True)
     flashpack_ops.save_file(state_dicts()["f32"], os.path.join(load_dir, "ops_align0.flashpack"), align_bytes=0)
-    flashpack_ops.save_file(state_dicts()["mixed"], os.path.join(load_dir, "ops_checksum.flashpack"), checksum=True)
+    flashpack_ops.save_file(state_dicts()["mixed"], os.path.join(load_dir, "ops_checksum.flashpack"), checksum=True,
+                            metadata={"format": "pt", "note": "\u00e9\n"})
     real = {k: v for k, v in state_dicts()["mixed"].items() if not v.is_complex()}
     reference_pack(real, os.path.join(load_dir, "ref_mixed_as_f32.flashpack"), torch.float32, silent=True)
     for entry in sorted(os.listdir(load_dir)):

@@ -371,6 +371,32 @@ def test_metadata_summary_index_and_json(tmp_path, capsys):
     assert len(json.loads(capsys.readouterr().out)["index"]) == 4
 
 
+@pytest.mark.parametrize("kind", ["file", "index"])
+def test_convert_keeps_safetensors_metadata_and_revert_writes_it_back(tmp_path, kind):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    metadata = {"format": "pt", "source": "a fine-tune"}
+    tensors = state_dict()
+    if kind == "file":
+        save_file(tensors, tmp_path / "model.safetensors", metadata=metadata)
+        source = tmp_path / "model.safetensors"
+    else:  # two shards with the same metadata, as save_pretrained writes them
+        names = list(tensors)
+        save_file({n: tensors[n] for n in names[:2]}, tmp_path / "model-1.safetensors", metadata=metadata)
+        save_file({n: tensors[n] for n in names[2:]}, tmp_path / "model-2.safetensors", metadata=metadata)
+        weight_map = {n: "model-1.safetensors" if n in names[:2] else "model-2.safetensors" for n in names}
+        source = tmp_path / "model.safetensors.index.json"
+        source.write_text(json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map}))
+    run("convert", source, tmp_path / "out.flashpack")
+    assert flashpack_ops.read_metadata(tmp_path / "out.flashpack")["metadata"] == metadata
+    line = [ln for ln in run("metadata", tmp_path / "out.flashpack").stdout.splitlines() if ln.startswith("metadata:")]
+    assert len(line) == 1 and "format='pt'" in line[0] and "source='a fine-tune'" in line[0]
+    run("revert", tmp_path / "out.flashpack", tmp_path / "back.safetensors")
+    with safe_open(tmp_path / "back.safetensors", framework="pt") as f:
+        assert f.metadata() == metadata
+
+
 def test_metadata_verify(tmp_path, capsys):
     path = tmp_path / "m.flashpack"
     can_verify = hasattr(flashpack_ops, "verify_file")

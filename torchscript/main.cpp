@@ -110,6 +110,29 @@ void check_ops(const std::string& dir) {
     check(same(flashpack::api::load(path, c10::Device(c10::kCUDA)), expected), "flashpack::load to cuda");
   }
 
+  // From C++ a string can hold any bytes; the footer is JSON, which only UTF-8 text can go in.
+  c10::Dict<std::string, std::string> metadata;
+  metadata.insert("format", "pt");
+  const std::string with_metadata = dir + "/metadata.flashpack";
+  flashpack::api::save(mine, with_metadata, std::nullopt, 128, 0, false, true, false, metadata);
+  check(flashpack::api::read_footer(with_metadata).find("\"metadata\":{\"format\":\"pt\"}") != std::string::npos,
+        "flashpack::save stores metadata in the footer");
+  for (const bool in_name : {true, false}) {
+    c10::Dict<std::string, at::Tensor> bad_name;
+    c10::Dict<std::string, std::string> bad_metadata;
+    bad_name.insert(in_name ? "bad\xff" : "fine", loaded.at("table"));
+    bad_metadata.insert("key", in_name ? "fine" : "bad\xff");
+    try {
+      flashpack::api::save(bad_name, dir + "/bad.flashpack", std::nullopt, 128, 0, false, true, false, bad_metadata);
+      check(false, "flashpack::save refuses bytes that are not UTF-8");
+    } catch (const c10::Error& e) {
+      const std::string msg = e.what_without_backtrace();
+      check(msg.find("not valid UTF-8") != std::string::npos,
+            std::string("flashpack::save refuses a ") + (in_name ? "name" : "metadata value") +
+                " that is not UTF-8: " + msg);
+    }
+  }
+
   const std::string missing = dir + "/missing.flashpack";
   try {
     flashpack::api::load(missing);
