@@ -304,6 +304,72 @@ def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(model.get_submodule(module_path), attr, value)
 
 
+def initialize_missing(model: torch.nn.Module, names: List[str],
+                       init: Callable[[torch.nn.Module], Any]) -> List[str]:
+    """Initialise tensors a file lacked (just zero-filled, on their device) as building the
+    model would have: ``init(module)`` on each module that holds one (``reset_parameters``,
+    or transformers' ``_init_weights``). Such inits set every tensor of the module in place,
+    so meanwhile every other parameter and buffer under it is swapped for a meta stand-in:
+    no loaded weight is touched. Returns the names left at zero (``init`` failed: a module
+    without ``reset_parameters``, say)."""
+    missing = set(names)
+    by_module: Dict[str, List[str]] = {}
+    for name in names:
+        by_module.setdefault(name.rpartition(".")[0], []).append(name)
+    left_zero: List[str] = []
+    for module_name, own in by_module.items():
+        module = model.get_submodule(module_name)
+        prefix = module_name + "." if module_name else ""
+        stand_ins, placed = [], {}
+        for sub_name, sub in module.named_modules(remove_duplicate=False):
+            for store in (sub._parameters, sub._buffers):
+                for attr, tensor in list(store.items()):
+                    full = prefix + (sub_name + "." if sub_name else "") + attr
+                    if tensor is None:
+                        continue
+                    if full in missing:
+                        placed[full] = (store, attr, tensor)
+                        continue
+                    meta = tensor.detach().to("meta")
+                    store[attr] = torch.nn.Parameter(meta, tensor.requires_grad) if store is sub._parameters else meta
+                    stand_ins.append((store, attr, tensor))
+        try:
+            with torch.no_grad():
+                init(module)
+                for store, attr, tensor in placed.values():
+                    # An init that made a new tensor rather than fill ours: keep ours, with its values.
+                    if store.get(attr) is not tensor:
+                        tensor.copy_(store[attr])
+                        store[attr] = tensor
+        except Exception:  # noqa: BLE001 - the model's own init code; what it could not set stays zero
+            with torch.no_grad():
+                for store, attr, tensor in placed.values():
+                    store[attr] = tensor
+                for name in own:
+                    placed[name][2].zero_()
+            left_zero.extend(own)
+        finally:
+            for store, attr, tensor in reversed(stand_ins):
+                store[attr] = tensor
+    return left_zero
+
+
+def describe_missing(names: List[str], left_zero: List[str], how: str) -> str:
+    """What a warning says of the tensors initialise_missing was given."""
+    initialised = [name for name in names if name not in left_zero]
+    said = []
+    if initialised:
+        said.append(f"{len(initialised)} tensors initialised as {how} initialises them: {initialised}")
+    if left_zero:
+        said.append(f"{len(left_zero)} tensors zero-filled: {left_zero}")
+    return "; ".join(said)
+
+
+def _reset_parameters(module: torch.nn.Module) -> None:
+    # What building the module gives its tensors (torch's layers all have it).
+    module.reset_parameters()
+
+
 def _as_parameter(value: torch.Tensor, old: torch.Tensor) -> torch.nn.Parameter:
     param = torch.nn.Parameter(value, requires_grad=old.requires_grad)
     # Keep what libraries hang on parameters (transformers' init flags, optimizer tags).
@@ -364,9 +430,11 @@ def assign_from_file(
     copied unless a dtype conversion is asked for. Tied tensors (one tensor under several
     names) stay tied: every name gets the same new ``Parameter``. The model may be built
     on the meta device; tensors the file does not hold are moved to ``device`` (buffers
-    computed in ``__init__`` keep their values; tensors still on the meta device are
-    zero-filled with a warning, which only a non-strict load allows). Everything is
-    checked before the model is touched: on error the model is unchanged.
+    computed in ``__init__`` keep their values). Tensors still on the meta device, which
+    only a non-strict load allows, are initialised as building the model would have: by
+    their module's ``reset_parameters()``, with the module's loaded tensors out of its
+    reach; what no ``reset_parameters()`` covers is zero-filled; a warning names both.
+    Everything is checked before the model is touched: on error the model is unchanged.
 
     Args:
         model: the module to fill.
@@ -505,8 +573,9 @@ def assign_from_file(
     if _zero_filled is not None:
         _zero_filled.extend(zero_filled)  # the caller initialises them and says so
     elif zero_filled:
-        warnings.warn(f"flashpack_ops.assign_from_file: {len(zero_filled)} tensors of {type(model).__name__} are "
-                      f"not in {path} and were zero-filled: {zero_filled}", stacklevel=2)
+        left_zero = initialize_missing(model, zero_filled, _reset_parameters)
+        warnings.warn(f"flashpack_ops.assign_from_file: {describe_missing(zero_filled, left_zero, 'reset_parameters()')}"
+                      f" (tensors of {type(model).__name__} not in {path})", stacklevel=2)
     if keep_flash_ref_on_model:
         assign_target._flash_shared_storage = storage
         assign_target._flash_shared_storage_meta = meta

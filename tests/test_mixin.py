@@ -160,23 +160,50 @@ def test_shape_mismatch_is_named(tmp_path):
         TinyLM.from_flashpack(path)
 
 
-def test_non_strict_load_zero_fills_what_is_missing_and_warns(tmp_path):
-    state = dict(trained_model().state_dict())
+def test_non_strict_load_initialises_what_is_missing_as_building_the_model_would(tmp_path):
+    model = trained_model()
+    state = dict(model.state_dict())
     del state["proj.bias"]
     state["extra"] = torch.ones(2)
     path = tmp_path / "loose.flashpack"
     flashpack_ops.save_file(state, path)
-    with pytest.warns(UserWarning, match=r"zero-filled: \['proj\.bias'\]"):
+    torch.manual_seed(5)
+    with pytest.warns(UserWarning, match=r"1 tensors initialised as reset_parameters\(\) initialises them: "
+                                         r"\['proj\.bias'\]"):
         loaded = TinyLM.from_flashpack(path, strict=False)
-    assert torch.equal(loaded.proj.bias, torch.zeros(16))
+    # Linear.reset_parameters() draws the bias from U(-1/sqrt(fan_in), 1/sqrt(fan_in)); its
+    # weight, loaded, is out of its reach (and a meta stand-in draws nothing).
+    torch.manual_seed(5)
+    assert torch.equal(loaded.proj.bias, torch.empty(16).uniform_(-0.25, 0.25))
+    assert torch.equal(loaded.proj.weight, model.proj.weight)
+    assert not loaded.proj.bias.requires_grad
     assert not any(t.is_meta for t in loaded.parameters())
+
+
+class Scaled(torch.nn.Module, FlashPackMixin):
+    """A parameter held by a module that has no reset_parameters()."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+        self.scale = torch.nn.Parameter(torch.ones(4))
+
+
+def test_what_no_reset_parameters_covers_is_zero_filled(tmp_path):
+    model = Scaled()
+    path = tmp_path / "scaled.flashpack"
+    flashpack_ops.save_file({"linear.weight": model.linear.weight, "linear.bias": model.linear.bias}, path)
+    with pytest.warns(UserWarning, match=r"1 tensors zero-filled: \['scale'\]"):
+        loaded = Scaled.from_flashpack(path, strict=False)
+    assert torch.equal(loaded.scale, torch.zeros(4))
+    assert torch.equal(loaded.linear.weight, model.linear.weight) and torch.equal(loaded.linear.bias, model.linear.bias)
 
 
 def test_ignored_names_are_skipped_both_ways(saved):
     model, path = saved
-    with pytest.warns(UserWarning, match="zero-filled"):
+    with pytest.warns(UserWarning, match=r"2 tensors initialised as reset_parameters\(\)"):
         loaded = TinyLM.from_flashpack(path, ignore_prefixes=["proj."], strict=False)
-    assert torch.equal(loaded.proj.weight, torch.zeros(16, 16))
+    assert loaded.proj.weight.abs().max() <= 0.25 and loaded.proj.weight.any()
     assert torch.equal(loaded.embed.weight, model.embed.weight)
     # With the names ignored, a strict load does not count them as missing.
     with warnings.catch_warnings():

@@ -191,7 +191,7 @@ def test_a_weight_the_file_lacks_is_initialised_as_from_pretrained_does(model, t
     # LlamaRMSNorm's weight starts at ones, as in the freshly built model saved here: the
     # loaded model then computes the same logits. Zero-filled, it would output zeros.
     model.save_pretrained_flashpack(tmp_path, ignore_names=["model.norm.weight"])
-    with pytest.warns(UserWarning, match=r"1 parameters were initialised as from_pretrained initialises them: "
+    with pytest.warns(UserWarning, match=r"1 tensors initialised as from_pretrained initialises them: "
                                          r"\['model.norm.weight'\]"):
         loaded = FlashLlama.from_pretrained_flashpack(tmp_path, strict=False)
     assert torch.equal(loaded.model.norm.weight, torch.ones_like(model.model.norm.weight))
@@ -208,7 +208,7 @@ def test_initialising_a_missing_weight_leaves_the_loaded_ones_of_its_module(tmp_
     with torch.no_grad():
         base.embeddings.LayerNorm.bias.normal_()
     save_pretrained_flashpack(base, tmp_path, ignore_names=["embeddings.LayerNorm.weight"])
-    with pytest.warns(UserWarning, match="1 parameters were initialised"):
+    with pytest.warns(UserWarning, match="1 tensors initialised"):
         loaded = from_pretrained_flashpack(transformers.BertModel, tmp_path, strict=False)
     assert torch.equal(loaded.embeddings.LayerNorm.weight, torch.ones(32))
     assert torch.equal(loaded.embeddings.LayerNorm.bias, base.embeddings.LayerNorm.bias)
@@ -383,7 +383,7 @@ def test_model_with_a_head_loads_a_base_checkpoint_into_its_base(tmp_path):
                                          "2 parameters missing from the file: classifier.weight, classifier.bias"):
         from_pretrained_flashpack(transformers.BertForSequenceClassification, tmp_path)
     torch.manual_seed(1)
-    with pytest.warns(UserWarning, match=r"2 parameters were initialised as from_pretrained initialises them: "
+    with pytest.warns(UserWarning, match=r"2 tensors initialised as from_pretrained initialises them: "
                                          r"\['classifier.weight', 'classifier.bias'\]"):
         loaded = from_pretrained_flashpack(transformers.BertForSequenceClassification, tmp_path, strict=False)
     ids = torch.tensor([[1, 5, 9, 33, 2]])

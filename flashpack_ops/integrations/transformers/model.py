@@ -13,7 +13,7 @@ import torch
 import transformers
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 
-from ...api import assign_from_file
+from ...api import assign_from_file, describe_missing, initialize_missing
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, read_metadata
 from .._hub import (build_and_load_dtypes, checked_save_directory, loading_info, locate_flashpack,
@@ -103,7 +103,7 @@ def _complete_head(model: PreTrainedModel, base: str, path: str, device: DeviceL
                    what: str) -> List[str]:
     """After a base checkpoint filled the base of a model with a head: tie the head to the base
     where the model ties them, then refuse what is left of the head (strict) or zero-fill it
-    (returns its names, for _initialize_missing)."""
+    (returns its names, for initialize_missing)."""
     model.tie_weights()
     head = [name for name, p in model.named_parameters() if p.is_meta]
     if head and strict:
@@ -122,48 +122,6 @@ def _complete_head(model: PreTrainedModel, base: str, path: str, device: DeviceL
             if buffer is not None and buffer.device != device:
                 module._buffers[name] = buffer.to(device)
     return head
-
-
-def _initialize_missing(model: PreTrainedModel, names: List[str]) -> List[str]:
-    """Initialise parameters the file lacks (zero-filled, strict=False) as from_pretrained does:
-    the model's ``_init_weights`` on each module that holds one. Meanwhile every other parameter
-    and buffer under that module is swapped for a meta stand-in, so that no loaded weight is
-    touched (``_init_weights`` sets a module's tensors in place). Returns the names left at zero
-    (no ``_init_weights``, or it failed)."""
-    init = getattr(model, "_init_weights", None)
-    if init is None:
-        return list(names)
-    missing = set(names)
-    by_module: Dict[str, List[str]] = {}
-    for name in names:
-        by_module.setdefault(name.rpartition(".")[0], []).append(name)
-    left_zero = []
-    for module_name, own in by_module.items():
-        module = model.get_submodule(module_name)
-        prefix = module_name + "." if module_name else ""
-        stand_ins = []
-        for sub_name, sub in module.named_modules(remove_duplicate=False):
-            for attr, tensor in list(sub._parameters.items()) + list(sub._buffers.items()):
-                full = prefix + (sub_name + "." if sub_name else "") + attr
-                if tensor is None or full in missing:
-                    continue
-                store = sub._parameters if attr in sub._parameters else sub._buffers
-                meta = tensor.detach().to("meta")
-                store[attr] = torch.nn.Parameter(meta, requires_grad=tensor.requires_grad) if store is sub._parameters \
-                    else meta
-                stand_ins.append((store, attr, tensor))
-        try:
-            with torch.no_grad():
-                init(module)
-        except Exception:  # noqa: BLE001 - a model's own init code; what failed stays at zero
-            with torch.no_grad():
-                for name in own:
-                    model.get_parameter(name).zero_()
-            left_zero.extend(own)
-        finally:
-            for store, attr, tensor in reversed(stand_ins):
-                store[attr] = tensor
-    return left_zero
 
 
 def save_pretrained_flashpack(
@@ -329,29 +287,16 @@ def from_pretrained_flashpack(
         zero_filled = [f"{prefix}.{name}" for name in zero_filled]
         zero_filled += _complete_head(model, type(target).__name__, path, device if device is not None else "cpu",
                                       strict is not False and (strict or strict_params), what)
-    zero_params = [name for name in zero_filled if _is_parameter(model, name)]
     if zero_filled:
-        left_zero = _initialize_missing(model, zero_params)
-        initialised = [name for name in zero_params if name not in left_zero]
-        left_zero += [name for name in zero_filled if name not in zero_params]
-        said = []
-        if initialised:
-            said.append(f"{len(initialised)} parameters were initialised as from_pretrained initialises them: "
-                        f"{initialised}")
-        if left_zero:
-            said.append(f"{len(left_zero)} tensors were zero-filled: {left_zero}")
-        warnings.warn(f"{what}: not in {path}, so " + "; ".join(said), stacklevel=2)
+        left_zero = initialize_missing(model, zero_filled, model._init_weights)
+        warnings.warn(f"{what}: {describe_missing(zero_filled, left_zero, 'from_pretrained')} (not in {path})",
+                      stacklevel=2)
     if generation_config is not None:
         model.generation_config = generation_config
     elif model.can_generate() and os.path.isfile(os.path.join(model_dir, "generation_config.json")):
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     model.eval()
     return (model, loading_info(target, path)) if output_loading_info else model
-
-
-def _is_parameter(model: torch.nn.Module, name: str) -> bool:
-    module_name, _, attr = name.rpartition(".")
-    return attr in model.get_submodule(module_name)._parameters
 
 
 class FlashPackTransformersModelMixin(PreTrainedModel, FlashPackMixin):
