@@ -220,7 +220,7 @@ def load_file(
             torch.ops.flashpack.load_list(path, _device(device))
             raise RuntimeError(f"'{path}' could not be read when this code was compiled and can be now: call "
                                "torch.compiler.reset() to trace it again")
-        names, firsts, signature = layout
+        names, firsts, shapes, signature = layout
         # distinct: one tensor per group of tied entries, since a custom operator's outputs
         # must not alias each other. A tied name then takes the very tensor of the first name
         # of its group: the graph knows they are one, and an in-place update through one
@@ -231,7 +231,12 @@ def load_file(
             expect_layout=signature, distinct=True,
         )
         position = {k: n for n, k in enumerate(k for k, first in enumerate(firsts) if first == k)}
-        return {name: tensors[position[first]] for name, first in zip(names, firsts)}
+        out = {}
+        for name, first, shape in zip(names, firsts, shapes):
+            tensor = tensors[position[first]]
+            # Tied entries share bytes, not always a shape (another writer's [6] and [2, 3]).
+            out[name] = tensor if tuple(tensor.shape) == shape else tensor.view(shape)
+        return out
     return torch.ops.flashpack.load(
         _path(path, must_exist=True), _device(device), copy=copy, num_threads=num_threads,
         chunk_bytes=chunk_bytes, pinned_bytes=pinned_bytes, num_streams=num_streams, route=route,
@@ -308,11 +313,14 @@ def read_metadata(path: PathLike) -> Dict[str, Any]:
 # without reading the payload.
 
 
-def _traced_layout(path: str) -> Optional[Tuple[Tuple[str, ...], Tuple[int, ...], str]]:
+def _traced_layout(
+    path: str,
+) -> Optional[Tuple[Tuple[str, ...], Tuple[int, ...], Tuple[Tuple[int, ...], ...], str]]:
     """What load_file's compiled form builds its dict from, read once when tracing: the
     entry names in index order, for each the index of the first entry it is tied to (itself
-    if none), and the layout signature load_list then checks the file against. None if the
-    file cannot be read (an error raised here would reach the caller as Dynamo's own)."""
+    if none) and its shape, and the layout signature load_list then checks the file against.
+    None if the file cannot be read (an error raised here would reach the caller as Dynamo's
+    own)."""
     # Outside any tracing mode: torch.export would otherwise record the reads in its graph.
     try:
         with _disable_current_modes():
@@ -320,7 +328,9 @@ def _traced_layout(path: str) -> Optional[Tuple[Tuple[str, ...], Tuple[int, ...]
             signature = torch.ops.flashpack.layout_signature(path)
     except (ValueError, RuntimeError):
         return None
-    return tuple(entry["name"] for entry in footer["index"]), tuple(_tie_groups(footer["index"])), signature
+    index = footer["index"]
+    return (tuple(entry["name"] for entry in index), tuple(_tie_groups(index)),
+            tuple(tuple(entry["shape"]) for entry in index), signature)
 
 
 def _tie_groups(index: List[Dict[str, Any]]) -> List[int]:

@@ -341,3 +341,27 @@ def test_compiled_load_list_of_tied_entries_runs_eagerly(tied_file):
     torch.compiler.reset()
     with pytest.raises(Exception, match="distinct=True"):
         torch.compile(tensors_plus, backend="aot_eager", fullgraph=True)(x)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_tied_entries_of_other_shapes_keep_their_shapes_when_compiled(backend, tmp_path):
+    # Another writer may point entries of other shapes at the same bytes ([2, 3], [6], [3, 2]);
+    # our own save ties only tensors of one shape.
+    from test_format_errors import write_raw
+
+    entries = [{"name": name, "shape": shape, "offset": 0, "length": 6, "macroblock": 0}
+               for name, shape in (("a", [2, 3]), ("b", [6]), ("c", [3, 2]))]
+    footer = {"format": "flashpack_v4", "align_bytes": 32, "index": entries,
+              "macroblocks": [{"dtype": "float32", "offset_bytes": 0, "length_bytes": 32, "length_elems": 8}]}
+    path = write_raw(tmp_path / "shapes.flashpack", torch.arange(8.0).numpy().tobytes(), footer)
+
+    def scale_through_one_name(x: torch.Tensor):
+        w = flashpack_ops.load_file(path)
+        w["b"].mul_(10)
+        return w["a"] + x, w["b"] + 0, w["c"] + 0
+
+    torch.compiler.reset()
+    x = torch.zeros(2, 3)
+    compiled = torch.compile(scale_through_one_name, backend=backend, fullgraph=True)(x)
+    for got, want in zip(compiled, scale_through_one_name(x), strict=True):
+        assert torch.equal(got, want)
