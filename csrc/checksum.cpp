@@ -249,6 +249,16 @@ Verifier::Verifier(const std::string& path, const Layout& layout) : path_(path),
     throw std::invalid_argument("'" + path + "': the index (tensor names, shapes and offsets) does not match its "
                                 "checksum (" + buf + "): the footer is damaged; restore or re-save the file");
   }
+  if (layout.metadata_crc) {
+    const std::string pairs = metadata_text(layout);
+    const uint32_t metadata_crc = crc32c(pairs.data(), pairs.size());
+    if (metadata_crc != *layout.metadata_crc || !layout.metadata_is_ours) {
+      char buf[64];
+      std::snprintf(buf, sizeof(buf), "crc32c 0x%08x, expected 0x%08x", metadata_crc, *layout.metadata_crc);
+      throw std::invalid_argument("'" + path + "': the metadata does not match its checksum (" + buf +
+                                  "): the footer is damaged; restore or re-save the file");
+    }
+  }
 }
 
 void Verifier::check(size_t k, uint32_t crc) {

@@ -6,7 +6,8 @@
 // [i*C, min((i+1)*C, length_bytes)); a block of n bytes has ceil(n / C) of them. parse_footer
 // (format.cpp) validates the keys; this file computes and checks the values. With them, the
 // footer's top level has "index_crc32c": the CRC-32C of index_text() (format.h), so that a
-// damaged index cannot point intact blocks at the wrong tensors.
+// damaged index cannot point intact blocks at the wrong tensors, and, where the file has
+// metadata, "metadata_crc32c": the CRC-32C of metadata_text().
 #pragma once
 
 #include "format.h"

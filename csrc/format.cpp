@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <numeric>
-#include <set>
+#include <map>
 #include <stdexcept>
 #include <tuple>
 #include <unordered_set>
@@ -226,26 +226,42 @@ Block read_block(json::Reader& r, size_t k, const std::string& path) {
   return b;
 }
 
-// Reads one index entry and checks what it says of itself; its block is checked later,
-// once every block is known (the keys may come in any order).
-// A missing "macroblock" means block 0, as the reference reads v3 files.
-std::vector<std::pair<std::string, std::string>> read_metadata(json::Reader& r, const std::string& path) {
-  if (r.peek() != json::Kind::Object) bad(path, "footer: \"metadata\" must be an object of strings");
+// "metadata" as we write it: an object of string values. Anything else there is another
+// writer's use of the name, which a load ignores as it ignores any key it does not know: no
+// pairs, and `ours` false (a "metadata_crc32c" then cannot match). A key named twice keeps
+// its first place and its last value, as Python's json reads it.
+std::vector<std::pair<std::string, std::string>> read_metadata(json::Reader& r, bool& ours) {
   std::vector<std::pair<std::string, std::string>> out;
-  std::set<std::string, std::less<>> seen;
+  ours = r.peek() == json::Kind::Object;
+  if (!ours) {
+    r.skip();
+    return out;
+  }
+  std::map<std::string, size_t, std::less<>> position;
   std::string_view key;
   std::string key_storage, value_storage;
   r.begin_object();
   for (bool first = true; r.next_member(first, key, key_storage);) {
-    if (!seen.emplace(key).second) bad(path, "footer: \"metadata\" has the key '" + std::string(key) + "' twice");
     if (r.peek() != json::Kind::String) {
-      bad(path, "footer: \"metadata\" value of '" + std::string(key) + "' must be a string");
+      ours = false;
+      r.skip();
+      continue;
     }
-    out.emplace_back(std::string(key), std::string(r.string(value_storage)));
+    std::string value(r.string(value_storage));
+    auto [it, added] = position.emplace(std::string(key), out.size());
+    if (added) {
+      out.emplace_back(std::string(key), std::move(value));
+    } else {
+      out[it->second].second = std::move(value);
+    }
   }
+  if (!ours) out.clear();
   return out;
 }
 
+// Reads one index entry and checks what it says of itself; its block is checked later,
+// once every block is known (the keys may come in any order).
+// A missing "macroblock" means block 0, as the reference reads v3 files.
 Entry read_entry(json::Reader& r, size_t k, const std::string& path) {
   if (r.peek() != json::Kind::Object) bad(path, "index entry " + std::to_string(k) + " is not an object");
   Field name, offset, length, block;
@@ -352,7 +368,7 @@ std::optional<c10::ScalarType> dtype_from_name(std::string_view name) {
 Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::string& path) {
   Layout layout;
   layout.payload_bytes = payload_bytes;
-  Field format, align, target_dtype, total_elems, index_crc;
+  Field format, align, target_dtype, total_elems, index_crc, metadata_crc;
   bool has_blocks = false, has_index = false;
   json::Kind blocks_kind = json::Kind::Array;
   std::vector<Block> blocks;
@@ -374,7 +390,9 @@ Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::
       } else if (key == "index_crc32c") {
         index_crc.read(r);
       } else if (key == "metadata") {
-        layout.metadata = read_metadata(r, path);
+        layout.metadata = read_metadata(r, layout.metadata_is_ours);
+      } else if (key == "metadata_crc32c") {
+        metadata_crc.read(r);
       } else if (key == "macroblocks") {
         has_blocks = true;
         blocks_kind = r.peek();
@@ -411,6 +429,11 @@ Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::
     const uint64_t crc = count(index_crc, "index_crc32c", path, footer_where);
     if (crc > 0xFFFFFFFFull) bad(path, "footer: \"index_crc32c\" must be an integer from 0 to 4294967295");
     layout.index_crc = static_cast<uint32_t>(crc);
+  }
+  if (metadata_crc.present) {
+    const uint64_t crc = count(metadata_crc, "metadata_crc32c", path, footer_where);
+    if (crc > 0xFFFFFFFFull) bad(path, "footer: \"metadata_crc32c\" must be an integer from 0 to 4294967295");
+    layout.metadata_crc = static_cast<uint32_t>(crc);
   }
 
   if (layout.format == kFormatV3) {
@@ -528,9 +551,13 @@ std::string index_text(const Layout& layout) {
     for (int64_t dim : e.shape) out += std::to_string(dim) + ",";
     out += "] " + std::to_string(e.offset) + " " + std::to_string(e.length) + " " + std::to_string(e.block) + "\n";
   }
-  // Only where there is metadata, so that files without it keep the text they were saved with.
+  return out;
+}
+
+std::string metadata_text(const Layout& layout) {
+  std::string out;
   for (const auto& [key, value] : layout.metadata) {
-    out += "metadata " + std::to_string(key.size()) + ":" + key + " " + std::to_string(value.size()) + ":" + value + "\n";
+    out += std::to_string(key.size()) + ":" + key + " " + std::to_string(value.size()) + ":" + value + "\n";
   }
   return out;
 }
@@ -584,6 +611,7 @@ std::string footer_json(const Layout& layout) {
       json::append_quoted(out, layout.metadata[k].second);
     }
     out += '}';
+    if (layout.metadata_crc) out += ",\"metadata_crc32c\":" + std::to_string(*layout.metadata_crc);
   }
   out += ",\"macroblocks\":[";
   for (size_t k = 0; k < layout.blocks.size(); ++k) {

@@ -77,8 +77,14 @@ struct Layout {
   // checksums cover the tensor bytes; this covers where the footer says they are.
   std::optional<uint32_t> index_crc;
   // "metadata": free-form string pairs, as safetensors keeps them ({"format": "pt"}), in
-  // file order; empty when the footer has none.
+  // file order; empty when the footer has none, or has something else under that name
+  // (metadata_is_ours false: another writer's, ignored as unknown keys are).
   std::vector<std::pair<std::string, std::string>> metadata;
+  bool metadata_is_ours = true;
+  // "metadata_crc32c", written with checksums where there is metadata: the CRC-32C of
+  // metadata_text(). Apart from index_crc32c, so that readers that do not know the metadata
+  // still verify the index.
+  std::optional<uint32_t> metadata_crc;
 };
 
 // Parses and validates a footer. `payload_bytes` is the size of the file before the
@@ -97,6 +103,9 @@ std::string footer_json(const Layout& layout);
 // Every block and entry of a layout (dtypes, offsets, lengths, names, shapes), in one string:
 // what "index_crc32c" is computed over.
 std::string index_text(const Layout& layout);
+
+// The metadata pairs in one string: what "metadata_crc32c" is computed over.
+std::string metadata_text(const Layout& layout);
 
 // What a load's outputs look like, in one string: each entry's name, dtype and shape, and
 // which earlier entry it shares memory with. Two files with the same signature load as the

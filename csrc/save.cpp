@@ -150,6 +150,10 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
   if (checksum) {
     const std::string index = index_text(layout);
     layout.index_crc = crc32c(index.data(), index.size());
+    if (!metadata.empty()) {
+      const std::string text = metadata_text(layout);
+      layout.metadata_crc = crc32c(text.data(), text.size());
+    }
     sums.emplace(layout);
     sums->store(layout, /*placeholder=*/true);
   }

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from .ops import PathLike, load_file, read_metadata
+from .ops import PathLike, load_file, read_metadata, string_metadata
 
 # safetensors' names for the dtypes it stores; others go by torch's name.
 _SAFETENSORS_DTYPES = {
@@ -56,9 +56,9 @@ class safe_open:  # noqa: N801 - safetensors' name, so that code written for it 
         # that a file replaced meanwhile (an atomic save) cannot pair one file's metadata
         # with another's tensors.
         for _ in range(3):
-            self._metadata: Optional[Dict[str, str]] = read_metadata(self._path).get("metadata")
+            self._metadata: Optional[Dict[str, str]] = string_metadata(read_metadata(self._path))
             self._tensors: Optional[Dict[str, torch.Tensor]] = load_file(self._path, "cpu")
-            if read_metadata(self._path).get("metadata") == self._metadata:
+            if string_metadata(read_metadata(self._path)) == self._metadata:
                 return
         raise RuntimeError(f"'{self._path}' was replaced three times while it was opened; open it again")
 
