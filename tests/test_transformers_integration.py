@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -414,7 +415,46 @@ def test_push_to_hub_without_the_hub_says_so_and_keeps_the_directory(model, tmp_
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     else:  # nothing listens on port 9 of this machine: the connection is refused at once
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
-    with pytest.raises(HubUnavailableError, match=r"cannot upload .*tiny to the Hugging Face Hub as 'me/tiny' "
-                                                  r".*it is saved: upload it later with `hf upload me/tiny "):
-        model.save_pretrained_flashpack(tmp_path / "tiny", push_to_hub=True, repo_id="me/tiny", token="not-a-token")
-    assert torch.equal(logits(FlashLlama.from_pretrained_flashpack(tmp_path / "tiny")), logits(model))
+    directory = tmp_path / "my model"
+    with pytest.raises(HubUnavailableError) as caught:
+        model.save_pretrained_flashpack(directory, push_to_hub=True, repo_id="me/tiny", token="not-a-token",
+                                        private=True, commit_message="first cut")
+    message = str(caught.value)
+    assert message.startswith(f"cannot upload {directory} to the Hugging Face Hub as 'me/tiny' (")
+    # The command keeps what was asked (private) and runs as given, the path with its space quoted.
+    command = message.split("upload it later with `")[1].rstrip("`")
+    assert shlex.split(command) == ["hf", "upload", "me/tiny", str(directory), ".", "--private",
+                                    "--commit-message", "first cut"]
+    assert torch.equal(logits(FlashLlama.from_pretrained_flashpack(directory)), logits(model))
+
+
+def test_push_to_hub_passes_on_the_hubs_own_refusal(model, tmp_path, monkeypatch):
+    # A Hub that answers 401 (a bad token) is reachable: its answer is not "unavailable".
+    import http.server
+    import threading
+
+    import huggingface_hub.constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = b'{"error": "Invalid credentials"}'
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        with pytest.raises(HfHubHTTPError) as caught:
+            model.save_pretrained_flashpack(tmp_path / "tiny", push_to_hub=True, repo_id="me/tiny", token="bad")
+        assert not isinstance(caught.value, HubUnavailableError)
+    finally:
+        server.shutdown()
+    assert (tmp_path / "tiny" / "model.flashpack").is_file()

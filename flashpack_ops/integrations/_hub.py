@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -41,7 +42,8 @@ _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 class HubUnavailableError(OSError):
-    """A repo id was given but the Hugging Face Hub cannot be reached and nothing is cached."""
+    """The Hugging Face Hub cannot be reached: a repo id to download with nothing cached, or an
+    upload (``push_to_hub``) while offline."""
 
 
 def looks_like_repo_id(name: str) -> bool:
@@ -261,9 +263,15 @@ def upload_directory(save_directory: str, repo_id: Optional[str], private: Optio
                           commit_message=commit_message or "Upload flashpack", create_pr=create_pr)
     except Exception as error:
         # huggingface_hub raises ConnectionError in offline mode, and its HTTP client's own
-        # transport errors (httpx, requests, urllib3) when the network is down.
-        module = type(error).__module__.split(".")[0]
-        if not isinstance(error, ConnectionError) and module not in ("httpx", "httpx2", "requests", "urllib3"):
+        # transport errors (httpx, requests, urllib3) when the network is down; an HTTP status
+        # (no token, no rights) is the Hub's answer and passes on.
+        unreachable = {"TransportError", "ConnectionError", "Timeout", "NewConnectionError", "MaxRetryError"}
+        if not isinstance(error, (ConnectionError, TimeoutError)) and \
+                not any(cls.__name__ in unreachable for cls in type(error).__mro__):
             raise
+        command = ["hf", "upload", name, save_directory, ".", "--private" if private else None,
+                   "--create-pr" if create_pr else None]
+        if commit_message:
+            command += ["--commit-message", commit_message]
         raise HubUnavailableError(f"cannot upload {save_directory} to the Hugging Face Hub as '{name}' ({error}); "
-                                  f"it is saved: upload it later with `hf upload {name} {save_directory}`") from error
+                                  f"it is saved: upload it later with `{shlex.join(c for c in command if c)}`") from error
