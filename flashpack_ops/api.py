@@ -320,20 +320,24 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
     for module_name, own in by_module.items():
         module = model.get_submodule(module_name)
         prefix = module_name + "." if module_name else ""
-        stand_ins, placed = [], {}
-        for sub_name, sub in module.named_modules(remove_duplicate=False):
-            for store in (sub._parameters, sub._buffers):
-                for attr, tensor in list(store.items()):
-                    full = prefix + (sub_name + "." if sub_name else "") + attr
-                    if tensor is None:
-                        continue
-                    if full in missing:
-                        placed[full] = (store, attr, tensor)
-                        continue
-                    meta = tensor.detach().to("meta")
-                    store[attr] = torch.nn.Parameter(meta, tensor.requires_grad) if store is sub._parameters else meta
-                    stand_ins.append((store, attr, tensor))
+        stand_ins: List[Tuple[Dict[str, Any], str, torch.Tensor]] = []
+        placed: Dict[str, Tuple[Dict[str, Any], str, torch.Tensor]] = {}
         try:
+            for sub_name, sub in module.named_modules(remove_duplicate=False):
+                for store in (sub._parameters, sub._buffers):
+                    for attr, tensor in list(store.items()):
+                        full = prefix + (sub_name + "." if sub_name else "") + attr
+                        if tensor is None:
+                            continue
+                        if full in missing:
+                            placed[full] = (store, attr, tensor)
+                            continue
+                        # A tensor that cannot have a meta stand-in (quantized, some subclasses)
+                        # fails here, before init runs: its module is then left at zero.
+                        meta = tensor.detach().to("meta")
+                        stand_in = torch.nn.Parameter(meta, tensor.requires_grad) if store is sub._parameters else meta
+                        stand_ins.append((store, attr, tensor))
+                        store[attr] = stand_in
             with torch.no_grad():
                 init(module)
                 for store, attr, tensor in placed.values():
@@ -346,7 +350,8 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
                 for store, attr, tensor in placed.values():
                     store[attr] = tensor
                 for name in own:
-                    placed[name][2].zero_()
+                    if name in placed:  # the others were never reached: still zero
+                        placed[name][2].zero_()
             left_zero.extend(own)
         finally:
             for store, attr, tensor in reversed(stand_ins):

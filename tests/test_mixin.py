@@ -358,3 +358,18 @@ def test_pack_to_file_and_save_flashpack_create_the_directory(tmp_path):
     flashpack_ops.pack_to_file(model, tmp_path / "a" / "b" / "m.flashpack")
     model.save_flashpack(tmp_path / "c" / "m.flashpack")
     assert (tmp_path / "a" / "b" / "m.flashpack").is_file() and (tmp_path / "c" / "m.flashpack").is_file()
+
+
+def test_a_module_whose_tensors_cannot_stand_aside_is_left_at_zero_and_intact():
+    # Initialising a missing tensor moves the module's other tensors to meta stand-ins; a
+    # quantized buffer cannot go there. The module is then left as it was, its bias at zero.
+    from flashpack_ops.api import initialize_missing
+
+    linear = torch.nn.Linear(2, 2)
+    linear.register_buffer("q", torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8), persistent=False)
+    weight = linear.weight
+    with torch.no_grad():
+        linear.bias.zero_()
+    assert initialize_missing(linear, ["bias"], lambda m: m.reset_parameters()) == ["bias"]
+    assert linear.weight is weight and not linear.weight.is_meta and not linear.q.is_meta
+    assert torch.equal(linear.bias, torch.zeros(2))
