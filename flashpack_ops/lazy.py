@@ -16,6 +16,10 @@ _SAFETENSORS_DTYPES = {
     torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64", torch.complex64: "C64",
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
+for _name, _code in (("float8_e4m3fnuz", "F8_E4M3FNUZ"), ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
+                     ("float8_e8m0fnu", "F8_E8M0"), ("float4_e2m1fn_x2", "F4")):
+    if hasattr(torch, _name):  # newer dtypes
+        _SAFETENSORS_DTYPES[getattr(torch, _name)] = _code
 
 
 class safe_open:  # noqa: N801 - safetensors' name, so that code written for it runs unchanged
@@ -110,10 +114,13 @@ class _Slice:
         self._tensor, self._device = tensor, device
 
     def get_shape(self) -> List[int]:
+        """The tensor's shape, as indexing takes it. For ``float4_e2m1fn_x2`` (``"F4"``) that is
+        torch's shape, two values per element, where safetensors counts single values."""
         return list(self._tensor.shape)
 
     def get_dtype(self) -> str:
-        """safetensors' name for the dtype (``"F32"``, ``"BF16"``...), else torch's (``"float8_e4m3fnuz"``)."""
+        """safetensors' name for the dtype (``"F32"``, ``"BF16"``...); torch's for the dtypes
+        safetensors lacks (``"complex32"``, ``"uint4"``)."""
         dtype = self._tensor.dtype
         return _SAFETENSORS_DTYPES.get(dtype, str(dtype).removeprefix("torch."))
 

@@ -58,6 +58,16 @@ def test_every_dtype(tmp_path, dtype):
     with flashpack_ops.safe_open(tmp_path / "w.flashpack", framework="pt") as f:
         assert_same(f.get_tensor("w"), value, str(dtype))
         assert_same(f.get_slice("w")[1:3], value[1:3], str(dtype))
+        ours = f.get_slice("w").get_dtype()
+    try:
+        save_safetensors({"w": value}, str(tmp_path / "w.safetensors"))
+    except Exception:  # a dtype this safetensors cannot store: torch's name, unless a newer one names it
+        from flashpack_ops.lazy import _SAFETENSORS_DTYPES
+
+        assert ours == _SAFETENSORS_DTYPES.get(dtype, str(dtype).removeprefix("torch."))
+        return
+    with safetensors.safe_open(str(tmp_path / "w.safetensors"), framework="pt") as g:
+        assert ours == g.get_slice("w").get_dtype()
 
 
 def test_a_slice_copy_is_apart_from_the_file(both):
