@@ -41,6 +41,9 @@ class safe_open:  # noqa: N801 - safetensors' name, so that code written for it 
         ValueError: another framework, or not a valid flashpack file (the message names
             the file, the entry and the problem).
 
+    Where it differs from safetensors: a name the file lacks raises ``KeyError`` (not
+    ``SafetensorError``), and ``metadata()`` is None for a file saved with ``metadata={}``.
+
     Example:
         >>> with safe_open("model.flashpack", framework="pt", device="cpu") as f:
         ...     embed = f.get_tensor("embed.weight")
