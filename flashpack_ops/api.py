@@ -338,13 +338,19 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
                         stand_in = torch.nn.Parameter(meta, tensor.requires_grad) if store is sub._parameters else meta
                         stand_ins.append((store, attr, tensor))
                         store[attr] = stand_in
+            versions = {name: tensor._version for name, (_, _, tensor) in placed.items()}
             with torch.no_grad():
                 init(module)
-                for store, attr, tensor in placed.values():
+                for name, (store, attr, tensor) in placed.items():
                     # An init that made a new tensor rather than fill ours: keep ours, with its values.
                     if store.get(attr) is not tensor:
                         tensor.copy_(store[attr])
                         store[attr] = tensor
+            # An init that ran need not have set every tensor (a buffer reset_parameters() does
+            # not know, a module _init_weights has no case for): what it did not write to (same
+            # version; `.data` writes do not count, so the values decide too) is still zero.
+            left_zero.extend(name for name in own
+                             if placed[name][2]._version == versions[name] and not placed[name][2].any())
         except Exception:  # noqa: BLE001 - the model's own init code; what it could not set stays zero
             with torch.no_grad():
                 for store, attr, tensor in placed.values():
@@ -364,15 +370,17 @@ def describe_missing(names: List[str], left_zero: List[str], how: str) -> str:
     initialised = [name for name in names if name not in left_zero]
     said = []
     if initialised:
-        said.append(f"{len(initialised)} tensors initialised as {how} initialises them: {initialised}")
+        said.append(_format_names(f"tensors initialised as {how} initialises them", initialised, most=20))
     if left_zero:
-        said.append(f"{len(left_zero)} tensors zero-filled: {left_zero}")
+        said.append(_format_names("tensors zero-filled", left_zero, most=20))
     return "; ".join(said)
 
 
 def _reset_parameters(module: torch.nn.Module) -> None:
-    # What building the module gives its tensors (torch's layers all have it).
-    module.reset_parameters()
+    # What building the module gives its tensors (torch's layers have it; MultiheadAttention
+    # and Transformer layers under a private name).
+    reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters")
+    reset()
 
 
 def _as_parameter(value: torch.Tensor, old: torch.Tensor) -> torch.nn.Parameter:
@@ -398,7 +406,10 @@ def _unwrapped(model: torch.nn.Module, tensors: Dict[str, torch.Tensor]) -> torc
         model = inner
 
 
-def _format_names(kind: str, names: List[str]) -> str:
+def _format_names(kind: str, names: List[str], most: Optional[int] = None) -> str:
+    """``"3 kind: a, b, c"``; past ``most`` names, the rest as a count."""
+    if most is not None and len(names) > most:
+        return f"{len(names)} {kind}: {', '.join(names[:most])} and {len(names) - most} more"
     return f"{len(names)} {kind}: {', '.join(names)}"
 
 
@@ -435,10 +446,13 @@ def assign_from_file(
     copied unless a dtype conversion is asked for. Tied tensors (one tensor under several
     names) stay tied: every name gets the same new ``Parameter``. The model may be built
     on the meta device; tensors the file does not hold are moved to ``device`` (buffers
-    computed in ``__init__`` keep their values). Tensors still on the meta device, which
-    only a non-strict load allows, are initialised as building the model would have: by
-    their module's ``reset_parameters()``, with the module's loaded tensors out of its
-    reach; what no ``reset_parameters()`` covers is zero-filled; a warning names both.
+    computed in ``__init__`` keep their values). Tensors still on the meta device (missing
+    from the file, which only a non-strict load allows, or non-persistent buffers of a model
+    built entirely under ``torch.device("meta")``, which no file holds) are initialised as
+    building the model would have: by their module's ``reset_parameters()``, with the
+    module's loaded tensors out of its reach; what no ``reset_parameters()`` sets is
+    zero-filled; a warning names both (build with ``mixin.init_empty_parameters()`` to keep
+    non-persistent buffers as ``__init__`` computes them).
     Everything is checked before the model is touched: on error the model is unchanged.
 
     Args:
@@ -480,7 +494,7 @@ def assign_from_file(
     if use_distributed_loading and distributed_shard_strategy not in (None,) + SHARD_STRATEGIES:
         raise ValueError(f"unknown distributed_shard_strategy {distributed_shard_strategy!r}; expected one of "
                          f"{', '.join(SHARD_STRATEGIES)}")
-    device = _default_device(model) if device is None else torch.device(device)
+    device = _default_device(model) if device is None else _device(device)
     if device.type == "meta":
         raise ValueError(f"flashpack_ops.assign_from_file: cannot load {path} onto the meta device")
     distributed = use_distributed_loading and maybe_init_distributed(rank, local_rank, world_size)
@@ -557,13 +571,15 @@ def assign_from_file(
         raise ValueError(f"Error while assigning {path} to {type(model).__name__}: " + "; ".join(problems))
 
     # Every new tensor is made before the first is assigned: on any error the model is unchanged.
-    zero_filled, assignments = [], []
+    zero_filled, computed, assignments = [], [], []
     for slot in unique:
         value = slot.value
         if value is None:
             if slot.old.is_meta:
                 value = torch.zeros(slot.old.shape, dtype=slot.old.dtype, device=device)
                 zero_filled.append(slot.names[0])
+                if not slot.is_param and not slot.persistent:
+                    computed.append(slot.names[0])
             elif slot.old.device != device:
                 value = slot.old.detach().to(device)
             else:
@@ -579,8 +595,13 @@ def assign_from_file(
         _zero_filled.extend(zero_filled)  # the caller initialises them and says so
     elif zero_filled:
         left_zero = initialize_missing(model, zero_filled, _reset_parameters)
+        hint = ""
+        if any(name in left_zero for name in computed):
+            # A model built under torch.device("meta"): no file holds what __init__ computes.
+            hint = ("; non-persistent buffers are in no file, build the model with only its parameters on the "
+                    "meta device (flashpack_ops.mixin.init_empty_parameters()) so that __init__ computes them")
         warnings.warn(f"flashpack_ops.assign_from_file: {describe_missing(zero_filled, left_zero, 'reset_parameters()')}"
-                      f" (tensors of {type(model).__name__} not in {path})", stacklevel=2)
+                      f" (tensors of {type(model).__name__} not in {path}){hint}", stacklevel=2)
     if keep_flash_ref_on_model:
         assign_target._flash_shared_storage = storage
         assign_target._flash_shared_storage_meta = meta

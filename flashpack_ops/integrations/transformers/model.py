@@ -15,7 +15,7 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrai
 
 from ...api import assign_from_file, describe_missing, initialize_missing
 from ...mixin import FlashPackMixin, init_empty_parameters
-from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, read_metadata
+from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, read_metadata
 from .._hub import (build_and_load_dtypes, checked_save_directory, loading_info, locate_flashpack,
                     take_load_kwargs, upload_directory, warn_unused_save_kwargs, write_weights)
 
@@ -110,7 +110,7 @@ def _complete_head(model: PreTrainedModel, base: str, path: str, device: DeviceL
         raise ValueError(f"{what}: {path} holds a {base} without the head {type(model).__name__} adds: "
                          f"{len(head)} parameters missing from the file: {', '.join(head)} (from_pretrained would "
                          "initialise them at random; so does strict=False)")
-    device = torch.device(device)
+    device = _device(device)
     for name in head:
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
