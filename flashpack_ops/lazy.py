@@ -25,11 +25,10 @@ for _name, _code in (("float8_e4m3fnuz", "F8_E4M3FNUZ"), ("float8_e5m2fnuz", "F8
 class safe_open:  # noqa: N801 - safetensors' name, so that code written for it runs unchanged
     """Open a flashpack file and read tensors by name, as ``safetensors.safe_open`` does.
 
-    The file is mapped, not read: a tensor's bytes come from disk when it is first used, so
-    reading a few tensors (or slices of one) of a large file costs only those. On the CPU,
-    ``get_tensor`` returns a view of the mapped file (no copy; writing to it changes only
-    this process's memory, never the file); on a GPU, a copy of that view. To load a
-    whole file to a GPU, ``load_file(path, "cuda")`` is much faster.
+    The file is mapped, not read: reading a few tensors (or slices of one) of a large file
+    reads only their bytes. ``get_tensor`` and slices return fresh tensors, as safetensors'
+    do: changing one changes nothing else. For the whole file, ``load_file(path)`` (views of
+    the mapped file, no copy) and ``load_file(path, "cuda")`` are much faster.
 
     Args:
         filename: a flashpack file (either format).
@@ -102,8 +101,7 @@ class safe_open:  # noqa: N801 - safetensors' name, so that code written for it 
 
     def get_tensor(self, name: str) -> torch.Tensor:
         """The tensor ``name``, on the device given at open. Raises KeyError if there is none."""
-        tensor = self._entry(name)
-        return tensor if self._device.type == "cpu" else _copy(tensor, ..., self._device)
+        return _copy(self._entry(name), ..., self._device)
 
     def get_slice(self, name: str) -> "_Slice":
         """A handle on ``name`` that reads only what it is indexed with: ``f.get_slice(n)[:, 0:128]``."""
@@ -128,7 +126,7 @@ class _Slice:
         return _SAFETENSORS_DTYPES.get(dtype, str(dtype).removeprefix("torch."))
 
     def __getitem__(self, index: Any) -> torch.Tensor:
-        # A contiguous copy, as safetensors gives: a slice is usually a shard, kept apart from the file.
+        # A copy, as safetensors gives (contiguous, where its column slices may not be).
         return _copy(self._tensor, index, self._device)
 
 
