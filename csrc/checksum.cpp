@@ -250,9 +250,15 @@ Verifier::Verifier(const std::string& path, const Layout& layout) : path_(path),
                                 "checksum (" + buf + "): the footer is damaged; restore or re-save the file");
   }
   if (layout.metadata_crc) {
+    // Only our save writes "metadata_crc32c", and only beside string pairs.
+    if (!layout.metadata_is_ours || layout.metadata.empty()) {
+      throw std::invalid_argument("'" + path + "': the footer has a checksum of its metadata (\"metadata_crc32c\") but " +
+                                  (layout.metadata_is_ours ? "no \"metadata\"" : "its \"metadata\" is not string pairs") +
+                                  ": the footer is damaged; restore or re-save the file");
+    }
     const std::string pairs = metadata_text(layout);
     const uint32_t metadata_crc = crc32c(pairs.data(), pairs.size());
-    if (metadata_crc != *layout.metadata_crc || !layout.metadata_is_ours) {
+    if (metadata_crc != *layout.metadata_crc) {
       char buf[64];
       std::snprintf(buf, sizeof(buf), "crc32c 0x%08x, expected 0x%08x", metadata_crc, *layout.metadata_crc);
       throw std::invalid_argument("'" + path + "': the metadata does not match its checksum (" + buf +

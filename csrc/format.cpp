@@ -238,23 +238,24 @@ std::vector<std::pair<std::string, std::string>> read_metadata(json::Reader& r, 
     return out;
   }
   std::map<std::string, size_t, std::less<>> position;
+  std::vector<bool> is_string;  // of each key's last value
   std::string_view key;
   std::string key_storage, value_storage;
   r.begin_object();
   for (bool first = true; r.next_member(first, key, key_storage);) {
-    if (r.peek() != json::Kind::String) {
-      ours = false;
-      r.skip();
-      continue;
-    }
-    std::string value(r.string(value_storage));
     auto [it, added] = position.emplace(std::string(key), out.size());
     if (added) {
-      out.emplace_back(std::string(key), std::move(value));
+      out.emplace_back(std::string(key), std::string());
+      is_string.push_back(false);
+    }
+    is_string[it->second] = r.peek() == json::Kind::String;
+    if (is_string[it->second]) {
+      out[it->second].second = std::string(r.string(value_storage));
     } else {
-      out[it->second].second = std::move(value);
+      r.skip();
     }
   }
+  ours = std::all_of(is_string.begin(), is_string.end(), [](bool b) { return b; });
   if (!ours) out.clear();
   return out;
 }

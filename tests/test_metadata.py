@@ -78,12 +78,13 @@ def test_checksums_cover_the_metadata_apart_from_the_index(tmp_path):
     meta = flashpack_ops.read_metadata(path)
     assert meta["index_crc32c"] == flashpack_ops.read_metadata(tmp_path / "plain.flashpack")["index_crc32c"]
     assert "metadata_crc32c" in meta
-    for edit in (lambda m: m["metadata"].update(format="np"), lambda m: m.pop("metadata"),
-                 lambda m: m.update(metadata={"format": 1})):
+    for edit, problem in ((lambda m: m["metadata"].update(format="np"), "the metadata does not match its checksum"),
+                          (lambda m: m.pop("metadata"), r"\(\"metadata_crc32c\"\) but no \"metadata\""),
+                          (lambda m: m.update(metadata={"format": 1}), "its \"metadata\" is not string pairs")):
         rewrite_footer(path, edited, edit)
-        with pytest.raises(ValueError, match="the metadata does not match its checksum"):
+        with pytest.raises(ValueError, match=problem):
             flashpack_ops.verify_file(edited)
-        with pytest.raises(ValueError, match="the metadata does not match its checksum"):
+        with pytest.raises(ValueError, match=problem):
             flashpack_ops.load_file(edited, verify=True)
         assert_same_dict(flashpack_ops.load_file(edited), TENSORS)  # unverified, the tensors load
 
@@ -100,3 +101,21 @@ def test_a_key_named_twice_keeps_its_last_value_as_python_reads_it(tmp_path):
     # The pairs the checksum was computed over, in the same order: C++ and Python agree.
     flashpack_ops.verify_file(edited)
     assert flashpack_ops.safe_open(edited).metadata() == {"format": "pt", "note": "x"}
+
+
+def test_a_key_named_twice_is_judged_by_its_last_value_in_cpp_as_in_python(tmp_path):
+    path, edited = tmp_path / "m.flashpack", tmp_path / "edited.flashpack"
+    flashpack_ops.save_file(TENSORS, path, metadata={"a": "x"}, checksum=True)
+    with open(path, "rb") as f:
+        raw = f.read()
+    n = int.from_bytes(raw[-16:-8], "little")
+    for pairs, ours in ((b'{"a":1,"a":"x"}', True), (b'{"a":"x","a":1}', False)):
+        footer = raw[-16 - n:-16].replace(b'"metadata":{"a":"x"}', b'"metadata":' + pairs)
+        with open(edited, "wb") as f:
+            f.write(raw[:-16 - n] + footer + len(footer).to_bytes(8, "little") + raw[-8:])
+        assert flashpack_ops.safe_open(edited).metadata() == ({"a": "x"} if ours else None)
+        if ours:
+            flashpack_ops.verify_file(edited)  # C++ read the same pair the checksum covers
+        else:
+            with pytest.raises(ValueError, match="its \"metadata\" is not string pairs"):
+                flashpack_ops.verify_file(edited)
