@@ -101,7 +101,9 @@ def checkpoint_metadata(path: str) -> Optional[Dict[str, str]]:
     for file in files:
         with safetensors_open(file, framework="pt") as f:
             found.append(f.metadata())
-    return found[0] if found[0] and all(m == found[0] for m in found) else None
+    if not found[0] or any(m != found[0] for m in found):
+        return None
+    return dict(sorted(found[0].items()))  # safetensors' order varies from run to run
 
 
 def _weights_in_directory(directory: str, variant: Optional[str]) -> str:

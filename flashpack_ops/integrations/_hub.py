@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from ..api import filter_state_dict
-from ..ops import read_metadata, save_file
+from ..ops import _device, read_metadata, save_file
 
 FLASHPACK_FILE = "model.flashpack"
 
@@ -193,7 +193,7 @@ def take_load_kwargs(kwargs: Dict[str, Any], device: Any, what: str) -> Tuple[An
     device_map = kwargs.pop("device_map", None)
     if device_map is not None:
         mapped = _device_of_map(device_map, what)
-        if device is not None and torch.device(device) != mapped:
+        if device is not None and _device(device) != mapped:
             raise ValueError(f"{what}: device={device!r} and device_map={device_map!r} disagree; pass one of them")
         device = mapped
     distributed = {name: kwargs.pop(name) for name in DISTRIBUTED_LOAD_KWARGS if name in kwargs}
@@ -257,10 +257,14 @@ def upload_directory(save_directory: str, repo_id: Optional[str], private: Optio
 
     api = HfApi(token=token)
     name = repo_id or os.path.basename(os.path.abspath(save_directory))
+    if not looks_like_repo_id(name):
+        raise ValueError(f"cannot upload {save_directory} to the Hugging Face Hub: '{name}' (from the directory's "
+                         "name) is not a repo id; it is saved: pass repo_id=\"org/name\" to upload it")
+    commit_message = commit_message or "Upload flashpack"
     try:
         repo_id = api.create_repo(name, exist_ok=True, private=private).repo_id
-        api.upload_folder(folder_path=save_directory, repo_id=repo_id,
-                          commit_message=commit_message or "Upload flashpack", create_pr=create_pr)
+        api.upload_folder(folder_path=save_directory, repo_id=repo_id, commit_message=commit_message,
+                          create_pr=create_pr)
     except Exception as error:
         # huggingface_hub raises ConnectionError in offline mode, and its HTTP client's own
         # transport errors (httpx, requests, urllib3) when the network is down; an HTTP status
@@ -270,8 +274,6 @@ def upload_directory(save_directory: str, repo_id: Optional[str], private: Optio
                 not any(cls.__name__ in unreachable for cls in type(error).__mro__):
             raise
         command = ["hf", "upload", name, save_directory, ".", "--private" if private else None,
-                   "--create-pr" if create_pr else None]
-        if commit_message:
-            command += ["--commit-message", commit_message]
+                   "--create-pr" if create_pr else None, "--commit-message", commit_message]
         raise HubUnavailableError(f"cannot upload {save_directory} to the Hugging Face Hub as '{name}' ({error}); "
                                   f"it is saved: upload it later with `{shlex.join(c for c in command if c)}`") from error
