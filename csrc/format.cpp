@@ -515,6 +515,23 @@ Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::
   return layout;
 }
 
+namespace {
+
+// What a file that is not ours looks like, for the error: the checkpoints people convert.
+std::string other_format(int fd, uint64_t file_size, const std::string& path) {
+  unsigned char head[9];
+  if (file_size < sizeof(head)) return "";
+  pread_exact(fd, head, sizeof(head), 0, path);
+  const std::string convert = "; convert it with `flashpack convert`";
+  if (std::memcmp(head, "PK\x03\x04", 4) == 0) return "; it looks like a torch.save file (a zip archive)" + convert;
+  uint64_t header_len = 0;  // safetensors: u64 LE header length, then the JSON header
+  for (int k = 7; k >= 0; --k) header_len = (header_len << 8) | head[k];
+  if (head[8] == '{' && header_len <= file_size - 8) return "; it looks like a safetensors file" + convert;
+  return "";
+}
+
+}  // namespace
+
 Layout read_layout(int fd, uint64_t file_size, const std::string& path, std::string* raw_footer) {
   if (file_size < kTrailerBytes) {
     bad(path, "file is " + std::to_string(file_size) + " bytes, too small to be a flashpack file (the trailer alone is 16)");
@@ -522,7 +539,8 @@ Layout read_layout(int fd, uint64_t file_size, const std::string& path, std::str
   unsigned char trailer[kTrailerBytes];
   pread_exact(fd, trailer, kTrailerBytes, file_size - kTrailerBytes, path);
   if (std::memcmp(trailer + 8, kMagic, 8) != 0) {
-    bad(path, "not a flashpack file (the last 8 bytes are not the magic \"FLASHPK\\0\")");
+    bad(path, "not a flashpack file (the last 8 bytes are not the magic \"FLASHPK\\0\")" +
+                  other_format(fd, file_size, path));
   }
   uint64_t footer_len = 0;
   for (int k = 7; k >= 0; --k) footer_len = (footer_len << 8) | trailer[k];

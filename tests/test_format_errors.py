@@ -83,7 +83,13 @@ def test_a_safetensors_file_is_not_a_flashpack_file(tmp_path):
     safetensors = pytest.importorskip("safetensors.torch")
     path = str(tmp_path / "model.safetensors")
     safetensors.save_file({"a": torch.ones(3)}, path)
-    expect_error(path, "not a flashpack file")
+    expect_error(path, "not a flashpack file .*; it looks like a safetensors file; convert it with `flashpack convert`")
+
+
+def test_a_torch_save_file_is_not_a_flashpack_file(tmp_path):
+    path = str(tmp_path / "model.pt")
+    torch.save({"a": torch.ones(3)}, path)
+    expect_error(path, "not a flashpack file .*; it looks like a torch.save file")
 
 
 @pytest.mark.parametrize("footer_len", [10**6, 2**40, 2**63, 2**64 - 1])
