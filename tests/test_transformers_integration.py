@@ -465,3 +465,12 @@ def test_push_to_hub_needs_a_repo_id_where_the_directory_name_is_none(model, tmp
                                          r"pass repo_id="):
         model.save_pretrained_flashpack(tmp_path / "my model", push_to_hub=True)
     assert (tmp_path / "my model" / "model.flashpack").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_weight_the_file_lacks_is_initialised_on_cuda(model, tmp_path):
+    model.save_pretrained_flashpack(tmp_path, ignore_names=["model.norm.weight"])
+    with pytest.warns(UserWarning, match="1 tensors initialised as from_pretrained initialises them"):
+        loaded = FlashLlama.from_pretrained_flashpack(tmp_path, strict=False, device="cuda")
+    assert all(t.is_cuda for t in list(loaded.parameters()) + list(loaded.buffers()))
+    assert torch.equal(loaded.model.norm.weight.cpu(), torch.ones_like(model.model.norm.weight))
