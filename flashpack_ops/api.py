@@ -350,7 +350,7 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
             # not know, a module _init_weights has no case for): what it did not write to (same
             # version; `.data` writes do not count, so the values decide too) is still zero.
             left_zero.extend(name for name in own
-                             if placed[name][2]._version == versions[name] and not placed[name][2].any())
+                             if placed[name][2]._version == versions[name] and _all_zero(placed[name][2]))
         except Exception:  # noqa: BLE001 - the model's own init code; what it could not set stays zero
             with torch.no_grad():
                 for store, attr, tensor in placed.values():
@@ -363,6 +363,16 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
             for store, attr, tensor in reversed(stand_ins):
                 store[attr] = tensor
     return left_zero
+
+
+def _all_zero(tensor: torch.Tensor) -> bool:
+    # On the bits, through an integer view of the same width: float8, sub-byte and complex
+    # dtypes have no any() of their own.
+    tensor = tensor.detach()
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor)
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+    return not bool(tensor.view(width).any())
 
 
 def describe_missing(names: List[str], left_zero: List[str], how: str) -> str:

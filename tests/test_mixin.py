@@ -427,3 +427,27 @@ def test_a_gpu_index_without_a_gpu_says_so(saved):
     _, path = saved
     with pytest.raises(ValueError, match="no CUDA device is available"):
         TinyLM.from_flashpack(path, device=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.complex128, torch.bool, torch.uint4], ids=str)
+def test_a_missing_tensor_of_any_dtype_is_reported(tmp_path, dtype):
+    # reset_parameters() sets the bias, not the extra tensor, whatever its dtype: that one
+    # stays zero and is said to, and the bias keeps its init.
+    class Odd(torch.nn.Linear):
+        def __init__(self):
+            super().__init__(4, 4)
+            width = torch.empty(0, dtype=dtype).element_size()
+            self.odd = torch.nn.Parameter(torch.zeros(3 * width, dtype=torch.uint8).view(dtype), requires_grad=False)
+
+    class Holder(torch.nn.Module, FlashPackMixin):
+        def __init__(self):
+            super().__init__()
+            self.layer = Odd()
+
+    model = Holder()
+    path = tmp_path / "holder.flashpack"
+    flashpack_ops.save_file({"layer.weight": model.layer.weight}, path)
+    with pytest.warns(UserWarning, match=r"1 tensors initialised as reset_parameters\(\) initialises them: "
+                                         r"layer\.bias; 1 tensors zero-filled: layer\.odd \("):
+        loaded = Holder.from_flashpack(path, strict=False)
+    assert loaded.layer.bias.any() and loaded.layer.odd.dtype == dtype and not loaded.layer.odd.is_meta
