@@ -143,6 +143,16 @@ std::string block_where(const Layout& layout, size_t k) {
   return "macroblock " + std::to_string(k) + " (" + dtype_name(layout.blocks[k].dtype) + ")";
 }
 
+// A part of the footer (index_text, metadata_text) against the CRC-32C stored for it.
+void check_footer_crc(const std::string& path, const std::string& text, uint32_t expected, const char* what) {
+  const uint32_t crc = crc32c(text.data(), text.size());
+  if (crc == expected) return;
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "crc32c 0x%08x, expected 0x%08x", crc, expected);
+  throw std::invalid_argument("'" + path + "': " + what + " does not match its checksum (" + buf +
+                              "): the footer is damaged; restore or re-save the file");
+}
+
 }  // namespace
 
 uint32_t crc32c_update(uint32_t crc, const void* data, size_t n) {
@@ -241,14 +251,7 @@ Verifier::Verifier(const std::string& path, const Layout& layout) : path_(path),
                                 "(\"index_crc32c\"): it was damaged, or written before flashpack_ops checked the "
                                 "index; save the file again with checksum=True");
   }
-  const std::string text = index_text(layout);
-  const uint32_t crc = crc32c(text.data(), text.size());
-  if (crc != *layout.index_crc) {
-    char buf[64];
-    std::snprintf(buf, sizeof(buf), "crc32c 0x%08x, expected 0x%08x", crc, *layout.index_crc);
-    throw std::invalid_argument("'" + path + "': the index (tensor names, shapes and offsets) does not match its "
-                                "checksum (" + buf + "): the footer is damaged; restore or re-save the file");
-  }
+  check_footer_crc(path, index_text(layout), *layout.index_crc, "the index (tensor names, shapes and offsets)");
   if (layout.metadata_crc) {
     // Only our save writes "metadata_crc32c", and only beside string pairs.
     if (!layout.metadata_is_ours || layout.metadata.empty()) {
@@ -256,14 +259,7 @@ Verifier::Verifier(const std::string& path, const Layout& layout) : path_(path),
                                   (layout.metadata_is_ours ? "no \"metadata\"" : "its \"metadata\" is not string pairs") +
                                   ": the footer is damaged; restore or re-save the file");
     }
-    const std::string pairs = metadata_text(layout);
-    const uint32_t metadata_crc = crc32c(pairs.data(), pairs.size());
-    if (metadata_crc != *layout.metadata_crc) {
-      char buf[64];
-      std::snprintf(buf, sizeof(buf), "crc32c 0x%08x, expected 0x%08x", metadata_crc, *layout.metadata_crc);
-      throw std::invalid_argument("'" + path + "': the metadata does not match its checksum (" + buf +
-                                  "): the footer is damaged; restore or re-save the file");
-    }
+    check_footer_crc(path, metadata_text(layout), *layout.metadata_crc, "the metadata");
   }
 }
 

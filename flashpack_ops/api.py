@@ -11,8 +11,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 
 from .distributed import SHARD_STRATEGIES, load_blocks_distributed, load_file_distributed, maybe_init_distributed
-from .ops import (DEFAULT_ALIGN_BYTES, DeviceLike, PathLike, _device, _identity, _path, load_file, read_metadata,
-                  save_file)
+from .ops import (_SAME_WIDTH_INT, DEFAULT_ALIGN_BYTES, DeviceLike, PathLike, _device, _identity, _path, load_file,
+                  read_metadata, save_file)
 
 _READ_ATTEMPTS = 3
 
@@ -371,8 +371,7 @@ def _all_zero(tensor: torch.Tensor) -> bool:
     tensor = tensor.detach()
     if tensor.is_complex():
         tensor = torch.view_as_real(tensor)
-    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
-    return not bool(tensor.view(width).any())
+    return not bool(tensor.view(_SAME_WIDTH_INT[tensor.element_size()]).any())
 
 
 def describe_missing(names: List[str], left_zero: List[str], how: str) -> str:

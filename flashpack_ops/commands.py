@@ -464,7 +464,6 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
 
 def summarize(path: str) -> Dict[str, Any]:
     """A flashpack file's footer plus what a person wants first: sizes, counts, dtypes."""
-
     meta = read_metadata(path)
     index = meta.get("index", [])
     if "macroblocks" in meta:

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from .ops import PathLike, load_file, read_metadata, string_metadata
+from .ops import _SAME_WIDTH_INT, PathLike, load_file, read_metadata, string_metadata
 
 # safetensors' names for the dtypes it stores; others go by torch's name.
 _SAFETENSORS_DTYPES = {
@@ -128,9 +128,6 @@ class _Slice:
     def __getitem__(self, index: Any) -> torch.Tensor:
         # A copy, as safetensors gives (contiguous, where its column slices may not be).
         return _copy(self._tensor, index, self._device)
-
-
-_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _copy(tensor: torch.Tensor, index: Any, device: torch.device) -> torch.Tensor:

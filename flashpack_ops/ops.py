@@ -58,6 +58,10 @@ def _device(device: Optional[DeviceLike]) -> torch.device:
 
 _ROUTES = ("auto", "direct", "buffered", "register")
 
+# Integer dtypes by width: views through them index, copy and compare the bits of any dtype
+# (float8, sub-byte and bits dtypes lack kernels of their own).
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
 
 def _dtype(dtype: Union[None, str, torch.dtype], what: str) -> Optional[torch.dtype]:
     """``torch.bfloat16`` or its name (``"bfloat16"``, ``"torch.bfloat16"``), as the command line takes it."""
