@@ -165,6 +165,17 @@ std::string read_footer(const std::string& path) {
   });
 }
 
+// The footer's "metadata" pairs (empty if it has none of ours): what safe_open().metadata()
+// gives, without handing Python the whole index to parse.
+c10::Dict<std::string, std::string> metadata_op(const std::string& path) {
+  return translate_errors("flashpack::metadata", [&] {
+    InputFile file(path);
+    c10::Dict<std::string, std::string> out;
+    for (auto& [key, value] : read_layout(file.fd(), file.size(), path).metadata) out.insert(key, value);
+    return out;
+  });
+}
+
 std::string layout_signature_op(const std::string& path) {
   return translate_errors("flashpack::layout_signature", [&] {
     InputFile file(path);
@@ -225,6 +236,7 @@ TORCH_LIBRARY(flashpack, m) {
       kSideEffects));
   m.def(torch::schema("read_footer(str path) -> str", kSideEffects));
   m.def(torch::schema("layout_signature(str path) -> str", kSideEffects));
+  m.def(torch::schema("metadata(str path) -> Dict(str, str)", kSideEffects));
   m.def(torch::schema("verify(str path, *, int num_threads=0) -> ()", kSideEffects));
   m.def(torch::schema(
       "read_range(str path, int offset, int length, Device device=\"cpu\", *, int num_threads=0) -> Tensor",
@@ -242,6 +254,7 @@ TORCH_LIBRARY_IMPL(flashpack, CompositeExplicitAutograd, m) {
   m.impl("save", &save_op);
   m.impl("read_footer", &read_footer);
   m.impl("layout_signature", &layout_signature_op);
+  m.impl("metadata", &metadata_op);
   m.impl("verify", &verify_op);
   m.impl("read_range", &read_range_op);
   m.impl("built_with_cuda", &built_with_cuda);

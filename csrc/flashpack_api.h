@@ -89,6 +89,13 @@ inline void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::s
                         metadata ? c10::IValue(*metadata) : c10::IValue()});
 }
 
+// flashpack::metadata: the footer's metadata pairs (empty if none).
+inline c10::Dict<std::string, std::string> metadata(const std::string& path) {
+  static const c10::OperatorHandle handle = detail::op("flashpack::metadata");
+  auto out = detail::call(handle, {path});
+  return c10::impl::toTypedDict<std::string, std::string>(std::move(out.at(0)).toGenericDict());
+}
+
 // flashpack::verify: checks the payload against its checksums; throws naming the bad range.
 inline void verify(const std::string& path, int64_t num_threads = 0) {
   static const c10::OperatorHandle handle = detail::op("flashpack::verify");

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from .ops import _SAME_WIDTH_INT, PathLike, load_file, read_metadata, string_metadata
+from .ops import _SAME_WIDTH_INT, PathLike, _identity, _path, load_file
 
 # safetensors' names for the dtypes it stores; others go by torch's name.
 _SAFETENSORS_DTYPES = {
@@ -20,6 +20,11 @@ for _name, _code in (("float8_e4m3fnuz", "F8_E4M3FNUZ"), ("float8_e5m2fnuz", "F8
                      ("float8_e8m0fnu", "F8_E8M0"), ("float4_e2m1fn_x2", "F4")):
     if hasattr(torch, _name):  # newer dtypes
         _SAFETENSORS_DTYPES[getattr(torch, _name)] = _code
+
+
+# Dtypes whose clone() has a kernel (the common ones; the rest go through integer views).
+_CLONES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+           torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128}
 
 
 class safe_open:  # noqa: N801 - safetensors' name, so that code written for it runs unchanged
@@ -58,13 +63,14 @@ class safe_open:  # noqa: N801 - safetensors' name, so that code written for it 
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"cannot open '{self._path}' for {self._device}: no CUDA device is available "
                              "(torch.cuda.is_available() is False)")
-        # The metadata is read apart from the load: read before and after, it must agree, so
-        # that a file replaced meanwhile (an atomic save) cannot pair one file's metadata
-        # with another's tensors.
+        # The metadata is read apart from the load: the same file before and after, so that a
+        # file replaced meanwhile (an atomic save) cannot pair one file's metadata with
+        # another's tensors.
         for _ in range(3):
-            self._metadata: Optional[Dict[str, str]] = string_metadata(read_metadata(self._path))
-            self._tensors: Optional[Dict[str, torch.Tensor]] = load_file(self._path, "cpu")
-            if string_metadata(read_metadata(self._path)) == self._metadata:
+            before = _identity(load_path := _path(self._path, must_exist=True))
+            self._metadata: Optional[Dict[str, str]] = dict(torch.ops.flashpack.metadata(load_path)) or None
+            self._tensors: Optional[Dict[str, torch.Tensor]] = load_file(load_path, "cpu")
+            if _identity(load_path) == before:
                 return
         raise RuntimeError(f"'{self._path}' was replaced three times while it was opened; open it again")
 
@@ -133,6 +139,9 @@ class _Slice:
 def _copy(tensor: torch.Tensor, index: Any, device: torch.device) -> torch.Tensor:
     """A contiguous copy of ``tensor[index]`` on ``device``. Indexing and copy kernels lack
     some dtypes (the sub-byte ones): their bits are indexed and copied as integers."""
+    if index is ... and device.type == "cpu" and tensor.dtype in _CLONES:
+        # NOTE: get_tensor's case, once per tensor of a file: no indexing, no views.
+        return tensor.clone()
     width = _SAME_WIDTH_INT.get(tensor.element_size())
     part = (tensor.view(width) if width is not None else tensor)[index]
     if device.type == "cpu":

@@ -262,7 +262,7 @@ def test_opcheck_save(tmp_path):
 
 
 @pytest.mark.parametrize("op, args", [("read_footer", ("FILE",)), ("layout_signature", ("FILE",)),
-                                      ("built_with_cuda", ())])
+                                      ("metadata", ("FILE",)), ("built_with_cuda", ())])
 def test_opcheck_tensorless_ops(op, args, weights_file):
     # test_aot_dispatch_dynamic: no tensor in or out, nothing for AOTAutograd to trace (and
     # opcheck cannot compare a str result).

@@ -160,3 +160,37 @@ def test_read_flashpack_file_never_mixes_two_files(tmp_path):
         stop.set()
         thread.join(TIMEOUT_S)
     assert loads > given_up
+
+
+def test_safe_open_pairs_a_files_metadata_with_its_own_tensors(tmp_path):
+    # safe_open reads the metadata and the tensors apart; a file saved over the path between
+    # them must not pair one file's metadata with the other's tensors.
+    path = str(tmp_path / "tagged.flashpack")
+    versions = [({"w": torch.full((256,), float(k))}, {"version": str(k)}) for k in range(2)]
+    flashpack_ops.save_file(versions[0][0], path, metadata=versions[0][1], durable=False)
+    stop = threading.Event()
+
+    def writer():
+        k = 0
+        while not stop.is_set():
+            tensors, metadata = versions[k % 2]
+            flashpack_ops.save_file(tensors, path, metadata=metadata, durable=False)
+            k += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    opened = given_up = 0
+    try:
+        for _ in range(1000):
+            try:
+                with flashpack_ops.safe_open(path, framework="pt") as f:
+                    version = int(f.metadata()["version"])
+                    assert torch.equal(f.get_tensor("w"), versions[version][0]["w"])
+                opened += 1
+            except RuntimeError as exc:  # replaced during each of its attempts: said plainly
+                assert "was replaced three times while it was opened" in str(exc)
+                given_up += 1
+    finally:
+        stop.set()
+        thread.join(TIMEOUT_S)
+    assert opened > given_up

@@ -21,6 +21,7 @@ def test_round_trip(tmp_path):
     with flashpack_ops.safe_open(path, framework="pt") as f:
         assert f.metadata() == METADATA
     assert_same_dict(flashpack_ops.load_file(path), TENSORS)
+    assert dict(torch.ops.flashpack.metadata(str(path))) == METADATA
     # None and {} store nothing, as before.
     for empty in (None, {}):
         flashpack_ops.save_file(TENSORS, path, metadata=empty)
@@ -64,6 +65,7 @@ def test_another_writers_metadata_is_ignored(tmp_path, metadata):
     payload = torch.arange(16, dtype=torch.float32).numpy().tobytes()
     path = write_raw(tmp_path / "other.flashpack", payload, v4([GOOD_ENTRY], [GOOD_BLOCK], metadata=metadata))
     assert torch.equal(flashpack_ops.load_file(path)["w"], torch.arange(16.0).reshape(4, 4))
+    assert dict(torch.ops.flashpack.metadata(path)) == {}
     with flashpack_ops.safe_open(path, framework="pt") as f:
         assert f.metadata() is None
 

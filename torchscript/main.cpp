@@ -115,8 +115,9 @@ void check_ops(const std::string& dir) {
   metadata.insert("format", "pt");
   const std::string with_metadata = dir + "/metadata.flashpack";
   flashpack::api::save(mine, with_metadata, std::nullopt, 128, 0, false, true, false, metadata);
-  check(flashpack::api::read_footer(with_metadata).find("\"metadata\":{\"format\":\"pt\"}") != std::string::npos,
-        "flashpack::save stores metadata in the footer");
+  const auto read_back = flashpack::api::metadata(with_metadata);
+  check(read_back.size() == 1 && read_back.at("format") == "pt" && flashpack::api::metadata(path).empty(),
+        "flashpack::save stores metadata in the footer, flashpack::metadata reads it back");
   for (const bool in_name : {true, false}) {
     c10::Dict<std::string, at::Tensor> bad_name;
     c10::Dict<std::string, std::string> bad_metadata;
