@@ -12,6 +12,7 @@ fsync (flashpack_ops unless durable=False), safetensors and torch.save do not.
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -69,6 +70,27 @@ def median_time(fn, repeat, check=None, warm=True):
     return statistics.median(times)
 
 
+def interleaved_median_times(fns, repeat, check=None):
+    """Median time of each of ``fns`` (name -> callable), the runs interleaved round by round.
+
+    NOTE: reads that allocate fresh memory (hundreds of MB per run) pay for the allocator's
+    state the previous run left; running each reader's repeats back to back would charge the
+    first one for growing the heap. One untimed round warms both."""
+    times = {name: [] for name in fns}
+    for round_ in range(repeat + 1):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            out = fn()
+            elapsed = time.perf_counter() - t0
+            if round_ == 0:
+                if check:
+                    check(out)
+            else:
+                times[name].append(elapsed)
+            del out
+    return {name: statistics.median(runs) for name, runs in times.items()}
+
+
 def same(loaded, expected):
     """Bit-exact check (every tensor here is bf16, so compare the int16 bits)."""
     assert set(loaded) == set(expected)
@@ -109,6 +131,18 @@ def readers():
     except ImportError:
         pass
     return out
+
+
+def one_by_one_readers():
+    """Every tensor read by name through safe_open, as weight loaders written for safetensors do."""
+    import safetensors
+
+    def read(open_file):
+        def run(p):
+            with open_file(p, framework="pt") as f:
+                return {name: f.get_tensor(name) for name in f.keys()}
+        return run
+    return {"flashpack_ops": read(flashpack_ops.safe_open), "safetensors": read(safetensors.safe_open)}
 
 
 FILE_OF = {"flashpack_ops": "ops.flashpack", "flashpack_ops durable=False": "ops.flashpack", "safetensors": "st.safetensors", "torch.save": "t.pt",
@@ -165,6 +199,10 @@ def main():
             path = os.path.join(workdir, FILE_OF[name])
             load_times[name] = median_time(lambda: read(path), args.repeat, check=lambda d: same(d, small))
         results["cases"][f"load {len(small)} small tensors ({nbytes(small) / 1e6:.0f} MB), warm, cpu"] = load_times
+        one_by_one = {name: functools.partial(read, os.path.join(workdir, FILE_OF[name]))
+                      for name, read in one_by_one_readers().items()}
+        results["cases"][f"read the same {len(small)} tensors one by one with safe_open (fresh copies)"] = \
+            interleaved_median_times(one_by_one, args.repeat, check=lambda d: same(d, small))
     finally:
         if args.dir is None:
             shutil.rmtree(workdir, ignore_errors=True)
