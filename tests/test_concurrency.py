@@ -7,6 +7,7 @@ instead of hanging it.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -125,6 +126,28 @@ def test_mapped_tensors_survive_the_file_being_replaced(tmp_path):
     assert equal(flashpack_ops.load_file(path), new)
 
 
+@contextlib.contextmanager
+def saved_over_in_turn(path, versions):
+    """While inside, a thread saves each (tensors, metadata) of ``versions`` over ``path`` in
+    turn, as fast as it can (atomic saves, no fsync)."""
+    stop = threading.Event()
+
+    def writer():
+        k = 0
+        while not stop.is_set():
+            tensors, metadata = versions[k % len(versions)]
+            flashpack_ops.save_file(tensors, path, metadata=metadata, durable=False)
+            k += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(TIMEOUT_S)
+
+
 def test_read_flashpack_file_never_mixes_two_files(tmp_path):
     # read_flashpack_file reads the footer and the blocks in two calls; a save that renames
     # a new file over the path between them must not pair one file's names with the other's
@@ -134,18 +157,8 @@ def test_read_flashpack_file_never_mixes_two_files(tmp_path):
     a = {"x": torch.full((256,), 1.0), "y": torch.full((256,), 2.0)}
     b = {"y": a["y"], "x": a["x"]}
     flashpack_ops.save_file(a, path, durable=False)
-    stop = threading.Event()
-
-    def writer():
-        k = 0
-        while not stop.is_set():
-            flashpack_ops.save_file(a if k % 2 else b, path, durable=False)
-            k += 1
-
-    thread = threading.Thread(target=writer)
-    thread.start()
     loads = given_up = 0
-    try:
+    with saved_over_in_turn(path, [(b, None), (a, None)]):
         for _ in range(3000):
             try:
                 storage, meta = flashpack_ops.read_flashpack_file(path)
@@ -156,9 +169,6 @@ def test_read_flashpack_file_never_mixes_two_files(tmp_path):
             loaded = dict(flashpack_ops.iterate_from_flash_tensor(storage, meta))
             assert torch.equal(loaded["x"], a["x"]) and torch.equal(loaded["y"], a["y"])
             loads += 1
-    finally:
-        stop.set()
-        thread.join(TIMEOUT_S)
     assert loads > given_up
 
 
@@ -168,19 +178,8 @@ def test_safe_open_pairs_a_files_metadata_with_its_own_tensors(tmp_path):
     path = str(tmp_path / "tagged.flashpack")
     versions = [({"w": torch.full((256,), float(k))}, {"version": str(k)}) for k in range(2)]
     flashpack_ops.save_file(versions[0][0], path, metadata=versions[0][1], durable=False)
-    stop = threading.Event()
-
-    def writer():
-        k = 0
-        while not stop.is_set():
-            tensors, metadata = versions[k % 2]
-            flashpack_ops.save_file(tensors, path, metadata=metadata, durable=False)
-            k += 1
-
-    thread = threading.Thread(target=writer)
-    thread.start()
     opened = given_up = 0
-    try:
+    with saved_over_in_turn(path, versions):
         for _ in range(1000):
             try:
                 with flashpack_ops.safe_open(path, framework="pt") as f:
@@ -190,7 +189,4 @@ def test_safe_open_pairs_a_files_metadata_with_its_own_tensors(tmp_path):
             except RuntimeError as exc:  # replaced during each of its attempts: said plainly
                 assert "was replaced three times while it was opened" in str(exc)
                 given_up += 1
-    finally:
-        stop.set()
-        thread.join(TIMEOUT_S)
     assert opened > given_up
