@@ -10,7 +10,7 @@ import torch
 
 from .api import filter_state_dict
 from .integrations._hub import FLASHPACK_FILE, looks_like_repo_id, parse_dtype, resolve_directory
-from .ops import load_file, read_metadata, save_file, string_metadata
+from .ops import load_file, read_metadata, save_file
 
 TORCH_EXTENSIONS = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_EXTENSIONS = (".safetensors",) + TORCH_EXTENSIONS
@@ -450,7 +450,7 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
         try:
             # The file's metadata (a converted checkpoint's), with the "format" save_pretrained
             # writes where it has none: transformers checks it when loading.
-            metadata = {"format": "pt", **(string_metadata(read_metadata(path)) or {})}
+            metadata = {"format": "pt", **torch.ops.flashpack.metadata(path)}
             save_safetensors(unique, destination, metadata=metadata)
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"safetensors cannot store {path}: {e}; write a .pt file instead") from None
@@ -475,4 +475,4 @@ def summarize(path: str) -> Dict[str, Any]:
     elements = sum(int(r["length"]) for r in index)
     return {"path": path, "file_bytes": os.path.getsize(path), "format": meta["format"],
             "align_bytes": meta.get("align_bytes"), "tensors": len(index), "elements": elements,
-            "blocks": blocks, "index": index, "metadata": string_metadata(meta) or {}}
+            "blocks": blocks, "index": index, "metadata": dict(torch.ops.flashpack.metadata(path))}

@@ -312,15 +312,6 @@ def read_metadata(path: PathLike) -> Dict[str, Any]:
     return json.loads(torch.ops.flashpack.read_footer(_path(path, must_exist=True)))
 
 
-def string_metadata(footer: Dict[str, Any]) -> Optional[Dict[str, str]]:
-    """A footer's ``"metadata"`` as ``save_file(metadata=)`` writes it (str to str), else None:
-    another writer's use of the name is ignored, as unknown keys are."""
-    metadata = footer.get("metadata")
-    if isinstance(metadata, dict) and metadata and all(isinstance(v, str) for v in metadata.values()):
-        return metadata
-    return None
-
-
 # torch.compile and torch.export: fake implementations, run when tracing. The file's
 # footer gives every name, shape and dtype, so a graph knows the outputs of a load
 # without reading the payload.
