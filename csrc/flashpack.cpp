@@ -68,8 +68,10 @@ std::vector<at::Tensor> load_any(const char* op, const std::string& path, c10::D
 }
 
 LoadOptions load_options(bool copy, int64_t num_threads, int64_t chunk_bytes, int64_t pinned_bytes,
-                         int64_t num_streams, std::string route, bool verify) {
+                         int64_t num_streams, std::string route, bool verify,
+                         std::optional<std::vector<std::string>> names = std::nullopt) {
   LoadOptions opts;
+  opts.names = std::move(names);
   opts.copy = copy;
   opts.num_threads = num_threads;
   opts.verify = verify;
@@ -82,11 +84,12 @@ LoadOptions load_options(bool copy, int64_t num_threads, int64_t chunk_bytes, in
 
 c10::Dict<std::string, at::Tensor> load(const std::string& path, c10::Device device, bool copy, int64_t num_threads,
                                         int64_t chunk_bytes, int64_t pinned_bytes, int64_t num_streams,
-                                        std::string route, bool verify) {
+                                        std::string route, bool verify, std::optional<std::vector<std::string>> names) {
   Layout layout;
-  auto tensors = load_any(
-      "flashpack::load", path, device,
-      load_options(copy, num_threads, chunk_bytes, pinned_bytes, num_streams, std::move(route), verify), &layout);
+  auto tensors = load_any("flashpack::load", path, device,
+                          load_options(copy, num_threads, chunk_bytes, pinned_bytes, num_streams, std::move(route),
+                                       verify, std::move(names)),
+                          &layout);
   c10::Dict<std::string, at::Tensor> out;
   out.reserve(tensors.size());
   for (size_t k = 0; k < tensors.size(); ++k) out.insert(std::move(layout.entries[k].name), std::move(tensors[k]));
@@ -99,19 +102,26 @@ c10::Dict<std::string, at::Tensor> load(const std::string& path, c10::Device dev
 // expect_layout: what the file looked like when a compiled graph was traced (layout_signature).
 // The graph zips the names it read then with these tensors, and assumes their shapes, dtypes
 // and sharing: a file saved since with another layout must fail here, not come out with
-// names on the wrong tensors.
+// names on the wrong tensors; it is checked against the whole file, names or not.
+// names (here and in load): only these entries are read and returned (format.h select_entries).
 std::vector<at::Tensor> load_list(const std::string& path, c10::Device device, bool copy, int64_t num_threads,
                                   int64_t chunk_bytes, int64_t pinned_bytes, int64_t num_streams, std::string route,
-                                  bool verify, std::optional<std::string> expect_layout, bool distinct) {
-  Layout layout;
-  auto tensors = load_any(
-      "flashpack::load_list", path, device,
-      load_options(copy, num_threads, chunk_bytes, pinned_bytes, num_streams, std::move(route), verify), &layout);
-  if (expect_layout && layout_signature(layout) != *expect_layout) {
-    TORCH_CHECK_VALUE(false, "flashpack::load_list: '", path, "' no longer has the layout this compiled code was "
-                      "traced with (its names, shapes, dtypes or tied tensors changed since): call "
-                      "torch.compiler.reset() to trace it again");
+                                  bool verify, std::optional<std::string> expect_layout, bool distinct,
+                                  std::optional<std::vector<std::string>> names) {
+  LoadOptions opts = load_options(copy, num_threads, chunk_bytes, pinned_bytes, num_streams, std::move(route), verify,
+                                  std::move(names));
+  if (expect_layout) {
+    // The whole file's layout, checked before a byte of the payload is read.
+    opts.check_layout = [&](const Layout& file_layout) {
+      if (layout_signature(file_layout) != *expect_layout) {
+        throw std::invalid_argument("'" + path + "' no longer has the layout this compiled code was traced with "
+                                    "(its names, shapes, dtypes or tied tensors changed since): call "
+                                    "torch.compiler.reset() to trace it again");
+      }
+    };
   }
+  Layout layout;
+  auto tensors = load_any("flashpack::load_list", path, device, opts, &layout);
   if (distinct) {
     const std::vector<size_t> first = tie_firsts(layout);
     size_t kept = 0;
@@ -218,12 +228,13 @@ TORCH_LIBRARY(flashpack, m) {
   const std::vector<at::Tag> kNotInCudaGraphs = {at::Tag::cudagraph_unsafe};
   m.def(torch::schema(
       "load(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0, int chunk_bytes=0, "
-      "int pinned_bytes=0, int num_streams=0, str route=\"auto\", bool verify=False) -> Dict(str, Tensor)",
+      "int pinned_bytes=0, int num_streams=0, str route=\"auto\", bool verify=False, str[]? names=None) "
+      "-> Dict(str, Tensor)",
       kSideEffects), kNotInCudaGraphs);
   m.def(torch::schema(
       "load_list(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0, int chunk_bytes=0, "
       "int pinned_bytes=0, int num_streams=0, str route=\"auto\", bool verify=False, str? expect_layout=None, "
-      "bool distinct=False) -> Tensor[]",
+      "bool distinct=False, str[]? names=None) -> Tensor[]",
       kSideEffects), kNotInCudaGraphs);
   m.def(torch::schema(
       "load_blocks(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0, int chunk_bytes=0, "

@@ -44,34 +44,40 @@ inline torch::jit::Stack call(const c10::OperatorHandle& handle, torch::jit::Sta
   return stack;
 }
 
+inline c10::IValue names(const std::optional<std::vector<std::string>>& names) {
+  return names ? c10::IValue(c10::List<std::string>(*names)) : c10::IValue();
+}
+
 }  // namespace detail
 
 // flashpack::load: the file's tensors by name, in file order. On the CPU they view a
 // private memory map of the file (copy=false); on CUDA the payload is streamed to the GPU.
 // chunk_bytes, pinned_bytes, num_streams and route tune the CUDA path (docs/cuda.md); 0 and
 // "auto" pick the defaults. verify=true checks the payload against the checksums saved with
-// checksum=true.
+// checksum=true. names: only these entries are read and returned (all when nullopt).
 inline c10::Dict<std::string, at::Tensor> load(const std::string& path, c10::Device device = c10::kCPU,
                                                bool copy = false, int64_t num_threads = 0, int64_t chunk_bytes = 0,
                                                int64_t pinned_bytes = 0, int64_t num_streams = 0,
-                                               const std::string& route = "auto", bool verify = false) {
+                                               const std::string& route = "auto", bool verify = false,
+                                               const std::optional<std::vector<std::string>>& names = std::nullopt) {
   static const c10::OperatorHandle handle = detail::op("flashpack::load");
-  auto out =
-      detail::call(handle, {path, device, copy, num_threads, chunk_bytes, pinned_bytes, num_streams, route, verify});
+  auto out = detail::call(handle, {path, device, copy, num_threads, chunk_bytes, pinned_bytes, num_streams, route,
+                                   verify, detail::names(names)});
   return c10::impl::toTypedDict<std::string, at::Tensor>(std::move(out.at(0)).toGenericDict());
 }
 
 // flashpack::load_list: the same tensors, in index order; distinct=true leaves out each
-// tied entry after the first of its group (no two outputs then share memory).
+// tied entry after the first of its group (no two outputs then share memory); names as in load.
 inline std::vector<at::Tensor> load_list(const std::string& path, c10::Device device = c10::kCPU,
                                          bool copy = false, int64_t num_threads = 0, int64_t chunk_bytes = 0,
                                          int64_t pinned_bytes = 0, int64_t num_streams = 0,
                                          const std::string& route = "auto", bool verify = false,
-                                         bool distinct = false) {
+                                         bool distinct = false,
+                                         const std::optional<std::vector<std::string>>& names = std::nullopt) {
   static const c10::OperatorHandle handle = detail::op("flashpack::load_list");
   auto out =
       detail::call(handle, {path, device, copy, num_threads, chunk_bytes, pinned_bytes, num_streams, route, verify,
-                            c10::IValue(), distinct});
+                            c10::IValue(), distinct, detail::names(names)});
   return std::move(out.at(0)).toTensorVector();
 }
 

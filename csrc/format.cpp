@@ -599,6 +599,76 @@ std::vector<size_t> tie_firsts(const Layout& layout) {
   return first;
 }
 
+Layout select_entries(const Layout& layout, const std::vector<std::string>& names, const std::string& path) {
+  const std::unordered_set<std::string> wanted(names.begin(), names.end());
+  std::unordered_set<std::string> found;
+  std::vector<size_t> chosen;
+  for (size_t k = 0; k < layout.entries.size(); ++k) {
+    if (wanted.count(layout.entries[k].name)) {
+      chosen.push_back(k);
+      found.insert(layout.entries[k].name);
+    }
+  }
+  if (found.size() < wanted.size()) {
+    std::vector<std::string> missing;
+    for (const std::string& name : names) {
+      if (!found.count(name) && std::find(missing.begin(), missing.end(), name) == missing.end()) missing.push_back(name);
+    }
+    std::string listed;
+    for (size_t k = 0; k < missing.size() && k < 5; ++k) listed += (k ? ", '" : "'") + missing[k] + "'";
+    if (missing.size() > 5) listed += " and " + std::to_string(missing.size() - 5) + " more";
+    throw std::invalid_argument("'" + path + "' has no entr" + (missing.size() == 1 ? "y " : "ies ") + listed +
+                                " (of the names asked for)");
+  }
+
+  Layout out;
+  out.format = layout.format;
+  out.align_bytes = layout.align_bytes;
+  out.payload_bytes = layout.payload_bytes;
+  out.metadata = layout.metadata;
+  out.metadata_is_ours = layout.metadata_is_ours;
+  out.entries.reserve(chosen.size());
+  // Per block, the chosen entries by position; each run of close ones becomes a block.
+  std::vector<size_t> order = chosen;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    const Entry& x = layout.entries[a];
+    const Entry& y = layout.entries[b];
+    return std::tie(x.block, x.offset) < std::tie(y.block, y.offset);
+  });
+  std::vector<uint32_t> block_of(layout.entries.size());
+  std::vector<uint64_t> start_of(layout.entries.size());
+  for (size_t i = 0; i < order.size();) {
+    const Entry& head = layout.entries[order[i]];
+    const Block& src = layout.blocks[head.block];
+    const uint64_t esize = c10::elementSize(src.dtype);
+    const uint64_t gap = std::max<uint64_t>(1, kSelectGapBytes / esize);
+    const uint64_t begin = head.offset;
+    uint64_t end = head.offset + head.length;
+    size_t j = i;
+    for (; j < order.size(); ++j) {
+      const Entry& e = layout.entries[order[j]];
+      if (e.block != head.block || e.offset > end + gap) break;
+      end = std::max(end, e.offset + e.length);
+      block_of[order[j]] = static_cast<uint32_t>(out.blocks.size());
+      start_of[order[j]] = begin;
+    }
+    Block b;
+    b.dtype = src.dtype;
+    b.offset_bytes = src.offset_bytes + begin * esize;
+    b.length_elems = end - begin;
+    b.length_bytes = b.length_elems * esize;
+    out.blocks.push_back(std::move(b));
+    i = j;
+  }
+  for (size_t k : chosen) {
+    Entry e = layout.entries[k];
+    e.offset -= start_of[k];
+    e.block = block_of[k];
+    out.entries.push_back(std::move(e));
+  }
+  return out;
+}
+
 std::string layout_signature(const Layout& layout) {
   std::string out;
   const std::vector<size_t> first = tie_firsts(layout);

@@ -41,6 +41,10 @@ inline constexpr uint64_t kBlockAlignBytes = 4096;
 inline constexpr uint64_t kMaxFooterBytes = uint64_t(256) << 20;
 inline constexpr size_t kMaxDims = 64;
 inline constexpr uint64_t kMinChecksumChunkBytes = 4096;
+// NOTE: a load of selected entries reads the bytes between two of them when they are this
+// close: one more block (one more allocation and copy) costs more than reading 1 MiB, and
+// entries left out between selected ones are usually small (a bias between two weights).
+inline constexpr uint64_t kSelectGapBytes = uint64_t(1) << 20;
 
 // The torch name of a dtype ("bfloat16"), or nullptr if flashpack cannot store it.
 const char* dtype_name(c10::ScalarType t);
@@ -116,6 +120,15 @@ std::string layout_signature(const Layout& layout);
 // and length: a tied weight), or its own index. Empty entries share nothing. A load gives
 // tied entries one storage; a traced graph must see them as one tensor.
 std::vector<size_t> tie_firsts(const Layout& layout);
+
+// The part of a layout that holds the entries named: those entries, in index order (every
+// entry of a name the file holds twice), over blocks that cover only their bytes. Each
+// block's selected byte ranges become blocks of their own, ranges closer than
+// kSelectGapBytes merged into one (the bytes between them are read too, not returned), so
+// a load reads and allocates about what it returns. Tied entries stay tied. The blocks
+// carry no checksums: verify the whole file first. Throws std::invalid_argument naming
+// the names the file lacks.
+Layout select_entries(const Layout& layout, const std::vector<std::string>& names, const std::string& path);
 
 // One tensor to be written: its final dtype, shape, and the index of an earlier
 // request whose bytes it shares (a tied weight), or -1.

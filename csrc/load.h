@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Storage.h>
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <utility>
@@ -26,7 +27,16 @@ struct LoadOptions {
   int64_t num_streams = 0;     // FLASHPACK_NUM_STREAMS: copy streams (4)
   std::string route = "auto";  // FLASHPACK_CUDA_ROUTE: auto, direct, buffered or register
   bool blocks = false;         // return the blocks themselves (see block_tensors), not the entries
+  // Only these entries (format.h select_entries); the file's other bytes are not read.
+  std::optional<std::vector<std::string>> names;
+  // Called with the file's whole layout before any payload byte is read; throws to refuse it.
+  std::function<void(const Layout&)> check_layout;
 };
+
+// The layout a load works from: the file's, checked by opts.check_layout and shown to
+// `whole` (if given), then cut down to opts.names.
+Layout layout_to_load(const InputFile& file, const LoadOptions& opts,
+                      const std::function<void(const Layout&)>& whole = nullptr);
 
 // One tensor per index entry, in index order, each a view into its block's storage
 // (so tied entries share memory). `blocks[k]` must hold layout.blocks[k]'s bytes.

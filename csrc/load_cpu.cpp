@@ -140,15 +140,27 @@ std::vector<at::Tensor> load_outputs(const Layout& layout, const std::vector<c10
   return opts.blocks ? block_tensors(layout, blocks, device) : make_views(layout, blocks, device);
 }
 
+Layout layout_to_load(const InputFile& file, const LoadOptions& opts,
+                      const std::function<void(const Layout&)>& whole) {
+  Layout layout = read_layout(file.fd(), file.size(), file.path());
+  if (opts.check_layout) opts.check_layout(layout);
+  if (whole) whole(layout);
+  return opts.names ? select_entries(layout, *opts.names, file.path()) : layout;
+}
+
 std::vector<at::Tensor> load_cpu(const std::string& path, const LoadOptions& opts, Layout* layout_out) {
   InputFile file(path);
-  Layout layout = read_layout(file.fd(), file.size(), path);
   const int threads = default_threads(static_cast<int>(opts.num_threads));
+  // A selection's blocks carry no checksums: the whole file is verified before it is made.
+  const bool verify_whole = opts.verify && opts.names.has_value();
+  Layout layout = layout_to_load(file, opts, [&](const Layout& all) {
+    if (verify_whole) verify_file(file, all, threads);
+  });
   std::optional<Verifier> verifier;
-  if (opts.verify) verifier.emplace(path, layout);
+  if (opts.verify && !verify_whole) verifier.emplace(path, layout);
   const auto storages = opts.copy ? read_blocks(file, layout, threads, verifier ? &*verifier : nullptr)
                                   : map_blocks(file, layout);
-  if (opts.verify && !opts.copy) {
+  if (opts.verify && !verify_whole && !opts.copy) {
     // NOTE: read with pread from the descriptor the mapping was made from (the same file),
     // not through the mapping: touching every page of it would put the whole file in this
     // process's RSS for as long as the tensors live.

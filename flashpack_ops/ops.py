@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-from typing import Any, Dict, List, Mapping, NoReturn, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, NoReturn, Optional, Tuple, Union
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
@@ -168,6 +168,7 @@ def load_file(
     num_streams: int = 0,
     route: str = "auto",
     verify: bool = False,
+    names: Optional[Iterable[str]] = None,
 ) -> Dict[str, torch.Tensor]:
     """Load a flashpack file as a dict of tensors, in the file's order.
 
@@ -190,7 +191,11 @@ def load_file(
             buffered reads), ``"direct"`` (O_DIRECT reads), ``"buffered"`` or ``"register"``
             (``FLASHPACK_CUDA_ROUTE``). See docs/cuda.md.
         verify: check the payload against the checksums stored by ``save_file(...,
-            checksum=True)`` before returning (on the host, also for CUDA).
+            checksum=True)`` before returning (on the host, also for CUDA; the whole file,
+            also with ``names``).
+        names: load only these entries: only their bytes are read and, on CUDA, only they
+            take GPU memory (entries less than 1 MiB apart are read as one range). For
+            one stage of a pipeline, or one GPU's part of a model. All entries if None.
 
     Returns:
         Dict[str, torch.Tensor]: the tensors, bit for bit as saved.
@@ -199,7 +204,7 @@ def load_file(
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file is not a valid flashpack file; the message names the file,
             the entry and the problem. With ``verify``: the payload does not match its
-            checksums, or none were stored.
+            checksums, or none were stored. With ``names``: a name the file lacks.
         RuntimeError: the file could not be read.
 
     Example:
@@ -215,13 +220,20 @@ def load_file(
         # Checked here for every device: the CPU path has no use for it and would not say.
         raise ValueError(f"cannot load '{os.fspath(path)}': unknown route {route!r} (expected auto, direct, "
                          "buffered or register)")
+    if names is not None:
+        if isinstance(names, str):
+            raise TypeError(f"cannot load '{os.fspath(path)}': names must be a list of entry names, not the str "
+                            f"{names!r}")
+        names = tuple(names)
+        if not all(isinstance(name, str) for name in names):
+            raise TypeError(f"cannot load '{os.fspath(path)}': names must all be str")
     if torch.compiler.is_compiling():
         # Dynamo cannot trace an op returning a dict; load_list returns the same tensors.
         path = os.fspath(path)
-        layout = _traced_layout(path)
+        layout = _traced_layout(path, names)
         if layout is None:
             # The file cannot be read now: the op breaks the graph, runs and says why.
-            torch.ops.flashpack.load_list(path, _device(device))
+            torch.ops.flashpack.load_list(path, _device(device), names=names)
             raise RuntimeError(f"'{path}' could not be read when this code was compiled and can be now: call "
                                "torch.compiler.reset() to trace it again")
         names, firsts, shapes, signature = layout
@@ -232,7 +244,7 @@ def load_file(
         tensors = torch.ops.flashpack.load_list(
             path, _device(device), copy=copy, num_threads=num_threads, chunk_bytes=chunk_bytes,
             pinned_bytes=pinned_bytes, num_streams=num_streams, route=route, verify=verify,
-            expect_layout=signature, distinct=True,
+            expect_layout=signature, distinct=True, names=names,
         )
         position = {k: n for n, k in enumerate(k for k, first in enumerate(firsts) if first == k)}
         out = {}
@@ -244,7 +256,7 @@ def load_file(
     return torch.ops.flashpack.load(
         _path(path, must_exist=True), _device(device), copy=copy, num_threads=num_threads,
         chunk_bytes=chunk_bytes, pinned_bytes=pinned_bytes, num_streams=num_streams, route=route,
-        verify=verify,
+        verify=verify, names=names,
     )
 
 
@@ -317,22 +329,40 @@ def read_metadata(path: PathLike) -> Dict[str, Any]:
 # without reading the payload.
 
 
+def _selected(index: List[Dict[str, Any]], names: Optional[Iterable[str]], op: str, path: str) -> List[Dict[str, Any]]:
+    """The index entries a load of ``names`` returns (all if None), in index order; the
+    error select_entries() in csrc/format.cpp raises for names the file lacks."""
+    if names is None:
+        return index
+    wanted = dict.fromkeys(names)
+    chosen = [entry for entry in index if entry["name"] in wanted]
+    found = {entry["name"] for entry in chosen}
+    missing = [name for name in wanted if name not in found]
+    if missing:
+        listed = ", ".join(f"'{name}'" for name in missing[:5])
+        if len(missing) > 5:
+            listed += f" and {len(missing) - 5} more"
+        raise ValueError(f"{op}: '{path}' has no entr{'y' if len(missing) == 1 else 'ies'} {listed} (of the names "
+                         "asked for)")
+    return chosen
+
+
 def _traced_layout(
-    path: str,
+    path: str, names: Optional[Tuple[str, ...]] = None,
 ) -> Optional[Tuple[Tuple[str, ...], Tuple[int, ...], Tuple[Tuple[int, ...], ...], str]]:
     """What load_file's compiled form builds its dict from, read once when tracing: the
-    entry names in index order, for each the index of the first entry it is tied to (itself
-    if none) and its shape, and the layout signature load_list then checks the file against.
-    None if the file cannot be read (an error raised here would reach the caller as Dynamo's
-    own)."""
+    names of the entries loaded (``names``, or all) in index order, for each the index of
+    the first of them it is tied to (itself if none) and its shape, and the whole file's
+    layout signature load_list then checks the file against. None if the file cannot be
+    read or lacks a name (an error raised here would reach the caller as Dynamo's own)."""
     # Outside any tracing mode: torch.export would otherwise record the reads in its graph.
     try:
         with _disable_current_modes():
             footer = json.loads(torch.ops.flashpack.read_footer(path))
             signature = torch.ops.flashpack.layout_signature(path)
+        index = _selected(footer["index"], names, "flashpack::load_list", path)
     except (ValueError, RuntimeError):
         return None
-    index = footer["index"]
     return (tuple(entry["name"] for entry in index), tuple(_tie_groups(index)),
             tuple(tuple(entry["shape"]) for entry in index), signature)
 
@@ -362,6 +392,18 @@ def _raise_as(op: str, error: Exception) -> NoReturn:
     if message.startswith(prefix):
         raise type(error)(op + ": " + message[len(prefix):]) from None
     raise error
+
+
+def _refuse(message: str) -> NoReturn:
+    """A fake's ValueError for what the real op refuses too. Under Dynamo it breaks the
+    graph instead (a ValueError would surface as Dynamo's own TorchRuntimeError, which
+    ``except ValueError`` misses): the real op then runs eagerly and raises the real error,
+    or does what a graph cannot (fullgraph=True reports this message)."""
+    if torch._guards.TracingContext.try_get() is not None:
+        from torch._subclasses.fake_tensor import UnsupportedOperatorException
+
+        raise UnsupportedOperatorException(message)
+    raise ValueError(message)
 
 
 def _fake_footer(op: str, path: str, device: torch.device) -> Tuple[Dict[str, Any], List[Tuple[str, int]]]:
@@ -396,13 +438,19 @@ def _fake_footer(op: str, path: str, device: torch.device) -> Tuple[Dict[str, An
     return footer, blocks
 
 
-def _fake_views(op: str, path: str, device: torch.device) -> Tuple[List[str], List[torch.Tensor], List[int]]:
-    """The names and fake tensors of a load, and for each the first entry it is tied to."""
+def _fake_views(op: str, path: str, device: torch.device,
+                selection: Optional[List[str]] = None) -> Tuple[List[str], List[torch.Tensor], List[int]]:
+    """The names and fake tensors of a load (of the entries in ``selection``, or all), and
+    for each the first of them it is tied to."""
     footer, blocks = _fake_footer(op, path, device)
+    try:
+        index = _selected(footer["index"], selection, op, path)
+    except ValueError as error:
+        _refuse(str(error))
     # Like the real op, each entry has a storage of its own, except tied entries (same
     # block, offset and length), which share one: aliasing between outputs is the same.
-    names, tensors, firsts = [], [], _tie_groups(footer["index"])
-    for k, (entry, first) in enumerate(zip(footer["index"], firsts)):
+    names, tensors, firsts = [], [], _tie_groups(index)
+    for k, (entry, first) in enumerate(zip(index, firsts)):
         dtype = getattr(torch, blocks[entry.get("macroblock", 0)][0])
         if first == k:
             tensor = torch.empty(entry["shape"], dtype=dtype, device=device)
@@ -420,33 +468,28 @@ def _fake_views(op: str, path: str, device: torch.device) -> Tuple[List[str], Li
 
 @torch.library.register_fake("flashpack::load_list")
 def _load_list_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0, chunk_bytes=0, pinned_bytes=0,
-                    num_streams=0, route="auto", verify=False, expect_layout=None, distinct=False):
+                    num_streams=0, route="auto", verify=False, expect_layout=None, distinct=False, names=None):
     op = "flashpack::load_list"
-    names, tensors, firsts = _fake_views(op, path, device)
+    selection = names
+    names, tensors, firsts = _fake_views(op, path, device, selection)
     if distinct:
         return [t for k, t in enumerate(tensors) if firsts[k] == k]
     tied = [(names[first], names[k]) for k, first in enumerate(firsts) if first != k]
     if tied:
         # A traced graph takes a custom operator's outputs as separate memory (torch.compile
         # refuses outputs that alias); the real op would return one storage twice.
-        message = (f"{op}: '{path}' has tied entries ('{tied[0][0]}' and '{tied[0][1]}' share their bytes), which "
-                   "a traced graph cannot take as separate outputs: pass distinct=True, or use "
-                   "flashpack_ops.load_file(), which ties the names back")
-        if torch._guards.TracingContext.try_get() is not None:
-            # Under Dynamo: break the graph, so that the op runs eagerly and returns them tied.
-            from torch._subclasses.fake_tensor import UnsupportedOperatorException
-
-            raise UnsupportedOperatorException(message)
-        raise ValueError(message)
+        _refuse(f"{op}: '{path}' has tied entries ('{tied[0][0]}' and '{tied[0][1]}' share their bytes), which "
+                "a traced graph cannot take as separate outputs: pass distinct=True, or use "
+                "flashpack_ops.load_file(), which ties the names back")
     return tensors
 
 
 @torch.library.register_fake("flashpack::load")
 def _load_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0, chunk_bytes=0, pinned_bytes=0,
-               num_streams=0, route="auto", verify=False):
+               num_streams=0, route="auto", verify=False, names=None):
     # Dynamo cannot put an op returning a dict in a graph; with this fake it breaks the
     # graph there instead of failing, and opcheck and export can run the op.
-    names, tensors, _ = _fake_views("flashpack::load", path, device)
+    names, tensors, _ = _fake_views("flashpack::load", path, device, names)
     return dict(zip(names, tensors))
 
 

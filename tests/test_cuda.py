@@ -192,6 +192,35 @@ def test_tied_tensors_share_memory(tmp_path):
 
 
 @needs_cuda_build
+@pytest.mark.parametrize("route", sorted(ROUTE_COUNTERS))
+def test_named_entries_move_only_their_bytes(tmp_path, route):
+    if route == "direct" and not supports_o_direct(tmp_path):
+        pytest.skip(f"{tmp_path} ({filesystem_type(tmp_path)}) has no O_DIRECT")
+    tensors = mixed_dict(21, scale=8)
+    tensors["big"] = random_tensor((4 * MiB,), torch.float32, 22)
+    tensors["tail"] = random_tensor((100,), torch.bfloat16, 23)
+    tensors["head"] = tensors["embed"]
+    path = tmp_path / "part.flashpack"
+    save_file(tensors, path)
+    names = ["tail", "scalar", "head", "empty", "embed"]
+    wanted = sum(tensors[name].nbytes for name in ("embed", "scalar", "tail"))
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    before = cuda_stats()
+    loaded = load_file(path, "cuda", names=names, route=route, chunk_bytes=64 * KiB, pinned_bytes=256 * KiB)
+    delta = stats_delta(before)
+    if route == "register" and delta["register_fallbacks"]:
+        pytest.skip("this driver refuses cudaHostRegister(ReadOnly) on file mappings; the load staged instead")
+    assert_loaded(loaded, {name: t for name, t in tensors.items() if name in names})
+    assert loaded["embed"].data_ptr() == loaded["head"].data_ptr()
+    # What lies between selected entries of one block is read too when it is small (here
+    # "proj", between "embed" and "tail"); the 16 MiB entry is neither read nor allocated.
+    moved = delta[ROUTE_COUNTERS[route]]
+    assert wanted <= moved < wanted + 1 * MiB, delta
+    assert torch.cuda.memory_allocated() - allocated < wanted + 2 * MiB
+
+
+@needs_cuda_build
 def test_twenty_thousand_small_tensors(tmp_path):
     tensors = {f"layers.{k}.weight": random_tensor((k % 7 + 1, 9), torch.bfloat16, k) for k in range(20_000)}
     path = tmp_path / "many.flashpack"

@@ -82,6 +82,11 @@ void check_ops(const std::string& dir) {
   }
   check(list_ok, "flashpack::load_list returns the same tensors in index order");
 
+  const auto part = flashpack::api::load(path, c10::kCPU, false, 0, 0, 0, 0, "auto", false,
+                                         std::vector<std::string>{"linear.bias"});
+  check(part.size() == 1 && torch::equal(part.at("linear.bias"), expected.at("linear.bias")),
+        "flashpack::load with names returns only those entries");
+
   const std::string footer = flashpack::api::read_footer(path);
   check(footer.find("\"flashpack_v4\"") != std::string::npos && footer.find("\"linear.bias\"") != std::string::npos,
         "flashpack::read_footer returns the index");

@@ -687,7 +687,7 @@ std::vector<at::Tensor> load_on(const InputFile& file, c10::DeviceIndex index, c
   const c10::Device device(c10::kCUDA, index);
   const std::string& path = file.path();
   const Tuning tuning = resolve(opts, path);
-  Layout layout = read_layout(file.fd(), file.size(), path);
+  Layout layout = layout_to_load(file, opts);
 
   // One allocation per block, through the caching allocator, on the caller's current stream.
   Target target{index, c10::cuda::getCurrentCUDAStream(index).stream(), {}};
