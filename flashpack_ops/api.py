@@ -307,62 +307,95 @@ def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
 def initialize_missing(model: torch.nn.Module, names: List[str],
                        init: Callable[[torch.nn.Module], Any]) -> List[str]:
     """Initialise tensors a file lacked (just zero-filled, on their device) as building the
-    model would have: ``init(module)`` on each module that holds one (``reset_parameters``,
-    or transformers' ``_init_weights``). Such inits set every tensor of the module in place,
-    so meanwhile every other parameter and buffer under it is swapped for a meta stand-in:
-    no loaded weight is touched. Returns the names left at zero (``init`` failed: a module
-    without ``reset_parameters``, say)."""
+    model would have: ``init(module)`` (``reset_parameters``, or transformers'
+    ``_init_weights``) on each module that holds one and on each module above it, deepest
+    first, as construction runs them (a parent's init may set its children's tensors:
+    ``MultiheadAttention`` zeroes ``out_proj.bias``, a CLIP attention scales its ``q_proj``).
+    Such inits set every tensor in reach in place, so meanwhile every other parameter and
+    buffer of the model is swapped for a meta stand-in: no loaded weight is touched;
+    submodules an init replaces are put back. Returns the names left at zero (the init of
+    their own module failed or did not write them: a module without ``reset_parameters``)."""
     missing = set(names)
-    by_module: Dict[str, List[str]] = {}
-    for name in names:
-        by_module.setdefault(name.rpartition(".")[0], []).append(name)
-    left_zero: List[str] = []
-    for module_name, own in by_module.items():
-        module = model.get_submodule(module_name)
-        prefix = module_name + "." if module_name else ""
-        stand_ins: List[Tuple[Dict[str, Any], str, torch.Tensor]] = []
-        placed: Dict[str, Tuple[Dict[str, Any], str, torch.Tensor]] = {}
-        try:
-            for sub_name, sub in module.named_modules(remove_duplicate=False):
-                for store in (sub._parameters, sub._buffers):
-                    for attr, tensor in list(store.items()):
-                        full = prefix + (sub_name + "." if sub_name else "") + attr
-                        if tensor is None:
-                            continue
-                        if full in missing:
-                            placed[full] = (store, attr, tensor)
-                            continue
-                        # A tensor that cannot have a meta stand-in (quantized, some subclasses)
-                        # fails here, before init runs: its module is then left at zero.
+    # By identity: a tensor reachable under a second path (a module shared by two parents)
+    # is the missing one all the same, and must not be stood in for.
+    missing_ids = {id(_tensor_at(model, name)) for name in names}
+    holders = {name.rpartition(".")[0] for name in names}
+    chain = set()
+    for holder in holders:
+        parts = holder.split(".") if holder else []
+        chain.update(".".join(parts[:n]) for n in range(len(parts) + 1))
+    deepest_first = sorted(chain, key=lambda path: path.count(".") + bool(path), reverse=True)
+
+    modules = list(model.named_modules(remove_duplicate=False))
+    children = [(module, dict(module._modules)) for _, module in modules]
+    stand_ins: List[Tuple[Dict[str, Any], str, torch.Tensor]] = []
+    placed: Dict[str, Tuple[Dict[str, Any], str, torch.Tensor]] = {}
+    failed = set()
+    try:
+        for module_name, module in modules:
+            prefix = module_name + "." if module_name else ""
+            for store in (module._parameters, module._buffers):
+                for attr, tensor in list(store.items()):
+                    if tensor is None:
+                        continue
+                    if id(tensor) in missing_ids:
+                        placed.setdefault(prefix + attr, (store, attr, tensor))
+                        continue
+                    try:
                         meta = tensor.detach().to("meta")
-                        stand_in = torch.nn.Parameter(meta, tensor.requires_grad) if store is sub._parameters else meta
-                        stand_ins.append((store, attr, tensor))
-                        store[attr] = stand_in
-            versions = {name: tensor._version for name, (_, _, tensor) in placed.items()}
-            with torch.no_grad():
-                init(module)
-                for name, (store, attr, tensor) in placed.items():
+                    except Exception:  # noqa: BLE001 - quantized tensors and some subclasses have none
+                        # Out of reach of the inits only if none of them can get to it.
+                        failed.update(path for path in chain
+                                      if not path or module_name == path or module_name.startswith(path + "."))
+                        continue
+                    stand_in = torch.nn.Parameter(meta, tensor.requires_grad) if store is module._parameters else meta
+                    stand_ins.append((store, attr, tensor))
+                    store[attr] = stand_in
+        versions = {name: placed[name][2]._version for name in names}
+        with torch.no_grad():
+            for path in deepest_first:
+                if path in failed:
+                    continue
+                try:
+                    init(model.get_submodule(path))
+                except Exception:  # noqa: BLE001 - the model's own init code; what it could not set stays zero
+                    failed.add(path)
+            for name in names:
+                store, attr, tensor = placed[name]
+                if store.get(attr) is not tensor:
                     # An init that made a new tensor rather than fill ours: keep ours, with its values.
-                    if store.get(attr) is not tensor:
+                    try:
                         tensor.copy_(store[attr])
-                        store[attr] = tensor
-            # An init that ran need not have set every tensor (a buffer reset_parameters() does
-            # not know, a module _init_weights has no case for): what it did not write to (same
-            # version; `.data` writes do not count, so the values decide too) is still zero.
-            left_zero.extend(name for name in own
-                             if placed[name][2]._version == versions[name] and _all_zero(placed[name][2]))
-        except Exception:  # noqa: BLE001 - the model's own init code; what it could not set stays zero
-            with torch.no_grad():
-                for store, attr, tensor in placed.values():
+                    except Exception:  # noqa: BLE001 - a new tensor made from a stand-in
+                        failed.add(name.rpartition(".")[0])
                     store[attr] = tensor
-                for name in own:
-                    if name in placed:  # the others were never reached: still zero
-                        placed[name][2].zero_()
-            left_zero.extend(own)
-        finally:
-            for store, attr, tensor in reversed(stand_ins):
-                store[attr] = tensor
+    finally:
+        # An init that builds new submodules (self.proj = Linear(...)) would drop the loaded
+        # ones: they are put back (what the init set in the new ones is lost).
+        for module, saved in children:
+            if module._modules.keys() != saved.keys() or any(module._modules[k] is not v for k, v in saved.items()):
+                module._modules.clear()
+                module._modules.update(saved)
+        for store, attr, tensor in reversed(stand_ins):
+            store[attr] = tensor
+    left_zero = []
+    with torch.no_grad():
+        for name in names:
+            tensor = placed[name][2]
+            if name.rpartition(".")[0] in failed:
+                tensor.zero_()
+                left_zero.append(name)
+            elif tensor._version == versions[name] and _all_zero(tensor):
+                # Not written by any init (same version; `.data` writes do not count, so the
+                # values decide too): a buffer reset_parameters() does not know, say.
+                left_zero.append(name)
     return left_zero
+
+
+def _tensor_at(model: torch.nn.Module, name: str) -> Optional[torch.Tensor]:
+    module_path, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    return module._parameters.get(attr, module._buffers.get(attr))
 
 
 def _all_zero(tensor: torch.Tensor) -> bool:
@@ -413,6 +446,28 @@ def _unwrapped(model: torch.nn.Module, tensors: Dict[str, torch.Tensor]) -> torc
         if any(name.startswith(prefix) for name in tensors):
             return model
         model = inner
+
+
+def _separate_shared_memory(slots: List[_Slot]) -> None:
+    """Gives a slot a copy of its loaded view where it shares bytes with another slot's: a
+    file written from a model with tied weights, loaded into one whose weights are separate
+    (``tie_word_embeddings=False``), must not leave two parameters over the same memory
+    (training one would change the other), as ``load_state_dict`` would not."""
+    spans = []
+    for k, slot in enumerate(slots):
+        value = slot.value
+        if value is not None and value.numel() > 0:
+            start = value.data_ptr()
+            spans.append((value.device.type, value.device.index or 0, start,
+                          start + value.numel() * value.element_size(), k))
+    spans.sort()
+    reach: Optional[Tuple[str, int, int]] = None  # (device type, index, end of the bytes taken so far)
+    for device_type, index, start, end, k in spans:
+        if reach is not None and reach[:2] == (device_type, index) and start < reach[2]:
+            slots[k].value = slots[k].value.clone()
+            continue
+        if reach is None or reach[:2] != (device_type, index) or end > reach[2]:
+            reach = (device_type, index, end)
 
 
 def _format_names(kind: str, names: List[str], most: Optional[int] = None) -> str:
@@ -579,13 +634,19 @@ def assign_from_file(
     if problems:
         raise ValueError(f"Error while assigning {path} to {type(model).__name__}: " + "; ".join(problems))
 
+    _separate_shared_memory(unique)
     # Every new tensor is made before the first is assigned: on any error the model is unchanged.
     zero_filled, computed, assignments = [], [], []
     for slot in unique:
         value = slot.value
         if value is None:
             if slot.old.is_meta:
-                value = torch.zeros(slot.old.shape, dtype=slot.old.dtype, device=device)
+                # In the dtype the loaded tensors take, so that the model computes in one dtype.
+                fill_dtype = slot.old.dtype
+                if dtype is not None and fill_dtype.is_floating_point:
+                    keep = _keep_float32 is not None and _keep_float32(slot.names[0])
+                    fill_dtype = torch.float32 if keep else dtype
+                value = torch.zeros(slot.old.shape, dtype=fill_dtype, device=device)
                 zero_filled.append(slot.names[0])
                 if not slot.is_param and not slot.persistent:
                     computed.append(slot.names[0])

@@ -451,3 +451,103 @@ def test_a_missing_tensor_of_any_dtype_is_reported(tmp_path, dtype):
                                          r"layer\.bias; 1 tensors zero-filled: layer\.odd \("):
         loaded = Holder.from_flashpack(path, strict=False)
     assert loaded.layer.bias.any() and loaded.layer.odd.dtype == dtype and not loaded.layer.odd.is_meta
+
+
+class Untied(torch.nn.Module, FlashPackMixin):
+    def __init__(self, tie=False):
+        super().__init__()
+        self.embed = torch.nn.Embedding(8, 4)
+        self.head = torch.nn.Linear(4, 8, bias=False)
+        if tie:
+            self.head.weight = self.embed.weight
+
+
+def test_a_tied_file_loaded_into_separate_weights_gives_each_its_own_memory(tmp_path):
+    # Fine-tuning the two separately must not change both: as with load_state_dict.
+    path = tmp_path / "tied.flashpack"
+    Untied(tie=True).save_flashpack(path)
+    loaded = Untied.from_flashpack(path, tie=False)
+    assert loaded.head.weight is not loaded.embed.weight
+    assert torch.equal(loaded.head.weight, loaded.embed.weight)
+    with torch.no_grad():
+        loaded.embed.weight.add_(1)
+    assert not torch.equal(loaded.head.weight, loaded.embed.weight)
+    # A model that ties them still gets one parameter over the loaded memory.
+    tied = Untied.from_flashpack(path, tie=True)
+    assert tied.head.weight is tied.embed.weight
+
+
+class Rebuilding(torch.nn.Module, FlashPackMixin):
+    """A reset_parameters() that builds its submodule anew."""
+
+    def __init__(self):
+        super().__init__()
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        self.proj = torch.nn.Linear(4, 4)
+        self.scale = torch.nn.Parameter(torch.full((4,), 3.0))
+
+
+def test_an_init_that_rebuilds_submodules_keeps_the_loaded_ones(tmp_path):
+    proj = torch.nn.Linear(4, 4)
+    path = tmp_path / "proj.flashpack"
+    flashpack_ops.save_file({"proj.weight": proj.weight, "proj.bias": proj.bias}, path)
+    with pytest.warns(UserWarning, match=r"1 tensors initialised as reset_parameters\(\) initialises them: scale"):
+        loaded = Rebuilding.from_flashpack(path, strict=False)
+    assert torch.equal(loaded.proj.weight, proj.weight) and torch.equal(loaded.proj.bias, proj.bias)
+    assert torch.equal(loaded.scale, torch.full((4,), 3.0))
+
+
+class SharedChild(torch.nn.Module, FlashPackMixin):
+    """One Linear under two names, and a parameter of the parent's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = self.a
+        self.extra = torch.nn.Parameter(torch.full((4,), 3.0))
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.extra.fill_(3.0)
+
+
+def test_a_module_shared_under_two_names_does_not_stop_its_parents_init(tmp_path):
+    model = SharedChild()
+    path = tmp_path / "shared.flashpack"
+    flashpack_ops.save_file({"a.weight": model.a.weight}, path)
+    with pytest.warns(UserWarning, match=r"2 tensors initialised as reset_parameters\(\) initialises them: "
+                                         r"extra, a\.bias"):
+        loaded = SharedChild.from_flashpack(path, strict=False)
+    assert torch.equal(loaded.extra, torch.full((4,), 3.0))
+    assert loaded.a.bias.any() and loaded.b is loaded.a
+    assert torch.equal(loaded.a.weight, model.a.weight)
+
+
+def test_a_parents_init_of_its_childrens_tensors_runs_after_theirs(tmp_path):
+    # MultiheadAttention._reset_parameters() zeroes out_proj.bias, which Linear's own
+    # reset_parameters() draws at random: building the layer leaves it zero, so must loading.
+    model = Layers()
+    kept = {name: t for name, t in model.state_dict().items() if name != "attention.out_proj.bias"}
+    path = tmp_path / "no_out_bias.flashpack"
+    flashpack_ops.save_file(kept, path)
+    with pytest.warns(UserWarning, match=r"initialised as reset_parameters\(\) initialises them: "
+                                         r"attention\.out_proj\.bias"):
+        loaded = Layers.from_flashpack(path, strict=False)
+    assert torch.equal(loaded.attention.out_proj.bias, torch.zeros(8))
+    for name, tensor in kept.items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_what_is_missing_takes_the_dtype_the_loaded_tensors_take(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    path = tmp_path / "seq.flashpack"
+    flashpack_ops.save_file({k: v for k, v in model.state_dict().items() if k != "1.weight"}, path)
+    with torch.device("meta"):
+        empty = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    with pytest.warns(UserWarning, match=r"initialised as reset_parameters\(\) initialises them: 1\.weight"):
+        assign_from_file(empty, path, strict=False, dtype=torch.bfloat16)
+    assert {t.dtype for t in empty.parameters()} == {torch.bfloat16}
+    assert torch.equal(empty[1].weight, torch.ones(4, dtype=torch.bfloat16))
+    empty(torch.ones(2, 4, dtype=torch.bfloat16))

@@ -5,6 +5,7 @@ import os
 import shlex
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -474,3 +475,52 @@ def test_a_weight_the_file_lacks_is_initialised_on_cuda(model, tmp_path):
         loaded = FlashLlama.from_pretrained_flashpack(tmp_path, strict=False, device="cuda")
     assert all(t.is_cuda for t in list(loaded.parameters()) + list(loaded.buffers()))
     assert torch.equal(loaded.model.norm.weight.cpu(), torch.ones_like(model.model.norm.weight))
+
+
+def test_loading_info_says_what_from_pretrained_says(tmp_path):
+    # A base checkpoint into a model with a head: the head is missing. A tied model whose file
+    # holds the embedding only (as save_pretrained writes it): nothing is missing.
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    bert_dir, llama_dir = tmp_path / "bert", tmp_path / "llama"
+    transformers.BertModel(config).save_pretrained(bert_dir)
+    LlamaForCausalLM(tiny_config()).save_pretrained(llama_dir)
+    # The Llama's safetensors file itself, as save_pretrained wrote it (no lm_head.weight).
+    for source in (bert_dir, llama_dir / "model.safetensors"):
+        destination = [str(llama_dir / "model.flashpack")] if source.name.endswith(".safetensors") else []
+        assert subprocess.run([sys.executable, "-m", "flashpack_ops", "convert", str(source), *destination, "--quiet"],
+                              capture_output=True, text=True).returncode == 0
+    cases = [(transformers.BertForSequenceClassification, bert_dir), (LlamaForCausalLM, llama_dir)]
+    for model_class, directory in cases:
+        _, theirs = model_class.from_pretrained(directory, output_loading_info=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, ours = from_pretrained_flashpack(model_class, directory, strict=False, output_loading_info=True)
+        assert ours["missing_keys"] == sorted(theirs["missing_keys"]), model_class.__name__
+        assert ours["unexpected_keys"] == sorted(theirs["unexpected_keys"]), model_class.__name__
+    assert ours["missing_keys"] == [] and "lm_head.weight" not in flashpack_ops.load_file(llama_dir / "model.flashpack")
+
+
+def test_a_sub_models_missing_weights_get_its_own_init(tmp_path):
+    # In a multimodal model, a vision tower's tensors are initialised by the tower's own
+    # _init_weights and config, as from_pretrained does: CLIP scales its attention
+    # projections by the width (std 0.18 here, against the generic 0.02) and draws the class
+    # embedding, which the generic init does not know (it would stay zero).
+    vision = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=8, patch_size=4, projection_dim=8)
+    text = tiny_config(num_hidden_layers=1, hidden_size=32, intermediate_size=64)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=3)
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    left_out = ["model.vision_tower.embeddings.class_embedding",
+                "model.vision_tower.encoder.layers.0.self_attn.q_proj.weight"]
+    save_pretrained_flashpack(model, tmp_path, ignore_names=left_out)
+    with pytest.warns(UserWarning, match="2 tensors initialised as from_pretrained initialises them"):
+        loaded = from_pretrained_flashpack(transformers.LlavaForConditionalGeneration, tmp_path, strict=False)
+    state = loaded.state_dict()
+    assert state[left_out[0]].std() > 0.1
+    assert 0.1 < state[left_out[1]].std() < 0.3
+    for name, tensor in model.state_dict().items():
+        if name not in left_out:
+            assert torch.equal(state[name], tensor), name

@@ -200,11 +200,17 @@ def take_load_kwargs(kwargs: Dict[str, Any], device: Any, what: str) -> Tuple[An
     return device, distributed
 
 
-def loading_info(model: torch.nn.Module, path: str) -> Dict[str, List[str]]:
-    """What ``from_pretrained(..., output_loading_info=True)`` returns beside the model."""
+def loading_info(model: torch.nn.Module, path: str, missing: Optional[List[str]] = None) -> Dict[str, List[str]]:
+    """What ``from_pretrained(..., output_loading_info=True)`` returns beside the model.
+
+    ``model`` is the module the file's names were matched against; ``missing``, when the
+    caller knows them, the tensors the load initialised because the file lacks them, named
+    as in the returned model (a head added to a base checkpoint; not a weight tied to one
+    the file holds). Otherwise they are the model's names the file does not hold."""
     in_file = {entry["name"] for entry in read_metadata(path)["index"]}
     in_model = set(model.state_dict())
-    return {"missing_keys": sorted(in_model - in_file), "unexpected_keys": sorted(in_file - in_model),
+    missing = sorted(in_model - in_file) if missing is None else sorted(set(missing))
+    return {"missing_keys": missing, "unexpected_keys": sorted(in_file - in_model),
             "mismatched_keys": [], "error_msgs": []}
 
 

@@ -179,6 +179,18 @@ def save_pretrained_flashpack(
         upload_directory(save_directory, repo_id, private, token, commit_message, create_pr)
 
 
+def _init_weights_of(model: PreTrainedModel) -> Callable[[torch.nn.Module], None]:
+    """What from_pretrained initialises a module with: the ``_init_weights`` of the nearest
+    PreTrainedModel holding it (a vision tower's own, with its own config, inside a
+    multimodal model), as ``initialize_weights`` applies them."""
+    owner: Dict[int, PreTrainedModel] = {}
+    for _, sub in model.named_modules():  # parents first: a nested PreTrainedModel claims its own
+        if isinstance(sub, PreTrainedModel):
+            for module in sub.modules():
+                owner[id(module)] = sub
+    return lambda module: owner.get(id(module), model)._init_weights(module)
+
+
 def from_pretrained_flashpack(
     model_class: Type[M],
     pretrained_model_name_or_path: Union[str, "os.PathLike[str]"],
@@ -288,7 +300,7 @@ def from_pretrained_flashpack(
         zero_filled += _complete_head(model, type(target).__name__, path, device if device is not None else "cpu",
                                       strict is not False and (strict or strict_params), what)
     if zero_filled:
-        left_zero = initialize_missing(model, zero_filled, model._init_weights)
+        left_zero = initialize_missing(model, zero_filled, _init_weights_of(model))
         warnings.warn(f"{what}: {describe_missing(zero_filled, left_zero, 'from_pretrained')} (not in {path})",
                       stacklevel=2)
     if generation_config is not None:
@@ -296,7 +308,7 @@ def from_pretrained_flashpack(
     elif model.can_generate() and os.path.isfile(os.path.join(model_dir, "generation_config.json")):
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     model.eval()
-    return (model, loading_info(target, path)) if output_loading_info else model
+    return (model, loading_info(target, path, missing=zero_filled)) if output_loading_info else model
 
 
 class FlashPackTransformersModelMixin(PreTrainedModel, FlashPackMixin):
