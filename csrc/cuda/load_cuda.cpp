@@ -728,8 +728,9 @@ std::vector<at::Tensor> load_cuda(const InputFile& file, c10::Device device, con
   const std::string& path = file.path();
   const c10::DeviceIndex count = c10::cuda::device_count();
   if (count <= 0) {
-    throw std::runtime_error("cannot load '" + path + "' to " + device.str() +
-                             ": no CUDA device is available (torch.cuda.is_available() is False)");
+    // As a build without CUDA says it (load_any): the same ValueError, whichever torch is installed.
+    throw std::invalid_argument("cannot load '" + path + "' to " + device.str() +
+                                ": no CUDA device is available (torch.cuda.is_available() is False); load to cpu");
   }
   const c10::DeviceIndex index = device.has_index() ? device.index() : c10::cuda::current_device();
   if (index < 0 || index >= count) {
