@@ -22,6 +22,9 @@ if [ -n "$TORCH_SPEC" ]; then
   python -m pip install -q "$TORCH_SPEC"
 fi
 python -m pip install -q setuptools wheel ninja
+# The reference package, which the compatibility tests compare against, installs a command
+# named `flashpack` too: installed first, so that the package installed after it owns it.
+python -m pip install -q "flashpack==0.4.5"
 # The package and its test dependencies; --no-build-isolation builds against the torch
 # installed above instead of downloading another one into a build environment.
 python -m pip install -q --no-build-isolation -e ".[test]"

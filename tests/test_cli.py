@@ -468,3 +468,15 @@ def test_file_converted_by_reference_cli_loads(tmp_path):
                              str(tmp_path / "ref.flashpack")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert_file_holds(tmp_path / "ref.flashpack", state_dict())
+
+
+def test_the_installed_command_is_ours():
+    # The reference package installs a `flashpack` command as well; set-up installs it first
+    # so that ours, installed after it, is the one a user runs.
+    command = os.path.join(os.path.dirname(sys.executable), "flashpack")
+    if not os.path.exists(command):
+        pytest.skip(f"no flashpack command beside {sys.executable} (flashpack_ops is not pip-installed here)")
+    result = subprocess.run([command, "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == f"flashpack_ops {flashpack_ops.__version__}", \
+        f"{command} is not flashpack_ops's command: {result.stdout}{result.stderr}"
+
