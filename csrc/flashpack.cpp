@@ -242,7 +242,7 @@ TORCH_LIBRARY(flashpack, m) {
       kSideEffects), kNotInCudaGraphs);
   m.def(torch::schema(
       "save(Dict(str, Tensor) tensors, str path, *, ScalarType? target_dtype=None, int align_bytes=128, "
-      "int num_threads=0, bool checksum=False, bool durable=True, bool floating_only=False, "
+      "int num_threads=0, bool checksum=False, bool durable=True, bool floating_only=True, "
       "Dict(str, str)? metadata=None) -> ()",
       kSideEffects));
   m.def(torch::schema("read_footer(str path) -> str", kSideEffects));

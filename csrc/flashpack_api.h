@@ -84,11 +84,11 @@ inline std::vector<at::Tensor> load_list(const std::string& path, c10::Device de
 // flashpack::save: writes the tensors atomically (temporary file, fsync, rename).
 // align_bytes defaults to the schema's 128; checksum=true stores CRC-32C checksums;
 // durable=false skips the fsyncs (still atomic for other processes, not for power loss);
-// floating_only=true converts only the floating-point tensors to target_dtype; metadata: string
+// target_dtype converts the floating-point tensors (floating_only=false: every tensor); metadata: string
 // pairs kept in the footer (safetensors' metadata).
 inline void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
                  std::optional<c10::ScalarType> target_dtype = std::nullopt, int64_t align_bytes = 128,
-                 int64_t num_threads = 0, bool checksum = false, bool durable = true, bool floating_only = false,
+                 int64_t num_threads = 0, bool checksum = false, bool durable = true, bool floating_only = true,
                  const std::optional<c10::Dict<std::string, std::string>>& metadata = std::nullopt) {
   static const c10::OperatorHandle handle = detail::op("flashpack::save");
   detail::call(handle, {tensors, path, target_dtype, align_bytes, num_threads, checksum, durable, floating_only,

@@ -99,6 +99,11 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
   if (target_dtype && (dtype_name(*target_dtype) == nullptr || c10::isQIntType(*target_dtype))) {
     throw std::invalid_argument("'" + path + "': target_dtype " + c10::toString(*target_dtype) + " cannot be stored");
   }
+  if (target_dtype && floating_only && !at::isFloatingType(*target_dtype)) {
+    throw std::invalid_argument("'" + path + "': target_dtype " + dtype_name(*target_dtype) +
+                                " is not a floating-point dtype: the floating-point tensors converted to it would lose "
+                                "their values");
+  }
 
   // Requests in dict order. A tensor that is exactly another one (same memory, shape,
   // strides and dtype: a tied weight) is stored once and both entries point at it.
@@ -125,6 +130,10 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
     // (a BatchNorm's num_batches_tracked must stay int64 for the model to load it back).
     const bool convert = target_dtype && (!floating_only || at::isFloatingType(t.scalar_type()));
     r.dtype = convert ? *target_dtype : t.scalar_type();
+    if (convert && t.is_complex() && !at::isComplexType(r.dtype)) {
+      throw std::invalid_argument(where(path, name) + " is " + dtype_name(t.scalar_type()) + " and target_dtype " +
+                                  dtype_name(r.dtype) + " is not complex: its imaginary part would be lost");
+    }
     r.shape = t.sizes().vec();
     if (t.numel() > 0) {
       TieKey key{t.const_data_ptr(), static_cast<int>(t.device().type()), t.device().index(), t.scalar_type(),

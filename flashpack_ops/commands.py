@@ -341,6 +341,9 @@ def convert_to_flashpack(
         HubUnavailableError: a repo id while offline, with no cached copy.
     """
     target_dtype = parse_dtype(dtype)
+    if target_dtype is not None and not target_dtype.is_floating_point:
+        raise ValueError(f"dtype {dtype}: {target_dtype} is not a floating-point dtype; the floating-point tensors "
+                         "converted to it would lose their values")
     ignore = dict(ignore_names=list(ignore_names or []), ignore_prefixes=list(ignore_prefixes or []),
                   ignore_suffixes=list(ignore_suffixes or []))
     source = model_or_state_dict_or_path_or_repo_id

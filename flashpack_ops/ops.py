@@ -82,7 +82,7 @@ def save_file(
     num_threads: int = 0,
     checksum: bool = False,
     durable: bool = True,
-    floating_only: bool = False,
+    floating_only: bool = True,
     metadata: Optional[Mapping[str, str]] = None,
 ) -> None:
     """Save a dict of tensors to a flashpack file.
@@ -97,7 +97,8 @@ def save_file(
         tensors: names to tensors, on any device, contiguous or not. The file keeps the
             dict's order.
         path: the destination file.
-        target_dtype: if given, every tensor is converted to this dtype.
+        target_dtype: if given, the floating-point tensors are converted to this
+            floating-point dtype (see ``floating_only``).
         align_bytes: alignment of each tensor within its block (blocks are page-aligned).
         num_threads: writer threads; 0 picks a default (``FLASHPACK_NUM_THREADS``).
         checksum: also store a CRC-32C of every 16 MiB of the payload in the footer, for
@@ -106,14 +107,17 @@ def save_file(
             so that not even a power loss can lose it. ``False`` skips the flushes, for
             scratch files: the replacement is still atomic for every other process.
         floating_only: convert only the floating-point tensors to ``target_dtype``, as
-            ``nn.Module.to(dtype)`` does; integer, bool and complex tensors keep their dtype.
+            ``nn.Module.to(dtype)`` does: integer, bool and complex tensors keep their dtype
+            (position ids stay exact). ``False`` converts every tensor, as the reference's
+            ``pack_to_file`` does; a complex tensor is never converted to a real dtype.
         metadata: string pairs kept in the footer, as safetensors' ``save_file`` takes them
             (``{"format": "pt"}``); ``read_metadata(path)["metadata"]`` and
             ``safe_open(path).metadata()`` give them back. Other readers ignore them.
 
     Raises:
         ValueError: a tensor cannot be stored (quantized, sparse, nested, on the meta device,
-            without data in memory), naming it.
+            without data in memory), naming it; a ``target_dtype`` that would lose values
+            (an integer one with ``floating_only``, a real one for a complex tensor).
         TypeError: a name that is not a ``str`` or a value that is not a tensor, naming it;
             a metadata key or value that is not a ``str``.
         RuntimeError: the file could not be written (disk full, permissions), naming it.
@@ -502,7 +506,7 @@ def _load_blocks_fake(path, device=torch.device("cpu"), *, copy=False, num_threa
 
 @torch.library.register_fake("flashpack::save")
 def _save_fake(tensors, path, *, target_dtype=None, align_bytes=DEFAULT_ALIGN_BYTES, num_threads=0,
-               checksum=False, durable=True, floating_only=False, metadata=None):
+               checksum=False, durable=True, floating_only=True, metadata=None):
     # A save has no output for a graph to keep, so a graph would be free to drop it
     # (Inductor does), or to move it past a load of the same file. Refusing fake tensors
     # makes Dynamo break the graph here and run the save eagerly, in program order.

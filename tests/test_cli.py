@@ -480,3 +480,11 @@ def test_the_installed_command_is_ours():
     assert result.returncode == 0 and result.stdout.strip() == f"flashpack_ops {flashpack_ops.__version__}", \
         f"{command} is not flashpack_ops's command: {result.stdout}{result.stderr}"
 
+
+def test_an_integer_dtype_is_refused_before_anything_is_written(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(state_dict(), tmp_path / "model.safetensors")
+    result = run("convert", tmp_path / "model.safetensors", "--dtype", "int8", check=False)
+    assert_one_line_error(result, "dtype int8: torch.int8 is not a floating-point dtype")
+    assert not (tmp_path / "model.flashpack").exists()

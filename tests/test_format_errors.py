@@ -297,7 +297,7 @@ def test_failed_conversion_leaves_the_old_file(tmp_file):
     flashpack_ops.save_file({"ok": original}, tmp_file)
     with pytest.raises(ValueError, match="tensor 'bits' cannot be converted to float32"):
         flashpack_ops.save_file({"ok": torch.zeros(100), "bits": torch.zeros(4, dtype=torch.uint8).view(torch.bits8)},
-                                tmp_file, target_dtype=torch.float32)
+                                tmp_file, target_dtype=torch.float32, floating_only=False)
     _assert_intact(tmp_file, original)
 
 

@@ -170,7 +170,8 @@ def test_checksums_match_the_definition_for_every_block(tmp_path):
 
 def test_checksums_of_converted_tensors(tmp_path):
     path = str(tmp_path / "converted.flashpack")
-    save_file({"a": torch.randn(300, 7).t(), "b": torch.arange(50)}, path, checksum=True, target_dtype=torch.float16)
+    save_file({"a": torch.randn(300, 7).t(), "b": torch.arange(50)}, path, checksum=True, target_dtype=torch.float16,
+              floating_only=False)
     with open(path, "rb") as f:
         raw = f.read()
     (block,) = read_metadata(path)["macroblocks"]

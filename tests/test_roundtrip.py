@@ -132,7 +132,7 @@ def test_views_with_different_shapes_are_stored_separately(tmp_file):
     assert_same_dict(flashpack_ops.load_file(tmp_file), {k: v.contiguous() for k, v in tensors.items()})
 
 
-def test_target_dtype_converts_everything(tmp_file):
+def test_target_dtype_converts_every_floating_tensor(tmp_file):
     tensors = {"w": torch.randn(8, 8), "b": torch.randn(8).double(), "h": torch.randn(3).half()}
     flashpack_ops.save_file(tensors, tmp_file, target_dtype=torch.bfloat16)
     loaded = flashpack_ops.load_file(tmp_file)
@@ -320,19 +320,35 @@ def test_non_durable_save_writes_the_same_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["durable.flashpack", "fast.flashpack"]
 
 
-def test_floating_only_converts_floats_and_keeps_the_rest(tmp_file):
-    # As nn.Module.to(dtype): a BatchNorm's int64 counter, masks and complex tensors keep
-    # their dtype, so the model can load the file back.
+@pytest.mark.parametrize("save", [
+    lambda tensors, path, **kw: flashpack_ops.save_file(tensors, path, **kw),
+    lambda tensors, path, **kw: torch.ops.flashpack.save(tensors, str(path), **kw),
+], ids=["save_file", "op"])
+def test_target_dtype_converts_floats_and_keeps_the_rest(tmp_file, save):
+    # As nn.Module.to(dtype): position ids past 256, a BatchNorm's int64 counter, masks and
+    # complex tensors keep their dtype and values, so the model can load the file back.
     tensors = {"w": torch.randn(4, 4), "h": torch.randn(3).half(), "steps": torch.tensor(7),
                "mask": torch.tensor([True, False]), "z": torch.randn(2, dtype=torch.complex64),
-               "ids": torch.arange(5, dtype=torch.int32)}
-    flashpack_ops.save_file(tensors, tmp_file, target_dtype=torch.bfloat16, floating_only=True)
+               "ids": torch.arange(4096, dtype=torch.int64)}
+    save(tensors, tmp_file, target_dtype=torch.bfloat16)
     loaded = flashpack_ops.load_file(tmp_file)
     expected = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}
     assert_same_dict(loaded, expected)
-    # Without it, every tensor is converted, as the reference's pack_to_file does.
-    flashpack_ops.save_file({"steps": tensors["steps"]}, tmp_file, target_dtype=torch.bfloat16)
+    # floating_only=False converts every tensor, as the reference's pack_to_file does...
+    save({"steps": tensors["steps"]}, tmp_file, target_dtype=torch.bfloat16, floating_only=False)
     assert flashpack_ops.load_file(tmp_file)["steps"].dtype == torch.bfloat16
+    # ...but never a complex one to a real dtype, which would drop its imaginary part.
+    with pytest.raises(ValueError, match="tensor 'z' is complex64 and target_dtype bfloat16 is not complex: its "
+                                         "imaginary part would be lost"):
+        save({"z": tensors["z"]}, tmp_file, target_dtype=torch.bfloat16, floating_only=False)
+
+
+def test_an_integer_target_dtype_for_the_floating_tensors_is_refused(tmp_file):
+    flashpack_ops.save_file({"w": torch.ones(2)}, tmp_file)
+    with pytest.raises(ValueError, match="target_dtype int8 is not a floating-point dtype: the floating-point "
+                                         "tensors converted to it would lose their values"):
+        flashpack_ops.save_file({"w": torch.full((2,), 0.5)}, tmp_file, target_dtype=torch.int8)
+    assert torch.equal(flashpack_ops.load_file(tmp_file)["w"], torch.ones(2))
 
 
 def test_a_dangling_symlink_gets_its_target_created(tmp_path):
