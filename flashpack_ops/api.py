@@ -510,13 +510,13 @@ def assign_from_file(
     copied unless a dtype conversion is asked for. Tied tensors (one tensor under several
     names) stay tied: every name gets the same new ``Parameter``. The model may be built
     on the meta device; tensors the file does not hold are moved to ``device`` (buffers
-    computed in ``__init__`` keep their values). Tensors still on the meta device (missing
-    from the file, which only a non-strict load allows, or non-persistent buffers of a model
-    built entirely under ``torch.device("meta")``, which no file holds) are initialised as
-    building the model would have: by their module's ``reset_parameters()``, with the
-    module's loaded tensors out of its reach; what no ``reset_parameters()`` sets is
-    zero-filled; a warning names both (build with ``mixin.init_empty_parameters()`` to keep
-    non-persistent buffers as ``__init__`` computes them).
+    computed in ``__init__`` keep their values). Tensors still on the meta device and missing
+    from the file, which only a non-strict load allows, are initialised as building the
+    model would have: by their module's ``reset_parameters()`` (then each enclosing
+    module's), with every loaded tensor out of reach; what no ``reset_parameters()`` sets is
+    zero-filled; a warning names both. Non-persistent buffers of a model built entirely
+    under ``torch.device("meta")`` are in no file: an error, unless ``strict=False`` (build
+    with ``mixin.init_empty_parameters()`` to keep them as ``__init__`` computes them).
     Everything is checked before the model is touched: on error the model is unchanged.
 
     Args:
@@ -547,8 +547,8 @@ def assign_from_file(
             own threads and chunks.
 
     Raises:
-        ValueError: names missing from the file or unexpected in it (all listed), or a
-            shape or dtype that does not match.
+        ValueError: names missing from the file or unexpected in it (all listed), a shape or
+            dtype that does not match, or non-persistent buffers on the meta device.
 
     Example:
         >>> with torch.device("meta"):
@@ -657,6 +657,15 @@ def assign_from_file(
         if slot.is_param:
             value = _as_parameter(value, slot.old)
         assignments.append((slot.names, value))
+    if computed and strict is not False:
+        # A model built under torch.device("meta"): what __init__ computes is in no file, and
+        # zeros in its place (rotary frequencies) give wrong outputs, not an error.
+        raise ValueError(f"Error while assigning {path} to {type(model).__name__}: "
+                         + _format_names("non-persistent buffers on the meta device, which no file holds", computed,
+                                         most=20)
+                         + "; build the model with only its parameters on the meta device "
+                         "(flashpack_ops.mixin.init_empty_parameters()) so that __init__ computes them, or pass "
+                         "strict=False to have them initialised or zero-filled")
     for names, value in assignments:
         for name in names:
             _set_tensor(model, name, value)
