@@ -199,6 +199,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.parser.error(f"unrecognized arguments: {' '.join(extras)}")
     try:
         args.run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`flashpack metadata -i big.flashpack | head`): as other
+        # commands do, stop quietly. stdout is pointed at /dev/null so that the flush at
+        # exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"flashpack {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -10,7 +10,7 @@ import torch
 
 from .api import filter_state_dict
 from .integrations._hub import FLASHPACK_FILE, looks_like_repo_id, parse_dtype, resolve_directory
-from .ops import load_file, read_metadata, save_file
+from .ops import _identity, _path, load_file, read_metadata, save_file
 
 TORCH_EXTENSIONS = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_EXTENSIONS = (".safetensors",) + TORCH_EXTENSIONS
@@ -427,6 +427,10 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, FLASHPACK_FILE)
+    # The source is checked first: given a .safetensors file by mistake, the error says so,
+    # not that the default destination (the very same file) exists.
+    identity = _identity(_path(path, must_exist=True))
+    file_metadata = torch.ops.flashpack.metadata(path)
     destination = os.fspath(destination_path) if destination_path else os.path.splitext(path)[0] + ".safetensors"
     if not destination_path and os.path.isfile(path) and os.path.exists(destination):
         # Most likely the checkpoint this file was converted from: only an explicit name replaces it.
@@ -436,6 +440,10 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
     # NOTE: the loaded tensors view a private map of the file; both writers stream from it
     # page by page, so reverting a large file needs no second copy in memory.
     tensors = load_file(path, "cpu")
+    if _identity(path) != identity:
+        # A save renamed another file over it between the two reads: its tensors and the
+        # metadata read first may not belong together.
+        raise RuntimeError(f"{path} was replaced while it was being read; revert it again")
     if destination.endswith(".safetensors"):
         from safetensors.torch import save_file as save_safetensors
 
@@ -450,10 +458,10 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
                     raise ValueError(f"safetensors cannot store {path}: '{name}' is {tensor.dtype} ({e}); write a "
                                      ".pt file instead") from None
                 seen.add(key)
+        # The file's metadata (a converted checkpoint's), with the "format" save_pretrained
+        # writes where it has none: transformers checks it when loading.
+        metadata = {"format": "pt", **file_metadata}
         try:
-            # The file's metadata (a converted checkpoint's), with the "format" save_pretrained
-            # writes where it has none: transformers checks it when loading.
-            metadata = {"format": "pt", **torch.ops.flashpack.metadata(path)}
             save_safetensors(unique, destination, metadata=metadata)
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"safetensors cannot store {path}: {e}; write a .pt file instead") from None

@@ -488,3 +488,27 @@ def test_an_integer_dtype_is_refused_before_anything_is_written(tmp_path):
     result = run("convert", tmp_path / "model.safetensors", "--dtype", "int8", check=False)
     assert_one_line_error(result, "dtype int8: torch.int8 is not a floating-point dtype")
     assert not (tmp_path / "model.flashpack").exists()
+
+
+def test_revert_of_a_file_that_is_no_flashpack_file_says_so(tmp_path):
+    # Not that its default destination (the same .safetensors file) exists.
+    from safetensors.torch import save_file
+
+    save_file(state_dict(), tmp_path / "model.safetensors")
+    result = run("revert", tmp_path / "model.safetensors", check=False)
+    assert_one_line_error(result, "not a flashpack file (the last 8 bytes are not the magic")
+    assert "looks like a safetensors file" in result.stderr
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
+    # `flashpack metadata -i big.flashpack | head`: no error, no traceback.
+    path = tmp_path / "many.flashpack"
+    flashpack_ops.save_file({f"layers.{k}.weight": torch.ones(2) for k in range(20_000)}, path)
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    for flags in (["-i"], ["-i", "-j"]):
+        process = subprocess.Popen([sys.executable, "-m", "flashpack_ops", "metadata", *flags, str(path)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
+        process.stdout.read(100)
+        process.stdout.close()
+        stderr = process.stderr.read().decode()
+        assert process.wait(timeout=120) == 0 and stderr == "", stderr
