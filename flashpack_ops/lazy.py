@@ -97,8 +97,12 @@ class safe_open:  # noqa: N801 - safetensors' name, so that code written for it 
         return sorted(self._open())
 
     def offset_keys(self) -> List[str]:
-        """The tensor names in the order the file stores them."""
-        return list(self._open())
+        """The tensor names by where their bytes lie in the file, as safetensors orders them
+        (blocks are by dtype, so names of one dtype come together; tied names in index
+        order; empty tensors, which hold no bytes, last)."""
+        tensors = self._open()
+        # Every tensor views one mapping of the file: addresses order as file offsets do.
+        return sorted(tensors, key=lambda name: (tensors[name].numel() == 0, tensors[name].data_ptr()))
 
     def metadata(self) -> Optional[Dict[str, str]]:
         """The string pairs saved with the file (``save_file(..., metadata=...)``), or None."""
