@@ -154,6 +154,13 @@ def _destination_file(destination: Optional[str], default: str) -> str:
     return destination
 
 
+def _save(state_dict: Dict[str, torch.Tensor], destination: str, ignore: Dict[str, Any], **kwargs: Any) -> None:
+    """Writes the converted tensors, floating-point ones in the target dtype, creating the
+    destination's directory as save_pretrained does."""
+    os.makedirs(os.path.dirname(os.path.abspath(destination)), exist_ok=True)
+    save_file(filter_state_dict(state_dict, **ignore), destination, floating_only=True, **kwargs)
+
+
 def _checkpoint_files(path: str) -> List[str]:
     """``path``, and the shards it lists when it is an ``.index.json``."""
     if not path.endswith(".index.json"):
@@ -352,8 +359,7 @@ def convert_to_flashpack(
             raise ValueError("convert_to_flashpack: a model or state dict needs a destination_path")
         _check_destination(os.fspath(destination_path))
         state_dict = source.state_dict() if isinstance(source, torch.nn.Module) else source
-        save_file(filter_state_dict(state_dict, **ignore), destination_path, target_dtype=target_dtype,
-                  checksum=checksum, floating_only=True)
+        _save(state_dict, os.fspath(destination_path), ignore, target_dtype=target_dtype, checksum=checksum)
         return destination_path
 
     source = os.fspath(source)
@@ -364,8 +370,8 @@ def convert_to_flashpack(
         destination = _destination_file(destination_path, default)
         _check_destination(destination, _checkpoint_files(source))
         state_dict = read_sharded(source, quiet=silent) if is_index else read_state_dict_file(source)
-        save_file(filter_state_dict(state_dict, **ignore), destination, target_dtype=target_dtype,
-                  checksum=checksum, floating_only=True, metadata=checkpoint_metadata(source))
+        _save(state_dict, destination, ignore, target_dtype=target_dtype, checksum=checksum,
+              metadata=checkpoint_metadata(source))
         return destination
 
     if not os.path.isdir(source):
@@ -397,6 +403,9 @@ def convert_to_flashpack(
     model_class = _library_model_class(config, model_dir, use_transformers, use_diffusers) if config else None
     if is_pipeline or model_class is not None:
         what = "pipeline" if is_pipeline else "model"
+        if destination.endswith(".flashpack"):
+            raise ValueError(f"{destination}: a {what} directory converts to a directory (its config beside "
+                             f"{FLASHPACK_FILE}, for from_pretrained_flashpack); give a directory name")
         if target_dtype is not None and os.path.isdir(destination) and os.path.samefile(destination, model_dir):
             # The rewritten config.json would describe the new dtype, and from_pretrained would
             # then load the original weights beside it in that dtype without a word.
@@ -409,8 +418,8 @@ def convert_to_flashpack(
     output = _destination_file(destination, os.path.join(model_dir, FLASHPACK_FILE))
     _check_destination(output, _checkpoint_files(weights))
     state_dict = read_sharded(weights, quiet=silent) if weights.endswith(".index.json") else read_state_dict_file(weights)
-    save_file(filter_state_dict(state_dict, **ignore), output, target_dtype=target_dtype, checksum=checksum,
-              floating_only=True, metadata=checkpoint_metadata(weights))
+    _save(state_dict, output, ignore, target_dtype=target_dtype, checksum=checksum,
+          metadata=checkpoint_metadata(weights))
     return output
 
 

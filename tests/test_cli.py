@@ -512,3 +512,23 @@ def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
         process.stdout.close()
         stderr = process.stderr.read().decode()
         assert process.wait(timeout=120) == 0 and stderr == "", stderr
+
+
+def test_convert_creates_the_destination_directory(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(state_dict(), tmp_path / "model.safetensors")
+    run("convert", tmp_path / "model.safetensors", str(tmp_path / "new" / "dir") + os.sep)
+    assert_file_holds(tmp_path / "new" / "dir" / "model.flashpack", state_dict())
+    run("convert", tmp_path / "model.safetensors", tmp_path / "other" / "m.flashpack")
+    assert_file_holds(tmp_path / "other" / "m.flashpack", state_dict())
+
+
+def test_a_model_directory_is_not_converted_to_a_file_name(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32,
+                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=32)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    result = run("convert", tmp_path / "llama", tmp_path / "out.flashpack", check=False)
+    assert_one_line_error(result, "out.flashpack: a model directory converts to a directory")
+    assert not (tmp_path / "out.flashpack").exists()
