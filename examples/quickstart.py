@@ -68,6 +68,9 @@ def main():
     ap.add_argument("--device", default="cpu", help="where to load: cpu or cuda (default cpu)")
     ap.add_argument("--dir", default=None, help="working directory (default: a temporary one)")
     args = ap.parse_args()
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device is available here (torch.cuda.is_available() is False); "
+                 "run with --device cpu")
     workdir = args.dir or tempfile.mkdtemp(prefix="flashpack_quickstart_")
     try:
         run(args, workdir)

@@ -21,3 +21,12 @@ def test_example_runs(script, tmp_path):
                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "loaded" in result.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is available")
+def test_quickstart_asked_for_cuda_without_a_gpu_says_so(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, os.path.join(REPO, "examples", "quickstart.py"), "--device", "cuda"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--device cuda: no CUDA device is available here" in result.stderr
