@@ -23,6 +23,8 @@ from .api import (
 from .lazy import safe_open
 from .mixin import FlashPackMixin
 from .integrations import patch_integrations
+# As the reference exposes them: flashpack.serialization.pack_to_file with no import of its own.
+from . import deserialization, serialization  # noqa: E402
 
 __version__ = version = "0.1.0"
 __version_tuple__ = version_tuple = (0, 1, 0)

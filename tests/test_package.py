@@ -10,6 +10,8 @@ import torch
 
 import flashpack_ops
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_import_registers_the_ops():
     assert hasattr(torch.ops.flashpack, "load")
@@ -50,3 +52,9 @@ def test_reference_names_are_all_there():
               if hasattr(deserialization, n)]
     assert [n for n in public if not hasattr(ours, n)] == []
     assert flashpack_ops.version == flashpack_ops.__version__
+    # Reachable as attributes, as in the reference, without importing the submodules.
+    code = ("import flashpack_ops as flashpack\n"
+            "assert flashpack.deserialization.read_flashpack_file and flashpack.serialization.pack_to_file\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])))
+    assert result.returncode == 0, result.stderr
