@@ -36,9 +36,30 @@ auto translate_errors(const char* op, Fn&& fn) -> decltype(fn()) {
   }
 }
 
+// Options are checked whatever the device: a CPU load given a CUDA option it ignores is
+// still a wrong call, said as the CUDA path says it.
+void check_options(const LoadOptions& opts, const std::string& path) {
+  const std::pair<int64_t, const char*> counts[] = {{opts.num_threads, "num_threads"},
+                                                    {opts.chunk_bytes, "chunk_bytes"},
+                                                    {opts.pinned_bytes, "pinned_bytes"},
+                                                    {opts.num_streams, "num_streams"}};
+  for (const auto& [value, name] : counts) {
+    if (value < 0) {
+      throw std::invalid_argument("cannot load '" + path + "': " + name + " must be >= 0 (0 picks the default), got " +
+                                  std::to_string(value));
+    }
+  }
+  const std::string& r = opts.route;
+  if (!r.empty() && r != "auto" && r != "direct" && r != "buffered" && r != "register") {
+    throw std::invalid_argument("cannot load '" + path + "': unknown route '" + r +
+                                "' (expected auto, direct, buffered or register)");
+  }
+}
+
 std::vector<at::Tensor> load_any(const char* op, const std::string& path, c10::Device device, const LoadOptions& opts,
                                  Layout* layout) {
   return translate_errors(op, [&] {
+    check_options(opts, path);
     if (device.is_cpu()) return load_cpu(path, opts, layout);
     if (device.is_cuda()) {
 #ifdef WITH_CUDA

@@ -148,14 +148,27 @@ void parallel_for(size_t tasks, int threads, const std::function<void(size_t)>& 
   if (error) std::rethrow_exception(error);
 }
 
+int64_t env_count(const char* name) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return 0;
+  char* end = nullptr;
+  errno = 0;
+  const long long n = std::strtoll(v, &end, 10);
+  if (errno != 0 || end == v || *end != '\0' || n < 0) {
+    throw std::invalid_argument(std::string("environment variable ") + name + "='" + v +
+                                "' is not a non-negative integer");
+  }
+  return static_cast<int64_t>(n);
+}
+
 int default_threads(int requested) {
   // Far past any useful count, and a bound on the threads a mistyped argument starts.
   constexpr int kMaxThreads = 256;
-  if (requested > 0) return std::min(requested, kMaxThreads);
-  if (const char* env = std::getenv("FLASHPACK_NUM_THREADS")) {
-    const int n = std::atoi(env);
-    if (n > 0) return std::min(n, kMaxThreads);
+  if (requested < 0) {
+    throw std::invalid_argument("num_threads must be >= 0 (0 picks the default), got " + std::to_string(requested));
   }
+  if (requested > 0) return std::min(requested, kMaxThreads);
+  if (const int64_t n = env_count("FLASHPACK_NUM_THREADS")) return static_cast<int>(std::min<int64_t>(n, kMaxThreads));
   // NOTE: reads from the page cache scale to about 16 threads (48 GB/s measured on a
   // 16-core H100 host); more only adds contention.
   // The CPUs this process may run on (a container's cpuset), not the host's count.

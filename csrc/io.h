@@ -58,6 +58,10 @@ void parallel_for(size_t tasks, int threads, const std::function<void(size_t)>& 
 // The number of worker threads to use when the caller passed 0 (auto).
 int default_threads(int requested);
 
+// A non-negative integer from the environment, 0 when unset or empty; throws
+// std::invalid_argument naming the variable for anything else.
+int64_t env_count(const char* name);
+
 // Writes a new file at `path` atomically: the bytes go to a temporary file in the same
 // directory; commit() fsyncs it, renames it over `path` and fsyncs the directory. If the
 // writer is destroyed without commit() (an exception, say), the temporary file is

@@ -304,11 +304,41 @@ def test_failed_conversion_leaves_the_old_file(tmp_file):
 @pytest.mark.parametrize("kwargs, pattern", [
     ({"align_bytes": -1}, "align_bytes must be between 0 and 2\\^30"),
     ({"target_dtype": torch.qint8}, "target_dtype QInt8 cannot be stored"),
+    ({"num_threads": -1}, "num_threads must be >= 0 \\(0 picks the default\\), got -1"),
 ])
 def test_bad_save_arguments(tmp_file, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         flashpack_ops.save_file({"a": torch.ones(1)}, tmp_file, **kwargs)
     assert not os.path.exists(tmp_file)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_threads": -1}, r"num_threads must be >= 0 \(0 picks the default\), got -1"),
+    ({"chunk_bytes": -1}, r"chunk_bytes must be >= 0"),
+    ({"pinned_bytes": -5}, r"pinned_bytes must be >= 0"),
+    ({"num_streams": -2}, r"num_streams must be >= 0"),
+    ({"route": "fast"}, r"unknown route 'fast' \(expected auto, direct, buffered or register\)"),
+])
+@pytest.mark.parametrize("copy", [False, True])
+def test_bad_load_options_are_named_on_the_cpu_too(tmp_file, kwargs, message, copy):
+    # The CUDA options mean nothing to a CPU load, but a wrong value is a wrong call anywhere.
+    flashpack_ops.save_file({"a": torch.ones(1)}, tmp_file)
+    with pytest.raises(ValueError, match=message):
+        torch.ops.flashpack.load(tmp_file, "cpu", copy=copy, **kwargs)
+
+
+@pytest.mark.parametrize("call", ["load", "save", "verify"])
+def test_a_bad_thread_count_in_the_environment_is_named(tmp_file, monkeypatch, call):
+    flashpack_ops.save_file({"a": torch.ones(1)}, tmp_file, checksum=True)
+    monkeypatch.setenv("FLASHPACK_NUM_THREADS", "eight")
+    with pytest.raises(ValueError, match="environment variable FLASHPACK_NUM_THREADS='eight' is not a non-negative "
+                                         "integer"):
+        if call == "load":
+            flashpack_ops.load_file(tmp_file, copy=True)
+        elif call == "save":
+            flashpack_ops.save_file({"a": torch.ones(1)}, tmp_file)
+        else:
+            flashpack_ops.verify_file(tmp_file)
 
 
 def test_save_into_missing_directory(tmp_path):

@@ -106,19 +106,6 @@ uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 
 // ---- options ---------------------------------------------------------------------------
 
-int64_t env_count(const char* name) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return 0;
-  char* end = nullptr;
-  errno = 0;
-  const long long n = std::strtoll(v, &end, 10);
-  if (errno != 0 || end == v || *end != '\0' || n < 0) {
-    throw std::invalid_argument(std::string("environment variable ") + name + "='" + v +
-                                "' is not a non-negative integer");
-  }
-  return static_cast<int64_t>(n);
-}
-
 // An argument wins over its environment variable; 0 in both means the default.
 int64_t arg_or_env(int64_t arg, const char* arg_name, const char* env_name, const std::string& path) {
   if (arg < 0) {
