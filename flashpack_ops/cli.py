@@ -83,8 +83,9 @@ def _metadata(args: argparse.Namespace) -> None:
     info = summarize(path)
     print(f"file:        {info['path']} ({_human_bytes(info['file_bytes'])})")
     print(f"format:      {info['format']}")
-    print(f"tensors:     {info['tensors']}")
-    print(f"elements:    {info['elements']:,}")
+    tied = f" ({info['tied']} tied to another, stored once)" if info["tied"] else ""
+    print(f"tensors:     {info['tensors']}{tied}")
+    print(f"elements:    {info['elements']:,} stored")
     print(f"align_bytes: {info['align_bytes']}")
     checked = bool(info["blocks"]) and all("checksums" in block for block in info["blocks"])
     print(f"checksums:   {'yes (flashpack metadata --verify checks them)' if checked else 'no'}")
@@ -92,7 +93,7 @@ def _metadata(args: argparse.Namespace) -> None:
         print("metadata:    " + ", ".join(f"{key}={value!r}" for key, value in info["metadata"].items()))
     print("blocks:")
     for i, block in enumerate(info["blocks"]):
-        print(f"  {i}: {block['dtype']:<16} offset {block['offset_bytes']:>14,}  "
+        print(f"  {i}: {block['dtype']:<16} at byte {block['offset_bytes']:>14,}  "
               f"{_human_bytes(int(block['length_bytes']))}")
     if args.show_index:
         dtypes = [b["dtype"] for b in info["blocks"]]
@@ -101,7 +102,7 @@ def _metadata(args: argparse.Namespace) -> None:
         for r in info["index"]:
             block = int(r.get("macroblock", 0))
             print(f"  {r['name']:<{width}}  {dtypes[block]:<16} {str(tuple(r['shape'])):<20} "
-                  f"block {block} offset {int(r['offset']):,}")
+                  f"block {block} element {int(r['offset']):,}")
     if args.verify:
         print(f"verified:    {path} is intact")
 

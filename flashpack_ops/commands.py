@@ -492,7 +492,10 @@ def summarize(path: str) -> Dict[str, Any]:
         itemsize = torch.empty(0, dtype=getattr(torch, meta["target_dtype"])).element_size()
         blocks = [{"dtype": meta["target_dtype"], "offset_bytes": 0,
                    "length_bytes": int(meta["total_elems"]) * itemsize, "length_elems": int(meta["total_elems"])}]
-    elements = sum(int(r["length"]) for r in index)
+    # Tied entries (same block, offset and length) are stored once and counted once.
+    stored = {(r.get("macroblock", 0), r["offset"], r["length"]) for r in index if int(r["length"]) > 0}
+    elements = sum(int(length) for _, _, length in stored)
+    tied = sum(1 for r in index if int(r["length"]) > 0) - len(stored)
     return {"path": path, "file_bytes": os.path.getsize(path), "format": meta["format"],
-            "align_bytes": meta.get("align_bytes"), "tensors": len(index), "elements": elements,
+            "align_bytes": meta.get("align_bytes"), "tensors": len(index), "tied": tied, "elements": elements,
             "blocks": blocks, "index": index, "metadata": dict(torch.ops.flashpack.metadata(path))}

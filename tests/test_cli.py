@@ -371,6 +371,16 @@ def test_metadata_summary_index_and_json(tmp_path, capsys):
     assert len(json.loads(capsys.readouterr().out)["index"]) == 4
 
 
+def test_metadata_counts_tied_tensors_once_and_says_its_units(tmp_path):
+    path = tmp_path / "tied.flashpack"
+    weight = torch.ones(4, 4)
+    flashpack_ops.save_file({"embed": weight, "head": weight, "ids": torch.arange(3)}, path)
+    out = run("metadata", path, "--show-index").stdout
+    assert "tensors:     3 (1 tied to another, stored once)" in out and "elements:    19 stored" in out
+    assert "1: int64            at byte          4,096  24 B" in out
+    assert "ids    int64            (3,)                 block 1 element 0" in out
+
+
 @pytest.mark.parametrize("kind", ["file", "index"])
 def test_convert_keeps_safetensors_metadata_and_revert_writes_it_back(tmp_path, kind):
     from safetensors import safe_open
