@@ -91,7 +91,9 @@ def save_file(
     over ``path``: if anything fails, ``path`` keeps its old content and no temporary
     file is left. A file that is replaced keeps its permissions; when ``path`` is a
     symbolic link, the file it points to is replaced, as ``open(path, "w")`` would.
-    Tensors that are the same memory (tied weights) are stored once.
+    Tensors that are the same tensor over the same memory (tied weights: same data,
+    shape, strides and dtype) are stored once; other views sharing memory (``w`` and
+    ``w.view(-1)``) are stored each with its own bytes.
 
     Args:
         tensors: names to tensors, on any device, contiguous or not. The file keeps the
