@@ -49,11 +49,21 @@ def _torch_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return obj
 
 
+def _is_safetensors(path: str) -> bool:
+    """Whether the file starts as safetensors files do: a little-endian u64 header length that
+    fits the file, then the header's JSON object. torch files start with a zip or pickle
+    signature instead."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8
+
+
 def read_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     """The tensors of a .safetensors, .bin, .pt, .pth or .ckpt file (torch files load with weights_only)."""
     if path.endswith(".flashpack"):
         raise ValueError(f"{path} is already a flashpack file")
-    if path.endswith(".safetensors"):
+    if path.endswith(".safetensors") or (path.endswith(TORCH_EXTENSIONS) and _is_safetensors(path)):
+        # By content too: a safetensors file saved under a torch name (model.bin) is common.
         from safetensors.torch import load_file as load_safetensors
 
         return load_safetensors(path)

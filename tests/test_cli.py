@@ -542,3 +542,11 @@ def test_a_model_directory_is_not_converted_to_a_file_name(tmp_path):
     result = run("convert", tmp_path / "llama", tmp_path / "out.flashpack", check=False)
     assert_one_line_error(result, "out.flashpack: a model directory converts to a directory")
     assert not (tmp_path / "out.flashpack").exists()
+
+
+def test_a_safetensors_file_under_a_torch_name_converts(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(state_dict(), tmp_path / "pytorch_model.bin")
+    run("convert", tmp_path / "pytorch_model.bin", tmp_path / "m.flashpack")
+    assert_file_holds(tmp_path / "m.flashpack", state_dict())
