@@ -169,7 +169,9 @@ def test_read_flashpack_file_never_mixes_two_files(tmp_path):
             loaded = dict(flashpack_ops.iterate_from_flash_tensor(storage, meta))
             assert torch.equal(loaded["x"], a["x"]) and torch.equal(loaded["y"], a["y"])
             loads += 1
-    assert loads > given_up
+    # Enough loads went through for the check above to mean something, however busy the
+    # machine (how many give up depends on how the two threads are scheduled).
+    assert loads >= 10, (loads, given_up)
 
 
 def test_safe_open_pairs_a_files_metadata_with_its_own_tensors(tmp_path):
@@ -189,4 +191,4 @@ def test_safe_open_pairs_a_files_metadata_with_its_own_tensors(tmp_path):
             except RuntimeError as exc:  # replaced during each of its attempts: said plainly
                 assert "was replaced three times while it was opened" in str(exc)
                 given_up += 1
-    assert opened > given_up
+    assert opened >= 10, (opened, given_up)
