@@ -6,7 +6,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -470,6 +470,48 @@ def _separate_shared_memory(slots: List[_Slot]) -> None:
             reach = (device_type, index, end)
 
 
+class DevicePlacement:
+    """Where each tensor of a model goes under a ``device_map`` (``{module name: device}``, as
+    accelerate and ``from_pretrained`` take it; ``""`` names the whole model): the device of
+    the longest key that is the tensor's name or the name of a module holding it."""
+
+    def __init__(self, device_map: Mapping[str, Any], what: str):
+        self.map: Dict[str, torch.device] = {}
+        for key, value in device_map.items():
+            if value == "disk" or not isinstance(key, str):
+                raise ValueError(f"{what}: device_map {{{key!r}: {value!r}}}: offloading to disk is not supported"
+                                 if value == "disk" else f"{what}: device_map keys are module names, got {key!r}")
+            device = torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
+            if device.type == "meta":
+                raise ValueError(f"{what}: device_map {{{key!r}: {value!r}}}: cannot load onto the meta device")
+            self.map[key] = device
+        self.devices = list(dict.fromkeys(self.map.values()))
+
+    def __call__(self, name: str) -> Optional[torch.device]:
+        parts = name.split(".")
+        for n in range(len(parts), -1, -1):
+            device = self.map.get(".".join(parts[:n]))
+            if device is not None:
+                return device
+        return None
+
+
+def _load_placed(path: PathLike, names: List[str], placement: DevicePlacement,
+                 wanted: Callable[[str], bool]) -> Dict[str, torch.Tensor]:
+    """The file's tensors (``names``, in the file's order), each loaded to its device under
+    ``placement``: one load per device, of its entries only. Entries ``wanted`` refuses, and
+    those no key of the map covers, are mapped on the CPU (free: nothing is read) so that the
+    caller still sees every name the file holds."""
+    groups: Dict[torch.device, List[str]] = {}
+    for name in names:
+        device = placement(name) if wanted(name) else None
+        groups.setdefault(device if device is not None else torch.device("cpu"), []).append(name)
+    loaded: Dict[str, torch.Tensor] = {}
+    for device, group in groups.items():
+        loaded.update(load_file(path, device, names=group))
+    return {name: loaded[name] for name in names}
+
+
 def _format_names(kind: str, names: List[str], most: Optional[int] = None) -> str:
     """``"3 kind: a, b, c"``; past ``most`` names, the rest as a count."""
     if most is not None and len(names) > most:
@@ -480,7 +522,7 @@ def _format_names(kind: str, names: List[str], most: Optional[int] = None) -> st
 def assign_from_file(
     model: torch.nn.Module,
     path: PathLike,
-    device: Optional[DeviceLike] = None,
+    device: Optional[Union[DeviceLike, Mapping[str, DeviceLike]]] = None,
     strict: Optional[bool] = None,
     strict_params: bool = True,
     strict_buffers: bool = False,
@@ -523,6 +565,11 @@ def assign_from_file(
         model: the module to fill.
         path: the flashpack file (ours or the reference package's).
         device: where to load; defaults to the model's device (the CPU for a meta model).
+            Or a device map, ``{module name: device}`` as accelerate and ``from_pretrained``
+            take it (``""`` for the rest of the model): each device then loads only its
+            modules' entries (``load_file(..., names=...)``). It places the tensors; running
+            the model across devices needs accelerate's hooks (``dispatch_model``), which
+            ``from_pretrained_flashpack`` adds as ``from_pretrained`` does.
         strict: if set, overrides ``strict_params`` and ``strict_buffers``; ``False``
             also accepts entries of the file the model does not have.
         strict_params: raise if a parameter of the model is not in the file.
@@ -558,12 +605,39 @@ def assign_from_file(
     if use_distributed_loading and distributed_shard_strategy not in (None,) + SHARD_STRATEGIES:
         raise ValueError(f"unknown distributed_shard_strategy {distributed_shard_strategy!r}; expected one of "
                          f"{', '.join(SHARD_STRATEGIES)}")
-    device = _default_device(model) if device is None else _device(device)
-    if device.type == "meta":
-        raise ValueError(f"flashpack_ops.assign_from_file: cannot load {path} onto the meta device")
+    placement = None
+    if isinstance(device, Mapping):
+        placement = DevicePlacement(device, "flashpack_ops.assign_from_file")
+        if len(placement.devices) == 1 and "" in placement.map:
+            device, placement = placement.devices[0], None
+    if placement is None:
+        device = _default_device(model) if device is None else _device(device)
+        if device.type == "meta":
+            raise ValueError(f"flashpack_ops.assign_from_file: cannot load {path} onto the meta device")
+    elif keep_flash_ref_on_model or use_distributed_loading:
+        raise ValueError(f"flashpack_ops.assign_from_file: a device_map over several devices loads {path} in parts; "
+                         "keep_flash_ref_on_model and use_distributed_loading need it on one device")
+    else:
+        file_names = [entry["name"] for entry in read_metadata(path)["index"]]
+        if _unwrapped(model, dict.fromkeys(file_names)) is not model:
+            raise ValueError(f"flashpack_ops.assign_from_file: {path} holds the names of the model that "
+                             f"{type(model).__name__} wraps; pass that model itself with a device_map")
+        # As accelerate checks a device map: every tensor of the state dict has a place.
+        uncovered = [name for name, slot in _model_slots(model).items()
+                     if placement(name) is None and (slot.is_param or slot.persistent)]
+        if uncovered:
+            raise ValueError(f"flashpack_ops.assign_from_file: the device_map places no module holding "
+                             + _format_names("tensors of the model", uncovered, most=20).split(": ", 1)[1]
+                             + f" (add their modules, or \"\" for the rest, to load {path})")
     distributed = use_distributed_loading and maybe_init_distributed(rank, local_rank, world_size)
     storage = meta = None
-    if keep_flash_ref_on_model:
+
+    def ignored(name: str) -> bool:
+        return _is_ignored(name, ignore_names, ignore_prefixes, ignore_suffixes)
+
+    if placement is not None:
+        tensors = _load_placed(path, file_names, placement, lambda name: not ignored(name))
+    elif keep_flash_ref_on_model:
         # The blocks themselves, so that the model can hold them; the tensors are views of them.
         if distributed:
             storage, meta = read_flashpack_file_distributed(path, device, sharded=distributed_sharded)
@@ -574,9 +648,6 @@ def assign_from_file(
         tensors = load_file_distributed(path, device, sharded=distributed_sharded)
     else:
         tensors = load_file(path, device)
-
-    def ignored(name: str) -> bool:
-        return _is_ignored(name, ignore_names, ignore_prefixes, ignore_suffixes)
 
     target = _unwrapped(model, tensors)
     if target is not model:
@@ -635,6 +706,14 @@ def assign_from_file(
         raise ValueError(f"Error while assigning {path} to {type(model).__name__}: " + "; ".join(problems))
 
     _separate_shared_memory(unique)
+
+    def slot_device(slot: _Slot) -> torch.device:
+        if placement is None:
+            return device
+        # A non-persistent buffer no key covers stays where the model built it.
+        placed = placement(slot.names[0])
+        return placed if placed is not None else torch.device("cpu") if slot.old.is_meta else slot.old.device
+
     # Every new tensor is made before the first is assigned: on any error the model is unchanged.
     zero_filled, computed, assignments = [], [], []
     for slot in unique:
@@ -646,12 +725,12 @@ def assign_from_file(
                 if dtype is not None and fill_dtype.is_floating_point:
                     keep = _keep_float32 is not None and _keep_float32(slot.names[0])
                     fill_dtype = torch.float32 if keep else dtype
-                value = torch.zeros(slot.old.shape, dtype=fill_dtype, device=device)
+                value = torch.zeros(slot.old.shape, dtype=fill_dtype, device=slot_device(slot))
                 zero_filled.append(slot.names[0])
                 if not slot.is_param and not slot.persistent:
                     computed.append(slot.names[0])
-            elif slot.old.device != device:
-                value = slot.old.detach().to(device)
+            elif slot.old.device != slot_device(slot):
+                value = slot.old.detach().to(slot_device(slot))
             else:
                 continue
         if slot.is_param:
@@ -686,5 +765,6 @@ def assign_from_file(
         assign_target._flash_shared_storage_meta = meta
     if not silent:
         loaded = sum(1 for s in unique if s.source is not None)
-        print(f"flashpack_ops: assigned {loaded} tensors from {path} to {type(model).__name__} on {device}"
+        where = device if placement is None else ", ".join(map(str, placement.devices))
+        print(f"flashpack_ops: assigned {loaded} tensors from {path} to {type(model).__name__} on {where}"
               + (f", ignored {len(unexpected)} names not in the model" if unexpected else ""))

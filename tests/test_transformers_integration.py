@@ -156,9 +156,12 @@ def test_device_map_for_one_device_is_the_device(model, saved, device_map):
     assert torch.equal(logits(loaded.cpu()), logits(model))
 
 
-def test_device_map_over_several_devices_is_refused(saved):
-    with pytest.raises(ValueError, match=r"device_map places the model on several devices"):
+def test_device_maps_that_cannot_be_honoured_are_refused(saved):
+    # Several devices are tests/test_device_map.py's.
+    with pytest.raises(ValueError, match=r"device_map \{'lm_head': 'meta'\}: cannot load onto the meta device"):
         FlashLlama.from_pretrained_flashpack(saved, device_map={"model": "cpu", "lm_head": "meta"})
+    with pytest.raises(ValueError, match=r"device_map \{'lm_head': 'disk'\}: offloading to disk is not supported"):
+        FlashLlama.from_pretrained_flashpack(saved, device_map={"model": "cpu", "lm_head": "disk"})
     with pytest.raises(ValueError, match=r"device='cpu' and device_map='cuda:0' disagree"):
         FlashLlama.from_pretrained_flashpack(saved, device="cpu", device_map="cuda:0")
 

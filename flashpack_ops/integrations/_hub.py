@@ -6,11 +6,11 @@ import os
 import re
 import shlex
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from ..api import filter_state_dict
+from ..api import DevicePlacement, filter_state_dict
 from ..ops import _device, read_metadata, save_file
 
 FLASHPACK_FILE = "model.flashpack"
@@ -21,7 +21,7 @@ FLASHPACK_FILE = "model.flashpack"
 # them on to the model's constructor.
 IGNORED_LOAD_KWARGS = ("proxies", "local_dir_use_symlinks", "low_cpu_mem_usage", "use_safetensors", "variant",
                        "num_streams", "chunk_bytes", "resume_download", "mirror", "_fast_init", "weights_only",
-                       "disable_mmap", "offload_folder", "offload_state_dict", "offload_buffers", "max_memory",
+                       "disable_mmap", "offload_folder", "offload_state_dict", "offload_buffers",
                        "tqdm_class", "_commit_hash", "_from_auto", "_from_pipeline", "adapter_name",
                        "allow_all_kernels", "use_flashpack", "flashpack_kwargs")
 
@@ -156,15 +156,27 @@ def warn_unused_save_kwargs(kwargs: Dict[str, Any], what: str) -> None:
                       stacklevel=3)
 
 
-def _device_of_map(device_map: Any, what: str) -> torch.device:
-    """The one device a ``device_map`` names; the whole model is loaded to one device."""
+class AutoDeviceMap(NamedTuple):
+    """``device_map="auto"`` (or "balanced", "balanced_low_0", "sequential") with several GPUs:
+    a map accelerate infers once the model is built (see ``place_model``)."""
+
+    strategy: str
+    max_memory: Optional[Dict[Any, Any]]
+
+
+def _device_of_map(device_map: Any, what: str, max_memory: Optional[Dict[Any, Any]]) -> Any:
+    """What a ``device_map`` asks for: one device, a map over several (``{module: device}``),
+    or an AutoDeviceMap to infer with the model."""
     if isinstance(device_map, dict):
         devices = set(device_map.values())
-        if len(devices) != 1:
-            raise ValueError(f"{what}: device_map places the model on several devices ({sorted(map(str, devices))}); "
-                             "a flashpack file is loaded to one device: pass device= instead")
-        device_map = devices.pop()
+        if len(devices) > 1:
+            _require_accelerate(what)
+            return DevicePlacement(device_map, what).map
+        device_map = devices.pop() if devices else "cpu"
     if isinstance(device_map, str) and device_map in _SPREADING_DEVICE_MAPS:
+        if torch.cuda.device_count() > 1:
+            _require_accelerate(what)
+            return AutoDeviceMap(device_map, max_memory)
         # With one device to use, from_pretrained puts the whole model on the first GPU.
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if isinstance(device_map, int):
@@ -174,14 +186,62 @@ def _device_of_map(device_map: Any, what: str) -> torch.device:
     return torch.device(device_map)
 
 
+def _require_accelerate(what: str) -> None:
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise ImportError(f"{what}: a device_map over several devices needs accelerate for the hooks that move "
+                          "activations between them, as from_pretrained does (pip install accelerate)") from None
+
+
+def place_model(model: torch.nn.Module, device: Any) -> Any:
+    """The device, or the ``{module: device}`` map, that ``assign_from_file`` loads ``model``
+    to: an AutoDeviceMap becomes the map accelerate infers for the model (built on meta),
+    with the model's ``_no_split_modules`` kept whole, as from_pretrained infers it."""
+    if not isinstance(device, AutoDeviceMap):
+        return device
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory, get_max_memory
+
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    if device.strategy == "sequential":
+        max_memory = get_max_memory(device.max_memory)
+    else:
+        max_memory = get_balanced_memory(model, max_memory=device.max_memory, no_split_module_classes=no_split,
+                                         low_zero=device.strategy == "balanced_low_0")
+    device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    if "disk" in device_map.values():
+        raise ValueError(f"{type(model).__name__} does not fit in the memory of the GPUs and the CPU together; "
+                         "offloading to disk is not supported")
+    return device_map
+
+
+def dispatch_placed(model: torch.nn.Module, device: Any) -> None:
+    """Adds accelerate's hooks to a model loaded over several devices, as from_pretrained does
+    for such a device_map: each module's inputs are moved to its device."""
+    if not isinstance(device, dict) or len(set(device.values())) < 2:
+        return
+    import inspect
+
+    from accelerate import dispatch_model
+
+    kwargs: Dict[str, Any] = {}
+    skip = getattr(model, "_skip_keys_device_placement", None)
+    if skip is not None and "skip_keys" in inspect.signature(dispatch_model).parameters:
+        kwargs["skip_keys"] = skip
+    dispatch_model(model, device_map=device, **kwargs)
+
+
 def take_load_kwargs(kwargs: Dict[str, Any], device: Any, what: str) -> Tuple[Any, Dict[str, Any]]:
     """Takes from_pretrained's loading arguments out of ``kwargs`` (what remains goes to the config
     and the model's constructor): drops those that change nothing, refuses those it cannot honour,
-    turns ``device_map`` into a device. Returns the device and the distributed-loading options.
+    turns ``device_map`` into a device, a ``{module: device}`` map over several devices, or an
+    AutoDeviceMap (``place_model`` resolves it). Returns that and the distributed-loading options.
 
     Raises:
-        ValueError: an argument that would change what is loaded, or a device_map over several
-            devices, or one that contradicts ``device``.
+        ValueError: an argument that would change what is loaded, or a device_map that
+            contradicts ``device`` or offloads to disk.
+        ImportError: a device_map over several devices without accelerate installed.
     """
     for name in IGNORED_LOAD_KWARGS:
         kwargs.pop(name, None)
@@ -191,9 +251,10 @@ def take_load_kwargs(kwargs: Dict[str, Any], device: Any, what: str) -> Tuple[An
             raise ValueError(f"{what}: {name}={value!r} is not supported: a flashpack file is loaded as it was saved "
                              f"(load with from_pretrained for {name})")
     device_map = kwargs.pop("device_map", None)
+    max_memory = kwargs.pop("max_memory", None)
     if device_map is not None:
-        mapped = _device_of_map(device_map, what)
-        if device is not None and _device(device) != mapped:
+        mapped = _device_of_map(device_map, what, max_memory)
+        if device is not None and (not isinstance(mapped, torch.device) or _device(device) != mapped):
             raise ValueError(f"{what}: device={device!r} and device_map={device_map!r} disagree; pass one of them")
         device = mapped
     distributed = {name: kwargs.pop(name) for name in DISTRIBUTED_LOAD_KWARGS if name in kwargs}

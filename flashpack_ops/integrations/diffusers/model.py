@@ -13,8 +13,8 @@ from diffusers import ModelMixin
 from ...api import assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
-from .._hub import (build_and_load_dtypes, checked_save_directory, loading_info, locate_flashpack, take_load_kwargs,
-                    upload_directory, warn_unused_save_kwargs, write_weights)
+from .._hub import (build_and_load_dtypes, checked_save_directory, dispatch_placed, loading_info, locate_flashpack,
+                    place_model, take_load_kwargs, upload_directory, warn_unused_save_kwargs, write_weights)
 
 M = TypeVar("M", bound=ModelMixin)
 
@@ -125,7 +125,10 @@ def from_pretrained_flashpack(
         strict, strict_params, strict_buffers, ignore_names, ignore_prefixes,
             ignore_suffixes, coerce_dtype, keep_flash_ref_on_model, silent: as in
             :func:`flashpack_ops.assign_from_file`.
-        device_map: one device for the whole model, in place of ``device``.
+        device_map: in place of ``device``: one device for the whole model, or a map of
+            module names to devices (``"auto"`` with several GPUs: the map accelerate infers,
+            within ``max_memory``), each device loading only its modules' entries, with
+            accelerate's hooks added as from_pretrained adds them.
         output_loading_info: also return ``{"missing_keys", "unexpected_keys", ...}``.
         use_distributed_loading, distributed_sharded, rank, local_rank, world_size: as in
             :func:`flashpack_ops.assign_from_file`.
@@ -154,12 +157,14 @@ def from_pretrained_flashpack(
     build_dtype, load_dtype = build_and_load_dtypes(path, dtype, torch_dtype)
     with init_empty_parameters(build_dtype):
         model = model_class.from_config(config, **kwargs)
+    device = place_model(model, device)
     assign_from_file(
         model, path, device=device if device is not None else "cpu", strict=strict, strict_params=strict_params,
         strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
         ignore_names=ignore_names, ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes,
         coerce_dtype=coerce_dtype, dtype=load_dtype, **distributed,
     )
+    dispatch_placed(model, device)
     model.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
     model.eval()
     return (model, loading_info(model, path)) if output_loading_info else model

@@ -236,6 +236,9 @@ def load_pipeline_flashpack(
                          f"torch_dtype={torch_dtype!r} disagree; pass one of them")
     torch_dtype = dtype if dtype is not None else torch_dtype
     device, distributed = take_load_kwargs(kwargs, device, f"{pipeline_class.__name__}.from_pretrained_flashpack")
+    if device is not None and not isinstance(device, torch.device):
+        raise ValueError(f"{pipeline_class.__name__}.from_pretrained_flashpack: a pipeline loads every component to one "
+                         "device; pass device= (or load the components one by one with a device_map each)")
     directory = resolve_directory(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, token=token,
                                   local_files_only=local_files_only, force_download=force_download)
     if not os.path.isfile(os.path.join(directory, "model_index.json")):

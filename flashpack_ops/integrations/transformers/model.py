@@ -16,8 +16,8 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrai
 from ...api import assign_from_file, describe_missing, initialize_missing
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, read_metadata
-from .._hub import (build_and_load_dtypes, checked_save_directory, loading_info, locate_flashpack,
-                    take_load_kwargs, upload_directory, warn_unused_save_kwargs, write_weights)
+from .._hub import (build_and_load_dtypes, checked_save_directory, dispatch_placed, loading_info, locate_flashpack,
+                    place_model, take_load_kwargs, upload_directory, warn_unused_save_kwargs, write_weights)
 
 M = TypeVar("M", bound=PreTrainedModel)
 
@@ -237,8 +237,12 @@ def from_pretrained_flashpack(
         strict, strict_params, strict_buffers, ignore_names, ignore_prefixes,
             ignore_suffixes, coerce_dtype, keep_flash_ref_on_model, silent: as in
             :func:`flashpack_ops.assign_from_file`.
-        device_map: one device for the whole model (``"cuda"``, ``0``, ``{"": "cuda:1"}``,
-            ``"auto"`` for the first GPU); in place of ``device``.
+        device_map: in place of ``device``: one device for the whole model (``"cuda"``,
+            ``0``, ``{"": "cuda:1"}``), or a map of module names to devices
+            (``{"model.embed_tokens": 0, "model.layers": 1, ...}``; ``"auto"`` with several
+            GPUs: the map accelerate infers, within ``max_memory``, as from_pretrained does).
+            Each device loads only its modules' entries; accelerate's hooks are added as
+            from_pretrained adds them.
         output_loading_info: also return ``{"missing_keys", "unexpected_keys", ...}``.
         generation_config: use this instead of the directory's ``generation_config.json``.
         use_distributed_loading, distributed_sharded, rank, local_rank, world_size: as in
@@ -280,6 +284,10 @@ def from_pretrained_flashpack(
         model = model_class._from_config(config, **kwargs)
     model.tie_weights()  # skipped with the init; the file's tensors then fill each tied group once
     target, left_out = _match_to_file(model, path)
+    device = place_model(model, device)
+    if isinstance(device, dict) and target is not model:
+        raise ValueError(f"{what}: {path} holds a {type(target).__name__}, part of {model_class.__name__}; a "
+                         "device_map over several devices needs the whole model's checkpoint")
     zero_filled: List[str] = []
     assign_from_file(
         target, path, device=device if device is not None else "cpu", strict=strict, strict_params=strict_params,
@@ -303,6 +311,7 @@ def from_pretrained_flashpack(
         left_zero = initialize_missing(model, zero_filled, _init_weights_of(model))
         warnings.warn(f"{what}: {describe_missing(zero_filled, left_zero, 'from_pretrained')} (not in {path})",
                       stacklevel=2)
+    dispatch_placed(model, device)
     if generation_config is not None:
         model.generation_config = generation_config
     elif model.can_generate() and os.path.isfile(os.path.join(model_dir, "generation_config.json")):

@@ -1,0 +1,171 @@
+"""A model over several devices (device_map): each device loads only its modules' entries,
+every tensor lands where the map says, and from_pretrained_flashpack adds accelerate's hooks
+as from_pretrained does. Tests over two devices need a GPU (or two), and run on the GPU
+machine; the rules (what must be covered, what is refused) run everywhere."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flashpack_ops
+from conftest import assert_same
+from flashpack_ops.mixin import init_empty_parameters
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from flashpack_ops.integrations.transformers import from_pretrained_flashpack, save_pretrained_flashpack  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPUS = torch.cuda.device_count()
+IDS = torch.tensor([[1, 5, 9, 33, 2, 101, 7, 64]])
+
+
+def emulated() -> bool:
+    return GPUS > 0 and torch.cuda.get_device_name(0).endswith("(fake cudart)")
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(64, 16)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(3))
+        self.head = torch.nn.Linear(16, 64)
+        self.register_buffer("scale", torch.arange(16.0), persistent=False)
+
+
+@pytest.fixture
+def net_file(tmp_path):
+    torch.manual_seed(0)
+    net = Net()
+    path = tmp_path / "net.flashpack"
+    flashpack_ops.save_file(net.state_dict(), path)
+    return net, path
+
+
+def test_a_map_within_one_device_loads_the_model(net_file):
+    net, path = net_file
+    with init_empty_parameters():
+        empty = Net()
+    flashpack_ops.assign_from_file(empty, path, device={"embed": "cpu", "layers.0": "cpu", "layers": "cpu",
+                                                        "head.weight": "cpu", "head": "cpu"})
+    for name, tensor in net.state_dict().items():
+        assert_same(empty.state_dict()[name], tensor, name)
+    assert torch.equal(empty.scale, torch.arange(16.0))  # not in the map, not in the file: kept
+
+
+def test_every_tensor_of_the_state_dict_needs_a_place(net_file):
+    _, path = net_file
+    with init_empty_parameters():
+        empty = Net()
+    with pytest.raises(ValueError, match=r"the device_map places no module holding layers\.2\.weight, "
+                                         r"layers\.2\.bias, head\.weight, head\.bias \(add their modules"):
+        flashpack_ops.assign_from_file(empty, path, device={"embed": "cpu", "layers.0": "cpu", "layers.1": "cpu"})
+    assert empty.embed.weight.is_meta  # untouched
+
+
+@pytest.mark.parametrize("place, message", [("disk", "offloading to disk is not supported"),
+                                            ("meta", "cannot load onto the meta device")])
+def test_disk_and_meta_are_refused(net_file, place, message):
+    _, path = net_file
+    with init_empty_parameters():
+        empty = Net()
+    with pytest.raises(ValueError, match=message):
+        flashpack_ops.assign_from_file(empty, path, device={"embed": "cpu", "": place})
+
+
+def test_a_wrapped_model_takes_no_device_map(net_file):
+    _, path = net_file
+    with init_empty_parameters():
+        wrapped = torch.compile(Net())
+    with pytest.raises(ValueError, match="holds the names of the model that OptimizedModule wraps"):
+        flashpack_ops.assign_from_file(wrapped, path, device={"embed": "cpu", "layers": "cpu", "head": "cpu"})
+
+
+def tiny_llama(tmp_path, layers=2):
+    config = LlamaConfig(num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    directory = tmp_path / "llama"
+    model.save_pretrained(directory)  # safetensors, for from_pretrained
+    save_pretrained_flashpack(model, directory)
+    return model, directory
+
+
+def test_a_map_over_several_devices_needs_accelerate(tmp_path):
+    _, directory = tiny_llama(tmp_path)
+    code = ("import sys; sys.modules['accelerate'] = None\n"
+            "from transformers import LlamaForCausalLM\n"
+            "from flashpack_ops.integrations.transformers import from_pretrained_flashpack\n"
+            "try:\n"
+            f"    from_pretrained_flashpack(LlamaForCausalLM, {str(directory)!r},\n"
+            "                              device_map={'model': 'cpu', 'lm_head': 'cuda:0'})\n"
+            "except ImportError as e:\n"
+            "    print(e)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "a device_map over several devices needs accelerate" in result.stdout, result.stdout + result.stderr
+
+
+def cpu_and_gpu_map():
+    return {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": 0, "model.norm": 0,
+            "model.rotary_emb": 0, "lm_head": 0}
+
+
+@pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")
+def test_a_model_over_the_cpu_and_a_gpu_matches_from_pretrained(tmp_path):
+    pytest.importorskip("accelerate")
+    model, directory = tiny_llama(tmp_path)
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated(0)
+    loaded = from_pretrained_flashpack(LlamaForCausalLM, directory, device_map=cpu_and_gpu_map())
+    on_gpu = {name: t for name, t in loaded.state_dict().items() if t.is_cuda}
+    for name, tensor in loaded.state_dict().items():
+        expected = "cpu" if name.startswith(("model.embed_tokens", "model.layers.0.")) else "cuda"
+        assert tensor.device.type == expected, name
+        assert_same(tensor, model.state_dict()[name], name)
+    # The GPU holds its modules' tensors, not the whole file.
+    gpu_bytes = sum(t.nbytes for t in on_gpu.values())
+    assert torch.cuda.memory_allocated(0) - allocated < gpu_bytes + (1 << 20)
+    assert hasattr(loaded.model.layers[1], "_hf_hook")  # accelerate's hooks, as from_pretrained adds them
+    if emulated():
+        return  # the emulated runtime moves bytes; it runs no kernels
+    reference = LlamaForCausalLM.from_pretrained(directory, device_map=cpu_and_gpu_map()).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits.cpu(), reference(IDS).logits.cpu())
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs two CUDA GPUs")
+def test_each_gpu_loads_only_its_modules(net_file):
+    net, path = net_file
+    with init_empty_parameters():
+        empty = Net()
+    placement = {"embed": "cuda:0", "layers.0": "cuda:0", "layers": "cuda:1", "head": "cpu"}
+    before = [torch.cuda.memory_allocated(k) for k in range(2)]
+    flashpack_ops.assign_from_file(empty, path, device=placement)
+    for name, tensor in empty.state_dict().items():
+        expected = ("cuda:0" if name.startswith(("embed", "layers.0.")) else
+                    "cpu" if name.startswith("head") else "cuda:1")
+        assert str(tensor.device) == expected, name
+        assert_same(tensor, net.state_dict()[name], name)
+    for k in range(2):
+        held = sum(t.nbytes for t in empty.state_dict().values() if t.device == torch.device("cuda", k))
+        assert torch.cuda.memory_allocated(k) - before[k] < held + (1 << 20), k
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("strategy", ["auto", "balanced"])
+def test_auto_spreads_the_model_over_the_gpus_as_from_pretrained_does(tmp_path, strategy):
+    pytest.importorskip("accelerate")
+    model, directory = tiny_llama(tmp_path, layers=6)
+    loaded = from_pretrained_flashpack(LlamaForCausalLM, directory, device_map=strategy)
+    theirs = LlamaForCausalLM.from_pretrained(directory, device_map=strategy)
+    placed = {name: t.device for name, t in loaded.state_dict().items()}
+    assert placed == {name: t.device for name, t in theirs.state_dict().items()}
+    assert len(set(placed.values())) > 1 and getattr(loaded, "hf_device_map", None) == theirs.hf_device_map
+    for name, tensor in loaded.state_dict().items():
+        assert_same(tensor, model.state_dict()[name], name)
