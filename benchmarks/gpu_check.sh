@@ -22,7 +22,7 @@
 #   pip download --no-deps -d .whl flashpack==0.4.5 accelerate==1.15.0 click
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-#     -d .whl matplotlib contourpy kiwisolver pillow fonttools cycler pyparsing python-dateutil six
+#     -d .whl matplotlib contourpy kiwisolver pillow fonttools cycler pyparsing python-dateutil six psutil
 #
 # BENCH_ARGS adds arguments to bench_gpu.py and TRANSFORMERS_ARGS to bench_transformers.py
 # (small sizes for a dry run under tests/cuda_emulator, say).
@@ -59,7 +59,8 @@ import glob, importlib.util, os
 # wheel distribution name -> the module it provides
 modules = {"flashpack": "flashpack", "accelerate": "accelerate", "click": "click", "matplotlib": "matplotlib",
            "contourpy": "contourpy", "cycler": "cycler", "fonttools": "fontTools", "kiwisolver": "kiwisolver",
-           "pillow": "PIL", "pyparsing": "pyparsing", "python_dateutil": "dateutil", "six": "six"}
+           "pillow": "PIL", "pyparsing": "pyparsing", "python_dateutil": "dateutil", "six": "six",
+           "psutil": "psutil"}
 for wheel in sorted(glob.glob(".whl/*.whl")):
     dist = os.path.basename(wheel).split("-")[0].lower()
     module = modules.get(dist, dist)
