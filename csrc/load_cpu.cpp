@@ -145,7 +145,9 @@ Layout layout_to_load(const InputFile& file, const LoadOptions& opts,
   Layout layout = read_layout(file.fd(), file.size(), file.path());
   if (opts.check_layout) opts.check_layout(layout);
   if (whole) whole(layout);
-  return opts.names ? select_entries(layout, *opts.names, file.path()) : layout;
+  // Returned by name, not through ?:, which would copy the whole index of every load.
+  if (opts.names) return select_entries(layout, *opts.names, file.path());
+  return layout;
 }
 
 std::vector<at::Tensor> load_cpu(const std::string& path, const LoadOptions& opts, Layout* layout_out) {

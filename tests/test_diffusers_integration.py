@@ -96,6 +96,15 @@ def test_pipeline_saves_models_as_flashpack_and_the_rest_as_usual(tmp_path):
     assert replaced.scheduler.config.num_train_timesteps == 20
 
 
+def test_pipeline_takes_one_device_and_refuses_a_map_over_several(tmp_path):
+    pipeline = FlashDDPMPipeline(unet=tiny_unet(FlashUNet), scheduler=DDPMScheduler(num_train_timesteps=10))
+    pipeline.save_pretrained_flashpack(tmp_path)
+    loaded = FlashDDPMPipeline.from_pretrained_flashpack(tmp_path, device_map={"": "cpu"})
+    assert {p.device.type for p in loaded.unet.parameters()} == {"cpu"}
+    with pytest.raises(ValueError, match="a pipeline loads every component to one device"):
+        FlashDDPMPipeline.from_pretrained_flashpack(tmp_path, device_map={"unet": "cpu", "": "cuda:0"})
+
+
 def test_pipeline_saved_by_diffusers_loads_unchanged(tmp_path):
     # A pipeline directory without flashpack files: every component loads its usual way.
     pipeline = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=10))

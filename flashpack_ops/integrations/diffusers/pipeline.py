@@ -14,7 +14,8 @@ import torch
 from diffusers import DiffusionPipeline, ModelMixin
 
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
-from .._hub import FLASHPACK_FILE, resolve_directory, take_load_kwargs, upload_directory, warn_unused_save_kwargs
+from .._hub import (FLASHPACK_FILE, AutoDeviceMap, resolve_directory, take_load_kwargs, upload_directory,
+                    warn_unused_save_kwargs)
 from . import model as diffusers_model
 
 P = TypeVar("P", bound=DiffusionPipeline)
@@ -236,7 +237,7 @@ def load_pipeline_flashpack(
                          f"torch_dtype={torch_dtype!r} disagree; pass one of them")
     torch_dtype = dtype if dtype is not None else torch_dtype
     device, distributed = take_load_kwargs(kwargs, device, f"{pipeline_class.__name__}.from_pretrained_flashpack")
-    if device is not None and not isinstance(device, torch.device):
+    if isinstance(device, (dict, AutoDeviceMap)):
         raise ValueError(f"{pipeline_class.__name__}.from_pretrained_flashpack: a pipeline loads every component to one "
                          "device; pass device= (or load the components one by one with a device_map each)")
     directory = resolve_directory(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, token=token,
