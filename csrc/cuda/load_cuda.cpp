@@ -106,12 +106,9 @@ uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 
 // ---- options ---------------------------------------------------------------------------
 
-// An argument wins over its environment variable; 0 in both means the default.
-int64_t arg_or_env(int64_t arg, const char* arg_name, const char* env_name, const std::string& path) {
-  if (arg < 0) {
-    throw std::invalid_argument("cannot load '" + path + "': " + arg_name + " must be >= 0 (0 picks the default), got " +
-                                std::to_string(arg));
-  }
+// An argument wins over its environment variable; 0 in both means the default. Negative
+// arguments were refused before any load began (check_options in flashpack.cpp).
+int64_t arg_or_env(int64_t arg, const char* env_name) {
   return arg > 0 ? arg : env_count(env_name);
 }
 
@@ -139,19 +136,15 @@ Tuning resolve(const LoadOptions& opts, const std::string& path) {
     route = env != nullptr && *env != '\0' ? env : "auto";
   }
   t.route = parse_route(route, path);
-  if (opts.num_threads < 0) {
-    throw std::invalid_argument("cannot load '" + path + "': num_threads must be >= 0 (0 picks the default), got " +
-                                std::to_string(opts.num_threads));
-  }
   t.threads = opts.num_threads;
   const uint64_t a = io_align();
-  if (int64_t c = arg_or_env(opts.chunk_bytes, "chunk_bytes", "FLASHPACK_CHUNK_BYTES", path)) {
+  if (int64_t c = arg_or_env(opts.chunk_bytes, "FLASHPACK_CHUNK_BYTES")) {
     t.chunk_bytes = align_up(static_cast<uint64_t>(c), a);
   }
-  if (int64_t p = arg_or_env(opts.pinned_bytes, "pinned_bytes", "FLASHPACK_PINNED_BYTES", path)) {
+  if (int64_t p = arg_or_env(opts.pinned_bytes, "FLASHPACK_PINNED_BYTES")) {
     t.pinned_bytes = std::max(a, align_down(static_cast<uint64_t>(p), a));
   }
-  if (int64_t s = arg_or_env(opts.num_streams, "num_streams", "FLASHPACK_NUM_STREAMS", path)) {
+  if (int64_t s = arg_or_env(opts.num_streams, "FLASHPACK_NUM_STREAMS")) {
     t.streams = static_cast<int>(std::min<int64_t>(s, 64));
   }
   return t;
