@@ -313,8 +313,9 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
     ``MultiheadAttention`` zeroes ``out_proj.bias``, a CLIP attention scales its ``q_proj``).
     Such inits set every tensor in reach in place, so meanwhile every other parameter and
     buffer of the model is swapped for a meta stand-in: no loaded weight is touched;
-    submodules an init replaces are put back. Returns the names left at zero (the init of
-    their own module failed or did not write them: a module without ``reset_parameters``)."""
+    submodules an init replaces are put back. Returns the names left at zero: those no init
+    wrote (a module without ``reset_parameters`` under a parent whose init does not set it),
+    and those an init wrote before it failed, unless a later one wrote them again."""
     missing = set(names)
     # By identity: a tensor reachable under a second path (a module shared by two parents)
     # is the missing one all the same, and must not be stood in for.
@@ -330,7 +331,8 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
     children = [(module, dict(module._modules)) for _, module in modules]
     stand_ins: List[Tuple[Dict[str, Any], str, torch.Tensor]] = []
     placed: Dict[str, Tuple[Dict[str, Any], str, torch.Tensor]] = {}
-    failed = set()
+    unreachable = set()  # modules whose init could reach a tensor that has no stand-in
+    partial: set = set()  # names a failed init wrote and no later init wrote again
     try:
         for module_name, module in modules:
             prefix = module_name + "." if module_name else ""
@@ -345,8 +347,8 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
                         meta = tensor.detach().to("meta")
                     except Exception:  # noqa: BLE001 - quantized tensors and some subclasses have none
                         # Out of reach of the inits only if none of them can get to it.
-                        failed.update(path for path in chain
-                                      if not path or module_name == path or module_name.startswith(path + "."))
+                        unreachable.update(path for path in chain
+                                           if not path or module_name == path or module_name.startswith(path + "."))
                         continue
                     stand_in = torch.nn.Parameter(meta, tensor.requires_grad) if store is module._parameters else meta
                     stand_ins.append((store, attr, tensor))
@@ -354,21 +356,32 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
         versions = {name: placed[name][2]._version for name in names}
         with torch.no_grad():
             for path in deepest_first:
-                if path in failed:
+                if path in unreachable:
                     continue
+                before = {name: placed[name][2]._version for name in names}
                 try:
                     init(model.get_submodule(path))
-                except Exception:  # noqa: BLE001 - the model's own init code; what it could not set stays zero
-                    failed.add(path)
-            for name in names:
-                store, attr, tensor = placed[name]
-                if store.get(attr) is not tensor:
-                    # An init that made a new tensor rather than fill ours: keep ours, with its values.
-                    try:
-                        tensor.copy_(store[attr])
-                    except Exception:  # noqa: BLE001 - a new tensor made from a stand-in
-                        failed.add(name.rpartition(".")[0])
-                    store[attr] = tensor
+                    ran = True
+                except Exception:  # noqa: BLE001 - the model's own init code (or a module without one)
+                    ran = False
+                written = set()
+                for name in names:
+                    store, attr, tensor = placed[name]
+                    if store.get(attr) is not tensor:
+                        # An init that made a new tensor rather than fill ours: ours takes its values.
+                        try:
+                            tensor.copy_(store[attr])
+                        except Exception:  # noqa: BLE001 - a new tensor made from a stand-in: no values
+                            pass
+                        store[attr] = tensor
+                    if tensor._version != before[name]:
+                        written.add(name)
+                # What an init that failed half-way wrote is not to be trusted, until a later
+                # (enclosing) init writes it again.
+                if ran:
+                    partial -= written
+                else:
+                    partial |= written
     finally:
         # An init that builds new submodules (self.proj = Linear(...)) would drop the loaded
         # ones: they are put back (what the init set in the new ones is lost).
@@ -382,7 +395,7 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
     with torch.no_grad():
         for name in names:
             tensor = placed[name][2]
-            if name.rpartition(".")[0] in failed:
+            if name in partial:
                 tensor.zero_()
                 left_zero.append(name)
             elif tensor._version == versions[name] and _all_zero(tensor):

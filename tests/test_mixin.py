@@ -556,3 +556,55 @@ def test_what_is_missing_takes_the_dtype_the_loaded_tensors_take(tmp_path):
     assert {t.dtype for t in empty.parameters()} == {torch.bfloat16}
     assert torch.equal(empty[1].weight, torch.ones(4, dtype=torch.bfloat16))
     empty(torch.ones(2, 4, dtype=torch.bfloat16))
+
+
+class Norm(torch.nn.Module):
+    """A module with a parameter and no init of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(4))
+
+
+class NormParent(torch.nn.Module, FlashPackMixin):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.norm = Norm()
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.norm.weight.fill_(1.0)
+
+
+def test_a_tensor_whose_module_has_no_init_takes_its_parents(tmp_path):
+    model = NormParent()
+    path = tmp_path / "no_norm.flashpack"
+    flashpack_ops.save_file({"proj.weight": model.proj.weight, "proj.bias": model.proj.bias}, path)
+    with pytest.warns(UserWarning, match=r"1 tensors initialised as reset_parameters\(\) initialises them: "
+                                         r"norm\.weight"):
+        loaded = NormParent.from_flashpack(path, strict=False)
+    assert torch.equal(loaded.norm.weight, torch.ones(4))
+    assert torch.equal(loaded.proj.weight, model.proj.weight)
+
+
+def test_what_an_init_wrote_before_failing_is_zeroed(tmp_path):
+    class Failing(torch.nn.Linear):
+        def reset_parameters(self):
+            if self.bias.is_meta:  # building the model on meta
+                return
+            with torch.no_grad():
+                self.bias.fill_(5.0)
+            raise RuntimeError("half-way")
+
+    class Holder(torch.nn.Module, FlashPackMixin):
+        def __init__(self):
+            super().__init__()
+            self.layer = Failing(4, 4)
+
+    path = tmp_path / "no_bias.flashpack"
+    flashpack_ops.save_file({"layer.weight": torch.ones(4, 4)}, path)
+    with pytest.warns(UserWarning, match=r"1 tensors zero-filled: layer\.bias"):
+        loaded = Holder.from_flashpack(path, strict=False)
+    assert torch.equal(loaded.layer.bias, torch.zeros(4))
+    assert torch.equal(loaded.layer.weight, torch.ones(4, 4))
