@@ -201,23 +201,42 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args.run(args)
         sys.stdout.flush()
-    except BrokenPipeError:
-        # The reader went away (`flashpack metadata -i big.flashpack | head`): as other
-        # commands do, stop quietly. stdout is pointed at /dev/null so that the flush at
-        # exit does not fail again.
+    except BrokenPipeError as error:
+        if not _stdout_closed():
+            return _failed(args, error)
+        # The reader of our output went away (`flashpack metadata -i big.flashpack | head`):
+        # stop quietly, as other commands do. stdout is pointed at /dev/null so that the
+        # flush at exit does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
         print(f"flashpack {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # every failure becomes one line; --verbose shows the traceback
-        if args.verbose:
-            import traceback
-
-            traceback.print_exc()
-        print(f"flashpack {args.command}: error: {_one_line(error)}", file=sys.stderr)
-        return 1
+        return _failed(args, error)
     return 0
+
+
+def _failed(args: argparse.Namespace, error: BaseException) -> int:
+    if args.verbose:
+        import traceback
+
+        traceback.print_exc()
+    print(f"flashpack {args.command}: error: {_one_line(error)}", file=sys.stderr)
+    return 1
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (and not some other pipe the
+    command wrote to, a named pipe given as destination, say)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def checkpoint_metadata(path: str) -> Optional[Dict[str, str]]:
         files = [os.path.join(os.path.dirname(path), shard) for shard in shards]
     else:
         files = [path]
-    if not files or not all(f.endswith(".safetensors") for f in files):
+    if not files or not all(f.endswith(".safetensors") or _is_safetensors(f) for f in files):
         return None
     found = []
     for file in files:
@@ -357,6 +357,8 @@ def convert_to_flashpack(
             checkpoint or has another format's extension, with the reason.
         HubUnavailableError: a repo id while offline, with no cached copy.
     """
+    if destination_path is not None:
+        destination_path = os.fspath(destination_path)
     target_dtype = parse_dtype(dtype)
     if target_dtype is not None and not target_dtype.is_floating_point:
         raise ValueError(f"dtype {dtype}: {target_dtype} is not a floating-point dtype; the floating-point tensors "
@@ -367,9 +369,9 @@ def convert_to_flashpack(
     if isinstance(source, (torch.nn.Module, dict)):
         if destination_path is None:
             raise ValueError("convert_to_flashpack: a model or state dict needs a destination_path")
-        _check_destination(os.fspath(destination_path))
+        _check_destination(destination_path)
         state_dict = source.state_dict() if isinstance(source, torch.nn.Module) else source
-        _save(state_dict, os.fspath(destination_path), ignore, target_dtype=target_dtype, checksum=checksum)
+        _save(state_dict, destination_path, ignore, target_dtype=target_dtype, checksum=checksum)
         return destination_path
 
     source = os.fspath(source)

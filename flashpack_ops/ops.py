@@ -236,6 +236,7 @@ def load_file(
     if torch.compiler.is_compiling():
         # Dynamo cannot trace an op returning a dict; load_list returns the same tensors.
         path = os.fspath(path)
+        selection = names
         layout = _traced_layout(path, names)
         if layout is None:
             # The file cannot be read now: the op breaks the graph, runs and says why.
@@ -243,6 +244,9 @@ def load_file(
             raise RuntimeError(f"'{path}' could not be read when this code was compiled and can be now: call "
                                "torch.compiler.reset() to trace it again")
         names, firsts, shapes, signature = layout
+        if not names and selection == ():
+            # An empty selection reads nothing; a graph could not hold an op without outputs.
+            return {}
         # distinct: one tensor per group of tied entries, since a custom operator's outputs
         # must not alias each other. A tied name then takes the very tensor of the first name
         # of its group: the graph knows they are one, and an in-place update through one

@@ -542,11 +542,17 @@ def test_a_model_directory_is_not_converted_to_a_file_name(tmp_path):
     result = run("convert", tmp_path / "llama", tmp_path / "out.flashpack", check=False)
     assert_one_line_error(result, "out.flashpack: a model directory converts to a directory")
     assert not (tmp_path / "out.flashpack").exists()
+    # The Python function takes a path object as well as a str.
+    from flashpack_ops.commands import convert_to_flashpack
+
+    written = convert_to_flashpack(tmp_path / "llama", tmp_path / "out")
+    assert written == str(tmp_path / "out" / "model.flashpack") and os.path.isfile(written)
 
 
 def test_a_safetensors_file_under_a_torch_name_converts(tmp_path):
     from safetensors.torch import save_file
 
-    save_file(state_dict(), tmp_path / "pytorch_model.bin")
+    save_file(state_dict(), tmp_path / "pytorch_model.bin", metadata={"format": "pt", "source": "bin"})
     run("convert", tmp_path / "pytorch_model.bin", tmp_path / "m.flashpack")
     assert_file_holds(tmp_path / "m.flashpack", state_dict())
+    assert flashpack_ops.read_metadata(tmp_path / "m.flashpack")["metadata"] == {"format": "pt", "source": "bin"}

@@ -200,3 +200,8 @@ def test_opcheck_with_names(saved, op):
     torch.library.opcheck(getattr(torch.ops.flashpack, op).default, (path,), {"names": ["ids", "embed", "head"]}
                           if op == "load" else {"names": ["ids", "embed"]},
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_a_compiled_load_of_no_names_returns_nothing(saved):
+    path, _ = saved
+    assert torch.compile(lambda: flashpack_ops.load_file(path, names=[]), fullgraph=True)() == {}

@@ -171,7 +171,8 @@ def _device_of_map(device_map: Any, what: str, max_memory: Optional[Dict[Any, An
         devices = set(device_map.values())
         if len(devices) > 1:
             _require_accelerate(what)
-            return DevicePlacement(device_map, what).map
+            DevicePlacement(device_map, what)  # checked now; the map goes on with its own values,
+            return dict(device_map)  # which accelerate reads ("cpu" is offloaded, not run there)
         device_map = devices.pop() if devices else "cpu"
     if isinstance(device_map, str) and device_map in _SPREADING_DEVICE_MAPS:
         if torch.cuda.device_count() > 1:
@@ -196,10 +197,21 @@ def _require_accelerate(what: str) -> None:
 
 def place_model(model: torch.nn.Module, device: Any) -> Any:
     """The device, or the ``{module: device}`` map, that ``assign_from_file`` loads ``model``
-    to: an AutoDeviceMap becomes the map accelerate infers for the model (built on meta),
-    with the model's ``_no_split_modules`` kept whole, as from_pretrained infers it."""
+    to: an AutoDeviceMap becomes the map from_pretrained would infer for the model (built on
+    meta): transformers' own planner for its models, accelerate's for the others, with the
+    model's ``_no_split_modules`` kept whole."""
     if not isinstance(device, AutoDeviceMap):
         return device
+    try:
+        from transformers import PreTrainedModel
+        from transformers.integrations.accelerate import _get_device_map
+    except ImportError:  # not installed, or a release that plans elsewhere: accelerate's plan
+        _get_device_map = None
+    if _get_device_map is not None and isinstance(model, PreTrainedModel):
+        try:
+            return _get_device_map(model, device.strategy, device.max_memory, None)
+        except TypeError:  # another signature in another release: accelerate's plan below
+            pass
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory, get_max_memory
 
