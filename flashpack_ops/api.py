@@ -659,6 +659,10 @@ def assign_from_file(
         tensors = dict(iterate_from_flash_tensor(storage, meta))
     elif distributed:
         tensors = load_file_distributed(path, device, sharded=distributed_sharded)
+    elif ignore_names or ignore_prefixes or ignore_suffixes:
+        # What is ignored is not read, nor given GPU memory (a head or a tower left out).
+        tensors = load_file(path, device, names=[entry["name"] for entry in read_metadata(path)["index"]
+                                                 if not ignored(entry["name"])])
     else:
         tensors = load_file(path, device)
 

@@ -277,6 +277,18 @@ def test_from_flashpack_onto_cuda(saved):
     assert torch.equal(loaded(IDS.cuda()).cpu(), model(IDS))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_ignored_tensors_take_no_gpu_memory(tmp_path):
+    path = tmp_path / "with_tower.flashpack"
+    flashpack_ops.save_file({"weight": torch.randn(16, 16), "tower.weight": torch.randn(4 << 20)}, path)
+    with init_empty_parameters():
+        model = torch.nn.Linear(16, 16, bias=False)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    assign_from_file(model, path, device="cuda", ignore_prefixes=["tower."])
+    assert model.weight.is_cuda and torch.cuda.memory_allocated() - before < (1 << 20)  # not the 16 MiB tower
+
+
 class RankAwareLM(TinyLM):
     def __init__(self, vocab=40, width=16, rank=None, world_size=None):
         super().__init__(vocab, width)
