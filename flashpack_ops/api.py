@@ -313,9 +313,10 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
     ``MultiheadAttention`` zeroes ``out_proj.bias``, a CLIP attention scales its ``q_proj``).
     Such inits set every tensor in reach in place, so meanwhile every other parameter and
     buffer of the model is swapped for a meta stand-in: no loaded weight is touched;
-    submodules an init replaces are put back. Returns the names left at zero: those no init
-    wrote (a module without ``reset_parameters`` under a parent whose init does not set it),
-    and those an init wrote before it failed, unless a later one wrote them again."""
+    submodules an init replaces are put back. ``init`` raises NoInit for a module it has
+    nothing for. Returns the names left at zero: those no init wrote (a module without
+    ``reset_parameters`` under a parent whose init does not set it), and those in reach of
+    an init that failed, unless a later one wrote them again."""
     missing = set(names)
     # By identity: a tensor reachable under a second path (a module shared by two parents)
     # is the missing one all the same, and must not be stood in for.
@@ -325,9 +326,13 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
     for holder in holders:
         parts = holder.split(".") if holder else []
         chain.update(".".join(parts[:n]) for n in range(len(parts) + 1))
-    deepest_first = sorted(chain, key=lambda path: path.count(".") + bool(path), reverse=True)
-
     modules = list(model.named_modules(remove_duplicate=False))
+    # Deepest first; siblings in the model's own order, so that the outcome never depends on
+    # how a set happens to iterate.
+    position: Dict[str, int] = {}
+    for k, (module_name, _) in enumerate(modules):
+        position.setdefault(module_name, k)
+    deepest_first = sorted(chain, key=lambda path: (-(path.count(".") + bool(path)), position.get(path, 0)))
     children = [(module, dict(module._modules)) for _, module in modules]
     stand_ins: List[Tuple[Dict[str, Any], str, torch.Tensor]] = []
     placed: Dict[str, Tuple[Dict[str, Any], str, torch.Tensor]] = {}
@@ -362,7 +367,9 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
                 try:
                     init(model.get_submodule(path))
                     ran = True
-                except Exception:  # noqa: BLE001 - the model's own init code (or a module without one)
+                except NoInit:  # nothing to run: nothing written
+                    continue
+                except Exception:  # noqa: BLE001 - the model's own init code
                     ran = False
                 written = set()
                 for name in names:
@@ -376,12 +383,14 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
                         store[attr] = tensor
                     if tensor._version != before[name]:
                         written.add(name)
-                # What an init that failed half-way wrote is not to be trusted, until a later
+                # What an init that failed half-way may have written (through `.data` too, which
+                # no version shows: everything in its reach) is not to be trusted, until a later
                 # (enclosing) init writes it again.
                 if ran:
                     partial -= written
                 else:
-                    partial |= written
+                    partial |= written | {name for name in names
+                                          if not path or name.startswith(path + ".")}
     finally:
         # An init that builds new submodules (self.proj = Linear(...)) would drop the loaded
         # ones: they are put back (what the init set in the new ones is lost).
@@ -431,10 +440,16 @@ def describe_missing(names: List[str], left_zero: List[str], how: str) -> str:
     return "; ".join(said)
 
 
+class NoInit(Exception):
+    """Raised by an init given to initialize_missing for a module it has nothing to run on."""
+
+
 def _reset_parameters(module: torch.nn.Module) -> None:
     # What building the module gives its tensors (torch's layers have it; MultiheadAttention
     # and Transformer layers under a private name).
-    reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters")
+    reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
+    if reset is None:
+        raise NoInit
     reset()
 
 
@@ -494,7 +509,10 @@ class DevicePlacement:
             if value == "disk" or not isinstance(key, str):
                 raise ValueError(f"{what}: device_map {{{key!r}: {value!r}}}: offloading to disk is not supported"
                                  if value == "disk" else f"{what}: device_map keys are module names, got {key!r}")
-            device = torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
+            try:
+                device = torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"{what}: device_map {{{key!r}: {value!r}}}: not a device ({e})") from None
             if device.type == "meta":
                 raise ValueError(f"{what}: device_map {{{key!r}: {value!r}}}: cannot load onto the meta device")
             self.map[key] = device
@@ -618,6 +636,9 @@ def assign_from_file(
     if use_distributed_loading and distributed_shard_strategy not in (None,) + SHARD_STRATEGIES:
         raise ValueError(f"unknown distributed_shard_strategy {distributed_shard_strategy!r}; expected one of "
                          f"{', '.join(SHARD_STRATEGIES)}")
+    def ignored(name: str) -> bool:
+        return _is_ignored(name, ignore_names, ignore_prefixes, ignore_suffixes)
+
     placement = None
     if isinstance(device, Mapping):
         placement = DevicePlacement(device, "flashpack_ops.assign_from_file")
@@ -628,8 +649,9 @@ def assign_from_file(
         if device.type == "meta":
             raise ValueError(f"flashpack_ops.assign_from_file: cannot load {path} onto the meta device")
     elif keep_flash_ref_on_model or use_distributed_loading:
-        raise ValueError(f"flashpack_ops.assign_from_file: a device_map over several devices loads {path} in parts; "
-                         "keep_flash_ref_on_model and use_distributed_loading need it on one device")
+        raise ValueError(f"flashpack_ops.assign_from_file: a device_map loads {path} in parts, module by module; "
+                         "keep_flash_ref_on_model and use_distributed_loading need the whole file on one device "
+                         "(pass device=, or a map whose \"\" key takes the rest)")
     else:
         file_names = [entry["name"] for entry in read_metadata(path)["index"]]
         if _unwrapped(model, dict.fromkeys(file_names)) is not model:
@@ -637,17 +659,13 @@ def assign_from_file(
                              f"{type(model).__name__} wraps; pass that model itself with a device_map")
         # As accelerate checks a device map: every tensor of the state dict has a place.
         uncovered = [name for name, slot in _model_slots(model).items()
-                     if placement(name) is None and (slot.is_param or slot.persistent)]
+                     if placement(name) is None and (slot.is_param or slot.persistent) and not ignored(name)]
         if uncovered:
             raise ValueError(f"flashpack_ops.assign_from_file: the device_map places no module holding "
                              + _format_names("tensors of the model", uncovered, most=20).split(": ", 1)[1]
                              + f" (add their modules, or \"\" for the rest, to load {path})")
     distributed = use_distributed_loading and maybe_init_distributed(rank, local_rank, world_size)
     storage = meta = None
-
-    def ignored(name: str) -> bool:
-        return _is_ignored(name, ignore_names, ignore_prefixes, ignore_suffixes)
-
     if placement is not None:
         tensors = _load_placed(path, file_names, placement, lambda name: not ignored(name))
     elif keep_flash_ref_on_model:

@@ -28,13 +28,22 @@ def emulated() -> bool:
     return GPUS > 0 and torch.cuda.get_device_name(0).endswith("(fake cudart)")
 
 
+MiB = 1 << 20
+
+
 class Net(torch.nn.Module):
+    """Parts of a few MiB each, so that a device holding more than its own shows."""
+
     def __init__(self):
         super().__init__()
-        self.embed = torch.nn.Embedding(64, 16)
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(3))
-        self.head = torch.nn.Linear(16, 64)
+        self.embed = torch.nn.Embedding(2048, 512)  # 4 MiB
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(512, 512) for _ in range(3))  # 1 MiB each
+        self.head = torch.nn.Linear(512, 2048)  # 4 MiB
         self.register_buffer("scale", torch.arange(16.0), persistent=False)
+
+
+def held(module, device):
+    return sum(t.nbytes for t in module.state_dict().values() if t.device == torch.device(device))
 
 
 @pytest.fixture
@@ -65,6 +74,17 @@ def test_every_tensor_of_the_state_dict_needs_a_place(net_file):
                                          r"layers\.2\.bias, head\.weight, head\.bias \(add their modules"):
         flashpack_ops.assign_from_file(empty, path, device={"embed": "cpu", "layers.0": "cpu", "layers.1": "cpu"})
     assert empty.embed.weight.is_meta  # untouched
+    # What is ignored needs no place.
+    flashpack_ops.assign_from_file(empty, path, device={"embed": "cpu", "layers": "cpu"}, strict=False,
+                                   ignore_prefixes=["head."])
+
+
+def test_a_device_map_value_that_is_no_device_is_named(net_file):
+    _, path = net_file
+    with init_empty_parameters():
+        empty = Net()
+    with pytest.raises(ValueError, match=r"device_map \{'layers': -1\}: not a device"):
+        flashpack_ops.assign_from_file(empty, path, device={"embed": "cpu", "layers": -1, "head": "cpu"})
 
 
 @pytest.mark.parametrize("place, message", [("disk", "offloading to disk is not supported"),
@@ -85,9 +105,10 @@ def test_a_wrapped_model_takes_no_device_map(net_file):
         flashpack_ops.assign_from_file(wrapped, path, device={"embed": "cpu", "layers": "cpu", "head": "cpu"})
 
 
-def tiny_llama(tmp_path, layers=2):
-    config = LlamaConfig(num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+def tiny_llama(tmp_path, layers=2, vocab=4096):
+    # A 4 MiB embedding (vocab 4096 x 256 floats), so that a device holding it shows.
+    config = LlamaConfig(num_hidden_layers=layers, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     directory = tmp_path / "llama"
@@ -123,9 +144,12 @@ def test_a_model_over_the_cpu_and_a_gpu_matches_from_pretrained(tmp_path):
     torch.cuda.synchronize()
     allocated = torch.cuda.memory_allocated(0)
     loaded = from_pretrained_flashpack(LlamaForCausalLM, directory, device_map=cpu_and_gpu_map())
-    # The GPU holds its modules' tensors, not the whole file.
+    # The GPU holds its modules' tensors, not the 4 MiB embedding and the layer kept on the CPU.
     gpu_bytes = sum(t.nbytes for t in loaded.state_dict().values() if t.is_cuda)
-    assert 0 < torch.cuda.memory_allocated(0) - allocated < gpu_bytes + (1 << 20)
+    assert 0 < torch.cuda.memory_allocated(0) - allocated < gpu_bytes + MiB
+    # accelerate keeps the "cpu" modules' weights for its hooks: they are the file's.
+    offloaded = loaded.model.embed_tokens._hf_hook.weights_map
+    assert_same(offloaded["weight"], model.model.embed_tokens.weight, "model.embed_tokens.weight")
     # Placed as from_pretrained places them: "cpu" modules offloaded by accelerate's hooks
     # (kept in host memory, run on the GPU), the others on the GPU.
     theirs = LlamaForCausalLM.from_pretrained(directory, device_map=cpu_and_gpu_map()).eval()
@@ -138,6 +162,22 @@ def test_a_model_over_the_cpu_and_a_gpu_matches_from_pretrained(tmp_path):
         return  # the emulated runtime moves bytes; it runs no kernels
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits.cpu(), theirs(IDS).logits.cpu())
+
+
+@pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")
+def test_assign_from_file_puts_each_tensor_on_the_cpu_or_the_gpu_the_map_says(net_file):
+    # No hooks here: where the tensors are is where the load put them.
+    net, path = net_file
+    with init_empty_parameters():
+        empty = Net()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(0)
+    flashpack_ops.assign_from_file(empty, path, device={"embed": "cpu", "layers": 0, "head": "cpu"})
+    for name, tensor in empty.state_dict().items():
+        assert tensor.device.type == ("cuda" if name.startswith("layers.") else "cpu"), name
+        assert_same(tensor, net.state_dict()[name], name)
+    # The layers (3 MiB), not the embedding and head (8 MiB) as well.
+    assert torch.cuda.memory_allocated(0) - before < held(empty, "cuda:0") + MiB
 
 
 @pytest.mark.skipif(GPUS < 2, reason="needs two CUDA GPUs")
@@ -154,8 +194,7 @@ def test_each_gpu_loads_only_its_modules(net_file):
         assert str(tensor.device) == expected, name
         assert_same(tensor, net.state_dict()[name], name)
     for k in range(2):
-        held = sum(t.nbytes for t in empty.state_dict().values() if t.device == torch.device("cuda", k))
-        assert torch.cuda.memory_allocated(k) - before[k] < held + (1 << 20), k
+        assert torch.cuda.memory_allocated(k) - before[k] < held(empty, f"cuda:{k}") + MiB, k
 
 
 @pytest.mark.skipif(GPUS < 2, reason="needs two CUDA GPUs")
@@ -170,3 +209,19 @@ def test_auto_spreads_the_model_over_the_gpus_as_from_pretrained_does(tmp_path, 
     assert len(set(placed.values())) > 1 and getattr(loaded, "hf_device_map", None) == theirs.hf_device_map
     for name, tensor in loaded.state_dict().items():
         assert_same(tensor, model.state_dict()[name], name)
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs two CUDA GPUs")
+def test_a_base_checkpoint_spreads_into_a_model_with_a_head_as_from_pretrained_does(tmp_path):
+    pytest.importorskip("accelerate")
+    model, directory = tiny_llama(tmp_path, layers=6)
+    base_dir = tmp_path / "base"
+    model.model.save_pretrained(base_dir)  # a LlamaModel checkpoint, without lm_head
+    save_pretrained_flashpack(model.model, base_dir)
+    with pytest.warns(UserWarning, match="initialised as from_pretrained initialises them: lm_head.weight"):
+        loaded = from_pretrained_flashpack(LlamaForCausalLM, base_dir, device_map="auto", strict=False)
+    theirs = LlamaForCausalLM.from_pretrained(base_dir, device_map="auto")
+    assert loaded.hf_device_map == theirs.hf_device_map and len(set(loaded.hf_device_map.values())) > 1
+    assert {n: t.device for n, t in loaded.state_dict().items()} == {n: t.device for n, t in theirs.state_dict().items()}
+    for name, tensor in model.model.state_dict().items():
+        assert_same(loaded.model.state_dict()[name], tensor, name)

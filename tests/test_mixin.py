@@ -600,23 +600,34 @@ def test_a_tensor_whose_module_has_no_init_takes_its_parents(tmp_path):
     assert torch.equal(loaded.proj.weight, model.proj.weight)
 
 
-def test_what_an_init_wrote_before_failing_is_zeroed(tmp_path):
-    class Failing(torch.nn.Linear):
-        def reset_parameters(self):
-            if self.bias.is_meta:  # building the model on meta
-                return
+class FailingLinear(torch.nn.Linear):
+    """An init that writes its bias (through .data, which no version counter sees) and fails."""
+
+    def reset_parameters(self):
+        if self.bias.is_meta:  # building the model on meta
+            return
+        self.bias.data.fill_(5.0)
+        raise RuntimeError("half-way")
+
+
+class Rewriting(torch.nn.Module, FlashPackMixin):
+    def __init__(self, rewrite):
+        super().__init__()
+        self.layer = FailingLinear(4, 4)
+        self.rewrite = rewrite
+
+    def reset_parameters(self):
+        if self.rewrite:
             with torch.no_grad():
-                self.bias.fill_(5.0)
-            raise RuntimeError("half-way")
+                self.layer.bias.fill_(2.0)
 
-    class Holder(torch.nn.Module, FlashPackMixin):
-        def __init__(self):
-            super().__init__()
-            self.layer = Failing(4, 4)
 
+@pytest.mark.parametrize("rewrite", [False, True], ids=["alone", "rewritten by the parent"])
+def test_a_failed_init_is_trusted_only_where_a_later_one_wrote_again(tmp_path, rewrite):
     path = tmp_path / "no_bias.flashpack"
     flashpack_ops.save_file({"layer.weight": torch.ones(4, 4)}, path)
-    with pytest.warns(UserWarning, match=r"1 tensors zero-filled: layer\.bias"):
-        loaded = Holder.from_flashpack(path, strict=False)
-    assert torch.equal(loaded.layer.bias, torch.zeros(4))
+    said = r"1 tensors initialised as reset_parameters\(\) initialises them" if rewrite else r"1 tensors zero-filled"
+    with pytest.warns(UserWarning, match=said + r": layer\.bias"):
+        loaded = Rewriting.from_flashpack(path, rewrite, strict=False)
+    assert torch.equal(loaded.layer.bias, torch.full((4,), 2.0) if rewrite else torch.zeros(4))
     assert torch.equal(loaded.layer.weight, torch.ones(4, 4))

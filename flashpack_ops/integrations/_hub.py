@@ -175,16 +175,27 @@ def _device_of_map(device_map: Any, what: str, max_memory: Optional[Dict[Any, An
             return dict(device_map)  # which accelerate reads ("cpu" is offloaded, not run there)
         device_map = devices.pop() if devices else "cpu"
     if isinstance(device_map, str) and device_map in _SPREADING_DEVICE_MAPS:
-        if torch.cuda.device_count() > 1:
-            _require_accelerate(what)
-            return AutoDeviceMap(device_map, max_memory)
-        # With one device to use, from_pretrained puts the whole model on the first GPU.
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if torch.cuda.is_available():
+            # Planned as from_pretrained plans it, once the model is built: over the GPUs, and
+            # onto the CPU for what does not fit (max_memory included).
+            if torch.cuda.device_count() > 1 or max_memory is not None:
+                _require_accelerate(what)
+            if _has_accelerate():
+                return AutoDeviceMap(device_map, max_memory)
+            # One GPU and no accelerate to plan with: the whole model goes to it.
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
     if isinstance(device_map, int):
         return torch.device("cuda", device_map)
     if device_map == "disk":
         raise ValueError(f"{what}: device_map='disk' (offloading) is not supported; pass device= instead")
     return torch.device(device_map)
+
+
+def _has_accelerate() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
 
 
 def _require_accelerate(what: str) -> None:
@@ -202,6 +213,17 @@ def place_model(model: torch.nn.Module, device: Any) -> Any:
     model's ``_no_split_modules`` kept whole."""
     if not isinstance(device, AutoDeviceMap):
         return device
+    plan = _plan(model, device)
+    if "disk" in plan.values():
+        raise ValueError(f"{type(model).__name__} does not fit in the memory of the GPUs and the CPU together "
+                         f"(device_map={device.strategy!r}); offloading to disk is not supported")
+    # A plan of one device is that device: no hooks, and a checkpoint of the model's base
+    # loads into a model with a head as with device= (from_pretrained dispatches only plans
+    # over several devices too).
+    return _device(next(iter(plan.values()))) if len(set(plan.values())) == 1 else plan
+
+
+def _plan(model: torch.nn.Module, device: AutoDeviceMap) -> Dict[str, Any]:
     try:
         from transformers import PreTrainedModel
         from transformers.integrations.accelerate import _get_device_map
@@ -221,11 +243,7 @@ def place_model(model: torch.nn.Module, device: Any) -> Any:
     else:
         max_memory = get_balanced_memory(model, max_memory=device.max_memory, no_split_module_classes=no_split,
                                          low_zero=device.strategy == "balanced_low_0")
-    device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
-    if "disk" in device_map.values():
-        raise ValueError(f"{type(model).__name__} does not fit in the memory of the GPUs and the CPU together; "
-                         "offloading to disk is not supported")
-    return device_map
+    return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
 
 
 def dispatch_placed(model: torch.nn.Module, device: Any) -> None:

@@ -13,7 +13,7 @@ import torch
 import transformers
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 
-from ...api import assign_from_file, describe_missing, initialize_missing
+from ...api import DevicePlacement, assign_from_file, describe_missing, initialize_missing
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, read_metadata
 from .._hub import (build_and_load_dtypes, checked_save_directory, dispatch_placed, loading_info, locate_flashpack,
@@ -99,28 +99,53 @@ def _match_to_file(model: PreTrainedModel, path: str) -> Tuple[torch.nn.Module, 
     return target, [entry["name"] for entry in index if leave_out(entry)]
 
 
-def _complete_head(model: PreTrainedModel, base: str, path: str, device: DeviceLike, strict: bool,
+def _map_onto(target: torch.nn.Module, model: PreTrainedModel, prefix: str, device: Any) -> Any:
+    """A device map of ``model``'s module names, given in the names of ``target``, the module
+    _match_to_file loads the file into: the model's base (``model.bert``: the map's ``bert.*``
+    keys, the head's left out), or a module holding the model under its prefix. A device
+    passes as it is."""
+    if not isinstance(device, dict) or target is model:
+        return device
+    if target is getattr(model, prefix, None):
+        # The base: "" and then the prefix itself (more specific) place what no deeper key does.
+        onto = {"": device[key] for key in ("", prefix) if key in device}
+        onto.update({key[len(prefix) + 1:]: value for key, value in device.items() if key.startswith(prefix + ".")})
+        return onto
+    return {f"{prefix}.{key}" if key else prefix: value for key, value in device.items()}
+
+
+def _complete_head(model: PreTrainedModel, base: str, path: str, device: Any, strict: bool,
                    what: str) -> List[str]:
     """After a base checkpoint filled the base of a model with a head: tie the head to the base
     where the model ties them, then refuse what is left of the head (strict) or zero-fill it
-    (returns its names, for initialize_missing)."""
+    on its device (``device``, or where the ``{module: device}`` map puts it; returns its names,
+    for initialize_missing)."""
     model.tie_weights()
     head = [name for name, p in model.named_parameters() if p.is_meta]
     if head and strict:
         raise ValueError(f"{what}: {path} holds a {base} without the head {type(model).__name__} adds: "
                          f"{len(head)} parameters missing from the file: {', '.join(head)} (from_pretrained would "
                          "initialise them at random; so does strict=False)")
-    device = _device(device)
+    placement = DevicePlacement(device, what) if isinstance(device, dict) else None
+    default = None if placement is not None else _device(device)
+
+    def device_of(name: str, old: torch.Tensor) -> torch.device:
+        if placement is None:
+            return default
+        placed = placement(name)
+        return placed if placed is not None else old.device
+
     for name in head:
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         old = module._parameters[attr]
-        module._parameters[attr] = torch.nn.Parameter(torch.zeros(old.shape, dtype=old.dtype, device=device),
-                                                      requires_grad=old.requires_grad)
-    for module in model.modules():
+        module._parameters[attr] = torch.nn.Parameter(
+            torch.zeros(old.shape, dtype=old.dtype, device=device_of(name, old)), requires_grad=old.requires_grad)
+    for module_name, module in model.named_modules():
         for name, buffer in module._buffers.items():
-            if buffer is not None and buffer.device != device:
-                module._buffers[name] = buffer.to(device)
+            full = f"{module_name}.{name}" if module_name else name
+            if buffer is not None and buffer.device != device_of(full, buffer):
+                module._buffers[name] = buffer.to(device_of(full, buffer))
     return head
 
 
@@ -285,12 +310,11 @@ def from_pretrained_flashpack(
     model.tie_weights()  # skipped with the init; the file's tensors then fill each tied group once
     target, left_out = _match_to_file(model, path)
     device = place_model(model, device)
-    if isinstance(device, dict) and target is not model:
-        raise ValueError(f"{what}: {path} holds a {type(target).__name__}, part of {model_class.__name__}; a "
-                         "device_map over several devices needs the whole model's checkpoint")
+    prefix = getattr(model, "base_model_prefix", "") or ""
     zero_filled: List[str] = []
     assign_from_file(
-        target, path, device=device if device is not None else "cpu", strict=strict, strict_params=strict_params,
+        target, path, device=_map_onto(target, model, prefix, device) if device is not None else "cpu",
+        strict=strict, strict_params=strict_params,
         strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
         ignore_names=list(ignore_names or []) + left_out, ignore_prefixes=ignore_prefixes,
         ignore_suffixes=ignore_suffixes,
@@ -300,7 +324,6 @@ def from_pretrained_flashpack(
     if keep_flash_ref_on_model and target is not model:
         model._flash_shared_storage = target._flash_shared_storage
         model._flash_shared_storage_meta = target._flash_shared_storage_meta
-    prefix = getattr(model, "base_model_prefix", "") or ""
     if target is not model and target is not getattr(model, prefix, None):  # model wrapped under its prefix
         zero_filled = [name.removeprefix(prefix + ".") for name in zero_filled]
     elif target is not model:  # the base of a model with a head
