@@ -126,7 +126,7 @@ def from_pretrained_flashpack(
             ignore_suffixes, coerce_dtype, keep_flash_ref_on_model, silent: as in
             :func:`flashpack_ops.assign_from_file`.
         device_map: in place of ``device``: one device for the whole model, or a map of
-            module names to devices (``"auto"`` with several GPUs: the map accelerate infers,
+            module names to devices (``"auto"`` and the like: the map accelerate infers,
             within ``max_memory``), each device loading only its modules' entries, with
             accelerate's hooks added as from_pretrained adds them.
         output_loading_info: also return ``{"missing_keys", "unexpected_keys", ...}``.

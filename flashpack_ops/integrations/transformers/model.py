@@ -264,10 +264,10 @@ def from_pretrained_flashpack(
             :func:`flashpack_ops.assign_from_file`.
         device_map: in place of ``device``: one device for the whole model (``"cuda"``,
             ``0``, ``{"": "cuda:1"}``), or a map of module names to devices
-            (``{"model.embed_tokens": 0, "model.layers": 1, ...}``; ``"auto"`` with several
-            GPUs: the map accelerate infers, within ``max_memory``, as from_pretrained does).
-            Each device loads only its modules' entries; accelerate's hooks are added as
-            from_pretrained adds them.
+            (``{"model.embed_tokens": 0, "model.layers": 1, ...}``), or ``"auto"`` and the
+            like, planned as from_pretrained plans them (within ``max_memory``). Each device
+            loads only its modules' entries; accelerate's hooks are added as from_pretrained
+            adds them.
         output_loading_info: also return ``{"missing_keys", "unexpected_keys", ...}``.
         generation_config: use this instead of the directory's ``generation_config.json``.
         use_distributed_loading, distributed_sharded, rank, local_rank, world_size: as in
