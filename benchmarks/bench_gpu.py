@@ -294,6 +294,8 @@ def machine(device: torch.device) -> dict:
                                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
         info["commit"] = None
+    # A copy of the tree without its .git folder says which commit it is through FLASHPACK_COMMIT.
+    info["commit"] = info["commit"] or os.environ.get("FLASHPACK_COMMIT") or None
     for mod in ("flashpack", "safetensors"):
         try:
             info[mod] = __import__(mod).__version__

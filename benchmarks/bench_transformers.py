@@ -148,7 +148,8 @@ def main() -> None:
         print(f"  {name}: warm {warm}  cold {cold}", flush=True)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() \
+        or os.environ.get("FLASHPACK_COMMIT", "unknown")
     card = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     print()
     print(f"{args.size} Llama, {parameters / 1e9:.2f}B parameters, {args.dtype}, onto {device} ({card}), "

@@ -8,6 +8,8 @@
 #
 #   OUT=/some/folder benchmarks/gpu_check.sh        # as root, on the GPU machine
 #
+# In a copy of the tree without .git, FLASHPACK_COMMIT=<sha> names the commit in the results.
+#
 # Expects that machine: python3 with a CUDA build of torch, nvcc, safetensors, transformers,
 # numpy, pytest, root (to drop the page cache for cold runs), no network. Budget: about 8
 # minutes on a 16-core H100 host, never more than CHECK_BUDGET_S (540 s; give the command
@@ -49,7 +51,7 @@ status=()
   nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.max,pcie.link.width.max --format=csv 2>&1
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| gpu', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
   nvcc --version 2>&1 | tail -1
-  echo "cpus: $(nproc), memory: $(free -g | awk '/Mem:/ {print $2}') GB, commit: $(git rev-parse --short HEAD 2>/dev/null)"
+  echo "cpus: $(nproc), memory: $(free -g | awk '/Mem:/ {print $2}') GB, commit: $(git rev-parse --short HEAD 2>/dev/null || echo "${FLASHPACK_COMMIT:-unknown}")"
 } > "$OUT/build.log" 2>&1
 
 # ---- wheels: the reference flashpack, and whatever else is missing ----

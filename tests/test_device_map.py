@@ -164,6 +164,28 @@ def test_a_model_over_the_cpu_and_a_gpu_matches_from_pretrained(tmp_path):
         assert torch.equal(loaded(IDS).logits.cpu(), theirs(IDS).logits.cpu())
 
 
+class UnplacedNormLlama(LlamaForCausalLM):
+    # As transformers' models that name parameters no device_map need place.
+    _no_placement_params = ["model.norm.weight"]
+
+
+@pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")
+def test_a_parameter_the_model_leaves_unplaced_goes_to_the_cpu_as_from_pretrained_puts_it(tmp_path):
+    pytest.importorskip("accelerate")
+    model, directory = tiny_llama(tmp_path)
+    device_map = {"model.embed_tokens": 0, "model.layers": 0, "model.rotary_emb": 0, "lm_head": "cpu"}
+    with pytest.raises(ValueError, match="places no module holding .*model.norm.weight"):
+        from_pretrained_flashpack(LlamaForCausalLM, directory, device_map=device_map)
+    loaded = from_pretrained_flashpack(UnplacedNormLlama, directory, device_map=device_map)
+    theirs = UnplacedNormLlama.from_pretrained(directory, device_map=device_map).eval()
+    assert loaded.model.norm.weight.device == torch.device("cpu")
+    assert loaded.hf_device_map == theirs.hf_device_map
+    assert {n: t.device for n, t in loaded.state_dict().items()} == {n: t.device for n, t in theirs.state_dict().items()}
+    for name, tensor in loaded.state_dict().items():
+        if not tensor.is_meta:
+            assert_same(tensor, model.state_dict()[name], name)
+
+
 @pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")
 def test_assign_from_file_puts_each_tensor_on_the_cpu_or_the_gpu_the_map_says(net_file):
     # No hooks here: where the tensors are is where the load put them.

@@ -246,11 +246,24 @@ def _plan(model: torch.nn.Module, device: AutoDeviceMap) -> Dict[str, Any]:
     return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
 
 
+def with_unplaced_params(model: torch.nn.Module, device: Any) -> Any:
+    """The map to load with: ``device``, plus the CPU for each parameter the model names in
+    transformers' ``_no_placement_params`` that the map leaves without a place. from_pretrained
+    puts those there (its planner may leave them out on purpose), not on a device."""
+    unplaced = getattr(model, "_no_placement_params", None)
+    if not isinstance(device, dict) or not unplaced:
+        return device
+    placement = DevicePlacement(device, f"{type(model).__name__}.from_pretrained_flashpack")
+    extra = {name: "cpu" for name in unplaced if placement(name) is None}
+    return {**device, **extra} if extra else device
+
+
 def dispatch_placed(model: torch.nn.Module, device: Any) -> None:
     """Adds accelerate's hooks to a model loaded over several devices, as from_pretrained does
     for such a device_map: each module's inputs are moved to its device."""
     if not isinstance(device, dict) or len(set(device.values())) < 2:
         return
+    import contextlib
     import inspect
 
     from accelerate import dispatch_model
@@ -259,7 +272,14 @@ def dispatch_placed(model: torch.nn.Module, device: Any) -> None:
     skip = getattr(model, "_skip_keys_device_placement", None)
     if skip is not None and "skip_keys" in inspect.signature(dispatch_model).parameters:
         kwargs["skip_keys"] = skip
-    dispatch_model(model, device_map=device, **kwargs)
+    unchecked = contextlib.nullcontext()
+    if getattr(model, "_no_placement_params", None):
+        # As from_pretrained: the map may leave those parameters out; accelerate would refuse it.
+        from transformers.integrations.accelerate import skip_device_map_check
+
+        unchecked = skip_device_map_check()
+    with unchecked:
+        dispatch_model(model, device_map=device, **kwargs)
 
 
 def take_load_kwargs(kwargs: Dict[str, Any], device: Any, what: str) -> Tuple[Any, Dict[str, Any]]:

@@ -17,7 +17,8 @@ from ...api import DevicePlacement, assign_from_file, describe_missing, initiali
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, read_metadata
 from .._hub import (build_and_load_dtypes, checked_save_directory, dispatch_placed, loading_info, locate_flashpack,
-                    place_model, take_load_kwargs, upload_directory, warn_unused_save_kwargs, write_weights)
+                    place_model, take_load_kwargs, upload_directory, warn_unused_save_kwargs, with_unplaced_params,
+                    write_weights)
 
 M = TypeVar("M", bound=PreTrainedModel)
 
@@ -313,7 +314,8 @@ def from_pretrained_flashpack(
     prefix = getattr(model, "base_model_prefix", "") or ""
     zero_filled: List[str] = []
     assign_from_file(
-        target, path, device=_map_onto(target, model, prefix, device) if device is not None else "cpu",
+        target, path, device=_map_onto(target, model, prefix, with_unplaced_params(model, device))
+        if device is not None else "cpu",
         strict=strict, strict_params=strict_params,
         strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
         ignore_names=list(ignore_names or []) + left_out, ignore_prefixes=ignore_prefixes,
