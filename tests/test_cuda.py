@@ -5,6 +5,7 @@ These tests need a GPU and a CUDA build of flashpack_ops; elsewhere they are ski
 tests/cuda_emulator/ runs them on a machine without a GPU, against an emulated CUDA runtime.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -328,6 +329,55 @@ def test_auto_reads_an_uncached_file_buffered(tmp_path):
     assert_loaded(load_file(path, "cuda"), tensors)
     delta = stats_delta(before)
     assert delta["bytes_registered"] == 0 and delta["bytes_buffered"] == payload_bytes(path), delta
+
+
+UNWRITABLE_LOAD_SCRIPT = r"""
+import json, sys, flashpack_ops
+from flashpack_ops import cuda_stats, load_file
+before = cuda_stats()
+load_file(sys.argv[1], "cuda")
+after = cuda_stats()
+print(json.dumps({k: after[k] - before[k] for k in after}))
+"""
+
+
+def without_owner_rights():
+    """For a child process run as root: drops CAP_DAC_OVERRIDE and CAP_FOWNER from its
+    capability bounding set, so that after exec it may neither write nor own others' files,
+    as a user loading a checkpoint someone else saved."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 3):  # CAP_DAC_OVERRIDE, CAP_FOWNER
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@needs_cuda_build
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="takes a file from another owner: needs root")
+@pytest.mark.parametrize("cached", [False, True], ids=["cold", "cached"])
+def test_auto_tells_the_page_cache_of_a_file_it_may_not_write(tmp_path, cached):
+    # For such a file, mincore says every page is cached: a cold file would be registered
+    # page fault by page fault.
+    if not cached and filesystem_type(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip(f"{tmp_path} is in memory: its pages cannot leave the page cache")
+    tensors = mixed_dict(41, scale=40)
+    path = tmp_path / "theirs.flashpack"
+    save_file(tensors, path)
+    os.chown(path, 65534, 65534)
+    os.chmod(path, 0o444)
+    if cached:
+        load_file(path, "cuda", route="buffered")  # reads every page through the cache
+    else:
+        evict_from_page_cache(path)
+    out = subprocess.run([sys.executable, "-c", UNWRITABLE_LOAD_SCRIPT, str(path)], preexec_fn=without_owner_rights,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    delta = json.loads(out.stdout.splitlines()[-1])
+    if cached and delta["register_fallbacks"]:
+        pytest.skip("this driver refuses cudaHostRegister(ReadOnly) on file mappings")
+    moved = "bytes_registered" if cached else "bytes_buffered"
+    assert delta[moved] == payload_bytes(path), delta
 
 
 # ---- pinned memory ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -257,25 +258,63 @@ class ReadOnlyMap {
   size_t size_ = 0;
 };
 
+// Whether mincore tells the page cache's state of this file. Since Linux 5.2 it does so only
+// for a caller that owns the file or may write it (root may, through CAP_DAC_OVERRIDE); to
+// anyone else it reports every page resident, cold ones included.
+bool mincore_tells(const InputFile& file) {
+  struct stat st;
+  if (::fstat(file.fd(), &st) != 0) return false;
+  if (st.st_uid == ::geteuid()) return true;
+  const std::string proc = "/proc/self/fd/" + std::to_string(file.fd());
+  return ::faccessat(AT_FDCWD, proc.c_str(), W_OK, AT_EACCESS) == 0;
+}
+
+// Whether the page at `offset` is in the page cache, asked of the cache itself: a one-byte
+// read with RWF_NOWAIT fails with EAGAIN for a page it does not hold (and starts reading it
+// ahead, which a load about to read the file loses nothing by). nullopt where the kernel or
+// the filesystem has no such reads.
+std::optional<bool> page_cached(int fd, uint64_t offset) {
+  char byte;
+  struct iovec iov = {&byte, 1};
+  for (;;) {
+    const ssize_t n = ::preadv2(fd, &iov, 1, static_cast<off_t>(offset), RWF_NOWAIT);
+    if (n >= 0) return true;
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN) return false;
+    return std::nullopt;
+  }
+}
+
 // The share of the payload [begin, end) that sits in the page cache, from a sample of it;
 // 0 when it cannot tell (the caller then treats the file as cold).
-double resident_fraction(const ReadOnlyMap& map, uint64_t begin, uint64_t end) {
+double resident_fraction(const InputFile& file, const ReadOnlyMap& map, uint64_t begin, uint64_t end) {
   const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
   begin = align_down(begin, page);
-  if (!map.ok() || end <= begin) return 0.0;
+  if (end <= begin) return 0.0;
   const uint64_t pages = (end - begin + page - 1) / page;
   // NOTE: 64 windows of 64 pages cost a few microseconds whatever the file size; a full
   // mincore of a 3.5 GB file would walk 850,000 pages on every load.
   const uint64_t window = std::min<uint64_t>(64, pages);
   const uint64_t windows = std::min<uint64_t>(64, pages / window);
-  std::vector<unsigned char> vec(window);
   uint64_t seen = 0;
   uint64_t resident = 0;
-  for (uint64_t w = 0; w < windows; ++w) {
-    const uint64_t first = windows == 1 ? 0 : (pages - window) * w / (windows - 1);
-    if (::mincore(map.data() + begin + first * page, window * page, vec.data()) != 0) return 0.0;
-    for (unsigned char v : vec) resident += v & 1;
-    seen += window;
+  if (map.ok() && mincore_tells(file)) {
+    std::vector<unsigned char> vec(window);
+    for (uint64_t w = 0; w < windows; ++w) {
+      const uint64_t first = windows == 1 ? 0 : (pages - window) * w / (windows - 1);
+      if (::mincore(map.data() + begin + first * page, window * page, vec.data()) != 0) return 0.0;
+      for (unsigned char v : vec) resident += v & 1;
+      seen += window;
+    }
+  } else {
+    // One page of each window, asked of the page cache (about a microsecond each).
+    for (uint64_t w = 0; w < windows; ++w) {
+      const uint64_t first = windows == 1 ? 0 : (pages - window) * w / (windows - 1);
+      const std::optional<bool> cached = page_cached(file.fd(), begin + (first + window / 2) * page);
+      if (!cached) return 0.0;
+      resident += *cached ? 1 : 0;
+      seen += 1;
+    }
   }
   return seen == 0 ? 0.0 : static_cast<double>(resident) / static_cast<double>(seen);
 }
@@ -636,7 +675,8 @@ void copy_registered(const ReadOnlyMap& map, const std::string& path, const Layo
 }
 
 // The route for this load: as asked, or by whether the payload is in the page cache.
-Route choose_route(Route asked, const ReadOnlyMap& map, const Layout& layout, c10::DeviceIndex device) {
+Route choose_route(Route asked, const InputFile& file, const ReadOnlyMap& map, const Layout& layout,
+                   c10::DeviceIndex device) {
   if (asked == Route::Direct || asked == Route::Buffered) return asked;
   const bool can_register = map.ok() && register_supported(device);
   if (asked == Route::Register) {
@@ -651,7 +691,7 @@ Route choose_route(Route asked, const ReadOnlyMap& map, const Layout& layout, c1
     begin = std::min(begin, b.offset_bytes);
     end = std::max(end, b.offset_bytes + b.length_bytes);
   }
-  if (resident_fraction(map, begin, end) < kWarmFraction) return kColdRoute;
+  if (resident_fraction(file, map, begin, end) < kWarmFraction) return kColdRoute;
   // NOTE: on the H100 host (benchmarks/RESULTS.md) the page cache reaches the GPU at ~55 GB/s once registered (chunks
   // register at 53.6 GB/s with 4 threads, overlapped with the copies), while staging costs
   // a host copy that tops out at 48.4 GB/s with 16 threads before any DMA.
@@ -680,7 +720,7 @@ std::vector<at::Tensor> load_on(const InputFile& file, c10::DeviceIndex index, c
   }
 
   ReadOnlyMap map(file);
-  Route route = choose_route(tuning.route, map, layout, index);
+  Route route = choose_route(tuning.route, file, map, layout, index);
   if (route == Route::Register) {
     try {
       copy_registered(map, path, layout, target, tuning);
