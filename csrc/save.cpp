@@ -7,9 +7,12 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/Exception.h>
 
 #include <map>
+#include <optional>
 #include <stdexcept>
 #include <tuple>
 
@@ -202,6 +205,17 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
     }
   }
 
+  // The caller's current stream on each device a source lives on. A worker thread starts on
+  // the device's default stream, which does not wait for the caller's: the kernels that write
+  // a tensor on a side stream may still be running when the save reads it.
+  std::vector<std::optional<c10::Stream>> streams(sources.size());
+  for (const Task& task : tasks) {
+    const c10::Device device = sources[task.entry].device();
+    if (task.bytes == 0 && !device.is_cpu() && c10::impl::hasDeviceGuardImpl(device.type())) {
+      streams[task.entry] = c10::impl::VirtualGuardImpl(device.type()).getStream(device);
+    }
+  }
+
   parallel_for(tasks.size(), default_threads(static_cast<int>(num_threads)), [&](size_t i) {
     const Task& task = tasks[i];
     const Entry& e = layout.entries[task.entry];
@@ -224,6 +238,8 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
       return;
     }
     at::Tensor converted;
+    std::optional<c10::StreamGuard> on_callers_stream;
+    if (streams[task.entry]) on_callers_stream.emplace(*streams[task.entry]);
     try {
       const at::Tensor src = sources[task.entry].resolve_conj().resolve_neg();
       if (src.scalar_type() == b.dtype) {

@@ -494,6 +494,23 @@ def test_cuda_means_the_current_device(mixed):
     assert_loaded(load_file(path, "cuda:1"), tensors, torch.device("cuda", 1))
 
 
+@pytest.mark.skipif(emulated(), reason="needs kernels that take time on a stream (the emulator runs none)")
+@pytest.mark.parametrize("target_dtype", [None, torch.bfloat16])
+def test_save_reads_what_the_callers_stream_wrote(tmp_path, target_dtype):
+    # The save's worker threads copy GPU tensors to the host: on the caller's stream, so
+    # after the kernels queued there, not on each thread's default stream.
+    side = torch.cuda.Stream()
+    tensor = torch.zeros(1 << 20, device="cuda")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # about 0.1 s of the side stream's time
+        tensor.fill_(7.0)
+        save_file({"t": tensor}, tmp_path / "t.flashpack", target_dtype=target_dtype)
+    torch.cuda.synchronize()
+    expected = torch.full((1 << 20,), 7.0, dtype=target_dtype or torch.float32)
+    assert_same(load_file(tmp_path / "t.flashpack")["t"], expected, "t")
+
+
 # ---- errors --------------------------------------------------------------------------------------
 
 
