@@ -44,6 +44,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace flashpack {
@@ -538,6 +539,15 @@ class Pipeline {
         settle(k);
       } catch (const std::exception& e) {
         TORCH_WARN("flashpack: while cleaning up a failed CUDA load: ", e.what());
+        // The streams are synchronized: the slot is released all the same (a range left
+        // registered would stay locked after its mapping is gone).
+        if (std::exchange(slots_[k].filled, false)) {
+          try {
+            source_.release(k);
+          } catch (const std::exception& e2) {
+            TORCH_WARN("flashpack: while cleaning up a failed CUDA load: ", e2.what());
+          }
+        }
       }
     }
   }
