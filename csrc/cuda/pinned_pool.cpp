@@ -1,6 +1,7 @@
 #include "cuda/pinned_pool.h"
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime_api.h>
 
 #include <chrono>
@@ -34,12 +35,20 @@ class Pool {
   }
 
   void give_back(char* data, size_t bytes) noexcept {
+    // A ring comes back from a load, on the thread that ran it, whose current device has a
+    // context; freeing the ring later, from elsewhere, happens on that device.
+    int device = -1;
+    if (cudaGetDevice(&device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      device = -1;
+    }
     {
       std::lock_guard<std::mutex> lock(mutex_);
       // Keep the larger of the two: the next load of that size then allocates nothing.
       if (bytes > idle_bytes_) {
         std::swap(data, idle_);
         std::swap(bytes, idle_bytes_);
+        idle_device_ = device;
       }
     }
     free_pinned(data, bytes);
@@ -48,11 +57,18 @@ class Pool {
   int64_t release() {
     char* data = nullptr;
     size_t bytes = 0;
+    int device = -1;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       data = std::exchange(idle_, nullptr);
       bytes = std::exchange(idle_bytes_, 0);
+      device = idle_device_;
     }
+    // NOTE: from a thread whose current device is one the process never used (device 0,
+    // in a process that loads to "cuda:1"), cudaFreeHost would create a context there,
+    // hundreds of MiB of that GPU's memory.
+    c10::cuda::OptionalCUDAGuard guard;
+    if (data != nullptr && device >= 0) guard.set_index(static_cast<c10::DeviceIndex>(device));
     free_pinned(data, bytes);
     return static_cast<int64_t>(bytes);
   }
@@ -67,6 +83,7 @@ class Pool {
   std::mutex mutex_;
   char* idle_ = nullptr;
   size_t idle_bytes_ = 0;
+  int idle_device_ = -1;
 };
 
 // Never destroyed: freeing pinned memory during static destruction would race the CUDA
