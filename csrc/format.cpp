@@ -3,6 +3,8 @@
 #include "io.h"
 #include "json.h"
 
+#include <torch/version.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -40,8 +42,15 @@ struct DTypeName {
   _(Int, "int") _(Short, "short") _(ComplexHalf, "chalf") _(ComplexFloat, "cfloat") \
   _(ComplexDouble, "cdouble")
 
+// Dtypes newer than the oldest torch this builds against.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 14)
+#define FLASHPACK_NEWER_DTYPES(_) _(BComplex32, "bcomplex32")
+#else
+#define FLASHPACK_NEWER_DTYPES(_)
+#endif
+
 #define FLASHPACK_ENTRY(T, N) {c10::ScalarType::T, N},
-constexpr DTypeName kDTypes[] = {FLASHPACK_DTYPES(FLASHPACK_ENTRY)};
+constexpr DTypeName kDTypes[] = {FLASHPACK_DTYPES(FLASHPACK_ENTRY) FLASHPACK_NEWER_DTYPES(FLASHPACK_ENTRY)};
 #undef FLASHPACK_ENTRY
 
 [[noreturn]] void bad(const std::string& path, const std::string& what) {

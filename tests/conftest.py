@@ -25,7 +25,7 @@ STORABLE_DTYPES = [
     getattr(torch, name)
     for name in [
         "bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
-        "float16", "bfloat16", "float32", "float64", "complex32", "complex64", "complex128",
+        "float16", "bfloat16", "float32", "float64", "complex32", "complex64", "complex128", "bcomplex32",
         "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
         "float4_e2m1fn_x2", "bits1x8", "bits2x4", "bits4x2", "bits8", "bits16",
         "uint1", "uint2", "uint3", "uint4", "uint5", "uint6", "uint7",
