@@ -9,10 +9,14 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
 import flashpack_ops  # noqa: E402
+from conftest import assert_same  # noqa: E402
 from flashpack_ops.integrations.diffusers import (  # noqa: E402
     FlashPackDiffusersModelMixin,
     FlashPackDiffusionPipeline,
     from_pretrained_flashpack,
+    load_pipeline_flashpack,
+    save_pipeline_flashpack,
+    save_pretrained_flashpack,
 )
 
 
@@ -138,3 +142,36 @@ def test_model_options_from_pretrained_takes(tmp_path):
     assert torch.equal(loaded.conv_in.weight, unet.conv_in.weight)
     with pytest.raises(ValueError, match="quantization_config=.* is not supported"):
         FlashUNet.from_pretrained_flashpack(tmp_path, quantization_config={"load_in_4bit": True})
+
+
+# ---- diffusers' own use_flashpack=True (through the reference package) --------------------------
+
+
+def assert_same_model(loaded, expected):
+    got, want = loaded.state_dict(), expected.state_dict()
+    assert list(got) == list(want)
+    for name in want:
+        assert_same(got[name], want[name], name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_model_diffusers_saved_with_use_flashpack_loads_here_and_back(tmp_path, dtype):
+    pytest.importorskip("flashpack")  # diffusers saves and loads use_flashpack files through the reference
+    if "use_flashpack" not in UNet2DModel.save_pretrained.__code__.co_varnames:
+        pytest.skip(f"diffusers {diffusers.__version__} has no use_flashpack")
+    unet = tiny_unet().to(dtype)
+    unet.save_pretrained(tmp_path / "theirs", use_flashpack=True)
+    assert_same_model(from_pretrained_flashpack(UNet2DModel, tmp_path / "theirs"), unet)
+    save_pretrained_flashpack(unet, tmp_path / "ours")
+    assert_same_model(UNet2DModel.from_pretrained(tmp_path / "ours", use_flashpack=True), unet)
+
+
+def test_a_pipeline_diffusers_saved_with_use_flashpack_loads_here_and_back(tmp_path):
+    pytest.importorskip("flashpack")
+    if "use_flashpack" not in DDPMPipeline.save_pretrained.__code__.co_varnames:
+        pytest.skip(f"diffusers {diffusers.__version__} has no use_flashpack")
+    pipeline = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=10))
+    pipeline.save_pretrained(tmp_path / "theirs", use_flashpack=True)
+    assert_same_model(load_pipeline_flashpack(DDPMPipeline, tmp_path / "theirs").unet, pipeline.unet)
+    save_pipeline_flashpack(pipeline, tmp_path / "ours")
+    assert_same_model(DDPMPipeline.from_pretrained(tmp_path / "ours", use_flashpack=True).unet, pipeline.unet)
