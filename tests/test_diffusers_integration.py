@@ -175,3 +175,57 @@ def test_a_pipeline_diffusers_saved_with_use_flashpack_loads_here_and_back(tmp_p
     assert_same_model(load_pipeline_flashpack(DDPMPipeline, tmp_path / "theirs").unet, pipeline.unet)
     save_pipeline_flashpack(pipeline, tmp_path / "ours")
     assert_same_model(DDPMPipeline.from_pretrained(tmp_path / "ours", use_flashpack=True).unet, pipeline.unet)
+
+
+# ---- device_map="balanced": whole components over the GPUs, as diffusers places them -----------
+
+GPUS = torch.cuda.device_count()
+
+
+def tiny_ldm_pipeline():
+    from diffusers import DDIMScheduler, LDMPipeline, VQModel
+
+    torch.manual_seed(0)
+    vqvae = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                    up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=3,
+                    norm_num_groups=4, sample_size=8, num_vq_embeddings=16).eval()
+    return LDMPipeline(vqvae=vqvae, unet=tiny_unet(), scheduler=DDIMScheduler(num_train_timesteps=10))
+
+
+def placed(pipeline):
+    return {name: str(next(module.parameters()).device) for name, module in pipeline.components.items()
+            if isinstance(module, torch.nn.Module)}
+
+
+@pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("max_memory", [None, "first GPU small"], ids=["all-memory", "first-gpu-small"])
+def test_balanced_places_components_as_diffusers_does(tmp_path, max_memory):
+    pytest.importorskip("accelerate")
+    pipeline = tiny_ldm_pipeline()
+    pipeline.save_pretrained(tmp_path)  # safetensors, for diffusers' own loader
+    save_pipeline_flashpack(pipeline, tmp_path)
+    if max_memory is not None:
+        # The first GPU holds neither model: diffusers moves to the next GPU or to the CPU.
+        max_memory = {k: 1000 if k == 0 else 10**9 for k in range(GPUS)}
+    loaded = load_pipeline_flashpack(type(pipeline), tmp_path, device_map="balanced", max_memory=max_memory)
+    theirs = type(pipeline).from_pretrained(tmp_path, device_map="balanced", max_memory=max_memory)
+    assert loaded.hf_device_map == theirs.hf_device_map
+    # diffusers offloads a "cpu" component with accelerate's hooks (its weights on meta);
+    # here it is simply loaded to the CPU.
+    expected = {name: "cpu" if device == "meta" else device for name, device in placed(theirs).items()}
+    assert placed(loaded) == expected
+    if GPUS > 1 and max_memory is None:
+        assert len(set(placed(loaded).values())) == 2
+    for name in ("unet", "vqvae"):
+        assert_same_model(getattr(loaded, name), getattr(pipeline, name))
+
+
+def test_balanced_without_a_gpu_loads_to_the_cpu_and_other_strategies_are_refused(tmp_path):
+    pipeline = tiny_ldm_pipeline()
+    save_pipeline_flashpack(pipeline, tmp_path)
+    with pytest.raises(ValueError, match="device_map='balanced' as diffusers does; got device_map='auto'"):
+        load_pipeline_flashpack(type(pipeline), tmp_path, device_map="auto")
+    if GPUS == 0:
+        loaded = load_pipeline_flashpack(type(pipeline), tmp_path, device_map="balanced")
+        assert set(placed(loaded).values()) == {"cpu"}
+        assert_same_model(loaded.unet, pipeline.unet)

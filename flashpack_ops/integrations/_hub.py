@@ -36,7 +36,7 @@ UNSUPPORTED_LOAD_KWARGS = {"quantization_config": None, "gguf_file": None, "key_
 DISTRIBUTED_LOAD_KWARGS = ("use_distributed_loading", "distributed_sharded", "distributed_shard_strategy", "rank",
                            "local_rank", "world_size")
 
-_SPREADING_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+SPREADING_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
@@ -174,7 +174,7 @@ def _device_of_map(device_map: Any, what: str, max_memory: Optional[Dict[Any, An
             DevicePlacement(device_map, what)  # checked now; the map goes on with its own values,
             return dict(device_map)  # which accelerate reads ("cpu" is offloaded, not run there)
         device_map = devices.pop() if devices else "cpu"
-    if isinstance(device_map, str) and device_map in _SPREADING_DEVICE_MAPS:
+    if isinstance(device_map, str) and device_map in SPREADING_DEVICE_MAPS:
         if torch.cuda.is_available():
             # Planned as from_pretrained plans it, once the model is built: over the GPUs, and
             # onto the CPU for what does not fit (max_memory included).

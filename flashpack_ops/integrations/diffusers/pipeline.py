@@ -13,9 +13,9 @@ from typing import Any, Dict, List, Optional, Type, TypeVar, Union
 import torch
 from diffusers import DiffusionPipeline, ModelMixin
 
-from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
-from .._hub import (FLASHPACK_FILE, AutoDeviceMap, resolve_directory, take_load_kwargs, upload_directory,
-                    warn_unused_save_kwargs)
+from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, read_metadata
+from .._hub import (FLASHPACK_FILE, SPREADING_DEVICE_MAPS, AutoDeviceMap, resolve_directory, take_load_kwargs,
+                    upload_directory, warn_unused_save_kwargs)
 from . import model as diffusers_model
 
 P = TypeVar("P", bound=DiffusionPipeline)
@@ -222,8 +222,11 @@ def load_pipeline_flashpack(
             ignore_suffixes, coerce_dtype, silent: applied to every model component.
         revision, cache_dir, token, local_files_only, force_download: for the Hub.
         **kwargs: components to use instead of loading them (``scheduler=...``), and
-            arguments of the pipeline's ``__init__``. ``device_map`` (one device) and
-            from_pretrained's loading options are taken as for single models.
+            arguments of the pipeline's ``__init__``. ``device_map`` is one device for
+            every component, or ``"balanced"``: whole components spread over the GPUs as
+            diffusers spreads them (within ``max_memory``; what fits on no GPU in turn
+            goes to the CPU), recorded in ``pipeline.hf_device_map``. from_pretrained's
+            other loading options are taken as for single models.
 
     Returns:
         The pipeline.
@@ -236,10 +239,14 @@ def load_pipeline_flashpack(
         raise ValueError(f"{pipeline_class.__name__}.from_pretrained_flashpack: dtype={dtype!r} and "
                          f"torch_dtype={torch_dtype!r} disagree; pass one of them")
     torch_dtype = dtype if dtype is not None else torch_dtype
-    device, distributed = take_load_kwargs(kwargs, device, f"{pipeline_class.__name__}.from_pretrained_flashpack")
-    if isinstance(device, (dict, AutoDeviceMap)):
-        raise ValueError(f"{pipeline_class.__name__}.from_pretrained_flashpack: a pipeline loads every component to one "
-                         "device; pass device= (or load the components one by one with a device_map each)")
+    what = f"{pipeline_class.__name__}.from_pretrained_flashpack"
+    strategy = kwargs.get("device_map")
+    device, distributed = take_load_kwargs(kwargs, device, what)
+    spreading = isinstance(strategy, str) and strategy in SPREADING_DEVICE_MAPS
+    if isinstance(device, dict) or (spreading and strategy != "balanced"):
+        raise ValueError(f"{what}: a pipeline loads every component to one device, or spreads whole components "
+                         f"over the GPUs with device_map='balanced' as diffusers does; got device_map={strategy!r} "
+                         "(pass device=, or load the components one by one with a device_map each)")
     directory = resolve_directory(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, token=token,
                                   local_files_only=local_files_only, force_download=force_download)
     if not os.path.isfile(os.path.join(directory, "model_index.json")):
@@ -251,14 +258,19 @@ def load_pipeline_flashpack(
     load_kwargs = dict(silent=silent, strict=strict, strict_params=strict_params, strict_buffers=strict_buffers,
                        ignore_names=ignore_names, ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes,
                        coerce_dtype=coerce_dtype, **distributed)
+    entries = _component_entries(config)
+    placed: Optional[Dict[str, Any]] = None
+    if isinstance(device, AutoDeviceMap):
+        placed = _balanced_placement(directory, entries, kwargs, torch_dtype, device.max_memory, what)
     init: Dict[str, Any] = {}
-    for name, (library, class_name) in _component_entries(config).items():
+    for name, (library, class_name) in entries.items():
         if name in kwargs:
             init[name] = kwargs.pop(name)
         elif library is None or class_name is None:
             init[name] = None
         else:
-            init[name] = _load_component(_import_class(library, class_name), directory, name, device,
+            init[name] = _load_component(_import_class(library, class_name), directory, name,
+                                         device if placed is None else _device(placed.get(name, "cpu")),
                                          _for_component(torch_dtype, name), load_kwargs)
     for name, value in config.items():
         if not name.startswith("_") and name not in init and name in optional_kwargs:
@@ -269,7 +281,72 @@ def load_pipeline_flashpack(
                       stacklevel=2)
     pipeline = pipeline_class(**{k: v for k, v in init.items() if k in expected_modules or k in optional_kwargs})
     pipeline.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
+    if placed is not None:
+        pipeline.hf_device_map = placed  # as diffusers records it (pipeline.reset_device_map() undoes it)
     return pipeline
+
+
+def _balanced_placement(directory: str, entries: Dict[str, Any], passed: Dict[str, Any],
+                        torch_dtype: DtypeOrPerComponent, max_memory: Optional[Dict[Any, Any]],
+                        what: str) -> Dict[str, Any]:
+    """``device_map="balanced"`` as diffusers plans it: the model components, largest first,
+    dealt to the GPUs in turn (0, 1, ..., 1, 0, ...) within ``max_memory``, a component no GPU
+    in turn can hold to the CPU. Component sizes come from the files' indexes (their floating
+    tensors counted in the dtype the component is built in, as diffusers counts them), not
+    from models built for the purpose. Returns ``{component: GPU index or "cpu"}``."""
+    try:
+        from accelerate.utils import compute_module_sizes, get_max_memory
+        from diffusers.pipelines.pipeline_loading_utils import _assign_components_to_devices
+    except ImportError as e:
+        raise ImportError(f"{what}: device_map='balanced' needs accelerate, and a diffusers that places components "
+                          f"over GPUs ({e})") from None
+    sizes: Dict[str, int] = {}
+    for name, (library, class_name) in entries.items():
+        dtype = _as_dtype(_for_component(torch_dtype, name))
+        if name in passed:
+            if isinstance(passed[name], torch.nn.Module):
+                sizes[name] = compute_module_sizes(passed[name], dtype=dtype)[""]
+        elif library is not None and class_name is not None:
+            size = _component_bytes(os.path.join(directory, name), dtype)
+            if size is not None:
+                sizes[name] = size
+    gpus = {k: v for k, v in get_max_memory(max_memory).items() if k != "cpu"}
+    gpus = dict(sorted(gpus.items(), key=lambda item: item[1], reverse=True))
+    by_size = dict(sorted(sizes.items(), key=lambda item: item[1], reverse=True))
+    placed: Dict[str, Any] = {}
+    for gpu, components in _assign_components_to_devices(by_size, gpus, device_mapping_strategy="balanced").items():
+        placed.update(dict.fromkeys(components, gpu))
+    return placed
+
+
+def _as_dtype(value: Any) -> Optional[torch.dtype]:
+    if isinstance(value, str):
+        value = getattr(torch, value.removeprefix("torch."), None)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def _component_bytes(sub_directory: str, dtype: Optional[torch.dtype]) -> Optional[int]:
+    """What a component takes in memory: from its flashpack index (floating tensors in
+    ``dtype``, float32 by default, as the component is built), or the size of its weight
+    files; None for a component without weights (a scheduler, a tokenizer)."""
+    path = os.path.join(sub_directory, FLASHPACK_FILE)
+    if os.path.isfile(path):
+        meta = read_metadata(path)
+        blocks = meta.get("macroblocks")
+        built = (dtype or torch.float32).itemsize
+        total, seen = 0, set()
+        for entry in meta["index"]:
+            block = entry.get("macroblock", 0)
+            if (block, entry["offset"]) in seen and entry["length"] > 0:
+                continue  # a tied tensor: one tensor in memory
+            seen.add((block, entry["offset"]))
+            stored = getattr(torch, blocks[block]["dtype"] if blocks else meta["target_dtype"])
+            total += entry["length"] * (built if stored.is_floating_point else stored.itemsize)
+        return total
+    if not os.path.isdir(sub_directory):
+        return None
+    weights = [f for f in os.listdir(sub_directory) if f.endswith((".safetensors", ".bin", ".pt", ".pth"))]
+    return sum(os.path.getsize(os.path.join(sub_directory, f)) for f in weights) if weights else None
 
 
 class FlashPackDiffusionPipeline(DiffusionPipeline):
