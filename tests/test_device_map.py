@@ -170,7 +170,7 @@ class UnplacedNormLlama(LlamaForCausalLM):
 
 
 @pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")
-def test_a_parameter_the_model_leaves_unplaced_goes_to_the_cpu_as_from_pretrained_puts_it(tmp_path):
+def test_a_parameter_the_model_leaves_unplaced_goes_to_the_cpu_beside_a_gpu_as_from_pretrained_puts_it(tmp_path):
     pytest.importorskip("accelerate")
     model, directory = tiny_llama(tmp_path)
     device_map = {"model.embed_tokens": 0, "model.layers": 0, "model.rotary_emb": 0, "lm_head": "cpu"}
@@ -234,7 +234,7 @@ def test_auto_spreads_the_model_over_the_gpus_as_from_pretrained_does(tmp_path, 
 
 
 @pytest.mark.skipif(GPUS < 2, reason="needs two CUDA GPUs")
-def test_a_base_checkpoint_spreads_into_a_model_with_a_head_as_from_pretrained_does(tmp_path):
+def test_a_base_checkpoint_spreads_over_the_gpus_into_a_model_with_a_head_as_from_pretrained_does(tmp_path):
     pytest.importorskip("accelerate")
     model, directory = tiny_llama(tmp_path, layers=6)
     base_dir = tmp_path / "base"

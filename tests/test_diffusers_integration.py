@@ -199,7 +199,7 @@ def placed(pipeline):
 
 @pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("max_memory", [None, "first GPU small"], ids=["all-memory", "first-gpu-small"])
-def test_balanced_places_components_as_diffusers_does(tmp_path, max_memory):
+def test_balanced_places_components_on_the_gpus_as_diffusers_does(tmp_path, max_memory):
     pytest.importorskip("accelerate")
     pipeline = tiny_ldm_pipeline()
     pipeline.save_pretrained(tmp_path)  # safetensors, for diffusers' own loader
