@@ -164,26 +164,53 @@ def test_a_model_over_the_cpu_and_a_gpu_matches_from_pretrained(tmp_path):
         assert torch.equal(loaded(IDS).logits.cpu(), theirs(IDS).logits.cpu())
 
 
-class UnplacedNormLlama(LlamaForCausalLM):
-    # As transformers' models that name parameters no device_map need place.
-    _no_placement_params = ["model.norm.weight"]
+class UnplacedLlama(LlamaForCausalLM):
+    # As transformers' models that name parameters a device_map may leave unplaced: names
+    # within a layer the planner cannot split (Qwen4Exp's "ple.ple_embedding...").
+    _no_placement_params = ["mlp.down_proj.weight"]
+
+
+def assert_placed_as_from_pretrained(loaded, theirs, model):
+    assert loaded.hf_device_map == theirs.hf_device_map
+    assert {n: t.device for n, t in loaded.state_dict().items()} == {n: t.device for n, t in theirs.state_dict().items()}
+    for name, tensor in loaded.state_dict().items():
+        if not tensor.is_meta:
+            assert_same(tensor, model.state_dict()[name], name)
 
 
 @pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")
 def test_a_parameter_the_model_leaves_unplaced_goes_to_the_cpu_beside_a_gpu_as_from_pretrained_puts_it(tmp_path):
     pytest.importorskip("accelerate")
     model, directory = tiny_llama(tmp_path)
-    device_map = {"model.embed_tokens": 0, "model.layers": 0, "model.rotary_emb": 0, "lm_head": "cpu"}
-    with pytest.raises(ValueError, match="places no module holding .*model.norm.weight"):
+    layer = {f"model.layers.0.{part}": 0 for part in ("self_attn", "input_layernorm", "post_attention_layernorm",
+                                                       "mlp.gate_proj", "mlp.up_proj", "mlp.act_fn")}
+    device_map = {"model.embed_tokens": 0, **layer, "model.layers.1": 0, "model.norm": 0, "model.rotary_emb": 0,
+                  "lm_head": "cpu"}
+    with pytest.raises(ValueError, match="places no module holding model.layers.0.mlp.down_proj.weight"):
         from_pretrained_flashpack(LlamaForCausalLM, directory, device_map=device_map)
-    loaded = from_pretrained_flashpack(UnplacedNormLlama, directory, device_map=device_map)
-    theirs = UnplacedNormLlama.from_pretrained(directory, device_map=device_map).eval()
-    assert loaded.model.norm.weight.device == torch.device("cpu")
-    assert loaded.hf_device_map == theirs.hf_device_map
-    assert {n: t.device for n, t in loaded.state_dict().items()} == {n: t.device for n, t in theirs.state_dict().items()}
-    for name, tensor in loaded.state_dict().items():
-        if not tensor.is_meta:
-            assert_same(tensor, model.state_dict()[name], name)
+    loaded = from_pretrained_flashpack(UnplacedLlama, directory, device_map=device_map)
+    theirs = UnplacedLlama.from_pretrained(directory, device_map=device_map).eval()
+    assert loaded.model.layers[0].mlp.down_proj.weight.device == torch.device("cpu")
+    assert_placed_as_from_pretrained(loaded, theirs, model)
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs two CUDA GPUs")
+def test_a_plan_over_the_gpus_that_leaves_a_parameter_unplaced_loads_as_from_pretrained_loads_it(tmp_path):
+    # transformers' planner leaves a layer's down_proj out when the layer fits on no next GPU.
+    pytest.importorskip("accelerate")
+    config = LlamaConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=2048, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = UnplacedLlama(config).eval()
+    model.save_pretrained(tmp_path)
+    save_pretrained_flashpack(model, tmp_path)
+    max_memory = {0: 1_800_000, 1: 200_000, "cpu": 10**9}
+    loaded = from_pretrained_flashpack(UnplacedLlama, tmp_path, device_map="sequential", max_memory=dict(max_memory))
+    theirs = UnplacedLlama.from_pretrained(tmp_path, device_map="sequential", max_memory=dict(max_memory)).eval()
+    unplaced = [name for name in model.state_dict()
+                if not any(name == key or name.startswith(key + ".") for key in theirs.hf_device_map)]
+    assert unplaced and all(loaded.state_dict()[name].device == torch.device("cpu") for name in unplaced)
+    assert_placed_as_from_pretrained(loaded, theirs, model)
 
 
 @pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")

@@ -247,14 +247,15 @@ def _plan(model: torch.nn.Module, device: AutoDeviceMap) -> Dict[str, Any]:
 
 
 def with_unplaced_params(model: torch.nn.Module, device: Any) -> Any:
-    """The map to load with: ``device``, plus the CPU for each parameter the model names in
-    transformers' ``_no_placement_params`` that the map leaves without a place. from_pretrained
-    puts those there (its planner may leave them out on purpose), not on a device."""
-    unplaced = getattr(model, "_no_placement_params", None)
-    if not isinstance(device, dict) or not unplaced:
+    """The map to load with: ``device``, plus the CPU for each tensor of the state dict that
+    the map leaves without a place, when the model has transformers' ``_no_placement_params``.
+    Its planner may leave those parameters out on purpose (the names are relative to a layer
+    it cannot split), and from_pretrained then puts whatever the map does not place on the
+    CPU (``expand_device_map``) instead of refusing the map."""
+    if not isinstance(device, dict) or not getattr(model, "_no_placement_params", None):
         return device
     placement = DevicePlacement(device, f"{type(model).__name__}.from_pretrained_flashpack")
-    extra = {name: "cpu" for name in unplaced if placement(name) is None}
+    extra = {name: "cpu" for name in model.state_dict() if placement(name) is None}
     return {**device, **extra} if extra else device
 
 
