@@ -31,6 +31,7 @@ needs_cuda_build = pytest.mark.skipif(
 
 KiB = 1 << 10
 MiB = 1 << 20
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ROUTE_COUNTERS = {"direct": "bytes_direct", "buffered": "bytes_buffered", "register": "bytes_registered"}
 
@@ -335,10 +336,27 @@ UNWRITABLE_LOAD_SCRIPT = r"""
 import json, sys, flashpack_ops
 from flashpack_ops import cuda_stats, load_file
 before = cuda_stats()
-load_file(sys.argv[1], "cuda")
+try:
+    load_file(sys.argv[1], "cuda", num_threads=int(sys.argv[2]), chunk_bytes=int(sys.argv[3]))
+except RuntimeError as e:
+    print("failed:", repr(e))
+    sys.exit(0)
 after = cuda_stats()
 print(json.dumps({k: after[k] - before[k] for k in after}))
 """
+
+
+def load_as_another_owner(path, env=None, num_threads=0, chunk_bytes=0):
+    """Loads `path` to cuda in a child process that may neither write nor own others'
+    files; returns the CUDA stats' change, or the error's text."""
+    env = dict(env or os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-c", UNWRITABLE_LOAD_SCRIPT, str(path), str(num_threads), str(chunk_bytes)],
+                         preexec_fn=without_owner_rights, capture_output=True, text=True, timeout=300, cwd=path.parent,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.splitlines()[-1]
+    return last if last.startswith("failed:") else json.loads(last)
 
 
 def without_owner_rights():
@@ -370,14 +388,33 @@ def test_auto_tells_the_page_cache_of_a_file_it_may_not_write(tmp_path, cached):
         load_file(path, "cuda", route="buffered")  # reads every page through the cache
     else:
         evict_from_page_cache(path)
-    out = subprocess.run([sys.executable, "-c", UNWRITABLE_LOAD_SCRIPT, str(path)], preexec_fn=without_owner_rights,
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    delta = json.loads(out.stdout.splitlines()[-1])
+    delta = load_as_another_owner(path)
     if cached and delta["register_fallbacks"]:
         pytest.skip("this driver refuses cudaHostRegister(ReadOnly) on file mappings")
     moved = "bytes_registered" if cached else "bytes_buffered"
     assert delta[moved] == payload_bytes(path), delta
+
+
+@needs_cuda_build
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="takes a file from another owner: needs root")
+@pytest.mark.skipif(not emulated(), reason="failing a load after its route is chosen needs tests/cuda_emulator")
+def test_a_file_it_may_not_write_stays_cold_to_the_next_load_after_a_check(tmp_path):
+    # Checking the page cache reads in the pages it asks about. A load that checked and then
+    # failed (or another rank's load, checking at the same moment) must not make the file
+    # look cached to the next check.
+    if filesystem_type(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip(f"{tmp_path} is in memory: its pages cannot leave the page cache")
+    tensors = mixed_dict(42, scale=40)
+    path = tmp_path / "theirs.flashpack"
+    save_file(tensors, path)
+    os.chown(path, 65534, 65534)
+    os.chmod(path, 0o444)
+    evict_from_page_cache(path)
+    failed = load_as_another_owner(path, env=dict(os.environ, FAKE_CUDA_FAIL_UPLOAD_AT="1"), num_threads=1,
+                                   chunk_bytes=64 * KiB)
+    assert str(failed).startswith("failed:"), failed
+    delta = load_as_another_owner(path)
+    assert delta["bytes_buffered"] == payload_bytes(path), delta
 
 
 # ---- pinned memory ----------------------------------------------------------------------------

@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -42,8 +43,10 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -271,9 +274,9 @@ bool mincore_tells(const InputFile& file) {
 }
 
 // Whether the page at `offset` is in the page cache, asked of the cache itself: a one-byte
-// read with RWF_NOWAIT fails with EAGAIN for a page it does not hold (and starts reading it
-// ahead, which a load about to read the file loses nothing by). nullopt where the kernel or
-// the filesystem has no such reads.
+// read with RWF_NOWAIT fails with EAGAIN for a page it does not hold (and starts reading
+// that page in, which a load about to read the file loses nothing by). nullopt where the
+// kernel or the filesystem has no such reads.
 std::optional<bool> page_cached(int fd, uint64_t offset) {
   char byte;
   struct iovec iov = {&byte, 1};
@@ -308,10 +311,17 @@ double resident_fraction(const InputFile& file, const ReadOnlyMap& map, uint64_t
       seen += window;
     }
   } else {
-    // One page of each window, asked of the page cache (about a microsecond each).
+    // One page of each window, asked of the page cache (about a microsecond each). A page
+    // at random: a probe that misses reads its page in, and the next check (another rank
+    // loading the same file, a retry) must not find exactly those pages and call the file
+    // cached.
+    thread_local std::minstd_rand pick(static_cast<unsigned>(
+        std::chrono::steady_clock::now().time_since_epoch().count() ^
+        std::hash<std::thread::id>{}(std::this_thread::get_id())));
     for (uint64_t w = 0; w < windows; ++w) {
       const uint64_t first = windows == 1 ? 0 : (pages - window) * w / (windows - 1);
-      const std::optional<bool> cached = page_cached(file.fd(), begin + (first + window / 2) * page);
+      const uint64_t at = first + static_cast<uint64_t>(pick()) % window;
+      const std::optional<bool> cached = page_cached(file.fd(), begin + at * page);
       if (!cached) return 0.0;
       resident += *cached ? 1 : 0;
       seen += 1;
