@@ -6,7 +6,7 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel  # noqa: E402
 
 import flashpack_ops  # noqa: E402
 from conftest import assert_same  # noqa: E402
@@ -182,14 +182,77 @@ def test_a_pipeline_diffusers_saved_with_use_flashpack_loads_here_and_back(tmp_p
 GPUS = torch.cuda.device_count()
 
 
-def tiny_ldm_pipeline():
+def tiny_ldm_pipeline(vqvae_channels=8):
     from diffusers import DDIMScheduler, LDMPipeline, VQModel
 
     torch.manual_seed(0)
     vqvae = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                    up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=3,
+                    up_block_types=("UpDecoderBlock2D",), block_out_channels=(vqvae_channels,), latent_channels=3,
                     norm_num_groups=4, sample_size=8, num_vq_embeddings=16).eval()
     return LDMPipeline(vqvae=vqvae, unet=tiny_unet(), scheduler=DDIMScheduler(num_train_timesteps=10))
+
+
+def diffusers_plan(directory, pipeline_class, max_memory, dtype=None, passed=None):
+    """diffusers' own device_map="balanced" plan for a pipeline directory (built on meta)."""
+    from diffusers.pipelines.pipeline_loading_utils import _get_final_device_map
+
+    config = DiffusionPipeline.load_config(directory)
+    init_dict = {name: tuple(value) for name, value in config.items()
+                 if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0]}
+    return _get_final_device_map("balanced", pipeline_class, passed or {}, init_dict, None, dict(max_memory),
+                                 dtype=dtype, cached_folder=str(directory))
+
+
+def our_plan(directory, max_memory, dtype=None, passed=None):
+    from flashpack_ops.integrations.diffusers.pipeline import _balanced_placement, _component_entries
+
+    config = DiffusionPipeline.load_config(directory)
+    return _balanced_placement(str(directory), _component_entries(config), passed or {}, dtype, dict(max_memory),
+                               "test")
+
+
+# Two GPUs that each hold the whole pipeline, and two on which only the smaller model fits
+# per GPU in float32 (the vqvae, 4x wider here, is the larger one and is placed first).
+ROOMY = {0: 10**9, 1: 10**9, "cpu": 10**10}
+TIGHT = {0: 420_000, 1: 300_000, "cpu": 10**10}
+
+
+@pytest.mark.filterwarnings("ignore:Device . is not available")
+@pytest.mark.parametrize("max_memory", [ROOMY, TIGHT], ids=["roomy", "tight"])
+@pytest.mark.parametrize("dtype", [None, torch.float16, {"vqvae": torch.float16, "default": torch.float32}],
+                         ids=["file-dtype", "float16", "per-component"])
+def test_balanced_plans_as_diffusers_plans(tmp_path, max_memory, dtype, capsys):
+    pytest.importorskip("accelerate")
+    pipeline = tiny_ldm_pipeline(vqvae_channels=32)
+    save_pipeline_flashpack(pipeline, tmp_path)
+    theirs = diffusers_plan(tmp_path, type(pipeline), max_memory, dtype)
+    assert our_plan(tmp_path, max_memory, dtype) == theirs
+    # As a string too, in either spelling.
+    if dtype is torch.float16:
+        assert our_plan(tmp_path, max_memory, "fp16") == our_plan(tmp_path, max_memory, "float16") == theirs
+
+
+@pytest.mark.filterwarnings("ignore:Device . is not available")
+def test_balanced_plans_a_passed_component_and_one_without_a_flashpack_file_as_diffusers_does(tmp_path):
+    pytest.importorskip("accelerate")
+    pipeline = tiny_ldm_pipeline(vqvae_channels=32)
+    save_pipeline_flashpack(pipeline, tmp_path)
+    pipeline.vqvae.save_pretrained(tmp_path / "vqvae")  # safetensors beside the flashpack file
+    os.remove(tmp_path / "vqvae" / "model.flashpack")
+    passed = {"unet": tiny_unet()}
+    for max_memory in (ROOMY, TIGHT):
+        assert our_plan(tmp_path, max_memory, passed=passed) == diffusers_plan(tmp_path, type(pipeline), max_memory,
+                                                                               passed=passed)
+
+
+def test_balanced_counts_a_tied_tensor_once_and_empty_ones_as_nothing(tmp_path):
+    from flashpack_ops.integrations.diffusers.pipeline import _component_bytes
+
+    weight = torch.zeros(1000, 4)
+    flashpack_ops.save_file({"empty": torch.zeros(0, 4), "embed": weight, "head": weight,
+                             "steps": torch.zeros(10, dtype=torch.int64)}, tmp_path / "model.flashpack")
+    assert _component_bytes(str(tmp_path), UNet2DModel, None) == 4000 * 4 + 10 * 8
+    assert _component_bytes(str(tmp_path), UNet2DModel, torch.bfloat16) == 4000 * 2 + 10 * 8
 
 
 def placed(pipeline):
@@ -198,15 +261,18 @@ def placed(pipeline):
 
 
 @pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("max_memory", [None, "first GPU small"], ids=["all-memory", "first-gpu-small"])
+@pytest.mark.parametrize("max_memory", [None, "first GPU small", "no GPU"], ids=["all-memory", "first-gpu-small",
+                                                                                 "no-gpu"])
 def test_balanced_places_components_on_the_gpus_as_diffusers_does(tmp_path, max_memory):
     pytest.importorskip("accelerate")
     pipeline = tiny_ldm_pipeline()
     pipeline.save_pretrained(tmp_path)  # safetensors, for diffusers' own loader
     save_pipeline_flashpack(pipeline, tmp_path)
-    if max_memory is not None:
+    if max_memory == "first GPU small":
         # The first GPU holds neither model: diffusers moves to the next GPU or to the CPU.
         max_memory = {k: 1000 if k == 0 else 10**9 for k in range(GPUS)}
+    elif max_memory == "no GPU":
+        max_memory = {"cpu": 10**9}  # no plan: everything on the CPU, hf_device_map None
     loaded = load_pipeline_flashpack(type(pipeline), tmp_path, device_map="balanced", max_memory=max_memory)
     theirs = type(pipeline).from_pretrained(tmp_path, device_map="balanced", max_memory=max_memory)
     assert loaded.hf_device_map == theirs.hf_device_map

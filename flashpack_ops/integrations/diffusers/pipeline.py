@@ -8,14 +8,14 @@ import inspect
 import json
 import os
 import warnings
-from typing import Any, Dict, List, Optional, Type, TypeVar, Union
+from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
 import torch
 from diffusers import DiffusionPipeline, ModelMixin
 
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, read_metadata
-from .._hub import (FLASHPACK_FILE, SPREADING_DEVICE_MAPS, AutoDeviceMap, resolve_directory, take_load_kwargs,
-                    upload_directory, warn_unused_save_kwargs)
+from .._hub import (FLASHPACK_FILE, SPREADING_DEVICE_MAPS, AutoDeviceMap, parse_dtype, resolve_directory,
+                    take_load_kwargs, upload_directory, warn_unused_save_kwargs)
 from . import model as diffusers_model
 
 P = TypeVar("P", bound=DiffusionPipeline)
@@ -259,9 +259,8 @@ def load_pipeline_flashpack(
                        ignore_names=ignore_names, ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes,
                        coerce_dtype=coerce_dtype, **distributed)
     entries = _component_entries(config)
-    placed: Optional[Dict[str, Any]] = None
-    if isinstance(device, AutoDeviceMap):
-        placed = _balanced_placement(directory, entries, kwargs, torch_dtype, device.max_memory, what)
+    balanced = isinstance(device, AutoDeviceMap)
+    placed = _balanced_placement(directory, entries, kwargs, torch_dtype, device.max_memory, what) if balanced else None
     init: Dict[str, Any] = {}
     for name, (library, class_name) in entries.items():
         if name in kwargs:
@@ -269,8 +268,8 @@ def load_pipeline_flashpack(
         elif library is None or class_name is None:
             init[name] = None
         else:
-            init[name] = _load_component(_import_class(library, class_name), directory, name,
-                                         device if placed is None else _device(placed.get(name, "cpu")),
+            where = _device((placed or {}).get(name, "cpu")) if balanced else device
+            init[name] = _load_component(_import_class(library, class_name), directory, name, where,
                                          _for_component(torch_dtype, name), load_kwargs)
     for name, value in config.items():
         if not name.startswith("_") and name not in init and name in optional_kwargs:
@@ -281,36 +280,42 @@ def load_pipeline_flashpack(
                       stacklevel=2)
     pipeline = pipeline_class(**{k: v for k, v in init.items() if k in expected_modules or k in optional_kwargs})
     pipeline.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
-    if placed is not None:
+    if balanced:
         pipeline.hf_device_map = placed  # as diffusers records it (pipeline.reset_device_map() undoes it)
     return pipeline
 
 
 def _balanced_placement(directory: str, entries: Dict[str, Any], passed: Dict[str, Any],
                         torch_dtype: DtypeOrPerComponent, max_memory: Optional[Dict[Any, Any]],
-                        what: str) -> Dict[str, Any]:
+                        what: str) -> Optional[Dict[str, Any]]:
     """``device_map="balanced"`` as diffusers plans it: the model components, largest first,
-    dealt to the GPUs in turn (0, 1, ..., 1, 0, ...) within ``max_memory``, a component no GPU
-    in turn can hold to the CPU. Component sizes come from the files' indexes (their floating
-    tensors counted in the dtype the component is built in, as diffusers counts them), not
-    from models built for the purpose. Returns ``{component: GPU index or "cpu"}``."""
+    dealt to the GPUs in turn (0, 1, ..., 1, 0, ...) within ``max_memory``, a component the
+    GPU in turn cannot hold to the CPU. Returns ``{component: GPU index or "cpu"}``, or None
+    when ``max_memory`` names no GPU (every component then loads to the CPU, as diffusers
+    loads it).
+
+    A component's size is what it will take once loaded: its tensors (a tied one once) in
+    the dtype the load gives them, read from the flashpack index or the checkpoint's header;
+    no model is built for the purpose."""
     try:
         from accelerate.utils import compute_module_sizes, get_max_memory
         from diffusers.pipelines.pipeline_loading_utils import _assign_components_to_devices
     except ImportError as e:
         raise ImportError(f"{what}: device_map='balanced' needs accelerate, and a diffusers that places components "
                           f"over GPUs ({e})") from None
+    gpus = {k: v for k, v in get_max_memory(max_memory).items() if k != "cpu"}
+    if not gpus:
+        return None
     sizes: Dict[str, int] = {}
     for name, (library, class_name) in entries.items():
-        dtype = _as_dtype(_for_component(torch_dtype, name))
+        dtype = parse_dtype(_for_component(torch_dtype, name))
         if name in passed:
             if isinstance(passed[name], torch.nn.Module):
                 sizes[name] = compute_module_sizes(passed[name], dtype=dtype)[""]
         elif library is not None and class_name is not None:
-            size = _component_bytes(os.path.join(directory, name), dtype)
+            size = _component_bytes(os.path.join(directory, name), _import_class(library, class_name), dtype)
             if size is not None:
                 sizes[name] = size
-    gpus = {k: v for k, v in get_max_memory(max_memory).items() if k != "cpu"}
     gpus = dict(sorted(gpus.items(), key=lambda item: item[1], reverse=True))
     by_size = dict(sorted(sizes.items(), key=lambda item: item[1], reverse=True))
     placed: Dict[str, Any] = {}
@@ -319,34 +324,72 @@ def _balanced_placement(directory: str, entries: Dict[str, Any], passed: Dict[st
     return placed
 
 
-def _as_dtype(value: Any) -> Optional[torch.dtype]:
-    if isinstance(value, str):
-        value = getattr(torch, value.removeprefix("torch."), None)
-    return value if isinstance(value, torch.dtype) else None
-
-
-def _component_bytes(sub_directory: str, dtype: Optional[torch.dtype]) -> Optional[int]:
-    """What a component takes in memory: from its flashpack index (floating tensors in
-    ``dtype``, float32 by default, as the component is built), or the size of its weight
-    files; None for a component without weights (a scheduler, a tokenizer)."""
+def _component_bytes(sub_directory: str, component_class: type, dtype: Optional[torch.dtype]) -> Optional[int]:
+    """The bytes a component's tensors take once loaded, floating ones converted to ``dtype``
+    (given) or as the load leaves them: a flashpack file's as stored, a diffusers model's
+    checkpoint in float32 (diffusers' default), a transformers model's as stored. None for a
+    component without weights (a scheduler, a tokenizer)."""
     path = os.path.join(sub_directory, FLASHPACK_FILE)
     if os.path.isfile(path):
-        meta = read_metadata(path)
-        blocks = meta.get("macroblocks")
-        built = (dtype or torch.float32).itemsize
-        total, seen = 0, set()
-        for entry in meta["index"]:
-            block = entry.get("macroblock", 0)
-            if (block, entry["offset"]) in seen and entry["length"] > 0:
-                continue  # a tied tensor: one tensor in memory
-            seen.add((block, entry["offset"]))
-            stored = getattr(torch, blocks[block]["dtype"] if blocks else meta["target_dtype"])
-            total += entry["length"] * (built if stored.is_floating_point else stored.itemsize)
-        return total
+        tensors = _flashpack_tensors(path)
+    elif isinstance(component_class, type) and issubclass(component_class, torch.nn.Module):
+        tensors = _checkpoint_tensors(sub_directory)
+        if dtype is None and issubclass(component_class, ModelMixin):
+            dtype = torch.float32
+    else:
+        return None
+    if tensors is None:
+        return None
+    return sum(numel * (dtype.itemsize if dtype is not None and stored.is_floating_point else stored.itemsize)
+               for numel, stored in tensors)
+
+
+def _flashpack_tensors(path: str) -> List[Tuple[int, torch.dtype]]:
+    """(element count, dtype) of each tensor a flashpack file holds, a tied one once."""
+    meta = read_metadata(path)
+    blocks = meta.get("macroblocks")
+    tensors, seen = [], set()
+    for entry in meta["index"]:
+        block = entry.get("macroblock", 0)
+        if entry["length"] == 0 or (block, entry["offset"]) in seen:
+            continue  # empty, or tied to one counted already
+        seen.add((block, entry["offset"]))
+        tensors.append((entry["length"], getattr(torch, blocks[block]["dtype"] if blocks else meta["target_dtype"])))
+    return tensors
+
+
+def _checkpoint_tensors(sub_directory: str) -> Optional[List[Tuple[int, torch.dtype]]]:
+    """(element count, dtype) of each tensor of a model folder's checkpoint, read from the
+    safetensors headers (or a torch file mapped onto the meta device): the files without a
+    variant in their name, safetensors before torch files. None when there are none."""
     if not os.path.isdir(sub_directory):
         return None
-    weights = [f for f in os.listdir(sub_directory) if f.endswith((".safetensors", ".bin", ".pt", ".pth"))]
-    return sum(os.path.getsize(os.path.join(sub_directory, f)) for f in weights) if weights else None
+    names = sorted(os.listdir(sub_directory))
+    for suffix in (".safetensors", ".bin"):
+        files = [os.path.join(sub_directory, f) for f in names if f.endswith(suffix) and f.count(".") == 1]
+        if files:
+            break
+    else:
+        return None
+    tensors: List[Tuple[int, torch.dtype]] = []
+    for file in files:
+        if suffix == ".safetensors":
+            from safetensors import safe_open as open_safetensors
+
+            from ...lazy import _SAFETENSORS_DTYPES
+
+            by_code = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+            with open_safetensors(file, framework="pt") as f:
+                for key in f.keys():
+                    part = f.get_slice(key)
+                    numel = 1
+                    for n in part.get_shape():
+                        numel *= n
+                    tensors.append((numel, by_code[part.get_dtype()]))
+        else:
+            state = torch.load(file, map_location="meta", weights_only=True, mmap=True)
+            tensors += [(t.numel(), t.dtype) for t in state.values() if isinstance(t, torch.Tensor)]
+    return tensors
 
 
 class FlashPackDiffusionPipeline(DiffusionPipeline):
