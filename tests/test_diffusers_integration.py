@@ -1,5 +1,6 @@
 """diffusers: models and pipelines saved as config + flashpack, loaded back bit for bit."""
 
+import json
 import os
 
 import pytest
@@ -144,6 +145,59 @@ def test_model_options_from_pretrained_takes(tmp_path):
         FlashUNet.from_pretrained_flashpack(tmp_path, quantization_config={"load_in_4bit": True})
 
 
+def tiny_stable_diffusion(directory):
+    """A text-to-image pipeline of diffusers models, a transformers text encoder and a
+    tokenizer (a character vocabulary written to `directory`)."""
+    transformers = pytest.importorskip("transformers")
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        vocab[letter] = len(vocab)
+        vocab[letter + "</w>"] = len(vocab)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(directory, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"),
+                                           model_max_length=16)
+    torch.manual_seed(0)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                norm_num_groups=4, attention_head_dim=2).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
+                        norm_num_groups=4, sample_size=8).eval()
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=DDIMScheduler(num_train_timesteps=10), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def text_to_image(pipeline):
+    return pipeline("a cat", num_inference_steps=2, height=8, width=8, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+
+def test_a_pipeline_with_a_transformers_text_encoder_and_a_tokenizer_round_trips(tmp_path):
+    pipeline = tiny_stable_diffusion(tmp_path / "vocab")
+    save_pipeline_flashpack(pipeline, tmp_path / "pipe")
+    for name in ("unet", "vae", "text_encoder"):
+        assert sorted(os.listdir(tmp_path / "pipe" / name)) == ["config.json", "model.flashpack"], name
+    loaded = load_pipeline_flashpack(type(pipeline), tmp_path / "pipe")
+    assert type(loaded.text_encoder) is type(pipeline.text_encoder)
+    assert type(loaded.tokenizer) is type(pipeline.tokenizer)
+    assert_same_model(loaded.text_encoder, pipeline.text_encoder)
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(torch.from_numpy(text_to_image(loaded)), torch.from_numpy(text_to_image(pipeline)))
+
+
 # ---- diffusers' own use_flashpack=True (through the reference package) --------------------------
 
 
@@ -221,7 +275,7 @@ TIGHT = {0: 420_000, 1: 300_000, "cpu": 10**10}
 @pytest.mark.parametrize("max_memory", [ROOMY, TIGHT], ids=["roomy", "tight"])
 @pytest.mark.parametrize("dtype", [None, torch.float16, {"vqvae": torch.float16, "default": torch.float32}],
                          ids=["file-dtype", "float16", "per-component"])
-def test_balanced_plans_as_diffusers_plans(tmp_path, max_memory, dtype, capsys):
+def test_balanced_plans_as_diffusers_plans(tmp_path, max_memory, dtype):
     pytest.importorskip("accelerate")
     pipeline = tiny_ldm_pipeline(vqvae_channels=32)
     save_pipeline_flashpack(pipeline, tmp_path)
@@ -243,6 +297,19 @@ def test_balanced_plans_a_passed_component_and_one_without_a_flashpack_file_as_d
     for max_memory in (ROOMY, TIGHT):
         assert our_plan(tmp_path, max_memory, passed=passed) == diffusers_plan(tmp_path, type(pipeline), max_memory,
                                                                                passed=passed)
+
+
+@pytest.mark.filterwarnings("ignore:Device . is not available")
+@pytest.mark.parametrize("max_memory", [ROOMY, {0: 30_000, 1: 20_000, "cpu": 10**10}, {0: 60_000, 1: 10**6}],
+                         ids=["roomy", "tight", "uneven"])
+@pytest.mark.parametrize("dtype", [None, torch.float16], ids=["file-dtype", "float16"])
+def test_balanced_plans_a_text_to_image_pipeline_as_diffusers_plans(tmp_path, max_memory, dtype):
+    # Three models, one of them a transformers text encoder, and a tokenizer.
+    pytest.importorskip("accelerate")
+    pipeline = tiny_stable_diffusion(tmp_path / "vocab")
+    save_pipeline_flashpack(pipeline, tmp_path / "pipe")
+    assert our_plan(tmp_path / "pipe", max_memory, dtype) == diffusers_plan(tmp_path / "pipe", type(pipeline),
+                                                                             max_memory, dtype)
 
 
 def test_balanced_counts_a_tied_tensor_once_and_empty_ones_as_nothing(tmp_path):
