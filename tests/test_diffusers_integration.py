@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -196,6 +198,27 @@ def test_a_pipeline_with_a_transformers_text_encoder_and_a_tokenizer_round_trips
     assert_same_model(loaded.text_encoder, pipeline.text_encoder)
     loaded.set_progress_bar_config(disable=True)
     assert torch.equal(torch.from_numpy(text_to_image(loaded)), torch.from_numpy(text_to_image(pipeline)))
+
+
+@pytest.mark.parametrize("dtype", [None, "float16"])
+def test_the_command_converts_a_text_to_image_pipeline_directory(tmp_path, dtype):
+    pipeline = tiny_stable_diffusion(tmp_path / "vocab")
+    pipeline.save_pretrained(tmp_path / "hf")  # as diffusers saves it: safetensors
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "flashpack_ops", "convert", str(tmp_path / "hf"), str(tmp_path / "fp")]
+    result = subprocess.run(command + (["--dtype", dtype] if dtype else []), capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    for name in ("unet", "vae", "text_encoder"):
+        assert sorted(os.listdir(tmp_path / "fp" / name)) == ["config.json", "model.flashpack"], name
+    loaded = load_pipeline_flashpack(type(pipeline), tmp_path / "fp")
+    if dtype is None:
+        loaded.set_progress_bar_config(disable=True)
+        assert torch.equal(torch.from_numpy(text_to_image(loaded)), torch.from_numpy(text_to_image(pipeline)))
+    else:
+        for name in ("unet", "vae", "text_encoder"):
+            assert_same_model(getattr(loaded, name), getattr(pipeline, name).to(torch.float16))
 
 
 # ---- diffusers' own use_flashpack=True (through the reference package) --------------------------
