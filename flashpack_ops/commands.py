@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -269,16 +270,39 @@ def _quiet_libraries() -> None:
 def _convert_model_directory(model_class: type, directory: str, destination: str, dtype: Optional[torch.dtype],
                              variant: Optional[str], ignore: Dict[str, Any], checksum: bool) -> str:
     is_transformers = model_class.__module__.startswith("transformers")
-    if is_transformers:
-        from .integrations.transformers import save_pretrained_flashpack
+    library = importlib.import_module(model_class.__module__.split(".")[0])
+    verbosity = library.logging.get_verbosity()
+    # Its report of unused or missing tensors would precede the one-line error below.
+    library.logging.set_verbosity_error()
+    try:
+        if is_transformers:
+            from .integrations.transformers import save_pretrained_flashpack
 
-        model = model_class.from_pretrained(directory, dtype="auto", variant=variant)
-    else:
-        from .integrations.diffusers import save_pretrained_flashpack
-        from .integrations.diffusers.model import dtype_argument
+            model, info = model_class.from_pretrained(directory, dtype="auto", variant=variant,
+                                                      output_loading_info=True)
+        else:
+            from .integrations.diffusers import save_pretrained_flashpack
+            from .integrations.diffusers.model import dtype_argument
 
-        stored = dtype or _stored_float_dtype(directory, variant)
-        model = model_class.from_pretrained(directory, variant=variant, **{dtype_argument(): stored})
+            stored = dtype or _stored_float_dtype(directory, variant)
+            model, info = model_class.from_pretrained(directory, variant=variant, output_loading_info=True,
+                                                      **{dtype_argument(): stored})
+    finally:
+        library.logging.set_verbosity(verbosity)
+    # The model built from config.json must take the checkpoint whole: a tensor it leaves out
+    # would be lost, one it lacks would be written at random (AutoModel, for a config naming
+    # no architecture, builds the base of a model without its head).
+    unused, made_up = sorted(info.get("unexpected_keys") or []), sorted(info.get("missing_keys") or [])
+    if unused or made_up:
+        problems = ([f"{len(unused)} tensors it has no place for ({', '.join(unused[:5])}"
+                     f"{', ...' if len(unused) > 5 else ''})"] if unused else []) + \
+                   ([f"{len(made_up)} tensors the checkpoint lacks ({', '.join(made_up[:5])}"
+                     f"{', ...' if len(made_up) > 5 else ''})"] if made_up else [])
+        built = (f"config.json names no architecture, and AutoModel builds a {type(model).__name__}"
+                 if model_class.__name__ == "AutoModel" else f"config.json names {model_class.__name__}")
+        raise ValueError(f"{directory}: {built}, which does not match the checkpoint: {' and '.join(problems)}; "
+                         "name the model's class in config.json (\"architectures\") or convert the weights file "
+                         "itself")
     save_pretrained_flashpack(model, destination, target_dtype=dtype, checksum=checksum, **ignore)
     return os.path.join(destination, FLASHPACK_FILE)
 

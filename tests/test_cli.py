@@ -215,6 +215,56 @@ def test_convert_transformers_directory(tmp_path):
         assert torch.equal(loaded(ids).logits, expected(ids).logits)
 
 
+def test_convert_refuses_a_directory_whose_model_would_drop_or_invent_tensors(tmp_path):
+    # A config.json naming no architecture: AutoModel builds the base model, which has no place
+    # for lm_head. The command must not write a file without it (and exit 0).
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                      tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    described = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del described["architectures"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(described))
+    assert_one_line_error(run("convert", tmp_path / "hf", tmp_path / "fp", check=False),
+                          "config.json names no architecture, and AutoModel builds a LlamaModel, which does not "
+                          "match the checkpoint: 1 tensors it has no place for (lm_head.weight)")
+    assert not (tmp_path / "fp" / "model.flashpack").exists()
+    # A base checkpoint under a config naming a model with a head: the head would be random.
+    transformers.LlamaModel(config).save_pretrained(tmp_path / "base")
+    described = json.loads((tmp_path / "base" / "config.json").read_text())
+    described["architectures"] = ["LlamaForCausalLM"]
+    (tmp_path / "base" / "config.json").write_text(json.dumps(described))
+    assert_one_line_error(run("convert", tmp_path / "base", tmp_path / "fp2", check=False),
+                          "config.json names LlamaForCausalLM, which does not match the checkpoint: 1 tensors the "
+                          "checkpoint lacks (lm_head.weight)")
+
+
+def test_a_directory_saved_here_converts_back_whole_after_revert(tmp_path):
+    # save_pretrained_flashpack records the architecture, as save_pretrained does, so the
+    # directory names its model (with its head) to the command and to the Auto classes.
+    transformers = pytest.importorskip("transformers")
+    from flashpack_ops.integrations.transformers import FlashPackTransformersModelMixin, from_pretrained_flashpack
+
+    class FlashLlama(transformers.LlamaForCausalLM, FlashPackTransformersModelMixin):
+        pass
+
+    config = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = FlashLlama(config).eval()
+    model.save_pretrained_flashpack(tmp_path / "fp")
+    assert json.loads((tmp_path / "fp" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert type(transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(tmp_path / "fp"))) is transformers.LlamaForCausalLM
+    run("revert", tmp_path / "fp")
+    run("convert", tmp_path / "fp", tmp_path / "again", "--dtype", "bf16")
+    loaded = from_pretrained_flashpack(transformers.LlamaForCausalLM, tmp_path / "again")
+    for name, tensor in model.state_dict().items():
+        assert_same(loaded.state_dict()[name], tensor.to(torch.bfloat16), name)
+
+
 def test_in_place_dtype_conversion_of_model_directory_is_refused(tmp_path):
     transformers = pytest.importorskip("transformers")
 

@@ -110,6 +110,20 @@ def locate_flashpack(name_or_path: Union[str, "os.PathLike[str]"], subfolder: Op
     return flashpack_file_in(resolve_directory(name_or_path, allow_patterns=patterns, **hub), subfolder)
 
 
+def library_class(cls: type, root: type) -> type:
+    """The class loaders know ``cls`` by, for configs (``architectures``, ``_class_name``,
+    ``model_index.json``): the first class of its MRO that diffusers or transformers define
+    below ``root`` (``ModelMixin``, ``PreTrainedModel``, ``DiffusionPipeline``). A subclass that
+    only adds methods (``class FlashLlama(LlamaForCausalLM, FlashPackTransformersModelMixin)``)
+    is known by the library class it extends; a class of the user's own, by its own name."""
+    for base in cls.__mro__:
+        if base is root:
+            break
+        if base.__module__.split(".")[0] in ("diffusers", "transformers") and issubclass(base, root):
+            return base
+    return cls
+
+
 def checked_save_directory(save_directory: Union[str, "os.PathLike[str]"]) -> str:
     """``save_directory`` as a str, refusing an existing file."""
     save_directory = os.fspath(save_directory)

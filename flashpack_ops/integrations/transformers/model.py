@@ -16,9 +16,9 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrai
 from ...api import DevicePlacement, assign_from_file, describe_missing, initialize_missing
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, read_metadata
-from .._hub import (build_and_load_dtypes, checked_save_directory, dispatch_placed, loading_info, locate_flashpack,
-                    place_model, take_load_kwargs, upload_directory, warn_unused_save_kwargs, with_unplaced_params,
-                    write_weights)
+from .._hub import (build_and_load_dtypes, checked_save_directory, dispatch_placed, library_class, loading_info,
+                    locate_flashpack, place_model, take_load_kwargs, upload_directory, warn_unused_save_kwargs,
+                    with_unplaced_params, write_weights)
 
 M = TypeVar("M", bound=PreTrainedModel)
 
@@ -190,10 +190,12 @@ def save_pretrained_flashpack(
     save_directory = checked_save_directory(save_directory)
     if is_main_process:
         os.makedirs(save_directory, exist_ok=True)
-        config = model.config
+        config = copy.deepcopy(model.config)
         if target_dtype is not None:
-            config = copy.deepcopy(config)
             config.dtype = target_dtype
+        # As save_pretrained records it, so that the Auto classes and `flashpack convert` know
+        # the model (and its head) from the directory.
+        config.architectures = [library_class(type(model), PreTrainedModel).__name__]
         config.save_pretrained(save_directory)
         if model.can_generate() and getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(save_directory)
