@@ -77,6 +77,52 @@ def test_vae_through_auto_model_and_torch_dtype(tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
 
 
+def tiny_wan():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                 out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1,
+                                 rope_max_seq_len=32).eval()
+
+
+def test_modules_a_model_keeps_in_float32_stay_float32_as_diffusers_keeps_them(tmp_path):
+    # Wan lists norms and embedders in _keep_in_fp32_modules: diffusers' from_pretrained(dtype=)
+    # keeps them in float32, and so must a load and a save to another dtype.
+    model = tiny_wan()
+    assert model._keep_in_fp32_modules
+    model.save_pretrained(tmp_path / "theirs")
+    save_pretrained_flashpack(model, tmp_path / "ours")
+    save_pretrained_flashpack(model, tmp_path / "ours-bf16", target_dtype=torch.bfloat16)
+    expected = type(model).from_pretrained(tmp_path / "theirs", torch_dtype=torch.bfloat16)
+    kept = {name for name, t in expected.state_dict().items() if t.dtype == torch.float32}
+    assert kept
+    for loaded in (from_pretrained_flashpack(type(model), tmp_path / "ours", dtype=torch.bfloat16),
+                   from_pretrained_flashpack(type(model), tmp_path / "ours-bf16")):
+        assert_same_model(loaded, expected)
+    sample = torch.randn(1, 4, 1, 4, 4, generator=torch.Generator().manual_seed(0)).bfloat16()
+    text = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(loaded(sample, torch.tensor([500]), text).sample,
+                           expected(sample, torch.tensor([500]), text).sample)
+
+
+def test_a_subclass_saves_the_class_diffusers_knows(tmp_path):
+    # config.json names UNet2DModel, not FlashUNet: diffusers' own AutoModel loads it.
+    save_pretrained_flashpack(tiny_unet(FlashUNet), tmp_path / "unet")
+    assert json.loads((tmp_path / "unet" / "config.json").read_text())["_class_name"] == "UNet2DModel"
+    assert type(from_pretrained_flashpack(diffusers.AutoModel, tmp_path / "unet")) is UNet2DModel
+
+    class OwnNet(diffusers.ModelMixin, diffusers.ConfigMixin):  # a model of the user's own keeps its name
+        @diffusers.configuration_utils.register_to_config
+        def __init__(self, width: int = 4):
+            super().__init__()
+            self.proj = torch.nn.Linear(width, width)
+
+    save_pretrained_flashpack(OwnNet(), tmp_path / "own")
+    assert json.loads((tmp_path / "own" / "config.json").read_text())["_class_name"] == "OwnNet"
+
+
 def run(pipeline):
     return pipeline(generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="np").images
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, List, Optional, Type, TypeVar, Union
+from typing import Any, Callable, List, Optional, Type, TypeVar, Union
 
 import diffusers
 import torch
@@ -13,8 +13,9 @@ from diffusers import ModelMixin
 from ...api import assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
-from .._hub import (build_and_load_dtypes, checked_save_directory, dispatch_placed, loading_info, locate_flashpack,
-                    place_model, take_load_kwargs, upload_directory, warn_unused_save_kwargs, write_weights)
+from .._hub import (build_and_load_dtypes, checked_save_directory, dispatch_placed, library_class, loading_info,
+                    locate_flashpack, place_model, take_load_kwargs, upload_directory, warn_unused_save_kwargs,
+                    write_weights)
 
 M = TypeVar("M", bound=ModelMixin)
 
@@ -22,6 +23,31 @@ def dtype_argument() -> str:
     """The name diffusers' ``from_pretrained`` gives its dtype argument (``dtype`` from 0.42 on)."""
     major, minor = (int(x) for x in diffusers.__version__.split(".")[:2])
     return "dtype" if (major, minor) >= (0, 42) else "torch_dtype"
+
+
+def keeps_in_float32(model: ModelMixin, dtype: Optional[torch.dtype]) -> Optional[Callable[[str], bool]]:
+    """Which tensors diffusers' ``from_pretrained(dtype=dtype)`` keeps in float32, or None for
+    none: those of the modules a model lists in ``_keep_in_fp32_modules`` (Wan's norms and
+    embedders), a name matching where one of its dotted parts is such a module, whatever
+    the dtype, as diffusers matches it."""
+    modules = getattr(model, "_keep_in_fp32_modules", None)
+    if dtype is None or not modules:
+        return None
+    modules = [modules] if isinstance(modules, str) else list(modules)
+    return lambda name: any(module in name.split(".") for module in modules)
+
+
+def _name_library_class(model: ModelMixin, config_path: str) -> None:
+    """Record the diffusers class in config.json (``_class_name``), not a subclass that only adds
+    flashpack methods, so that diffusers' AutoModel and other loaders can import it."""
+    name = library_class(type(model), ModelMixin).__name__
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("_class_name") != name:
+        config["_class_name"] = name
+        with open(config_path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
 
 
 def save_pretrained_flashpack(
@@ -63,9 +89,11 @@ def save_pretrained_flashpack(
     if is_main_process:
         os.makedirs(save_directory, exist_ok=True)
         model.save_config(save_directory)
+        _name_library_class(model, os.path.join(save_directory, "config.json"))
         write_weights(model, save_directory, target_dtype=target_dtype, align_bytes=align_bytes,
                       num_workers=num_workers, ignore_names=ignore_names, ignore_prefixes=ignore_prefixes,
-                      ignore_suffixes=ignore_suffixes, checksum=checksum)
+                      ignore_suffixes=ignore_suffixes, keep_float32=keeps_in_float32(model, target_dtype),
+                      checksum=checksum)
     if push_to_hub and is_main_process:
         upload_directory(save_directory, repo_id, private, token, commit_message, create_pr)
 
@@ -162,7 +190,7 @@ def from_pretrained_flashpack(
         model, path, device=device if device is not None else "cpu", strict=strict, strict_params=strict_params,
         strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
         ignore_names=ignore_names, ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes,
-        coerce_dtype=coerce_dtype, dtype=load_dtype, **distributed,
+        coerce_dtype=coerce_dtype, dtype=load_dtype, _keep_float32=keeps_in_float32(model, load_dtype), **distributed,
     )
     dispatch_placed(model, device)
     model.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))

@@ -14,8 +14,8 @@ import torch
 from diffusers import DiffusionPipeline, ModelMixin
 
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, read_metadata
-from .._hub import (FLASHPACK_FILE, SPREADING_DEVICE_MAPS, AutoDeviceMap, parse_dtype, resolve_directory,
-                    take_load_kwargs, upload_directory, warn_unused_save_kwargs)
+from .._hub import (FLASHPACK_FILE, SPREADING_DEVICE_MAPS, AutoDeviceMap, library_class, parse_dtype,
+                    resolve_directory, take_load_kwargs, upload_directory, warn_unused_save_kwargs)
 from . import model as diffusers_model
 
 P = TypeVar("P", bound=DiffusionPipeline)
@@ -116,7 +116,13 @@ def save_pipeline_flashpack(
 
 
 def _library_class(cls: type) -> type:
-    """The first class of ``cls``'s MRO that diffusers or transformers define (``cls`` if none)."""
+    """The class a loader imports for ``cls``: for a model or a pipeline, see ``library_class``;
+    for another component (a scheduler, a tokenizer), the first class of its MRO that diffusers
+    or transformers define (``cls`` if none)."""
+    transformers_model = _transformers_model_class()
+    for root in (ModelMixin, DiffusionPipeline, transformers_model):
+        if root is not None and issubclass(cls, root):
+            return library_class(cls, root)
     for base in cls.__mro__:
         if base.__module__.split(".")[0] in ("diffusers", "transformers"):
             return base
