@@ -233,7 +233,7 @@ _SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torc
 
 
 def _stored_float_dtype(directory: str, variant: Optional[str]) -> Optional[torch.dtype]:
-    """The floating dtype holding most bytes of a directory's safetensors weights (None if unknown).
+    """The floating dtype holding most bytes of a directory's weights (None if unknown).
 
     diffusers loads weights in float32 unless told otherwise; a float16 checkpoint should
     stay float16 when converted.
@@ -246,15 +246,25 @@ def _stored_float_dtype(directory: str, variant: Optional[str]) -> Optional[torc
         with open(weights, encoding="utf-8") as f:
             shards = sorted(set(json.load(f).get("weight_map", {}).values()))
         weights = os.path.join(directory, shards[0]) if shards else ""
-    if not weights.endswith(".safetensors") or not os.path.isfile(weights):
+    if not os.path.isfile(weights):
         return None
-    with open(weights, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     sizes: Dict[torch.dtype, int] = {}
-    for name, entry in header.items():
-        if name != "__metadata__" and entry.get("dtype") in _SAFETENSORS_FLOATS:
-            dtype = _SAFETENSORS_FLOATS[entry["dtype"]]
-            sizes[dtype] = sizes.get(dtype, 0) + entry["data_offsets"][1] - entry["data_offsets"][0]
+    if weights.endswith(".safetensors"):
+        with open(weights, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__" and entry.get("dtype") in _SAFETENSORS_FLOATS:
+                dtype = _SAFETENSORS_FLOATS[entry["dtype"]]
+                sizes[dtype] = sizes.get(dtype, 0) + entry["data_offsets"][1] - entry["data_offsets"][0]
+    else:
+        # A torch file, mapped onto the meta device: shapes and dtypes, no data read.
+        try:
+            state = torch.load(weights, map_location="meta", weights_only=True, mmap=True)
+        except Exception:  # not a zip-format torch file, or not a state dict: unknown
+            return None
+        for tensor in (state.values() if isinstance(state, dict) else []):
+            if isinstance(tensor, torch.Tensor) and tensor.dtype in _SAFETENSORS_FLOATS.values():
+                sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel() * tensor.element_size()
     return max(sizes, key=sizes.get) if sizes else None
 
 

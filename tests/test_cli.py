@@ -311,6 +311,21 @@ def test_convert_diffusers_model_directory_variant(pipeline_directory, tmp_path)
         assert_same(loaded.state_dict()[name], tensor, name)
 
 
+@pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "torch-file"])
+def test_convert_keeps_a_float16_diffusers_checkpoint_float16(tmp_path, safe_serialization):
+    # diffusers would load it in float32 unless told the dtype: the command reads it from the files.
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).half()
+    unet.save_pretrained(tmp_path / "unet", safe_serialization=safe_serialization)
+    run("convert", tmp_path / "unet", tmp_path / "fp")
+    loaded = flashpack_ops.load_file(tmp_path / "fp" / "model.flashpack")
+    for name, tensor in unet.state_dict().items():
+        assert_same(loaded[name], tensor, name)
+
+
 def test_convert_pipeline_directory_and_subfolder(pipeline_directory, tmp_path):
     pytest.importorskip("diffusers")
     from flashpack_ops.integrations.diffusers import FlashPackDiffusionPipeline
