@@ -9,7 +9,14 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDPMPipeline,
+    DDPMScheduler,
+    DiffusionPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 
 import flashpack_ops  # noqa: E402
 from conftest import assert_same  # noqa: E402
@@ -265,6 +272,18 @@ def test_the_command_converts_a_text_to_image_pipeline_directory(tmp_path, dtype
     else:
         for name in ("unet", "vae", "text_encoder"):
             assert_same_model(getattr(loaded, name), getattr(pipeline, name).to(torch.float16))
+
+
+def test_a_pipeline_converted_in_part_loads_the_rest_in_their_variant(tmp_path):
+    # Saved by diffusers as float16 variants only; the UNet converted, the others as they are.
+    pipeline = tiny_stable_diffusion(tmp_path / "vocab")
+    pipeline.save_pretrained(tmp_path / "sd", variant="fp16")
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "sd", subfolder="unet", variant="fp16")
+    save_pretrained_flashpack(unet, tmp_path / "sd" / "unet")
+    loaded = load_pipeline_flashpack(type(pipeline), tmp_path / "sd", variant="fp16")
+    expected = type(pipeline).from_pretrained(tmp_path / "sd", variant="fp16")
+    for name in ("unet", "vae", "text_encoder"):
+        assert_same_model(getattr(loaded, name), getattr(expected, name))
 
 
 # ---- diffusers' own use_flashpack=True (through the reference package) --------------------------

@@ -165,7 +165,9 @@ def _import_class(library: str, class_name: str) -> type:
 
 
 def _load_component(component_class: type, directory: str, name: str, device: Optional[DeviceLike],
-                    dtype: Any, load_kwargs: Dict[str, Any]) -> Any:
+                    dtype: Any, load_kwargs: Dict[str, Any], usual_kwargs: Dict[str, Any]) -> Any:
+    """One component: from its flashpack file with ``load_kwargs``, or else with its own
+    ``from_pretrained`` (a model given ``usual_kwargs``: the checkpoint's ``variant``...)."""
     sub_directory = os.path.join(directory, name)
     transformers_model = _transformers_model_class()
     if os.path.isfile(os.path.join(sub_directory, FLASHPACK_FILE)):
@@ -185,7 +187,7 @@ def _load_component(component_class: type, directory: str, name: str, device: Op
     if isinstance(component_class, type) and issubclass(component_class, torch.nn.Module):
         is_transformers = transformers_model is not None and issubclass(component_class, transformers_model)
         options = {} if dtype is None else {"dtype" if is_transformers else diffusers_model.dtype_argument(): dtype}
-        return component_class.from_pretrained(location, **options).to(device or "cpu")
+        return component_class.from_pretrained(location, **options, **usual_kwargs).to(device or "cpu")
     return component_class.from_pretrained(location)
 
 
@@ -247,6 +249,8 @@ def load_pipeline_flashpack(
     torch_dtype = dtype if dtype is not None else torch_dtype
     what = f"{pipeline_class.__name__}.from_pretrained_flashpack"
     strategy = kwargs.get("device_map")
+    # For components without a flashpack file, loaded the usual way (a pipeline converted in part).
+    usual = {name: kwargs[name] for name in ("variant", "use_safetensors") if kwargs.get(name) is not None}
     device, distributed = take_load_kwargs(kwargs, device, what)
     spreading = isinstance(strategy, str) and strategy in SPREADING_DEVICE_MAPS
     if isinstance(device, dict) or (spreading and strategy != "balanced"):
@@ -266,7 +270,8 @@ def load_pipeline_flashpack(
                        coerce_dtype=coerce_dtype, **distributed)
     entries = _component_entries(config)
     balanced = isinstance(device, AutoDeviceMap)
-    placed = _balanced_placement(directory, entries, kwargs, torch_dtype, device.max_memory, what) if balanced else None
+    placed = (_balanced_placement(directory, entries, kwargs, torch_dtype, device.max_memory, what,
+                                  usual.get("variant")) if balanced else None)
     init: Dict[str, Any] = {}
     for name, (library, class_name) in entries.items():
         if name in kwargs:
@@ -276,7 +281,7 @@ def load_pipeline_flashpack(
         else:
             where = _device((placed or {}).get(name, "cpu")) if balanced else device
             init[name] = _load_component(_import_class(library, class_name), directory, name, where,
-                                         _for_component(torch_dtype, name), load_kwargs)
+                                         _for_component(torch_dtype, name), load_kwargs, usual)
     for name, value in config.items():
         if not name.startswith("_") and name not in init and name in optional_kwargs:
             init[name] = value
@@ -293,7 +298,7 @@ def load_pipeline_flashpack(
 
 def _balanced_placement(directory: str, entries: Dict[str, Any], passed: Dict[str, Any],
                         torch_dtype: DtypeOrPerComponent, max_memory: Optional[Dict[Any, Any]],
-                        what: str) -> Optional[Dict[str, Any]]:
+                        what: str, variant: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """``device_map="balanced"`` as diffusers plans it: the model components, largest first,
     dealt to the GPUs in turn (0, 1, ..., 1, 0, ...) within ``max_memory``, a component the
     GPU in turn cannot hold to the CPU. Returns ``{component: GPU index or "cpu"}``, or None
@@ -319,7 +324,8 @@ def _balanced_placement(directory: str, entries: Dict[str, Any], passed: Dict[st
             if isinstance(passed[name], torch.nn.Module):
                 sizes[name] = compute_module_sizes(passed[name], dtype=dtype)[""]
         elif library is not None and class_name is not None:
-            size = _component_bytes(os.path.join(directory, name), _import_class(library, class_name), dtype)
+            size = _component_bytes(os.path.join(directory, name), _import_class(library, class_name), dtype,
+                                    variant)
             if size is not None:
                 sizes[name] = size
     gpus = dict(sorted(gpus.items(), key=lambda item: item[1], reverse=True))
@@ -330,7 +336,8 @@ def _balanced_placement(directory: str, entries: Dict[str, Any], passed: Dict[st
     return placed
 
 
-def _component_bytes(sub_directory: str, component_class: type, dtype: Optional[torch.dtype]) -> Optional[int]:
+def _component_bytes(sub_directory: str, component_class: type, dtype: Optional[torch.dtype],
+                     variant: Optional[str] = None) -> Optional[int]:
     """The bytes a component's tensors take once loaded, floating ones converted to ``dtype``
     (given) or as the load leaves them: a flashpack file's as stored, a diffusers model's
     checkpoint in float32 (diffusers' default), a transformers model's as stored. None for a
@@ -339,7 +346,7 @@ def _component_bytes(sub_directory: str, component_class: type, dtype: Optional[
     if os.path.isfile(path):
         tensors = _flashpack_tensors(path)
     elif isinstance(component_class, type) and issubclass(component_class, torch.nn.Module):
-        tensors = _checkpoint_tensors(sub_directory)
+        tensors = _checkpoint_tensors(sub_directory, variant)
         if dtype is None and issubclass(component_class, ModelMixin):
             dtype = torch.float32
     else:
@@ -364,15 +371,20 @@ def _flashpack_tensors(path: str) -> List[Tuple[int, torch.dtype]]:
     return tensors
 
 
-def _checkpoint_tensors(sub_directory: str) -> Optional[List[Tuple[int, torch.dtype]]]:
+def _checkpoint_tensors(sub_directory: str, variant: Optional[str]) -> Optional[List[Tuple[int, torch.dtype]]]:
     """(element count, dtype) of each tensor of a model folder's checkpoint, read from the
-    safetensors headers (or a torch file mapped onto the meta device): the files without a
-    variant in their name, safetensors before torch files. None when there are none."""
+    safetensors headers (or a torch file mapped onto the meta device): the files of
+    ``variant`` (``model.fp16.safetensors``), or those without one, safetensors before torch
+    files. None when there are none."""
     if not os.path.isdir(sub_directory):
         return None
     names = sorted(os.listdir(sub_directory))
+
+    def wanted(name: str) -> bool:
+        return f".{variant}." in name if variant else name.count(".") == 1
+
     for suffix in (".safetensors", ".bin"):
-        files = [os.path.join(sub_directory, f) for f in names if f.endswith(suffix) and f.count(".") == 1]
+        files = [os.path.join(sub_directory, f) for f in names if f.endswith(suffix) and wanted(f)]
         if files:
             break
     else:
