@@ -527,3 +527,18 @@ def test_a_sub_models_missing_weights_get_its_own_init(tmp_path):
     for name, tensor in model.state_dict().items():
         if name not in left_out:
             assert torch.equal(state[name], tensor), name
+
+
+@pytest.mark.parametrize("name", ["bf16", "bfloat16", "torch.bfloat16"])
+def test_a_target_dtype_by_name_saves_as_that_dtype(model, tmp_path, name):
+    save_pretrained_flashpack(model, tmp_path, target_dtype=name)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = from_pretrained_flashpack(LlamaForCausalLM, tmp_path)
+    assert loaded.dtype == torch.bfloat16
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
+
+
+def test_an_unknown_target_dtype_writes_nothing(model, tmp_path):
+    with pytest.raises(ValueError, match="unknown dtype 'bf17'"):
+        save_pretrained_flashpack(model, tmp_path / "out", target_dtype="bf17")
+    assert not (tmp_path / "out").exists()

@@ -14,8 +14,8 @@ from ...api import assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
 from .._hub import (build_and_load_dtypes, checked_save_directory, dispatch_placed, library_class, loading_info,
-                    locate_flashpack, place_model, take_load_kwargs, upload_directory, warn_unused_save_kwargs,
-                    write_weights)
+                    locate_flashpack, parse_dtype, place_model, take_load_kwargs, upload_directory,
+                    warn_unused_save_kwargs, write_weights)
 
 M = TypeVar("M", bound=ModelMixin)
 
@@ -56,7 +56,7 @@ def save_pretrained_flashpack(
     *,
     is_main_process: bool = True,
     push_to_hub: bool = False,
-    target_dtype: Optional[torch.dtype] = None,
+    target_dtype: Optional[Union[torch.dtype, str]] = None,
     align_bytes: int = DEFAULT_ALIGN_BYTES,
     silent: bool = True,
     num_workers: int = 0,
@@ -77,7 +77,9 @@ def save_pretrained_flashpack(
         model: any diffusers model.
         save_directory: the directory.
         is_main_process: only the main process writes (distributed training).
-        target_dtype: convert the floating-point tensors to this dtype.
+        target_dtype: convert the floating-point tensors to this dtype (or its name,
+            ``"bfloat16"``, ``"bf16"``), except those the model keeps in float32, as
+            ``from_pretrained(dtype=...)`` does.
         push_to_hub, repo_id, private, token, commit_message, create_pr: upload the
             directory to the Hugging Face Hub afterwards.
         align_bytes, num_workers: as in :func:`flashpack_ops.pack_to_file`.
@@ -86,6 +88,7 @@ def save_pretrained_flashpack(
     """
     warn_unused_save_kwargs(kwargs, "save_pretrained_flashpack")
     save_directory = checked_save_directory(save_directory)
+    target_dtype = parse_dtype(target_dtype)  # "bf16", "torch.float16": checked before anything is written
     if is_main_process:
         os.makedirs(save_directory, exist_ok=True)
         model.save_config(save_directory)

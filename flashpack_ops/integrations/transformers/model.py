@@ -17,8 +17,8 @@ from ...api import DevicePlacement, assign_from_file, describe_missing, initiali
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, read_metadata
 from .._hub import (build_and_load_dtypes, checked_save_directory, dispatch_placed, library_class, loading_info,
-                    locate_flashpack, place_model, take_load_kwargs, upload_directory, warn_unused_save_kwargs,
-                    with_unplaced_params, write_weights)
+                    locate_flashpack, parse_dtype, place_model, take_load_kwargs, upload_directory,
+                    warn_unused_save_kwargs, with_unplaced_params, write_weights)
 
 M = TypeVar("M", bound=PreTrainedModel)
 
@@ -156,7 +156,7 @@ def save_pretrained_flashpack(
     *,
     is_main_process: bool = True,
     push_to_hub: bool = False,
-    target_dtype: Optional[torch.dtype] = None,
+    target_dtype: Optional[Union[torch.dtype, str]] = None,
     align_bytes: int = DEFAULT_ALIGN_BYTES,
     silent: bool = True,
     commit_message: Optional[str] = None,
@@ -179,15 +179,16 @@ def save_pretrained_flashpack(
         is_main_process: only the main process writes (distributed training).
         push_to_hub, repo_id, private, token, commit_message, create_pr: upload the
             directory to the Hugging Face Hub afterwards.
-        target_dtype: convert the floating-point tensors to this dtype (the config records
-            it), except those the model keeps in float32 at that dtype, as
-            ``from_pretrained(dtype=...)`` does.
+        target_dtype: convert the floating-point tensors to this dtype, or its name
+            (``"bfloat16"``, ``"bf16"``; the config records it), except those the model
+            keeps in float32 at that dtype, as ``from_pretrained(dtype=...)`` does.
         align_bytes, num_workers: as in :func:`flashpack_ops.pack_to_file`.
         checksum: store CRC-32C checksums, for ``verify_file`` and ``load_file(verify=True)``.
         ignore_names, ignore_prefixes, ignore_suffixes: tensors to leave out of the file.
     """
     warn_unused_save_kwargs(kwargs, "save_pretrained_flashpack")
     save_directory = checked_save_directory(save_directory)
+    target_dtype = parse_dtype(target_dtype)  # "bf16", "torch.float16": checked before anything is written
     if is_main_process:
         os.makedirs(save_directory, exist_ok=True)
         config = copy.deepcopy(model.config)
