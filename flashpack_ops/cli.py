@@ -55,11 +55,9 @@ def _revert(args: argparse.Namespace) -> None:
 
 def _metadata(args: argparse.Namespace) -> None:
     from . import ops
-    from .commands import summarize
+    from .commands import flashpack_in, summarize
 
-    path = args.path
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.flashpack")
+    path = flashpack_in(args.path)
     if args.verify:
         import flashpack_ops
 

@@ -202,6 +202,22 @@ def _read_config(directory: str, name: str) -> Optional[Dict[str, Any]]:
         return json.load(f)
 
 
+def _is_diffusers_config(config: Optional[Dict[str, Any]]) -> bool:
+    return config is not None and "_class_name" in config and "architectures" not in config
+
+
+def flashpack_in(path: str) -> str:
+    """The flashpack file a command is given: ``path``, or the ``model.flashpack`` of a model
+    directory. A pipeline directory holds one per component: the error names them."""
+    if not os.path.isdir(path):
+        return path
+    if not os.path.isfile(os.path.join(path, FLASHPACK_FILE)) and os.path.isfile(os.path.join(path, "model_index.json")):
+        components = sorted(name for name in os.listdir(path) if os.path.isfile(os.path.join(path, name, FLASHPACK_FILE)))
+        raise ValueError(f"{path} is a pipeline directory: it holds a {FLASHPACK_FILE} per model component "
+                         f"({', '.join(components) or 'none here'}); give one of those folders")
+    return os.path.join(path, FLASHPACK_FILE)
+
+
 def _library_model_class(config: Dict[str, Any], directory: str, use_transformers: bool,
                          use_diffusers: bool) -> Optional[type]:
     """The transformers or diffusers class a config.json describes, or None for neither."""
@@ -479,14 +495,18 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
         FileExistsError: no ``destination_path`` was given and the default one exists.
         ValueError: an unknown destination extension, or a dtype safetensors cannot store.
     """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, FLASHPACK_FILE)
+    path = flashpack_in(os.fspath(path))
     # The source is checked first: given a .safetensors file by mistake, the error says so,
     # not that the default destination (the very same file) exists.
     identity = _identity(_path(path, must_exist=True))
     file_metadata = torch.ops.flashpack.metadata(path)
-    destination = os.fspath(destination_path) if destination_path else os.path.splitext(path)[0] + ".safetensors"
+    if destination_path:
+        destination = os.fspath(destination_path)
+    elif _is_diffusers_config(_read_config(os.path.dirname(path) or ".", "config.json")):
+        # The weights file a diffusers model's from_pretrained looks for beside its config.
+        destination = os.path.join(os.path.dirname(path), "diffusion_pytorch_model.safetensors")
+    else:
+        destination = os.path.splitext(path)[0] + ".safetensors"
     if not destination_path and os.path.isfile(path) and os.path.exists(destination):
         # Most likely the checkpoint this file was converted from: only an explicit name replaces it.
         raise FileExistsError(f"{destination} already exists; give the destination explicitly to overwrite it")

@@ -338,6 +338,23 @@ def test_convert_pipeline_directory_and_subfolder(pipeline_directory, tmp_path):
     assert sorted(os.listdir(tmp_path / "unet")) == ["config.json", "model.flashpack"]
 
 
+def test_revert_of_converted_model_and_pipeline_directories(pipeline_directory, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    run("convert", pipeline_directory, tmp_path / "pipe")
+    # A pipeline directory holds one file per component: both commands say which.
+    for command in ("revert", "metadata"):
+        assert_one_line_error(run(command, tmp_path / "pipe", check=False),
+                              f"{tmp_path / 'pipe'} is a pipeline directory: it holds a model.flashpack per model "
+                              "component (unet); give one of those folders")
+    # A diffusers model folder gets back the weights file diffusers' from_pretrained reads.
+    run("revert", tmp_path / "pipe" / "unet")
+    assert (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    reverted = diffusers.UNet2DModel.from_pretrained(tmp_path / "pipe" / "unet")
+    expected = diffusers.UNet2DModel.from_pretrained(pipeline_directory / "unet")
+    for name, tensor in expected.state_dict().items():
+        assert_same(reverted.state_dict()[name], tensor, name)
+
+
 def test_convert_pipeline_directory_refuses_what_it_cannot_honour(pipeline_directory, tmp_path):
     pytest.importorskip("diffusers")
     # save_pipeline_flashpack takes no ignore options.
