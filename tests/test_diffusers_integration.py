@@ -253,6 +253,21 @@ def test_a_pipeline_with_a_transformers_text_encoder_and_a_tokenizer_round_trips
     assert torch.equal(torch.from_numpy(text_to_image(loaded)), torch.from_numpy(text_to_image(pipeline)))
 
 
+@pytest.mark.parametrize("auto_class", ["AutoPipelineForText2Image", "AutoPipelineForImage2Image",
+                                        "AutoPipelineForInpainting"])
+def test_autopipeline_classes_load_their_task_of_a_saved_pipeline_as_diffusers_does(tmp_path, auto_class):
+    pipeline = tiny_stable_diffusion(tmp_path / "vocab")
+    pipeline.save_pretrained(tmp_path / "hf")
+    save_pipeline_flashpack(pipeline, tmp_path / "fp")
+    flashpack_ops.patch_integrations()
+    auto = getattr(diffusers, auto_class)
+    loaded = auto.from_pretrained_flashpack(tmp_path / "fp")
+    expected = auto.from_pretrained(tmp_path / "hf")
+    assert type(loaded) is type(expected)
+    for name in ("unet", "vae", "text_encoder"):
+        assert_same_model(getattr(loaded, name), getattr(expected, name))
+
+
 @pytest.mark.parametrize("dtype", [None, "float16"])
 def test_the_command_converts_a_text_to_image_pipeline_directory(tmp_path, dtype):
     pipeline = tiny_stable_diffusion(tmp_path / "vocab")

@@ -211,6 +211,7 @@ def load_pipeline_flashpack(
     token: Optional[Union[str, bool]] = None,
     local_files_only: bool = False,
     force_download: bool = False,
+    _task_mapping: Optional[Dict[str, type]] = None,
     **kwargs: Any,
 ) -> P:
     """Load a pipeline saved by :func:`save_pipeline_flashpack` (or the reference package).
@@ -262,7 +263,11 @@ def load_pipeline_flashpack(
     if not os.path.isfile(os.path.join(directory, "model_index.json")):
         raise FileNotFoundError(f"{directory} has no model_index.json; is it a diffusers pipeline directory?")
     config = DiffusionPipeline.load_config(directory)
-    if pipeline_class in (DiffusionPipeline, FlashPackDiffusionPipeline):
+    if _task_mapping is not None:  # an AutoPipeline class: that task's pipeline of the saved one's family
+        from diffusers.pipelines.auto_pipeline import _get_task_class
+
+        pipeline_class = _get_task_class(_task_mapping, config["_class_name"])
+    elif pipeline_class in (DiffusionPipeline, FlashPackDiffusionPipeline):
         pipeline_class = _import_class("diffusers", config["_class_name"])
     expected_modules, optional_kwargs = pipeline_class._get_signature_keys(pipeline_class)
     load_kwargs = dict(silent=silent, strict=strict, strict_params=strict_params, strict_buffers=strict_buffers,
