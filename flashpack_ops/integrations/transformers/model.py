@@ -345,7 +345,12 @@ def from_pretrained_flashpack(
     elif model.can_generate() and os.path.isfile(os.path.join(model_dir, "generation_config.json")):
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     model.eval()
-    return (model, loading_info(target, path, missing=zero_filled)) if output_loading_info else model
+    if not output_loading_info:
+        return model
+    info = loading_info(target, path, missing=zero_filled)
+    if _TRANSFORMERS_MAJOR >= 5:  # from_pretrained gives sets of names from 5.0 on
+        info = {key: set(value) if key != "error_msgs" else value for key, value in info.items()}
+    return model, info
 
 
 class FlashPackTransformersModelMixin(PreTrainedModel, FlashPackMixin):
