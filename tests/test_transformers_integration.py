@@ -542,3 +542,12 @@ def test_an_unknown_target_dtype_writes_nothing(model, tmp_path):
     with pytest.raises(ValueError, match="unknown dtype 'bf17'"):
         save_pretrained_flashpack(model, tmp_path / "out", target_dtype="bf17")
     assert not (tmp_path / "out").exists()
+
+
+def test_dtype_and_torch_dtype_that_disagree_are_refused(model, tmp_path):
+    model.save_pretrained_flashpack(tmp_path)
+    with pytest.raises(ValueError, match="dtype=torch.float16 and torch_dtype=torch.bfloat16 disagree"):
+        from_pretrained_flashpack(LlamaForCausalLM, tmp_path, dtype=torch.float16, torch_dtype=torch.bfloat16)
+    # The same dtype under both names (in any spelling) is no disagreement.
+    loaded = from_pretrained_flashpack(LlamaForCausalLM, tmp_path, dtype="bf16", torch_dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16

@@ -371,8 +371,12 @@ def file_floating_dtype(path: str) -> Optional[torch.dtype]:
     return None
 
 
-def build_and_load_dtypes(path: str, dtype: Any, torch_dtype: Any) -> Tuple[Optional[torch.dtype], Optional[torch.dtype]]:
-    """(dtype to build the model under, dtype to convert the file's floats to, None for none)."""
+def build_and_load_dtypes(path: str, dtype: Any, torch_dtype: Any,
+                          what: str = "from_pretrained_flashpack") -> Tuple[Optional[torch.dtype], Optional[torch.dtype]]:
+    """(dtype to build the model under, dtype to convert the file's floats to, None for none).
+    ``torch_dtype`` is the older name of ``dtype``: given both, they must agree."""
+    if dtype is not None and torch_dtype is not None and parse_dtype(dtype) != parse_dtype(torch_dtype):
+        raise ValueError(f"{what}: dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one of them")
     requested = parse_dtype(dtype if dtype is not None else torch_dtype)
     return (requested or file_floating_dtype(path)), requested
 

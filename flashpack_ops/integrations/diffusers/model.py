@@ -176,7 +176,8 @@ def from_pretrained_flashpack(
         ValueError: the file does not match the model (names listed), or an argument
             from_pretrained_flashpack cannot honour.
     """
-    device, distributed = take_load_kwargs(kwargs, device, f"{model_class.__name__}.from_pretrained_flashpack")
+    what = f"{model_class.__name__}.from_pretrained_flashpack"
+    device, distributed = take_load_kwargs(kwargs, device, what)
     output_loading_info = kwargs.pop("output_loading_info", False)
     path = locate_flashpack(pretrained_model_name_or_path, subfolder, revision=revision, cache_dir=cache_dir,
                             local_dir=local_dir, token=token, local_files_only=local_files_only,
@@ -185,7 +186,7 @@ def from_pretrained_flashpack(
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
         model_class = _concrete_class(model_class, json.load(f), model_dir)
     config = model_class.load_config(model_dir)
-    build_dtype, load_dtype = build_and_load_dtypes(path, dtype, torch_dtype)
+    build_dtype, load_dtype = build_and_load_dtypes(path, dtype, torch_dtype, what)
     with init_empty_parameters(build_dtype):
         model = model_class.from_config(config, **kwargs)
     device = place_model(model, device)

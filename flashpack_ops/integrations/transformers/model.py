@@ -306,7 +306,7 @@ def from_pretrained_flashpack(
             config_class = AutoConfig
         config, kwargs = config_class.from_pretrained(model_dir, return_unused_kwargs=True, **kwargs)
     config.name_or_path = os.fspath(pretrained_model_name_or_path)
-    build_dtype, load_dtype = build_and_load_dtypes(path, dtype, torch_dtype)
+    build_dtype, load_dtype = build_and_load_dtypes(path, dtype, torch_dtype, what)
     dtype_kwarg = "dtype" if _TRANSFORMERS_MAJOR >= 5 else "torch_dtype"
     kwargs[dtype_kwarg] = build_dtype
     with init_empty_parameters(build_dtype), _no_init_weights():
