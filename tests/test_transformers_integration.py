@@ -551,3 +551,21 @@ def test_dtype_and_torch_dtype_that_disagree_are_refused(model, tmp_path):
     # The same dtype under both names (in any spelling) is no disagreement.
     loaded = from_pretrained_flashpack(LlamaForCausalLM, tmp_path, dtype="bf16", torch_dtype=torch.bfloat16)
     assert loaded.dtype == torch.bfloat16
+
+
+def test_a_model_of_the_users_own_with_a_plain_config_round_trips(tmp_path):
+    # config_class = PretrainedConfig: config.json has no model_type for AutoConfig to go by.
+    class Plain(transformers.PreTrainedModel):
+        config_class = transformers.PretrainedConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.proj = torch.nn.Linear(4, 4)
+            self.post_init()
+
+    torch.manual_seed(0)
+    model = Plain(transformers.PretrainedConfig())
+    save_pretrained_flashpack(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["Plain"]
+    loaded = from_pretrained_flashpack(Plain, tmp_path)
+    assert torch.equal(loaded.proj.weight, model.proj.weight) and torch.equal(loaded.proj.bias, model.proj.bias)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import re
 import warnings
@@ -303,7 +304,10 @@ def from_pretrained_flashpack(
     if config is None:
         config_class = model_class.config_class
         if config_class is None or config_class is PretrainedConfig:
-            config_class = AutoConfig
+            # AutoConfig picks the class by model_type; a config without one is a plain
+            # PretrainedConfig, as from_pretrained reads it.
+            with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+                config_class = AutoConfig if "model_type" in json.load(f) else PretrainedConfig
         config, kwargs = config_class.from_pretrained(model_dir, return_unused_kwargs=True, **kwargs)
     config.name_or_path = os.fspath(pretrained_model_name_or_path)
     build_dtype, load_dtype = build_and_load_dtypes(path, dtype, torch_dtype, what)
