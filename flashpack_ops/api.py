@@ -543,6 +543,26 @@ def _load_placed(path: PathLike, names: List[str], placement: DevicePlacement,
     return {name: loaded[name] for name in names}
 
 
+def _prefix_hint(missing: List[str], unexpected: List[str]) -> str:
+    """When the file holds every missing name under one prefix, or without the model's first
+    one, a hint saying so: the file was saved from a model that holds this one under a name,
+    or from a part of this model."""
+    if not missing or not unexpected:
+        return ""
+    in_file = set(unexpected)
+    first = missing[0]
+    for name in unexpected:
+        prefix = name[:-len(first)]
+        if name.endswith("." + first) and all(prefix + m in in_file for m in missing):
+            return (f" (the file holds the missing names under '{prefix}': it was saved from a model holding "
+                    "this one under that name; load that model, or save this part on its own)")
+    head = first.split(".", 1)[0] + "."
+    if "." in first and all(m.startswith(head) and m[len(head):] in in_file for m in missing):
+        return (f" (the file holds the missing names without '{head}': it was saved from that part of this model "
+                "alone)")
+    return ""
+
+
 def _format_names(kind: str, names: List[str], most: Optional[int] = None) -> str:
     """``"3 kind: a, b, c"``; past ``most`` names, the rest as a count."""
     if most is not None and len(names) > most:
@@ -738,7 +758,8 @@ def assign_from_file(
     if unexpected and strict is not False and (check_params or check_buffers):
         problems.append(_format_names(f"names in the file that {type(model).__name__} does not have", unexpected))
     if problems:
-        raise ValueError(f"Error while assigning {path} to {type(model).__name__}: " + "; ".join(problems))
+        hint = _prefix_hint(missing_params + missing_buffers, unexpected)
+        raise ValueError(f"Error while assigning {path} to {type(model).__name__}: " + "; ".join(problems) + hint)
 
     _separate_shared_memory(unique)
 

@@ -631,3 +631,27 @@ def test_a_failed_init_is_trusted_only_where_a_later_one_wrote_again(tmp_path, r
         loaded = Rewriting.from_flashpack(path, rewrite, strict=False)
     assert torch.equal(loaded.layer.bias, torch.full((4,), 2.0) if rewrite else torch.zeros(4))
     assert torch.equal(loaded.layer.weight, torch.ones(4, 4))
+
+
+class _Pair(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(2, 2)
+        self.b = torch.nn.Linear(2, 2)
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pair = _Pair()
+
+
+def test_a_file_of_a_wrapping_model_or_of_a_part_says_so(tmp_path):
+    flashpack_ops.save_file(_Holder().state_dict(), tmp_path / "holder.flashpack")
+    flashpack_ops.save_file(_Pair().state_dict(), tmp_path / "pair.flashpack")
+    with pytest.raises(ValueError, match=r"the file holds the missing names under 'pair\.': it was saved from a "
+                                         "model holding this one under that name"):
+        flashpack_ops.assign_from_file(_Pair(), tmp_path / "holder.flashpack")
+    with pytest.raises(ValueError, match=r"the file holds the missing names without 'pair\.': it was saved from "
+                                         "that part of this model alone"):
+        flashpack_ops.assign_from_file(_Holder(), tmp_path / "pair.flashpack")
