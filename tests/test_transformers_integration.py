@@ -569,3 +569,13 @@ def test_a_model_of_the_users_own_with_a_plain_config_round_trips(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["Plain"]
     loaded = from_pretrained_flashpack(Plain, tmp_path)
     assert torch.equal(loaded.proj.weight, model.proj.weight) and torch.equal(loaded.proj.bias, model.proj.bias)
+
+
+def test_a_base_model_from_a_checkpoint_with_a_head_names_what_it_lacks_as_the_model_does(tmp_path):
+    # BertForMaskedLM saves no pooler; BertModel has one. The error names BertModel's own names.
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32)
+    save_pretrained_flashpack(transformers.BertForMaskedLM(config), tmp_path)
+    with pytest.raises(ValueError, match=r"to BertModel: 2 parameters missing from the file: pooler\.dense\.weight, "
+                                         r"pooler\.dense\.bias$"):
+        from_pretrained_flashpack(transformers.BertModel, tmp_path)
