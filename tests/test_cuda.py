@@ -362,6 +362,15 @@ def load_as_another_owner(path, env=None, num_threads=0, chunk_bytes=0):
     return last if last.startswith("failed:") else json.loads(last)
 
 
+def another_owners_file(tmp_path, seed):
+    """A file of several MiB that another user owns and no one may write."""
+    path = tmp_path / "theirs.flashpack"
+    save_file(mixed_dict(seed, scale=40), path)
+    os.chown(path, 65534, 65534)
+    os.chmod(path, 0o444)
+    return path
+
+
 def without_owner_rights():
     """For a child process run as root: drops CAP_DAC_OVERRIDE and CAP_FOWNER from its
     capability bounding set, so that after exec it may neither write nor own others' files,
@@ -382,11 +391,7 @@ def test_auto_tells_the_page_cache_of_a_file_it_may_not_write(tmp_path, cached):
     # page fault by page fault.
     if not cached and filesystem_type(tmp_path) in ("tmpfs", "ramfs"):
         pytest.skip(f"{tmp_path} is in memory: its pages cannot leave the page cache")
-    tensors = mixed_dict(41, scale=40)
-    path = tmp_path / "theirs.flashpack"
-    save_file(tensors, path)
-    os.chown(path, 65534, 65534)
-    os.chmod(path, 0o444)
+    path = another_owners_file(tmp_path, seed=41)
     if cached:
         load_file(path, "cuda", route="buffered")  # reads every page through the cache
     else:
@@ -407,11 +412,7 @@ def test_a_file_it_may_not_write_stays_cold_to_the_next_load_after_a_check(tmp_p
     # look cached to the next check.
     if filesystem_type(tmp_path) in ("tmpfs", "ramfs"):
         pytest.skip(f"{tmp_path} is in memory: its pages cannot leave the page cache")
-    tensors = mixed_dict(42, scale=40)
-    path = tmp_path / "theirs.flashpack"
-    save_file(tensors, path)
-    os.chown(path, 65534, 65534)
-    os.chmod(path, 0o444)
+    path = another_owners_file(tmp_path, seed=42)
     evict_from_page_cache(path)
     failed = load_as_another_owner(path, env=dict(os.environ, FAKE_CUDA_FAIL_UPLOAD_AT="1"), num_threads=1,
                                    chunk_bytes=64 * KiB)
