@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -245,7 +245,31 @@ def _library_model_class(config: Dict[str, Any], directory: str, use_transformer
     return None
 
 
-_SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+def checkpoint_tensor_sizes(path: str) -> Optional[List[Tuple[int, torch.dtype]]]:
+    """(element count, dtype) of each tensor of a safetensors or torch checkpoint file, from
+    the safetensors header or the torch file mapped onto the meta device: no tensor data is
+    read. None when the file is neither (or holds no state dict)."""
+    if path.endswith(".safetensors"):
+        from .lazy import _SAFETENSORS_DTYPES
+
+        by_code = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        sizes = []
+        for name, entry in header.items():
+            if name != "__metadata__" and entry.get("dtype") in by_code:
+                numel = 1
+                for n in entry["shape"]:
+                    numel *= n
+                sizes.append((numel, by_code[entry["dtype"]]))
+        return sizes
+    try:
+        state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format torch file, or not a state dict: unknown
+        return None
+    if not isinstance(state, dict):
+        return None
+    return [(t.numel(), t.dtype) for t in state.values() if isinstance(t, torch.Tensor)]
 
 
 def _stored_float_dtype(directory: str, variant: Optional[str]) -> Optional[torch.dtype]:
@@ -262,25 +286,11 @@ def _stored_float_dtype(directory: str, variant: Optional[str]) -> Optional[torc
         with open(weights, encoding="utf-8") as f:
             shards = sorted(set(json.load(f).get("weight_map", {}).values()))
         weights = os.path.join(directory, shards[0]) if shards else ""
-    if not os.path.isfile(weights):
-        return None
+    tensors = checkpoint_tensor_sizes(weights) if os.path.isfile(weights) else None
     sizes: Dict[torch.dtype, int] = {}
-    if weights.endswith(".safetensors"):
-        with open(weights, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for name, entry in header.items():
-            if name != "__metadata__" and entry.get("dtype") in _SAFETENSORS_FLOATS:
-                dtype = _SAFETENSORS_FLOATS[entry["dtype"]]
-                sizes[dtype] = sizes.get(dtype, 0) + entry["data_offsets"][1] - entry["data_offsets"][0]
-    else:
-        # A torch file, mapped onto the meta device: shapes and dtypes, no data read.
-        try:
-            state = torch.load(weights, map_location="meta", weights_only=True, mmap=True)
-        except Exception:  # not a zip-format torch file, or not a state dict: unknown
-            return None
-        for tensor in (state.values() if isinstance(state, dict) else []):
-            if isinstance(tensor, torch.Tensor) and tensor.dtype in _SAFETENSORS_FLOATS.values():
-                sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel() * tensor.element_size()
+    for numel, dtype in tensors or []:
+        if dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            sizes[dtype] = sizes.get(dtype, 0) + numel * dtype.itemsize
     return max(sizes, key=sizes.get) if sizes else None
 
 

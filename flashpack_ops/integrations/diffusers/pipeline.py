@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar, Union
 import torch
 from diffusers import DiffusionPipeline, ModelMixin
 
+from ...commands import checkpoint_tensor_sizes
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, read_metadata
 from .._hub import (FLASHPACK_FILE, SPREADING_DEVICE_MAPS, AutoDeviceMap, library_class, parse_dtype,
                     resolve_directory, take_load_kwargs, upload_directory, warn_unused_save_kwargs)
@@ -396,22 +397,7 @@ def _checkpoint_tensors(sub_directory: str, variant: Optional[str]) -> Optional[
         return None
     tensors: List[Tuple[int, torch.dtype]] = []
     for file in files:
-        if suffix == ".safetensors":
-            from safetensors import safe_open as open_safetensors
-
-            from ...lazy import _SAFETENSORS_DTYPES
-
-            by_code = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
-            with open_safetensors(file, framework="pt") as f:
-                for key in f.keys():
-                    part = f.get_slice(key)
-                    numel = 1
-                    for n in part.get_shape():
-                        numel *= n
-                    tensors.append((numel, by_code[part.get_dtype()]))
-        else:
-            state = torch.load(file, map_location="meta", weights_only=True, mmap=True)
-            tensors += [(t.numel(), t.dtype) for t in state.values() if isinstance(t, torch.Tensor)]
+        tensors += checkpoint_tensor_sizes(file) or []
     return tensors
 
 
