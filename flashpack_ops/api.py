@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 
+from ._warnings import warn
 from .distributed import SHARD_STRATEGIES, load_blocks_distributed, load_file_distributed, maybe_init_distributed
 from .ops import (_SAME_WIDTH_INT, DEFAULT_ALIGN_BYTES, DeviceLike, PathLike, _device, _identity, _path, load_file,
                   read_metadata, save_file)
@@ -814,8 +814,8 @@ def assign_from_file(
             # A model built under torch.device("meta"): no file holds what __init__ computes.
             hint = ("; non-persistent buffers are in no file, build the model with only its parameters on the "
                     "meta device (flashpack_ops.mixin.init_empty_parameters()) so that __init__ computes them")
-        warnings.warn(f"flashpack_ops.assign_from_file: {describe_missing(zero_filled, left_zero, 'reset_parameters()')}"
-                      f" (tensors of {type(model).__name__} not in {path}){hint}", stacklevel=2)
+        warn(f"flashpack_ops.assign_from_file: {describe_missing(zero_filled, left_zero, 'reset_parameters()')}"
+             f" (tensors of {type(model).__name__} not in {path}){hint}")
     if keep_flash_ref_on_model:
         assign_target._flash_shared_storage = storage
         assign_target._flash_shared_storage_meta = meta

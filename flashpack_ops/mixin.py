@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
-import warnings
 from typing import Any, Callable, ClassVar, Iterator, List, Optional
 
 import torch
 
+from ._warnings import warn
 from .api import assign_from_file, pack_to_file
 from .ops import DEFAULT_ALIGN_BYTES, DeviceLike, PathLike
 
@@ -77,8 +77,8 @@ def _call_with_accepted_kwargs(init_fn: Callable[..., Any], args: tuple, kwargs:
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         dropped = sorted(k for k in kwargs if k not in params)
         if dropped:
-            warnings.warn(f"flashpack_ops: {getattr(init_fn, '__qualname__', init_fn)} does not take {dropped}; "
-                          "ignoring them", stacklevel=3)
+            warn(f"flashpack_ops: {getattr(init_fn, '__qualname__', init_fn)} does not take {dropped}; "
+                 "ignoring them")
         kwargs = {k: v for k, v in kwargs.items() if k in params}
     return init_fn(*args, **kwargs)
 

@@ -579,3 +579,12 @@ def test_a_base_model_from_a_checkpoint_with_a_head_names_what_it_lacks_as_the_m
     with pytest.raises(ValueError, match=r"to BertModel: 2 parameters missing from the file: pooler\.dense\.weight, "
                                          r"pooler\.dense\.bias$"):
         from_pretrained_flashpack(transformers.BertModel, tmp_path)
+
+
+def test_a_warning_points_at_the_callers_line(model, tmp_path):
+    # Raised deep inside the package (through the mixin's classmethod): attributed to this file.
+    model.save_pretrained_flashpack(tmp_path, ignore_names=["model.norm.weight"])
+    with pytest.warns(UserWarning, match="model.norm.weight") as caught:
+        FlashLlama.from_pretrained_flashpack(tmp_path, strict=False)
+    assert {os.path.abspath(w.filename) for w in caught if "model.norm.weight" in str(w.message)} == \
+        {os.path.abspath(__file__)}

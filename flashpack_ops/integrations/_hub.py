@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import warnings
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
+from .._warnings import warn
 from ..api import DevicePlacement, filter_state_dict
 from ..ops import _device, read_metadata, save_file
 
@@ -166,8 +166,7 @@ def warn_unused_save_kwargs(kwargs: Dict[str, Any], what: str) -> None:
     max_shard_size...) so that calls switch over as they are, but says which had no effect: a
     misspelt target_dtype would otherwise save in the model's dtype without a word."""
     if kwargs:
-        warnings.warn(f"{what}: {sorted(kwargs)} have no effect on a flashpack directory; ignoring them",
-                      stacklevel=3)
+        warn(f"{what}: {sorted(kwargs)} have no effect on a flashpack directory; ignoring them")
 
 
 class AutoDeviceMap(NamedTuple):

@@ -7,12 +7,12 @@ import importlib.util
 import inspect
 import json
 import os
-import warnings
 from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
 import torch
 from diffusers import DiffusionPipeline, ModelMixin
 
+from ..._warnings import warn
 from ...commands import checkpoint_tensor_sizes
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, read_metadata
 from .._hub import (FLASHPACK_FILE, SPREADING_DEVICE_MAPS, AutoDeviceMap, library_class, parse_dtype,
@@ -108,8 +108,8 @@ def save_pipeline_flashpack(
             component.save_pretrained(sub_directory, **{k: v for k, v in options.items()
                                                         if k in accepted and v is not None})
         else:
-            warnings.warn(f"flashpack_ops: pipeline component '{name}' ({type(component).__name__}) has no "
-                          "save_pretrained and is not saved", stacklevel=2)
+            warn(f"flashpack_ops: pipeline component '{name}' ({type(component).__name__}) has no "
+                 "save_pretrained and is not saved")
     pipeline.save_config(save_directory)
     _name_library_classes(pipeline, os.path.join(save_directory, "model_index.json"))
     if push_to_hub:
@@ -293,8 +293,7 @@ def load_pipeline_flashpack(
             init[name] = value
     init.update({k: kwargs.pop(k) for k in list(kwargs) if k in expected_modules or k in optional_kwargs})
     if kwargs:
-        warnings.warn(f"flashpack_ops: {pipeline_class.__name__} does not take {sorted(kwargs)}; ignoring them",
-                      stacklevel=2)
+        warn(f"flashpack_ops: {pipeline_class.__name__} does not take {sorted(kwargs)}; ignoring them")
     pipeline = pipeline_class(**{k: v for k, v in init.items() if k in expected_modules or k in optional_kwargs})
     pipeline.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
     if balanced:

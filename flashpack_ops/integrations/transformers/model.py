@@ -7,13 +7,13 @@ import copy
 import json
 import os
 import re
-import warnings
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
 import torch
 import transformers
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 
+from ..._warnings import warn
 from ...api import DevicePlacement, assign_from_file, describe_missing, initialize_missing
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, read_metadata
@@ -350,8 +350,7 @@ def from_pretrained_flashpack(
                                       strict is not False and (strict or strict_params), what)
     if zero_filled:
         left_zero = initialize_missing(model, zero_filled, _init_weights_of(model))
-        warnings.warn(f"{what}: {describe_missing(zero_filled, left_zero, 'from_pretrained')} (not in {path})",
-                      stacklevel=2)
+        warn(f"{what}: {describe_missing(zero_filled, left_zero, 'from_pretrained')} (not in {path})")
     dispatch_placed(model, device)
     if generation_config is not None:
         model.generation_config = generation_config
