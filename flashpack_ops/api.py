@@ -595,6 +595,7 @@ def assign_from_file(
     dtype: Optional[torch.dtype] = None,
     _keep_float32: Optional[Callable[[str], bool]] = None,
     _zero_filled: Optional[List[str]] = None,
+    _model_prefix: str = "",
 ) -> None:
     """Load a flashpack file into ``model``'s parameters and buffers, without copies.
 
@@ -751,10 +752,13 @@ def assign_from_file(
     check_params = strict_params if strict is None else strict
     check_buffers = strict_buffers if strict is None else strict
     problems = list(mismatched)
+    # _model_prefix: the name under which a module made for the load holds the caller's model;
+    # what the model lacks is named as the model names it.
+    as_named = [name.removeprefix(_model_prefix) for name in missing_params + missing_buffers]
     if check_params and missing_params:
-        problems.append(_format_names("parameters missing from the file", missing_params))
+        problems.append(_format_names("parameters missing from the file", as_named[:len(missing_params)]))
     if check_buffers and missing_buffers:
-        problems.append(_format_names("buffers missing from the file", missing_buffers))
+        problems.append(_format_names("buffers missing from the file", as_named[len(missing_params):]))
     if unexpected and strict is not False and (check_params or check_buffers):
         problems.append(_format_names(f"names in the file that {type(model).__name__} does not have", unexpected))
     if problems:

@@ -320,29 +320,21 @@ def from_pretrained_flashpack(
     device = place_model(model, device)
     prefix = getattr(model, "base_model_prefix", "") or ""
     zero_filled: List[str] = []
-    try:
-        assign_from_file(
-            target, path, device=_map_onto(target, model, prefix, with_unplaced_params(model, device))
-            if device is not None else "cpu",
-            strict=strict, strict_params=strict_params,
-            strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
-            ignore_names=list(ignore_names or []) + left_out, ignore_prefixes=ignore_prefixes,
-            ignore_suffixes=ignore_suffixes,
-            coerce_dtype=coerce_dtype, dtype=load_dtype, _keep_float32=keeps_in_float32(model, load_dtype),
-            _zero_filled=zero_filled, **distributed,
-        )
-    except ValueError as e:
-        if target is model or target is getattr(model, prefix, None):
-            raise
-        # The module holding the model names its tensors with the file's prefix: what the model
-        # lacks is named as the caller's model names it.
-        raise ValueError("; ".join(re.sub(rf"(?<=[:,] ){re.escape(prefix)}\.", "", part)
-                                   if "missing from the file" in part else part
-                                   for part in str(e).split("; "))) from None
+    wrapper = target is not model and target is not getattr(model, prefix, None)  # holds the model under prefix
+    assign_from_file(
+        target, path, device=_map_onto(target, model, prefix, with_unplaced_params(model, device))
+        if device is not None else "cpu",
+        strict=strict, strict_params=strict_params,
+        strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
+        ignore_names=list(ignore_names or []) + left_out, ignore_prefixes=ignore_prefixes,
+        ignore_suffixes=ignore_suffixes,
+        coerce_dtype=coerce_dtype, dtype=load_dtype, _keep_float32=keeps_in_float32(model, load_dtype),
+        _zero_filled=zero_filled, _model_prefix=f"{prefix}." if wrapper else "", **distributed,
+    )
     if keep_flash_ref_on_model and target is not model:
         model._flash_shared_storage = target._flash_shared_storage
         model._flash_shared_storage_meta = target._flash_shared_storage_meta
-    if target is not model and target is not getattr(model, prefix, None):  # model wrapped under its prefix
+    if wrapper:
         zero_filled = [name.removeprefix(prefix + ".") for name in zero_filled]
     elif target is not model:  # the base of a model with a head
         zero_filled = [f"{prefix}.{name}" for name in zero_filled]
