@@ -300,32 +300,29 @@ double resident_fraction(const InputFile& file, const ReadOnlyMap& map, uint64_t
   // mincore of a 3.5 GB file would walk 850,000 pages on every load.
   const uint64_t window = std::min<uint64_t>(64, pages);
   const uint64_t windows = std::min<uint64_t>(64, pages / window);
+  // Where mincore cannot tell, one page of each window is asked of the page cache (about a
+  // microsecond each). A page at random: a probe that misses reads its page in, and the next
+  // check (another rank loading the same file, a retry) must not find exactly those pages
+  // and call the file cached.
+  const bool whole_windows = map.ok() && mincore_tells(file);
+  thread_local std::minstd_rand pick(static_cast<unsigned>(
+      std::chrono::steady_clock::now().time_since_epoch().count() ^
+      std::hash<std::thread::id>{}(std::this_thread::get_id())));
+  std::vector<unsigned char> vec(whole_windows ? window : 0);
   uint64_t seen = 0;
   uint64_t resident = 0;
-  if (map.ok() && mincore_tells(file)) {
-    std::vector<unsigned char> vec(window);
-    for (uint64_t w = 0; w < windows; ++w) {
-      const uint64_t first = windows == 1 ? 0 : (pages - window) * w / (windows - 1);
+  for (uint64_t w = 0; w < windows; ++w) {
+    const uint64_t first = windows == 1 ? 0 : (pages - window) * w / (windows - 1);
+    if (whole_windows) {
       if (::mincore(map.data() + begin + first * page, window * page, vec.data()) != 0) return 0.0;
       for (unsigned char v : vec) resident += v & 1;
       seen += window;
+      continue;
     }
-  } else {
-    // One page of each window, asked of the page cache (about a microsecond each). A page
-    // at random: a probe that misses reads its page in, and the next check (another rank
-    // loading the same file, a retry) must not find exactly those pages and call the file
-    // cached.
-    thread_local std::minstd_rand pick(static_cast<unsigned>(
-        std::chrono::steady_clock::now().time_since_epoch().count() ^
-        std::hash<std::thread::id>{}(std::this_thread::get_id())));
-    for (uint64_t w = 0; w < windows; ++w) {
-      const uint64_t first = windows == 1 ? 0 : (pages - window) * w / (windows - 1);
-      const uint64_t at = first + static_cast<uint64_t>(pick()) % window;
-      const std::optional<bool> cached = page_cached(file.fd(), begin + at * page);
-      if (!cached) return 0.0;
-      resident += *cached ? 1 : 0;
-      seen += 1;
-    }
+    const std::optional<bool> cached = page_cached(file.fd(), begin + (first + pick() % window) * page);
+    if (!cached) return 0.0;
+    resident += *cached ? 1 : 0;
+    seen += 1;
   }
   return seen == 0 ? 0.0 : static_cast<double>(resident) / static_cast<double>(seen);
 }
