@@ -553,6 +553,44 @@ def test_dtype_and_torch_dtype_that_disagree_are_refused(model, tmp_path):
     assert loaded.dtype == torch.bfloat16
 
 
+def _tiny_clip():
+    text = transformers.CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                       num_attention_heads=2, vocab_size=99, max_position_embeddings=16)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=8, patch_size=4)
+    torch.manual_seed(0)
+    return transformers.CLIPModel(transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                                          projection_dim=16)).eval()
+
+
+@pytest.mark.parametrize("dtypes", [{"text_config": torch.float16, "": torch.bfloat16},
+                                    {"text_config": "float16", "vision_config": "float32"}])
+def test_a_dtype_per_sub_config_loads_as_from_pretrained_loads_it(tmp_path, dtypes):
+    # transformers 5 gives the whole model the dict's "" entry (the default dtype without
+    # one), with a warning; a composite model's dtype dict written for from_pretrained loads.
+    model = _tiny_clip()
+    save_pretrained_flashpack(model, tmp_path / "ours")
+    model.save_pretrained(tmp_path / "theirs")
+    reference = transformers.CLIPModel.from_pretrained(tmp_path / "theirs", dtype=dtypes)
+    with pytest.warns(UserWarning, match="a dtype per sub-config is not supported: the whole model loads as"):
+        loaded = from_pretrained_flashpack(transformers.CLIPModel, tmp_path / "ours", dtype=dtypes)
+    ours, theirs = loaded.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), name
+
+
+def test_a_dtype_dict_of_one_dtype_loads_quietly(tmp_path):
+    model = _tiny_clip()
+    save_pretrained_flashpack(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = from_pretrained_flashpack(transformers.CLIPModel, tmp_path, torch_dtype={"": "bf16"})
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="unknown dtype 'bf17'"):
+        from_pretrained_flashpack(transformers.CLIPModel, tmp_path, dtype={"": "bf17"})
+
+
 def test_a_model_of_the_users_own_with_a_plain_config_round_trips(tmp_path):
     # config_class = PretrainedConfig: config.json has no model_type for AutoConfig to go by.
     class Plain(transformers.PreTrainedModel):

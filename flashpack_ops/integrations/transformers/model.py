@@ -221,13 +221,28 @@ def _init_weights_of(model: PreTrainedModel) -> Callable[[torch.nn.Module], None
     return lambda module: owner.get(id(module), model)._init_weights(module)
 
 
+def _whole_model_dtype(dtype: Any, what: str) -> Any:
+    """A dtype per sub-config (``{"text_config": ..., "": ...}``) gives the whole model its
+    ``""`` entry, or the default dtype, as from_pretrained does from transformers 5."""
+    if not isinstance(dtype, dict):
+        return dtype
+    unknown = [key for key in dtype if not isinstance(key, str)]
+    if unknown:
+        raise TypeError(f"{what}: the keys of a dtype dict are sub-config names, got {unknown[0]!r}")
+    whole = parse_dtype(dtype.get("", torch.get_default_dtype()))  # a bad name fails here, as a plain dtype would
+    if any(parse_dtype(value) != whole for value in dtype.values()):
+        warn(f"{what}: a dtype per sub-config is not supported: the whole model loads as {whole} "
+             "(the dict's \"\" entry, or the default dtype), as from_pretrained loads it")
+    return whole
+
+
 def from_pretrained_flashpack(
     model_class: Type[M],
     pretrained_model_name_or_path: Union[str, "os.PathLike[str]"],
     device: Optional[DeviceLike] = None,
     *,
-    torch_dtype: Optional[Union[torch.dtype, str]] = None,
-    dtype: Optional[Union[torch.dtype, str]] = None,
+    torch_dtype: Optional[Union[torch.dtype, str, Dict[str, Any]]] = None,
+    dtype: Optional[Union[torch.dtype, str, Dict[str, Any]]] = None,
     config: Optional[PretrainedConfig] = None,
     silent: bool = True,
     strict: Optional[bool] = None,
@@ -259,7 +274,8 @@ def from_pretrained_flashpack(
             huggingface_hub, or taken from its cache).
         device: where the weights go; the CPU by default.
         torch_dtype, dtype: convert the file's floating-point tensors to this dtype
-            (a copy). By default the model takes the file's dtypes.
+            (a copy). By default the model takes the file's dtypes. A dict of dtypes per
+            sub-config gives the whole model its ``""`` entry, as from_pretrained does.
         config: use this config instead of the directory's.
         subfolder: the model lies in this subfolder of the directory or repo.
         revision, local_dir, local_files_only, cache_dir, token, force_download: for
@@ -310,6 +326,7 @@ def from_pretrained_flashpack(
                 config_class = AutoConfig if "model_type" in json.load(f) else PretrainedConfig
         config, kwargs = config_class.from_pretrained(model_dir, return_unused_kwargs=True, **kwargs)
     config.name_or_path = os.fspath(pretrained_model_name_or_path)
+    dtype, torch_dtype = _whole_model_dtype(dtype, what), _whole_model_dtype(torch_dtype, what)
     build_dtype, load_dtype = build_and_load_dtypes(path, dtype, torch_dtype, what)
     dtype_kwarg = "dtype" if _TRANSFORMERS_MAJOR >= 5 else "torch_dtype"
     kwargs[dtype_kwarg] = build_dtype
