@@ -360,12 +360,12 @@ def diffusers_plan(directory, pipeline_class, max_memory, dtype=None, passed=Non
                                  dtype=dtype, cached_folder=str(directory))
 
 
-def our_plan(directory, max_memory, dtype=None, passed=None):
+def our_plan(directory, max_memory, dtype=None, passed=None, trust_remote_code=False):
     from flashpack_ops.integrations.diffusers.pipeline import _balanced_placement, _component_entries
 
     config = DiffusionPipeline.load_config(directory)
     return _balanced_placement(str(directory), _component_entries(config), passed or {}, dtype, dict(max_memory),
-                               "test")
+                               "test", trust_remote_code=trust_remote_code)
 
 
 # Two GPUs that each hold the whole pipeline, and two on which only the smaller model fits
@@ -465,3 +465,72 @@ def test_balanced_without_a_gpu_loads_to_the_cpu_and_other_strategies_are_refuse
         loaded = load_pipeline_flashpack(type(pipeline), tmp_path, device_map="balanced")
         assert set(placed(loaded).values()) == {"cpu"}
         assert_same_model(loaded.unet, pipeline.unet)
+
+
+CUSTOM_PIPELINE = '''
+from diffusers import DDPMPipeline
+
+
+class MyPipeline(DDPMPipeline):
+    def greet(self):
+        return "mine"
+'''
+
+
+def test_a_custom_pipeline_of_the_users_own_loads_as_diffusers_loads_it(tmp_path):
+    pipeline = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=10))
+    save_pipeline_flashpack(pipeline, tmp_path / "flashpack")
+    pipeline.save_pretrained(tmp_path / "diffusers")
+    code = tmp_path / "code" / "my_pipeline.py"
+    code.parent.mkdir()
+    code.write_text(CUSTOM_PIPELINE)
+    expected = DiffusionPipeline.from_pretrained(tmp_path / "diffusers", custom_pipeline=str(code),
+                                                 trust_remote_code=True)
+    for pipeline_class in (DiffusionPipeline, FlashPackDiffusionPipeline):
+        loaded = load_pipeline_flashpack(pipeline_class, tmp_path / "flashpack", custom_pipeline=str(code),
+                                         trust_remote_code=True)
+        assert type(loaded).__name__ == type(expected).__name__ == "MyPipeline" and loaded.greet() == "mine"
+        assert_same_model(loaded.unet, pipeline.unet)
+    # Its code runs only when trusted, as with diffusers.
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        load_pipeline_flashpack(DiffusionPipeline, tmp_path / "flashpack", custom_pipeline=str(code))
+
+
+def test_a_component_whose_code_lies_in_its_folder_loads_as_diffusers_loads_it(tmp_path):
+    pipeline = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=10))
+    save_pipeline_flashpack(pipeline, tmp_path)
+    (tmp_path / "unet" / "my_unet.py").write_text(
+        "from diffusers import UNet2DModel\n\n\nclass MyUNet(UNet2DModel):\n    pass\n")
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["unet"] = ["my_unet", "MyUNet"]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    loaded = load_pipeline_flashpack(DiffusionPipeline, tmp_path, trust_remote_code=True)
+    assert type(loaded.unet).__name__ == "MyUNet"
+    assert_same_model(loaded.unet, pipeline.unet)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        load_pipeline_flashpack(DiffusionPipeline, tmp_path)
+
+
+def test_a_pipeline_whose_index_names_its_own_code_loads_it(tmp_path):
+    # model_index.json's _class_name as [file, class]: the pipeline's code beside the index.
+    pipeline = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=10))
+    save_pipeline_flashpack(pipeline, tmp_path)
+    (tmp_path / "my_pipeline.py").write_text(CUSTOM_PIPELINE)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["_class_name"] = ["my_pipeline", "MyPipeline"]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    loaded = FlashPackDiffusionPipeline.from_pretrained_flashpack(tmp_path, trust_remote_code=True)
+    assert loaded.greet() == "mine"
+    assert_same_model(loaded.unet, pipeline.unet)
+
+
+@pytest.mark.filterwarnings("ignore:Device . is not available")
+def test_balanced_sizes_a_component_whose_code_lies_in_its_folder(tmp_path):
+    pytest.importorskip("accelerate")
+    save_pipeline_flashpack(tiny_ldm_pipeline(vqvae_channels=32), tmp_path)
+    expected = our_plan(tmp_path, TIGHT)
+    (tmp_path / "vqvae" / "my_vq.py").write_text("from diffusers import VQModel\n\n\nclass MyVQ(VQModel):\n    pass\n")
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["vqvae"] = ["my_vq", "MyVQ"]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    assert our_plan(tmp_path, TIGHT, trust_remote_code=True) == expected

@@ -165,6 +165,18 @@ def _import_class(library: str, class_name: str) -> type:
     raise ValueError(f"model_index.json names the class {library}.{class_name}, which cannot be imported")
 
 
+def _component_class(directory: str, name: str, library: str, class_name: str, trust_remote_code: bool) -> type:
+    """The class of a component; one defined in a file of its own folder (``["my_unet", "MyUNet"]``
+    beside ``unet/my_unet.py``) is imported from there, as diffusers imports it."""
+    folder = os.path.join(directory, name)
+    if os.path.isfile(os.path.join(folder, f"{library}.py")):
+        from diffusers.utils.dynamic_modules_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(folder, module_file=f"{library}.py", class_name=class_name,
+                                             trust_remote_code=trust_remote_code)
+    return _import_class(library, class_name)
+
+
 def _load_component(component_class: type, directory: str, name: str, device: Optional[DeviceLike],
                     dtype: Any, load_kwargs: Dict[str, Any], usual_kwargs: Dict[str, Any]) -> Any:
     """One component: from its flashpack file with ``load_kwargs``, or else with its own
@@ -235,8 +247,10 @@ def load_pipeline_flashpack(
             arguments of the pipeline's ``__init__``. ``device_map`` is one device for
             every component, or ``"balanced"``: whole components spread over the GPUs as
             diffusers spreads them (within ``max_memory``; what fits on no GPU in turn
-            goes to the CPU), recorded in ``pipeline.hf_device_map``. from_pretrained's
-            other loading options are taken as for single models.
+            goes to the CPU), recorded in ``pipeline.hf_device_map``. ``custom_pipeline``
+            (a local ``.py`` file or folder) and components whose code lies in their own
+            folder load as diffusers loads them, with ``trust_remote_code=True``.
+            from_pretrained's other loading options are taken as for single models.
 
     Returns:
         The pipeline.
@@ -264,10 +278,24 @@ def load_pipeline_flashpack(
     if not os.path.isfile(os.path.join(directory, "model_index.json")):
         raise FileNotFoundError(f"{directory} has no model_index.json; is it a diffusers pipeline directory?")
     config = DiffusionPipeline.load_config(directory)
+    custom_pipeline = kwargs.pop("custom_pipeline", None)
+    trust_remote_code = kwargs.pop("trust_remote_code", False)
+    custom_revision = kwargs.pop("custom_revision", None)
     if _task_mapping is not None:  # an AutoPipeline class: that task's pipeline of the saved one's family
         from diffusers.pipelines.auto_pipeline import _get_task_class
 
         pipeline_class = _get_task_class(_task_mapping, config["_class_name"])
+    elif custom_pipeline is not None or isinstance(config["_class_name"], (list, tuple)):
+        # Code of the user's own (a file, or the directory's), found and trusted as diffusers does.
+        from diffusers.pipelines.pipeline_loading_utils import _get_pipeline_class, _resolve_custom_pipeline_and_cls
+
+        custom_pipeline, custom_class_name = _resolve_custom_pipeline_and_cls(directory, config, custom_pipeline)
+        if pipeline_class is FlashPackDiffusionPipeline:
+            pipeline_class = DiffusionPipeline
+        pipeline_class = _get_pipeline_class(pipeline_class, config=config,
+                                             custom_pipeline=custom_pipeline and os.fspath(custom_pipeline),
+                                             class_name=custom_class_name, cache_dir=cache_dir,
+                                             revision=custom_revision, trust_remote_code=trust_remote_code)
     elif pipeline_class in (DiffusionPipeline, FlashPackDiffusionPipeline):
         pipeline_class = _import_class("diffusers", config["_class_name"])
     expected_modules, optional_kwargs = pipeline_class._get_signature_keys(pipeline_class)
@@ -277,7 +305,7 @@ def load_pipeline_flashpack(
     entries = _component_entries(config)
     balanced = isinstance(device, AutoDeviceMap)
     placed = (_balanced_placement(directory, entries, kwargs, torch_dtype, device.max_memory, what,
-                                  usual.get("variant")) if balanced else None)
+                                  usual.get("variant"), trust_remote_code) if balanced else None)
     init: Dict[str, Any] = {}
     for name, (library, class_name) in entries.items():
         if name in kwargs:
@@ -286,7 +314,8 @@ def load_pipeline_flashpack(
             init[name] = None
         else:
             where = _device((placed or {}).get(name, "cpu")) if balanced else device
-            init[name] = _load_component(_import_class(library, class_name), directory, name, where,
+            init[name] = _load_component(_component_class(directory, name, library, class_name, trust_remote_code),
+                                         directory, name, where,
                                          _for_component(torch_dtype, name), load_kwargs, usual)
     for name, value in config.items():
         if not name.startswith("_") and name not in init and name in optional_kwargs:
@@ -303,7 +332,8 @@ def load_pipeline_flashpack(
 
 def _balanced_placement(directory: str, entries: Dict[str, Any], passed: Dict[str, Any],
                         torch_dtype: DtypeOrPerComponent, max_memory: Optional[Dict[Any, Any]],
-                        what: str, variant: Optional[str] = None) -> Optional[Dict[str, Any]]:
+                        what: str, variant: Optional[str] = None,
+                        trust_remote_code: bool = False) -> Optional[Dict[str, Any]]:
     """``device_map="balanced"`` as diffusers plans it: the model components, largest first,
     dealt to the GPUs in turn (0, 1, ..., 1, 0, ...) within ``max_memory``, a component the
     GPU in turn cannot hold to the CPU. Returns ``{component: GPU index or "cpu"}``, or None
@@ -329,8 +359,8 @@ def _balanced_placement(directory: str, entries: Dict[str, Any], passed: Dict[st
             if isinstance(passed[name], torch.nn.Module):
                 sizes[name] = compute_module_sizes(passed[name], dtype=dtype)[""]
         elif library is not None and class_name is not None:
-            size = _component_bytes(os.path.join(directory, name), _import_class(library, class_name), dtype,
-                                    variant)
+            component_class = _component_class(directory, name, library, class_name, trust_remote_code)
+            size = _component_bytes(os.path.join(directory, name), component_class, dtype, variant)
             if size is not None:
                 sizes[name] = size
     gpus = dict(sorted(gpus.items(), key=lambda item: item[1], reverse=True))
