@@ -189,6 +189,19 @@ def test_pipeline_dtype_under_either_name(tmp_path, argument):
     assert torch.equal(loaded.unet.conv_in.weight, pipeline.unet.conv_in.weight.to(torch.bfloat16))
 
 
+def test_pipeline_dtype_and_torch_dtype_must_agree(tmp_path):
+    pipeline = FlashDDPMPipeline(unet=tiny_unet(FlashUNet), scheduler=DDPMScheduler(num_train_timesteps=10))
+    pipeline.save_pretrained_flashpack(tmp_path)
+    with pytest.raises(ValueError, match="disagree; pass one of them"):
+        FlashDDPMPipeline.from_pretrained_flashpack(tmp_path, dtype=torch.float16, torch_dtype=torch.bfloat16)
+    # One dtype in two spellings, or the same dtype per component, is no disagreement.
+    loaded = FlashDDPMPipeline.from_pretrained_flashpack(tmp_path, dtype="bf16", torch_dtype=torch.bfloat16)
+    assert loaded.unet.dtype == torch.bfloat16
+    loaded = FlashDDPMPipeline.from_pretrained_flashpack(tmp_path, dtype={"unet": "fp16"},
+                                                         torch_dtype={"unet": torch.float16})
+    assert loaded.unet.dtype == torch.float16
+
+
 def test_model_options_from_pretrained_takes(tmp_path):
     unet = tiny_unet(FlashUNet)
     unet.save_pretrained_flashpack(tmp_path)

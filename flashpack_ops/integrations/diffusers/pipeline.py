@@ -37,6 +37,13 @@ def _for_component(value: DtypeOrPerComponent, name: str) -> Any:
     return value
 
 
+def _parsed(value: DtypeOrPerComponent) -> Any:
+    """A dtype, or one per component, with names (``"fp16"``) read as dtypes."""
+    if isinstance(value, dict):
+        return {name: parse_dtype(dtype) for name, dtype in value.items()}
+    return parse_dtype(value)
+
+
 def _component_entries(config: Dict[str, Any]) -> Dict[str, Any]:
     """model_index.json's components: name -> (library, class name), or (None, None) for an absent one."""
     return {name: value for name, value in config.items()
@@ -259,7 +266,7 @@ def load_pipeline_flashpack(
         FileNotFoundError: no ``model_index.json``.
         HubUnavailableError: a repo id while offline, with no cached copy.
     """
-    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+    if dtype is not None and torch_dtype is not None and _parsed(dtype) != _parsed(torch_dtype):
         raise ValueError(f"{pipeline_class.__name__}.from_pretrained_flashpack: dtype={dtype!r} and "
                          f"torch_dtype={torch_dtype!r} disagree; pass one of them")
     torch_dtype = dtype if dtype is not None else torch_dtype
