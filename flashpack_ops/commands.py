@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import importlib
 import json
 import os
@@ -10,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .api import filter_state_dict
-from .integrations._hub import FLASHPACK_FILE, looks_like_repo_id, parse_dtype, resolve_directory
+from .integrations._hub import FLASHPACK_FILE, OTHER_FRAMEWORKS, looks_like_repo_id, parse_dtype, resolve_directory
 from .ops import _identity, _path, load_file, read_metadata, save_file
 
 TORCH_EXTENSIONS = (".bin", ".pt", ".pth", ".ckpt")
@@ -18,9 +19,6 @@ WEIGHT_EXTENSIONS = (".safetensors",) + TORCH_EXTENSIONS
 # Names a flashpack file must not take: other readers would take it for their format, and it
 # could be the very checkpoint being converted.
 _OTHER_FORMATS = WEIGHT_EXTENSIONS + (".json",)
-
-# Files a conversion never reads: other frameworks' weights.
-_HUB_IGNORE = ["*.h5", "*.msgpack", "*.onnx", "*.onnx_data", "*.tflite", "*.ot", "*.gguf", "*.mlmodel"]
 
 
 def _progress(iterable: Any, desc: str, total: Optional[int] = None, quiet: bool = False) -> Any:
@@ -369,6 +367,26 @@ def _convert_pipeline_directory(directory: str, destination: str, dtype: Optiona
     return destination
 
 
+def _not_converted(repo_id: str, revision: Optional[str], variant: Optional[str]) -> List[str]:
+    """Files of a Hub repo a conversion does not read, as download ignore patterns: other
+    frameworks' weights, flashpack files, and torch files in a folder whose weights (in the
+    variant asked for) are also in safetensors, which is what the conversion reads there."""
+    ignored = list(OTHER_FRAMEWORKS) + ["*.flashpack"]
+    try:
+        from huggingface_hub import HfApi
+
+        files = HfApi().list_repo_files(repo_id, revision=revision)
+    except Exception:  # offline, or the Hub's refusal: the download itself then says which
+        return ignored
+    def chosen(name: str) -> bool:  # as _weights_in_directory chooses
+        name = os.path.basename(name)
+        return f".{variant}." in name if variant else not _has_variant(name)
+
+    in_safetensors = {os.path.dirname(f) for f in files if f.endswith(".safetensors") and chosen(f)}
+    return ignored + [glob.escape(f) for f in files
+                      if f.endswith(TORCH_EXTENSIONS) and os.path.dirname(f) in in_safetensors]
+
+
 def convert_to_flashpack(
     model_or_state_dict_or_path_or_repo_id: Union[str, "os.PathLike[str]", torch.nn.Module, Dict[str, torch.Tensor]],
     destination_path: Optional[str] = None,
@@ -455,7 +473,8 @@ def convert_to_flashpack(
         if destination_path is None:
             raise ValueError(f"converting the Hub repo '{source}' needs a destination directory")
         patterns = [f"{subfolder}/*", "*.json"] if subfolder else None
-        directory = resolve_directory(source, revision=revision, allow_patterns=patterns)
+        directory = resolve_directory(source, revision=revision, allow_patterns=patterns,
+                                      ignore_patterns=_not_converted(source, revision, variant))
     else:
         directory = source
     model_dir = os.path.join(directory, subfolder) if subfolder else directory

@@ -90,3 +90,22 @@ def torchscript_refusal() -> str:
 @pytest.fixture
 def tmp_file(tmp_path):
     return str(tmp_path / "model.flashpack")
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A Hub on localhost serving ``hub.root/org/name`` (see hub_server.py), with a cache of its own."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    from hub_server import Hub
+
+    (tmp_path / "hub").mkdir()
+    server = Hub(tmp_path / "hub")
+    monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    yield server
+    server.close()

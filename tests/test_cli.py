@@ -638,3 +638,25 @@ def test_a_safetensors_file_under_a_torch_name_converts(tmp_path):
     run("convert", tmp_path / "pytorch_model.bin", tmp_path / "m.flashpack")
     assert_file_holds(tmp_path / "m.flashpack", state_dict())
     assert flashpack_ops.read_metadata(tmp_path / "m.flashpack")["metadata"] == {"format": "pt", "source": "bin"}
+
+
+def test_convert_repo_id_downloads_the_weights_it_converts_and_no_others(tmp_path, hub):
+    from safetensors.torch import save_file
+
+    repo = os.path.join(hub.root, "org", "raw")
+    os.makedirs(repo)
+    save_file(state_dict(), os.path.join(repo, "model.safetensors"))
+    torch.save(state_dict(), os.path.join(repo, "pytorch_model.bin"))
+    torch.save(state_dict(1), os.path.join(repo, "pytorch_model.fp16.bin"))  # a variant only in torch
+    others = ["tf_model.h5", "flax_model.msgpack", "rust_model.ot", "onnx/model.onnx", "model.flashpack"]
+    for other in others:
+        os.makedirs(os.path.dirname(os.path.join(repo, other)), exist_ok=True)
+        with open(os.path.join(repo, other), "wb") as f:
+            f.write(b"not for torch")
+    run("convert", "org/raw", tmp_path / "out.flashpack")
+    assert_file_holds(tmp_path / "out.flashpack", state_dict())
+    assert hub.fetched("org/raw") == ["model.safetensors"]
+    # A variant that only a torch file holds is read from it.
+    run("convert", "org/raw", tmp_path / "fp16.flashpack", "--variant", "fp16")
+    assert_file_holds(tmp_path / "fp16.flashpack", state_dict(1))
+    assert "pytorch_model.fp16.bin" in hub.fetched("org/raw") and not set(hub.fetched("org/raw")) & set(others)

@@ -547,3 +547,25 @@ def test_balanced_sizes_a_component_whose_code_lies_in_its_folder(tmp_path):
     index["vqvae"] = ["my_vq", "MyVQ"]
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     assert our_plan(tmp_path, TIGHT, trust_remote_code=True) == expected
+
+
+def test_a_pipeline_repo_downloads_the_flashpack_files_and_the_weights_of_what_has_none(hub):
+    # A repo holding a pipeline in both formats, but for the vqvae, kept in safetensors only.
+    pipeline = tiny_ldm_pipeline()
+    repo = os.path.join(hub.root, "org", "ldm")
+    pipeline.save_pretrained(repo)
+    save_pipeline_flashpack(pipeline, repo + "-fp")
+    for name in ("unet", "model_index.json"):
+        source = os.path.join(repo + "-fp", name)
+        if os.path.isdir(source):
+            for entry in os.listdir(source):
+                os.replace(os.path.join(source, entry), os.path.join(repo, name, entry))
+        else:
+            os.replace(source, os.path.join(repo, name))
+    loaded = load_pipeline_flashpack(DiffusionPipeline, "org/ldm")
+    for name in ("unet", "vqvae"):
+        assert_same_model(getattr(loaded, name), getattr(pipeline, name))
+    fetched = hub.fetched("org/ldm")
+    assert "unet/model.flashpack" in fetched and "vqvae/diffusion_pytorch_model.safetensors" in fetched
+    assert "unet/diffusion_pytorch_model.safetensors" not in fetched
+    assert set(fetched) | {"unet/diffusion_pytorch_model.safetensors"} == set(hub.files("org/ldm"))

@@ -626,3 +626,38 @@ def test_a_warning_points_at_the_callers_line(model, tmp_path):
         FlashLlama.from_pretrained_flashpack(tmp_path, strict=False)
     assert {os.path.abspath(w.filename) for w in caught if "model.norm.weight" in str(w.message)} == \
         {os.path.abspath(__file__)}
+
+
+def test_a_repo_id_downloads_the_flashpack_file_and_not_the_other_weights(model, hub, monkeypatch):
+    repo = hub.root + "/org/tiny-llama"
+    model.save_pretrained(repo)  # model.safetensors
+    save_pretrained_flashpack(model, repo)
+    torch.save(model.state_dict(), repo + "/pytorch_model.bin")
+    loaded = FlashLlama.from_pretrained_flashpack("org/tiny-llama")
+    assert torch.equal(logits(loaded), logits(model))
+    assert hub.fetched("org/tiny-llama") == ["config.json", "generation_config.json", "model.flashpack"]
+    # Then from the cache, offline.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert torch.equal(logits(FlashLlama.from_pretrained_flashpack("org/tiny-llama")), logits(model))
+
+
+def test_an_auto_class_downloads_only_what_the_flashpack_load_reads(model, hub):
+    from flashpack_ops.integrations.transformers import patch_transformers_auto_model
+
+    patch_transformers_auto_model()
+    repo = hub.root + "/org/tiny"
+    model.save_pretrained(repo + "/text")
+    save_pretrained_flashpack(model, repo + "/text")
+    loaded = AutoModelForCausalLM.from_pretrained_flashpack("org/tiny", subfolder="text")
+    assert torch.equal(logits(loaded), logits(model))
+    assert hub.fetched("org/tiny") == ["text/config.json", "text/generation_config.json", "text/model.flashpack"]
+
+
+def test_a_repo_without_a_flashpack_file_says_how_to_convert_it(model, hub):
+    model.save_pretrained(hub.root + "/org/plain")
+    with pytest.raises(FileNotFoundError, match="the Hub repo 'org/plain' holds no model.flashpack; convert it with "
+                                                "`flashpack convert org/plain DIRECTORY`"):
+        FlashLlama.from_pretrained_flashpack("org/plain")
+    assert hub.fetched("org/plain") == ["config.json", "generation_config.json"]  # not its weights

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shlex
@@ -38,6 +39,14 @@ DISTRIBUTED_LOAD_KWARGS = ("use_distributed_loading", "distributed_sharded", "di
 
 SPREADING_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
+# Weights in other formats than flashpack's, in other frameworks' too: a load from a
+# model.flashpack reads none of them, so a download from the Hub leaves them out.
+OTHER_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.ot", "*.onnx",
+                 "*.onnx_data", "*.tflite", "*.gguf", "*.mlmodel", "*.mlpackage/*", "*.pdparams", "*.npz")
+# Of those, what neither a conversion nor torch reads.
+OTHER_FRAMEWORKS = ("*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.tflite", "*.gguf", "*.mlmodel",
+                    "*.mlpackage/*", "*.pdparams", "*.npz")
+
 _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
@@ -60,8 +69,10 @@ def resolve_directory(
     local_files_only: bool = False,
     force_download: bool = False,
     allow_patterns: Optional[list] = None,
+    ignore_patterns: Optional[list] = None,
 ) -> str:
-    """A local model directory as is, or a Hub repo id downloaded (or found in the cache).
+    """A local model directory as is, or a Hub repo id downloaded (or found in the cache), its
+    files chosen by ``allow_patterns`` and ``ignore_patterns`` (huggingface_hub's).
 
     Raises:
         NotADirectoryError: a path that exists but is a file.
@@ -84,7 +95,7 @@ def resolve_directory(
     try:
         return snapshot_download(name, revision=revision, cache_dir=cache_dir, local_dir=local_dir, token=token,
                                  local_files_only=local_files_only, force_download=force_download,
-                                 allow_patterns=allow_patterns)
+                                 allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
     except LocalEntryNotFoundError:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         reason = ("HF_HUB_OFFLINE is set" if offline else
@@ -103,11 +114,43 @@ def flashpack_file_in(directory: str, subfolder: Optional[str] = None) -> str:
     return path
 
 
+def resolve_model_directory(name_or_path: Union[str, "os.PathLike[str]"], subfolder: Optional[str] = None,
+                            **hub: Any) -> str:
+    """A model's directory (or its repo's, the model in ``subfolder``), downloaded without the
+    weights a flashpack load does not read: a repo that also holds safetensors or torch files
+    costs the flashpack file's download only."""
+    return resolve_directory(name_or_path, allow_patterns=[f"{subfolder}/*"] if subfolder else None,
+                             ignore_patterns=list(OTHER_WEIGHTS), **hub)
+
+
+def resolve_pipeline_directory(name_or_path: Union[str, "os.PathLike[str]"], **hub: Any) -> str:
+    """A pipeline's directory, downloaded without the other weights of the components that
+    have a ``model.flashpack``; a component without one (a pipeline converted in part) keeps
+    its usual files. Two passes: the index and the flashpack files, then the rest."""
+    name = os.fspath(name_or_path)
+    if os.path.isdir(name) or not looks_like_repo_id(name):
+        return resolve_directory(name, **hub)
+    first = resolve_directory(name, allow_patterns=["model_index.json", f"*/{FLASHPACK_FILE}"], **hub)
+    converted = sorted(entry for entry in os.listdir(first) if os.path.isfile(os.path.join(first, entry, FLASHPACK_FILE)))
+    snapshot = os.path.basename(os.path.normpath(first))
+    if hub.get("local_dir") is None and re.fullmatch(r"[0-9a-f]{40}", snapshot):
+        hub["revision"] = snapshot  # the commit the first pass read, whatever the branch holds by now
+    ignored = [f"{glob.escape(c)}/{pattern}" for c in converted for pattern in OTHER_WEIGHTS + (FLASHPACK_FILE,)]
+    return resolve_directory(name, ignore_patterns=ignored or None, **hub)
+
+
 def locate_flashpack(name_or_path: Union[str, "os.PathLike[str]"], subfolder: Optional[str] = None,
                      **hub: Any) -> str:
     """The ``model.flashpack`` of a local model directory or a Hub repo id (``hub``: resolve_directory's options)."""
-    patterns = [f"{subfolder}/*"] if subfolder else None
-    return flashpack_file_in(resolve_directory(name_or_path, allow_patterns=patterns, **hub), subfolder)
+    directory = resolve_model_directory(name_or_path, subfolder, **hub)
+    name = os.fspath(name_or_path)
+    if os.path.isdir(name) or os.path.isfile(os.path.join(directory, subfolder or "", FLASHPACK_FILE)):
+        return flashpack_file_in(directory, subfolder)
+    # The download left out the repo's other weights: convert from the repo itself.
+    held = f"{subfolder}/{FLASHPACK_FILE}" if subfolder else FLASHPACK_FILE
+    option = f" --subfolder {shlex.quote(subfolder)}" if subfolder else ""
+    raise FileNotFoundError(f"the Hub repo '{name}' holds no {held}; convert it with "
+                            f"`flashpack convert {name} DIRECTORY{option}` and load that directory")
 
 
 def library_class(cls: type, root: type) -> type:

@@ -16,7 +16,7 @@ from ..._warnings import warn
 from ...commands import checkpoint_tensor_sizes
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, read_metadata
 from .._hub import (FLASHPACK_FILE, SPREADING_DEVICE_MAPS, AutoDeviceMap, library_class, parse_dtype,
-                    resolve_directory, take_load_kwargs, upload_directory, warn_unused_save_kwargs)
+                    resolve_pipeline_directory, take_load_kwargs, upload_directory, warn_unused_save_kwargs)
 from . import model as diffusers_model
 
 P = TypeVar("P", bound=DiffusionPipeline)
@@ -280,8 +280,9 @@ def load_pipeline_flashpack(
         raise ValueError(f"{what}: a pipeline loads every component to one device, or spreads whole components "
                          f"over the GPUs with device_map='balanced' as diffusers does; got device_map={strategy!r} "
                          "(pass device=, or load the components one by one with a device_map each)")
-    directory = resolve_directory(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, token=token,
-                                  local_files_only=local_files_only, force_download=force_download)
+    directory = resolve_pipeline_directory(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+                                           token=token, local_files_only=local_files_only,
+                                           force_download=force_download)
     if not os.path.isfile(os.path.join(directory, "model_index.json")):
         raise FileNotFoundError(f"{directory} has no model_index.json; is it a diffusers pipeline directory?")
     config = DiffusionPipeline.load_config(directory)

@@ -6,7 +6,7 @@ import os
 from typing import Any, Optional, Union
 
 from ...ops import DeviceLike
-from .._hub import resolve_directory
+from .._hub import resolve_model_directory
 
 
 def _auto_from_pretrained_flashpack(
@@ -30,9 +30,9 @@ def _auto_from_pretrained_flashpack(
 
     from .model import from_pretrained_flashpack
 
-    directory = resolve_directory(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, token=token,
-                                  local_files_only=local_files_only, force_download=force_download,
-                                  allow_patterns=[f"{subfolder}/*"] if subfolder else None)
+    directory = resolve_model_directory(pretrained_model_name_or_path, subfolder, revision=revision,
+                                        cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+                                        force_download=force_download)
     model_dir = os.path.join(directory, subfolder) if subfolder else directory
     config = kwargs.pop("config", None)
     if config is None:
