@@ -405,6 +405,25 @@ def test_auto_tells_the_page_cache_of_a_file_it_may_not_write(tmp_path, cached):
 
 @needs_cuda_build
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="takes a file from another owner: needs root")
+def test_auto_registers_a_file_it_may_not_write_in_memory():
+    # In /dev/shm (tmpfs) the page cache cannot be asked page by page (no RWF_NOWAIT reads),
+    # and mincore tells nothing of another owner's file; but the file is memory.
+    if not os.path.isdir("/dev/shm") or filesystem_type("/dev/shm") != "tmpfs":
+        pytest.skip("no tmpfs at /dev/shm")
+    import pathlib
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as directory:
+        os.chmod(directory, 0o755)
+        path = another_owners_file(pathlib.Path(directory), seed=43)
+        delta = load_as_another_owner(path)
+        if delta["register_fallbacks"]:
+            pytest.skip("this driver refuses cudaHostRegister(ReadOnly) on file mappings")
+        assert delta["bytes_registered"] == payload_bytes(path), delta
+
+
+@needs_cuda_build
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="takes a file from another owner: needs root")
 @pytest.mark.skipif(not emulated(), reason="failing a load after its route is chosen needs tests/cuda_emulator")
 def test_a_file_it_may_not_write_stays_cold_to_the_next_load_after_a_check(tmp_path):
     # Checking the page cache reads in the pages it asks about. A load that checked and then

@@ -29,6 +29,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -264,7 +265,9 @@ class ReadOnlyMap {
 
 // Whether mincore tells the page cache's state of this file. Since Linux 5.2 it does so only
 // for a caller that owns the file or may write it (root may, through CAP_DAC_OVERRIDE); to
-// anyone else it reports every page resident, cold ones included.
+// anyone else it reports every page resident, cold ones included. A guess from user space
+// (the kernel's own test differs on read-only mounts and idmapped ones): an answer with a
+// page missing is true whatever this says.
 bool mincore_tells(const InputFile& file) {
   struct stat st;
   if (::fstat(file.fd(), &st) != 0) return false;
@@ -273,10 +276,22 @@ bool mincore_tells(const InputFile& file) {
   return ::faccessat(AT_FDCWD, proc.c_str(), W_OK, AT_EACCESS) == 0;
 }
 
+// Whether the file lives in memory (tmpfs, ramfs: /dev/shm), where every page is resident
+// unless swapped out.
+bool in_memory_filesystem(int fd) {
+  constexpr long kTmpfsMagic = 0x01021994;
+  constexpr long kRamfsMagic = 0x858458f6;
+  struct statfs fs;
+  if (::fstatfs(fd, &fs) != 0) return false;
+  const long type = static_cast<long>(fs.f_type);
+  return type == kTmpfsMagic || type == kRamfsMagic;
+}
+
 // Whether the page at `offset` is in the page cache, asked of the cache itself: a one-byte
-// read with RWF_NOWAIT fails with EAGAIN for a page it does not hold (and starts reading
-// that page in, which a load about to read the file loses nothing by). nullopt where the
-// kernel or the filesystem has no such reads.
+// read with RWF_NOWAIT fails with EAGAIN for a page it does not hold, and starts reading it
+// in (that page, or a readahead window where it meets a readahead mark), which a load about
+// to read the file loses nothing by. nullopt where the kernel or the filesystem has no such
+// reads (tmpfs and overlayfs among them).
 std::optional<bool> page_cached(int fd, uint64_t offset) {
   char byte;
   struct iovec iov = {&byte, 1};
@@ -300,31 +315,42 @@ double resident_fraction(const InputFile& file, const ReadOnlyMap& map, uint64_t
   // mincore of a 3.5 GB file would walk 850,000 pages on every load.
   const uint64_t window = std::min<uint64_t>(64, pages);
   const uint64_t windows = std::min<uint64_t>(64, pages / window);
-  // Where mincore cannot tell, one page of each window is asked of the page cache (about a
-  // microsecond each). A page at random: a probe that misses reads its page in, and the next
-  // check (another rank loading the same file, a retry) must not find exactly those pages
-  // and call the file cached.
-  const bool whole_windows = map.ok() && mincore_tells(file);
+  auto first_page = [&](uint64_t w) { return windows == 1 ? 0 : (pages - window) * w / (windows - 1); };
+
+  // mincore first: where it does not tell, it fills the vector with ones, so an answer with
+  // a page missing is the page cache's own.
+  bool all_resident = false;
+  if (map.ok()) {
+    std::vector<unsigned char> vec(window);
+    uint64_t resident = 0;
+    uint64_t w = 0;
+    for (; w < windows; ++w) {
+      if (::mincore(map.data() + begin + first_page(w) * page, window * page, vec.data()) != 0) break;
+      for (unsigned char v : vec) resident += v & 1;
+    }
+    if (w == windows) {
+      if (resident < windows * window) return static_cast<double>(resident) / static_cast<double>(windows * window);
+      all_resident = true;
+    }
+  }
+  // Every page resident, or mincore not telling: one page of each window is asked of the page
+  // cache (about a microsecond each; no I/O for a cached page). A page at random: a probe that
+  // misses reads its page in, and the next check (another rank loading the same file, a retry)
+  // must not find exactly those pages and call the file cached.
   thread_local std::minstd_rand pick(static_cast<unsigned>(
       std::chrono::steady_clock::now().time_since_epoch().count() ^
       std::hash<std::thread::id>{}(std::this_thread::get_id())));
-  std::vector<unsigned char> vec(whole_windows ? window : 0);
-  uint64_t seen = 0;
-  uint64_t resident = 0;
-  for (uint64_t w = 0; w < windows; ++w) {
-    const uint64_t first = windows == 1 ? 0 : (pages - window) * w / (windows - 1);
-    if (whole_windows) {
-      if (::mincore(map.data() + begin + first * page, window * page, vec.data()) != 0) return 0.0;
-      for (unsigned char v : vec) resident += v & 1;
-      seen += window;
-      continue;
-    }
-    const std::optional<bool> cached = page_cached(file.fd(), begin + (first + pick() % window) * page);
-    if (!cached) return 0.0;
-    resident += *cached ? 1 : 0;
-    seen += 1;
+  uint64_t cached = 0;
+  uint64_t w = 0;
+  for (; w < windows; ++w) {
+    const std::optional<bool> hit = page_cached(file.fd(), begin + (first_page(w) + pick() % window) * page);
+    if (!hit) break;
+    cached += *hit ? 1 : 0;
   }
-  return seen == 0 ? 0.0 : static_cast<double>(resident) / static_cast<double>(seen);
+  if (w == windows) return static_cast<double>(cached) / static_cast<double>(windows);
+  // No such reads here: mincore's word where it tells, memory where the filesystem is memory.
+  if (all_resident && mincore_tells(file)) return 1.0;
+  return in_memory_filesystem(file.fd()) ? 1.0 : 0.0;
 }
 
 // A second descriptor on the same open file with O_DIRECT, or -1 where the filesystem has
@@ -537,10 +563,9 @@ class Pipeline {
   }
 
   ~Pipeline() {
-    if (!finished_) {
-      // An error: copies may still be queued behind the slots' last events.
-      for (cudaStream_t s : streams_) C10_CUDA_CHECK_WARN(cudaStreamSynchronize(s));
-    }
+    if (finished_) return;  // finish() settled every slot
+    // An error: copies may still be queued behind the slots' last events.
+    for (cudaStream_t s : streams_) C10_CUDA_CHECK_WARN(cudaStreamSynchronize(s));
     for (size_t k = 0; k < slots_.size(); ++k) {
       try {
         settle(k);

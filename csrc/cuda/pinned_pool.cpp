@@ -68,7 +68,14 @@ class Pool {
     // in a process that loads to "cuda:1"), cudaFreeHost would create a context there,
     // hundreds of MiB of that GPU's memory.
     c10::cuda::OptionalCUDAGuard guard;
-    if (data != nullptr && device >= 0) guard.set_index(static_cast<c10::DeviceIndex>(device));
+    if (data != nullptr && device >= 0) {
+      try {
+        guard.set_index(static_cast<c10::DeviceIndex>(device));
+      } catch (const std::exception& e) {
+        // Freed from the current device all the same: a ring kept back would stay counted.
+        TORCH_WARN("flashpack: freeing the idle pinned ring: ", e.what());
+      }
+    }
     free_pinned(data, bytes);
     return static_cast<int64_t>(bytes);
   }
