@@ -314,6 +314,30 @@ def test_a_pipeline_converted_in_part_loads_the_rest_in_their_variant(tmp_path):
         assert_same_model(getattr(loaded, name), getattr(expected, name))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "fp16", torch.float16, {"default": "fp16"}])
+def test_a_pipeline_converted_in_part_gives_every_component_the_dtype_in_any_spelling(tmp_path, dtype):
+    pipeline = tiny_stable_diffusion(tmp_path / "vocab")
+    pipeline.save_pretrained(tmp_path / "sd")
+    save_pretrained_flashpack(pipeline.unet, tmp_path / "sd" / "unet")  # the others as diffusers saved them
+    loaded = load_pipeline_flashpack(type(pipeline), tmp_path / "sd", dtype=dtype)
+    for name in ("unet", "vae", "text_encoder"):
+        assert_same_model(getattr(loaded, name), getattr(pipeline, name).to(torch.float16))
+
+
+def test_a_component_without_files_of_the_variant_loads_its_usual_files_as_diffusers_does(tmp_path):
+    pipeline = tiny_stable_diffusion(tmp_path / "vocab")
+    pipeline.save_pretrained(tmp_path / "sd", variant="fp16")
+    for name in os.listdir(tmp_path / "sd" / "vae"):  # the vae kept without a variant
+        if ".fp16." in name:
+            os.rename(tmp_path / "sd" / "vae" / name, tmp_path / "sd" / "vae" / name.replace(".fp16.", "."))
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "sd", subfolder="unet", variant="fp16")
+    save_pretrained_flashpack(unet, tmp_path / "sd" / "unet")
+    loaded = load_pipeline_flashpack(type(pipeline), tmp_path / "sd", variant="fp16")
+    expected = type(pipeline).from_pretrained(tmp_path / "sd", variant="fp16")
+    for name in ("unet", "vae", "text_encoder"):
+        assert_same_model(getattr(loaded, name), getattr(expected, name))
+
+
 # ---- diffusers' own use_flashpack=True (through the reference package) --------------------------
 
 

@@ -184,6 +184,15 @@ def _component_class(directory: str, name: str, library: str, class_name: str, t
     return _import_class(library, class_name)
 
 
+def _variant_in(sub_directory: str, variant: Optional[str]) -> Optional[str]:
+    """``variant`` where the component's folder holds files of it, else None: diffusers loads a
+    component without them from its usual files (``_identify_model_variants``)."""
+    if variant is None or not os.path.isdir(sub_directory):
+        return None
+    names = os.listdir(sub_directory)
+    return variant if any(name.split(".")[1:2] and name.split(".")[1].startswith(variant) for name in names) else None
+
+
 def _load_component(component_class: type, directory: str, name: str, device: Optional[DeviceLike],
                     dtype: Any, load_kwargs: Dict[str, Any], usual_kwargs: Dict[str, Any]) -> Any:
     """One component: from its flashpack file with ``load_kwargs``, or else with its own
@@ -206,7 +215,9 @@ def _load_component(component_class: type, directory: str, name: str, device: Op
     location = sub_directory if os.path.isdir(sub_directory) else directory
     if isinstance(component_class, type) and issubclass(component_class, torch.nn.Module):
         is_transformers = transformers_model is not None and issubclass(component_class, transformers_model)
+        dtype = parse_dtype(dtype)  # "fp16", as the flashpack components take it; "auto" as None
         options = {} if dtype is None else {"dtype" if is_transformers else diffusers_model.dtype_argument(): dtype}
+        usual_kwargs = dict(usual_kwargs, variant=_variant_in(sub_directory, usual_kwargs.get("variant")))
         return component_class.from_pretrained(location, **options, **usual_kwargs).to(device or "cpu")
     return component_class.from_pretrained(location)
 
@@ -422,6 +433,7 @@ def _checkpoint_tensors(sub_directory: str, variant: Optional[str]) -> Optional[
     if not os.path.isdir(sub_directory):
         return None
     names = sorted(os.listdir(sub_directory))
+    variant = _variant_in(sub_directory, variant)
 
     def wanted(name: str) -> bool:
         return f".{variant}." in name if variant else name.count(".") == 1
