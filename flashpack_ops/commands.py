@@ -531,8 +531,10 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
     file_metadata = torch.ops.flashpack.metadata(path)
     if destination_path:
         destination = os.fspath(destination_path)
-    elif _is_diffusers_config(_read_config(os.path.dirname(path) or ".", "config.json")):
-        # The weights file a diffusers model's from_pretrained looks for beside its config.
+    elif os.path.basename(path) == FLASHPACK_FILE and \
+            _is_diffusers_config(_read_config(os.path.dirname(path) or ".", "config.json")):
+        # The weights file a diffusers model's from_pretrained looks for beside its config (a
+        # file of another name, ema.flashpack, is not the model's: it keeps its own name).
         destination = os.path.join(os.path.dirname(path), "diffusion_pytorch_model.safetensors")
     else:
         destination = os.path.splitext(path)[0] + ".safetensors"

@@ -353,6 +353,11 @@ def test_revert_of_converted_model_and_pipeline_directories(pipeline_directory, 
     expected = diffusers.UNet2DModel.from_pretrained(pipeline_directory / "unet")
     for name, tensor in expected.state_dict().items():
         assert_same(reverted.state_dict()[name], tensor, name)
+    # Another file in that folder (EMA weights beside the model's) keeps its own name: it is
+    # not the model's weights.
+    shutil.copy(tmp_path / "pipe" / "unet" / "model.flashpack", tmp_path / "pipe" / "unet" / "ema.flashpack")
+    run("revert", tmp_path / "pipe" / "unet" / "ema.flashpack")
+    assert (tmp_path / "pipe" / "unet" / "ema.safetensors").is_file()
 
 
 def test_convert_pipeline_directory_refuses_what_it_cannot_honour(pipeline_directory, tmp_path):

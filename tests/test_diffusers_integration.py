@@ -189,6 +189,13 @@ def test_pipeline_dtype_under_either_name(tmp_path, argument):
     assert torch.equal(loaded.unet.conv_in.weight, pipeline.unet.conv_in.weight.to(torch.bfloat16))
 
 
+def test_a_pipelines_bad_target_dtype_writes_nothing(tmp_path):
+    pipeline = FlashDDPMPipeline(unet=tiny_unet(FlashUNet), scheduler=DDPMScheduler(num_train_timesteps=10))
+    with pytest.raises(ValueError, match="target_dtype for 'unet': unknown dtype 'bf17'"):
+        pipeline.save_pretrained_flashpack(tmp_path / "out", target_dtype={"unet": "bf17", "default": "fp16"})
+    assert not (tmp_path / "out").exists()
+
+
 def test_pipeline_dtype_and_torch_dtype_must_agree(tmp_path):
     pipeline = FlashDDPMPipeline(unet=tiny_unet(FlashUNet), scheduler=DDPMScheduler(num_train_timesteps=10))
     pipeline.save_pretrained_flashpack(tmp_path)

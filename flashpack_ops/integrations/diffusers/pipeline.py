@@ -91,6 +91,11 @@ def save_pipeline_flashpack(
     save_directory = os.fspath(save_directory)
     if not is_main_process:
         return
+    for name, dtype in (target_dtype.items() if isinstance(target_dtype, dict) else [("", target_dtype)]):
+        try:
+            parse_dtype(dtype)  # checked before anything is written
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"save_pretrained_flashpack: target_dtype{f' for {name!r}' if name else ''}: {e}") from None
     os.makedirs(save_directory, exist_ok=True)
     transformers_model = _transformers_model_class()
     for name in _component_entries(dict(pipeline.config)):
