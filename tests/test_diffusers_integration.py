@@ -600,3 +600,10 @@ def test_a_pipeline_repo_downloads_the_flashpack_files_and_the_weights_of_what_h
     assert "unet/model.flashpack" in fetched and "vqvae/diffusion_pytorch_model.safetensors" in fetched
     assert "unet/diffusion_pytorch_model.safetensors" not in fetched
     assert set(fetched) | {"unet/diffusion_pytorch_model.safetensors"} == set(hub.files("org/ldm"))
+
+
+def test_a_compiled_model_saves_as_the_model_it_compiles(tmp_path):
+    unet = tiny_unet()
+    save_pretrained_flashpack(torch.compile(unet), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["_class_name"] == "UNet2DModel"
+    assert_same_model(from_pretrained_flashpack(UNet2DModel, tmp_path), unet)

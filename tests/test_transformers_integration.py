@@ -661,3 +661,11 @@ def test_a_repo_without_a_flashpack_file_says_how_to_convert_it(model, hub):
                                                 "`flashpack convert org/plain DIRECTORY`"):
         FlashLlama.from_pretrained_flashpack("org/plain")
     assert hub.fetched("org/plain") == ["config.json", "generation_config.json"]  # not its weights
+
+
+def test_a_compiled_model_saves_as_the_model_it_compiles(model, tmp_path):
+    compiled = torch.compile(model)  # not run: the wrapper alone
+    save_pretrained_flashpack(compiled, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert not any(name.startswith("_orig_mod.") for name in flashpack_ops.load_file(tmp_path / "model.flashpack"))
+    assert torch.equal(logits(from_pretrained_flashpack(LlamaForCausalLM, tmp_path)), logits(model))

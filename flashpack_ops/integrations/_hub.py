@@ -131,7 +131,8 @@ def resolve_pipeline_directory(name_or_path: Union[str, "os.PathLike[str]"], **h
     if os.path.isdir(name) or not looks_like_repo_id(name):
         return resolve_directory(name, **hub)
     first = resolve_directory(name, allow_patterns=["model_index.json", f"*/{FLASHPACK_FILE}"], **hub)
-    converted = sorted(entry for entry in os.listdir(first) if os.path.isfile(os.path.join(first, entry, FLASHPACK_FILE)))
+    converted = sorted(entry for entry in os.listdir(first)
+                       if os.path.isfile(os.path.join(first, entry, FLASHPACK_FILE)))
     snapshot = os.path.basename(os.path.normpath(first))
     if hub.get("local_dir") is None and re.fullmatch(r"[0-9a-f]{40}", snapshot):
         hub["revision"] = snapshot  # the commit the first pass read, whatever the branch holds by now
@@ -165,6 +166,18 @@ def library_class(cls: type, root: type) -> type:
         if base.__module__.split(".")[0] in ("diffusers", "transformers") and issubclass(base, root):
             return base
     return cls
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside torch.compile's and (Distributed)DataParallel's wrappers, as
+    save_pretrained saves it: its config, its class and its tensors' own names."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
 
 
 def checked_save_directory(save_directory: Union[str, "os.PathLike[str]"]) -> str:

@@ -14,7 +14,7 @@ from ...api import assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
 from .._hub import (build_and_load_dtypes, checked_save_directory, dispatch_placed, library_class, loading_info,
-                    locate_flashpack, parse_dtype, place_model, take_load_kwargs, upload_directory,
+                    locate_flashpack, parse_dtype, place_model, take_load_kwargs, unwrapped, upload_directory,
                     warn_unused_save_kwargs, write_weights)
 
 M = TypeVar("M", bound=ModelMixin)
@@ -89,6 +89,7 @@ def save_pretrained_flashpack(
     warn_unused_save_kwargs(kwargs, "save_pretrained_flashpack")
     save_directory = checked_save_directory(save_directory)
     target_dtype = parse_dtype(target_dtype)  # "bf16", "torch.float16": checked before anything is written
+    model = unwrapped(model)  # a torch.compile'd model saves as the model it compiles
     if is_main_process:
         os.makedirs(save_directory, exist_ok=True)
         model.save_config(save_directory)

@@ -16,7 +16,7 @@ from ..._warnings import warn
 from ...commands import checkpoint_tensor_sizes
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, read_metadata
 from .._hub import (FLASHPACK_FILE, SPREADING_DEVICE_MAPS, AutoDeviceMap, library_class, parse_dtype,
-                    resolve_pipeline_directory, take_load_kwargs, upload_directory, warn_unused_save_kwargs)
+                    resolve_pipeline_directory, take_load_kwargs, unwrapped, upload_directory, warn_unused_save_kwargs)
 from . import model as diffusers_model
 
 P = TypeVar("P", bound=DiffusionPipeline)
@@ -102,7 +102,7 @@ def save_pipeline_flashpack(
         component = getattr(pipeline, name, None)
         if component is None:
             continue
-        component = getattr(component, "_orig_mod", component)  # unwrap torch.compile
+        component = unwrapped(component)  # a torch.compile'd model saves as the model it compiles
         sub_directory = os.path.join(save_directory, name)
         dtype = _for_component(target_dtype, name)
         if isinstance(component, ModelMixin):
@@ -153,7 +153,7 @@ def _name_library_classes(pipeline: DiffusionPipeline, index_path: str) -> None:
     for name, entry in _component_entries(index).items():
         component = getattr(pipeline, name, None)
         if component is not None and entry[0] is not None:
-            cls = _library_class(type(getattr(component, "_orig_mod", component)))
+            cls = _library_class(type(unwrapped(component)))
             if cls is not type(component):
                 index[name] = [cls.__module__.split(".")[0], cls.__name__]
     with open(index_path, "w", encoding="utf-8") as f:
