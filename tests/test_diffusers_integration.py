@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -284,6 +285,38 @@ def test_autopipeline_classes_load_their_task_of_a_saved_pipeline_as_diffusers_d
     loaded = auto.from_pretrained_flashpack(tmp_path / "fp")
     expected = auto.from_pretrained(tmp_path / "hf")
     assert type(loaded) is type(expected)
+    for name in ("unet", "vae", "text_encoder"):
+        assert_same_model(getattr(loaded, name), getattr(expected, name))
+
+
+@pytest.mark.parametrize("auto_class", ["AutoPipelineForText2Image", "AutoPipelineForImage2Image",
+                                        "AutoPipelineForInpainting"])
+@pytest.mark.parametrize("options", ["controlnet", "enable_pag", "both"])
+def test_autopipeline_classes_load_the_controlnet_or_pag_pipeline_asked_for_as_diffusers_does(tmp_path, auto_class,
+                                                                                            options):
+    from diffusers import ControlNetModel
+
+    pipeline = tiny_stable_diffusion(tmp_path / "vocab")
+    pipeline.save_pretrained(tmp_path / "hf")
+    save_pipeline_flashpack(pipeline, tmp_path / "fp")
+    flashpack_ops.patch_integrations()
+    torch.manual_seed(1)
+    kwargs = {}
+    if options in ("controlnet", "both"):
+        kwargs["controlnet"] = ControlNetModel.from_unet(pipeline.unet)
+    if options in ("enable_pag", "both"):
+        kwargs["enable_pag"] = True
+    auto = getattr(diffusers, auto_class)
+    try:
+        expected = auto.from_pretrained(tmp_path / "hf", **dict(kwargs))
+    except ValueError as e:  # a combination diffusers has no pipeline for: the same refusal
+        with pytest.raises(ValueError, match=re.escape(str(e))):
+            auto.from_pretrained_flashpack(tmp_path / "fp", **kwargs)
+        return
+    loaded = auto.from_pretrained_flashpack(tmp_path / "fp", **kwargs)
+    assert type(loaded) is type(expected)
+    if "controlnet" in kwargs:
+        assert loaded.controlnet is kwargs["controlnet"]
     for name in ("unet", "vae", "text_encoder"):
         assert_same_model(getattr(loaded, name), getattr(expected, name))
 

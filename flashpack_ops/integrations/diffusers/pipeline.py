@@ -7,7 +7,7 @@ import importlib.util
 import inspect
 import json
 import os
-from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
 import torch
 from diffusers import DiffusionPipeline, ModelMixin
@@ -247,7 +247,7 @@ def load_pipeline_flashpack(
     token: Optional[Union[str, bool]] = None,
     local_files_only: bool = False,
     force_download: bool = False,
-    _task_mapping: Optional[Dict[str, type]] = None,
+    _task_class: Optional[Callable[[str, Dict[str, Any]], type]] = None,
     **kwargs: Any,
 ) -> P:
     """Load a pipeline saved by :func:`save_pipeline_flashpack` (or the reference package).
@@ -305,10 +305,8 @@ def load_pipeline_flashpack(
     custom_pipeline = kwargs.pop("custom_pipeline", None)
     trust_remote_code = kwargs.pop("trust_remote_code", False)
     custom_revision = kwargs.pop("custom_revision", None)
-    if _task_mapping is not None:  # an AutoPipeline class: that task's pipeline of the saved one's family
-        from diffusers.pipelines.auto_pipeline import _get_task_class
-
-        pipeline_class = _get_task_class(_task_mapping, config["_class_name"])
+    if _task_class is not None:  # an AutoPipeline class: that task's pipeline of the saved one's family
+        pipeline_class = _task_class(config["_class_name"], kwargs)
     elif custom_pipeline is not None or isinstance(config["_class_name"], (list, tuple)):
         # Code of the user's own (a file, or the directory's), found and trusted as diffusers does.
         from diffusers.pipelines.pipeline_loading_utils import _get_pipeline_class, _resolve_custom_pipeline_and_cls
