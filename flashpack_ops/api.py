@@ -762,7 +762,7 @@ def assign_from_file(
     if unexpected and strict is not False and (check_params or check_buffers):
         problems.append(_format_names(f"names in the file that {type(model).__name__} does not have", unexpected))
     if problems:
-        hint = _prefix_hint(missing_params + missing_buffers, unexpected)
+        hint = _prefix_hint(as_named, unexpected)
         raise ValueError(f"Error while assigning {path} to {type(model).__name__}: " + "; ".join(problems) + hint)
 
     _separate_shared_memory(unique)

@@ -619,6 +619,21 @@ def test_a_base_model_from_a_checkpoint_with_a_head_names_what_it_lacks_as_the_m
         from_pretrained_flashpack(transformers.BertModel, tmp_path)
 
 
+def test_a_base_model_from_a_file_saved_under_a_wrapper_hints_the_wrappers_prefix(model, tmp_path):
+    # A training wrapper held the whole LlamaForCausalLM as .model: the file's names start
+    # "model.model.", and the base LlamaModel (loaded through the class with a head) is told so.
+    class Trainer(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner
+
+    save_pretrained_flashpack(model, tmp_path)
+    flashpack_ops.save_file(Trainer(model).state_dict(), tmp_path / "model.flashpack")
+    with pytest.raises(ValueError, match=r"to LlamaModel: \d+ parameters missing from the file: embed_tokens\.weight, "
+                                         r".*\(the file holds the missing names under 'model\.model\.'"):
+        from_pretrained_flashpack(transformers.LlamaModel, tmp_path)
+
+
 def test_a_warning_points_at_the_callers_line(model, tmp_path):
     # Raised deep inside the package (through the mixin's classmethod): attributed to this file.
     model.save_pretrained_flashpack(tmp_path, ignore_names=["model.norm.weight"])
