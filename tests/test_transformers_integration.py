@@ -505,6 +505,25 @@ def test_loading_info_says_what_from_pretrained_says(tmp_path):
     assert not ours["missing_keys"] and "lm_head.weight" not in flashpack_ops.load_file(llama_dir / "model.flashpack")
 
 
+def test_loading_info_leaves_out_a_tied_tensors_second_names_as_from_pretrained_does(tmp_path):
+    # Base models from files saved with a tied head: the head's tied names (lm_head.weight,
+    # BERT's decoder weight and bias) are in our file but never written by save_pretrained.
+    torch.manual_seed(0)
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32))
+    cases = [(LlamaForCausalLM(tiny_config()), transformers.LlamaModel), (bert, transformers.BertModel)]
+    for saved, base_class in cases:
+        directory = tmp_path / base_class.__name__
+        saved.save_pretrained(directory / "hf")
+        save_pretrained_flashpack(saved, directory / "fp")
+        _, theirs = base_class.from_pretrained(directory / "hf", output_loading_info=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, ours = from_pretrained_flashpack(base_class, directory / "fp", strict=False, output_loading_info=True)
+        assert ours["unexpected_keys"] == theirs["unexpected_keys"], base_class.__name__
+
+
 def test_a_sub_models_missing_weights_get_its_own_init(tmp_path):
     # In a multimodal model, a vision tower's tensors are initialised by the tower's own
     # _init_weights and config, as from_pretrained does: CLIP scales its attention

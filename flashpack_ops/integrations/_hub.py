@@ -388,10 +388,20 @@ def loading_info(model: torch.nn.Module, path: str, missing: Optional[List[str]]
     caller knows them, the tensors the load initialised because the file lacks them, named
     as in the returned model (a head added to a base checkpoint; not a weight tied to one
     the file holds). Otherwise they are the model's names the file does not hold."""
-    in_file = {entry["name"] for entry in read_metadata(path)["index"]}
+    index = read_metadata(path)["index"]
+    in_file = {entry["name"] for entry in index}
     in_model = set(model.state_dict())
     missing = sorted(in_model - in_file) if missing is None else sorted(set(missing))
-    return {"missing_keys": missing, "unexpected_keys": sorted(in_file - in_model),
+    # A tied tensor's second names (lm_head.weight beside the embedding) are not reported:
+    # save_pretrained does not write them, so from_pretrained never finds them unexpected.
+    first_names: Dict[Tuple[int, int, int], str] = {}
+    second_names = set()
+    for entry in index:
+        if entry["length"]:
+            key = (entry.get("macroblock", 0), entry["offset"], entry["length"])
+            if first_names.setdefault(key, entry["name"]) != entry["name"]:
+                second_names.add(entry["name"])
+    return {"missing_keys": missing, "unexpected_keys": sorted(in_file - in_model - second_names),
             "mismatched_keys": [], "error_msgs": []}
 
 
