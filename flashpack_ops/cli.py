@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import List, Optional
 
 EXAMPLES = """\
@@ -196,6 +197,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.destination = extras[0]
     elif extras:
         args.parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    with warnings.catch_warnings():
+        # A warning is one line, like an error: the command's, not a line of the package's source.
+        warnings.showwarning = lambda message, category, *rest, **kwargs: print(
+            f"flashpack {args.command}: warning: {message}", file=sys.stderr)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         args.run(args)
         sys.stdout.flush()

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._warnings import warn
 from .api import filter_state_dict
 from .integrations._hub import FLASHPACK_FILE, OTHER_FRAMEWORKS, looks_like_repo_id, parse_dtype, resolve_directory
 from .ops import _identity, _path, load_file, read_metadata, save_file
@@ -324,19 +325,22 @@ def _convert_model_directory(model_class: type, directory: str, destination: str
     finally:
         library.logging.set_verbosity(verbosity)
     # The model built from config.json must take the checkpoint whole: a tensor it leaves out
-    # would be lost, one it lacks would be written at random (AutoModel, for a config naming
-    # no architecture, builds the base of a model without its head).
-    unused, made_up = sorted(info.get("unexpected_keys") or []), sorted(info.get("missing_keys") or [])
-    if unused or made_up:
-        problems = ([f"{len(unused)} tensors it has no place for ({', '.join(unused[:5])}"
-                     f"{', ...' if len(unused) > 5 else ''})"] if unused else []) + \
-                   ([f"{len(made_up)} tensors the checkpoint lacks ({', '.join(made_up[:5])}"
-                     f"{', ...' if len(made_up) > 5 else ''})"] if made_up else [])
-        built = (f"config.json names no architecture, and AutoModel builds a {type(model).__name__}"
-                 if model_class.__name__ == "AutoModel" else f"config.json names {model_class.__name__}")
-        raise ValueError(f"{directory}: {built}, which does not match the checkpoint: {' and '.join(problems)}; "
-                         "name the model's class in config.json (\"architectures\") or convert the weights file "
-                         "itself")
+    # would be lost (AutoModel, for a config naming no architecture, builds the base of a
+    # model without its head). One the checkpoint lacks (a pooler, a head) from_pretrained
+    # initialises at random: it is left out of the file, and from_pretrained_flashpack(...,
+    # strict=False) initialises it as from_pretrained does.
+    unused, lacking = sorted(info.get("unexpected_keys") or []), sorted(info.get("missing_keys") or [])
+    built = (f"config.json names no architecture, and AutoModel builds a {type(model).__name__}"
+             if model_class.__name__ == "AutoModel" else f"config.json names {model_class.__name__}")
+    if unused:
+        raise ValueError(f"{directory}: {built}, which does not match the checkpoint: {len(unused)} tensors it has "
+                         f"no place for ({', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''}); name the "
+                         "model's class in config.json (\"architectures\") or convert the weights file itself")
+    if lacking:
+        warn(f"{directory}: the checkpoint lacks {len(lacking)} tensors {type(model).__name__} has "
+             f"({', '.join(lacking[:5])}{', ...' if len(lacking) > 5 else ''}); they are left out of the file: "
+             "load it with strict=False to initialise them as from_pretrained does")
+        ignore = dict(ignore, ignore_names=list(ignore.get("ignore_names") or []) + lacking)
     save_pretrained_flashpack(model, destination, target_dtype=dtype, checksum=checksum, **ignore)
     return os.path.join(destination, FLASHPACK_FILE)
 

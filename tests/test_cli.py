@@ -215,7 +215,7 @@ def test_convert_transformers_directory(tmp_path):
         assert torch.equal(loaded(ids).logits, expected(ids).logits)
 
 
-def test_convert_refuses_a_directory_whose_model_would_drop_or_invent_tensors(tmp_path):
+def test_convert_refuses_a_directory_whose_model_would_drop_tensors(tmp_path):
     # A config.json naming no architecture: AutoModel builds the base model, which has no place
     # for lm_head. The command must not write a file without it (and exit 0).
     transformers = pytest.importorskip("transformers")
@@ -230,14 +230,33 @@ def test_convert_refuses_a_directory_whose_model_would_drop_or_invent_tensors(tm
                           "config.json names no architecture, and AutoModel builds a LlamaModel, which does not "
                           "match the checkpoint: 1 tensors it has no place for (lm_head.weight)")
     assert not (tmp_path / "fp" / "model.flashpack").exists()
-    # A base checkpoint under a config naming a model with a head: the head would be random.
-    transformers.LlamaModel(config).save_pretrained(tmp_path / "base")
-    described = json.loads((tmp_path / "base" / "config.json").read_text())
-    described["architectures"] = ["LlamaForCausalLM"]
-    (tmp_path / "base" / "config.json").write_text(json.dumps(described))
-    assert_one_line_error(run("convert", tmp_path / "base", tmp_path / "fp2", check=False),
-                          "config.json names LlamaForCausalLM, which does not match the checkpoint: 1 tensors the "
-                          "checkpoint lacks (lm_head.weight)")
+
+
+def test_convert_leaves_out_what_the_checkpoint_lacks_for_the_load_to_initialise(tmp_path):
+    # A BertModel saved without its pooler (as embedding models are): from_pretrained loads it
+    # and initialises the pooler. The file holds the checkpoint's tensors only, not a random
+    # pooler passed off as trained; from_pretrained_flashpack(strict=False) initialises it.
+    transformers = pytest.importorskip("transformers")
+    from flashpack_ops.integrations.transformers import from_pretrained_flashpack
+
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.BertModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "hf")
+    result = run("convert", tmp_path / "hf", tmp_path / "fp")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flashpack convert: warning: ") and \
+        "the checkpoint lacks 2 tensors BertModel has (pooler.dense.bias, pooler.dense.weight); they are left out " \
+        "of the file: load it with strict=False" in lines[0], result.stderr
+    stored = flashpack_ops.load_file(tmp_path / "fp" / "model.flashpack")
+    expected = transformers.BertModel.from_pretrained(tmp_path / "hf").state_dict()
+    assert set(stored) == set(expected) - {"pooler.dense.weight", "pooler.dense.bias"}
+    with pytest.raises(ValueError, match="2 parameters missing from the file: pooler"):
+        from_pretrained_flashpack(transformers.BertModel, tmp_path / "fp")
+    with pytest.warns(UserWarning, match="initialised as from_pretrained initialises them"):
+        loaded = from_pretrained_flashpack(transformers.BertModel, tmp_path / "fp", strict=False)
+    for name, tensor in stored.items():
+        assert_same(loaded.state_dict()[name], tensor, name)
 
 
 def test_a_directory_saved_here_converts_back_whole_after_revert(tmp_path):
