@@ -6,16 +6,21 @@ import glob
 import importlib
 import json
 import os
+import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ._warnings import warn
 from .api import filter_state_dict
-from .integrations._hub import FLASHPACK_FILE, OTHER_FRAMEWORKS, looks_like_repo_id, parse_dtype, resolve_directory
+from .integrations._hub import (FLASHPACK_FILE, OTHER_FRAMEWORKS, TORCH_WEIGHTS, has_variant, looks_like_repo_id,
+                                parse_dtype, repo_files, resolve_directory, unread_weights)
 from .ops import _identity, _path, load_file, read_metadata, save_file
 
-TORCH_EXTENSIONS = (".bin", ".pt", ".pth", ".ckpt")
+TORCH_EXTENSIONS = TORCH_WEIGHTS
+# A sharded checkpoint's index: model.safetensors.index.json, or a variant's,
+# model.safetensors.index.fp16.json (transformers' and diffusers' name for it).
+_INDEX = re.compile(r"\.index(\.[^./]+)?\.json$")
 WEIGHT_EXTENSIONS = (".safetensors",) + TORCH_EXTENSIONS
 # Names a flashpack file must not take: other readers would take it for their format, and it
 # could be the very checkpoint being converted.
@@ -56,6 +61,10 @@ def _is_safetensors(path: str) -> bool:
     with open(path, "rb") as f:
         head = f.read(9)
     return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8
+
+
+def _is_index(name: str) -> bool:
+    return _INDEX.search(name) is not None
 
 
 def read_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
@@ -99,7 +108,7 @@ def checkpoint_metadata(path: str) -> Optional[Dict[str, str]]:
     that disagree."""
     from safetensors import safe_open as safetensors_open
 
-    if path.endswith(".index.json"):
+    if _is_index(path):
         with open(path, encoding="utf-8") as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         files = [os.path.join(os.path.dirname(path), shard) for shard in shards]
@@ -122,7 +131,7 @@ def _weights_in_directory(directory: str, variant: Optional[str]) -> str:
     if variant:
         found = _one_checkpoint(directory, names, lambda name: f".{variant}." in name)
     else:
-        found = _one_checkpoint(directory, names, lambda name: not _has_variant(name))
+        found = _one_checkpoint(directory, names, lambda name: not has_variant(name))
         if found is None:
             # A stem with dots (Meta's consolidated.00.pth, my.model.safetensors) looks like a
             # variant; when nothing else is there, such a file is the checkpoint.
@@ -137,8 +146,7 @@ def _weights_in_directory(directory: str, variant: Optional[str]) -> str:
 def _one_checkpoint(directory: str, names: Sequence[str], matches: Callable[[str], bool]) -> Optional[str]:
     """The single index or weights file among ``names`` that ``matches``; None if there is none."""
     for kind in (".safetensors", TORCH_EXTENSIONS):
-        indexes = [n for n in names if n.endswith(".index.json") and matches(n)
-                   and n[: -len(".index.json")].endswith(kind)]
+        indexes = [n for n in names if _is_index(n) and matches(n) and n[:_INDEX.search(n).start()].endswith(kind)]
         if len(indexes) == 1:
             return os.path.join(directory, indexes[0])
         files = [n for n in names if n.endswith(kind) and matches(n)]
@@ -148,12 +156,6 @@ def _one_checkpoint(directory: str, names: Sequence[str], matches: Callable[[str
             raise ValueError(f"{directory} holds several checkpoints ({', '.join(indexes + files)}); "
                              "convert one file, or its .index.json")
     return None
-
-
-def _has_variant(name: str) -> bool:
-    # model.fp16.safetensors, diffusion_pytorch_model.fp16-00001-of-00002.safetensors
-    stem = name.split(".index.json")[0]
-    return stem.count(".") >= 2
 
 
 def _destination_file(destination: Optional[str], default: str) -> str:
@@ -173,7 +175,7 @@ def _save(state_dict: Dict[str, torch.Tensor], destination: str, ignore: Dict[st
 
 def _checkpoint_files(path: str) -> List[str]:
     """``path``, and the shards it lists when it is an ``.index.json``."""
-    if not path.endswith(".index.json"):
+    if not _is_index(path):
         return [path]
     with open(path, encoding="utf-8") as f:
         weight_map = json.load(f).get("weight_map")
@@ -281,7 +283,7 @@ def _stored_float_dtype(directory: str, variant: Optional[str]) -> Optional[torc
         weights = _weights_in_directory(directory, variant)
     except (FileNotFoundError, ValueError):
         return None
-    if weights.endswith(".index.json"):
+    if _is_index(weights):
         with open(weights, encoding="utf-8") as f:
             shards = sorted(set(json.load(f).get("weight_map", {}).values()))
         weights = os.path.join(directory, shards[0]) if shards else ""
@@ -373,22 +375,14 @@ def _convert_pipeline_directory(directory: str, destination: str, dtype: Optiona
 
 def _not_converted(repo_id: str, revision: Optional[str], variant: Optional[str]) -> List[str]:
     """Files of a Hub repo a conversion does not read, as download ignore patterns: other
-    frameworks' weights, flashpack files, and torch files in a folder whose weights (in the
-    variant asked for) are also in safetensors, which is what the conversion reads there."""
+    frameworks' weights, flashpack files, and in each folder the weights from_pretrained
+    would not read either (other variants', torch files beside safetensors)."""
     ignored = list(OTHER_FRAMEWORKS) + ["*.flashpack"]
-    try:
-        from huggingface_hub import HfApi
-
-        files = HfApi().list_repo_files(repo_id, revision=revision)
-    except Exception:  # offline, or the Hub's refusal: the download itself then says which
+    files = repo_files(repo_id, revision)
+    if files is None:
         return ignored
-    def chosen(name: str) -> bool:  # as _weights_in_directory chooses
-        name = os.path.basename(name)
-        return f".{variant}." in name if variant else not _has_variant(name)
-
-    in_safetensors = {os.path.dirname(f) for f in files if f.endswith(".safetensors") and chosen(f)}
-    return ignored + [glob.escape(f) for f in files
-                      if f.endswith(TORCH_EXTENSIONS) and os.path.dirname(f) in in_safetensors]
+    folders = sorted({os.path.dirname(f) for f in files})
+    return ignored + [glob.escape(f) for f in unread_weights(files, folders, variant)]
 
 
 def convert_to_flashpack(
@@ -458,7 +452,7 @@ def convert_to_flashpack(
 
     source = os.fspath(source)
     if os.path.isfile(source):
-        is_index = source.endswith(".index.json")
+        is_index = _is_index(source)
         default = os.path.join(os.path.dirname(source), FLASHPACK_FILE) if is_index else \
             os.path.splitext(source)[0] + ".flashpack"
         destination = _destination_file(destination_path, default)
@@ -470,7 +464,7 @@ def convert_to_flashpack(
 
     if not os.path.isdir(source):
         # A name like a file's is a missing file, even where it could pass for a repo id.
-        if not os.path.exists(source) and source.endswith(WEIGHT_EXTENSIONS + (".index.json", ".flashpack")):
+        if not os.path.exists(source) and (source.endswith(WEIGHT_EXTENSIONS + (".flashpack",)) or _is_index(source)):
             raise FileNotFoundError(f"{source}: no such file or directory")
         if not looks_like_repo_id(source):
             raise FileNotFoundError(f"{source}: no such file or directory, and not a Hugging Face Hub repo id")
@@ -487,7 +481,7 @@ def convert_to_flashpack(
     # A local directory is converted in place by default: from_pretrained_flashpack reads it as is.
     destination = destination_path if destination_path is not None else model_dir
 
-    if not any(n.endswith(WEIGHT_EXTENSIONS + (".index.json",)) for n in os.listdir(model_dir)) and \
+    if not any(n.endswith(WEIGHT_EXTENSIONS) or _is_index(n) for n in os.listdir(model_dir)) and \
             _read_config(model_dir, "model_index.json") is None:
         raise FileNotFoundError(f"{model_dir} holds no checkpoint to convert (.safetensors, .bin, .pt, .ckpt or "
                                 ".index.json)")
@@ -512,7 +506,7 @@ def convert_to_flashpack(
     weights = _weights_in_directory(model_dir, variant)
     output = _destination_file(destination, os.path.join(model_dir, FLASHPACK_FILE))
     _check_destination(output, _checkpoint_files(weights))
-    state_dict = read_sharded(weights, quiet=silent) if weights.endswith(".index.json") else read_state_dict_file(weights)
+    state_dict = read_sharded(weights, quiet=silent) if _is_index(weights) else read_state_dict_file(weights)
     _save(state_dict, output, ignore, target_dtype=target_dtype, checksum=checksum,
           metadata=checkpoint_metadata(weights))
     return output

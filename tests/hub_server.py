@@ -82,10 +82,10 @@ class Hub:
             return f.read()
 
     def fetched(self, repo):
-        """The files of ``repo`` whose content was downloaded."""
+        """The files of ``repo`` that were downloaded: asked for (a file whose bytes another one
+        already brought is taken from huggingface_hub's cache after its headers alone)."""
         prefix = f"/{repo}/resolve/{COMMIT}/"
-        return sorted({path[len(prefix):] for method, path in self.requests
-                       if method == "GET" and path.startswith(prefix)})
+        return sorted({path[len(prefix):] for _, path in self.requests if path.startswith(prefix)})
 
     def close(self):
         self.server.shutdown()

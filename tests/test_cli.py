@@ -684,3 +684,24 @@ def test_convert_repo_id_downloads_the_weights_it_converts_and_no_others(tmp_pat
     run("convert", "org/raw", tmp_path / "fp16.flashpack", "--variant", "fp16")
     assert_file_holds(tmp_path / "fp16.flashpack", state_dict(1))
     assert "pytorch_model.fp16.bin" in hub.fetched("org/raw") and not set(hub.fetched("org/raw")) & set(others)
+    # Offline, the same conversions read what the cache holds.
+    run("convert", "org/raw", tmp_path / "offline.flashpack", env={"HF_HUB_OFFLINE": "1"})
+    assert_file_holds(tmp_path / "offline.flashpack", state_dict())
+
+
+def test_convert_repo_id_with_a_sharded_variant_downloads_its_shards_only(tmp_path, hub):
+    from safetensors.torch import save_file
+
+    repo = os.path.join(hub.root, "org", "shards")
+    os.makedirs(repo)
+    tensors = state_dict()
+    names = sorted(tensors)
+    shards = {"model.fp16-00001-of-00002.safetensors": names[:2], "model.fp16-00002-of-00002.safetensors": names[2:]}
+    for shard, held in shards.items():
+        save_file({n: tensors[n] for n in held}, os.path.join(repo, shard))
+    with open(os.path.join(repo, "model.safetensors.index.fp16.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": {n: shard for shard, held in shards.items() for n in held}}, f)
+    torch.save(tensors, os.path.join(repo, "pytorch_model.fp16.bin"))
+    run("convert", "org/shards", tmp_path / "out.flashpack", "--variant", "fp16")
+    assert_file_holds(tmp_path / "out.flashpack", tensors)
+    assert hub.fetched("org/shards") == sorted(list(shards) + ["model.safetensors.index.fp16.json"])

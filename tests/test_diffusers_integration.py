@@ -613,26 +613,58 @@ def test_balanced_sizes_a_component_whose_code_lies_in_its_folder(tmp_path):
     assert our_plan(tmp_path, TIGHT, trust_remote_code=True) == expected
 
 
-def test_a_pipeline_repo_downloads_the_flashpack_files_and_the_weights_of_what_has_none(hub):
-    # A repo holding a pipeline in both formats, but for the vqvae, kept in safetensors only.
+def ldm_repo(hub, name):
+    """A repo holding an LDM pipeline saved by diffusers, its unet also in flashpack, and
+    files no load reads: a single-file checkpoint at the top, a folder no component names,
+    ONNX and flax exports, and the vqvae's weights as float16 variant and torch file too."""
     pipeline = tiny_ldm_pipeline()
-    repo = os.path.join(hub.root, "org", "ldm")
+    repo = os.path.join(hub.root, "org", name)
     pipeline.save_pretrained(repo)
+    pipeline.save_pretrained(repo, variant="fp16")  # the same weights, as variant files
+    torch.save(pipeline.vqvae.state_dict(), os.path.join(repo, "vqvae", "diffusion_pytorch_model.bin"))
     save_pipeline_flashpack(pipeline, repo + "-fp")
-    for name in ("unet", "model_index.json"):
-        source = os.path.join(repo + "-fp", name)
-        if os.path.isdir(source):
-            for entry in os.listdir(source):
-                os.replace(os.path.join(source, entry), os.path.join(repo, name, entry))
-        else:
-            os.replace(source, os.path.join(repo, name))
-    loaded = load_pipeline_flashpack(DiffusionPipeline, "org/ldm")
+    for entry in os.listdir(os.path.join(repo + "-fp", "unet")):
+        os.replace(os.path.join(repo + "-fp", "unet", entry), os.path.join(repo, "unet", entry))
+    os.replace(os.path.join(repo + "-fp", "model_index.json"), os.path.join(repo, "model_index.json"))
+    extras = {"ldm-single-file.safetensors": b"a", "unet_ema/diffusion_pytorch_model.safetensors": b"b",
+              "onnx/unet/model.onnx": b"c", "vqvae/diffusion_pytorch_model.msgpack": b"d"}
+    for extra, content in extras.items():
+        os.makedirs(os.path.dirname(os.path.join(repo, extra)), exist_ok=True)
+        with open(os.path.join(repo, extra), "wb") as f:
+            f.write(content)
+    return pipeline, f"org/{name}"
+
+
+def test_a_pipeline_repo_downloads_what_its_load_reads(hub):
+    pipeline, repo = ldm_repo(hub, "ldm")
+    loaded = load_pipeline_flashpack(DiffusionPipeline, repo)
     for name in ("unet", "vqvae"):
         assert_same_model(getattr(loaded, name), getattr(pipeline, name))
-    fetched = hub.fetched("org/ldm")
-    assert "unet/model.flashpack" in fetched and "vqvae/diffusion_pytorch_model.safetensors" in fetched
-    assert "unet/diffusion_pytorch_model.safetensors" not in fetched
-    assert set(fetched) | {"unet/diffusion_pytorch_model.safetensors"} == set(hub.files("org/ldm"))
+    assert hub.fetched(repo) == ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+                                 "unet/model.flashpack", "vqvae/config.json",
+                                 "vqvae/diffusion_pytorch_model.safetensors"]
+
+
+def test_a_pipeline_repo_downloads_the_variant_asked_for_and_not_what_is_passed(hub):
+    pipeline, repo = ldm_repo(hub, "ldm")
+    loaded = load_pipeline_flashpack(DiffusionPipeline, repo, variant="fp16", unet=pipeline.unet)
+    assert loaded.unet is pipeline.unet
+    assert_same_model(loaded.vqvae, pipeline.vqvae)
+    assert hub.fetched(repo) == ["model_index.json", "scheduler/scheduler_config.json", "vqvae/config.json",
+                                 "vqvae/diffusion_pytorch_model.fp16.safetensors"]
+    # Then offline, from what the cache holds.
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_OFFLINE = True  # the hub fixture restores it
+    again = load_pipeline_flashpack(DiffusionPipeline, repo, variant="fp16", unet=pipeline.unet)
+    assert_same_model(again.vqvae, pipeline.vqvae)
+
+
+def test_a_repo_without_model_index_is_no_pipeline(hub):
+    os.makedirs(os.path.join(hub.root, "org", "model"))
+    tiny_unet().save_pretrained(os.path.join(hub.root, "org", "model"))
+    with pytest.raises(FileNotFoundError, match="has no model_index.json; is it a diffusers pipeline directory"):
+        load_pipeline_flashpack(DiffusionPipeline, "org/model")
 
 
 def test_a_compiled_model_saves_as_the_model_it_compiles(tmp_path):

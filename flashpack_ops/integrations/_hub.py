@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shlex
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -123,21 +124,91 @@ def resolve_model_directory(name_or_path: Union[str, "os.PathLike[str]"], subfol
                              ignore_patterns=list(OTHER_WEIGHTS), **hub)
 
 
-def resolve_pipeline_directory(name_or_path: Union[str, "os.PathLike[str]"], **hub: Any) -> str:
-    """A pipeline's directory, downloaded without the other weights of the components that
-    have a ``model.flashpack``; a component without one (a pipeline converted in part) keeps
-    its usual files. Two passes: the index and the flashpack files, then the rest."""
+def repo_files(repo_id: str, revision: Optional[str] = None, token: Any = None,
+               cache_dir: Optional[str] = None) -> Optional[List[str]]:
+    """The files of a Hub repo: from the Hub, or offline from the listing the cache keeps
+    (huggingface_hub 1.x keeps none); None when neither answers."""
+    try:
+        from huggingface_hub import HfApi
+
+        return list(HfApi(token=token).list_repo_files(repo_id, revision=revision))
+    except Exception:  # offline, or the Hub's refusal: the download itself then says which
+        pass
+    try:
+        from huggingface_hub import get_cached_repo_tree
+
+        return [f.path for f in get_cached_repo_tree(repo_id, revision=revision, cache_dir=cache_dir)]
+    except Exception:
+        return None
+
+
+TORCH_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def has_variant(name: str) -> bool:
+    """``model.fp16.safetensors``, ``diffusion_pytorch_model.fp16-00001-of-00002.safetensors``."""
+    return name.split(".index.json")[0].count(".") >= 2
+
+
+def of_variant(name: str, variant: Optional[str]) -> bool:
+    """Whether a weights file is the one the loaders read for ``variant`` (None: no variant)."""
+    if variant is None:
+        return not has_variant(name)
+    return f".{variant}." in name or f".{variant}-" in name
+
+
+def unread_weights(files: Sequence[str], folders: Sequence[str], variant: Optional[str],
+                   use_safetensors: Optional[bool] = None) -> List[str]:
+    """The weights files in ``folders`` (direct children; "" for the top) that a loader does
+    not read there: other variants' files (a folder without files of ``variant`` is read
+    without one, as diffusers reads it) and torch files beside safetensors ones, which the
+    loaders prefer. A folder where nothing matches is left whole."""
+    weights = (".safetensors",) + TORCH_WEIGHTS
+    unread: List[str] = []
+    for folder in folders:
+        names = [f for f in files if os.path.dirname(f) == folder and f.endswith(weights)]
+        chosen = variant if variant and any(of_variant(os.path.basename(f), variant) for f in names) else None
+        read = [f for f in names if of_variant(os.path.basename(f), chosen)]
+        if not read:
+            continue
+        in_safetensors = use_safetensors is not False and any(f.endswith(".safetensors") for f in read)
+        unread += [f for f in names if f not in read or (in_safetensors and f.endswith(TORCH_WEIGHTS))]
+    return unread
+
+
+def resolve_pipeline_directory(name_or_path: Union[str, "os.PathLike[str]"], passed: Sequence[str] = (),
+                               variant: Optional[str] = None, use_safetensors: Optional[bool] = None,
+                               **hub: Any) -> str:
+    """A pipeline's directory, downloaded with what its load reads: the index, and the folders
+    of the components it names and was not ``passed``; of those, the flashpack file and config
+    of each component that has one, and of the others the weights from_pretrained reads
+    (``variant``, safetensors before torch files). In three passes: the index, the flashpack
+    files, the rest."""
     name = os.fspath(name_or_path)
     if os.path.isdir(name) or not looks_like_repo_id(name):
         return resolve_directory(name, **hub)
-    first = resolve_directory(name, allow_patterns=["model_index.json", f"*/{FLASHPACK_FILE}"], **hub)
-    converted = sorted(entry for entry in os.listdir(first)
-                       if os.path.isfile(os.path.join(first, entry, FLASHPACK_FILE)))
+    first = resolve_directory(name, allow_patterns=["model_index.json"], **hub)
+    index_path = os.path.join(first, "model_index.json")
+    if not os.path.isfile(index_path):
+        return first  # no pipeline: the caller says so
     snapshot = os.path.basename(os.path.normpath(first))
     if hub.get("local_dir") is None and re.fullmatch(r"[0-9a-f]{40}", snapshot):
         hub["revision"] = snapshot  # the commit the first pass read, whatever the branch holds by now
-    ignored = [f"{glob.escape(c)}/{pattern}" for c in converted for pattern in OTHER_WEIGHTS + (FLASHPACK_FILE,)]
-    return resolve_directory(name, ignore_patterns=ignored or None, **hub)
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    components = sorted(key for key, value in index.items() if not key.startswith("_") and key not in passed
+                        and isinstance(value, list) and len(value) == 2 and value[0] is not None)
+    folders = [glob.escape(c) for c in components]
+    second = resolve_directory(name, allow_patterns=[f"{c}/{FLASHPACK_FILE}" for c in folders] or ["model_index.json"],
+                               **hub)
+    converted = {c for c in components if os.path.isfile(os.path.join(second, c, FLASHPACK_FILE))}
+    ignored = list(OTHER_FRAMEWORKS) + [f"{glob.escape(c)}/{pattern}" for c in sorted(converted)
+                                        for pattern in OTHER_WEIGHTS + (FLASHPACK_FILE,)]
+    others = [c for c in components if c not in converted]
+    files = repo_files(name, hub.get("revision"), hub.get("token"), hub.get("cache_dir")) if others else None
+    ignored += [glob.escape(f) for f in unread_weights(files or [], others, variant, use_safetensors)]
+    allowed = ["model_index.json", "*.py"] + [f"{c}/*" for c in folders]
+    return resolve_directory(name, allow_patterns=allowed, ignore_patterns=ignored, **hub)
 
 
 def locate_flashpack(name_or_path: Union[str, "os.PathLike[str]"], subfolder: Optional[str] = None,

@@ -15,7 +15,7 @@ from diffusers import DiffusionPipeline, ModelMixin
 from ..._warnings import warn
 from ...commands import checkpoint_tensor_sizes
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, read_metadata
-from .._hub import (FLASHPACK_FILE, SPREADING_DEVICE_MAPS, AutoDeviceMap, library_class, parse_dtype,
+from .._hub import (FLASHPACK_FILE, SPREADING_DEVICE_MAPS, AutoDeviceMap, library_class, of_variant, parse_dtype,
                     resolve_pipeline_directory, take_load_kwargs, unwrapped, upload_directory, warn_unused_save_kwargs)
 from . import model as diffusers_model
 
@@ -296,9 +296,10 @@ def load_pipeline_flashpack(
         raise ValueError(f"{what}: a pipeline loads every component to one device, or spreads whole components "
                          f"over the GPUs with device_map='balanced' as diffusers does; got device_map={strategy!r} "
                          "(pass device=, or load the components one by one with a device_map each)")
-    directory = resolve_pipeline_directory(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
-                                           token=token, local_files_only=local_files_only,
-                                           force_download=force_download)
+    directory = resolve_pipeline_directory(pretrained_model_name_or_path, passed=list(kwargs),
+                                           variant=usual.get("variant"), use_safetensors=usual.get("use_safetensors"),
+                                           revision=revision, cache_dir=cache_dir, token=token,
+                                           local_files_only=local_files_only, force_download=force_download)
     if not os.path.isfile(os.path.join(directory, "model_index.json")):
         raise FileNotFoundError(f"{directory} has no model_index.json; is it a diffusers pipeline directory?")
     config = DiffusionPipeline.load_config(directory)
@@ -439,7 +440,7 @@ def _checkpoint_tensors(sub_directory: str, variant: Optional[str]) -> Optional[
     variant = _variant_in(sub_directory, variant)
 
     def wanted(name: str) -> bool:
-        return f".{variant}." in name if variant else name.count(".") == 1
+        return of_variant(name, variant)
 
     for suffix in (".safetensors", ".bin"):
         files = [os.path.join(sub_directory, f) for f in names if f.endswith(suffix) and wanted(f)]
