@@ -14,7 +14,8 @@ import torch
 from ._warnings import warn
 from .api import filter_state_dict
 from .integrations._hub import (FLASHPACK_FILE, OTHER_FRAMEWORKS, TORCH_WEIGHTS, has_variant, looks_like_repo_id,
-                                parse_dtype, repo_files, resolve_directory, unread_weights)
+                                parse_dtype, repo_files, resolve_directory, resolve_pipeline_directory,
+                                unread_weights)
 from .ops import _identity, _path, load_file, read_metadata, save_file
 
 TORCH_EXTENSIONS = TORCH_WEIGHTS
@@ -373,12 +374,12 @@ def _convert_pipeline_directory(directory: str, destination: str, dtype: Optiona
     return destination
 
 
-def _not_converted(repo_id: str, revision: Optional[str], variant: Optional[str]) -> List[str]:
-    """Files of a Hub repo a conversion does not read, as download ignore patterns: other
-    frameworks' weights, flashpack files, and in each folder the weights from_pretrained
-    would not read either (other variants', torch files beside safetensors)."""
+def _not_converted(files: Optional[List[str]], variant: Optional[str]) -> List[str]:
+    """Files of a Hub repo (its listing, None if unknown) a conversion does not read, as
+    download ignore patterns: other frameworks' weights, flashpack files, and in each folder
+    the weights from_pretrained would not read either (other variants', torch files beside
+    safetensors)."""
     ignored = list(OTHER_FRAMEWORKS) + ["*.flashpack"]
-    files = repo_files(repo_id, revision)
     if files is None:
         return ignored
     folders = sorted({os.path.dirname(f) for f in files})
@@ -470,9 +471,14 @@ def convert_to_flashpack(
             raise FileNotFoundError(f"{source}: no such file or directory, and not a Hugging Face Hub repo id")
         if destination_path is None:
             raise ValueError(f"converting the Hub repo '{source}' needs a destination directory")
-        patterns = [f"{subfolder}/*", "*.json"] if subfolder else None
-        directory = resolve_directory(source, revision=revision, allow_patterns=patterns,
-                                      ignore_patterns=_not_converted(source, revision, variant))
+        files = repo_files(source, revision)
+        if not subfolder and files is not None and "model_index.json" in files:
+            # A pipeline: its components' folders, as its load reads them.
+            directory = resolve_pipeline_directory(source, variant=variant, flashpack=False, revision=revision)
+        else:
+            patterns = [f"{subfolder}/*", "*.json"] if subfolder else None
+            directory = resolve_directory(source, revision=revision, allow_patterns=patterns,
+                                          ignore_patterns=_not_converted(files, variant))
     else:
         directory = source
     model_dir = os.path.join(directory, subfolder) if subfolder else directory

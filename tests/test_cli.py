@@ -689,6 +689,23 @@ def test_convert_repo_id_downloads_the_weights_it_converts_and_no_others(tmp_pat
     assert_file_holds(tmp_path / "offline.flashpack", state_dict())
 
 
+def test_convert_pipeline_repo_id_downloads_its_components_only(tmp_path, hub, pipeline_directory):
+    diffusers = pytest.importorskip("diffusers")
+    repo = os.path.join(hub.root, "org", "pipe")
+    shutil.copytree(pipeline_directory, repo)
+    for extra in ("single-file.safetensors", "unet_ema/diffusion_pytorch_model.safetensors"):
+        os.makedirs(os.path.dirname(os.path.join(repo, extra)), exist_ok=True)
+        shutil.copy(os.path.join(repo, "unet", "diffusion_pytorch_model.safetensors"), os.path.join(repo, extra))
+    run("convert", "org/pipe", tmp_path / "fp")
+    assert not any(f.startswith(("single-file", "unet_ema/")) for f in hub.fetched("org/pipe"))
+    loaded = diffusers.DiffusionPipeline.from_pretrained(pipeline_directory)
+    from flashpack_ops.integrations.diffusers import load_pipeline_flashpack
+
+    converted = load_pipeline_flashpack(diffusers.DiffusionPipeline, tmp_path / "fp")
+    for name, tensor in loaded.unet.state_dict().items():
+        assert_same(converted.unet.state_dict()[name], tensor, name)
+
+
 def test_convert_repo_id_with_a_sharded_variant_downloads_its_shards_only(tmp_path, hub):
     from safetensors.torch import save_file
 

@@ -660,6 +660,48 @@ def test_a_pipeline_repo_downloads_the_variant_asked_for_and_not_what_is_passed(
     assert_same_model(again.vqvae, pipeline.vqvae)
 
 
+def test_a_pipeline_repo_with_a_component_at_its_top_loads_it_from_there(hub, tmp_path):
+    # The text encoder and tokenizer in no folder of their own, at the top of the repo, as
+    # diffusers' loader also reads them; only the unet converted.
+    pipeline = tiny_stable_diffusion(tmp_path / "vocab")
+    repo = os.path.join(hub.root, "org", "flat")
+    pipeline.save_pretrained(repo)
+    for name in ("text_encoder", "tokenizer"):
+        for entry in os.listdir(os.path.join(repo, name)):
+            os.replace(os.path.join(repo, name, entry), os.path.join(repo, entry))
+        os.rmdir(os.path.join(repo, name))
+    save_pretrained_flashpack(pipeline.unet, os.path.join(repo, "unet"))
+    loaded = load_pipeline_flashpack(DiffusionPipeline, "org/flat")
+    expected = DiffusionPipeline.from_pretrained(repo)
+    for name in ("unet", "vae", "text_encoder"):
+        assert_same_model(getattr(loaded, name), getattr(expected, name))
+    assert "unet/diffusion_pytorch_model.safetensors" not in hub.fetched("org/flat")
+
+
+def test_a_pipeline_reloaded_with_local_files_only_asks_the_hub_nothing(hub):
+    pipeline, repo = ldm_repo(hub, "ldm")
+    load_pipeline_flashpack(DiffusionPipeline, repo)
+    hub.requests.clear()
+    again = load_pipeline_flashpack(DiffusionPipeline, repo, local_files_only=True)
+    assert_same_model(again.vqvae, pipeline.vqvae)
+    assert hub.requests == []
+
+
+def test_a_pipeline_repo_downloads_into_a_local_dir(hub, tmp_path):
+    pipeline, repo = ldm_repo(hub, "ldm")
+    loaded = load_pipeline_flashpack(DiffusionPipeline, repo, local_dir=tmp_path / "here")
+    assert_same_model(loaded.unet, pipeline.unet)
+    assert (tmp_path / "here" / "unet" / "model.flashpack").is_file()
+
+
+def test_a_pipeline_repo_without_safetensors_asked_for_downloads_the_torch_files(hub):
+    pipeline, repo = ldm_repo(hub, "ldm")
+    loaded = load_pipeline_flashpack(DiffusionPipeline, repo, use_safetensors=False)
+    assert_same_model(loaded.vqvae, pipeline.vqvae)
+    fetched = [f for f in hub.fetched(repo) if f.startswith("vqvae/")]
+    assert fetched == ["vqvae/config.json", "vqvae/diffusion_pytorch_model.bin"]
+
+
 def test_a_repo_without_model_index_is_no_pipeline(hub):
     os.makedirs(os.path.join(hub.root, "org", "model"))
     tiny_unet().save_pretrained(os.path.join(hub.root, "org", "model"))

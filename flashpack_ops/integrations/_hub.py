@@ -124,16 +124,17 @@ def resolve_model_directory(name_or_path: Union[str, "os.PathLike[str]"], subfol
                              ignore_patterns=list(OTHER_WEIGHTS), **hub)
 
 
-def repo_files(repo_id: str, revision: Optional[str] = None, token: Any = None,
-               cache_dir: Optional[str] = None) -> Optional[List[str]]:
-    """The files of a Hub repo: from the Hub, or offline from the listing the cache keeps
-    (huggingface_hub 1.x keeps none); None when neither answers."""
-    try:
-        from huggingface_hub import HfApi
+def repo_files(repo_id: str, revision: Optional[str] = None, token: Any = None, cache_dir: Optional[str] = None,
+               local_files_only: bool = False) -> Optional[List[str]]:
+    """The files of a Hub repo: from the Hub, or (offline, or ``local_files_only``) from the
+    listing the cache keeps (huggingface_hub 1.x keeps none); None when neither answers."""
+    if not local_files_only:
+        try:
+            from huggingface_hub import HfApi
 
-        return list(HfApi(token=token).list_repo_files(repo_id, revision=revision))
-    except Exception:  # offline, or the Hub's refusal: the download itself then says which
-        pass
+            return list(HfApi(token=token).list_repo_files(repo_id, revision=revision))
+        except Exception:  # offline, or the Hub's refusal: the download itself then says which
+            pass
     try:
         from huggingface_hub import get_cached_repo_tree
 
@@ -161,8 +162,9 @@ def unread_weights(files: Sequence[str], folders: Sequence[str], variant: Option
                    use_safetensors: Optional[bool] = None) -> List[str]:
     """The weights files in ``folders`` (direct children; "" for the top) that a loader does
     not read there: other variants' files (a folder without files of ``variant`` is read
-    without one, as diffusers reads it) and torch files beside safetensors ones, which the
-    loaders prefer. A folder where nothing matches is left whole."""
+    without one, as diffusers reads it), and of the two formats the one the loaders pass
+    over: torch files beside safetensors ones, or with ``use_safetensors=False`` the
+    safetensors beside torch files. A folder where nothing matches is left whole."""
     weights = (".safetensors",) + TORCH_WEIGHTS
     unread: List[str] = []
     for folder in folders:
@@ -171,19 +173,25 @@ def unread_weights(files: Sequence[str], folders: Sequence[str], variant: Option
         read = [f for f in names if of_variant(os.path.basename(f), chosen)]
         if not read:
             continue
-        in_safetensors = use_safetensors is not False and any(f.endswith(".safetensors") for f in read)
-        unread += [f for f in names if f not in read or (in_safetensors and f.endswith(TORCH_WEIGHTS))]
+        if use_safetensors is False and any(f.endswith(TORCH_WEIGHTS) for f in read):
+            passed_over: Tuple[str, ...] = (".safetensors",)
+        elif use_safetensors is not False and any(f.endswith(".safetensors") for f in read):
+            passed_over = TORCH_WEIGHTS
+        else:
+            passed_over = ()
+        unread += [f for f in names if f not in read or (passed_over and f.endswith(passed_over))]
     return unread
 
 
 def resolve_pipeline_directory(name_or_path: Union[str, "os.PathLike[str]"], passed: Sequence[str] = (),
                                variant: Optional[str] = None, use_safetensors: Optional[bool] = None,
-                               **hub: Any) -> str:
+                               flashpack: bool = True, **hub: Any) -> str:
     """A pipeline's directory, downloaded with what its load reads: the index, and the folders
     of the components it names and was not ``passed``; of those, the flashpack file and config
     of each component that has one, and of the others the weights from_pretrained reads
-    (``variant``, safetensors before torch files). In three passes: the index, the flashpack
-    files, the rest."""
+    (``variant``, safetensors before torch files). A component with no folder of its own
+    reads the top of the repo, as diffusers does. In three passes: the index, the flashpack
+    files, the rest. ``flashpack=False`` (a conversion) takes no flashpack file."""
     name = os.fspath(name_or_path)
     if os.path.isdir(name) or not looks_like_repo_id(name):
         return resolve_directory(name, **hub)
@@ -199,15 +207,28 @@ def resolve_pipeline_directory(name_or_path: Union[str, "os.PathLike[str]"], pas
     components = sorted(key for key, value in index.items() if not key.startswith("_") and key not in passed
                         and isinstance(value, list) and len(value) == 2 and value[0] is not None)
     folders = [glob.escape(c) for c in components]
-    second = resolve_directory(name, allow_patterns=[f"{c}/{FLASHPACK_FILE}" for c in folders] or ["model_index.json"],
-                               **hub)
-    converted = {c for c in components if os.path.isfile(os.path.join(second, c, FLASHPACK_FILE))}
+    converted = set()
+    if flashpack and folders:
+        second = resolve_directory(name, allow_patterns=[f"{c}/{FLASHPACK_FILE}" for c in folders], **hub)
+        converted = {c for c in components if os.path.isfile(os.path.join(second, c, FLASHPACK_FILE))}
     ignored = list(OTHER_FRAMEWORKS) + [f"{glob.escape(c)}/{pattern}" for c in sorted(converted)
                                         for pattern in OTHER_WEIGHTS + (FLASHPACK_FILE,)]
+    if not flashpack:
+        ignored.append("*.flashpack")
     others = [c for c in components if c not in converted]
-    files = repo_files(name, hub.get("revision"), hub.get("token"), hub.get("cache_dir")) if others else None
-    ignored += [glob.escape(f) for f in unread_weights(files or [], others, variant, use_safetensors)]
-    allowed = ["model_index.json", "*.py"] + [f"{c}/*" for c in folders]
+    allowed: Optional[List[str]] = ["model_index.json", "*.py"] + [f"{c}/*" for c in folders]
+    if others:
+        files = repo_files(name, hub.get("revision"), hub.get("token"), hub.get("cache_dir"),
+                           hub.get("local_files_only", False))
+        if files is None:
+            allowed = None  # no listing: a component at the top of the repo cannot be told apart
+        else:
+            read = list(others)
+            if any(not any(f.startswith(f"{c}/") for f in files) for c in others):
+                # A component without a folder: its files lie at the top of the repo.
+                allowed += [glob.escape(f) for f in files if "/" not in f]
+                read.append("")
+            ignored += [glob.escape(f) for f in unread_weights(files, read, variant, use_safetensors)]
     return resolve_directory(name, allow_patterns=allowed, ignore_patterns=ignored, **hub)
 
 

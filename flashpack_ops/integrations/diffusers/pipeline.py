@@ -244,6 +244,7 @@ def load_pipeline_flashpack(
     coerce_dtype: bool = False,
     revision: Optional[str] = None,
     cache_dir: Optional[str] = None,
+    local_dir: Optional[str] = None,
     token: Optional[Union[str, bool]] = None,
     local_files_only: bool = False,
     force_download: bool = False,
@@ -265,7 +266,7 @@ def load_pipeline_flashpack(
             name for ``torch_dtype``).
         strict, strict_params, strict_buffers, ignore_names, ignore_prefixes,
             ignore_suffixes, coerce_dtype, silent: applied to every model component.
-        revision, cache_dir, token, local_files_only, force_download: for the Hub.
+        revision, cache_dir, local_dir, token, local_files_only, force_download: for the Hub.
         **kwargs: components to use instead of loading them (``scheduler=...``), and
             arguments of the pipeline's ``__init__``. ``device_map`` is one device for
             every component, or ``"balanced"``: whole components spread over the GPUs as
@@ -298,7 +299,7 @@ def load_pipeline_flashpack(
                          "(pass device=, or load the components one by one with a device_map each)")
     directory = resolve_pipeline_directory(pretrained_model_name_or_path, passed=list(kwargs),
                                            variant=usual.get("variant"), use_safetensors=usual.get("use_safetensors"),
-                                           revision=revision, cache_dir=cache_dir, token=token,
+                                           revision=revision, cache_dir=cache_dir, local_dir=local_dir, token=token,
                                            local_files_only=local_files_only, force_download=force_download)
     if not os.path.isfile(os.path.join(directory, "model_index.json")):
         raise FileNotFoundError(f"{directory} has no model_index.json; is it a diffusers pipeline directory?")
