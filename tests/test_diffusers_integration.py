@@ -342,10 +342,15 @@ def test_the_command_converts_a_text_to_image_pipeline_directory(tmp_path, dtype
             assert_same_model(getattr(loaded, name), getattr(pipeline, name).to(torch.float16))
 
 
-def test_a_pipeline_converted_in_part_loads_the_rest_in_their_variant(tmp_path):
-    # Saved by diffusers as float16 variants only; the UNet converted, the others as they are.
+@pytest.mark.parametrize("vae_variant", [True, False], ids=["every-component", "vae-without"])
+def test_a_pipeline_converted_in_part_loads_the_rest_in_their_variant_as_diffusers_does(tmp_path, vae_variant):
+    # Saved by diffusers as float16 variants only (or the vae without one, which diffusers then
+    # loads from its usual files); the UNet converted, the others as they are.
     pipeline = tiny_stable_diffusion(tmp_path / "vocab")
     pipeline.save_pretrained(tmp_path / "sd", variant="fp16")
+    for name in ([] if vae_variant else os.listdir(tmp_path / "sd" / "vae")):
+        if ".fp16." in name:
+            os.rename(tmp_path / "sd" / "vae" / name, tmp_path / "sd" / "vae" / name.replace(".fp16.", "."))
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "sd", subfolder="unet", variant="fp16")
     save_pretrained_flashpack(unet, tmp_path / "sd" / "unet")
     loaded = load_pipeline_flashpack(type(pipeline), tmp_path / "sd", variant="fp16")
@@ -362,20 +367,6 @@ def test_a_pipeline_converted_in_part_gives_every_component_the_dtype_in_any_spe
     loaded = load_pipeline_flashpack(type(pipeline), tmp_path / "sd", dtype=dtype)
     for name in ("unet", "vae", "text_encoder"):
         assert_same_model(getattr(loaded, name), getattr(pipeline, name).to(torch.float16))
-
-
-def test_a_component_without_files_of_the_variant_loads_its_usual_files_as_diffusers_does(tmp_path):
-    pipeline = tiny_stable_diffusion(tmp_path / "vocab")
-    pipeline.save_pretrained(tmp_path / "sd", variant="fp16")
-    for name in os.listdir(tmp_path / "sd" / "vae"):  # the vae kept without a variant
-        if ".fp16." in name:
-            os.rename(tmp_path / "sd" / "vae" / name, tmp_path / "sd" / "vae" / name.replace(".fp16.", "."))
-    unet = UNet2DConditionModel.from_pretrained(tmp_path / "sd", subfolder="unet", variant="fp16")
-    save_pretrained_flashpack(unet, tmp_path / "sd" / "unet")
-    loaded = load_pipeline_flashpack(type(pipeline), tmp_path / "sd", variant="fp16")
-    expected = type(pipeline).from_pretrained(tmp_path / "sd", variant="fp16")
-    for name in ("unet", "vae", "text_encoder"):
-        assert_same_model(getattr(loaded, name), getattr(expected, name))
 
 
 # ---- diffusers' own use_flashpack=True (through the reference package) --------------------------

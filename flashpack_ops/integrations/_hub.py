@@ -40,13 +40,12 @@ DISTRIBUTED_LOAD_KWARGS = ("use_distributed_loading", "distributed_sharded", "di
 
 SPREADING_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
-# Weights in other formats than flashpack's, in other frameworks' too: a load from a
-# model.flashpack reads none of them, so a download from the Hub leaves them out.
-OTHER_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.ot", "*.onnx",
-                 "*.onnx_data", "*.tflite", "*.gguf", "*.mlmodel", "*.mlpackage/*", "*.pdparams", "*.npz")
-# Of those, what neither a conversion nor torch reads.
+# Other frameworks' weights, which neither torch's loaders nor a conversion read; with
+# safetensors and torch files, what a load from a model.flashpack reads none of: a download
+# from the Hub leaves them out.
 OTHER_FRAMEWORKS = ("*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.tflite", "*.gguf", "*.mlmodel",
                     "*.mlpackage/*", "*.pdparams", "*.npz")
+OTHER_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt") + OTHER_FRAMEWORKS
 
 _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 

@@ -194,8 +194,7 @@ def _variant_in(sub_directory: str, variant: Optional[str]) -> Optional[str]:
     component without them from its usual files (``_identify_model_variants``)."""
     if variant is None or not os.path.isdir(sub_directory):
         return None
-    names = os.listdir(sub_directory)
-    return variant if any(name.split(".")[1:2] and name.split(".")[1].startswith(variant) for name in names) else None
+    return variant if any(of_variant(name, variant) for name in os.listdir(sub_directory)) else None
 
 
 def _load_component(component_class: type, directory: str, name: str, device: Optional[DeviceLike],
