@@ -423,7 +423,10 @@ def test_failing_loads_leak_no_descriptors_or_mappings(tmp_path, bases):
 
     one_round()  # first-use allocations (thread pools, caches) happen before counting
     fds, maps = _open_fds(), _mappings()
-    for _ in range(150):
+    rounds = 150
+    for _ in range(rounds):
         one_round()
     assert _open_fds() == fds
-    assert _mappings() <= maps
+    # A leak keeps at least one mapping per round (17 loads each); the allocators may map an
+    # arena or two of their own meanwhile (Python's, malloc's), which is no leak.
+    assert _mappings() - maps < rounds // 10
