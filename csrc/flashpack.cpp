@@ -16,6 +16,7 @@
 
 #include <future>
 #include <stdexcept>
+#include <tuple>
 
 namespace flashpack {
 
@@ -103,17 +104,31 @@ LoadOptions load_options(bool copy, int64_t num_threads, int64_t chunk_bytes, in
   return opts;
 }
 
-c10::Dict<std::string, at::Tensor> load(const std::string& path, c10::Device device, bool copy, int64_t num_threads,
-                                        int64_t chunk_bytes, int64_t pinned_bytes, int64_t num_streams,
-                                        std::string route, bool verify, std::optional<std::vector<std::string>> names) {
+// load()'s entries as two lists, names and tensors in index order: what load_file() returns in
+// Python, where building and handing over a Dict costs a third more (8 ms for 20,000 tensors).
+std::tuple<std::vector<std::string>, std::vector<at::Tensor>> load_named(
+    const std::string& path, c10::Device device, bool copy, int64_t num_threads, int64_t chunk_bytes,
+    int64_t pinned_bytes, int64_t num_streams, std::string route, bool verify,
+    std::optional<std::vector<std::string>> names) {
   Layout layout;
   auto tensors = load_any("flashpack::load", path, device,
                           load_options(copy, num_threads, chunk_bytes, pinned_bytes, num_streams, std::move(route),
                                        verify, std::move(names)),
                           &layout);
+  std::vector<std::string> out;
+  out.reserve(layout.entries.size());
+  for (Entry& e : layout.entries) out.push_back(std::move(e.name));
+  return {std::move(out), std::move(tensors)};
+}
+
+c10::Dict<std::string, at::Tensor> load(const std::string& path, c10::Device device, bool copy, int64_t num_threads,
+                                        int64_t chunk_bytes, int64_t pinned_bytes, int64_t num_streams,
+                                        std::string route, bool verify, std::optional<std::vector<std::string>> names) {
+  auto [keys, tensors] = load_named(path, device, copy, num_threads, chunk_bytes, pinned_bytes, num_streams,
+                                    std::move(route), verify, std::move(names));
   c10::Dict<std::string, at::Tensor> out;
   out.reserve(tensors.size());
-  for (size_t k = 0; k < tensors.size(); ++k) out.insert(std::move(layout.entries[k].name), std::move(tensors[k]));
+  for (size_t k = 0; k < tensors.size(); ++k) out.insert(std::move(keys[k]), std::move(tensors[k]));
   return out;
 }
 
@@ -253,6 +268,11 @@ TORCH_LIBRARY(flashpack, m) {
       "-> Dict(str, Tensor)",
       kSideEffects), kNotInCudaGraphs);
   m.def(torch::schema(
+      "load_named(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0, int chunk_bytes=0, "
+      "int pinned_bytes=0, int num_streams=0, str route=\"auto\", bool verify=False, str[]? names=None) "
+      "-> (str[], Tensor[])",
+      kSideEffects), kNotInCudaGraphs);
+  m.def(torch::schema(
       "load_list(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0, int chunk_bytes=0, "
       "int pinned_bytes=0, int num_streams=0, str route=\"auto\", bool verify=False, str? expect_layout=None, "
       "bool distinct=False, str[]? names=None) -> Tensor[]",
@@ -281,6 +301,7 @@ TORCH_LIBRARY(flashpack, m) {
 
 TORCH_LIBRARY_IMPL(flashpack, CompositeExplicitAutograd, m) {
   m.impl("load", &load);
+  m.impl("load_named", &load_named);
   m.impl("load_list", &load_list);
   m.impl("load_blocks", &load_blocks);
   m.impl("save", &save_op);

@@ -247,10 +247,21 @@ def test_fake_outputs_match_the_real_ones(writer, tmp_path):
 
 
 @pytest.mark.parametrize("copy", [False, True])
-@pytest.mark.parametrize("op", ["load", "load_list", "load_blocks"])
+@pytest.mark.parametrize("op", ["load", "load_named", "load_list", "load_blocks"])
 def test_opcheck_loads(op, copy, weights_file):
+    # test_aot_dispatch_dynamic compares outputs, and cannot compare load_named's names (str).
+    checks = ALL_CHECKS if op != "load_named" else ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(getattr(torch.ops.flashpack, op).default, (weights_file, torch.device("cpu")),
-                          {"copy": copy}, test_utils=ALL_CHECKS)
+                          {"copy": copy}, test_utils=checks)
+
+
+def test_load_named_fake_gives_the_names_shapes_and_dtypes_of_the_real_op(weights_file):
+    real_names, real = torch.ops.flashpack.load_named(weights_file)
+    with FakeTensorMode():
+        fake_names, fake = torch.ops.flashpack.load_named(weights_file)
+    assert fake_names == real_names and list(real_names) == list(flashpack_ops.load_file(weights_file))
+    for r, f in zip(real, fake, strict=True):
+        assert (f.shape, f.dtype, f.stride()) == (r.shape, r.dtype, r.stride())
 
 
 def test_opcheck_save(tmp_path):
@@ -275,7 +286,7 @@ def test_opcheck_read_range(weights_file):
     torch.library.opcheck(torch.ops.flashpack.read_range.default, (weights_file, 8, 100), test_utils=ALL_CHECKS)
 
 
-@pytest.mark.parametrize("op", ["load", "load_list", "load_blocks", "read_range"])
+@pytest.mark.parametrize("op", ["load", "load_named", "load_list", "load_blocks", "read_range"])
 def test_loads_are_kept_out_of_cuda_graphs(op):
     assert torch.Tag.cudagraph_unsafe in getattr(torch.ops.flashpack, op).default.tags
 
