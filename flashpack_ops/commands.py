@@ -474,7 +474,8 @@ def convert_to_flashpack(
         files = repo_files(source, revision)
         if not subfolder and files is not None and "model_index.json" in files:
             # A pipeline: its components' folders, as its load reads them.
-            directory = resolve_pipeline_directory(source, variant=variant, flashpack=False, revision=revision)
+            directory = resolve_pipeline_directory(source, variant=variant, flashpack=False, files=files,
+                                                   revision=revision)
         else:
             patterns = [f"{subfolder}/*", "*.json"] if subfolder else None
             directory = resolve_directory(source, revision=revision, allow_patterns=patterns,

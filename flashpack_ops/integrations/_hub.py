@@ -184,13 +184,14 @@ def unread_weights(files: Sequence[str], folders: Sequence[str], variant: Option
 
 def resolve_pipeline_directory(name_or_path: Union[str, "os.PathLike[str]"], passed: Sequence[str] = (),
                                variant: Optional[str] = None, use_safetensors: Optional[bool] = None,
-                               flashpack: bool = True, **hub: Any) -> str:
+                               flashpack: bool = True, files: Optional[List[str]] = None, **hub: Any) -> str:
     """A pipeline's directory, downloaded with what its load reads: the index, and the folders
     of the components it names and was not ``passed``; of those, the flashpack file and config
     of each component that has one, and of the others the weights from_pretrained reads
     (``variant``, safetensors before torch files). A component with no folder of its own
     reads the top of the repo, as diffusers does. In three passes: the index, the flashpack
-    files, the rest. ``flashpack=False`` (a conversion) takes no flashpack file."""
+    files, the rest. ``flashpack=False`` (a conversion) takes no flashpack file; ``files``, the
+    repo's listing where the caller has it already."""
     name = os.fspath(name_or_path)
     if os.path.isdir(name) or not looks_like_repo_id(name):
         return resolve_directory(name, **hub)
@@ -217,8 +218,9 @@ def resolve_pipeline_directory(name_or_path: Union[str, "os.PathLike[str]"], pas
     others = [c for c in components if c not in converted]
     allowed: Optional[List[str]] = ["model_index.json", "*.py"] + [f"{c}/*" for c in folders]
     if others:
-        files = repo_files(name, hub.get("revision"), hub.get("token"), hub.get("cache_dir"),
-                           hub.get("local_files_only", False))
+        if files is None:
+            files = repo_files(name, hub.get("revision"), hub.get("token"), hub.get("cache_dir"),
+                               hub.get("local_files_only", False))
         if files is None:
             allowed = None  # no listing: a component at the top of the repo cannot be told apart
         else:
@@ -472,6 +474,19 @@ def take_load_kwargs(kwargs: Dict[str, Any], device: Any, what: str) -> Tuple[An
     return device, distributed
 
 
+def tied_second_names(index: Sequence[Dict[str, Any]]) -> set:
+    """The names of a flashpack index that repeat an earlier entry's bytes (same block, offset
+    and length): the second names of a tied tensor."""
+    first_names: Dict[Tuple[int, int, int], str] = {}
+    second = set()
+    for entry in index:
+        if entry["length"]:
+            key = (entry.get("macroblock", 0), entry["offset"], entry["length"])
+            if first_names.setdefault(key, entry["name"]) != entry["name"]:
+                second.add(entry["name"])
+    return second
+
+
 def loading_info(model: torch.nn.Module, path: str, missing: Optional[List[str]] = None) -> Dict[str, List[str]]:
     """What ``from_pretrained(..., output_loading_info=True)`` returns beside the model.
 
@@ -485,14 +500,7 @@ def loading_info(model: torch.nn.Module, path: str, missing: Optional[List[str]]
     missing = sorted(in_model - in_file) if missing is None else sorted(set(missing))
     # A tied tensor's second names (lm_head.weight beside the embedding) are not reported:
     # save_pretrained does not write them, so from_pretrained never finds them unexpected.
-    first_names: Dict[Tuple[int, int, int], str] = {}
-    second_names = set()
-    for entry in index:
-        if entry["length"]:
-            key = (entry.get("macroblock", 0), entry["offset"], entry["length"])
-            if first_names.setdefault(key, entry["name"]) != entry["name"]:
-                second_names.add(entry["name"])
-    return {"missing_keys": missing, "unexpected_keys": sorted(in_file - in_model - second_names),
+    return {"missing_keys": missing, "unexpected_keys": sorted(in_file - in_model - tied_second_names(index)),
             "mismatched_keys": [], "error_msgs": []}
 
 

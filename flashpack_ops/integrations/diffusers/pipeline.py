@@ -16,7 +16,8 @@ from ..._warnings import warn
 from ...commands import checkpoint_tensor_sizes
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, read_metadata
 from .._hub import (FLASHPACK_FILE, SPREADING_DEVICE_MAPS, AutoDeviceMap, library_class, of_variant, parse_dtype,
-                    resolve_pipeline_directory, take_load_kwargs, unwrapped, upload_directory, warn_unused_save_kwargs)
+                    resolve_pipeline_directory, take_load_kwargs, tied_second_names, unwrapped, upload_directory,
+                    warn_unused_save_kwargs)
 from . import model as diffusers_model
 
 P = TypeVar("P", bound=DiffusionPipeline)
@@ -419,14 +420,10 @@ def _flashpack_tensors(path: str) -> List[Tuple[int, torch.dtype]]:
     """(element count, dtype) of each tensor a flashpack file holds, a tied one once."""
     meta = read_metadata(path)
     blocks = meta.get("macroblocks")
-    tensors, seen = [], set()
-    for entry in meta["index"]:
-        block = entry.get("macroblock", 0)
-        if entry["length"] == 0 or (block, entry["offset"]) in seen:
-            continue  # empty, or tied to one counted already
-        seen.add((block, entry["offset"]))
-        tensors.append((entry["length"], getattr(torch, blocks[block]["dtype"] if blocks else meta["target_dtype"])))
-    return tensors
+    tied = tied_second_names(meta["index"])
+    return [(entry["length"], getattr(torch, blocks[entry.get("macroblock", 0)]["dtype"] if blocks
+                                      else meta["target_dtype"]))
+            for entry in meta["index"] if entry["length"] and entry["name"] not in tied]
 
 
 def _checkpoint_tensors(sub_directory: str, variant: Optional[str]) -> Optional[List[Tuple[int, torch.dtype]]]:
@@ -438,12 +435,8 @@ def _checkpoint_tensors(sub_directory: str, variant: Optional[str]) -> Optional[
         return None
     names = sorted(os.listdir(sub_directory))
     variant = _variant_in(sub_directory, variant)
-
-    def wanted(name: str) -> bool:
-        return of_variant(name, variant)
-
     for suffix in (".safetensors", ".bin"):
-        files = [os.path.join(sub_directory, f) for f in names if f.endswith(suffix) and wanted(f)]
+        files = [os.path.join(sub_directory, f) for f in names if f.endswith(suffix) and of_variant(f, variant)]
         if files:
             break
     else:
