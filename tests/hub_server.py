@@ -46,12 +46,12 @@ class Hub:
                 path = urllib.parse.unquote(urllib.parse.urlparse(self.path).path)
                 hub.requests.append((self.command, path))
                 parts = path.strip("/").split("/")
-                if parts[:2] == ["api", "models"] and len(parts) >= 5:
+                if parts[:2] == ["api", "models"] and len(parts) >= 4:
                     repo = "/".join(parts[2:4])
                     if not os.path.isdir(os.path.join(hub.root, repo)):
                         return self.send(404, b'{"error": "Repository not found"}',
                                          [("X-Error-Code", "RepoNotFound"), ("Content-Type", "application/json")])
-                    if parts[4] == "revision":
+                    if len(parts) == 4 or parts[4] == "revision":  # the repo's info, at a revision or main
                         body = {"id": repo, "sha": COMMIT, "siblings": [{"rfilename": f} for f in hub.files(repo)]}
                     elif parts[4] == "tree":
                         body = [{"type": "file", "path": f, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}

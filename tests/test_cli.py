@@ -407,6 +407,35 @@ def test_convert_repo_id_offline_fails_in_one_line(tmp_path):
                                   "(HF_HUB_OFFLINE is set)")
 
 
+def test_convert_repo_id_without_network_fails_without_retrying(tmp_path):
+    # No HF_HUB_OFFLINE, and nothing listening: the repo's file listing, which huggingface_hub
+    # retries with back-off for about 25 s, must not be asked before the download says offline.
+    pytest.importorskip("huggingface_hub")
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), HF_ENDPOINT=endpoint,
+               HF_HUB_CACHE=str(tmp_path / "cache"))
+    env.pop("HF_HUB_OFFLINE", None)
+    result = subprocess.run([sys.executable, "-m", "flashpack_ops", "convert", "no-such-org/no-such-model",
+                             str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=20)
+    assert_one_line_error(result, "cannot download 'no-such-org/no-such-model' from the Hugging Face Hub "
+                                  "(no network connection)")
+
+
+def test_repo_files_asks_the_hub_once(hub):
+    from flashpack_ops.integrations._hub import repo_files
+
+    os.makedirs(hub.root + "/org/tiny/sub")
+    for name in ("config.json", "model.safetensors", "sub/model.flashpack"):
+        with open(os.path.join(hub.root, "org/tiny", name), "wb") as f:
+            f.write(b"{}")
+    assert sorted(repo_files("org/tiny")) == ["config.json", "model.safetensors", "sub/model.flashpack"]
+    assert [path for _, path in hub.requests if path.startswith("/api/models/")] == ["/api/models/org/tiny"]
+
+
 # --- revert and metadata --------------------------------------------------------------------
 
 def test_revert_to_safetensors_and_torch(tmp_path):

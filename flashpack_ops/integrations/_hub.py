@@ -126,12 +126,19 @@ def resolve_model_directory(name_or_path: Union[str, "os.PathLike[str]"], subfol
 def repo_files(repo_id: str, revision: Optional[str] = None, token: Any = None, cache_dir: Optional[str] = None,
                local_files_only: bool = False) -> Optional[List[str]]:
     """The files of a Hub repo: from the Hub, or (offline, or ``local_files_only``) from the
-    listing the cache keeps (huggingface_hub 1.x keeps none); None when neither answers."""
+    listing the cache keeps (huggingface_hub 1.x keeps none); None when neither answers.
+
+    The repo's info comes first, as ``snapshot_download`` asks for it: one request, tried once,
+    so a machine without network gets its answer at once (a listing is retried for seconds)."""
     if not local_files_only:
         try:
             from huggingface_hub import HfApi
 
-            return list(HfApi(token=token).list_repo_files(repo_id, revision=revision))
+            api = HfApi(token=token)
+            siblings = api.repo_info(repo_id, revision=revision).siblings
+            if siblings is not None:
+                return [sibling.rfilename for sibling in siblings]
+            return list(api.list_repo_files(repo_id, revision=revision))
         except Exception:  # offline, or the Hub's refusal: the download itself then says which
             pass
     try:
