@@ -12,13 +12,13 @@
 #
 # Expects that machine: python3 with a CUDA build of torch, nvcc, safetensors, transformers,
 # numpy, pytest, root (to drop the page cache for cold runs), no network. Budget: about 8
-# minutes on a 16-core H100 host, never more than CHECK_BUDGET_S (540 s; give the command
-# 590): every step has a time limit, steps run most important first, and the benchmark
+# minutes on a 16-core H100 host, never more than CHECK_BUDGET_S (540 s; allow the whole
+# script 590 s): every step has a time limit, steps run most important first, and the benchmark
 # skips its optional sections when time runs short.
 #
 # The reference flashpack 0.4.5, and what it or the plot imports beyond that machine's
-# packages, come as wheels in .whl/ at the repository root (git-ignored, carried beside the
-# tree). Only wheels whose package is not importable are installed, into /tmp/site. To
+# packages, come as wheels in .whl/ at the repository root (git-ignored; copy it to the GPU
+# machine with the tree). Only wheels whose package is not importable are installed, into /tmp/site. To
 # prepare .whl/ on a machine with a network (cp312 wheels for the GPU machine's python3; a
 # machine whose image has accelerate, click and matplotlib needs the first wheel only):
 #   pip download --no-deps -d .whl flashpack==0.4.5 accelerate==1.15.0 click

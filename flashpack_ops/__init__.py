@@ -1,4 +1,4 @@
-"""flashpack_ops: load PyTorch state dicts from disk to GPU at the speed of the hardware.
+"""flashpack_ops: built to load PyTorch state dicts from disk to GPU at the speed of the hardware.
 
 The core is the ``torch.ops.flashpack`` operators (``load``, ``save``), usable from
 Python, TorchScript and torch.compile. This package adds typed wrappers and an API

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="flashpack", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Convert checkpoints to flashpack files (one contiguous block per dtype, loaded from disk "
+        description="Convert checkpoints to flashpack files (one contiguous block per dtype, built to load from disk "
                     "to GPU at the speed of the hardware), revert them, and inspect them.",
     )
     parser.add_argument("--version", action="version", version=f"flashpack_ops {__version__}")
