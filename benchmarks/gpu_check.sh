@@ -102,7 +102,9 @@ tests() {  # tests LIMIT TITLE PYTEST-ARGS...
   local limit=$1 title=$2
   shift 2
   echo "==== $title" >> "$OUT/tests.log"
-  timeout "$limit" "$PY" -m pytest -q -rs -p no:cacheprovider "$@" > "$OUT/tests.part" 2>&1
+  # A test stuck for a minute prints every thread's stack (then goes on waiting).
+  timeout "$limit" "$PY" -m pytest -q -rs -p no:cacheprovider -o faulthandler_timeout=60 "$@" \
+    > "$OUT/tests.part" 2>&1
   local rc=$?
   cat "$OUT/tests.part" >> "$OUT/tests.log"
   status+=("$title: rc=$rc, $(outcome "$OUT/tests.part")")
@@ -116,11 +118,13 @@ workdir=/var/tmp/flashpack_bench
 if [[ "$(stat -f -c %T /var/tmp 2>/dev/null)" == tmpfs ]]; then workdir="$ROOT/.bench_data"; fi
 # NOTE: the benchmark runs right after the CUDA tests: its numbers are what this machine is
 # needed for first. It leaves time for the other GPU tests (up to 120 s) and the transformers
-# benchmark (about 90 s), and skips its own optional sections past its deadline.
-reserve=220
+# benchmark (about 90 s), less when the build and tests took long, and skips its own optional
+# sections past its deadline. A benchmark still running at its limit gets SIGABRT, and prints
+# where every thread was.
+reserve=$(( $(left) > 420 ? 220 : 100 ))
 bench_limit=$(( $(left) - reserve ))
 if ((bench_limit > 60)); then
-  timeout "$bench_limit" "$PY" benchmarks/bench_gpu.py --out "$OUT" --workdir "$workdir" \
+  PYTHONFAULTHANDLER=1 timeout -s ABRT -k 10 "$bench_limit" "$PY" benchmarks/bench_gpu.py --out "$OUT" --workdir "$workdir" \
     --deadline-s $((bench_limit - 75)) ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   rc=$?
   status+=("benchmark: rc=$rc ($((SECONDS - start)) s so far)")

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -331,6 +332,73 @@ def test_auto_reads_an_uncached_file_buffered(tmp_path):
     delta = stats_delta(before)
     assert delta["bytes_registered"] == 0 and delta["bytes_buffered"] == payload_bytes(path), delta
 
+
+
+def mapped(path) -> bool:
+    with open("/proc/self/maps") as maps:
+        return any(line.rstrip("\n").endswith(" " + str(path)) for line in maps)
+
+
+@needs_cuda_build
+def test_a_registered_mapping_is_unmapped_after_the_load(mixed):
+    # Registering filled in the mapping's page tables; it is unmapped off the load's path,
+    # but unmapped all the same.
+    path, tensors = mixed
+    before = cuda_stats()
+    assert_loaded(load_file(path, "cuda", route="register"), tensors)
+    if stats_delta(before)["register_fallbacks"]:
+        pytest.skip("this driver refuses cudaHostRegister(ReadOnly) on file mappings")
+    deadline = time.monotonic() + 60
+    while (cuda_stats()["unmapping_bytes"] or mapped(path)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cuda_stats()["unmapping_bytes"] == 0 and not mapped(path)
+    assert stats_delta(before)["ns_unmap"] > 0
+
+
+def cuda_runtime():
+    """The CUDA runtime this process runs (the emulator's where it is preloaded)."""
+    import ctypes
+
+    runtime = ctypes.CDLL(None)
+    if not hasattr(runtime, "cudaLaunchHostFunc"):
+        with open("/proc/self/maps") as maps:
+            runtime = ctypes.CDLL(next(line.split()[-1] for line in maps if "libcudart.so" in line))
+    runtime.cudaLaunchHostFunc.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return runtime
+
+
+@needs_cuda_build
+def test_a_load_does_not_queue_behind_work_on_torchs_stream_pool(mixed):
+    # Every stream of torch's pool (which torch.cuda.Stream() and NCCL take theirs from) is
+    # held up on the host until the end: the load's copies must not wait behind them.
+    import ctypes
+
+    path, tensors = mixed
+    libc = ctypes.CDLL(None)
+    gate = ctypes.create_string_buffer(64)  # a sem_t
+    assert libc.sem_init(gate, 0, 0) == 0
+    runtime = cuda_runtime()
+    pool = [torch.cuda.Stream() for _ in range(64)]  # the pool hands out its streams in turn
+    for stream in pool:
+        assert runtime.cudaLaunchHostFunc(stream.cuda_stream, ctypes.cast(libc.sem_wait, ctypes.c_void_p),
+                                          ctypes.addressof(gate)) == 0
+    loaded = {}
+    loader = threading.Thread(target=lambda: loaded.update(load_file(path, "cuda")), daemon=True)
+    try:
+        loader.start()
+        loader.join(timeout=30)  # milliseconds when it works; forever when it does not
+        done = not loader.is_alive()
+        still_held = not any(stream.query() for stream in pool)
+    finally:
+        for _ in pool:
+            libc.sem_post(gate)
+        loader.join()
+        for stream in pool:
+            stream.synchronize()
+    assert done, "the load waited for work queued on torch's stream pool"
+    assert still_held
+    torch.cuda.synchronize()
+    assert_loaded(loaded, tensors)
 
 UNWRITABLE_LOAD_SCRIPT = r"""
 import json, sys, flashpack_ops

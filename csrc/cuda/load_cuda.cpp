@@ -41,12 +41,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -241,6 +243,25 @@ Plan plan_chunks(const Layout& layout, uint64_t cell) {
 
 // ---- the file ----------------------------------------------------------------------------
 
+// Unmaps a mapping whose pages were registered, off the load's path: registering filled in
+// a page-table entry per page (850,000 for 3.5 GB), and tearing them down takes tens of
+// milliseconds that the caller need not wait for. Synchronously where no thread can start.
+void unmap_registered(char* data, size_t size) {
+  cuda::stats().unmapping.add(static_cast<int64_t>(size));
+  auto unmap = [data, size] {
+    {
+      cuda::StepTimer timer(cuda::stats().ns_unmap);
+      ::munmap(data, size);
+    }
+    cuda::stats().unmapping.add(-static_cast<int64_t>(size));
+  };
+  try {
+    std::thread(unmap).detach();
+  } catch (const std::system_error&) {
+    unmap();
+  }
+}
+
 // A shared, read-only mapping of the whole file: for the residency check and for
 // registration. It never faults pages in by itself.
 class ReadOnlyMap {
@@ -250,17 +271,25 @@ class ReadOnlyMap {
     if (p != MAP_FAILED) data_ = static_cast<char*>(p);
   }
   ~ReadOnlyMap() {
-    if (data_ != nullptr) ::munmap(data_, size_);
+    if (data_ == nullptr) return;
+    if (registered_) {
+      unmap_registered(data_, size_);
+    } else {
+      ::munmap(data_, size_);  // no page-table entries: mincore fills none in
+    }
   }
   ReadOnlyMap(const ReadOnlyMap&) = delete;
   ReadOnlyMap& operator=(const ReadOnlyMap&) = delete;
 
   bool ok() const { return data_ != nullptr; }
   char* data() const { return data_; }
+  // Parts were registered (every one is unregistered before this mapping goes).
+  void mark_registered() { registered_ = true; }
 
  private:
   char* data_ = nullptr;
   size_t size_ = 0;
+  bool registered_ = false;
 };
 
 // Whether mincore tells the page cache's state of this file. Since Linux 5.2 it does so only
@@ -411,6 +440,59 @@ class Event {
   cudaEvent_t event_ = nullptr;
 };
 
+// Copy streams of the process's own, which one load at a time holds, per device. Not torch's
+// stream pool: it hands its streams round to every caller (ProcessGroupNCCL's collectives
+// among them), and copies queued behind someone's long-running work would hold the load up.
+// Created on first need on the current device, and never destroyed, as torch's are not.
+class CopyStreams {
+ public:
+  CopyStreams(c10::DeviceIndex device, int count) : device_(device) {
+    {
+      std::lock_guard<std::mutex> lock(mutex());
+      std::vector<cudaStream_t>& idle = idle_streams()[device];
+      while (!idle.empty() && static_cast<int>(streams_.size()) < count) {
+        streams_.push_back(idle.back());
+        idle.pop_back();
+      }
+    }
+    try {
+      while (static_cast<int>(streams_.size()) < count) {
+        cudaStream_t s = nullptr;
+        C10_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+        streams_.push_back(s);
+      }
+    } catch (...) {
+      give_back();
+      throw;
+    }
+  }
+  // Every copy queued on them has finished, or been waited for, by then (Pipeline).
+  ~CopyStreams() { give_back(); }
+  CopyStreams(const CopyStreams&) = delete;
+  CopyStreams& operator=(const CopyStreams&) = delete;
+
+  const std::vector<cudaStream_t>& get() const { return streams_; }
+
+ private:
+  void give_back() noexcept {
+    std::lock_guard<std::mutex> lock(mutex());
+    std::vector<cudaStream_t>& idle = idle_streams()[device_];
+    idle.insert(idle.end(), streams_.begin(), streams_.end());
+    streams_.clear();
+  }
+  static std::mutex& mutex() {
+    static auto* m = new std::mutex();
+    return *m;
+  }
+  static std::map<c10::DeviceIndex, std::vector<cudaStream_t>>& idle_streams() {
+    static auto* idle = new std::map<c10::DeviceIndex, std::vector<cudaStream_t>>();
+    return *idle;
+  }
+
+  const c10::DeviceIndex device_;
+  std::vector<cudaStream_t> streams_;
+};
+
 // The driver refused to register part of the mapping: the load starts over, staged.
 class RegistrationRefused : public std::runtime_error {
  public:
@@ -550,22 +632,19 @@ class RegisteredSource final : public Source {
 class Pipeline {
  public:
   Pipeline(c10::DeviceIndex device, size_t slots, int streams, Source& source, cudaStream_t caller)
-      : device_(device), source_(source), slots_(slots) {
+      : device_(device), source_(source), slots_(slots), streams_(device, streams) {
     for (size_t k = 0; k < slots; ++k) free_.push_back(k);
     // The destination blocks were just allocated on the caller's stream, possibly in memory
     // that stream's pending work still uses: the copy streams start after it.
     Event ready;
     ready.record(caller);
-    for (int k = 0; k < streams; ++k) {
-      streams_.push_back(c10::cuda::getStreamFromPool(false, device).stream());
-      ready.block(streams_.back());
-    }
+    for (cudaStream_t s : streams_.get()) ready.block(s);
   }
 
   ~Pipeline() {
     if (finished_) return;  // finish() settled every slot
     // An error: copies may still be queued behind the slots' last events.
-    for (cudaStream_t s : streams_) C10_CUDA_CHECK_WARN(cudaStreamSynchronize(s));
+    for (cudaStream_t s : streams_.get()) C10_CUDA_CHECK_WARN(cudaStreamSynchronize(s));
     for (size_t k = 0; k < slots_.size(); ++k) {
       try {
         settle(k);
@@ -597,7 +676,7 @@ class Pipeline {
       settle(lease.slot);
       const char* host = source_.fill(lease.slot, c);
       slots_[lease.slot].filled = true;
-      const cudaStream_t stream = streams_[k % streams_.size()];
+      const cudaStream_t stream = streams_.get()[k % streams_.get().size()];
       try {
         for (size_t s = c.first_segment; s < c.first_segment + c.segments; ++s) {
           const Segment& seg = plan.segments[s];
@@ -618,7 +697,7 @@ class Pipeline {
   // for the copy streams.
   void finish(cudaStream_t caller) {
     for (size_t k = 0; k < slots_.size(); ++k) settle(k);
-    for (cudaStream_t s : streams_) {
+    for (cudaStream_t s : streams_.get()) {
       Event joined;
       joined.record(s);
       joined.block(caller);
@@ -669,7 +748,7 @@ class Pipeline {
   const c10::DeviceIndex device_;
   Source& source_;
   std::vector<Slot> slots_;
-  std::vector<cudaStream_t> streams_;  // from torch's stream pool, which owns them
+  CopyStreams streams_;
   std::mutex mutex_;
   std::condition_variable slot_free_;
   std::deque<size_t> free_;
@@ -703,10 +782,11 @@ void copy_staged(const InputFile& file, const Layout& layout, const Target& t, c
   pipe.finish(t.caller);
 }
 
-void copy_registered(const ReadOnlyMap& map, const std::string& path, const Layout& layout, const Target& t,
+void copy_registered(ReadOnlyMap& map, const std::string& path, const Layout& layout, const Target& t,
                      const Tuning& tuning) {
   const Plan plan = plan_chunks(layout, chunk_for(tuning, Route::Register));
   if (plan.chunks.empty()) return;
+  map.mark_registered();
   // Registered bytes in flight are bounded by the same budget as the staging ring.
   const size_t slots = slot_count(tuning.pinned_bytes, plan.max_span, plan);
   RegisteredSource source(map, slots, path);

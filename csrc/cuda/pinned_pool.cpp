@@ -158,6 +158,8 @@ std::vector<std::pair<std::string, int64_t>> stats_snapshot(bool reset_peaks) {
       {"ns_register", s.ns_register.load()},
       {"ns_unregister", s.ns_unregister.load()},
       {"ns_wait", s.ns_wait.load()},
+      {"ns_unmap", s.ns_unmap.load()},
+      {"unmapping_bytes", s.unmapping.current()},
   };
   if (reset_peaks) {
     s.pinned.reset_peak();

@@ -83,6 +83,8 @@ struct Stats {
   std::atomic<int64_t> ns_register{0};    // cudaHostRegister of chunks of the mapping
   std::atomic<int64_t> ns_unregister{0};  // cudaHostUnregister of them
   std::atomic<int64_t> ns_wait{0};        // waiting for a slot's copies to finish before reusing it
+  std::atomic<int64_t> ns_unmap{0};       // unmapping registered mappings, after the load returned
+  Gauge unmapping;  // bytes of registered mappings not yet unmapped
 };
 
 // Adds the time from its construction to its destruction to a counter.
