@@ -416,6 +416,7 @@ class Bench:
                 out = load(ds["paths"])  # untimed: fills the page cache and any pool
                 problem = ds["expected"].check(out)
                 del out
+                self.unmapped()
                 if problem:
                     row["problems"].append(f"untimed load: {problem}")
             for _ in range(self.args.runs):

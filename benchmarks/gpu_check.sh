@@ -41,6 +41,7 @@ mkdir -p "$OUT"
 cd "$ROOT" || exit 1
 # The machine's python3 may be marked externally managed; this is a throwaway machine.
 export PIP_BREAK_SYSTEM_PACKAGES=1
+ulimit -c 0  # a step stopped with SIGABRT (below) must not leave a core dump of GBs behind
 start=$SECONDS
 left() { echo $((BUDGET_S - (SECONDS - start))); }
 status=()
@@ -121,8 +122,8 @@ if [[ "$(stat -f -c %T /var/tmp 2>/dev/null)" == tmpfs ]]; then workdir="$ROOT/.
 # benchmark (about 90 s), less when the build and tests took long, and skips its own optional
 # sections past its deadline. A benchmark still running at its limit gets SIGABRT, and prints
 # where every thread was.
-reserve=$(( $(left) > 420 ? 220 : 100 ))
-bench_limit=$(( $(left) - reserve ))
+l=$(left)
+bench_limit=$(( l > 420 ? l - 220 : (l > 300 ? 200 : l - 100) ))
 if ((bench_limit > 60)); then
   PYTHONFAULTHANDLER=1 timeout -s ABRT -k 10 "$bench_limit" "$PY" benchmarks/bench_gpu.py --out "$OUT" --workdir "$workdir" \
     --deadline-s $((bench_limit - 75)) ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
@@ -140,7 +141,7 @@ fi
 # (scripted and compiled loads to cuda, concurrency, memory, distributed, mixins); the
 # LibTorch program runs its CUDA checks where there is a GPU.
 gpu_tests="cuda or nccl or gpu or libtorch"
-tests $(( $(left) > 220 ? 120 : 60 )) "GPU tests elsewhere" tests --ignore=tests/test_cuda.py \
+tests $(( $(left) >= 200 ? 120 : 60 )) "GPU tests elsewhere" tests --ignore=tests/test_cuda.py \
   --ignore=tests/cuda_emulator -k "$gpu_tests"
 
 transformers_limit=$(( $(left) - 20 ))

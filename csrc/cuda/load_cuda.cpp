@@ -257,7 +257,7 @@ void unmap_registered(char* data, size_t size) {
   };
   try {
     std::thread(unmap).detach();
-  } catch (const std::system_error&) {
+  } catch (...) {  // no thread to be had (system_error, bad_alloc): unmapped here
     unmap();
   }
 }
@@ -271,7 +271,7 @@ class ReadOnlyMap {
     if (p != MAP_FAILED) data_ = static_cast<char*>(p);
   }
   ~ReadOnlyMap() {
-    if (data_ == nullptr) return;
+    if (data_ == nullptr || still_registered_) return;
     if (registered_) {
       unmap_registered(data_, size_);
     } else {
@@ -285,11 +285,15 @@ class ReadOnlyMap {
   char* data() const { return data_; }
   // Parts were registered (every one is unregistered before this mapping goes).
   void mark_registered() { registered_ = true; }
+  // A range could not be unregistered: the mapping stays, rather than leave the driver a
+  // pinned range over addresses a later mapping could take.
+  void keep_mapped() { still_registered_ = true; }
 
  private:
   char* data_ = nullptr;
   size_t size_ = 0;
   bool registered_ = false;
+  std::atomic<bool> still_registered_{false};
 };
 
 // Whether mincore tells the page cache's state of this file. Since Linux 5.2 it does so only
@@ -578,7 +582,7 @@ class StagedSource final : public Source {
 // Registers each chunk's pages of the mapped file, so the GPU reads the page cache itself.
 class RegisteredSource final : public Source {
  public:
-  RegisteredSource(const ReadOnlyMap& map, size_t slots, const std::string& path)
+  RegisteredSource(ReadOnlyMap& map, size_t slots, const std::string& path)
       : map_(map), ranges_(slots), path_(path) {}
 
   const char* fill(size_t slot, const Chunk& c) override {
@@ -609,7 +613,11 @@ class RegisteredSource final : public Source {
     if (r.bytes == 0) return;
     const uint64_t bytes = std::exchange(r.bytes, 0);
     cuda::StepTimer timer(cuda::stats().ns_unregister);
-    C10_CUDA_CHECK(cudaHostUnregister(map_.data() + r.begin));
+    const cudaError_t err = cudaHostUnregister(map_.data() + r.begin);
+    if (err != cudaSuccess) {
+      map_.keep_mapped();  // and the range stays counted in registered_bytes
+      C10_CUDA_CHECK(err);
+    }
     cuda::stats().registered.add(-static_cast<int64_t>(bytes));
   }
 
@@ -618,7 +626,7 @@ class RegisteredSource final : public Source {
     uint64_t begin = 0;
     uint64_t bytes = 0;
   };
-  const ReadOnlyMap& map_;
+  ReadOnlyMap& map_;
   std::vector<Range> ranges_;
   const std::string& path_;
   std::atomic<int64_t> moved_{0};

@@ -19,7 +19,9 @@
 // Knobs: FAKE_CUDA_DEVICES (default 1), FAKE_CUDA_DELAY_US (default 0),
 // FAKE_CUDA_REFUSE_REGISTER_AT=N (refuse the N-th cudaHostRegister call, 1-based),
 // FAKE_CUDA_NO_READONLY_REGISTER=1 (report no cudaHostRegisterReadOnly support),
-// FAKE_CUDA_FAIL_UPLOAD_AT=N (fail the N-th host-to-device cudaMemcpyAsync, 1-based).
+// FAKE_CUDA_FAIL_UPLOAD_AT=N (fail the N-th host-to-device cudaMemcpyAsync, 1-based),
+// FAKE_CUDA_FAIL_UNREGISTER_AT=N (fail the N-th cudaHostUnregister, 1-based, leaving the
+// range registered).
 //
 // This is a test tool, not a model of a GPU's speed: timings under it mean nothing.
 #include <cuda_runtime_api.h>
@@ -445,6 +447,9 @@ cudaError_t cudaHostRegister(void* ptr, size_t size, unsigned int flags) {
 }
 
 cudaError_t cudaHostUnregister(void* ptr) {
+  static std::atomic<int> calls{0};
+  static const int fail_at = env_int("FAKE_CUDA_FAIL_UNREGISTER_AT", 0);
+  if (fail_at > 0 && ++calls == fail_at) return cudaErrorUnknown;
   std::lock_guard<std::mutex> lock(mem_mutex);
   if (registered.erase(reinterpret_cast<uintptr_t>(ptr)) == 0) return cudaErrorHostMemoryNotRegistered;
   return cudaSuccess;
