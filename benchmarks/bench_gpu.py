@@ -461,7 +461,7 @@ class Bench:
 
     def add_row(self, row: dict):
         status = "ok" if row["bitexact"] else "NOT BIT-EXACT: " + "; ".join(row["problems"])[:300]
-        log(f"  {row['loader']:38s} {row['dataset']:10s} {row['cache']}: "
+        log(f"  {row['loader']:48s} {row['dataset']:10s} {row['cache']}: "
             + (f"{row['median_s']:.3f} s  {row['gbps']:6.2f} GB/s  " if "median_s" in row else "")
             + status)
         self.results.append(row)
@@ -677,7 +677,7 @@ def table(report) -> str:
         defaults = [r for r in report["results"]
                     if r["loader"] == "flashpack_ops" and r["dataset"] in ("llm", "small") and "median_s" in r]
         for r in defaults + variants:
-            lines.append(f"  {r['loader']:38s} {r['dataset']:6s} {r['cache']:5s} {r['median_s']:7.3f} s "
+            lines.append(f"  {r['loader']:48s} {r['dataset']:6s} {r['cache']:5s} {r['median_s']:7.3f} s "
                          f"{r['gbps']:6.2f} GB/s  {steps(r)}{'' if r['bitexact'] else '  NOT BIT-EXACT'}")
     saves = report.get("saves") or {}
     if "fp" in saves:

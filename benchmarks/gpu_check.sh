@@ -104,7 +104,7 @@ tests() {  # tests LIMIT TITLE PYTEST-ARGS...
   shift 2
   echo "==== $title" >> "$OUT/tests.log"
   # A test stuck for a minute prints every thread's stack (then goes on waiting).
-  timeout "$limit" "$PY" -m pytest -q -rs -p no:cacheprovider -o faulthandler_timeout=60 "$@" \
+  timeout "$limit" "$PY" -m pytest -q -rfEs -p no:cacheprovider -o faulthandler_timeout=60 "$@" \
     > "$OUT/tests.part" 2>&1
   local rc=$?
   cat "$OUT/tests.part" >> "$OUT/tests.log"
