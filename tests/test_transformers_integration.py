@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import flashpack_ops  # noqa: E402
+from flashpack_ops.commands import convert_to_flashpack  # noqa: E402
 from flashpack_ops.integrations import HubUnavailableError  # noqa: E402
 from flashpack_ops.integrations.transformers import (  # noqa: E402
     FlashPackTransformersModelMixin,
@@ -123,6 +124,47 @@ def test_untied_model_round_trips(tmp_path):
     assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
     assert torch.equal(logits(loaded), logits(untied))
 
+
+
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
+                    reason="transformers 4 ties what the config ties, whatever the checkpoint holds")
+def test_a_checkpoint_with_its_own_head_is_not_tied_to_the_embeddings(tmp_path):
+    # The config ties lm_head to the embeddings, the checkpoint holds an lm_head of its own
+    # (T5 v1.1 and flan-t5 in transformers 5, fine-tuned checkpoints): from_pretrained keeps
+    # both, and so must this load.
+    torch.manual_seed(2)
+    model = LlamaForCausalLM(tiny_config(tie_word_embeddings=True)).eval()
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(128, 64))
+    model.save_pretrained(tmp_path / "hf")
+    reference = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert torch.equal(reference.lm_head.weight, model.lm_head.weight)
+    convert_to_flashpack(str(tmp_path / "hf"), str(tmp_path / "fp"))
+    with pytest.warns(UserWarning, match="holds both, with different values: they are not tied"):
+        loaded = FlashLlama.from_pretrained_flashpack(tmp_path / "fp")
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert torch.equal(logits(loaded), logits(reference))
+
+
+def test_a_tied_checkpoint_stays_tied_and_quiet(saved):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = FlashLlama.from_pretrained_flashpack(saved)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_post_init_after_adding_a_head_initialises_only_the_head(model, saved):
+    # from_pretrained marks what it loaded initialised (transformers 5: _is_hf_initialized), so
+    # that post_init() after adding a module initialises that module only.
+    loaded = FlashLlama.from_pretrained_flashpack(saved)
+    loaded.extra = torch.nn.Linear(64, 3)
+    torch.nn.init.zeros_(loaded.extra.weight)
+    loaded.post_init()
+    assert loaded.extra.weight.count_nonzero() > 0  # initialised
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert logits(loaded).equal(logits(model))
 
 def test_missing_flashpack_file_says_how_to_make_one(tmp_path):
     tiny_config().save_pretrained(tmp_path)

@@ -16,7 +16,7 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrai
 from ..._warnings import warn
 from ...api import DevicePlacement, assign_from_file, describe_missing, initialize_missing
 from ...mixin import FlashPackMixin, init_empty_parameters
-from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, read_metadata
+from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, load_file, read_metadata
 from .._hub import (build_and_load_dtypes, checked_save_directory, dispatch_placed, library_class, loading_info,
                     locate_flashpack, parse_dtype, place_model, take_load_kwargs, unwrapped, upload_directory,
                     warn_unused_save_kwargs, with_unplaced_params, write_weights)
@@ -99,6 +99,46 @@ def _match_to_file(model: PreTrainedModel, path: str) -> Tuple[torch.nn.Module, 
                 or (entry["length"] > 0 and (entry.get("macroblock", 0), entry["offset"], tuple(entry["shape"])) in loaded))
 
     return target, [entry["name"] for entry in index if leave_out(entry)]
+
+
+def _tie_as_the_file_holds(model: PreTrainedModel, path: str, what: str) -> None:
+    """Ties the model's tied weights (building it skipped that), as from_pretrained does from
+    transformers 5 on: a pair the file holds apart, with other values, stays untied (the
+    config says tied, the checkpoint does not: T5 v1.1 and flan-t5 have an lm_head of their
+    own), so that the file's own tensor loads; a warning says so, as transformers does."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if not tied or _TRANSFORMERS_MAJOR < 5:
+        model.tie_weights()
+        return
+    index = {entry["name"]: entry for entry in read_metadata(path)["index"]}
+
+    def where(entry: Dict[str, Any]) -> Tuple[Any, ...]:
+        return entry.get("macroblock", 0), entry["offset"], tuple(entry["shape"]), entry.get("dtype")
+
+    apart = []
+    for target, source in list(tied.items()):
+        if target not in index or source not in index or where(index[target]) == where(index[source]):
+            continue
+        values = load_file(path, names=[target, source])  # views of the mapped file: only their bytes are read
+        a, b = values[target], values[source]
+        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
+            apart.append(target)
+    for target in apart:
+        warn(f"{what}: the config ties {target} to {tied[target]}, but {path} holds both, with different "
+             f"values: they are not tied, and each loads its own (set tie_word_embeddings=False in the config "
+             "to silence this)")
+        tied.pop(target)
+    model.tie_weights(recompute_mapping=False) if apart else model.tie_weights()
+
+
+def _mark_initialized(model: torch.nn.Module) -> None:
+    """Marks every module and tensor initialised (``_is_hf_initialized``), as from_pretrained
+    leaves a model from transformers 5 on: a later ``post_init()`` (after adding a head, say)
+    then initialises only what is new, not the weights just loaded."""
+    for module in model.modules():
+        module._is_hf_initialized = True
+        for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            tensor._is_hf_initialized = True
 
 
 def _map_onto(target: torch.nn.Module, model: PreTrainedModel, prefix: str, device: Any) -> Any:
@@ -333,7 +373,7 @@ def from_pretrained_flashpack(
     kwargs[dtype_kwarg] = build_dtype
     with init_empty_parameters(build_dtype), _no_init_weights():
         model = model_class._from_config(config, **kwargs)
-    model.tie_weights()  # skipped with the init; the file's tensors then fill each tied group once
+    _tie_as_the_file_holds(model, path, what)  # the file's tensors then fill each tied group once
     target, left_out = _match_to_file(model, path)
     device = place_model(model, device)
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -361,6 +401,7 @@ def from_pretrained_flashpack(
     if zero_filled:
         left_zero = initialize_missing(model, zero_filled, _init_weights_of(model))
         warn(f"{what}: {describe_missing(zero_filled, left_zero, 'from_pretrained')} (not in {path})")
+    _mark_initialized(model)
     dispatch_placed(model, device)
     if generation_config is not None:
         model.generation_config = generation_config
