@@ -143,6 +143,8 @@ def read_flashpack_file(
     num_streams: int = 0,
     silent: bool = True,
     metadata: Optional[Dict[str, Any]] = None,
+    *,
+    copy: bool = False,
 ) -> Tuple[FlashTensorStorage, Dict[str, Any]]:
     """Read a flashpack file's blocks, with the reference's arguments and results.
 
@@ -156,6 +158,8 @@ def read_flashpack_file(
         silent: unused, kept for compatibility.
         metadata: accepted for compatibility; the file's own footer is read, checked and
             returned whatever is passed.
+        copy: on the CPU, blocks in memory of their own rather than mappings of the file
+            (as ``load_file``'s ``copy``).
 
     Returns:
         Tuple[FlashTensorStorage, Dict[str, Any]]: the blocks, and the footer (every index
@@ -174,7 +178,7 @@ def read_flashpack_file(
     for _ in range(_READ_ATTEMPTS):
         before = _identity(path)
         metadata = read_metadata(path)
-        blocks = torch.ops.flashpack.load_blocks(path, _device(device), chunk_bytes=chunk_bytes,
+        blocks = torch.ops.flashpack.load_blocks(path, _device(device), copy=copy, chunk_bytes=chunk_bytes,
                                                  num_streams=num_streams)
         if _identity(path) == before:
             return FlashTensorStorage(list(blocks)), _with_macroblocks(metadata)
@@ -528,7 +532,7 @@ class DevicePlacement:
 
 
 def _load_placed(path: PathLike, names: List[str], placement: DevicePlacement,
-                 wanted: Callable[[str], bool]) -> Dict[str, torch.Tensor]:
+                 wanted: Callable[[str], bool], copy: bool = False) -> Dict[str, torch.Tensor]:
     """The file's tensors (``names``, in the file's order), each loaded to its device under
     ``placement``: one load per device, of its entries only. Entries ``wanted`` refuses, and
     those no key of the map covers, are mapped on the CPU (free: nothing is read) so that the
@@ -539,7 +543,7 @@ def _load_placed(path: PathLike, names: List[str], placement: DevicePlacement,
         groups.setdefault(device if device is not None else torch.device("cpu"), []).append(name)
     loaded: Dict[str, torch.Tensor] = {}
     for device, group in groups.items():
-        loaded.update(load_file(path, device, names=group))
+        loaded.update(load_file(path, device, names=group, copy=copy))
     return {name: loaded[name] for name in names}
 
 
@@ -593,6 +597,7 @@ def assign_from_file(
     coerce_dtype: bool = False,
     *,
     dtype: Optional[torch.dtype] = None,
+    copy: bool = False,
     _keep_float32: Optional[Callable[[str], bool]] = None,
     _zero_filled: Optional[List[str]] = None,
     _model_prefix: str = "",
@@ -636,6 +641,10 @@ def assign_from_file(
         coerce_dtype: convert a buffer to the model's dtype when the file's differs;
             otherwise a floating buffer takes the file's dtype, as parameters do.
         dtype: convert the file's floating-point tensors to this dtype (a copy).
+        copy: on the CPU, load into memory of the process's own rather than views of a
+            mapping of the file, for a model that must not change when the file is
+            rewritten in place (``cp`` over it) or truncated; replacing the file (a rename,
+            as ``save_file`` and ``save_pretrained_flashpack`` do) is safe either way.
         use_distributed_loading: load over torch.distributed (see ``load_file_distributed``):
             rank 0 reads and broadcasts, or with ``distributed_sharded`` every rank reads
             its share and the ranks all-gather. Starts the process group from ``rank``,
@@ -688,22 +697,22 @@ def assign_from_file(
     distributed = use_distributed_loading and maybe_init_distributed(rank, local_rank, world_size)
     storage = meta = None
     if placement is not None:
-        tensors = _load_placed(path, file_names, placement, lambda name: not ignored(name))
+        tensors = _load_placed(path, file_names, placement, lambda name: not ignored(name), copy=copy)
     elif keep_flash_ref_on_model:
         # The blocks themselves, so that the model can hold them; the tensors are views of them.
         if distributed:
             storage, meta = read_flashpack_file_distributed(path, device, sharded=distributed_sharded)
         else:
-            storage, meta = read_flashpack_file(path, device)
+            storage, meta = read_flashpack_file(path, device, copy=copy)
         tensors = dict(iterate_from_flash_tensor(storage, meta))
     elif distributed:
         tensors = load_file_distributed(path, device, sharded=distributed_sharded)
     elif ignore_names or ignore_prefixes or ignore_suffixes:
         # What is ignored is not read, nor given GPU memory (a head or a tower left out).
-        tensors = load_file(path, device, names=[entry["name"] for entry in read_metadata(path)["index"]
-                                                 if not ignored(entry["name"])])
+        tensors = load_file(path, device, copy=copy, names=[entry["name"] for entry in read_metadata(path)["index"]
+                                                            if not ignored(entry["name"])])
     else:
-        tensors = load_file(path, device)
+        tensors = load_file(path, device, copy=copy)
 
     target = _unwrapped(model, tensors)
     if target is not model:

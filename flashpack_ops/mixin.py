@@ -136,6 +136,7 @@ class FlashPackMixin:
         world_size: Optional[int] = None,
         coerce_dtype: bool = False,
         init_fn: Optional[Callable[..., Any]] = None,
+        copy: bool = False,
         **kwargs: Any,
     ) -> "FlashPackMixin":
         """Build the module and load a flashpack file into it, in evaluation mode.
@@ -147,7 +148,7 @@ class FlashPackMixin:
             device: where the weights go (``"cpu"``, ``"cuda"``, ``"cuda:1"``); the CPU
                 by default.
             strict, strict_params, strict_buffers, ignore_names, ignore_prefixes,
-                ignore_suffixes, coerce_dtype, keep_flash_ref_on_model, silent: as in
+                ignore_suffixes, coerce_dtype, keep_flash_ref_on_model, silent, copy: as in
                 :func:`flashpack_ops.assign_from_file`.
             init_fn: builds the module instead of the class (or ``flashpack_init_method``).
             use_distributed_loading, distributed_sharded, distributed_shard_strategy, rank,
@@ -189,7 +190,7 @@ class FlashPackMixin:
             ignore_suffixes=ignore_suffixes or cls.flashpack_ignore_suffixes,
             use_distributed_loading=use_distributed_loading, distributed_sharded=distributed_sharded,
             distributed_shard_strategy=distributed_shard_strategy, rank=rank, local_rank=local_rank,
-            world_size=world_size, coerce_dtype=coerce_dtype or cls.flashpack_coerce_dtype,
+            world_size=world_size, coerce_dtype=coerce_dtype or cls.flashpack_coerce_dtype, copy=copy,
         )
         # from_pretrained returns models in eval mode; dropout left on would corrupt inference.
         return model.eval()

@@ -705,3 +705,15 @@ def test_a_compiled_model_saves_as_the_model_it_compiles(tmp_path):
     save_pretrained_flashpack(torch.compile(unet), tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["_class_name"] == "UNet2DModel"
     assert_same_model(from_pretrained_flashpack(UNet2DModel, tmp_path), unet)
+
+
+def test_a_copied_pipeline_load_keeps_its_weights_when_a_file_is_rewritten_in_place(tmp_path):
+    pipeline = FlashDDPMPipeline(unet=tiny_unet(FlashUNet), scheduler=DDPMScheduler(num_train_timesteps=10))
+    pipeline.save_pretrained_flashpack(tmp_path / "a")
+    tiny_unet(FlashUNet, seed=1).save_pretrained_flashpack(tmp_path / "other")  # same layout, other values
+    loaded = FlashDDPMPipeline.from_pretrained_flashpack(tmp_path / "a", copy=True)
+    unet = FlashUNet.from_pretrained_flashpack(tmp_path / "a" / "unet", copy=True)
+    with open(tmp_path / "a" / "unet" / "model.flashpack", "r+b") as f:  # as cp does: same inode, no rename
+        f.write((tmp_path / "other" / "model.flashpack").read_bytes())
+    for model in (loaded.unet, unet):
+        assert_same_model(model, pipeline.unet)

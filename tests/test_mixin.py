@@ -655,3 +655,28 @@ def test_a_file_of_a_wrapping_model_or_of_a_part_says_so(tmp_path):
     with pytest.raises(ValueError, match=r"the file holds the missing names without 'pair\.': it was saved from "
                                          "that part of this model alone"):
         flashpack_ops.assign_from_file(_Holder(), tmp_path / "pair.flashpack")
+
+
+def rewrite_in_place(path, source):
+    """Overwrites ``path``'s bytes with ``source``'s, as ``cp`` does: same inode, no rename."""
+    with open(path, "r+b") as f:
+        f.write(source.read_bytes())
+
+
+@pytest.mark.parametrize("load", ["from_flashpack", "assign_from_file"])
+def test_a_copied_load_keeps_its_weights_when_the_file_is_rewritten_in_place(tmp_path, load):
+    model = trained_model(seed=0)
+    path, other = tmp_path / "m.flashpack", tmp_path / "other.flashpack"
+    model.save_flashpack(path)
+    trained_model(seed=1).save_flashpack(other)  # the same layout, other values
+    if load == "from_flashpack":
+        loaded = TinyLM.from_flashpack(path, copy=True)
+    else:
+        with init_empty_parameters():
+            loaded = TinyLM()
+        assign_from_file(loaded, path, copy=True)
+    rewrite_in_place(path, other)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    path.write_bytes(b"")  # truncated: a mapping would fault on the next read
+    assert torch.equal(loaded.eval()(IDS), model(IDS))

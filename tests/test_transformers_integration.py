@@ -745,3 +745,17 @@ def test_a_compiled_model_saves_as_the_model_it_compiles(model, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert not any(name.startswith("_orig_mod.") for name in flashpack_ops.load_file(tmp_path / "model.flashpack"))
     assert torch.equal(logits(from_pretrained_flashpack(LlamaForCausalLM, tmp_path)), logits(model))
+
+
+def test_a_copied_load_keeps_its_weights_when_the_file_is_rewritten_in_place(model, saved, tmp_path):
+    directory = tmp_path / "copy"
+    directory.mkdir()
+    for name in os.listdir(saved):
+        (directory / name).write_bytes((saved / name).read_bytes())
+    loaded = FlashLlama.from_pretrained_flashpack(directory, copy=True)
+    torch.manual_seed(5)
+    FlashLlama(tiny_config()).save_pretrained_flashpack(tmp_path / "other")  # same layout, other values
+    with open(directory / "model.flashpack", "r+b") as f:  # as cp does: same inode, no rename
+        f.write((tmp_path / "other" / "model.flashpack").read_bytes())
+    (directory / "model.flashpack").write_bytes(b"")  # and then truncated: a mapping would fault
+    assert torch.equal(logits(loaded), logits(model))

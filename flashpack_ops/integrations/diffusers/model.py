@@ -130,6 +130,7 @@ def from_pretrained_flashpack(
     ignore_prefixes: Optional[List[str]] = None,
     ignore_suffixes: Optional[List[str]] = None,
     coerce_dtype: bool = False,
+    copy: bool = False,
     subfolder: Optional[str] = None,
     revision: Optional[str] = None,
     local_dir: Optional[str] = None,
@@ -155,7 +156,7 @@ def from_pretrained_flashpack(
         revision, local_dir, local_files_only, cache_dir, token, force_download: for
             downloads from the Hub.
         strict, strict_params, strict_buffers, ignore_names, ignore_prefixes,
-            ignore_suffixes, coerce_dtype, keep_flash_ref_on_model, silent: as in
+            ignore_suffixes, coerce_dtype, keep_flash_ref_on_model, silent, copy: as in
             :func:`flashpack_ops.assign_from_file`.
         device_map: in place of ``device``: one device for the whole model, or a map of
             module names to devices (``"auto"`` and the like: the map accelerate infers,
@@ -195,7 +196,8 @@ def from_pretrained_flashpack(
         model, path, device=device if device is not None else "cpu", strict=strict, strict_params=strict_params,
         strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
         ignore_names=ignore_names, ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes,
-        coerce_dtype=coerce_dtype, dtype=load_dtype, _keep_float32=keeps_in_float32(model, load_dtype), **distributed,
+        coerce_dtype=coerce_dtype, dtype=load_dtype, copy=copy, _keep_float32=keeps_in_float32(model, load_dtype),
+        **distributed,
     )
     dispatch_placed(model, device)
     model.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))

@@ -242,6 +242,7 @@ def load_pipeline_flashpack(
     ignore_prefixes: Optional[List[str]] = None,
     ignore_suffixes: Optional[List[str]] = None,
     coerce_dtype: bool = False,
+    copy: bool = False,
     revision: Optional[str] = None,
     cache_dir: Optional[str] = None,
     local_dir: Optional[str] = None,
@@ -265,7 +266,7 @@ def load_pipeline_flashpack(
             by default each model keeps its file's dtypes (``dtype`` is diffusers' newer
             name for ``torch_dtype``).
         strict, strict_params, strict_buffers, ignore_names, ignore_prefixes,
-            ignore_suffixes, coerce_dtype, silent: applied to every model component.
+            ignore_suffixes, coerce_dtype, silent, copy: applied to every model component.
         revision, cache_dir, local_dir, token, local_files_only, force_download: for the Hub.
         **kwargs: components to use instead of loading them (``scheduler=...``), and
             arguments of the pipeline's ``__init__``. ``device_map`` is one device for
@@ -325,7 +326,7 @@ def load_pipeline_flashpack(
     expected_modules, optional_kwargs = pipeline_class._get_signature_keys(pipeline_class)
     load_kwargs = dict(silent=silent, strict=strict, strict_params=strict_params, strict_buffers=strict_buffers,
                        ignore_names=ignore_names, ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes,
-                       coerce_dtype=coerce_dtype, **distributed)
+                       coerce_dtype=coerce_dtype, copy=copy, **distributed)
     entries = _component_entries(config)
     balanced = isinstance(device, AutoDeviceMap)
     placed = (_balanced_placement(directory, entries, kwargs, torch_dtype, device.max_memory, what,

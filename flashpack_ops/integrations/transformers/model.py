@@ -294,6 +294,7 @@ def from_pretrained_flashpack(
     ignore_prefixes: Optional[List[str]] = None,
     ignore_suffixes: Optional[List[str]] = None,
     coerce_dtype: bool = False,
+    copy: bool = False,
     subfolder: Optional[str] = None,
     revision: Optional[str] = None,
     local_dir: Optional[str] = None,
@@ -322,7 +323,7 @@ def from_pretrained_flashpack(
         revision, local_dir, local_files_only, cache_dir, token, force_download: for
             downloads from the Hub.
         strict, strict_params, strict_buffers, ignore_names, ignore_prefixes,
-            ignore_suffixes, coerce_dtype, keep_flash_ref_on_model, silent: as in
+            ignore_suffixes, coerce_dtype, keep_flash_ref_on_model, silent, copy: as in
             :func:`flashpack_ops.assign_from_file`.
         device_map: in place of ``device``: one device for the whole model (``"cuda"``,
             ``0``, ``{"": "cuda:1"}``), or a map of module names to devices
@@ -386,7 +387,7 @@ def from_pretrained_flashpack(
         strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
         ignore_names=list(ignore_names or []) + left_out, ignore_prefixes=ignore_prefixes,
         ignore_suffixes=ignore_suffixes,
-        coerce_dtype=coerce_dtype, dtype=load_dtype, _keep_float32=keeps_in_float32(model, load_dtype),
+        coerce_dtype=coerce_dtype, dtype=load_dtype, copy=copy, _keep_float32=keeps_in_float32(model, load_dtype),
         _zero_filled=zero_filled, _model_prefix=f"{prefix}." if wrapper else "", **distributed,
     )
     if keep_flash_ref_on_model and target is not model:
