@@ -242,7 +242,9 @@ def _library_model_class(config: Dict[str, Any], directory: str, use_transformer
         cls = getattr(transformers, architectures[0], None) if architectures else transformers.AutoModel
         if cls is None:
             raise ValueError(f"{directory}/config.json names the architecture '{architectures[0]}', which "
-                             f"transformers {transformers.__version__} does not have")
+                             f"transformers {transformers.__version__} does not have (a subclass's name, as "
+                             "save_pretrained records it? Set \"architectures\" there to the transformers class "
+                             "it extends, such as \"LlamaForCausalLM\")")
         return cls
     return None
 

@@ -232,6 +232,22 @@ def test_convert_refuses_a_directory_whose_model_would_drop_tensors(tmp_path):
     assert not (tmp_path / "fp" / "model.flashpack").exists()
 
 
+
+def test_convert_of_a_directory_naming_a_subclass_says_what_to_name(tmp_path):
+    # transformers' save_pretrained records the class's own name: a subclass that only adds
+    # flashpack methods (class FlashLlama(LlamaForCausalLM, FlashPackTransformersModelMixin)).
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    described = json.loads((tmp_path / "hf" / "config.json").read_text())
+    described["architectures"] = ["FlashLlama"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(described))
+    assert_one_line_error(run("convert", tmp_path / "hf", tmp_path / "fp", check=False),
+                          "names the architecture 'FlashLlama', which transformers")
+    assert "Set \"architectures\" there to the transformers class it extends" in run(
+        "convert", tmp_path / "hf", tmp_path / "fp", check=False).stderr
+
 def test_convert_leaves_out_what_the_checkpoint_lacks_for_the_load_to_initialise(tmp_path):
     # A BertModel saved without its pooler (as embedding models are): from_pretrained loads it
     # and initialises the pooler. The file holds the checkpoint's tensors only, not a random

@@ -717,3 +717,16 @@ def test_a_copied_pipeline_load_keeps_its_weights_when_a_file_is_rewritten_in_pl
         f.write((tmp_path / "other" / "model.flashpack").read_bytes())
     for model in (loaded.unet, unet):
         assert_same_model(model, pipeline.unet)
+
+
+def test_a_subclass_saved_the_usual_way_names_the_diffusers_classes(tmp_path):
+    # The mixins only add methods: a plain save_pretrained must give a directory that diffusers
+    # loads where the subclass does not exist (after push_to_hub, say).
+    unet = tiny_unet(FlashUNet)
+    unet.save_pretrained(tmp_path / "unet")
+    assert json.loads((tmp_path / "unet" / "config.json").read_text())["_class_name"] == "UNet2DModel"
+    assert_same_model(diffusers.AutoModel.from_pretrained(str(tmp_path / "unet")), unet)
+    pipeline = FlashDDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=10))
+    pipeline.save_pretrained(tmp_path / "pipeline")
+    assert json.loads((tmp_path / "pipeline" / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    assert type(DiffusionPipeline.from_pretrained(tmp_path / "pipeline")) is DDPMPipeline

@@ -37,6 +37,15 @@ def keeps_in_float32(model: ModelMixin, dtype: Optional[torch.dtype]) -> Optiona
     return lambda name: any(module in name.split(".") for module in modules)
 
 
+def _with_class_name(config_json: str, name: str) -> str:
+    """A config's JSON (diffusers' ``to_json_string``) with ``_class_name`` set to ``name``."""
+    config = json.loads(config_json)
+    if config.get("_class_name") == name:
+        return config_json
+    config["_class_name"] = name
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
 def _name_library_class(model: ModelMixin, config_path: str) -> None:
     """Record the diffusers class in config.json (``_class_name``), not a subclass that only adds
     flashpack methods, so that diffusers' AutoModel and other loaders can import it."""
@@ -215,6 +224,12 @@ class FlashPackDiffusersModelMixin(ModelMixin, FlashPackMixin):
     """
 
     flashpack_init_method: Optional[str] = "from_config"
+
+    def to_json_string(self) -> str:
+        """The config as diffusers writes it, naming the diffusers class this one extends
+        (``UNet2DModel``, not ``FlashUNet``): a plain ``save_pretrained`` then gives a
+        directory that diffusers loads where this subclass does not exist."""
+        return _with_class_name(super().to_json_string(), library_class(type(self), ModelMixin).__name__)
 
     def save_pretrained_flashpack(self, save_directory: Union[str, "os.PathLike[str]"], **kwargs: Any) -> None:
         """See :func:`flashpack_ops.integrations.diffusers.save_pretrained_flashpack`."""

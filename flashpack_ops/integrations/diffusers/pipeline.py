@@ -458,6 +458,13 @@ class FlashPackDiffusionPipeline(DiffusionPipeline):
         >>> pipe.save_pretrained_flashpack("sd-copy")
     """
 
+    def to_json_string(self) -> str:
+        """``model_index.json`` as diffusers writes it, naming the diffusers pipeline class this
+        one extends (``StableDiffusionPipeline``, not ``FlashSD``): a plain ``save_pretrained``
+        then gives a directory that diffusers loads where this subclass does not exist."""
+        return diffusers_model._with_class_name(super().to_json_string(),
+                                                library_class(type(self), DiffusionPipeline).__name__)
+
     def save_pretrained_flashpack(self, save_directory: Union[str, "os.PathLike[str]"], **kwargs: Any) -> None:
         """See :func:`flashpack_ops.integrations.diffusers.save_pipeline_flashpack`."""
         save_pipeline_flashpack(self, save_directory, **kwargs)
