@@ -730,3 +730,19 @@ def test_a_subclass_saved_the_usual_way_names_the_diffusers_classes(tmp_path):
     pipeline.save_pretrained(tmp_path / "pipeline")
     assert json.loads((tmp_path / "pipeline" / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
     assert type(DiffusionPipeline.from_pretrained(tmp_path / "pipeline")) is DDPMPipeline
+
+
+def test_ignore_mismatched_sizes_initialises_what_changed_shape(tmp_path):
+    unet = tiny_unet(FlashUNet)
+    unet.save_pretrained_flashpack(tmp_path)
+    with pytest.raises(ValueError, match="conv_out.weight' has shape"):
+        from_pretrained_flashpack(UNet2DModel, tmp_path, out_channels=4)
+    with pytest.warns(UserWarning, match=r"tensors of another shape .* conv_out.weight \(\(3, 8, 3, 3\) in the file, "
+                                         r"\(4, 8, 3, 3\) in the model\)"):
+        loaded, info = from_pretrained_flashpack(UNet2DModel, tmp_path, out_channels=4, ignore_mismatched_sizes=True,
+                                                 output_loading_info=True)
+    assert sorted(name for name, _, _ in info["mismatched_keys"]) == ["conv_out.bias", "conv_out.weight"]
+    assert info["missing_keys"] == [] and loaded.conv_out.weight.count_nonzero() > 0
+    for name, tensor in unet.state_dict().items():
+        if not name.startswith("conv_out."):
+            assert torch.equal(loaded.state_dict()[name], tensor), name

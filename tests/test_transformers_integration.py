@@ -759,3 +759,27 @@ def test_a_copied_load_keeps_its_weights_when_the_file_is_rewritten_in_place(mod
         f.write((tmp_path / "other" / "model.flashpack").read_bytes())
     (directory / "model.flashpack").write_bytes(b"")  # and then truncated: a mapping would fault
     assert torch.equal(logits(loaded), logits(model))
+
+
+def test_ignore_mismatched_sizes_initialises_what_changed_shape_as_from_pretrained_does(tmp_path):
+    # The fine-tuning start: a classifier saved for 2 labels, built for 5.
+    config = transformers.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    torch.manual_seed(0)
+    saved_model = transformers.BertForSequenceClassification(config).eval()
+    saved_model.save_pretrained(tmp_path / "hf")
+    save_pretrained_flashpack(saved_model, tmp_path / "fp")
+    cls = transformers.BertForSequenceClassification
+    with pytest.raises(ValueError, match=r"'classifier.weight' has shape \(2, 32\) in the file but \(5, 32\)"):
+        from_pretrained_flashpack(cls, tmp_path / "fp", num_labels=5)
+    _, expected = cls.from_pretrained(tmp_path / "hf", num_labels=5, ignore_mismatched_sizes=True,
+                                      output_loading_info=True)
+    with pytest.warns(UserWarning, match=r"2 tensors of another shape .* classifier.weight \(\(2, 32\) in the file, "
+                                         r"\(5, 32\) in the model\)"):
+        loaded, info = from_pretrained_flashpack(cls, tmp_path / "fp", num_labels=5, ignore_mismatched_sizes=True,
+                                                 output_loading_info=True)
+    assert info == expected
+    assert loaded.classifier.weight.shape == (5, 32) and loaded.classifier.weight.count_nonzero() > 0
+    assert torch.equal(loaded.classifier.bias, torch.zeros(5))  # BERT's init, as from_pretrained gives it
+    for name, tensor in saved_model.bert.state_dict().items():
+        assert torch.equal(loaded.bert.state_dict()[name], tensor), name

@@ -32,7 +32,7 @@ IGNORED_LOAD_KWARGS = ("proxies", "local_dir_use_symlinks", "low_cpu_mem_usage",
 UNSUPPORTED_LOAD_KWARGS = {"quantization_config": None, "gguf_file": None, "key_mapping": None, "tp_plan": None,
                            "tp_size": None, "device_mesh": None, "distributed_config": None, "adapter_kwargs": None,
                            "state_dict": None, "from_tf": False, "from_flax": False, "use_kernels": False,
-                           "kernel_config": None, "ignore_mismatched_sizes": False}
+                           "kernel_config": None}
 
 # Passed on to assign_from_file.
 DISTRIBUTED_LOAD_KWARGS = ("use_distributed_loading", "distributed_sharded", "distributed_shard_strategy", "rank",
@@ -494,7 +494,28 @@ def tied_second_names(index: Sequence[Dict[str, Any]]) -> set:
     return second
 
 
-def loading_info(model: torch.nn.Module, path: str, missing: Optional[List[str]] = None) -> Dict[str, List[str]]:
+Mismatch = Tuple[str, torch.Size, torch.Size]
+
+
+def mismatched_entries(model: torch.nn.Module, path: str) -> List[Mismatch]:
+    """The entries of the file that ``model`` holds in another shape, as from_pretrained lists
+    them (``mismatched_keys``): (name, shape in the file, shape in the model)."""
+    shapes = {name: tensor.shape for name, tensor in model.state_dict(keep_vars=True).items()}
+    return [(entry["name"], torch.Size(entry["shape"]), shapes[entry["name"]]) for entry in read_metadata(path)["index"]
+            if entry["name"] in shapes and torch.Size(entry["shape"]) != shapes[entry["name"]]]
+
+
+def describe_mismatched(mismatched: Sequence[Mismatch], path: str) -> str:
+    """What ``ignore_mismatched_sizes=True`` did, in one line."""
+    said = ", ".join(f"{name} ({tuple(file_shape)} in the file, {tuple(model_shape)} in the model)"
+                     for name, file_shape, model_shape in mismatched[:20])
+    more = f" and {len(mismatched) - 20} more" if len(mismatched) > 20 else ""
+    return (f"{len(mismatched)} tensors of another shape in {path} initialised as from_pretrained("
+            f"ignore_mismatched_sizes=True) initialises them: {said}{more}")
+
+
+def loading_info(model: torch.nn.Module, path: str, missing: Optional[List[str]] = None,
+                 mismatched: Sequence[Mismatch] = ()) -> Dict[str, Any]:
     """What ``from_pretrained(..., output_loading_info=True)`` returns beside the model.
 
     ``model`` is the module the file's names were matched against; ``missing``, when the
@@ -504,11 +525,12 @@ def loading_info(model: torch.nn.Module, path: str, missing: Optional[List[str]]
     index = read_metadata(path)["index"]
     in_file = {entry["name"] for entry in index}
     in_model = set(model.state_dict())
-    missing = sorted(in_model - in_file) if missing is None else sorted(set(missing))
+    reshaped = {name for name, _, _ in mismatched}
+    missing = sorted(in_model - in_file) if missing is None else sorted(set(missing) - reshaped)
     # A tied tensor's second names (lm_head.weight beside the embedding) are not reported:
     # save_pretrained does not write them, so from_pretrained never finds them unexpected.
     return {"missing_keys": missing, "unexpected_keys": sorted(in_file - in_model - tied_second_names(index)),
-            "mismatched_keys": [], "error_msgs": []}
+            "mismatched_keys": list(mismatched), "error_msgs": []}
 
 
 def parse_dtype(dtype: Any) -> Optional[torch.dtype]:

@@ -10,12 +10,13 @@ import diffusers
 import torch
 from diffusers import ModelMixin
 
-from ...api import assign_from_file
+from ..._warnings import warn
+from ...api import _reset_parameters, assign_from_file, describe_missing, initialize_missing
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
-from .._hub import (build_and_load_dtypes, checked_save_directory, dispatch_placed, library_class, loading_info,
-                    locate_flashpack, parse_dtype, place_model, take_load_kwargs, unwrapped, upload_directory,
-                    warn_unused_save_kwargs, write_weights)
+from .._hub import (build_and_load_dtypes, checked_save_directory, describe_mismatched, dispatch_placed,
+                    library_class, loading_info, locate_flashpack, mismatched_entries, parse_dtype, place_model,
+                    take_load_kwargs, unwrapped, upload_directory, warn_unused_save_kwargs, write_weights)
 
 M = TypeVar("M", bound=ModelMixin)
 
@@ -172,6 +173,9 @@ def from_pretrained_flashpack(
             within ``max_memory``), each device loading only its modules' entries, with
             accelerate's hooks added as from_pretrained adds them.
         output_loading_info: also return ``{"missing_keys", "unexpected_keys", ...}``.
+        ignore_mismatched_sizes: entries the model holds in another shape are left out and
+            initialised (``reset_parameters``), with a warning, as from_pretrained does; an
+            error otherwise.
         use_distributed_loading, distributed_sharded, rank, local_rank, world_size: as in
             :func:`flashpack_ops.assign_from_file`.
         **kwargs: config entries to override. from_pretrained's arguments that only choose
@@ -188,6 +192,7 @@ def from_pretrained_flashpack(
             from_pretrained_flashpack cannot honour.
     """
     what = f"{model_class.__name__}.from_pretrained_flashpack"
+    ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
     device, distributed = take_load_kwargs(kwargs, device, what)
     output_loading_info = kwargs.pop("output_loading_info", False)
     path = locate_flashpack(pretrained_model_name_or_path, subfolder, revision=revision, cache_dir=cache_dir,
@@ -200,18 +205,31 @@ def from_pretrained_flashpack(
     build_dtype, load_dtype = build_and_load_dtypes(path, dtype, torch_dtype, what)
     with init_empty_parameters(build_dtype):
         model = model_class.from_config(config, **kwargs)
+    # Entries of another shape are left out and initialised as missing ones are, as
+    # from_pretrained(ignore_mismatched_sizes=True) does.
+    mismatched = mismatched_entries(model, path) if ignore_mismatched_sizes else []
     device = place_model(model, device)
+    zero_filled: List[str] = []
     assign_from_file(
         model, path, device=device if device is not None else "cpu", strict=strict, strict_params=strict_params,
         strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
-        ignore_names=ignore_names, ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes,
-        coerce_dtype=coerce_dtype, dtype=load_dtype, copy=copy, _keep_float32=keeps_in_float32(model, load_dtype),
+        ignore_names=list(ignore_names or []) + [name for name, _, _ in mismatched], ignore_prefixes=ignore_prefixes,
+        ignore_suffixes=ignore_suffixes, coerce_dtype=coerce_dtype, dtype=load_dtype, copy=copy,
+        _keep_float32=keeps_in_float32(model, load_dtype), _zero_filled=zero_filled if mismatched else None,
         **distributed,
     )
+    if zero_filled:
+        left_zero = initialize_missing(model, zero_filled, _reset_parameters)
+        reshaped = {name for name, _, _ in mismatched}
+        missing = [name for name in zero_filled if name not in reshaped]
+        if missing:
+            warn(f"{what}: {describe_missing(missing, left_zero, 'reset_parameters()')} (not in {path})")
+    if mismatched:
+        warn(f"{what}: {describe_mismatched(mismatched, path)}")
     dispatch_placed(model, device)
     model.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
     model.eval()
-    return (model, loading_info(model, path)) if output_loading_info else model
+    return (model, loading_info(model, path, mismatched=mismatched)) if output_loading_info else model
 
 
 class FlashPackDiffusersModelMixin(ModelMixin, FlashPackMixin):

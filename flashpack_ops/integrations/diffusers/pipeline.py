@@ -292,6 +292,7 @@ def load_pipeline_flashpack(
     strategy = kwargs.get("device_map")
     # For components without a flashpack file, loaded the usual way (a pipeline converted in part).
     usual = {name: kwargs[name] for name in ("variant", "use_safetensors") if kwargs.get(name) is not None}
+    ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
     device, distributed = take_load_kwargs(kwargs, device, what)
     spreading = isinstance(strategy, str) and strategy in SPREADING_DEVICE_MAPS
     if isinstance(device, dict) or (spreading and strategy != "balanced"):
@@ -326,7 +327,8 @@ def load_pipeline_flashpack(
     expected_modules, optional_kwargs = pipeline_class._get_signature_keys(pipeline_class)
     load_kwargs = dict(silent=silent, strict=strict, strict_params=strict_params, strict_buffers=strict_buffers,
                        ignore_names=ignore_names, ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes,
-                       coerce_dtype=coerce_dtype, copy=copy, **distributed)
+                       coerce_dtype=coerce_dtype, copy=copy, ignore_mismatched_sizes=ignore_mismatched_sizes,
+                       **distributed)
     entries = _component_entries(config)
     balanced = isinstance(device, AutoDeviceMap)
     placed = (_balanced_placement(directory, entries, kwargs, torch_dtype, device.max_memory, what,

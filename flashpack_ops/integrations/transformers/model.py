@@ -17,9 +17,10 @@ from ..._warnings import warn
 from ...api import DevicePlacement, assign_from_file, describe_missing, initialize_missing
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, load_file, read_metadata
-from .._hub import (build_and_load_dtypes, checked_save_directory, dispatch_placed, library_class, loading_info,
-                    locate_flashpack, parse_dtype, place_model, take_load_kwargs, unwrapped, upload_directory,
-                    warn_unused_save_kwargs, with_unplaced_params, write_weights)
+from .._hub import (build_and_load_dtypes, checked_save_directory, describe_mismatched, dispatch_placed,
+                    library_class, loading_info, locate_flashpack, mismatched_entries, parse_dtype, place_model,
+                    take_load_kwargs, unwrapped, upload_directory, warn_unused_save_kwargs, with_unplaced_params,
+                    write_weights)
 
 M = TypeVar("M", bound=PreTrainedModel)
 
@@ -333,6 +334,9 @@ def from_pretrained_flashpack(
             adds them.
         output_loading_info: also return ``{"missing_keys", "unexpected_keys", ...}``.
         generation_config: use this instead of the directory's ``generation_config.json``.
+        ignore_mismatched_sizes: entries the model holds in another shape (``num_labels=5``
+            over a checkpoint saved for 2) are left out and initialised, with a warning, as
+            from_pretrained does; an error otherwise.
         use_distributed_loading, distributed_sharded, rank, local_rank, world_size: as in
             :func:`flashpack_ops.assign_from_file`.
         **kwargs: config attributes to override, or arguments of the model's ``__init__``.
@@ -351,6 +355,7 @@ def from_pretrained_flashpack(
             from_pretrained_flashpack cannot honour.
     """
     what = f"{model_class.__name__}.from_pretrained_flashpack"
+    ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
     device, distributed = take_load_kwargs(kwargs, device, what)
     output_loading_info = kwargs.pop("output_loading_info", False)
     generation_config = kwargs.pop("generation_config", None)
@@ -376,16 +381,25 @@ def from_pretrained_flashpack(
         model = model_class._from_config(config, **kwargs)
     _tie_as_the_file_holds(model, path, what)  # the file's tensors then fill each tied group once
     target, left_out = _match_to_file(model, path)
+    # Entries of another shape (a classifier saved for 2 labels, built for 5) are left out and
+    # initialised as missing ones are, as from_pretrained(ignore_mismatched_sizes=True) does.
+    mismatched = mismatched_entries(target, path) if ignore_mismatched_sizes else []
     device = place_model(model, device)
     prefix = getattr(model, "base_model_prefix", "") or ""
     zero_filled: List[str] = []
     wrapper = target is not model and target is not getattr(model, prefix, None)  # holds the model under prefix
+
+    def named_in_model(name: str) -> str:
+        if wrapper:
+            return name.removeprefix(prefix + ".")
+        return f"{prefix}.{name}" if target is not model else name
     assign_from_file(
         target, path, device=_map_onto(target, model, prefix, with_unplaced_params(model, device))
         if device is not None else "cpu",
         strict=strict, strict_params=strict_params,
         strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
-        ignore_names=list(ignore_names or []) + left_out, ignore_prefixes=ignore_prefixes,
+        ignore_names=list(ignore_names or []) + left_out + [name for name, _, _ in mismatched],
+        ignore_prefixes=ignore_prefixes,
         ignore_suffixes=ignore_suffixes,
         coerce_dtype=coerce_dtype, dtype=load_dtype, copy=copy, _keep_float32=keeps_in_float32(model, load_dtype),
         _zero_filled=zero_filled, _model_prefix=f"{prefix}." if wrapper else "", **distributed,
@@ -393,15 +407,19 @@ def from_pretrained_flashpack(
     if keep_flash_ref_on_model and target is not model:
         model._flash_shared_storage = target._flash_shared_storage
         model._flash_shared_storage_meta = target._flash_shared_storage_meta
-    if wrapper:
-        zero_filled = [name.removeprefix(prefix + ".") for name in zero_filled]
-    elif target is not model:  # the base of a model with a head
-        zero_filled = [f"{prefix}.{name}" for name in zero_filled]
+    zero_filled = [named_in_model(name) for name in zero_filled]
+    mismatched = [(named_in_model(name), in_file, in_model) for name, in_file, in_model in mismatched]
+    if target is not model and not wrapper:  # the base of a model with a head
         zero_filled += _complete_head(model, type(target).__name__, path, device if device is not None else "cpu",
                                       strict is not False and (strict or strict_params), what)
     if zero_filled:
         left_zero = initialize_missing(model, zero_filled, _init_weights_of(model))
-        warn(f"{what}: {describe_missing(zero_filled, left_zero, 'from_pretrained')} (not in {path})")
+        reshaped = {name for name, _, _ in mismatched}
+        missing = [name for name in zero_filled if name not in reshaped]
+        if missing:
+            warn(f"{what}: {describe_missing(missing, left_zero, 'from_pretrained')} (not in {path})")
+    if mismatched:
+        warn(f"{what}: {describe_mismatched(mismatched, path)}")
     _mark_initialized(model)
     dispatch_placed(model, device)
     if generation_config is not None:
@@ -411,7 +429,7 @@ def from_pretrained_flashpack(
     model.eval()
     if not output_loading_info:
         return model
-    info = loading_info(target, path, missing=zero_filled)
+    info = loading_info(target, path, missing=zero_filled, mismatched=mismatched)
     if _TRANSFORMERS_MAJOR >= 5:  # from_pretrained gives sets of names from 5.0 on
         info = {key: set(value) if key != "error_msgs" else value for key, value in info.items()}
     return model, info
