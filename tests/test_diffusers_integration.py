@@ -726,9 +726,10 @@ def test_a_subclass_saved_the_usual_way_names_the_diffusers_classes(tmp_path):
     unet.save_pretrained(tmp_path / "unet")
     assert json.loads((tmp_path / "unet" / "config.json").read_text())["_class_name"] == "UNet2DModel"
     assert_same_model(diffusers.AutoModel.from_pretrained(str(tmp_path / "unet")), unet)
-    pipeline = FlashDDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=10))
+    pipeline = FlashDDPMPipeline(unet=tiny_unet(FlashUNet), scheduler=DDPMScheduler(num_train_timesteps=10))
     pipeline.save_pretrained(tmp_path / "pipeline")
-    assert json.loads((tmp_path / "pipeline" / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    index = json.loads((tmp_path / "pipeline" / "model_index.json").read_text())
+    assert index["_class_name"] == "DDPMPipeline" and index["unet"] == ["diffusers", "UNet2DModel"]
     assert type(DiffusionPipeline.from_pretrained(tmp_path / "pipeline")) is DDPMPipeline
 
 

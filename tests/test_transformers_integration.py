@@ -783,3 +783,98 @@ def test_ignore_mismatched_sizes_initialises_what_changed_shape_as_from_pretrain
     assert torch.equal(loaded.classifier.bias, torch.zeros(5))  # BERT's init, as from_pretrained gives it
     for name, tensor in saved_model.bert.state_dict().items():
         assert torch.equal(loaded.bert.state_dict()[name], tensor), name
+
+
+def both_ways(tmp_path, config, state_dict):
+    """The same checkpoint as from_pretrained reads it (safetensors) and as a flashpack file."""
+    from safetensors.torch import save_file as save_safetensors
+
+    hf, fp = tmp_path / "hf", tmp_path / "fp"
+    tensors = {name: tensor.detach().clone().contiguous() for name, tensor in state_dict.items()}
+    for directory in (hf, fp):
+        config.save_pretrained(directory)
+    save_safetensors(tensors, hf / "model.safetensors", metadata={"format": "pt"})
+    flashpack_ops.save_file(tensors, fp / "model.flashpack")
+    return hf, fp
+
+
+def tie_groups(model):
+    groups = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return sorted(sorted(names) for names in groups.values() if len(names) > 1)
+
+
+def t5_without_shared():
+    # No shared.weight; lm_head of its own; the embeddings agree.
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                   decoder_start_token_id=0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    state = transformers.T5ForConditionalGeneration(config).state_dict()
+    embedding = state.pop("shared.weight")
+    state.update({"encoder.embed_tokens.weight": embedding, "decoder.embed_tokens.weight": embedding,
+                  "lm_head.weight": torch.randn_like(embedding)})
+    return transformers.T5ForConditionalGeneration, config, state, {}
+
+
+def bart_model_from_a_checkpoint_with_a_head():
+    # The file's names under the model's prefix ("model."); its decoder embedding its own.
+    config = transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    state = transformers.BartForConditionalGeneration(config).state_dict()
+    state["model.decoder.embed_tokens.weight"] = torch.randn_like(state["model.shared.weight"])
+    return transformers.BartModel, config, state, {}
+
+
+def llama_whose_head_differs_below_bfloat16():
+    config = tiny_config(tie_word_embeddings=True)
+    torch.manual_seed(0)
+    state = LlamaForCausalLM(config).state_dict()
+    embedding = state["model.embed_tokens.weight"].to(torch.bfloat16).float()
+    state["model.embed_tokens.weight"] = embedding
+    state["lm_head.weight"] = embedding + embedding.abs() * 2.0 ** -12  # the same once in bfloat16
+    return LlamaForCausalLM, config, state, {"dtype": torch.bfloat16}
+
+
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
+                    reason="transformers 4 ties what the config ties, whatever the checkpoint holds")
+@pytest.mark.parametrize("case", [t5_without_shared, bart_model_from_a_checkpoint_with_a_head,
+                                  llama_whose_head_differs_below_bfloat16])
+def test_tied_groups_are_tied_as_from_pretrained_ties_them(tmp_path, case):
+    cls, config, state, options = case()
+    hf, fp = both_ways(tmp_path, config, state)
+    expected = cls.from_pretrained(hf, **options)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "the config ties")
+        loaded = from_pretrained_flashpack(cls, fp, **options)
+    assert tie_groups(loaded) == tie_groups(expected)
+    got = loaded.state_dict()
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_a_head_added_to_a_base_checkpoint_keeps_its_own_ties(tmp_path):
+    # BertForMaskedLM from a BertModel file: the new head's decoder bias is tied to its bias.
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    hf, fp = both_ways(tmp_path, config, transformers.BertModel(config, add_pooling_layer=False).state_dict())
+    expected = transformers.BertForMaskedLM.from_pretrained(hf)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "tensors initialised as from_pretrained")
+        loaded = from_pretrained_flashpack(transformers.BertForMaskedLM, fp, strict=False)
+    assert tie_groups(loaded) == tie_groups(expected)
+    assert not any(p.is_meta for p in loaded.parameters())
+    assert loaded(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)
+
+
+def test_ignore_mismatched_sizes_on_a_tied_weight_reports_it_once(tmp_path):
+    torch.manual_seed(0)
+    FlashLlama(tiny_config(tie_word_embeddings=True)).save_pretrained_flashpack(tmp_path)
+    with pytest.warns(UserWarning, match=r"1 tensors of another shape .* model.embed_tokens.weight"):
+        loaded, info = FlashLlama.from_pretrained_flashpack(tmp_path, vocab_size=80, ignore_mismatched_sizes=True,
+                                                            output_loading_info=True)
+    assert {name for name, _, _ in info["mismatched_keys"]} == {"model.embed_tokens.weight"}
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight and loaded.lm_head.weight.shape == (80, 64)

@@ -136,7 +136,9 @@ def repo_files(repo_id: str, revision: Optional[str] = None, token: Any = None, 
 
             api = HfApi(token=token)
             siblings = api.repo_info(repo_id, revision=revision).siblings
-            if siblings is not None:
+            # NOTE: the Hub may cut the info's file list short for large repos (snapshot_download
+            # lists the tree above 1,000 files); by then the network is known to answer.
+            if siblings is not None and len(siblings) < 1000:
                 return [sibling.rfilename for sibling in siblings]
             return list(api.list_repo_files(repo_id, revision=revision))
         except Exception:  # offline, or the Hub's refusal: the download itself then says which
@@ -501,8 +503,24 @@ def mismatched_entries(model: torch.nn.Module, path: str) -> List[Mismatch]:
     """The entries of the file that ``model`` holds in another shape, as from_pretrained lists
     them (``mismatched_keys``): (name, shape in the file, shape in the model)."""
     shapes = {name: tensor.shape for name, tensor in model.state_dict(keep_vars=True).items()}
-    return [(entry["name"], torch.Size(entry["shape"]), shapes[entry["name"]]) for entry in read_metadata(path)["index"]
-            if entry["name"] in shapes and torch.Size(entry["shape"]) != shapes[entry["name"]]]
+    index = read_metadata(path)["index"]
+    second = tied_second_names(index)  # lm_head.weight beside the embedding: reported once, as from_pretrained does
+    return [(entry["name"], torch.Size(entry["shape"]), shapes[entry["name"]]) for entry in index
+            if entry["name"] in shapes and entry["name"] not in second
+            and torch.Size(entry["shape"]) != shapes[entry["name"]]]
+
+
+def tied_names(model: torch.nn.Module, names: Sequence[str]) -> List[str]:
+    """``names`` and every other name of ``model`` under which the same tensor is held."""
+    by_tensor: Dict[int, List[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(tensor), []).append(name)
+    every = dict.fromkeys(names)
+    tensors = model.state_dict(keep_vars=True)
+    for name in names:
+        if name in tensors:
+            every.update(dict.fromkeys(by_tensor[id(tensors[name])]))
+    return list(every)
 
 
 def describe_mismatched(mismatched: Sequence[Mismatch], path: str) -> str:

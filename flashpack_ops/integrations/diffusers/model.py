@@ -16,7 +16,8 @@ from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
 from .._hub import (build_and_load_dtypes, checked_save_directory, describe_mismatched, dispatch_placed,
                     library_class, loading_info, locate_flashpack, mismatched_entries, parse_dtype, place_model,
-                    take_load_kwargs, unwrapped, upload_directory, warn_unused_save_kwargs, write_weights)
+                    take_load_kwargs, tied_names, unwrapped, upload_directory, warn_unused_save_kwargs,
+                    write_weights)
 
 M = TypeVar("M", bound=ModelMixin)
 
@@ -213,7 +214,8 @@ def from_pretrained_flashpack(
     assign_from_file(
         model, path, device=device if device is not None else "cpu", strict=strict, strict_params=strict_params,
         strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
-        ignore_names=list(ignore_names or []) + [name for name, _, _ in mismatched], ignore_prefixes=ignore_prefixes,
+        ignore_names=list(ignore_names or []) + tied_names(model, [name for name, _, _ in mismatched]),
+        ignore_prefixes=ignore_prefixes,
         ignore_suffixes=ignore_suffixes, coerce_dtype=coerce_dtype, dtype=load_dtype, copy=copy,
         _keep_float32=keeps_in_float32(model, load_dtype), _zero_filled=zero_filled if mismatched else None,
         **distributed,

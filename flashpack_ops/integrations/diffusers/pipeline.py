@@ -150,6 +150,14 @@ def _name_library_classes(pipeline: DiffusionPipeline, index_path: str) -> None:
     """
     with open(index_path, encoding="utf-8") as f:
         index = json.load(f)
+    with open(index_path, "w", encoding="utf-8") as f:
+        json.dump(_with_library_classes(pipeline, index), f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _with_library_classes(pipeline: DiffusionPipeline, index: Dict[str, Any]) -> Dict[str, Any]:
+    """``index`` (model_index.json's contents) naming the library classes of the pipeline and
+    of its components."""
     index["_class_name"] = _library_class(type(pipeline)).__name__
     for name, entry in _component_entries(index).items():
         component = getattr(pipeline, name, None)
@@ -157,9 +165,7 @@ def _name_library_classes(pipeline: DiffusionPipeline, index_path: str) -> None:
             cls = _library_class(type(unwrapped(component)))
             if cls is not type(component):
                 index[name] = [cls.__module__.split(".")[0], cls.__name__]
-    with open(index_path, "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2, sort_keys=True)
-        f.write("\n")
+    return index
 
 
 def _import_class(library: str, class_name: str) -> type:
@@ -461,11 +467,12 @@ class FlashPackDiffusionPipeline(DiffusionPipeline):
     """
 
     def to_json_string(self) -> str:
-        """``model_index.json`` as diffusers writes it, naming the diffusers pipeline class this
-        one extends (``StableDiffusionPipeline``, not ``FlashSD``): a plain ``save_pretrained``
-        then gives a directory that diffusers loads where this subclass does not exist."""
-        return diffusers_model._with_class_name(super().to_json_string(),
-                                                library_class(type(self), DiffusionPipeline).__name__)
+        """``model_index.json`` as diffusers writes it, naming the diffusers classes that this
+        pipeline and its components extend (``StableDiffusionPipeline``, not ``FlashSD``;
+        ``UNet2DConditionModel``, not ``FlashUNet``): a plain ``save_pretrained`` then gives a
+        directory that diffusers loads where those subclasses do not exist."""
+        return json.dumps(_with_library_classes(self, json.loads(super().to_json_string())), indent=2,
+                          sort_keys=True) + "\n"
 
     def save_pretrained_flashpack(self, save_directory: Union[str, "os.PathLike[str]"], **kwargs: Any) -> None:
         """See :func:`flashpack_ops.integrations.diffusers.save_pipeline_flashpack`."""

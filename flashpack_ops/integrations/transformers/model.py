@@ -19,8 +19,8 @@ from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, load_file, read_metadata
 from .._hub import (build_and_load_dtypes, checked_save_directory, describe_mismatched, dispatch_placed,
                     library_class, loading_info, locate_flashpack, mismatched_entries, parse_dtype, place_model,
-                    take_load_kwargs, unwrapped, upload_directory, warn_unused_save_kwargs, with_unplaced_params,
-                    write_weights)
+                    take_load_kwargs, tied_names, unwrapped, upload_directory, warn_unused_save_kwargs,
+                    with_unplaced_params, write_weights)
 
 M = TypeVar("M", bound=PreTrainedModel)
 
@@ -102,34 +102,53 @@ def _match_to_file(model: PreTrainedModel, path: str) -> Tuple[torch.nn.Module, 
     return target, [entry["name"] for entry in index if leave_out(entry)]
 
 
-def _tie_as_the_file_holds(model: PreTrainedModel, path: str, what: str) -> None:
+def _retie(model: PreTrainedModel) -> None:
+    """Ties the model's tied weights again, keeping any pair _tie_as_the_file_holds untied."""
+    if _TRANSFORMERS_MAJOR >= 5 and getattr(model, "all_tied_weights_keys", None) is not None:
+        model.tie_weights(recompute_mapping=False)
+    else:
+        model.tie_weights()
+
+
+def _tie_as_the_file_holds(model: PreTrainedModel, path: str, what: str, named_in_model: Callable[[str], str],
+                           cast: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
     """Ties the model's tied weights (building it skipped that), as from_pretrained does from
-    transformers 5 on: a pair the file holds apart, with other values, stays untied (the
-    config says tied, the checkpoint does not: T5 v1.1 and flan-t5 have an lm_head of their
-    own), so that the file's own tensor loads; a warning says so, as transformers does."""
+    transformers 5 on: a name the file holds apart from the rest of its group, with other
+    values (after ``cast``, the load's dtype conversion), stays untied (the config says tied,
+    the checkpoint does not: T5 v1.1 and flan-t5 have an lm_head of their own), so that the
+    file's own tensor loads; a warning says so, as transformers does. ``named_in_model`` turns
+    the file's names into the model's (_match_to_file's prefix)."""
     tied = getattr(model, "all_tied_weights_keys", None)
     if not tied or _TRANSFORMERS_MAJOR < 5:
         model.tie_weights()
         return
-    index = {entry["name"]: entry for entry in read_metadata(path)["index"]}
+    index = {named_in_model(entry["name"]): entry for entry in read_metadata(path)["index"]}
 
     def where(entry: Dict[str, Any]) -> Tuple[Any, ...]:
         return entry.get("macroblock", 0), entry["offset"], tuple(entry["shape"]), entry.get("dtype")
 
+    groups: Dict[str, List[str]] = {}
+    for target, source in tied.items():
+        groups.setdefault(source, []).append(target)
     apart = []
-    for target, source in list(tied.items()):
-        if target not in index or source not in index or where(index[target]) == where(index[source]):
-            continue
-        values = load_file(path, names=[target, source])  # views of the mapped file: only their bytes are read
-        a, b = values[target], values[source]
-        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
-            apart.append(target)
-    for target in apart:
-        warn(f"{what}: the config ties {target} to {tied[target]}, but {path} holds both, with different "
-             f"values: they are not tied, and each loads its own (set tie_word_embeddings=False in the config "
-             "to silence this)")
-        tied.pop(target)
-    model.tie_weights(recompute_mapping=False) if apart else model.tie_weights()
+    for source, targets in groups.items():
+        # Each name the file holds is compared with the group's first: the source, or where
+        # the file lacks it, the first target it holds (which the source is then tied to).
+        held = [name for name in [source] + targets if name in index]
+        for name in held[1:]:
+            first, other = index[held[0]], index[name]
+            if where(first) == where(other):
+                continue
+            # Views of the mapped file: only these two tensors' bytes are read.
+            values = load_file(path, names=[first["name"], other["name"]])
+            a, b = cast(held[0], values[first["name"]]), cast(name, values[other["name"]])
+            if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
+                apart.append((name, held[0]))
+    for name, first in apart:
+        warn(f"{what}: the config ties {name} to {first}, but {path} holds both, with different values: they are "
+             "not tied, and each loads its own (set tie_word_embeddings=False in the config to silence this)")
+        tied.pop(name)
+    _retie(model)
 
 
 def _mark_initialized(model: torch.nn.Module) -> None:
@@ -163,7 +182,7 @@ def _complete_head(model: PreTrainedModel, base: str, path: str, device: Any, st
     where the model ties them, then refuse what is left of the head (strict) or zero-fill it
     on its device (``device``, or where the ``{module: device}`` map puts it; returns its names,
     for initialize_missing)."""
-    model.tie_weights()
+    _retie(model)
     head = [name for name, p in model.named_parameters() if p.is_meta]
     if head and strict:
         raise ValueError(f"{what}: {path} holds a {base} without the head {type(model).__name__} adds: "
@@ -178,12 +197,16 @@ def _complete_head(model: PreTrainedModel, base: str, path: str, device: Any, st
         placed = placement(name)
         return placed if placed is not None else old.device
 
+    aliases: Dict[int, List[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
     for name in head:
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        old = module._parameters[attr]
-        module._parameters[attr] = torch.nn.Parameter(
-            torch.zeros(old.shape, dtype=old.dtype, device=device_of(name, old)), requires_grad=old.requires_grad)
+        old = model.get_parameter(name)
+        new = torch.nn.Parameter(torch.zeros(old.shape, dtype=old.dtype, device=device_of(name, old)),
+                                 requires_grad=old.requires_grad)
+        for alias in aliases[id(old)]:  # a tied head parameter (BERT's decoder bias) stays tied
+            module_name, _, attr = alias.rpartition(".")
+            model.get_submodule(module_name)._parameters[attr] = new
     for module_name, module in model.named_modules():
         for name, buffer in module._buffers.items():
             full = f"{module_name}.{name}" if module_name else name
@@ -379,29 +402,38 @@ def from_pretrained_flashpack(
     kwargs[dtype_kwarg] = build_dtype
     with init_empty_parameters(build_dtype), _no_init_weights():
         model = model_class._from_config(config, **kwargs)
-    _tie_as_the_file_holds(model, path, what)  # the file's tensors then fill each tied group once
     target, left_out = _match_to_file(model, path)
-    # Entries of another shape (a classifier saved for 2 labels, built for 5) are left out and
-    # initialised as missing ones are, as from_pretrained(ignore_mismatched_sizes=True) does.
-    mismatched = mismatched_entries(target, path) if ignore_mismatched_sizes else []
-    device = place_model(model, device)
     prefix = getattr(model, "base_model_prefix", "") or ""
-    zero_filled: List[str] = []
     wrapper = target is not model and target is not getattr(model, prefix, None)  # holds the model under prefix
 
     def named_in_model(name: str) -> str:
         if wrapper:
             return name.removeprefix(prefix + ".")
         return f"{prefix}.{name}" if target is not model else name
+
+    keep_float32 = keeps_in_float32(model, load_dtype)
+
+    def cast(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if load_dtype is None or not tensor.is_floating_point() or (keep_float32 and keep_float32(name)):
+            return tensor
+        return tensor.to(load_dtype)
+
+    _tie_as_the_file_holds(model, path, what, named_in_model, cast)  # then the file fills each tied group once
+    # Entries of another shape (a classifier saved for 2 labels, built for 5) are left out and
+    # initialised as missing ones are, as from_pretrained(ignore_mismatched_sizes=True) does;
+    # with every other name of their tied group.
+    mismatched = mismatched_entries(target, path) if ignore_mismatched_sizes else []
+    device = place_model(model, device)
+    zero_filled: List[str] = []
     assign_from_file(
         target, path, device=_map_onto(target, model, prefix, with_unplaced_params(model, device))
         if device is not None else "cpu",
         strict=strict, strict_params=strict_params,
         strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
-        ignore_names=list(ignore_names or []) + left_out + [name for name, _, _ in mismatched],
+        ignore_names=list(ignore_names or []) + left_out + tied_names(target, [name for name, _, _ in mismatched]),
         ignore_prefixes=ignore_prefixes,
         ignore_suffixes=ignore_suffixes,
-        coerce_dtype=coerce_dtype, dtype=load_dtype, copy=copy, _keep_float32=keeps_in_float32(model, load_dtype),
+        coerce_dtype=coerce_dtype, dtype=load_dtype, copy=copy, _keep_float32=keep_float32,
         _zero_filled=zero_filled, _model_prefix=f"{prefix}." if wrapper else "", **distributed,
     )
     if keep_flash_ref_on_model and target is not model:
