@@ -240,6 +240,10 @@ def _library_model_class(config: Dict[str, Any], directory: str, use_transformer
 
         architectures = config.get("architectures") or []
         cls = getattr(transformers, architectures[0], None) if architectures else transformers.AutoModel
+        if cls is None and config.get("auto_map"):
+            raise ValueError(f"{directory}/config.json names the architecture '{architectures[0]}', whose code ships "
+                             "with the model (auto_map); convert does not run a model's own code: load it with "
+                             "from_pretrained(..., trust_remote_code=True) and save it with save_pretrained_flashpack")
         if cls is None:
             raise ValueError(f"{directory}/config.json names the architecture '{architectures[0]}', which "
                              f"transformers {transformers.__version__} does not have (a subclass's name, as "

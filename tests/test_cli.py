@@ -767,3 +767,16 @@ def test_convert_repo_id_with_a_sharded_variant_downloads_its_shards_only(tmp_pa
     run("convert", "org/shards", tmp_path / "out.flashpack", "--variant", "fp16")
     assert_file_holds(tmp_path / "out.flashpack", tensors)
     assert hub.fetched("org/shards") == sorted(list(shards) + ["model.safetensors.index.fp16.json"])
+
+
+def test_convert_of_a_model_whose_code_ships_with_it_says_how_to_save_one(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    described = json.loads((tmp_path / "hf" / "config.json").read_text())
+    described["architectures"] = ["MyModelForCausalLM"]
+    described["auto_map"] = {"AutoModelForCausalLM": "modeling_my.MyModelForCausalLM"}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(described))
+    assert_one_line_error(run("convert", tmp_path / "hf", tmp_path / "fp", check=False),
+                          "whose code ships with the model (auto_map); convert does not run a model's own code")
