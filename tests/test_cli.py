@@ -233,20 +233,25 @@ def test_convert_refuses_a_directory_whose_model_would_drop_tensors(tmp_path):
 
 
 
-def test_convert_of_a_directory_naming_a_subclass_says_what_to_name(tmp_path):
+@pytest.mark.parametrize("described, said", [
     # transformers' save_pretrained records the class's own name: a subclass that only adds
     # flashpack methods (class FlashLlama(LlamaForCausalLM, FlashPackTransformersModelMixin)).
+    ({"architectures": ["FlashLlama"]},
+     'names the architecture \'FlashLlama\', which transformers'),
+    ({"architectures": ["FlashLlama"]},
+     'Set "architectures" there to the transformers class it extends'),
+    ({"architectures": ["MyModelForCausalLM"], "auto_map": {"AutoModelForCausalLM": "modeling_my.MyModelForCausalLM"}},
+     "whose code ships with the model (auto_map); convert does not run a model's own code"),
+], ids=["subclass", "subclass-what-to-set", "code-shipped-with-the-model"])
+def test_convert_of_an_architecture_transformers_lacks_says_what_to_do(tmp_path, described, said):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
-    described = json.loads((tmp_path / "hf" / "config.json").read_text())
-    described["architectures"] = ["FlashLlama"]
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(described))
-    assert_one_line_error(run("convert", tmp_path / "hf", tmp_path / "fp", check=False),
-                          "names the architecture 'FlashLlama', which transformers")
-    assert "Set \"architectures\" there to the transformers class it extends" in run(
-        "convert", tmp_path / "hf", tmp_path / "fp", check=False).stderr
+    config_path = tmp_path / "hf" / "config.json"
+    config_path.write_text(json.dumps(dict(json.loads(config_path.read_text()), **described)))
+    assert_one_line_error(run("convert", tmp_path / "hf", tmp_path / "fp", check=False), said)
+
 
 def test_convert_leaves_out_what_the_checkpoint_lacks_for_the_load_to_initialise(tmp_path):
     # A BertModel saved without its pooler (as embedding models are): from_pretrained loads it
@@ -767,16 +772,3 @@ def test_convert_repo_id_with_a_sharded_variant_downloads_its_shards_only(tmp_pa
     run("convert", "org/shards", tmp_path / "out.flashpack", "--variant", "fp16")
     assert_file_holds(tmp_path / "out.flashpack", tensors)
     assert hub.fetched("org/shards") == sorted(list(shards) + ["model.safetensors.index.fp16.json"])
-
-
-def test_convert_of_a_model_whose_code_ships_with_it_says_how_to_save_one(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
-    described = json.loads((tmp_path / "hf" / "config.json").read_text())
-    described["architectures"] = ["MyModelForCausalLM"]
-    described["auto_map"] = {"AutoModelForCausalLM": "modeling_my.MyModelForCausalLM"}
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(described))
-    assert_one_line_error(run("convert", tmp_path / "hf", tmp_path / "fp", check=False),
-                          "whose code ships with the model (auto_map); convert does not run a model's own code")

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import torch
 
 from .._warnings import warn
-from ..api import DevicePlacement, filter_state_dict
+from ..api import DevicePlacement, describe_missing, filter_state_dict, initialize_missing
 from ..ops import _device, read_metadata, save_file
 
 FLASHPACK_FILE = "model.flashpack"
@@ -523,13 +523,22 @@ def tied_names(model: torch.nn.Module, names: Sequence[str]) -> List[str]:
     return list(every)
 
 
-def describe_mismatched(mismatched: Sequence[Mismatch], path: str) -> str:
-    """What ``ignore_mismatched_sizes=True`` did, in one line."""
-    said = ", ".join(f"{name} ({tuple(file_shape)} in the file, {tuple(model_shape)} in the model)"
-                     for name, file_shape, model_shape in mismatched[:20])
-    more = f" and {len(mismatched) - 20} more" if len(mismatched) > 20 else ""
-    return (f"{len(mismatched)} tensors of another shape in {path} initialised as from_pretrained("
-            f"ignore_mismatched_sizes=True) initialises them: {said}{more}")
+def initialise_left_out(model: torch.nn.Module, path: str, what: str, zero_filled: List[str],
+                        mismatched: Sequence[Mismatch], init: Callable[[torch.nn.Module], None], how: str) -> None:
+    """Initialises with ``init`` the tensors a load zero-filled (the file lacks them, or holds
+    them in another shape under ``ignore_mismatched_sizes``), and says which in warnings."""
+    reshaped = {name for name, _, _ in mismatched}
+    if zero_filled:
+        left_zero = initialize_missing(model, zero_filled, init)
+        missing = [name for name in zero_filled if name not in reshaped]
+        if missing:
+            warn(f"{what}: {describe_missing(missing, left_zero, how)} (not in {path})")
+    if mismatched:
+        said = ", ".join(f"{name} ({tuple(file_shape)} in the file, {tuple(model_shape)} in the model)"
+                         for name, file_shape, model_shape in mismatched[:20])
+        more = f" and {len(mismatched) - 20} more" if len(mismatched) > 20 else ""
+        warn(f"{what}: {len(mismatched)} tensors of another shape in {path} initialised as from_pretrained("
+             f"ignore_mismatched_sizes=True) initialises them: {said}{more}")
 
 
 def loading_info(model: torch.nn.Module, path: str, missing: Optional[List[str]] = None,

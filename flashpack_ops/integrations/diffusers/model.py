@@ -10,11 +10,10 @@ import diffusers
 import torch
 from diffusers import ModelMixin
 
-from ..._warnings import warn
-from ...api import _reset_parameters, assign_from_file, describe_missing, initialize_missing
+from ...api import _reset_parameters, assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
-from .._hub import (build_and_load_dtypes, checked_save_directory, describe_mismatched, dispatch_placed,
+from .._hub import (build_and_load_dtypes, checked_save_directory, dispatch_placed, initialise_left_out,
                     library_class, loading_info, locate_flashpack, mismatched_entries, parse_dtype, place_model,
                     take_load_kwargs, tied_names, unwrapped, upload_directory, warn_unused_save_kwargs,
                     write_weights)
@@ -220,14 +219,7 @@ def from_pretrained_flashpack(
         _keep_float32=keeps_in_float32(model, load_dtype), _zero_filled=zero_filled if mismatched else None,
         **distributed,
     )
-    if zero_filled:
-        left_zero = initialize_missing(model, zero_filled, _reset_parameters)
-        reshaped = {name for name, _, _ in mismatched}
-        missing = [name for name in zero_filled if name not in reshaped]
-        if missing:
-            warn(f"{what}: {describe_missing(missing, left_zero, 'reset_parameters()')} (not in {path})")
-    if mismatched:
-        warn(f"{what}: {describe_mismatched(mismatched, path)}")
+    initialise_left_out(model, path, what, zero_filled, mismatched, _reset_parameters, "reset_parameters()")
     dispatch_placed(model, device)
     model.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
     model.eval()

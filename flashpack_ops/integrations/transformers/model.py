@@ -14,10 +14,10 @@ import transformers
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from ..._warnings import warn
-from ...api import DevicePlacement, assign_from_file, describe_missing, initialize_missing
+from ...api import DevicePlacement, assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, load_file, read_metadata
-from .._hub import (build_and_load_dtypes, checked_save_directory, describe_mismatched, dispatch_placed,
+from .._hub import (build_and_load_dtypes, checked_save_directory, dispatch_placed, initialise_left_out,
                     library_class, loading_info, locate_flashpack, mismatched_entries, parse_dtype, place_model,
                     take_load_kwargs, tied_names, unwrapped, upload_directory, warn_unused_save_kwargs,
                     with_unplaced_params, write_weights)
@@ -444,14 +444,7 @@ def from_pretrained_flashpack(
     if target is not model and not wrapper:  # the base of a model with a head
         zero_filled += _complete_head(model, type(target).__name__, path, device if device is not None else "cpu",
                                       strict is not False and (strict or strict_params), what)
-    if zero_filled:
-        left_zero = initialize_missing(model, zero_filled, _init_weights_of(model))
-        reshaped = {name for name, _, _ in mismatched}
-        missing = [name for name in zero_filled if name not in reshaped]
-        if missing:
-            warn(f"{what}: {describe_missing(missing, left_zero, 'from_pretrained')} (not in {path})")
-    if mismatched:
-        warn(f"{what}: {describe_mismatched(mismatched, path)}")
+    initialise_left_out(model, path, what, zero_filled, mismatched, _init_weights_of(model), "from_pretrained")
     _mark_initialized(model)
     dispatch_placed(model, device)
     if generation_config is not None:
