@@ -878,3 +878,15 @@ def test_ignore_mismatched_sizes_on_a_tied_weight_reports_it_once(tmp_path):
                                                             output_loading_info=True)
     assert {name for name, _, _ in info["mismatched_keys"]} == {"model.embed_tokens.weight"}
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight and loaded.lm_head.weight.shape == (80, 64)
+
+
+def test_ignore_mismatched_sizes_on_a_head_the_model_no_longer_ties(tmp_path):
+    # The file holds lm_head.weight as a second name of the embedding; the model unties them.
+    torch.manual_seed(0)
+    FlashLlama(tiny_config(tie_word_embeddings=True)).save_pretrained_flashpack(tmp_path)
+    with pytest.warns(UserWarning, match="2 tensors of another shape"):
+        loaded, info = FlashLlama.from_pretrained_flashpack(tmp_path, vocab_size=80, tie_word_embeddings=False,
+                                                            ignore_mismatched_sizes=True, output_loading_info=True)
+    assert {name for name, _, _ in info["mismatched_keys"]} == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    assert loaded.lm_head.weight.shape == loaded.model.embed_tokens.weight.shape == (80, 64)

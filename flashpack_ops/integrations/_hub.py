@@ -502,12 +502,18 @@ Mismatch = Tuple[str, torch.Size, torch.Size]
 def mismatched_entries(model: torch.nn.Module, path: str) -> List[Mismatch]:
     """The entries of the file that ``model`` holds in another shape, as from_pretrained lists
     them (``mismatched_keys``): (name, shape in the file, shape in the model)."""
-    shapes = {name: tensor.shape for name, tensor in model.state_dict(keep_vars=True).items()}
-    index = read_metadata(path)["index"]
-    second = tied_second_names(index)  # lm_head.weight beside the embedding: reported once, as from_pretrained does
-    return [(entry["name"], torch.Size(entry["shape"]), shapes[entry["name"]]) for entry in index
-            if entry["name"] in shapes and entry["name"] not in second
-            and torch.Size(entry["shape"]) != shapes[entry["name"]]]
+    tensors = model.state_dict(keep_vars=True)
+    first_names: Dict[Tuple[int, int, int], str] = {}
+    mismatched = []
+    for entry in read_metadata(path)["index"]:
+        name = entry["name"]
+        if entry["length"]:
+            first = first_names.setdefault((entry.get("macroblock", 0), entry["offset"], entry["length"]), name)
+            if first != name and first in tensors and name in tensors and tensors[first] is tensors[name]:
+                continue  # lm_head.weight beside the embedding it is tied to: reported once, as from_pretrained does
+        if name in tensors and torch.Size(entry["shape"]) != tensors[name].shape:
+            mismatched.append((name, torch.Size(entry["shape"]), tensors[name].shape))
+    return mismatched
 
 
 def tied_names(model: torch.nn.Module, names: Sequence[str]) -> List[str]:
