@@ -890,3 +890,24 @@ def test_ignore_mismatched_sizes_on_a_head_the_model_no_longer_ties(tmp_path):
     assert {name for name, _, _ in info["mismatched_keys"]} == {"model.embed_tokens.weight", "lm_head.weight"}
     assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
     assert loaded.lm_head.weight.shape == loaded.model.embed_tokens.weight.shape == (80, 64)
+
+
+def test_entries_the_model_does_not_have_are_left_out_as_from_pretrained_leaves_them(tmp_path):
+    # T5EncoderModel from a T5 v1.1 / flan-t5 checkpoint: its own lm_head, which the encoder
+    # lacks. from_pretrained lists it as unexpected and loads; strict=True refuses it.
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                   decoder_start_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    full = transformers.T5ForConditionalGeneration(config)
+    state = dict(full.state_dict(), **{"lm_head.weight": torch.randn(64, 32)})
+    hf, fp = both_ways(tmp_path, config, state)
+    expected, expected_info = transformers.T5EncoderModel.from_pretrained(hf, output_loading_info=True)
+    with pytest.warns(UserWarning, match="1 entries of .* that T5EncoderModel does not have are left out, as "
+                                         "from_pretrained leaves them out: lm_head.weight"):
+        loaded, info = from_pretrained_flashpack(transformers.T5EncoderModel, fp, output_loading_info=True)
+    assert info["unexpected_keys"] == expected_info["unexpected_keys"] == {"lm_head.weight"}
+    got = loaded.state_dict()
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(got[name], tensor), name
+    with pytest.raises(ValueError, match="names in the file that T5EncoderModel does not have: lm_head.weight"):
+        from_pretrained_flashpack(transformers.T5EncoderModel, fp, strict=True)

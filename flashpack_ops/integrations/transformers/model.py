@@ -102,6 +102,21 @@ def _match_to_file(model: PreTrainedModel, path: str) -> Tuple[torch.nn.Module, 
     return target, [entry["name"] for entry in index if leave_out(entry)]
 
 
+def _extras(target: torch.nn.Module, path: str, left_out: List[str]) -> List[str]:
+    """Entries of the file that ``target`` does not have (a T5 v1.1 checkpoint's own lm_head,
+    for a T5EncoderModel), where it has everything else: from_pretrained leaves them out and
+    lists them as unexpected. Where a parameter is missing too, none: the error then lists
+    both, with its hint at a prefix."""
+    in_file = {entry["name"] for entry in read_metadata(path)["index"]}
+    aliases: Dict[int, List[str]] = {}
+    for name, p in target.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    if any(not in_file.intersection(names) for names in aliases.values()):
+        return []
+    in_model, skipped = set(target.state_dict()), set(left_out)
+    return sorted(in_file - in_model - skipped)
+
+
 def _retie(model: PreTrainedModel) -> None:
     """Ties the model's tied weights again, keeping any pair _tie_as_the_file_holds untied."""
     if _TRANSFORMERS_MAJOR >= 5 and getattr(model, "all_tied_weights_keys", None) is not None:
@@ -423,6 +438,12 @@ def from_pretrained_flashpack(
     # initialised as missing ones are, as from_pretrained(ignore_mismatched_sizes=True) does;
     # with every other name of their tied group.
     mismatched = mismatched_entries(target, path) if ignore_mismatched_sizes else []
+    if strict is None:  # strict=True refuses them, strict=False takes them without a word
+        extras = _extras(target, path, left_out)
+        if extras:
+            warn(f"{what}: {len(extras)} entries of {path} that {type(model).__name__} does not have are left out, as "
+                 f"from_pretrained leaves them out: {', '.join(extras[:20])}{' ...' if len(extras) > 20 else ''}")
+            left_out = left_out + extras
     device = place_model(model, device)
     zero_filled: List[str] = []
     assign_from_file(
@@ -455,6 +476,9 @@ def from_pretrained_flashpack(
     if not output_loading_info:
         return model
     info = loading_info(target, path, missing=zero_filled, mismatched=mismatched)
+    # What the class expects to find and drop (T5EncoderModel: the decoder) is not unexpected.
+    patterns = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    info["unexpected_keys"] = [name for name in info["unexpected_keys"] if not any(p.search(name) for p in patterns)]
     if _TRANSFORMERS_MAJOR >= 5:  # from_pretrained gives sets of names from 5.0 on
         info = {key: set(value) if key != "error_msgs" else value for key, value in info.items()}
     return model, info
