@@ -7,7 +7,7 @@ import json
 import os
 import re
 import shlex
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -483,46 +483,56 @@ def take_load_kwargs(kwargs: Dict[str, Any], device: Any, what: str) -> Tuple[An
     return device, distributed
 
 
+def first_names(index: Sequence[Dict[str, Any]]) -> Dict[str, str]:
+    """Each name of a flashpack index with the first name whose bytes it repeats (same block,
+    offset and length: a tied tensor's second names), or itself."""
+    firsts: Dict[Tuple[int, int, int], str] = {}
+    return {entry["name"]: firsts.setdefault((entry.get("macroblock", 0), entry["offset"], entry["length"]),
+                                              entry["name"]) if entry["length"] else entry["name"]
+            for entry in index}
+
+
 def tied_second_names(index: Sequence[Dict[str, Any]]) -> set:
-    """The names of a flashpack index that repeat an earlier entry's bytes (same block, offset
-    and length): the second names of a tied tensor."""
-    first_names: Dict[Tuple[int, int, int], str] = {}
-    second = set()
-    for entry in index:
-        if entry["length"]:
-            key = (entry.get("macroblock", 0), entry["offset"], entry["length"])
-            if first_names.setdefault(key, entry["name"]) != entry["name"]:
-                second.add(entry["name"])
-    return second
+    """The names of a flashpack index that repeat an earlier entry's bytes: the second names
+    of a tied tensor."""
+    return {name for name, first in first_names(index).items() if first != name}
+
+
+def aliases(named: Iterable[Tuple[str, torch.Tensor]]) -> Dict[int, List[str]]:
+    """The names of each tensor of ``named`` (``named_parameters(remove_duplicate=False)``,
+    ``state_dict(keep_vars=True).items()``), by the tensor's id: a tied tensor has several."""
+    names: Dict[int, List[str]] = {}
+    for name, tensor in named:
+        names.setdefault(id(tensor), []).append(name)
+    return names
 
 
 Mismatch = Tuple[str, torch.Size, torch.Size]
 
 
-def mismatched_entries(model: torch.nn.Module, path: str) -> List[Mismatch]:
-    """The entries of the file that ``model`` holds in another shape, as from_pretrained lists
-    them (``mismatched_keys``): (name, shape in the file, shape in the model)."""
+def mismatched_entries(model: torch.nn.Module, index: Sequence[Dict[str, Any]]) -> List[Mismatch]:
+    """The entries of a flashpack index that ``model`` holds in another shape, as
+    from_pretrained lists them (``mismatched_keys``): (name, shape in the file, shape in the
+    model). A second name of a tensor the model ties too (lm_head.weight beside the
+    embedding) is reported once, under its first."""
     tensors = model.state_dict(keep_vars=True)
-    first_names: Dict[Tuple[int, int, int], str] = {}
+    firsts = first_names(index)
     mismatched = []
-    for entry in read_metadata(path)["index"]:
-        name = entry["name"]
-        if entry["length"]:
-            first = first_names.setdefault((entry.get("macroblock", 0), entry["offset"], entry["length"]), name)
-            if first != name and first in tensors and name in tensors and tensors[first] is tensors[name]:
-                continue  # lm_head.weight beside the embedding it is tied to: reported once, as from_pretrained does
-        if name in tensors and torch.Size(entry["shape"]) != tensors[name].shape:
-            mismatched.append((name, torch.Size(entry["shape"]), tensors[name].shape))
+    for entry in index:
+        name, shape = entry["name"], torch.Size(entry["shape"])
+        if name not in tensors or shape == tensors[name].shape:
+            continue
+        if firsts[name] != name and tensors.get(firsts[name]) is tensors[name]:
+            continue  # reported under its first name
+        mismatched.append((name, shape, tensors[name].shape))
     return mismatched
 
 
 def tied_names(model: torch.nn.Module, names: Sequence[str]) -> List[str]:
     """``names`` and every other name of ``model`` under which the same tensor is held."""
-    by_tensor: Dict[int, List[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        by_tensor.setdefault(id(tensor), []).append(name)
-    every = dict.fromkeys(names)
     tensors = model.state_dict(keep_vars=True)
+    by_tensor = aliases(tensors.items())
+    every = dict.fromkeys(names)
     for name in names:
         if name in tensors:
             every.update(dict.fromkeys(by_tensor[id(tensors[name])]))

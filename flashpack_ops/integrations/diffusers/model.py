@@ -12,7 +12,7 @@ from diffusers import ModelMixin
 
 from ...api import _reset_parameters, assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
-from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike
+from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, read_metadata
 from .._hub import (build_and_load_dtypes, checked_save_directory, dispatch_placed, initialise_left_out,
                     library_class, loading_info, locate_flashpack, mismatched_entries, parse_dtype, place_model,
                     take_load_kwargs, tied_names, unwrapped, upload_directory, warn_unused_save_kwargs,
@@ -50,14 +50,12 @@ def _with_class_name(config_json: str, name: str) -> str:
 def _name_library_class(model: ModelMixin, config_path: str) -> None:
     """Record the diffusers class in config.json (``_class_name``), not a subclass that only adds
     flashpack methods, so that diffusers' AutoModel and other loaders can import it."""
-    name = library_class(type(model), ModelMixin).__name__
     with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
-    if config.get("_class_name") != name:
-        config["_class_name"] = name
+        written = f.read()
+    named = _with_class_name(written, library_class(type(model), ModelMixin).__name__)
+    if named != written:
         with open(config_path, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(named)
 
 
 def save_pretrained_flashpack(
@@ -207,7 +205,7 @@ def from_pretrained_flashpack(
         model = model_class.from_config(config, **kwargs)
     # Entries of another shape are left out and initialised as missing ones are, as
     # from_pretrained(ignore_mismatched_sizes=True) does.
-    mismatched = mismatched_entries(model, path) if ignore_mismatched_sizes else []
+    mismatched = mismatched_entries(model, read_metadata(path)["index"]) if ignore_mismatched_sizes else []
     device = place_model(model, device)
     zero_filled: List[str] = []
     assign_from_file(

@@ -17,7 +17,7 @@ from ..._warnings import warn
 from ...api import DevicePlacement, assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, load_file, read_metadata
-from .._hub import (build_and_load_dtypes, checked_save_directory, dispatch_placed, initialise_left_out,
+from .._hub import (aliases, build_and_load_dtypes, checked_save_directory, dispatch_placed, initialise_left_out,
                     library_class, loading_info, locate_flashpack, mismatched_entries, parse_dtype, place_model,
                     take_load_kwargs, tied_names, unwrapped, upload_directory, warn_unused_save_kwargs,
                     with_unplaced_params, write_weights)
@@ -62,7 +62,7 @@ def keeps_in_float32(model: PreTrainedModel, dtype: Optional[torch.dtype]) -> Op
     return lambda name: pattern.search(name) is not None
 
 
-def _match_to_file(model: PreTrainedModel, path: str) -> Tuple[torch.nn.Module, List[str]]:
+def _match_to_file(model: PreTrainedModel, index: List[Dict[str, Any]]) -> Tuple[torch.nn.Module, List[str]]:
     """The module to load the file into and the file's names to leave out, as from_pretrained
     matches a checkpoint to a model: a base model (``BertModel``) takes the ``bert.*`` tensors
     of a checkpoint saved with a head (``BertForMaskedLM``) and leaves the head out; a model with
@@ -70,8 +70,8 @@ def _match_to_file(model: PreTrainedModel, path: str) -> Tuple[torch.nn.Module, 
     and names
     the class lists in ``_keys_to_ignore_on_load_unexpected`` (T5EncoderModel: the decoder)
     are left out, as is a second name for a tensor the model loads under its first (T5's
-    ``lm_head.weight``, tied to ``shared.weight``: the same bytes, nothing would be lost)."""
-    index = read_metadata(path)["index"]
+    ``lm_head.weight``, tied to ``shared.weight``: the same bytes, nothing would be lost).
+    ``index``: the file's footer index."""
     in_file = [entry["name"] for entry in index]
     target: torch.nn.Module = model
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -102,16 +102,14 @@ def _match_to_file(model: PreTrainedModel, path: str) -> Tuple[torch.nn.Module, 
     return target, [entry["name"] for entry in index if leave_out(entry)]
 
 
-def _extras(target: torch.nn.Module, path: str, left_out: List[str]) -> List[str]:
+def _extras(target: torch.nn.Module, index: List[Dict[str, Any]], left_out: List[str]) -> List[str]:
     """Entries of the file that ``target`` does not have (a T5 v1.1 checkpoint's own lm_head,
     for a T5EncoderModel), where it has everything else: from_pretrained leaves them out and
     lists them as unexpected. Where a parameter is missing too, none: the error then lists
     both, with its hint at a prefix."""
-    in_file = {entry["name"] for entry in read_metadata(path)["index"]}
-    aliases: Dict[int, List[str]] = {}
-    for name, p in target.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
-    if any(not in_file.intersection(names) for names in aliases.values()):
+    in_file = {entry["name"] for entry in index}
+    parameters = aliases(target.named_parameters(remove_duplicate=False))
+    if any(not in_file.intersection(names) for names in parameters.values()):
         return []
     in_model, skipped = set(target.state_dict()), set(left_out)
     return sorted(in_file - in_model - skipped)
@@ -125,7 +123,8 @@ def _retie(model: PreTrainedModel) -> None:
         model.tie_weights()
 
 
-def _tie_as_the_file_holds(model: PreTrainedModel, path: str, what: str, named_in_model: Callable[[str], str],
+def _tie_as_the_file_holds(model: PreTrainedModel, path: str, index: List[Dict[str, Any]], what: str,
+                           named_in_model: Callable[[str], str],
                            cast: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
     """Ties the model's tied weights (building it skipped that), as from_pretrained does from
     transformers 5 on: a name the file holds apart from the rest of its group, with other
@@ -137,7 +136,7 @@ def _tie_as_the_file_holds(model: PreTrainedModel, path: str, what: str, named_i
     if not tied or _TRANSFORMERS_MAJOR < 5:
         model.tie_weights()
         return
-    index = {named_in_model(entry["name"]): entry for entry in read_metadata(path)["index"]}
+    index_in_model = {named_in_model(entry["name"]): entry for entry in index}
 
     def where(entry: Dict[str, Any]) -> Tuple[Any, ...]:
         return entry.get("macroblock", 0), entry["offset"], tuple(entry["shape"]), entry.get("dtype")
@@ -149,9 +148,9 @@ def _tie_as_the_file_holds(model: PreTrainedModel, path: str, what: str, named_i
     for source, targets in groups.items():
         # Each name the file holds is compared with the group's first: the source, or where
         # the file lacks it, the first target it holds (which the source is then tied to).
-        held = [name for name in [source] + targets if name in index]
+        held = [name for name in [source] + targets if name in index_in_model]
         for name in held[1:]:
-            first, other = index[held[0]], index[name]
+            first, other = index_in_model[held[0]], index_in_model[name]
             if where(first) == where(other):
                 continue
             # Views of the mapped file: only these two tensors' bytes are read.
@@ -212,14 +211,12 @@ def _complete_head(model: PreTrainedModel, base: str, path: str, device: Any, st
         placed = placement(name)
         return placed if placed is not None else old.device
 
-    aliases: Dict[int, List[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
+    names_of = aliases(model.named_parameters(remove_duplicate=False))
     for name in head:
         old = model.get_parameter(name)
         new = torch.nn.Parameter(torch.zeros(old.shape, dtype=old.dtype, device=device_of(name, old)),
                                  requires_grad=old.requires_grad)
-        for alias in aliases[id(old)]:  # a tied head parameter (BERT's decoder bias) stays tied
+        for alias in names_of[id(old)]:  # a tied head parameter (BERT's decoder bias) stays tied
             module_name, _, attr = alias.rpartition(".")
             model.get_submodule(module_name)._parameters[attr] = new
     for module_name, module in model.named_modules():
@@ -417,7 +414,8 @@ def from_pretrained_flashpack(
     kwargs[dtype_kwarg] = build_dtype
     with init_empty_parameters(build_dtype), _no_init_weights():
         model = model_class._from_config(config, **kwargs)
-    target, left_out = _match_to_file(model, path)
+    index = read_metadata(path)["index"]  # read once: every decision below is about one file
+    target, left_out = _match_to_file(model, index)
     prefix = getattr(model, "base_model_prefix", "") or ""
     wrapper = target is not model and target is not getattr(model, prefix, None)  # holds the model under prefix
 
@@ -433,13 +431,13 @@ def from_pretrained_flashpack(
             return tensor
         return tensor.to(load_dtype)
 
-    _tie_as_the_file_holds(model, path, what, named_in_model, cast)  # then the file fills each tied group once
+    _tie_as_the_file_holds(model, path, index, what, named_in_model, cast)  # then the file fills each tied group once
     # Entries of another shape (a classifier saved for 2 labels, built for 5) are left out and
     # initialised as missing ones are, as from_pretrained(ignore_mismatched_sizes=True) does;
     # with every other name of their tied group.
-    mismatched = mismatched_entries(target, path) if ignore_mismatched_sizes else []
+    mismatched = mismatched_entries(target, index) if ignore_mismatched_sizes else []
     if strict is None:  # strict=True refuses them, strict=False takes them without a word
-        extras = _extras(target, path, left_out)
+        extras = _extras(target, index, left_out)
         if extras:
             warn(f"{what}: {len(extras)} entries of {path} that {type(model).__name__} does not have are left out, as "
                  f"from_pretrained leaves them out: {', '.join(extras[:20])}{' ...' if len(extras) > 20 else ''}")
