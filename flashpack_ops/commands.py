@@ -221,7 +221,7 @@ def flashpack_in(path: str) -> str:
 
 
 def _library_model_class(config: Dict[str, Any], directory: str, use_transformers: bool,
-                         use_diffusers: bool) -> Optional[type]:
+                         use_diffusers: bool, variant: Optional[str] = None) -> Optional[type]:
     """The transformers or diffusers class a config.json describes, or None for neither."""
     is_diffusers = use_diffusers or ("_class_name" in config and not use_transformers)
     is_transformers = use_transformers or (not is_diffusers and
@@ -245,12 +245,74 @@ def _library_model_class(config: Dict[str, Any], directory: str, use_transformer
                              "with the model (auto_map); convert does not run a model's own code: load it with "
                              "from_pretrained(..., trust_remote_code=True) and save it with save_pretrained_flashpack")
         if cls is None:
+            cls = _class_holding_the_checkpoint(config, directory, variant)
+        if cls is None:
             raise ValueError(f"{directory}/config.json names the architecture '{architectures[0]}', which "
                              f"transformers {transformers.__version__} does not have (a subclass's name, as "
                              "save_pretrained records it? Set \"architectures\" there to the transformers class "
                              "it extends, such as \"LlamaForCausalLM\")")
         return cls
     return None
+
+
+def _checkpoint_names(directory: str, variant: Optional[str]) -> List[str]:
+    """The names of the tensors a model directory's checkpoint holds, from its index or the
+    files' headers (a torch file is mapped, not read)."""
+    weights = _weights_in_directory(directory, variant)
+    if _is_index(weights):
+        with open(weights, encoding="utf-8") as f:
+            return list(json.load(f).get("weight_map") or {})
+    if weights.endswith(".safetensors") or _is_safetensors(weights):
+        from safetensors import safe_open as safetensors_open
+
+        with safetensors_open(weights, framework="pt") as f:
+            return list(f.keys())
+    return list(_torch_state_dict(weights))
+
+
+def _class_holding_the_checkpoint(config: Dict[str, Any], directory: str, variant: Optional[str]) -> Optional[type]:
+    """For a config.json whose architecture transformers does not have (a subclass's name, as
+    save_pretrained records it: ``class FlashLlama(LlamaForCausalLM, ...)``), the one class of
+    its model type whose tensors are the checkpoint's, each class built on the meta device to
+    compare names; None where no single class matches."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    model_type = config.get("model_type")
+    candidates = []
+    for mapping in dir(modeling_auto):
+        if mapping.startswith("MODEL") and mapping.endswith("_MAPPING_NAMES"):
+            found = getattr(modeling_auto, mapping).get(model_type)
+            for name in [found] if isinstance(found, str) else list(found or ()):
+                if name not in candidates and hasattr(transformers, name):
+                    candidates.append(name)
+    if not candidates:
+        return None
+    try:
+        names = set(_checkpoint_names(directory, variant))
+        model_config = transformers.AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError):
+        return None
+    matching = []
+    for name in candidates:
+        cls = getattr(transformers, name)
+        try:
+            with torch.device("meta"):
+                model = cls(model_config)
+        except Exception:  # noqa: BLE001 - a class this config cannot build is not the one
+            continue
+        held = dict(model.state_dict(keep_vars=True))
+        if not names <= held.keys():
+            continue
+        # What the checkpoint lacks must be a tied second name of a tensor it holds.
+        present = {id(held[n]) for n in names}
+        if all(id(tensor) in present for n, tensor in held.items() if n not in names):
+            matching.append(cls)
+    if len(matching) != 1:
+        return None
+    warn(f"{directory}/config.json names the architecture '{config['architectures'][0]}', which transformers "
+         f"does not have; its checkpoint holds the tensors of {matching[0].__name__}, which converts it")
+    return matching[0]
 
 
 def checkpoint_tensor_sizes(path: str) -> Optional[List[Tuple[int, torch.dtype]]]:
@@ -502,7 +564,7 @@ def convert_to_flashpack(
         _quiet_libraries()
     is_pipeline = _read_config(model_dir, "model_index.json") is not None
     config = None if is_pipeline else _read_config(model_dir, "config.json")
-    model_class = _library_model_class(config, model_dir, use_transformers, use_diffusers) if config else None
+    model_class = _library_model_class(config, model_dir, use_transformers, use_diffusers, variant) if config else None
     if is_pipeline or model_class is not None:
         what = "pipeline" if is_pipeline else "model"
         if destination.endswith(".flashpack"):

@@ -233,24 +233,52 @@ def test_convert_refuses_a_directory_whose_model_would_drop_tensors(tmp_path):
 
 
 
+def _llama_directory(directory, **described):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(directory)
+    config_path = directory / "config.json"
+    config_path.write_text(json.dumps(dict(json.loads(config_path.read_text()), **described)))
+    return model
+
+
 @pytest.mark.parametrize("described, said", [
-    # transformers' save_pretrained records the class's own name: a subclass that only adds
-    # flashpack methods (class FlashLlama(LlamaForCausalLM, FlashPackTransformersModelMixin)).
-    ({"architectures": ["FlashLlama"]},
-     'names the architecture \'FlashLlama\', which transformers'),
-    ({"architectures": ["FlashLlama"]},
+    # transformers' save_pretrained records the class's own name: here a subclass with a
+    # tensor of its own, which no transformers class of the model type holds.
+    ({"architectures": ["LlamaWithProbe"]},
+     'names the architecture \'LlamaWithProbe\', which transformers'),
+    ({"architectures": ["LlamaWithProbe"]},
      'Set "architectures" there to the transformers class it extends'),
     ({"architectures": ["MyModelForCausalLM"], "auto_map": {"AutoModelForCausalLM": "modeling_my.MyModelForCausalLM"}},
      "whose code ships with the model (auto_map); convert does not run a model's own code"),
 ], ids=["subclass", "subclass-what-to-set", "code-shipped-with-the-model"])
 def test_convert_of_an_architecture_transformers_lacks_says_what_to_do(tmp_path, described, said):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
-    config_path = tmp_path / "hf" / "config.json"
-    config_path.write_text(json.dumps(dict(json.loads(config_path.read_text()), **described)))
+    from safetensors.torch import load_file as load_safetensors
+    from safetensors.torch import save_file as save_safetensors
+
+    _llama_directory(tmp_path / "hf", **described)
+    weights = tmp_path / "hf" / "model.safetensors"
+    tensors = dict(load_safetensors(weights), **{"probe.weight": torch.ones(2, 32)})
+    save_safetensors(tensors, weights, metadata={"format": "pt"})
     assert_one_line_error(run("convert", tmp_path / "hf", tmp_path / "fp", check=False), said)
+    assert not (tmp_path / "fp").exists()
+
+
+def test_convert_of_a_subclass_that_only_adds_methods_converts_as_the_class_it_extends(tmp_path):
+    # class FlashLlama(LlamaForCausalLM, FlashPackTransformersModelMixin): save_pretrained records
+    # "FlashLlama"; its checkpoint is LlamaForCausalLM's, tensor for tensor.
+    from flashpack_ops.integrations.transformers import from_pretrained_flashpack
+
+    model = _llama_directory(tmp_path / "hf", architectures=["FlashLlama"])
+    result = run("convert", tmp_path / "hf", tmp_path / "fp")
+    assert "its checkpoint holds the tensors of LlamaForCausalLM, which converts it" in result.stderr
+    assert json.loads((tmp_path / "fp" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    loaded = from_pretrained_flashpack(type(model), tmp_path / "fp")
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[n], t) for n, t in model.state_dict().items())
 
 
 def test_convert_leaves_out_what_the_checkpoint_lacks_for_the_load_to_initialise(tmp_path):

@@ -172,6 +172,65 @@ def test_missing_flashpack_file_says_how_to_make_one(tmp_path):
         FlashLlama.from_pretrained_flashpack(tmp_path)
 
 
+def _later(path):
+    """Give ``path`` a modification time after everything else in its directory."""
+    later = os.stat(path).st_mtime + 10
+    os.utime(path, (later, later))
+
+
+def test_a_directory_saved_again_after_conversion_is_reported(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="names the architecture 'FlashLlama'"):
+        convert_to_flashpack(str(tmp_path), silent=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FlashLlama.from_pretrained_flashpack(tmp_path)  # converted after the save: quiet
+
+    model.save_pretrained(tmp_path)  # the same weights, written again: quiet
+    _later(tmp_path / "model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FlashLlama.from_pretrained_flashpack(tmp_path)
+
+    tuned = FlashLlama(tiny_config()).eval()
+    tuned.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        tuned.model.layers[1].mlp.down_proj.weight[-1] += 1  # one row of one tensor: still found
+    tuned.save_pretrained(tmp_path)
+    _later(tmp_path / "model.safetensors")
+    with pytest.warns(UserWarning, match=r"model.flashpack is older than model.safetensors beside it and holds other "
+                                         r"weights \('model.layers.1.mlp.down_proj.weight' differs\).*flashpack convert"):
+        loaded = FlashLlama.from_pretrained_flashpack(tmp_path)
+    assert torch.equal(loaded.model.layers[1].mlp.down_proj.weight, model.model.layers[1].mlp.down_proj.weight)
+
+
+def test_a_subclass_saved_with_save_pretrained_converts_as_the_class_it_extends(model, tmp_path):
+    model.save_pretrained(tmp_path)  # config.json names "FlashLlama", which transformers does not have
+    with pytest.warns(UserWarning, match="names the architecture 'FlashLlama', which transformers does not have; "
+                                         "its checkpoint holds the tensors of LlamaForCausalLM"):
+        written = convert_to_flashpack(str(tmp_path), silent=True)
+    assert written == str(tmp_path / "model.flashpack")
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["architectures"] == ["LlamaForCausalLM"]
+    loaded = from_pretrained_flashpack(LlamaForCausalLM, tmp_path)
+    assert all(torch.equal(loaded.state_dict()[n], t) for n, t in model.state_dict().items())
+    assert logits(loaded).equal(logits(model))
+
+
+class LlamaWithProbe(LlamaForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        self.probe = torch.nn.Linear(config.hidden_size, 2)
+
+
+def test_a_subclass_with_tensors_of_its_own_is_not_converted_as_another_class(tmp_path):
+    torch.manual_seed(0)
+    LlamaWithProbe(tiny_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="names the architecture 'LlamaWithProbe', which transformers .* does not have"):
+        convert_to_flashpack(str(tmp_path), silent=True)
+    assert not os.path.exists(tmp_path / "model.flashpack")
+
+
 def test_repo_id_without_network_fails_plainly():
     with pytest.raises(HubUnavailableError, match="cannot download 'no-such-org/no-such-model' from the Hugging Face Hub"):
         FlashLlama.from_pretrained_flashpack("no-such-org/no-such-model", local_files_only=True)

@@ -111,7 +111,66 @@ def flashpack_file_in(directory: str, subfolder: Optional[str] = None) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; write it with save_pretrained_flashpack() or "
                                 f"`flashpack convert {model_dir}`")
+    warn_if_stale(path)
     return path
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _differing_entry(path: str, checkpoint: str) -> Optional[str]:
+    """The first entry whose first, middle or last row differs between the flashpack file and
+    a safetensors checkpoint; None where those agree (or the two share no entry of the same
+    shape and dtype to compare). Only those rows are read, from both files' mappings."""
+    from safetensors import safe_open as safetensors_open
+
+    from ..lazy import _SAFETENSORS_DTYPES
+    from ..ops import load_file
+
+    stored = load_file(path)
+    with safetensors_open(checkpoint, framework="pt") as other:
+        for name in other.keys():
+            mine = stored.get(name)
+            if mine is None:
+                continue
+            found = other.get_slice(name)
+            if list(found.get_shape()) != list(mine.shape) or found.get_dtype() != _SAFETENSORS_DTYPES.get(mine.dtype):
+                continue
+            if mine.dim() == 0:
+                pairs = [(mine, other.get_tensor(name))]
+            else:
+                rows = sorted({0, mine.shape[0] // 2, mine.shape[0] - 1}) if mine.shape[0] else []
+                pairs = [(mine[row:row + 1], found[row:row + 1]) for row in rows]
+            if any(not torch.equal(_bytes(a), _bytes(b)) for a, b in pairs):
+                return name
+    return None
+
+
+def warn_if_stale(path: str) -> None:
+    """Warn where a directory's safetensors checkpoint was written after its ``model.flashpack``
+    and holds other weights: a model saved again with ``save_pretrained`` (fine-tuned, merged)
+    over a directory converted before, whose flashpack file still holds the old weights. The
+    file's time only says where to look; three rows of each tensor decide. Links (the Hub's
+    cache) are left alone: their times are the download's."""
+    if os.path.islink(path):
+        return
+    model_dir, made = os.path.dirname(path), os.stat(path).st_mtime
+    for name in sorted(os.listdir(model_dir)):
+        checkpoint = os.path.join(model_dir, name)
+        if not name.endswith(".safetensors") or os.path.islink(checkpoint) or not os.path.isfile(checkpoint):
+            continue
+        if os.stat(checkpoint).st_mtime <= made:
+            continue
+        try:
+            entry = _differing_entry(path, checkpoint)
+        except Exception:  # noqa: BLE001 - a checkpoint that cannot be read says nothing about this file
+            continue
+        if entry is not None:
+            warn(f"{path} is older than {name} beside it and holds other weights ('{entry}' differs): the "
+                 f"directory was saved again after it was converted, and {FLASHPACK_FILE} is loaded as it is. "
+                 f"Convert again (`flashpack convert {model_dir}`) or remove {FLASHPACK_FILE}")
+            return
 
 
 def resolve_model_directory(name_or_path: Union[str, "os.PathLike[str]"], subfolder: Optional[str] = None,
