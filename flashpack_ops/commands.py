@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
 import json
 import os
 import re
+import secrets
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -616,6 +618,9 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
         raise FileExistsError(f"{destination} already exists; give the destination explicitly to overwrite it")
     if not destination.endswith(WEIGHT_EXTENSIONS):
         raise ValueError(f"{destination}: unknown extension; use .safetensors or one of {', '.join(TORCH_EXTENSIONS)}")
+    if os.path.exists(destination) and os.path.samefile(destination, path):
+        # The tensors view the file's mapping: writing over it would pull the pages from under them.
+        raise ValueError(f"{destination} is the file being reverted ({path}); give another destination")
     # NOTE: the loaded tensors view a private map of the file; both writers stream from it
     # page by page, so reverting a large file needs no second copy in memory.
     tensors = load_file(path, "cpu")
@@ -641,15 +646,35 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
         # writes where it has none: transformers checks it when loading.
         metadata = {"format": "pt", **file_metadata}
         try:
-            save_safetensors(unique, destination, metadata=metadata)
+            _write_replacing(destination, lambda temporary: save_safetensors(unique, temporary, metadata=metadata))
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"safetensors cannot store {path}: {e}; write a .pt file instead") from None
     else:
         try:
-            torch.save(tensors, destination)
+            _write_replacing(destination, lambda temporary: torch.save(tensors, temporary))
         except KeyError as e:  # torch.save's table of dtypes lacks the sub-byte ones
             raise ValueError(f"torch.save cannot store {path}: {e.args[0] if e.args else e}") from None
     return destination
+
+
+def _write_replacing(destination: str, write: Callable[[str], None]) -> None:
+    """``write(temporary)``, then the temporary file renamed onto ``destination`` (a link's
+    target, where it is one), as save_file writes: a write that fails leaves the old file as it
+    was and no partial file behind."""
+    target = os.path.realpath(destination)
+    directory, base = os.path.split(target)
+    temporary = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # 0666: the umask gives the file its usual permissions; a file replaced keeps its own.
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        mode = os.stat(target if os.path.isfile(target) else temporary).st_mode & 0o7777
+        write(temporary)
+        os.chmod(temporary, mode)  # the writer may have put a file of its own there (safetensors does)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def summarize(path: str) -> Dict[str, Any]:

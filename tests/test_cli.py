@@ -541,6 +541,39 @@ def test_revert_never_overwrites_a_default_destination(tmp_path):
         assert_same(tensor, state_dict()[name], name)
 
 
+def test_revert_onto_the_file_itself_is_refused_and_leaves_it_whole(tmp_path):
+    flashpack_ops.save_file(state_dict(), tmp_path / "m.flashpack")
+    os.symlink("m.flashpack", tmp_path / "same.pt")
+    os.link(tmp_path / "m.flashpack", tmp_path / "hard.safetensors")
+    for destination in ("same.pt", "hard.safetensors"):
+        assert_one_line_error(run("revert", tmp_path / "m.flashpack", tmp_path / destination, check=False),
+                              f"{tmp_path / destination} is the file being reverted")
+    for name, tensor in flashpack_ops.load_file(tmp_path / "m.flashpack").items():
+        assert_same(tensor, state_dict()[name], name)
+
+
+@pytest.mark.parametrize("destination", ["old.pt", "old.safetensors"])
+def test_a_failed_revert_leaves_the_old_destination_and_nothing_else(tmp_path, destination):
+    from safetensors.torch import load_file, save_file
+
+    old = {"kept": torch.arange(5.0)}
+    torch.save(old, tmp_path / "old.pt")
+    save_file(old, tmp_path / "old.safetensors")
+    os.chmod(tmp_path / destination, 0o640)
+    flashpack_ops.save_file({"a": torch.ones(3), "u": torch.zeros(3, dtype=torch.uint8).view(torch.uint1)},
+                            tmp_path / "u1.flashpack")
+    assert run("revert", "-q", tmp_path / "u1.flashpack", tmp_path / destination, check=False).returncode == 1
+    assert sorted(os.listdir(tmp_path)) == ["old.pt", "old.safetensors", "u1.flashpack"]
+    back = torch.load(tmp_path / "old.pt", weights_only=True) if destination.endswith(".pt") else \
+        load_file(tmp_path / destination)
+    assert_same(back["kept"], old["kept"], "kept")
+
+    flashpack_ops.save_file(state_dict(), tmp_path / "m.flashpack")
+    run("revert", tmp_path / "m.flashpack", tmp_path / destination)  # replaced, keeping its permissions
+    assert os.stat(tmp_path / destination).st_mode & 0o777 == 0o640
+    assert sorted(os.listdir(tmp_path)) == ["m.flashpack", "old.pt", "old.safetensors", "u1.flashpack"]
+
+
 def test_metadata_summary_index_and_json(tmp_path, capsys):
     path = tmp_path / "m.flashpack"
     flashpack_ops.save_file(state_dict(), path)
