@@ -183,6 +183,55 @@ def test_file_size_limit_gives_clear_error_and_keeps_old_file(tmp_path):
     check_failed_save_kept_old(str(path), old, err.value)
 
 
+def _llama(rms_norm_eps):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=rms_norm_eps))
+
+
+def _unet(norm_eps):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8),
+                                 layers_per_block=1, norm_num_groups=4, norm_eps=norm_eps,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"))
+
+
+@pytest.mark.parametrize("library", ["transformers", "diffusers"])
+def test_a_model_directory_whose_weights_fail_to_save_keeps_its_config_too(tmp_path, library):
+    # The same shapes under another config: the old weights beside the new config would load
+    # as a third model without a word.
+    if library == "transformers":
+        from flashpack_ops.integrations.transformers import from_pretrained_flashpack, save_pretrained_flashpack
+
+        old, new, eps = _llama(1e-6), _llama(0.5), "rms_norm_eps"
+    else:
+        from flashpack_ops.integrations.diffusers import from_pretrained_flashpack, save_pretrained_flashpack
+
+        old, new, eps = _unet(1e-6), _unet(0.5), "norm_eps"
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(1)
+    save_pretrained_flashpack(old, tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    with file_size_limit(os.path.getsize(tmp_path / "model.flashpack") // 2):  # the configs fit, the weights not
+        with pytest.raises(RuntimeError, match="File too large"):
+            save_pretrained_flashpack(new, tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+    loaded = from_pretrained_flashpack(type(old), tmp_path)
+    assert getattr(loaded.config, eps) == 1e-6
+    assert same(loaded.state_dict(), old.state_dict())
+
+    save_pretrained_flashpack(new, tmp_path)  # with room, the new model replaces the old whole
+    loaded = from_pretrained_flashpack(type(old), tmp_path)
+    assert getattr(loaded.config, eps) == 0.5
+    assert same(loaded.state_dict(), new.state_dict())
+    assert sorted(os.listdir(tmp_path)) == sorted(before)
+
+
 def test_full_disk_gives_clear_error_and_keeps_old_file(tmp_path):
     old, new = versions()
     with small_filesystem(tmp_path / "disk", 8 << 20) as disk:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import re
 import shlex
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+import shutil
+import tempfile
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -347,6 +350,21 @@ def checked_save_directory(save_directory: Union[str, "os.PathLike[str]"]) -> st
     if os.path.isfile(save_directory):
         raise NotADirectoryError(f"{save_directory} is a file; save_pretrained_flashpack needs a directory")
     return save_directory
+
+
+@contextlib.contextmanager
+def configs_written_last(save_directory: str) -> Iterator[str]:
+    """A folder in ``save_directory`` to write the config files into; once the block ends
+    without error (the weights written) they are renamed into ``save_directory``. A save whose
+    weights fail (a full disk) leaves the directory's config and weights as they were, never a
+    new config beside the old weights, which would load as another model without a word."""
+    staging = tempfile.mkdtemp(prefix=".flashpack-config-", dir=save_directory)
+    try:
+        yield staging
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_weights(model: torch.nn.Module, save_directory: str, *, target_dtype: Optional[torch.dtype],

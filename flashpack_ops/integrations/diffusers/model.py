@@ -13,10 +13,10 @@ from diffusers import ModelMixin
 from ...api import _reset_parameters, assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, read_metadata
-from .._hub import (build_and_load_dtypes, checked_save_directory, dispatch_placed, initialise_left_out,
-                    library_class, loading_info, locate_flashpack, mismatched_entries, parse_dtype, place_model,
-                    take_load_kwargs, tied_names, unwrapped, upload_directory, warn_unused_save_kwargs,
-                    write_weights)
+from .._hub import (build_and_load_dtypes, checked_save_directory, configs_written_last, dispatch_placed,
+                    initialise_left_out, library_class, loading_info, locate_flashpack, mismatched_entries,
+                    parse_dtype, place_model, take_load_kwargs, tied_names, unwrapped, upload_directory,
+                    warn_unused_save_kwargs, write_weights)
 
 M = TypeVar("M", bound=ModelMixin)
 
@@ -100,12 +100,13 @@ def save_pretrained_flashpack(
     model = unwrapped(model)  # a torch.compile'd model saves as the model it compiles
     if is_main_process:
         os.makedirs(save_directory, exist_ok=True)
-        model.save_config(save_directory)
-        _name_library_class(model, os.path.join(save_directory, "config.json"))
-        write_weights(model, save_directory, target_dtype=target_dtype, align_bytes=align_bytes,
-                      num_workers=num_workers, ignore_names=ignore_names, ignore_prefixes=ignore_prefixes,
-                      ignore_suffixes=ignore_suffixes, keep_float32=keeps_in_float32(model, target_dtype),
-                      checksum=checksum)
+        with configs_written_last(save_directory) as staging:
+            model.save_config(staging)
+            _name_library_class(model, os.path.join(staging, "config.json"))
+            write_weights(model, save_directory, target_dtype=target_dtype, align_bytes=align_bytes,
+                          num_workers=num_workers, ignore_names=ignore_names, ignore_prefixes=ignore_prefixes,
+                          ignore_suffixes=ignore_suffixes, keep_float32=keeps_in_float32(model, target_dtype),
+                          checksum=checksum)
     if push_to_hub and is_main_process:
         upload_directory(save_directory, repo_id, private, token, commit_message, create_pr)
 

@@ -17,10 +17,10 @@ from ..._warnings import warn
 from ...api import DevicePlacement, assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, load_file, read_metadata
-from .._hub import (aliases, build_and_load_dtypes, checked_save_directory, dispatch_placed, initialise_left_out,
-                    library_class, loading_info, locate_flashpack, mismatched_entries, parse_dtype, place_model,
-                    take_load_kwargs, tied_names, unwrapped, upload_directory, warn_unused_save_kwargs,
-                    with_unplaced_params, write_weights)
+from .._hub import (aliases, build_and_load_dtypes, checked_save_directory, configs_written_last, dispatch_placed,
+                    initialise_left_out, library_class, loading_info, locate_flashpack, mismatched_entries,
+                    parse_dtype, place_model, take_load_kwargs, tied_names, unwrapped, upload_directory,
+                    warn_unused_save_kwargs, with_unplaced_params, write_weights)
 
 M = TypeVar("M", bound=PreTrainedModel)
 
@@ -275,13 +275,14 @@ def save_pretrained_flashpack(
         # As save_pretrained records it, so that the Auto classes and `flashpack convert` know
         # the model (and its head) from the directory.
         config.architectures = [library_class(type(model), PreTrainedModel).__name__]
-        config.save_pretrained(save_directory)
-        if model.can_generate() and getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(save_directory)
-        write_weights(model, save_directory, target_dtype=target_dtype, align_bytes=align_bytes,
-                      num_workers=num_workers, ignore_names=ignore_names, ignore_prefixes=ignore_prefixes,
-                      ignore_suffixes=ignore_suffixes, keep_float32=keeps_in_float32(model, target_dtype),
-                      checksum=checksum)
+        with configs_written_last(save_directory) as staging:
+            config.save_pretrained(staging)
+            if model.can_generate() and getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(staging)
+            write_weights(model, save_directory, target_dtype=target_dtype, align_bytes=align_bytes,
+                          num_workers=num_workers, ignore_names=ignore_names, ignore_prefixes=ignore_prefixes,
+                          ignore_suffixes=ignore_suffixes, keep_float32=keeps_in_float32(model, target_dtype),
+                          checksum=checksum)
     if push_to_hub and is_main_process:
         upload_directory(save_directory, repo_id, private, token, commit_message, create_pr)
 
