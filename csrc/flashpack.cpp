@@ -71,7 +71,7 @@ std::vector<at::Tensor> load_any(const char* op, const std::string& path, c10::D
       // A failed load is reported first; the check's result is only looked at after a success.
       // Both read one open file: a save replacing the path meanwhile cannot split them.
       auto check = std::async(std::launch::async, [&] {
-        verify_file(file, default_threads(static_cast<int>(opts.num_threads)));
+        verify_file(file, default_threads(opts.num_threads));
       });
       auto tensors = load_cuda(file, device, opts, layout);
       check.get();
@@ -192,7 +192,7 @@ void save_op(const c10::Dict<std::string, at::Tensor>& tensors, const std::strin
 }
 
 void verify_op(const std::string& path, int64_t num_threads) {
-  translate_errors("flashpack::verify", [&] { verify_file(path, default_threads(static_cast<int>(num_threads))); });
+  translate_errors("flashpack::verify", [&] { verify_file(path, default_threads(num_threads)); });
 }
 
 at::Tensor read_range_op(const std::string& path, int64_t offset, int64_t length, c10::Device device,

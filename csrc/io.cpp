@@ -59,7 +59,9 @@ std::string resolve_links(const std::string& path) {
 
 InputFile::InputFile(const std::string& path, bool direct) : path_(path) {
   check_path(path);
-  int flags = O_RDONLY | O_CLOEXEC;
+  // O_NONBLOCK: opening a FIFO would otherwise wait for a writer, before the check below can
+  // refuse it. It changes nothing for a regular file, and is cleared once the file is one.
+  int flags = O_RDONLY | O_CLOEXEC | O_NONBLOCK;
   if (direct) flags |= O_DIRECT;
   fd_ = ::open(path.c_str(), flags);
   if (fd_ < 0) os_error("cannot open", path, errno);
@@ -74,6 +76,7 @@ InputFile::InputFile(const std::string& path, bool direct) : path_(path) {
     throw std::runtime_error("'" + path + "' is " + (S_ISDIR(st.st_mode) ? "a directory" : "not a regular file") +
                              ", not a flashpack file");
   }
+  ::fcntl(fd_, F_SETFL, ::fcntl(fd_, F_GETFL) & ~O_NONBLOCK);
   size_ = static_cast<uint64_t>(st.st_size);
 }
 
@@ -161,13 +164,13 @@ int64_t env_count(const char* name) {
   return static_cast<int64_t>(n);
 }
 
-int default_threads(int requested) {
+int default_threads(int64_t requested) {
   // Far past any useful count, and a bound on the threads a mistyped argument starts.
   constexpr int kMaxThreads = 256;
   if (requested < 0) {
     throw std::invalid_argument("num_threads must be >= 0 (0 picks the default), got " + std::to_string(requested));
   }
-  if (requested > 0) return std::min(requested, kMaxThreads);
+  if (requested > 0) return static_cast<int>(std::min<int64_t>(requested, kMaxThreads));
   if (const int64_t n = env_count("FLASHPACK_NUM_THREADS")) return static_cast<int>(std::min<int64_t>(n, kMaxThreads));
   // NOTE: reads from the page cache scale to about 16 threads (48 GB/s measured on a
   // 16-core H100 host); more only adds contention.

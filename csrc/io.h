@@ -56,7 +56,7 @@ void pread_exact(int fd, void* buf, size_t n, uint64_t offset, const std::string
 void parallel_for(size_t tasks, int threads, const std::function<void(size_t)>& fn);
 
 // The number of worker threads to use when the caller passed 0 (auto).
-int default_threads(int requested);
+int default_threads(int64_t requested);
 
 // A non-negative integer from the environment, 0 when unset or empty; throws
 // std::invalid_argument naming the variable for anything else.

@@ -152,7 +152,7 @@ Layout layout_to_load(const InputFile& file, const LoadOptions& opts,
 
 std::vector<at::Tensor> load_cpu(const std::string& path, const LoadOptions& opts, Layout* layout_out) {
   InputFile file(path);
-  const int threads = default_threads(static_cast<int>(opts.num_threads));
+  const int threads = default_threads(opts.num_threads);
   // A selection's blocks carry no checksums: the whole file is verified before it is made.
   const bool verify_whole = opts.verify && opts.names.has_value();
   Layout layout = layout_to_load(file, opts, [&](const Layout& all) {
@@ -189,7 +189,7 @@ at::Tensor read_range(const std::string& path, int64_t offset, int64_t length, c
   at::Tensor buf = at::empty({length}, at::TensorOptions().dtype(at::kByte).pinned_memory(device.is_cuda()));
   char* base = static_cast<char*>(buf.data_ptr());
   const uint64_t n = static_cast<uint64_t>(length);
-  parallel_for((n + kReadChunkBytes - 1) / kReadChunkBytes, default_threads(static_cast<int>(num_threads)),
+  parallel_for((n + kReadChunkBytes - 1) / kReadChunkBytes, default_threads(num_threads),
                [&](size_t k) {
                  const uint64_t off = k * kReadChunkBytes;
                  pread_exact(file.fd(), base + off, std::min(kReadChunkBytes, n - off), offset + off, path);

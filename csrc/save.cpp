@@ -216,7 +216,7 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
     }
   }
 
-  parallel_for(tasks.size(), default_threads(static_cast<int>(num_threads)), [&](size_t i) {
+  parallel_for(tasks.size(), default_threads(num_threads), [&](size_t i) {
     const Task& task = tasks[i];
     const Entry& e = layout.entries[task.entry];
     const Block& b = layout.blocks[e.block];

@@ -4,6 +4,8 @@ import json
 import os
 import re
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -339,6 +341,33 @@ def test_a_bad_thread_count_in_the_environment_is_named(tmp_file, monkeypatch, c
             flashpack_ops.save_file({"a": torch.ones(1)}, tmp_file)
         else:
             flashpack_ops.verify_file(tmp_file)
+
+
+@pytest.mark.parametrize("num_threads", [2**31, 2**32 - 1, 2**32, 2**63 - 1])
+def test_thread_counts_past_an_int_are_the_upper_bound_not_another_number(tmp_file, num_threads):
+    # Once cut to 32 bits, 2**31 read as negative and 2**32 as 0 (the default).
+    tensors = {"a": torch.arange(10.0)}
+    flashpack_ops.save_file(tensors, tmp_file, num_threads=num_threads, checksum=True)
+    assert torch.equal(flashpack_ops.load_file(tmp_file, copy=True, num_threads=num_threads)["a"], tensors["a"])
+    flashpack_ops.verify_file(tmp_file, num_threads=num_threads)
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
+    fifo = str(tmp_path / "pipe.flashpack")
+    os.mkfifo(fifo)
+    code = ("import sys, flashpack_ops\n"
+            "for read in (flashpack_ops.load_file, flashpack_ops.read_metadata):\n"
+            "    try:\n"
+            "        read(sys.argv[1])\n"
+            "    except RuntimeError as e:\n"
+            "        print(e)\n"
+            "print(flashpack_ops.is_flashpack_file(sys.argv[1]))\n")
+    # In a child process: before, the open waited for a writer that never came.
+    out = subprocess.run([sys.executable, "-c", code, fifo], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"flashpack::load: '{fifo}' is not a regular file, not a flashpack file",
+                                       f"flashpack::read_footer: '{fifo}' is not a regular file, not a flashpack file",
+                                       "False"]
 
 
 def test_save_into_missing_directory(tmp_path):

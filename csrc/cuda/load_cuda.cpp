@@ -171,7 +171,7 @@ uint64_t chunk_for(const Tuning& t, Route r) {
 
 int threads_for(const Tuning& t, Route r) {
   if (t.threads > 0 || std::getenv("FLASHPACK_NUM_THREADS") != nullptr) {
-    return default_threads(static_cast<int>(t.threads));
+    return default_threads(t.threads);
   }
   if (r == Route::Register) return std::min(kDefaultRegisterThreads, default_threads(0));
   // NOTE: reads from disk are waits, not work: the readers are the disk's queue depth, so
