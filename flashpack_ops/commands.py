@@ -7,6 +7,7 @@ import glob
 import importlib
 import json
 import os
+import pickle
 import re
 import secrets
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -36,13 +37,26 @@ def _progress(iterable: Any, desc: str, total: Optional[int] = None, quiet: bool
     return tqdm(iterable, desc=desc, total=total, disable=quiet, leave=False)
 
 
+def _torch_load(path: str, mmap: bool) -> Any:
+    """torch.load with weights_only; its errors, which do not name the file (and, for a file
+    that is no checkpoint, suggest weights_only=False), name it and keep only the reason."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        reason = text.split("WeightsUnpickler error: ", 1)[-1].split("Check the documentation", 1)[0].strip()
+        raise ValueError(f"{path}: torch.load(weights_only=True) cannot read it: {reason}") from None
+    except RuntimeError as e:
+        if mmap and "mmap" in str(e):  # only the legacy (pre-zip) format cannot be mapped
+            raise
+        raise ValueError(f"{path} is not a readable torch checkpoint: {str(e).splitlines()[0]}") from None
+
+
 def _torch_state_dict(path: str) -> Dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):  # only the legacy (pre-zip) format cannot be mapped
-            raise
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(path, mmap=True)
+    except RuntimeError:  # the legacy (pre-zip) format, which cannot be mapped
+        obj = _torch_load(path, mmap=False)
     if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("state_dict", "model", "module"):  # Lightning and training checkpoints
             if isinstance(obj.get(key), dict):
@@ -76,9 +90,13 @@ def read_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
         raise ValueError(f"{path} is already a flashpack file")
     if path.endswith(".safetensors") or (path.endswith(TORCH_EXTENSIONS) and _is_safetensors(path)):
         # By content too: a safetensors file saved under a torch name (model.bin) is common.
+        from safetensors import SafetensorError
         from safetensors.torch import load_file as load_safetensors
 
-        return load_safetensors(path)
+        try:
+            return load_safetensors(path)
+        except SafetensorError as e:  # its messages do not name the file
+            raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
     if path.endswith(TORCH_EXTENSIONS):
         return _torch_state_dict(path)
     raise ValueError(f"{path}: unknown checkpoint type; expected one of {', '.join(WEIGHT_EXTENSIONS)}, "

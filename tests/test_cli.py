@@ -541,6 +541,29 @@ def test_revert_never_overwrites_a_default_destination(tmp_path):
         assert_same(tensor, state_dict()[name], name)
 
 
+@pytest.mark.parametrize("name, content, said", [
+    ("model.safetensors", b"garbage!", "model.safetensors is not a valid safetensors file: "),
+    ("model.bin", b"\xf9" * 64, "model.bin: torch.load(weights_only=True) cannot read it: "),
+    ("model.pt", b"PK\x03\x04" + b"\x00" * 60, "model.pt is not a readable torch checkpoint: "),
+], ids=["safetensors", "pickle", "zip"])
+def test_convert_of_a_damaged_checkpoint_names_it(tmp_path, name, content, said):
+    (tmp_path / name).write_bytes(content)
+    result = run("convert", tmp_path / name, tmp_path / "out.flashpack", check=False)
+    assert_one_line_error(result, f"{tmp_path / said}")
+    assert "weights_only` set to `False`" not in result.stderr  # a damaged file is no reason to unpickle freely
+    assert not (tmp_path / "out.flashpack").exists()
+
+
+def test_convert_of_a_torch_file_in_the_legacy_format(tmp_path):
+    # Files torch saved before its zip format cannot be mapped: read whole instead.
+    torch.save(state_dict(), tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    run("convert", tmp_path / "old.pt", tmp_path / "old.flashpack")
+    back = flashpack_ops.load_file(tmp_path / "old.flashpack")
+    assert list(back) == list(state_dict())
+    for name, tensor in state_dict().items():
+        assert_same(back[name], tensor, name)
+
+
 def test_revert_onto_the_file_itself_is_refused_and_leaves_it_whole(tmp_path):
     flashpack_ops.save_file(state_dict(), tmp_path / "m.flashpack")
     os.symlink("m.flashpack", tmp_path / "same.pt")
