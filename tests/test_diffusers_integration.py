@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from diffusers import (  # noqa: E402
     DDPMPipeline,
     DDPMScheduler,
     DiffusionPipeline,
+    ModelMixin,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -72,6 +74,18 @@ def test_unet_round_trip_is_bit_identical(tmp_path):
         assert torch.equal(loaded(SAMPLE, 3).sample, unet(SAMPLE, 3).sample)
 
 
+@pytest.mark.parametrize("cls", [FlashUNet, ModelMixin], ids=["class", "generic"])
+def test_a_malformed_config_is_reported_as_diffusers_reports_it(tmp_path, cls):
+    tiny_unet(FlashUNet).save_pretrained_flashpack(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(OSError) as theirs:
+        UNet2DModel.from_pretrained(tmp_path)
+    with pytest.raises(OSError) as ours:
+        from_pretrained_flashpack(cls, tmp_path)
+    assert str(ours.value) == str(theirs.value)
+    assert str(tmp_path / "config.json") in str(ours.value)
+
+
 def test_vae_through_auto_model_and_torch_dtype(tmp_path):
     vae = tiny_vae()
     flashpack_ops.patch_integrations()
@@ -113,6 +127,29 @@ def test_modules_a_model_keeps_in_float32_stay_float32_as_diffusers_keeps_them(t
     with torch.no_grad():
         assert torch.equal(loaded(sample, torch.tensor([500]), text).sample,
                            expected(sample, torch.tensor([500]), text).sample)
+
+
+def test_entries_the_class_drops_on_load_are_dropped_as_diffusers_drops_them(tmp_path):
+    # Older Wan checkpoints hold norm_added_q, which WanTransformer3DModel lists in
+    # _keys_to_ignore_on_load_unexpected: from_pretrained leaves it out without a word.
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_wan()
+    assert model._keys_to_ignore_on_load_unexpected
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file(dict(load_file(weights), **{"blocks.0.attn2.norm_added_q.weight": torch.ones(16)}), weights,
+              metadata={"format": "pt"})
+    expected, expected_info = type(model).from_pretrained(tmp_path, output_loading_info=True)
+    flashpack_ops.save_file(load_file(weights), tmp_path / "model.flashpack")  # the file converted as it is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded, info = from_pretrained_flashpack(type(model), tmp_path, output_loading_info=True)
+    assert_same_model(loaded, expected)
+    assert info["unexpected_keys"] == list(expected_info["unexpected_keys"]) == []
+    flashpack_ops.save_file(dict(load_file(weights), **{"stray.weight": torch.ones(2)}), tmp_path / "model.flashpack")
+    with pytest.raises(ValueError, match="stray.weight"):  # a name the class does not expect is still an error
+        from_pretrained_flashpack(type(model), tmp_path)
 
 
 def test_a_subclass_saves_the_class_diffusers_knows(tmp_path):
@@ -270,6 +307,12 @@ def test_a_pipeline_with_a_transformers_text_encoder_and_a_tokenizer_round_trips
     assert type(loaded.text_encoder) is type(pipeline.text_encoder)
     assert type(loaded.tokenizer) is type(pipeline.tokenizer)
     assert_same_model(loaded.text_encoder, pipeline.text_encoder)
+    # Each model records its own folder, as diffusers' load records it (save_pretrained writes it back).
+    pipeline.save_pretrained(tmp_path / "theirs")
+    theirs = type(pipeline).from_pretrained(tmp_path / "theirs")
+    for name in ("unet", "vae", "text_encoder"):
+        assert getattr(theirs, name).config._name_or_path == str(tmp_path / "theirs" / name)
+        assert getattr(loaded, name).config._name_or_path == str(tmp_path / "pipe" / name), name
     loaded.set_progress_bar_config(disable=True)
     assert torch.equal(torch.from_numpy(text_to_image(loaded)), torch.from_numpy(text_to_image(pipeline)))
 

@@ -634,6 +634,17 @@ def initialise_left_out(model: torch.nn.Module, path: str, what: str, zero_fille
              f"ignore_mismatched_sizes=True) initialises them: {said}{more}")
 
 
+def dropped_on_load(model: torch.nn.Module, names: Iterable[str]) -> List[str]:
+    """The ``names`` the model does not have that its class expects to find in a checkpoint and
+    drop (``_keys_to_ignore_on_load_unexpected``: T5EncoderModel's decoder, an older Wan
+    checkpoint's ``norm_added_q``), as from_pretrained drops them without a word."""
+    patterns = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    if not patterns:
+        return []
+    in_model = set(model.state_dict())
+    return [name for name in names if name not in in_model and any(p.search(name) for p in patterns)]
+
+
 def loading_info(model: torch.nn.Module, path: str, missing: Optional[List[str]] = None,
                  mismatched: Sequence[Mismatch] = ()) -> Dict[str, Any]:
     """What ``from_pretrained(..., output_loading_info=True)`` returns beside the model.

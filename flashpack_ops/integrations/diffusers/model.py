@@ -14,9 +14,9 @@ from ...api import _reset_parameters, assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, read_metadata
 from .._hub import (build_and_load_dtypes, checked_save_directory, configs_written_last, dispatch_placed,
-                    initialise_left_out, library_class, loading_info, locate_flashpack, mismatched_entries,
-                    parse_dtype, place_model, take_load_kwargs, tied_names, unwrapped, upload_directory,
-                    warn_unused_save_kwargs, write_weights)
+                    dropped_on_load, initialise_left_out, library_class, loading_info, locate_flashpack,
+                    mismatched_entries, parse_dtype, place_model, take_load_kwargs, tied_names, unwrapped,
+                    upload_directory, warn_unused_save_kwargs, write_weights)
 
 M = TypeVar("M", bound=ModelMixin)
 
@@ -198,21 +198,27 @@ def from_pretrained_flashpack(
                             local_dir=local_dir, token=token, local_files_only=local_files_only,
                             force_download=force_download)
     model_dir = os.path.dirname(path)
-    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-        model_class = _concrete_class(model_class, json.load(f), model_dir)
+    config_path = os.path.join(model_dir, "config.json")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            model_class = _concrete_class(model_class, json.load(f), model_dir)
+    except json.JSONDecodeError:  # as diffusers' load_config says it
+        raise OSError(f"It looks like the config file at '{config_path}' is not a valid JSON file.") from None
     config = model_class.load_config(model_dir)
     build_dtype, load_dtype = build_and_load_dtypes(path, dtype, torch_dtype, what)
     with init_empty_parameters(build_dtype):
         model = model_class.from_config(config, **kwargs)
     # Entries of another shape are left out and initialised as missing ones are, as
     # from_pretrained(ignore_mismatched_sizes=True) does.
-    mismatched = mismatched_entries(model, read_metadata(path)["index"]) if ignore_mismatched_sizes else []
+    index = read_metadata(path)["index"]
+    mismatched = mismatched_entries(model, index) if ignore_mismatched_sizes else []
+    dropped = dropped_on_load(model, [entry["name"] for entry in index])
     device = place_model(model, device)
     zero_filled: List[str] = []
     assign_from_file(
         model, path, device=device if device is not None else "cpu", strict=strict, strict_params=strict_params,
         strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
-        ignore_names=list(ignore_names or []) + tied_names(model, [name for name, _, _ in mismatched]),
+        ignore_names=list(ignore_names or []) + tied_names(model, [name for name, _, _ in mismatched]) + dropped,
         ignore_prefixes=ignore_prefixes,
         ignore_suffixes=ignore_suffixes, coerce_dtype=coerce_dtype, dtype=load_dtype, copy=copy,
         _keep_float32=keeps_in_float32(model, load_dtype), _zero_filled=zero_filled if mismatched else None,
@@ -222,7 +228,11 @@ def from_pretrained_flashpack(
     dispatch_placed(model, device)
     model.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
     model.eval()
-    return (model, loading_info(model, path, mismatched=mismatched)) if output_loading_info else model
+    if not output_loading_info:
+        return model
+    info = loading_info(model, path, mismatched=mismatched)
+    info["unexpected_keys"] = [name for name in info["unexpected_keys"] if name not in dropped]
+    return model, info
 
 
 class FlashPackDiffusersModelMixin(ModelMixin, FlashPackMixin):

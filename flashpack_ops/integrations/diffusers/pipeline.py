@@ -211,14 +211,15 @@ def _load_component(component_class: type, directory: str, name: str, device: Op
     sub_directory = os.path.join(directory, name)
     transformers_model = _transformers_model_class()
     if os.path.isfile(os.path.join(sub_directory, FLASHPACK_FILE)):
+        # Loaded from the component's folder, as diffusers loads it: the model records that
+        # folder as its name_or_path.
         if issubclass(component_class, ModelMixin):
-            return diffusers_model.from_pretrained_flashpack(component_class, directory, device, subfolder=name,
-                                                             torch_dtype=dtype, **load_kwargs)
+            return diffusers_model.from_pretrained_flashpack(component_class, sub_directory, device, torch_dtype=dtype,
+                                                             **load_kwargs)
         if transformers_model is not None and issubclass(component_class, transformers_model):
             from ..transformers import from_pretrained_flashpack
 
-            return from_pretrained_flashpack(component_class, directory, device, subfolder=name, torch_dtype=dtype,
-                                             **load_kwargs)
+            return from_pretrained_flashpack(component_class, sub_directory, device, torch_dtype=dtype, **load_kwargs)
         raise ValueError(f"{sub_directory} holds a {FLASHPACK_FILE} but {component_class.__name__} is neither a "
                          "diffusers nor a transformers model")
     if not hasattr(component_class, "from_pretrained"):

@@ -18,9 +18,9 @@ from ...api import DevicePlacement, assign_from_file
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, load_file, read_metadata
 from .._hub import (aliases, build_and_load_dtypes, checked_save_directory, configs_written_last, dispatch_placed,
-                    initialise_left_out, library_class, loading_info, locate_flashpack, mismatched_entries,
-                    parse_dtype, place_model, take_load_kwargs, tied_names, unwrapped, upload_directory,
-                    warn_unused_save_kwargs, with_unplaced_params, write_weights)
+                    dropped_on_load, initialise_left_out, library_class, loading_info, locate_flashpack,
+                    mismatched_entries, parse_dtype, place_model, take_load_kwargs, tied_names, unwrapped,
+                    upload_directory, warn_unused_save_kwargs, with_unplaced_params, write_weights)
 
 M = TypeVar("M", bound=PreTrainedModel)
 
@@ -476,8 +476,8 @@ def from_pretrained_flashpack(
         return model
     info = loading_info(target, path, missing=zero_filled, mismatched=mismatched)
     # What the class expects to find and drop (T5EncoderModel: the decoder) is not unexpected.
-    patterns = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
-    info["unexpected_keys"] = [name for name in info["unexpected_keys"] if not any(p.search(name) for p in patterns)]
+    dropped = set(dropped_on_load(model, info["unexpected_keys"]))
+    info["unexpected_keys"] = [name for name in info["unexpected_keys"] if name not in dropped]
     if _TRANSFORMERS_MAJOR >= 5:  # from_pretrained gives sets of names from 5.0 on
         info = {key: set(value) if key != "error_msgs" else value for key, value in info.items()}
     return model, info
