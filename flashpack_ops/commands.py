@@ -404,7 +404,10 @@ def _convert_model_directory(model_class: type, directory: str, destination: str
         if is_transformers:
             from .integrations.transformers import save_pretrained_flashpack
 
-            model, info = model_class.from_pretrained(directory, dtype="auto", variant=variant,
+            # The stored dtype, as for diffusers models and pipelines: dtype="auto" would take
+            # config.json's, which for a float16 variant beside float32 weights says float32.
+            stored = dtype or _stored_float_dtype(directory, variant) or "auto"
+            model, info = model_class.from_pretrained(directory, dtype=stored, variant=variant,
                                                       output_loading_info=True)
         else:
             from .integrations.diffusers import save_pretrained_flashpack
@@ -432,8 +435,28 @@ def _convert_model_directory(model_class: type, directory: str, destination: str
              f"({', '.join(lacking[:5])}{', ...' if len(lacking) > 5 else ''}); they are left out of the file: "
              "load it with strict=False to initialise them as from_pretrained does")
         ignore = dict(ignore, ignore_names=list(ignore.get("ignore_names") or []) + lacking)
+    if _in_place(destination, directory):
+        _keep_recorded_dtype(model, directory)
     save_pretrained_flashpack(model, destination, target_dtype=dtype, checksum=checksum, **ignore)
     return os.path.join(destination, FLASHPACK_FILE)
+
+
+def _in_place(destination: str, directory: str) -> bool:
+    return os.path.isdir(destination) and os.path.samefile(destination, directory)
+
+
+def _keep_recorded_dtype(model: Any, directory: str) -> None:
+    """For a conversion in place: the dtype the directory's config.json records stays as it
+    is, since its other weights are still loaded by it (from_pretrained would load float32
+    weights as float16 after converting their float16 variant). A flashpack load takes the
+    file's own dtype and does not read it."""
+    recorded = _read_config(directory, "config.json") or {}
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_diff_dict"):  # not a transformers model
+        return
+    key = "dtype" if "dtype" in recorded else "torch_dtype" if "torch_dtype" in recorded else None
+    # transformers 5 names it dtype, 4 torch_dtype.
+    setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", recorded[key] if key else None)
 
 
 def _convert_pipeline_directory(directory: str, destination: str, dtype: Optional[torch.dtype],
@@ -458,6 +481,10 @@ def _convert_pipeline_directory(directory: str, destination: str, dtype: Optiona
 
     pipeline = DiffusionPipeline.from_pretrained(
         directory, variant=variant, **{dtype_argument(): dict(dtypes, default=dtype or torch.float32)})
+    if _in_place(destination, directory):
+        for name, component in pipeline.components.items():
+            if os.path.isdir(os.path.join(directory, name)):
+                _keep_recorded_dtype(component, os.path.join(directory, name))
     save_pipeline_flashpack(pipeline, destination, target_dtype=dtype, checksum=checksum)
     return destination
 

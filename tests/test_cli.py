@@ -281,6 +281,31 @@ def test_convert_of_a_subclass_that_only_adds_methods_converts_as_the_class_it_e
     assert all(torch.equal(loaded.state_dict()[n], t) for n, t in model.state_dict().items())
 
 
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "elsewhere"])
+def test_a_float16_variant_converts_as_float16_and_leaves_the_float32_weights_loading_as_before(tmp_path, in_place):
+    # The Hub's usual layout: float32 weights, their float16 variant beside them, config.json
+    # recording float32.
+    transformers = pytest.importorskip("transformers")
+    model = _llama_directory(tmp_path / "hf")
+    model.half().save_pretrained(tmp_path / "half", variant="fp16")
+    shutil.copy(tmp_path / "half" / "model.fp16.safetensors", tmp_path / "hf")
+    config_before = (tmp_path / "hf" / "config.json").read_text()
+    assert json.loads(config_before)["dtype"] == "float32"
+    destination = tmp_path / "hf" if in_place else tmp_path / "fp"
+    run("convert", tmp_path / "hf", *([] if in_place else [destination]), "--variant", "fp16")
+    assert {t.dtype for t in flashpack_ops.load_file(destination / "model.flashpack").values()} == {torch.float16}
+    if in_place:
+        assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "float32"
+    plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf")
+    assert plain.dtype == torch.float32
+    from flashpack_ops.integrations.transformers import from_pretrained_flashpack
+
+    loaded = from_pretrained_flashpack(transformers.LlamaForCausalLM, destination)
+    assert loaded.dtype == torch.float16
+    for name, tensor in model.state_dict().items():  # model was halved in place above
+        assert_same(loaded.state_dict()[name], tensor, name)
+
+
 def test_convert_leaves_out_what_the_checkpoint_lacks_for_the_load_to_initialise(tmp_path):
     # A BertModel saved without its pooler (as embedding models are): from_pretrained loads it
     # and initialises the pooler. The file holds the checkpoint's tensors only, not a random
