@@ -97,13 +97,24 @@ def is_flashpack_file(path: PathLike) -> bool:
     try:
         read_metadata(path)
         return True
-    except (OSError, ValueError, RuntimeError):
+    except (OSError, ValueError, RuntimeError, TypeError):  # TypeError: None, a number: not a file either
         return False
 
 
 def revert_from_file(path: PathLike, silent: bool = True) -> Dict[str, torch.Tensor]:
-    """Read a flashpack file into ordinary CPU tensors (not backed by the file)."""
-    return load_file(path, "cpu", copy=True)
+    """Read a flashpack file into ordinary CPU tensors (not backed by the file), each in
+    memory of its own as the reference returns them: the names of a tensor the file stores
+    once (tied weights) are copies, which ``safetensors.torch.save_file`` takes."""
+    from .lazy import _copy
+
+    tensors = load_file(path, "cpu", copy=True)
+    seen = set()
+    for name, tensor in tensors.items():
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if where in seen and tensor.numel():
+            tensors[name] = _copy(tensor, ..., tensor.device)
+        seen.add(where)
+    return tensors
 
 
 @dataclass
@@ -136,6 +147,33 @@ def _with_macroblocks(meta: Dict[str, Any]) -> Dict[str, Any]:
     return meta
 
 
+def _as_given(metadata: Optional[Dict[str, Any]], footer: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """The footer to return: the file's own, or, where the caller passes metadata (the
+    reference then returns it as given, so that a filtered index iterates only its names),
+    the file's entries for the names its index lists, in its order. Each must describe the
+    entry as the file's footer does: other offsets or shapes would read other bytes."""
+    if metadata is None:
+        return footer
+    entries = {record["name"]: record for record in footer["index"]}
+    chosen = []
+    for record in metadata.get("index") or []:
+        name = record.get("name") if isinstance(record, dict) else None
+        own = entries.get(name)
+        if own is None:
+            raise ValueError(f"'{path}': the metadata passed lists {name!r}, which the file does not hold")
+        differing = [key for key in ("shape", "offset", "length", "dtype", "macroblock")
+                     if key in record and key in own and _list_or_value(record[key]) != _list_or_value(own[key])]
+        if differing:
+            raise ValueError(f"'{path}': the metadata passed gives '{name}' another {', '.join(differing)} than the "
+                             "file's footer; pass the metadata read from this file")
+        chosen.append(own)
+    return dict(footer, index=chosen)
+
+
+def _list_or_value(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def read_flashpack_file(
     path: PathLike,
     device: DeviceLike = "cpu",
@@ -156,8 +194,9 @@ def read_flashpack_file(
         device: where the blocks go.
         chunk_bytes, num_streams: CUDA tuning, as for ``load_file``; 0 picks the default.
         silent: unused, kept for compatibility.
-        metadata: accepted for compatibility; the file's own footer is read, checked and
-            returned whatever is passed.
+        metadata: a footer read before (``get_flashpack_file_metadata``), perhaps with
+            fewer index entries: the result's index lists those (as the reference returns
+            what it is given), each checked against the file's own footer.
         copy: on the CPU, blocks in memory of their own rather than mappings of the file
             (as ``load_file``'s ``copy``).
 
@@ -173,15 +212,16 @@ def read_flashpack_file(
         >>> state_dict = dict(iterate_from_flash_tensor(storage, meta))
     """
     path = _path(path, must_exist=True)
+    given = metadata
     # The blocks and the footer are read by two calls: a save that replaces the file between
     # them would pair one file's index with the other's bytes, so both must see one file.
     for _ in range(_READ_ATTEMPTS):
         before = _identity(path)
-        metadata = read_metadata(path)
+        footer = read_metadata(path)
         blocks = torch.ops.flashpack.load_blocks(path, _device(device), copy=copy, chunk_bytes=chunk_bytes,
                                                  num_streams=num_streams)
         if _identity(path) == before:
-            return FlashTensorStorage(list(blocks)), _with_macroblocks(metadata)
+            return FlashTensorStorage(list(blocks)), _as_given(given, _with_macroblocks(footer), path)
     raise RuntimeError(f"'{path}' was replaced or modified while being read, {_READ_ATTEMPTS} times in a row; "
                        "load it once it is no longer being written")
 
@@ -206,8 +246,9 @@ def read_flashpack_file_distributed(
     Args:
         shard_strategy: the reference's ``"contiguous"`` or ``"windows"``; both give the
             same blocks.
-        chunk_bytes, num_streams, silent, metadata: accepted for compatibility (the footer
-            always comes from the file, on rank ``src``).
+        chunk_bytes, num_streams, silent: accepted for compatibility.
+        metadata: as for ``read_flashpack_file`` (the footer comes from the file, on rank
+            ``src``; what a rank passes chooses the entries it returns).
 
     Returns:
         Tuple[FlashTensorStorage, Dict[str, Any]]: the same blocks and footer on every rank.
@@ -219,7 +260,7 @@ def read_flashpack_file_distributed(
     if shard_strategy not in (None,) + SHARD_STRATEGIES:
         raise ValueError(f"unknown shard_strategy {shard_strategy!r}; expected one of {', '.join(SHARD_STRATEGIES)}")
     blocks, footer = load_blocks_distributed(path, device, src=src, sharded=sharded)
-    return FlashTensorStorage(blocks), _with_macroblocks(footer)
+    return FlashTensorStorage(blocks), _as_given(metadata, _with_macroblocks(footer), os.fspath(path))
 
 
 def iterate_from_flash_tensor(

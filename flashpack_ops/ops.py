@@ -22,8 +22,10 @@ DEFAULT_ALIGN_BYTES = 128
 
 def _path(path: PathLike, *, must_exist: bool) -> str:
     path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)  # as open() takes it; not UTF-8, it is refused below
     if not isinstance(path, str):
-        raise TypeError(f"path must be a str or os.PathLike[str], got {type(path).__name__}")
+        raise TypeError(f"path must be a str, bytes or os.PathLike, got {type(path).__name__}")
     if "\0" in path:
         # The OS would read the path only up to the NUL: "model\0.x" would be "model".
         raise ValueError(f"{path!r}: the path contains a NUL byte")

@@ -8,6 +8,7 @@ from conftest import assert_same, assert_same_dict, random_tensor
 
 flashpack = pytest.importorskip("flashpack")
 from flashpack.deserialization import iterate_from_flash_tensor, read_flashpack_file  # noqa: E402
+from flashpack.deserialization import revert_from_file as reference_revert  # noqa: E402
 
 # The dtypes the reference can store (it maps each to a numpy dtype; it has no 4-bit,
 # sub-byte or bits dtypes).
@@ -194,3 +195,56 @@ def test_iterate_from_flash_tensor_refuses_entries_that_do_not_fit(change, probl
 def test_read_flashpack_file_names_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.flashpack"):
         flashpack_ops.read_flashpack_file(str(tmp_path / "nothing.flashpack"))
+
+
+def test_read_flashpack_file_returns_the_entries_of_the_metadata_passed_as_the_reference_does(tmp_file):
+    tensors = mixed_state_dict()
+    flashpack_ops.save_file(tensors, tmp_file)
+    meta = flashpack_ops.get_flashpack_file_metadata(tmp_file)
+    chosen = dict(meta, index=[r for r in meta["index"] if r["name"].startswith("layers.")][::-1])
+    storage, ours = flashpack_ops.read_flashpack_file(tmp_file, metadata=chosen)
+    ref_storage, theirs = read_flashpack_file(tmp_file, metadata=chosen)
+    loaded = dict(flashpack_ops.iterate_from_flash_tensor(storage, ours))
+    assert list(loaded) == [name for name, _ in iterate_from_flash_tensor(ref_storage, theirs)]
+    assert list(loaded) == ["layers.0.mlp.scale", "layers.0.norm.weight", "layers.0.attn.q.weight"]
+    for name, tensor in loaded.items():
+        assert_same(tensor, tensors[name], name)
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"name": "other"}, "lists 'other', which the file does not hold"),
+    ({"offset": 3, "shape": [1]}, "gives 'position_ids' another shape, offset than the file's footer"),
+])
+def test_read_flashpack_file_checks_the_metadata_passed_against_the_file(change, problem, tmp_file):
+    # Passed on as given, a wrong entry would read other bytes that fit the block.
+    flashpack_ops.save_file(mixed_state_dict(), tmp_file)
+    meta = flashpack_ops.get_flashpack_file_metadata(tmp_file)
+    entry = dict(next(r for r in meta["index"] if r["name"] == "position_ids"), **change)
+    with pytest.raises(ValueError, match=problem):
+        flashpack_ops.read_flashpack_file(tmp_file, metadata=dict(meta, index=[entry]))
+
+
+def test_revert_from_file_gives_tied_names_memory_of_their_own(tmp_file):
+    # As the reference's revert gives them for a file it wrote (one copy per name).
+    from safetensors.torch import load_file, save_file
+
+    embed = torch.randn(50, 8)
+    tensors = {"embed.weight": embed, "lm_head.weight": embed, "norm": torch.ones(8)}
+    flashpack.pack_to_file(tensors, tmp_file + ".reference", target_dtype=None)
+    flashpack_ops.save_file(tensors, tmp_file)  # stored once
+    for reverted in (flashpack_ops.revert_from_file(tmp_file), flashpack_ops.revert_from_file(tmp_file + ".reference"),
+                     reference_revert(tmp_file + ".reference")):
+        assert_same_dict(reverted, tensors)
+        assert reverted["embed.weight"].data_ptr() != reverted["lm_head.weight"].data_ptr()
+    reverted = flashpack_ops.revert_from_file(tmp_file)
+    reverted["lm_head.weight"].zero_()
+    assert_same(reverted["embed.weight"], embed)
+    save_file(flashpack_ops.revert_from_file(tmp_file), tmp_file + ".safetensors")  # refuses shared tensors
+    assert_same_dict(load_file(tmp_file + ".safetensors"), tensors)
+
+
+def test_is_flashpack_file_takes_what_the_reference_takes(tmp_file):
+    flashpack_ops.save_file({"w": torch.ones(2)}, tmp_file)
+    for path in (None, tmp_file + ".missing", tmp_file.encode(), tmp_file):
+        assert flashpack_ops.is_flashpack_file(path) == flashpack.is_flashpack_file(path), path
+    assert flashpack_ops.get_flashpack_file_metadata(tmp_file.encode()) == flashpack.get_flashpack_file_metadata(tmp_file)
