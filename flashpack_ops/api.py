@@ -226,6 +226,13 @@ def read_flashpack_file(
                        "load it once it is no longer being written")
 
 
+def _check_shard_strategy(strategy: Optional[str], argument: str) -> None:
+    """A sharded read's strategy, checked as the reference checks it (any case, spaces around);
+    both give the same blocks. Not read, so not checked, when the read is not sharded."""
+    if strategy is not None and (not isinstance(strategy, str) or strategy.strip().lower() not in SHARD_STRATEGIES):
+        raise ValueError(f"unknown {argument} {strategy!r}; expected one of {', '.join(SHARD_STRATEGIES)}")
+
+
 def read_flashpack_file_distributed(
     path: PathLike,
     device: DeviceLike = "cuda",
@@ -257,8 +264,8 @@ def read_flashpack_file_distributed(
         RuntimeError: no process group is initialized, or the load failed on another rank.
         ValueError: the file is invalid, or the arguments are.
     """
-    if shard_strategy not in (None,) + SHARD_STRATEGIES:
-        raise ValueError(f"unknown shard_strategy {shard_strategy!r}; expected one of {', '.join(SHARD_STRATEGIES)}")
+    if sharded:
+        _check_shard_strategy(shard_strategy, "shard_strategy")
     blocks, footer = load_blocks_distributed(path, device, src=src, sharded=sharded)
     return FlashTensorStorage(blocks), _as_given(metadata, _with_macroblocks(footer), os.fspath(path))
 
@@ -704,9 +711,9 @@ def assign_from_file(
         ...     model = torch.nn.Linear(4, 4)
         >>> assign_from_file(model, "linear.flashpack", device="cpu")
     """
-    if use_distributed_loading and distributed_shard_strategy not in (None,) + SHARD_STRATEGIES:
-        raise ValueError(f"unknown distributed_shard_strategy {distributed_shard_strategy!r}; expected one of "
-                         f"{', '.join(SHARD_STRATEGIES)}")
+    if use_distributed_loading and distributed_sharded:
+        _check_shard_strategy(distributed_shard_strategy, "distributed_shard_strategy")
+
     def ignored(name: str) -> bool:
         return _is_ignored(name, ignore_names, ignore_prefixes, ignore_suffixes)
 

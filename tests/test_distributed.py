@@ -290,7 +290,20 @@ def test_read_flashpack_file_distributed_refuses_an_unknown_strategy(files):
 def test_unknown_shard_strategy_is_refused(files):
     with pytest.raises(ValueError, match="unknown distributed_shard_strategy 'ring'"):
         flashpack_ops.assign_from_file(model(), files["model"], use_distributed_loading=True, world_size=1,
-                                       distributed_shard_strategy="ring")
+                                       distributed_sharded=True, distributed_shard_strategy="ring")
+
+
+def test_the_shard_strategy_is_read_as_the_reference_reads_it(files):
+    # In any case, and not at all when the read is not sharded (the reference ignores it then).
+    for strategy in (" Windows", "CONTIGUOUS"):
+        flashpack_ops.api._check_shard_strategy(strategy, "shard_strategy")
+    expected = model()
+    flashpack_ops.assign_from_file(expected, files["model"], use_distributed_loading=True, world_size=1)
+    loaded = model()
+    flashpack_ops.assign_from_file(loaded, files["model"], use_distributed_loading=True, world_size=1,
+                                   distributed_shard_strategy="ring")
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
