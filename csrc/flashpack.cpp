@@ -151,14 +151,22 @@ std::vector<at::Tensor> load_list(const std::string& path, c10::Device device, b
     opts.check_layout = [&](const Layout& file_layout) {
       if (layout_signature(file_layout) != *expect_layout) {
         throw std::invalid_argument("'" + path + "' no longer has the layout this compiled code was traced with "
-                                    "(its names, shapes, dtypes or tied tensors changed since): call "
-                                    "torch.compiler.reset() to trace it again");
+                                    "(its names, shapes, dtypes or tied tensors changed since): trace it again "
+                                    "(torch.compiler.reset() for torch.compile, a new torch.export for an "
+                                    "exported program)");
       }
     };
   }
   Layout layout;
   auto tensors = load_any("flashpack::load_list", path, device, opts, &layout);
   if (distinct) {
+    if (const auto overlap = partial_overlap(layout)) {
+      // A graph takes each output as memory of its own: a write through one entry would not
+      // show in the other, as it does in eager mode.
+      throw std::invalid_argument("'" + path + "': entries '" + layout.entries[overlap->first].name + "' and '" +
+                                  layout.entries[overlap->second].name + "' overlap in part, which a compiled " +
+                                  "graph cannot express; load this file outside torch.compile");
+    }
     const std::vector<size_t> first = tie_firsts(layout);
     size_t kept = 0;
     for (size_t k = 0; k < tensors.size(); ++k) {

@@ -608,6 +608,30 @@ std::vector<size_t> tie_firsts(const Layout& layout) {
   return first;
 }
 
+std::optional<std::pair<size_t, size_t>> partial_overlap(const Layout& layout) {
+  const auto& entries = layout.entries;
+  const auto position = [&](size_t k) { return std::tie(entries[k].block, entries[k].offset, entries[k].length); };
+  std::vector<size_t> order;
+  for (size_t k = 0; k < entries.size(); ++k) {
+    if (entries[k].length > 0) order.push_back(k);
+  }
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return position(a) < position(b); });
+  // reach: of the entries so far in this block, the one that ends last.
+  size_t reach = 0;
+  for (size_t i = 0; i < order.size(); ++i) {
+    const Entry& e = entries[order[i]];
+    if (i > 0 && e.block == entries[reach].block && e.offset < entries[reach].offset + entries[reach].length &&
+        position(order[i]) != position(reach)) {
+      return std::make_pair(std::min(reach, order[i]), std::max(reach, order[i]));
+    }
+    if (i == 0 || e.block != entries[reach].block ||
+        e.offset + e.length > entries[reach].offset + entries[reach].length) {
+      reach = order[i];
+    }
+  }
+  return std::nullopt;
+}
+
 Layout select_entries(const Layout& layout, const std::vector<std::string>& names, const std::string& path) {
   const std::unordered_set<std::string> wanted(names.begin(), names.end());
   std::unordered_set<std::string> found;
@@ -626,8 +650,15 @@ Layout select_entries(const Layout& layout, const std::vector<std::string>& name
     std::string listed;
     for (size_t k = 0; k < missing.size() && k < 5; ++k) listed += (k ? ", '" : "'") + missing[k] + "'";
     if (missing.size() > 5) listed += " and " + std::to_string(missing.size() - 5) + " more";
+    // torch.ops.flashpack.load(path, device, names="embed.weight") takes the str as a list of
+    // its characters: say so, rather than leave the user puzzling over 'e', 'm', 'b'...
+    const bool characters = names.size() > 1 && std::all_of(names.begin(), names.end(),
+                                                            [](const std::string& n) { return n.size() == 1; });
     throw std::invalid_argument("'" + path + "' has no entr" + (missing.size() == 1 ? "y " : "ies ") + listed +
-                                " (of the names asked for)");
+                                " (of the names asked for" +
+                                (characters ? "; a str passed as names is taken as a list of its characters: "
+                                              "pass a list of names)"
+                                            : ")"));
   }
 
   Layout out;

@@ -19,6 +19,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace flashpack {
@@ -120,6 +121,10 @@ std::string layout_signature(const Layout& layout);
 // and length: a tied weight), or its own index. Empty entries share nothing. A load gives
 // tied entries one storage; a traced graph must see them as one tensor.
 std::vector<size_t> tie_firsts(const Layout& layout);
+
+// Two entries whose bytes overlap without being the same range (a tie), as (first, second)
+// in index order; none when there are none. Our writer never makes them; a crafted file may.
+std::optional<std::pair<size_t, size_t>> partial_overlap(const Layout& layout);
 
 // The part of a layout that holds the entries named: those entries, in index order (every
 // entry of a name the file holds twice), over blocks that cover only their bytes. Each

@@ -235,8 +235,9 @@ def load_file(
         names = tuple(names)
         if not all(isinstance(name, str) for name in names):
             raise TypeError(f"cannot load '{os.fspath(path)}': names must all be str")
-    if torch.compiler.is_compiling():
-        # Dynamo cannot trace an op returning a dict; load_list returns the same tensors.
+    if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None:
+        # Dynamo cannot trace an op returning a dict, nor make_fx one returning names (str[]);
+        # load_list returns the same tensors.
         path = os.fspath(path)
         selection = names
         layout = _traced_layout(path, names)
@@ -350,6 +351,7 @@ def _selected(index: List[Dict[str, Any]], names: Optional[Iterable[str]], op: s
     error select_entries() in csrc/format.cpp raises for names the file lacks."""
     if names is None:
         return index
+    names = list(names)
     wanted = dict.fromkeys(names)
     chosen = [entry for entry in index if entry["name"] in wanted]
     found = {entry["name"] for entry in chosen}
@@ -358,8 +360,11 @@ def _selected(index: List[Dict[str, Any]], names: Optional[Iterable[str]], op: s
         listed = ", ".join(f"'{name}'" for name in missing[:5])
         if len(missing) > 5:
             listed += f" and {len(missing) - 5} more"
+        characters = len(names) > 1 and all(len(name) == 1 for name in names)
+        hint = "; a str passed as names is taken as a list of its characters: pass a list of names" if characters \
+            else ""
         raise ValueError(f"{op}: '{path}' has no entr{'y' if len(missing) == 1 else 'ies'} {listed} (of the names "
-                         "asked for)")
+                         f"asked for{hint})")
     return chosen
 
 
@@ -422,17 +427,29 @@ def _refuse(message: str) -> NoReturn:
     raise ValueError(message)
 
 
+def _check_options(op: str, path: str, num_threads: int = 0, chunk_bytes: int = 0, pinned_bytes: int = 0,
+                   num_streams: int = 0, route: str = "auto") -> None:
+    """The real op's checks of its options (check_options in csrc/flashpack.cpp), in its words:
+    a traced program must not take what every run of it would refuse."""
+    for name, value in (("num_threads", num_threads), ("chunk_bytes", chunk_bytes), ("pinned_bytes", pinned_bytes),
+                        ("num_streams", num_streams)):
+        if value < 0:
+            _refuse(f"{op}: cannot load '{path}': {name} must be >= 0 (0 picks the default), got {value}")
+    if route not in _ROUTES:
+        _refuse(f"{op}: cannot load '{path}': unknown route {route!r} (expected auto, direct, buffered or register)")
+
+
 def _fake_footer(op: str, path: str, device: torch.device) -> Tuple[Dict[str, Any], List[Tuple[str, int]]]:
     """The footer and each block's (dtype name, elements), after the checks load_any() in
     csrc/flashpack.cpp makes, in the same order and words."""
     if device.type == "cuda" and not torch.ops.flashpack.built_with_cuda():
         if torch.cuda.is_available():
-            raise ValueError(f"{op}: cannot load '{path}' to {device}: flashpack_ops was built without CUDA "
-                             "(rebuild with a CUDA build of torch and nvcc on the PATH)")
-        raise ValueError(f"{op}: cannot load '{path}' to {device}: no CUDA device is available "
-                         "(torch.cuda.is_available() is False); load to cpu")
+            _refuse(f"{op}: cannot load '{path}' to {device}: flashpack_ops was built without CUDA "
+                    "(rebuild with a CUDA build of torch and nvcc on the PATH)")
+        _refuse(f"{op}: cannot load '{path}' to {device}: no CUDA device is available "
+                "(torch.cuda.is_available() is False); load to cpu")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{op}: cannot load '{path}' to {device}: only cpu and cuda are supported")
+        _refuse(f"{op}: cannot load '{path}' to {device}: only cpu and cuda are supported")
     try:
         # Outside the fake mode: it would log every bad file as a failed meta kernel.
         with _disable_current_modes():
@@ -486,6 +503,7 @@ def _fake_views(op: str, path: str, device: torch.device,
 def _load_list_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0, chunk_bytes=0, pinned_bytes=0,
                     num_streams=0, route="auto", verify=False, expect_layout=None, distinct=False, names=None):
     op = "flashpack::load_list"
+    _check_options(op, path, num_threads, chunk_bytes, pinned_bytes, num_streams, route)
     selection = names
     names, tensors, firsts = _fake_views(op, path, device, selection)
     if distinct:
@@ -505,6 +523,7 @@ def _load_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0, c
                num_streams=0, route="auto", verify=False, names=None):
     # Dynamo cannot put an op returning a dict in a graph; with this fake it breaks the
     # graph there instead of failing, and opcheck and export can run the op.
+    _check_options("flashpack::load", path, num_threads, chunk_bytes, pinned_bytes, num_streams, route)
     names, tensors, _ = _fake_views("flashpack::load", path, device, names)
     return dict(zip(names, tensors))
 
@@ -512,6 +531,7 @@ def _load_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0, c
 @torch.library.register_fake("flashpack::load_named")
 def _load_named_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0, chunk_bytes=0, pinned_bytes=0,
                      num_streams=0, route="auto", verify=False, names=None):
+    _check_options("flashpack::load_named", path, num_threads, chunk_bytes, pinned_bytes, num_streams, route)
     names, tensors, _ = _fake_views("flashpack::load_named", path, device, names)
     return names, tensors
 
@@ -519,6 +539,7 @@ def _load_named_fake(path, device=torch.device("cpu"), *, copy=False, num_thread
 @torch.library.register_fake("flashpack::load_blocks")
 def _load_blocks_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0, chunk_bytes=0,
                       pinned_bytes=0, num_streams=0, route="auto", verify=False):
+    _check_options("flashpack::load_blocks", path, num_threads, chunk_bytes, pinned_bytes, num_streams, route)
     _, blocks = _fake_footer("flashpack::load_blocks", path, device)
     return [torch.empty(elems, dtype=getattr(torch, dtype), device=device) for dtype, elems in blocks]
 
@@ -546,10 +567,12 @@ def _verify_fake(path, *, num_threads=0):
 
 @torch.library.register_fake("flashpack::read_range")
 def _read_range_fake(path, offset, length, device=torch.device("cpu"), *, num_threads=0):
+    if num_threads < 0:
+        _refuse(f"flashpack::read_range: num_threads must be >= 0 (0 picks the default), got {num_threads}")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"flashpack::read_range: cannot read '{path}' to {device}: only cpu and cuda are supported")
+        _refuse(f"flashpack::read_range: cannot read '{path}' to {device}: only cpu and cuda are supported")
     if offset < 0 or length < 0:
-        raise ValueError(f"flashpack::read_range: '{path}': cannot read {length} bytes at offset {offset}")
+        _refuse(f"flashpack::read_range: '{path}': cannot read {length} bytes at offset {offset}")
     return torch.empty(length, dtype=torch.uint8, device=device)
 
 

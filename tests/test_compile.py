@@ -4,6 +4,7 @@ Compiling is slow on small machines: the models are tiny and there are few compi
 """
 
 import os
+import re
 
 import pytest
 import torch
@@ -116,7 +117,7 @@ def test_a_file_saved_with_another_layout_is_refused_not_misread(backend, tmp_pa
                   {"weight": weight}, {"weight": weight.double(), "bias": bias}):
         flashpack_ops.save_file(other, path)
         with pytest.raises(ValueError, match="no longer has the layout this compiled code was traced with .*"
-                                             "torch.compiler.reset"):
+                                             "torch.compiler.reset\\(\\) for torch.compile, a new torch.export"):
             compiled(x)
     torch.compiler.reset()
     flashpack_ops.save_file({"bias": bias, "weight": weight}, path)
@@ -172,6 +173,76 @@ def test_a_bad_file_raises_the_eager_error_when_compiled(tmp_path):
     torch.compiler.reset()
     with pytest.raises(Exception, match="not a flashpack file"):
         torch.compile(lambda: flashpack_ops.load_file(path), backend="aot_eager", fullgraph=True)()
+
+
+def _overlapping_file(path):
+    # By hand: 'a' holds elements 0-3 of the block, 'b' elements 2-5. Our writer never
+    # overlaps entries in part; a crafted file may.
+    import json
+    import struct
+
+    footer = json.dumps({"format": "flashpack_v4", "align_bytes": 128, "total_payload_bytes": 32, "total_elems": 8,
+                         "macroblocks": [{"dtype": "float32", "offset_bytes": 0, "length_bytes": 32,
+                                          "length_elems": 8}],
+                         "index": [{"name": "a", "shape": [4], "offset": 0, "length": 4, "macroblock": 0},
+                                   {"name": "b", "shape": [4], "offset": 2, "length": 4, "macroblock": 0}]}).encode()
+    with open(path, "wb") as f:
+        f.write(torch.zeros(8).numpy().tobytes() + footer + struct.pack("<Q", len(footer)) + b"FLASHPK\0")
+    return str(path)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_entries_that_overlap_in_part_are_refused_when_compiled_not_misread(backend, tmp_path):
+    # A graph takes each output as memory of its own: a write through 'a' would not show in
+    # 'b', as it does in eager mode.
+    path = _overlapping_file(tmp_path / "overlap.flashpack")
+
+    def write_through_a():
+        w = flashpack_ops.load_file(path)
+        w["a"].add_(1)
+        return w["b"].clone()
+
+    assert torch.equal(write_through_a(), torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    torch.compiler.reset()
+    with pytest.raises(ValueError, match="entries 'a' and 'b' overlap in part, which a compiled graph cannot "
+                                         "express; load this file outside torch.compile"):
+        torch.compile(write_through_a, backend=backend)()
+    assert torch.equal(flashpack_ops.load_file(path, names=["b"])["b"], torch.zeros(4))  # one entry: no overlap
+
+
+def test_make_fx_traces_load_file(weights_file):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def first_plus_one():
+        return {name: t + 1 for name, t in flashpack_ops.load_file(weights_file).items()}
+
+    expected = first_plus_one()
+    for mode in ("real", "fake", "symbolic"):
+        traced = make_fx(first_plus_one, tracing_mode=mode)()
+        assert_same_dict(traced(), expected)
+
+
+@pytest.mark.parametrize("call, problem", [
+    (lambda p: flashpack_ops.load_file(p, "meta"), "cannot load '{}' to meta: only cpu and cuda are supported"),
+    (lambda p: torch.ops.flashpack.load_list(p, "cpu", num_threads=-1), "num_threads must be >= 0"),
+    (lambda p: torch.ops.flashpack.load_list(p, "cpu", chunk_bytes=-1), "chunk_bytes must be >= 0"),
+    (lambda p: torch.ops.flashpack.read_range(p, 0, 4, "meta"), "cannot read '{}' to meta"),
+], ids=["device", "num_threads", "chunk_bytes", "read_range-device"])
+def test_a_bad_argument_raises_the_eager_error_when_compiled(weights_file, call, problem):
+    # As a ValueError, which `except ValueError` catches, not Dynamo's TorchRuntimeError.
+    torch.compiler.reset()
+    with pytest.raises(ValueError, match=re.escape(problem.format(weights_file))):
+        torch.compile(lambda: call(weights_file), backend="aot_eager")()
+    with FakeTensorMode(), pytest.raises(ValueError, match=re.escape(problem.format(weights_file))):
+        call(weights_file)
+
+
+def test_names_given_as_a_str_to_the_op_get_a_hint(weights_file):
+    # torch's argument parser takes a str for str[]: the op sees its characters.
+    with pytest.raises(ValueError, match="a str passed as names is taken as a list of its characters"):
+        torch.ops.flashpack.load(weights_file, "cpu", names="layer")
+    with FakeTensorMode(), pytest.raises(ValueError, match="a str passed as names is taken as a list of its"):
+        torch.ops.flashpack.load_list(weights_file, "cpu", names="layer")
 
 
 def test_read_range_compiles(weights_file):
