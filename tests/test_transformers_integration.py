@@ -329,6 +329,41 @@ def test_generation_config_argument_is_used(saved):
     assert loaded.generation_config.max_new_tokens == 3
 
 
+def test_generation_settings_an_older_config_holds_are_used_as_from_pretrained_uses_them(tmp_path):
+    # Older repos (BART, Marian) keep num_beams and the like in config.json, without a
+    # generation_config.json: from_pretrained builds the generation config from it.
+    config = transformers.BartConfig(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BartForConditionalGeneration(config).save_pretrained(tmp_path)
+    os.remove(tmp_path / "generation_config.json")
+    settings = dict(num_beams=3, max_length=12, no_repeat_ngram_size=2, min_length=5, forced_bos_token_id=0)
+    (tmp_path / "config.json").write_text(json.dumps(dict(json.loads((tmp_path / "config.json").read_text()),
+                                                          **settings)))
+    convert_to_flashpack(str(tmp_path / "model.safetensors"), str(tmp_path / "model.flashpack"))
+    expected = transformers.BartForConditionalGeneration.from_pretrained(tmp_path)
+    loaded = from_pretrained_flashpack(transformers.BartForConditionalGeneration, tmp_path)
+    assert loaded.generation_config.to_diff_dict() == expected.generation_config.to_diff_dict()
+    for name, value in settings.items():
+        assert getattr(loaded.generation_config, name) == value, name
+    ids = torch.tensor([[0, 5, 6, 7, 8, 2]])
+    assert torch.equal(loaded.generate(ids), expected.generate(ids))
+
+
+def test_config_arguments_reach_the_generation_config_and_a_config_passed_is_left_alone(model, saved):
+    # from_pretrained(..., use_cache=False) gives generation_config.use_cache False too.
+    loaded = FlashLlama.from_pretrained_flashpack(saved, use_cache=False)
+    assert loaded.config.use_cache is False and loaded.generation_config.use_cache is False
+    config = tiny_config()
+    before = config.to_dict()
+    first = FlashLlama.from_pretrained_flashpack(saved, config=config)
+    second = FlashLlama.from_pretrained_flashpack(saved, config=config, dtype=torch.bfloat16)
+    assert config.to_dict() == before  # as from_pretrained takes it: a copy
+    assert first.config is not config and first.config is not second.config
+    assert first.config.dtype == torch.float32 and second.config.dtype == torch.bfloat16
+
+
 def test_auto_model_takes_a_config(model, saved):
     flashpack_ops.patch_integrations()
     config = transformers.AutoConfig.from_pretrained(saved)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import re
+from copy import deepcopy
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
 import torch
@@ -269,7 +269,7 @@ def save_pretrained_flashpack(
     model = unwrapped(model)  # a torch.compile'd model saves as the model it compiles
     if is_main_process:
         os.makedirs(save_directory, exist_ok=True)
-        config = copy.deepcopy(model.config)
+        config = deepcopy(model.config)
         if target_dtype is not None:
             config.dtype = target_dtype
         # As save_pretrained records it, so that the Auto classes and `flashpack convert` know
@@ -395,12 +395,16 @@ def from_pretrained_flashpack(
     device, distributed = take_load_kwargs(kwargs, device, what)
     output_loading_info = kwargs.pop("output_loading_info", False)
     generation_config = kwargs.pop("generation_config", None)
-    kwargs.pop("trust_remote_code", None)  # the class is given: no code to fetch
+    # The class is given: no model code to fetch (a custom generate() is, as from_pretrained does).
+    trust_remote_code = kwargs.pop("trust_remote_code", False)
     path = locate_flashpack(pretrained_model_name_or_path, subfolder, revision=revision, cache_dir=cache_dir,
                             local_dir=local_dir, token=token, local_files_only=local_files_only,
                             force_download=force_download)
     model_dir = os.path.dirname(path)
-    if config is None:
+    config_kwargs = dict(kwargs)  # from_pretrained applies them to the generation config too
+    if config is not None:
+        config = deepcopy(config)  # as from_pretrained takes it: the caller's object is left alone
+    else:
         config_class = model_class.config_class
         if config_class is None or config_class is PretrainedConfig:
             # AutoConfig picks the class by model_type; a config without one is a plain
@@ -467,7 +471,13 @@ def from_pretrained_flashpack(
     initialise_left_out(model, path, what, zero_filled, mismatched, _init_weights_of(model), "from_pretrained")
     _mark_initialized(model)
     dispatch_placed(model, device)
-    if generation_config is not None:
+    if model.can_generate() and hasattr(model, "adjust_generation_fn"):
+        # As from_pretrained: the one given, or generation_config.json, or else the generation
+        # settings an older config.json holds (BART's num_beams...), with the keyword arguments.
+        model.adjust_generation_fn(generation_config, False, False, model_dir, cache_dir=None, force_download=False,
+                                   proxies=None, local_files_only=True, token=None, revision=None, subfolder="",
+                                   trust_remote_code=trust_remote_code, **config_kwargs)
+    elif generation_config is not None:
         model.generation_config = generation_config
     elif model.can_generate() and os.path.isfile(os.path.join(model_dir, "generation_config.json")):
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
