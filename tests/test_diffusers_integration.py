@@ -129,6 +129,20 @@ def test_modules_a_model_keeps_in_float32_stay_float32_as_diffusers_keeps_them(t
                            expected(sample, torch.tensor([500]), text).sample)
 
 
+def test_a_float16_file_loaded_as_it_is_keeps_the_float32_modules_diffusers_keeps(tmp_path):
+    # Without a dtype the model takes the file's, and the modules Wan keeps in float32 stay
+    # float32 as under diffusers' dtype=torch.float16.
+    model = tiny_wan().half()  # every tensor float16, in both files
+    model.save_pretrained(tmp_path / "theirs")
+    save_pretrained_flashpack(model, tmp_path / "ours")
+    assert {t.dtype for t in flashpack_ops.load_file(tmp_path / "ours" / "model.flashpack").values()} == \
+        {torch.float16}
+    expected = type(model).from_pretrained(tmp_path / "theirs", torch_dtype=torch.float16)
+    loaded = from_pretrained_flashpack(type(model), tmp_path / "ours")
+    assert {t.dtype for t in loaded.state_dict().values()} == {torch.float16, torch.float32}
+    assert_same_model(loaded, expected)
+
+
 def test_entries_the_class_drops_on_load_are_dropped_as_diffusers_drops_them(tmp_path):
     # Older Wan checkpoints hold norm_added_q, which WanTransformer3DModel lists in
     # _keys_to_ignore_on_load_unexpected: from_pretrained leaves it out without a word.

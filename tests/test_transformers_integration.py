@@ -396,6 +396,25 @@ def test_modules_kept_in_float32_match_from_pretrained(tmp_path, dtype):
                            reference(input_ids=ids, decoder_input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("dtype", [None, "auto"])
+def test_a_float16_model_loaded_without_a_dtype_keeps_its_float32_modules_as_from_pretrained_does(tmp_path, dtype):
+    # Saved after .half(): from_pretrained ("auto", its default) loads float16 and still keeps
+    # wo in float32, and so must a load that takes the file's dtype.
+    t5 = tiny_t5().half()
+    t5.save_pretrained(tmp_path / "hf")
+    save_pretrained_flashpack(t5, tmp_path / "fp")
+    options = {} if dtype is None else {"dtype": dtype}
+    reference = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "hf", **options).eval()
+    loaded = from_pretrained_flashpack(transformers.T5ForConditionalGeneration, tmp_path / "fp", **options)
+    dtypes = {n: p.dtype for n, p in loaded.named_parameters()}
+    assert dtypes == {n: p.dtype for n, p in reference.named_parameters()}
+    assert {torch.float16, torch.float32} == set(dtypes.values())
+    ids = torch.tensor([[1, 5, 9, 33]])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, decoder_input_ids=ids).logits,
+                           reference(input_ids=ids, decoder_input_ids=ids).logits)
+
+
 def test_saving_with_a_target_dtype_keeps_float32_modules(tmp_path):
     t5 = tiny_t5()
     save_pretrained_flashpack(t5, tmp_path, target_dtype=torch.float16)

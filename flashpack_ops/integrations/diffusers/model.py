@@ -206,6 +206,11 @@ def from_pretrained_flashpack(
         raise OSError(f"It looks like the config file at '{config_path}' is not a valid JSON file.") from None
     config = model_class.load_config(model_dir)
     build_dtype, load_dtype = build_and_load_dtypes(path, dtype, torch_dtype, what)
+    if load_dtype is None and build_dtype in (torch.float16, torch.bfloat16) and \
+            keeps_in_float32(model_class, build_dtype) is not None:
+        # A float16 file loaded as it is keeps these modules in float32 all the same, as
+        # diffusers keeps them under dtype=torch.float16; only they are copied.
+        load_dtype = build_dtype
     with init_empty_parameters(build_dtype):
         model = model_class.from_config(config, **kwargs)
     # Entries of another shape are left out and initialised as missing ones are, as

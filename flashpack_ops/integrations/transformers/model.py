@@ -429,7 +429,11 @@ def from_pretrained_flashpack(
             return name.removeprefix(prefix + ".")
         return f"{prefix}.{name}" if target is not model else name
 
-    keep_float32 = keeps_in_float32(model, load_dtype)
+    keep_float32 = keeps_in_float32(model, load_dtype or build_dtype)
+    if load_dtype is None and keep_float32 is not None:
+        # A float16 file loaded as it is: from_pretrained ("auto") still keeps these modules
+        # (T5's wo) in float32. Converting to the file's own dtype copies only those.
+        load_dtype = build_dtype
 
     def cast(name: str, tensor: torch.Tensor) -> torch.Tensor:
         if load_dtype is None or not tensor.is_floating_point() or (keep_float32 and keep_float32(name)):
