@@ -435,9 +435,9 @@ def _convert_model_directory(model_class: type, directory: str, destination: str
              f"({', '.join(lacking[:5])}{', ...' if len(lacking) > 5 else ''}); they are left out of the file: "
              "load it with strict=False to initialise them as from_pretrained does")
         ignore = dict(ignore, ignore_names=list(ignore.get("ignore_names") or []) + lacking)
-    if _in_place(destination, directory):
-        _keep_recorded_dtype(model, directory)
+    recorded = _recorded_dtypes(directory, [""]) if _in_place(destination, directory) else {}
     save_pretrained_flashpack(model, destination, target_dtype=dtype, checksum=checksum, **ignore)
+    _restore_dtypes(directory, recorded)
     return os.path.join(destination, FLASHPACK_FILE)
 
 
@@ -445,18 +445,36 @@ def _in_place(destination: str, directory: str) -> bool:
     return os.path.isdir(destination) and os.path.samefile(destination, directory)
 
 
-def _keep_recorded_dtype(model: Any, directory: str) -> None:
-    """For a conversion in place: the dtype the directory's config.json records stays as it
-    is, since its other weights are still loaded by it (from_pretrained would load float32
-    weights as float16 after converting their float16 variant). A flashpack load takes the
-    file's own dtype and does not read it."""
-    recorded = _read_config(directory, "config.json") or {}
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_diff_dict"):  # not a transformers model
-        return
-    key = "dtype" if "dtype" in recorded else "torch_dtype" if "torch_dtype" in recorded else None
-    # transformers 5 names it dtype, 4 torch_dtype.
-    setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", recorded[key] if key else None)
+def _recorded_dtypes(directory: str, folders: Sequence[str]) -> Dict[str, Tuple[str, Any]]:
+    """For a conversion in place: the dtype each folder's transformers config.json records
+    (its key, and value), to write back once converted. The folder's other weights are still
+    loaded by it: from_pretrained would load float32 weights as float16 after their float16
+    variant was converted. A flashpack load takes the file's own dtype and does not read it."""
+    recorded = {}
+    for folder in folders:
+        config = _read_config(os.path.join(directory, folder), "config.json") or {}
+        for key in ("dtype", "torch_dtype"):  # transformers 5's name, and 4's
+            if key in config:
+                recorded[folder] = (key, config[key])
+                break
+    return recorded
+
+
+def _restore_dtypes(directory: str, recorded: Dict[str, Tuple[str, Any]]) -> None:
+    for folder, (key, value) in recorded.items():
+        path = os.path.join(directory, folder, "config.json")
+        config = _read_config(os.path.dirname(path), "config.json") or {}
+        if config.get(key) != value:
+            config.pop("dtype", None)
+            config.pop("torch_dtype", None)
+            config[key] = value
+            text = json.dumps(config, indent=2, sort_keys=True) + "\n"  # as transformers writes it
+
+            def write(temporary: str, text: str = text) -> None:
+                with open(temporary, "w", encoding="utf-8") as f:
+                    f.write(text)
+
+            _write_replacing(path, write)
 
 
 def _convert_pipeline_directory(directory: str, destination: str, dtype: Optional[torch.dtype],
@@ -481,11 +499,11 @@ def _convert_pipeline_directory(directory: str, destination: str, dtype: Optiona
 
     pipeline = DiffusionPipeline.from_pretrained(
         directory, variant=variant, **{dtype_argument(): dict(dtypes, default=dtype or torch.float32)})
-    if _in_place(destination, directory):
-        for name, component in pipeline.components.items():
-            if os.path.isdir(os.path.join(directory, name)):
-                _keep_recorded_dtype(component, os.path.join(directory, name))
+    recorded = _recorded_dtypes(directory, [name for name in pipeline.components
+                                            if os.path.isdir(os.path.join(directory, name))]) \
+        if _in_place(destination, directory) else {}
     save_pipeline_flashpack(pipeline, destination, target_dtype=dtype, checksum=checksum)
+    _restore_dtypes(directory, recorded)
     return destination
 
 

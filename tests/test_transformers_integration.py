@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import flashpack_ops  # noqa: E402
-from flashpack_ops.commands import convert_to_flashpack  # noqa: E402
+from flashpack_ops.commands import convert_to_flashpack, revert_from_flashpack  # noqa: E402
 from flashpack_ops.integrations import HubUnavailableError  # noqa: E402
 from flashpack_ops.integrations.transformers import (  # noqa: E402
     FlashPackTransformersModelMixin,
@@ -487,14 +487,15 @@ from flashpack_ops.integrations.transformers import save_pretrained_flashpack
 torch.manual_seed(0)
 config = transformers.AutoConfig.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
 model = transformers.AutoModel.from_config(config, trust_remote_code=True)
-save_pretrained_flashpack(model, {str(tmp_path)!r})
+# Into another directory: the model's code goes with it, as save_pretrained copies it.
+save_pretrained_flashpack(model, {str(tmp_path / "saved")!r})
 flashpack_ops.patch_integrations()
 try:  # without trust_remote_code, refused as from_pretrained refuses it
-    transformers.AutoModel.from_pretrained_flashpack({str(tmp_path)!r})
+    transformers.AutoModel.from_pretrained_flashpack({str(tmp_path / "saved")!r})
     raise SystemExit("loaded custom code without trust_remote_code")
 except ValueError as e:
     assert "custom code" in str(e) or "trust_remote_code" in str(e), e
-loaded = transformers.AutoModel.from_pretrained_flashpack({str(tmp_path)!r}, trust_remote_code=True)
+loaded = transformers.AutoModel.from_pretrained_flashpack({str(tmp_path / "saved")!r}, trust_remote_code=True)
 assert type(loaded).__name__ == "TinyCustomModel"
 assert torch.equal(loaded.lin.weight, model.lin.weight) and torch.equal(loaded.lin.bias, model.lin.bias)
 print("ok")
@@ -502,6 +503,36 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "saved")) == ["config.json", "configuration_tiny.py", "model.flashpack",
+                                                      "modeling_tiny.py"]
+
+
+def test_the_config_records_the_dtype_the_weights_are_saved_in(model, tmp_path):
+    # As save_pretrained records it: a model moved to bfloat16 after its load reloads as bfloat16
+    # after a revert, through plain from_pretrained.
+    moved = FlashLlama(tiny_config()).to(torch.bfloat16)
+    save_pretrained_flashpack(moved, tmp_path / "bf16")
+    save_pretrained_flashpack(model, tmp_path / "fp16", target_dtype=torch.float16)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "fp16" / "config.json").read_text())["dtype"] == "float16"
+    revert_from_flashpack(str(tmp_path / "bf16"))
+    assert LlamaForCausalLM.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
+
+
+def test_a_model_holding_peft_adapters_is_refused_before_anything_is_written(model, tmp_path):
+    peft = pytest.importorskip("peft")
+    base = FlashLlama(tiny_config())
+    base.load_state_dict(model.state_dict())
+    adapted = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    for save in (adapted.save_pretrained_flashpack,  # PeftModel hands it on to the base model, adapters in it
+                 lambda d: save_pretrained_flashpack(adapted, d)):
+        with pytest.raises(ValueError, match="the model holds PEFT adapter layers.*merge_and_unload"):
+            save(tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    merged = adapted.merge_and_unload()
+    merged.save_pretrained_flashpack(tmp_path / "merged")
+    loaded = FlashLlama.from_pretrained_flashpack(tmp_path / "merged")
+    assert logits(loaded).equal(logits(merged))
 
 
 def test_base_model_loads_from_a_checkpoint_with_a_head(tmp_path):

@@ -352,6 +352,18 @@ def checked_save_directory(save_directory: Union[str, "os.PathLike[str]"]) -> st
     return save_directory
 
 
+def refuse_adapters(model: torch.nn.Module, what: str) -> None:
+    """A model holding PEFT adapter layers (a PeftModel, or its base model reached through it)
+    would be saved under the adapters' names (``q_proj.base_layer.weight``, ``lora_A...``),
+    which no load of the model's class takes: refused before anything is written."""
+    for name, module in model.named_modules():
+        if type(module).__module__.split(".")[0] == "peft":
+            where = f" ('{name}')" if name else ""
+            raise ValueError(f"{what}: the model holds PEFT adapter layers{where}; merge them into it first "
+                             "(model = model.merge_and_unload()) and save that, or save the adapter alone with its "
+                             "save_pretrained()")
+
+
 @contextlib.contextmanager
 def configs_written_last(save_directory: str) -> Iterator[str]:
     """A folder in ``save_directory`` to write the config files into; once the block ends

@@ -15,8 +15,8 @@ from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, read_metadata
 from .._hub import (build_and_load_dtypes, checked_save_directory, configs_written_last, dispatch_placed,
                     dropped_on_load, initialise_left_out, library_class, loading_info, locate_flashpack,
-                    mismatched_entries, parse_dtype, place_model, take_load_kwargs, tied_names, unwrapped,
-                    upload_directory, warn_unused_save_kwargs, write_weights)
+                    mismatched_entries, parse_dtype, place_model, refuse_adapters, take_load_kwargs, tied_names,
+                    unwrapped, upload_directory, warn_unused_save_kwargs, write_weights)
 
 M = TypeVar("M", bound=ModelMixin)
 
@@ -98,6 +98,7 @@ def save_pretrained_flashpack(
     save_directory = checked_save_directory(save_directory)
     target_dtype = parse_dtype(target_dtype)  # "bf16", "torch.float16": checked before anything is written
     model = unwrapped(model)  # a torch.compile'd model saves as the model it compiles
+    refuse_adapters(model, "save_pretrained_flashpack")
     if is_main_process:
         os.makedirs(save_directory, exist_ok=True)
         with configs_written_last(save_directory) as staging:

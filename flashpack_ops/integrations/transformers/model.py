@@ -19,8 +19,8 @@ from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, load_file, read_metadata
 from .._hub import (aliases, build_and_load_dtypes, checked_save_directory, configs_written_last, dispatch_placed,
                     dropped_on_load, initialise_left_out, library_class, loading_info, locate_flashpack,
-                    mismatched_entries, parse_dtype, place_model, take_load_kwargs, tied_names, unwrapped,
-                    upload_directory, warn_unused_save_kwargs, with_unplaced_params, write_weights)
+                    mismatched_entries, parse_dtype, place_model, refuse_adapters, take_load_kwargs, tied_names,
+                    unwrapped, upload_directory, warn_unused_save_kwargs, with_unplaced_params, write_weights)
 
 M = TypeVar("M", bound=PreTrainedModel)
 
@@ -267,15 +267,21 @@ def save_pretrained_flashpack(
     save_directory = checked_save_directory(save_directory)
     target_dtype = parse_dtype(target_dtype)  # "bf16", "torch.float16": checked before anything is written
     model = unwrapped(model)  # a torch.compile'd model saves as the model it compiles
+    refuse_adapters(model, "save_pretrained_flashpack")
     if is_main_process:
         os.makedirs(save_directory, exist_ok=True)
         config = deepcopy(model.config)
-        if target_dtype is not None:
-            config.dtype = target_dtype
-        # As save_pretrained records it, so that the Auto classes and `flashpack convert` know
-        # the model (and its head) from the directory.
+        # As save_pretrained records them: the dtype the weights are saved in (a model moved
+        # to bfloat16 after its load is saved as bfloat16), and the class, so that the Auto
+        # classes and `flashpack convert` know the model (and its head) from the directory.
+        config.dtype = str(target_dtype or model.dtype).removeprefix("torch.")
         config.architectures = [library_class(type(model), PreTrainedModel).__name__]
         with configs_written_last(save_directory) as staging:
+            if getattr(model, "_auto_class", None) is not None:
+                # A model whose code ships with it: its code goes with it, as save_pretrained copies it.
+                from transformers.dynamic_module_utils import custom_object_save
+
+                custom_object_save(model, staging, config=config)
             config.save_pretrained(staging)
             if model.can_generate() and getattr(model, "generation_config", None) is not None:
                 model.generation_config.save_pretrained(staging)
