@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import glob
 import importlib
 import json
@@ -10,6 +11,7 @@ import os
 import pickle
 import re
 import secrets
+import shutil
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -441,6 +443,22 @@ def _convert_model_directory(model_class: type, directory: str, destination: str
     return os.path.join(destination, FLASHPACK_FILE)
 
 
+def _copy_companions(directory: str, destination: str) -> None:
+    """Into a new destination, the model directory's other files (its tokenizer, chat template,
+    processor configs, model card), so that the converted directory serves as the original
+    did; not weights of any kind, hidden files, folders, nor what the conversion wrote."""
+    if _in_place(destination, directory):
+        return
+    for name in sorted(os.listdir(directory)):
+        source = os.path.join(directory, name)
+        if name.startswith(".") or not os.path.isfile(source) or os.path.exists(os.path.join(destination, name)):
+            continue
+        if name.endswith(WEIGHT_EXTENSIONS + (".flashpack",)) or _is_index(name) or \
+                any(fnmatch.fnmatch(name, pattern) for pattern in OTHER_FRAMEWORKS):
+            continue
+        shutil.copy2(source, os.path.join(destination, name))  # a Hub cache's link: its file
+
+
 def _in_place(destination: str, directory: str) -> bool:
     return os.path.isdir(destination) and os.path.samefile(destination, directory)
 
@@ -642,7 +660,10 @@ def convert_to_flashpack(
                              "its config for the original weights too; give a destination directory")
         if is_pipeline:
             return _convert_pipeline_directory(model_dir, destination, target_dtype, variant, ignore, checksum)
-        return _convert_model_directory(model_class, model_dir, destination, target_dtype, variant, ignore, checksum)
+        written = _convert_model_directory(model_class, model_dir, destination, target_dtype, variant, ignore,
+                                           checksum)
+        _copy_companions(model_dir, destination)
+        return written
     weights = _weights_in_directory(model_dir, variant)
     output = _destination_file(destination, os.path.join(model_dir, FLASHPACK_FILE))
     _check_destination(output, _checkpoint_files(weights))

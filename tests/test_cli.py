@@ -306,6 +306,25 @@ def test_a_float16_variant_converts_as_float16_and_leaves_the_float32_weights_lo
         assert_same(loaded.state_dict()[name], tensor, name)
 
 
+def test_convert_into_a_new_directory_takes_the_tokenizer_and_other_companions(tmp_path):
+    # The destination serves as the original did: AutoTokenizer and the chat template load
+    # from it; no weights of any kind travel with them.
+    _llama_directory(tmp_path / "hf")
+    companions = {"tokenizer.json": "{}", "tokenizer_config.json": "{}", "chat_template.jinja": "{{ messages }}",
+                  "README.md": "# tiny"}
+    others = {"tf_model.h5": "h5", "model.onnx": "onnx", ".gitattributes": "*.bin lfs", "extra.bin": "bin"}
+    for name, text in {**companions, **others}.items():
+        (tmp_path / "hf" / name).write_text(text)
+    (tmp_path / "hf" / "original").mkdir()
+    (tmp_path / "hf" / "original" / "consolidated.00.pth").write_text("weights")
+    run("convert", tmp_path / "hf", tmp_path / "fp", "--dtype", "bf16")
+    assert sorted(os.listdir(tmp_path / "fp")) == sorted(["config.json", "generation_config.json", "model.flashpack",
+                                                          *companions])
+    for name, text in companions.items():
+        assert (tmp_path / "fp" / name).read_text() == text
+    assert json.loads((tmp_path / "fp" / "config.json").read_text())["dtype"] == "bfloat16"  # not the source's
+
+
 def test_convert_leaves_out_what_the_checkpoint_lacks_for_the_load_to_initialise(tmp_path):
     # A BertModel saved without its pooler (as embedding models are): from_pretrained loads it
     # and initialises the pooler. The file holds the checkpoint's tensors only, not a random
