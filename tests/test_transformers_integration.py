@@ -535,6 +535,26 @@ def test_a_model_holding_peft_adapters_is_refused_before_anything_is_written(mod
     assert logits(loaded).equal(logits(merged))
 
 
+def test_a_renamed_checkpoint_converted_as_a_file_says_to_convert_the_directory(tmp_path):
+    # transformers 5 fuses a MoE's experts as it loads the checkpoint: a file made from the
+    # weights file keeps the per-expert names, which the model does not have.
+    config = transformers.Qwen2MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, num_experts=2,
+                                         num_experts_per_tok=1, moe_intermediate_size=8,
+                                         shared_expert_intermediate_size=8)
+    torch.manual_seed(0)
+    model = transformers.Qwen2MoeForCausalLM(config)
+    model.save_pretrained(tmp_path)
+    convert_to_flashpack(str(tmp_path / "model.safetensors"), str(tmp_path / "model.flashpack"))
+    with pytest.raises(ValueError, match=r"experts.0.down_proj.weight.*transformers renames qwen2_moe checkpoints as "
+                                         r"it loads them.*convert the model directory instead \(`flashpack convert "):
+        from_pretrained_flashpack(transformers.Qwen2MoeForCausalLM, tmp_path)
+    convert_to_flashpack(str(tmp_path), silent=True)  # the directory: loaded by from_pretrained, renamed
+    loaded = from_pretrained_flashpack(transformers.Qwen2MoeForCausalLM, tmp_path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
 def test_base_model_loads_from_a_checkpoint_with_a_head(tmp_path):
     # As from_pretrained: BertModel takes the bert.* tensors of a directory saved with a head.
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import json
 import os
 import re
 from copy import deepcopy
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple, Type, TypeVar, Union
 
 import torch
 import transformers
@@ -121,6 +121,31 @@ def _retie(model: PreTrainedModel) -> None:
         model.tie_weights(recompute_mapping=False)
     else:
         model.tie_weights()
+
+
+@contextlib.contextmanager
+def _renamed_checkpoint_hint(model: PreTrainedModel, path: str) -> Iterator[None]:
+    """A file that does not match a model whose checkpoints transformers renames when loading
+    (a MoE's experts fused, a multimodal model's language_model moved): the error also says
+    that the file holds the checkpoint's names and that a conversion of the directory renames
+    them (``flashpack convert DIR`` loads it with from_pretrained first)."""
+    try:
+        yield
+    except ValueError as error:
+        try:
+            from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+            renamed = get_checkpoint_conversion_mapping(getattr(model.config, "model_type", None)) is not None
+        except ImportError:  # transformers 4: no such renames
+            renamed = False
+        names = "does not have" in str(error) or " not in " in str(error)  # the file's names, not its values
+        if not renamed or not names:
+            raise
+        directory = os.path.dirname(path) or "."
+        raise ValueError(f"{error}; transformers renames {model.config.model_type} checkpoints as it loads them, "
+                         f"which a flashpack file made from the weights file keeps as saved: convert the model "
+                         f"directory instead (`flashpack convert {directory}`), which loads it as "
+                         "from_pretrained does") from None
 
 
 def _tie_as_the_file_holds(model: PreTrainedModel, path: str, index: List[Dict[str, Any]], what: str,
@@ -459,17 +484,17 @@ def from_pretrained_flashpack(
             left_out = left_out + extras
     device = place_model(model, device)
     zero_filled: List[str] = []
-    assign_from_file(
-        target, path, device=_map_onto(target, model, prefix, with_unplaced_params(model, device))
-        if device is not None else "cpu",
-        strict=strict, strict_params=strict_params,
-        strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
-        ignore_names=list(ignore_names or []) + left_out + tied_names(target, [name for name, _, _ in mismatched]),
-        ignore_prefixes=ignore_prefixes,
-        ignore_suffixes=ignore_suffixes,
-        coerce_dtype=coerce_dtype, dtype=load_dtype, copy=copy, _keep_float32=keep_float32,
-        _zero_filled=zero_filled, _model_prefix=f"{prefix}." if wrapper else "", **distributed,
-    )
+    with _renamed_checkpoint_hint(model, path):
+        assign_from_file(
+            target, path, device=_map_onto(target, model, prefix, with_unplaced_params(model, device))
+            if device is not None else "cpu",
+            strict=strict, strict_params=strict_params,
+            strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
+            ignore_names=list(ignore_names or []) + left_out + tied_names(target, [n for n, _, _ in mismatched]),
+            ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes,
+            coerce_dtype=coerce_dtype, dtype=load_dtype, copy=copy, _keep_float32=keep_float32,
+            _zero_filled=zero_filled, _model_prefix=f"{prefix}." if wrapper else "", **distributed,
+        )
     if keep_flash_ref_on_model and target is not model:
         model._flash_shared_storage = target._flash_shared_storage
         model._flash_shared_storage_meta = target._flash_shared_storage_meta
