@@ -204,6 +204,32 @@ def test_a_directory_saved_again_after_conversion_is_reported(model, tmp_path):
     assert torch.equal(loaded.model.layers[1].mlp.down_proj.weight, model.model.layers[1].mlp.down_proj.weight)
 
 
+def test_only_newer_checkpoints_of_the_same_precision_are_compared(model, tmp_path):
+    from safetensors.torch import save_file
+
+    save_pretrained_flashpack(model, tmp_path)
+    other = {name: tensor + 1 for name, tensor in model.state_dict().items()}
+    # A file from_pretrained does not read (a revert of ema.flashpack), and the weights in
+    # another dtype (the original beside a converted variant): neither is a newer save.
+    save_file(other, tmp_path / "ema.safetensors")
+    save_file({name: t.half() for name, t in model.state_dict().items() if name != "lm_head.weight"},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    for name in ("ema.safetensors", "model.safetensors"):
+        _later(tmp_path / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FlashLlama.from_pretrained_flashpack(tmp_path)
+    # Shards are compared too, each with the names it holds.
+    os.remove(tmp_path / "model.safetensors")
+    names = [n for n in model.state_dict() if n != "lm_head.weight"]
+    save_file({n: model.state_dict()[n] for n in names[:3]}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({n: other[n] for n in names[3:]}, tmp_path / "model-00002-of-00002.safetensors")
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        _later(tmp_path / name)
+    with pytest.warns(UserWarning, match="older than model-00002-of-00002.safetensors beside it"):
+        FlashLlama.from_pretrained_flashpack(tmp_path)
+
+
 def test_a_subclass_saved_with_save_pretrained_converts_as_the_class_it_extends(model, tmp_path):
     model.save_pretrained(tmp_path)  # config.json names "FlashLlama", which transformers does not have
     with pytest.warns(UserWarning, match="names the architecture 'FlashLlama', which transformers does not have; "

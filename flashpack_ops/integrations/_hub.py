@@ -122,31 +122,60 @@ def _bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
-def _differing_entry(path: str, checkpoint: str) -> Optional[str]:
-    """The first entry whose first, middle or last row differs between the flashpack file and
-    a safetensors checkpoint; None where those agree (or the two share no entry of the same
-    shape and dtype to compare). Only those rows are read, from both files' mappings."""
+# The weights from_pretrained reads beside a config (model.safetensors, its shards and
+# variants; diffusers' diffusion_pytorch_model...): other safetensors files (a revert's
+# ema.safetensors) are no other version of this model.
+_CHECKPOINT_STEMS = ("model", "diffusion_pytorch_model")
+# Rows compared at most, over entries spread through the file: a fine-tune or a merge changes
+# many tensors, and the check must stay cheap when the weights are the same (milliseconds).
+_STALE_SAMPLES = 256
+
+
+def _safetensors_entries(checkpoint: str) -> Dict[str, Tuple[str, List[int]]]:
+    """name -> (dtype, shape) from a safetensors file's header; no tensor is read."""
+    with open(checkpoint, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if size > os.path.getsize(checkpoint) - 8:
+            raise ValueError(f"{checkpoint}: not a safetensors file")
+        header = json.loads(f.read(size))
+    return {name: (entry["dtype"], list(entry["shape"])) for name, entry in header.items() if name != "__metadata__"}
+
+
+def _differing_entry(path: str, checkpoints: Sequence[str]) -> Optional[Tuple[str, str]]:
+    """(checkpoint, entry) for the first of a few hundred entries, spread over the flashpack
+    file, whose first, middle or last row differs from the checkpoints'; None where those
+    agree. A checkpoint that holds an entry in another dtype is another precision (the float32
+    original beside a file converted from its float16 variant), whose values differ without
+    being other weights: it is not compared."""
     from safetensors import safe_open as safetensors_open
 
     from ..lazy import _SAFETENSORS_DTYPES
     from ..ops import load_file
 
-    stored = load_file(path)
-    with safetensors_open(checkpoint, framework="pt") as other:
-        for name in other.keys():
-            mine = stored.get(name)
-            if mine is None:
-                continue
-            found = other.get_slice(name)
-            if list(found.get_shape()) != list(mine.shape) or found.get_dtype() != _SAFETENSORS_DTYPES.get(mine.dtype):
-                continue
-            if mine.dim() == 0:
-                pairs = [(mine, other.get_tensor(name))]
-            else:
-                rows = sorted({0, mine.shape[0] // 2, mine.shape[0] - 1}) if mine.shape[0] else []
-                pairs = [(mine[row:row + 1], found[row:row + 1]) for row in rows]
-            if any(not torch.equal(_bytes(a), _bytes(b)) for a, b in pairs):
-                return name
+    stored = load_file(path)  # views into a mapping: only the rows compared are read
+    holder: Dict[str, str] = {}
+    for checkpoint in checkpoints:
+        entries = _safetensors_entries(checkpoint)
+        shared = [name for name in entries if name in stored]
+        if any(entries[name][0] != _SAFETENSORS_DTYPES.get(stored[name].dtype) for name in shared):
+            continue
+        holder.update((name, checkpoint) for name in shared if entries[name][1] == list(stored[name].shape))
+    names = [name for name in stored if name in holder]
+    step = max(1, len(names) // _STALE_SAMPLES)
+    chosen: Dict[str, List[str]] = {}
+    for name in names[::step][:_STALE_SAMPLES]:
+        chosen.setdefault(holder[name], []).append(name)
+    for checkpoint, sample in chosen.items():
+        with safetensors_open(checkpoint, framework="pt") as other:
+            for name in sample:
+                mine, found = stored[name], other.get_slice(name)
+                if mine.dim() == 0:
+                    pairs = [(mine, other.get_tensor(name))]
+                else:
+                    rows = sorted({0, mine.shape[0] // 2, mine.shape[0] - 1}) if mine.shape[0] else []
+                    pairs = [(mine[row:row + 1], found[row:row + 1]) for row in rows]
+                if any(not torch.equal(_bytes(a), _bytes(b)) for a, b in pairs):
+                    return checkpoint, name
     return None
 
 
@@ -154,26 +183,28 @@ def warn_if_stale(path: str) -> None:
     """Warn where a directory's safetensors checkpoint was written after its ``model.flashpack``
     and holds other weights: a model saved again with ``save_pretrained`` (fine-tuned, merged)
     over a directory converted before, whose flashpack file still holds the old weights. The
-    file's time only says where to look; three rows of each tensor decide. Links (the Hub's
-    cache) are left alone: their times are the download's."""
-    if os.path.islink(path):
-        return
-    model_dir, made = os.path.dirname(path), os.stat(path).st_mtime
-    for name in sorted(os.listdir(model_dir)):
-        checkpoint = os.path.join(model_dir, name)
-        if not name.endswith(".safetensors") or os.path.islink(checkpoint) or not os.path.isfile(checkpoint):
-            continue
-        if os.stat(checkpoint).st_mtime <= made:
-            continue
-        try:
-            entry = _differing_entry(path, checkpoint)
-        except Exception:  # noqa: BLE001 - a checkpoint that cannot be read says nothing about this file
-            continue
-        if entry is not None:
-            warn(f"{path} is older than {name} beside it and holds other weights ('{entry}' differs): the "
-                 f"directory was saved again after it was converted, and {FLASHPACK_FILE} is loaded as it is. "
-                 f"Convert again (`flashpack convert {model_dir}`) or remove {FLASHPACK_FILE}")
+    files' times only say where to look; rows of a few hundred tensors decide. Links (the Hub's
+    cache) are left alone: their times are the download's. Best effort: whatever cannot be
+    read (a directory that cannot be listed) says nothing, and never fails the load."""
+    try:
+        if os.path.islink(path):
             return
+        model_dir, made = os.path.dirname(path), os.stat(path).st_mtime
+        newer = []
+        for name in sorted(os.listdir(model_dir)):
+            checkpoint = os.path.join(model_dir, name)
+            if name.endswith(".safetensors") and name.startswith(_CHECKPOINT_STEMS) and \
+                    not os.path.islink(checkpoint) and os.path.isfile(checkpoint) and \
+                    os.stat(checkpoint).st_mtime > made:
+                newer.append(checkpoint)
+        found = _differing_entry(path, newer) if newer else None
+    except Exception:  # noqa: BLE001 - a file that cannot be read says nothing about this one
+        return
+    if found is not None:
+        checkpoint, entry = found
+        warn(f"{path} is older than {os.path.basename(checkpoint)} beside it and holds other weights ('{entry}' "
+             f"differs): the directory was saved again after it was converted, and {FLASHPACK_FILE} is loaded as "
+             f"it is. Convert again (`flashpack convert {model_dir}`) or remove {FLASHPACK_FILE}")
 
 
 def resolve_model_directory(name_or_path: Union[str, "os.PathLike[str]"], subfolder: Optional[str] = None,
