@@ -463,29 +463,33 @@ def _in_place(destination: str, directory: str) -> bool:
     return os.path.isdir(destination) and os.path.samefile(destination, directory)
 
 
-def _recorded_dtypes(directory: str, folders: Sequence[str]) -> Dict[str, Tuple[str, Any]]:
+def _recorded_dtypes(directory: str, folders: Sequence[str]) -> Dict[str, Tuple[Optional[str], Any]]:
     """For a conversion in place: the dtype each folder's transformers config.json records
     (its key, and value), to write back once converted. The folder's other weights are still
     loaded by it: from_pretrained would load float32 weights as float16 after their float16
     variant was converted. A flashpack load takes the file's own dtype and does not read it."""
-    recorded = {}
+    recorded: Dict[str, Tuple[Optional[str], Any]] = {}
     for folder in folders:
-        config = _read_config(os.path.join(directory, folder), "config.json") or {}
-        for key in ("dtype", "torch_dtype"):  # transformers 5's name, and 4's
-            if key in config:
-                recorded[folder] = (key, config[key])
-                break
+        config = _read_config(os.path.join(directory, folder), "config.json")
+        if config is None:
+            continue
+        # transformers 5's name, or 4's; (None, None) for a config that records none (an
+        # older one), which must stay without.
+        key = next((k for k in ("dtype", "torch_dtype") if k in config), None)
+        recorded[folder] = (key, config.get(key) if key else None)
     return recorded
 
 
-def _restore_dtypes(directory: str, recorded: Dict[str, Tuple[str, Any]]) -> None:
+def _restore_dtypes(directory: str, recorded: Dict[str, Tuple[Optional[str], Any]]) -> None:
     for folder, (key, value) in recorded.items():
         path = os.path.join(directory, folder, "config.json")
         config = _read_config(os.path.dirname(path), "config.json") or {}
-        if config.get(key) != value:
+        now = next(((k, config[k]) for k in ("dtype", "torch_dtype") if k in config), (None, None))
+        if now != (key, value):
             config.pop("dtype", None)
             config.pop("torch_dtype", None)
-            config[key] = value
+            if key is not None:
+                config[key] = value
             text = json.dumps(config, indent=2, sort_keys=True) + "\n"  # as transformers writes it
 
             def write(temporary: str, text: str = text) -> None:

@@ -281,21 +281,27 @@ def test_convert_of_a_subclass_that_only_adds_methods_converts_as_the_class_it_e
     assert all(torch.equal(loaded.state_dict()[n], t) for n, t in model.state_dict().items())
 
 
-@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "elsewhere"])
-def test_a_float16_variant_converts_as_float16_and_leaves_the_float32_weights_loading_as_before(tmp_path, in_place):
+@pytest.mark.parametrize("in_place, recorded", [(True, True), (True, False), (False, True)],
+                         ids=["in-place", "in-place-config-without-dtype", "elsewhere"])
+def test_a_float16_variant_converts_as_float16_and_leaves_the_float32_weights_loading_as_before(tmp_path, in_place,
+                                                                                              recorded):
     # The Hub's usual layout: float32 weights, their float16 variant beside them, config.json
-    # recording float32.
+    # recording float32 (or, an older one, no dtype at all).
     transformers = pytest.importorskip("transformers")
     model = _llama_directory(tmp_path / "hf")
     model.half().save_pretrained(tmp_path / "half", variant="fp16")
     shutil.copy(tmp_path / "half" / "model.fp16.safetensors", tmp_path / "hf")
-    config_before = (tmp_path / "hf" / "config.json").read_text()
-    assert json.loads(config_before)["dtype"] == "float32"
+    config_path = tmp_path / "hf" / "config.json"
+    config_before = json.loads(config_path.read_text())
+    assert config_before["dtype"] == "float32"
+    if not recorded:
+        del config_before["dtype"]
+        config_path.write_text(json.dumps(config_before))
     destination = tmp_path / "hf" if in_place else tmp_path / "fp"
     run("convert", tmp_path / "hf", *([] if in_place else [destination]), "--variant", "fp16")
     assert {t.dtype for t in flashpack_ops.load_file(destination / "model.flashpack").values()} == {torch.float16}
     if in_place:
-        assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "float32"
+        assert json.loads(config_path.read_text()).get("dtype") == config_before.get("dtype")
     plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf")
     assert plain.dtype == torch.float32
     from flashpack_ops.integrations.transformers import from_pretrained_flashpack
