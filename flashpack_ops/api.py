@@ -369,7 +369,6 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
     nothing for. Returns the names left at zero: those no init wrote (a module without
     ``reset_parameters`` under a parent whose init does not set it), and those in reach of
     an init that failed, unless a later one wrote them again."""
-    missing = set(names)
     # By identity: a tensor reachable under a second path (a module shared by two parents)
     # is the missing one all the same, and must not be stood in for.
     missing_ids = {id(_tensor_at(model, name)) for name in names}
@@ -739,7 +738,7 @@ def assign_from_file(
         uncovered = [name for name, slot in _model_slots(model).items()
                      if placement(name) is None and (slot.is_param or slot.persistent) and not ignored(name)]
         if uncovered:
-            raise ValueError(f"flashpack_ops.assign_from_file: the device_map places no module holding "
+            raise ValueError("flashpack_ops.assign_from_file: the device_map places no module holding "
                              + _format_names("tensors of the model", uncovered, most=20).split(": ", 1)[1]
                              + f" (add their modules, or \"\" for the rest, to load {path})")
     distributed = use_distributed_loading and maybe_init_distributed(rank, local_rank, world_size)
@@ -784,8 +783,11 @@ def assign_from_file(
             mismatched.append(f"'{name}' has shape {tuple(view.shape)} in the file but "
                               f"{tuple(slot.old.shape)} in the model")
             continue
-        if dtype is not None and view.is_floating_point():
-            view = view.to(torch.float32 if _keep_float32 is not None and _keep_float32(name) else dtype)
+        if view.is_floating_point():
+            if _keep_float32 is not None and _keep_float32(name):
+                view = view.to(torch.float32)
+            elif dtype is not None:
+                view = view.to(dtype)
         if slot.is_param and slot.old.requires_grad and not (view.is_floating_point() or view.is_complex()):
             mismatched.append(f"parameter '{name}' requires grad but is {view.dtype} in the file (only floating "
                               "point and complex tensors can require grad)")
@@ -839,9 +841,11 @@ def assign_from_file(
             if slot.old.is_meta:
                 # In the dtype the loaded tensors take, so that the model computes in one dtype.
                 fill_dtype = slot.old.dtype
-                if dtype is not None and fill_dtype.is_floating_point:
-                    keep = _keep_float32 is not None and _keep_float32(slot.names[0])
-                    fill_dtype = torch.float32 if keep else dtype
+                if fill_dtype.is_floating_point:
+                    if _keep_float32 is not None and _keep_float32(slot.names[0]):
+                        fill_dtype = torch.float32
+                    elif dtype is not None:
+                        fill_dtype = dtype
                 value = torch.zeros(slot.old.shape, dtype=fill_dtype, device=slot_device(slot))
                 zero_filled.append(slot.names[0])
                 if not slot.is_param and not slot.persistent:

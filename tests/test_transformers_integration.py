@@ -439,6 +439,13 @@ def test_a_float16_model_loaded_without_a_dtype_keeps_its_float32_modules_as_fro
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids, decoder_input_ids=ids).logits,
                            reference(input_ids=ids, decoder_input_ids=ids).logits)
+    # Every other tensor keeps the file's own dtype: an lm_head the file holds in float32 too.
+    state = dict(flashpack_ops.load_file(tmp_path / "fp" / "model.flashpack"))
+    state["lm_head.weight"] = state["lm_head.weight"].float()
+    flashpack_ops.save_file(state, tmp_path / "fp" / "model.flashpack")
+    loaded = from_pretrained_flashpack(transformers.T5ForConditionalGeneration, tmp_path / "fp", **options)
+    assert loaded.lm_head.weight.dtype == torch.float32
+    assert loaded.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float16
 
 
 def test_saving_with_a_target_dtype_keeps_float32_modules(tmp_path):

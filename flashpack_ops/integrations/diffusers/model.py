@@ -207,11 +207,10 @@ def from_pretrained_flashpack(
         raise OSError(f"It looks like the config file at '{config_path}' is not a valid JSON file.") from None
     config = model_class.load_config(model_dir)
     build_dtype, load_dtype = build_and_load_dtypes(path, dtype, torch_dtype, what)
-    if load_dtype is None and build_dtype in (torch.float16, torch.bfloat16) and \
-            keeps_in_float32(model_class, build_dtype) is not None:
-        # A float16 file loaded as it is keeps these modules in float32 all the same, as
-        # diffusers keeps them under dtype=torch.float16; only they are copied.
-        load_dtype = build_dtype
+    # A float16 file loaded as it is keeps these modules in float32 all the same, as diffusers
+    # keeps them under dtype=torch.float16; every other tensor keeps the file's dtype.
+    keep_float32 = keeps_in_float32(model_class, load_dtype) if load_dtype is not None else \
+        keeps_in_float32(model_class, build_dtype) if build_dtype in (torch.float16, torch.bfloat16) else None
     with init_empty_parameters(build_dtype):
         model = model_class.from_config(config, **kwargs)
     # Entries of another shape are left out and initialised as missing ones are, as
@@ -227,7 +226,7 @@ def from_pretrained_flashpack(
         ignore_names=list(ignore_names or []) + tied_names(model, [name for name, _, _ in mismatched]) + dropped,
         ignore_prefixes=ignore_prefixes,
         ignore_suffixes=ignore_suffixes, coerce_dtype=coerce_dtype, dtype=load_dtype, copy=copy,
-        _keep_float32=keeps_in_float32(model, load_dtype), _zero_filled=zero_filled if mismatched else None,
+        _keep_float32=keep_float32, _zero_filled=zero_filled if mismatched else None,
         **distributed,
     )
     initialise_left_out(model, path, what, zero_filled, mismatched, _reset_parameters, "reset_parameters()")

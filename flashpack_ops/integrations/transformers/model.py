@@ -460,16 +460,16 @@ def from_pretrained_flashpack(
             return name.removeprefix(prefix + ".")
         return f"{prefix}.{name}" if target is not model else name
 
+    # A float16 file loaded as it is (no dtype, or "auto") keeps these modules (T5's wo) in
+    # float32 all the same, as from_pretrained does; every other tensor keeps the file's dtype.
     keep_float32 = keeps_in_float32(model, load_dtype or build_dtype)
-    if load_dtype is None and keep_float32 is not None:
-        # A float16 file loaded as it is: from_pretrained ("auto") still keeps these modules
-        # (T5's wo) in float32. Converting to the file's own dtype copies only those.
-        load_dtype = build_dtype
 
     def cast(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if load_dtype is None or not tensor.is_floating_point() or (keep_float32 and keep_float32(name)):
+        if not tensor.is_floating_point():
             return tensor
-        return tensor.to(load_dtype)
+        if keep_float32 and keep_float32(name):
+            return tensor.to(torch.float32)
+        return tensor if load_dtype is None else tensor.to(load_dtype)
 
     _tie_as_the_file_holds(model, path, index, what, named_in_model, cast)  # then the file fills each tied group once
     # Entries of another shape (a classifier saved for 2 labels, built for 5) are left out and
