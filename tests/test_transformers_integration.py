@@ -586,6 +586,11 @@ def test_a_renamed_checkpoint_converted_as_a_file_says_to_convert_the_directory(
     loaded = from_pretrained_flashpack(transformers.Qwen2MoeForCausalLM, tmp_path)
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+    # A file holding the model's own names that does not match for another reason: no such advice.
+    with pytest.raises(ValueError) as error:
+        from_pretrained_flashpack(transformers.Qwen2MoeForCausalLM, tmp_path, num_hidden_layers=2,
+                                  layer_types=["full_attention"] * 2)
+    assert "model.layers.1." in str(error.value) and "renames" not in str(error.value)
 
 
 def test_base_model_loads_from_a_checkpoint_with_a_head(tmp_path):

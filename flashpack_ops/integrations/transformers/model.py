@@ -125,10 +125,11 @@ def _retie(model: PreTrainedModel) -> None:
 
 @contextlib.contextmanager
 def _renamed_checkpoint_hint(model: PreTrainedModel, path: str) -> Iterator[None]:
-    """A file that does not match a model whose checkpoints transformers renames when loading
-    (a MoE's experts fused, a multimodal model's language_model moved): the error also says
-    that the file holds the checkpoint's names and that a conversion of the directory renames
-    them (``flashpack convert DIR`` loads it with from_pretrained first)."""
+    """A file converted from the weights file of a model whose checkpoints transformers renames
+    when loading (a MoE's experts fused, a multimodal model's language_model moved) that does
+    not match the model: the error also says that the file holds the checkpoint's names and
+    that a conversion of the directory renames them (``flashpack convert DIR`` loads it with
+    from_pretrained first)."""
     try:
         yield
     except ValueError as error:
@@ -139,7 +140,10 @@ def _renamed_checkpoint_hint(model: PreTrainedModel, path: str) -> Iterator[None
         except ImportError:  # transformers 4: no such renames
             renamed = False
         names = "does not have" in str(error) or " not in " in str(error)  # the file's names, not its values
-        if not renamed or not names:
+        # A file converted from a weights file keeps its safetensors metadata ({"format": "pt"});
+        # save_pretrained_flashpack writes the model's own names and no metadata.
+        from_weights_file = bool(torch.ops.flashpack.metadata(path))
+        if not renamed or not names or not from_weights_file:
             raise
         directory = os.path.dirname(path) or "."
         raise ValueError(f"{error}; transformers renames {model.config.model_type} checkpoints as it loads them, "
