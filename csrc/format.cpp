@@ -652,8 +652,14 @@ Layout select_entries(const Layout& layout, const std::vector<std::string>& name
     if (missing.size() > 5) listed += " and " + std::to_string(missing.size() - 5) + " more";
     // torch.ops.flashpack.load(path, device, names="embed.weight") takes the str as a list of
     // its characters: say so, rather than leave the user puzzling over 'e', 'm', 'b'...
-    const bool characters = names.size() > 1 && std::all_of(names.begin(), names.end(),
-                                                            [](const std::string& n) { return n.size() == 1; });
+    // The entry the str spells, or a run of several such characters missing.
+    bool characters = names.size() > 1 && std::all_of(names.begin(), names.end(),
+                                                      [](const std::string& n) { return n.size() == 1; });
+    if (characters && missing.size() < 2) {
+      const std::string spelled = std::accumulate(names.begin(), names.end(), std::string());
+      characters = std::any_of(layout.entries.begin(), layout.entries.end(),
+                               [&](const Entry& e) { return e.name == spelled; });
+    }
     throw std::invalid_argument("'" + path + "' has no entr" + (missing.size() == 1 ? "y " : "ies ") + listed +
                                 " (of the names asked for" +
                                 (characters ? "; a str passed as names is taken as a list of its characters: "

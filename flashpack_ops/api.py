@@ -152,7 +152,7 @@ def _as_given(metadata: Optional[Dict[str, Any]], footer: Dict[str, Any], path: 
     reference then returns it as given, so that a filtered index iterates only its names),
     the file's entries for the names its index lists, in its order. Each must describe the
     entry as the file's footer does: other offsets or shapes would read other bytes."""
-    if metadata is None:
+    if not metadata:  # as the reference takes it: an empty dict is none
         return footer
     entries = {record["name"]: record for record in footer["index"]}
     chosen = []

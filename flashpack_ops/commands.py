@@ -751,7 +751,9 @@ def _write_replacing(destination: str, write: Callable[[str], None]) -> None:
     was and no partial file behind."""
     target = os.path.realpath(destination)
     directory, base = os.path.split(target)
-    temporary = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # A name near the file system's limit (255 bytes) leaves no room for the suffix: shortened.
+    stem = os.fsencode(base)[:200].decode(errors="ignore") if isinstance(base, str) else base
+    temporary = os.path.join(directory, f".{stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     # 0666: the umask gives the file its usual permissions; a file replaced keeps its own.
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:

@@ -238,7 +238,7 @@ def load_file(
     if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None:
         # Dynamo cannot trace an op returning a dict, nor make_fx one returning names (str[]);
         # load_list returns the same tensors.
-        path = os.fspath(path)
+        path = _path(path, must_exist=False)
         selection = names
         layout = _traced_layout(path, names)
         if layout is None:
@@ -360,7 +360,9 @@ def _selected(index: List[Dict[str, Any]], names: Optional[Iterable[str]], op: s
         listed = ", ".join(f"'{name}'" for name in missing[:5])
         if len(missing) > 5:
             listed += f" and {len(missing) - 5} more"
-        characters = len(names) > 1 and all(len(name) == 1 for name in names)
+        # The entry a str passed as names spells, or a run of several such characters.
+        characters = len(names) > 1 and all(len(name) == 1 for name in names) and (
+            "".join(names) in {entry["name"] for entry in index} or len(missing) > 1)
         hint = "; a str passed as names is taken as a list of its characters: pass a list of names" if characters \
             else ""
         raise ValueError(f"{op}: '{path}' has no entr{'y' if len(missing) == 1 else 'ies'} {listed} (of the names "

@@ -625,6 +625,15 @@ def test_revert_onto_the_file_itself_is_refused_and_leaves_it_whole(tmp_path):
         assert_same(tensor, state_dict()[name], name)
 
 
+@pytest.mark.parametrize("extension", [".safetensors", ".pt"])
+def test_revert_to_a_name_near_the_file_system_limit(tmp_path, extension):
+    # 250 bytes: room for the name, not for a temporary name built on all of it.
+    stem = "w" * (250 - len(extension))
+    flashpack_ops.save_file(state_dict(), tmp_path / "m.flashpack")
+    run("revert", tmp_path / "m.flashpack", tmp_path / (stem + extension))
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.flashpack", stem + extension])
+
+
 @pytest.mark.parametrize("destination", ["old.pt", "old.safetensors"])
 def test_a_failed_revert_leaves_the_old_destination_and_nothing_else(tmp_path, destination):
     from safetensors.torch import load_file, save_file

@@ -237,12 +237,29 @@ def test_a_bad_argument_raises_the_eager_error_when_compiled(weights_file, call,
         call(weights_file)
 
 
-def test_names_given_as_a_str_to_the_op_get_a_hint(weights_file):
+def test_names_given_as_a_str_to_the_op_get_a_hint(weights_file, tmp_path):
     # torch's argument parser takes a str for str[]: the op sees its characters.
     with pytest.raises(ValueError, match="a str passed as names is taken as a list of its characters"):
         torch.ops.flashpack.load(weights_file, "cpu", names="layer")
     with FakeTensorMode(), pytest.raises(ValueError, match="a str passed as names is taken as a list of its"):
         torch.ops.flashpack.load_list(weights_file, "cpu", names="layer")
+    # A list of one-letter names, one of them missing, is no str: no such hint.
+    path = str(tmp_path / "letters.flashpack")
+    flashpack_ops.save_file({"a": torch.ones(1), "b": torch.ones(1)}, path)
+    for load in (lambda: flashpack_ops.load_file(path, names=["a", "c"]),
+                 lambda: torch.ops.flashpack.load(path, "cpu", names=["a", "c"])):
+        with pytest.raises(ValueError) as error:
+            load()
+        assert "has no entry 'c'" in str(error.value) and "a str passed" not in str(error.value)
+    with pytest.raises(ValueError, match="a str passed as names"):  # "ab" read as 'a', 'b' where "ab" is meant
+        flashpack_ops.save_file({"ab": torch.ones(1)}, path)
+        torch.ops.flashpack.load(path, "cpu", names="ab")
+
+
+def test_a_bytes_path_loads_when_compiled(weights_file):
+    torch.compiler.reset()
+    loaded = torch.compile(lambda: flashpack_ops.load_file(weights_file.encode()), backend="aot_eager")()
+    assert_same_dict(loaded, flashpack_ops.load_file(weights_file))
 
 
 def test_read_range_compiles(weights_file):

@@ -74,10 +74,11 @@ def test_unet_round_trip_is_bit_identical(tmp_path):
         assert torch.equal(loaded(SAMPLE, 3).sample, unet(SAMPLE, 3).sample)
 
 
+@pytest.mark.parametrize("content", [b"{not json", b'{"_class_name": "\xff"}'], ids=["not-json", "not-utf-8"])
 @pytest.mark.parametrize("cls", [FlashUNet, ModelMixin], ids=["class", "generic"])
-def test_a_malformed_config_is_reported_as_diffusers_reports_it(tmp_path, cls):
+def test_a_malformed_config_is_reported_as_diffusers_reports_it(tmp_path, cls, content):
     tiny_unet(FlashUNet).save_pretrained_flashpack(tmp_path)
-    (tmp_path / "config.json").write_text("{not json")
+    (tmp_path / "config.json").write_bytes(content)
     with pytest.raises(OSError) as theirs:
         UNet2DModel.from_pretrained(tmp_path)
     with pytest.raises(OSError) as ours:

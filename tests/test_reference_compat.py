@@ -211,6 +211,13 @@ def test_read_flashpack_file_returns_the_entries_of_the_metadata_passed_as_the_r
         assert_same(tensor, tensors[name], name)
 
 
+def test_read_flashpack_file_takes_empty_metadata_as_none_as_the_reference_does(tmp_file):
+    flashpack_ops.save_file(mixed_state_dict(), tmp_file)
+    _, ours = flashpack_ops.read_flashpack_file(tmp_file, metadata={})
+    _, theirs = read_flashpack_file(tmp_file, metadata={})
+    assert [r["name"] for r in ours["index"]] == [r["name"] for r in theirs["index"]] == list(mixed_state_dict())
+
+
 @pytest.mark.parametrize("change, problem", [
     ({"name": "other"}, "lists 'other', which the file does not hold"),
     ({"offset": 3, "shape": [1]}, "gives 'position_ids' another shape, offset than the file's footer"),

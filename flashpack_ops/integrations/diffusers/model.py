@@ -203,7 +203,7 @@ def from_pretrained_flashpack(
     try:
         with open(config_path, encoding="utf-8") as f:
             model_class = _concrete_class(model_class, json.load(f), model_dir)
-    except json.JSONDecodeError:  # as diffusers' load_config says it
+    except (json.JSONDecodeError, UnicodeDecodeError):  # as diffusers' load_config says it
         raise OSError(f"It looks like the config file at '{config_path}' is not a valid JSON file.") from None
     config = model_class.load_config(model_dir)
     build_dtype, load_dtype = build_and_load_dtypes(path, dtype, torch_dtype, what)
