@@ -72,6 +72,7 @@ def main():
         ap.error(f"--device {args.device}: no CUDA device is available here (torch.cuda.is_available() is False); "
                  "run with --device cpu")
     workdir = args.dir or tempfile.mkdtemp(prefix="flashpack_quickstart_")
+    os.makedirs(workdir, exist_ok=True)
     try:
         run(args, workdir)
     finally:

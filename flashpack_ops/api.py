@@ -103,8 +103,8 @@ def is_flashpack_file(path: PathLike) -> bool:
 
 def revert_from_file(path: PathLike, silent: bool = True) -> Dict[str, torch.Tensor]:
     """Read a flashpack file into ordinary CPU tensors (not backed by the file), each in
-    memory of its own as the reference returns them: the names of a tensor the file stores
-    once (tied weights) are copies, which ``safetensors.torch.save_file`` takes."""
+    memory of its own: the names of a tensor the file stores once (tied weights) are copies,
+    which ``safetensors.torch.save_file`` takes (the reference gives them one memory)."""
     from .lazy import _copy
 
     tensors = load_file(path, "cpu", copy=True)

@@ -324,6 +324,10 @@ def _load(path: PathLike, device: Optional[DeviceLike], src: int, sharded: bool,
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         device = _device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            # torch.cuda.current_device() would fail with torch's assertion instead.
+            raise ValueError(f"cannot load '{path}' to {device}: no CUDA device is available "
+                             "(torch.cuda.is_available() is False); load to cpu")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         ctrl = _control_device(device)

@@ -46,6 +46,7 @@ class SequentialNet(torch.nn.Sequential, flashpack_ops.FlashPackMixin):
 
 def run_case(case, rank, device):
     path = case["path"].format(rank=rank)
+    device = case.get("device", device)
     kwargs = dict(case.get("kwargs", {}), **case.get("rank_kwargs", {}).get(str(rank), {}))
     if case.get("blocks"):
         # The reference's block-level entry point.

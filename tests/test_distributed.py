@@ -131,6 +131,11 @@ def cases(files, world):
         "error_bad_argument_on_rank_1": {"path": files["mixed"], "rank_kwargs": {"1": {"window_bytes": 1000}},
                                          "expect_error": True},
         "error_corrupt_verify": {"path": files["corrupt"], "kwargs": {"verify": True}, "expect_error": True},
+        # "cuda" where torch has none: what every load says, not torch's assertion.
+        **({} if torch.cuda.is_available() else
+           {"error_cuda_without_cuda": {"path": files["mixed"], "device": "cuda", "expect_error": True},
+            "error_cuda_blocks_without_cuda": {"path": files["mixed"], "device": "cuda", "blocks": True,
+                                               "expect_error": True}}),
     }
 
 
@@ -233,6 +238,15 @@ def test_ranks_that_disagree_on_the_arguments_all_fail(world_results, case, name
     world, results = world_results
     for rank in range(world):
         assert f"{name} differs between ranks" in results[rank][case], results[rank][case]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch has CUDA here")
+@pytest.mark.parametrize("case", ["error_cuda_without_cuda", "error_cuda_blocks_without_cuda"])
+def test_cuda_without_cuda_is_a_clear_error_on_every_rank(world_results, case):
+    world, results = world_results
+    assert results[0][case].startswith("ValueError") and "no CUDA device is available" in results[0][case]
+    for rank in range(1, world):
+        assert results[rank][case].startswith("ValueError"), results[rank][case]
 
 
 def test_a_bad_argument_on_one_rank_fails_on_every_rank(world_results):

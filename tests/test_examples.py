@@ -30,3 +30,13 @@ def test_quickstart_asked_for_cuda_without_a_gpu_says_so(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--device cuda: no CUDA device is available here" in result.stderr
+
+
+def test_quickstart_writes_into_a_directory_it_creates(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    workdir = tmp_path / "not" / "yet"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "examples", "quickstart.py"), "--dir", str(workdir)],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every tensor bit-exact with safetensors" in result.stdout
+    assert sorted(os.listdir(workdir)) == ["model.flashpack", "model.safetensors"]  # kept: the directory was given

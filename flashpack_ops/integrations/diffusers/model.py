@@ -161,7 +161,8 @@ def from_pretrained_flashpack(
         pretrained_model_name_or_path: a directory, or a Hub repo id.
         device: where the weights go; the CPU by default.
         torch_dtype, dtype: convert the file's floating-point tensors to this dtype
-            (a copy). By default the model takes the file's dtypes.
+            (a copy). By default the model takes the file's dtypes, except that modules the
+            model keeps in float32 are upcast, as ``from_pretrained`` does.
         subfolder: the model lies in this subfolder (``"unet"``).
         revision, local_dir, local_files_only, cache_dir, token, force_download: for
             downloads from the Hub.
@@ -253,7 +254,7 @@ class FlashPackDiffusersModelMixin(ModelMixin, FlashPackMixin):
 
     def to_json_string(self) -> str:
         """The config as diffusers writes it, naming the diffusers class this one extends
-        (``UNet2DModel``, not ``FlashUNet``): a plain ``save_pretrained`` then gives a
+        (``UNet2DConditionModel``, not ``FlashUNet``): a plain ``save_pretrained`` then gives a
         directory that diffusers loads where this subclass does not exist."""
         return _with_class_name(super().to_json_string(), library_class(type(self), ModelMixin).__name__)
 

@@ -388,7 +388,8 @@ def from_pretrained_flashpack(
             huggingface_hub, or taken from its cache).
         device: where the weights go; the CPU by default.
         torch_dtype, dtype: convert the file's floating-point tensors to this dtype
-            (a copy). By default the model takes the file's dtypes. A dict of dtypes per
+            (a copy). By default the model takes the file's dtypes, except that modules the
+            model keeps in float32 are upcast, as ``from_pretrained`` does. A dict of dtypes per
             sub-config gives the whole model its ``""`` entry, as from_pretrained does.
         config: use this config instead of the directory's.
         subfolder: the model lies in this subfolder of the directory or repo.
