@@ -264,9 +264,10 @@ def read_flashpack_file_distributed(
         RuntimeError: no process group is initialized, or the load failed on another rank.
         ValueError: the file is invalid, or the arguments are.
     """
-    if sharded:
-        _check_shard_strategy(shard_strategy, "shard_strategy")
-    blocks, footer = load_blocks_distributed(path, device, src=src, sharded=sharded)
+    # Checked where a refusal fails every rank, not only this one (the others would wait).
+    blocks, footer = load_blocks_distributed(
+        path, device, src=src, sharded=sharded,
+        _check=(lambda: _check_shard_strategy(shard_strategy, "shard_strategy")) if sharded else None)
     return FlashTensorStorage(blocks), _as_given(metadata, _with_macroblocks(footer), os.fspath(path))
 
 
@@ -710,8 +711,9 @@ def assign_from_file(
         ...     model = torch.nn.Linear(4, 4)
         >>> assign_from_file(model, "linear.flashpack", device="cpu")
     """
-    if use_distributed_loading and distributed_sharded:
-        _check_shard_strategy(distributed_shard_strategy, "distributed_shard_strategy")
+    def check_strategy() -> None:  # on every rank at once, where the load's arguments are agreed
+        if distributed_sharded:
+            _check_shard_strategy(distributed_shard_strategy, "distributed_shard_strategy")
 
     def ignored(name: str) -> bool:
         return _is_ignored(name, ignore_names, ignore_prefixes, ignore_suffixes)
@@ -748,12 +750,13 @@ def assign_from_file(
     elif keep_flash_ref_on_model:
         # The blocks themselves, so that the model can hold them; the tensors are views of them.
         if distributed:
-            storage, meta = read_flashpack_file_distributed(path, device, sharded=distributed_sharded)
+            storage, meta = read_flashpack_file_distributed(path, device, sharded=distributed_sharded,
+                                                            shard_strategy=distributed_shard_strategy)
         else:
             storage, meta = read_flashpack_file(path, device, copy=copy)
         tensors = dict(iterate_from_flash_tensor(storage, meta))
     elif distributed:
-        tensors = load_file_distributed(path, device, sharded=distributed_sharded)
+        tensors = load_file_distributed(path, device, sharded=distributed_sharded, _check=check_strategy)
     elif ignore_names or ignore_prefixes or ignore_suffixes:
         # What is ignored is not read, nor given GPU memory (a head or a tower left out).
         tensors = load_file(path, device, copy=copy, names=[entry["name"] for entry in read_metadata(path)["index"]

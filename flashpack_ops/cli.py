@@ -86,8 +86,7 @@ def _metadata(args: argparse.Namespace) -> None:
     print(f"tensors:     {info['tensors']}{tied}")
     print(f"elements:    {info['elements']:,} stored")
     print(f"align_bytes: {info['align_bytes']}")
-    checked = bool(info["blocks"]) and all("checksums" in block for block in info["blocks"])
-    print(f"checksums:   {'yes (flashpack metadata --verify checks them)' if checked else 'no'}")
+    print(f"checksums:   {'yes (flashpack metadata --verify checks them)' if info['checksums'] else 'no'}")
     if info["metadata"]:
         print("metadata:    " + ", ".join(f"{key}={value!r}" for key, value in info["metadata"].items()))
     print("blocks:")
@@ -207,7 +206,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         args.run(args)
-        sys.stdout.flush()
+        if sys.stdout is not None:  # None where the command was started with its output closed
+            sys.stdout.flush()
     except BrokenPipeError as error:
         if not _stdout_closed():
             return _failed(args, error)

@@ -781,6 +781,9 @@ def summarize(path: str) -> Dict[str, Any]:
     stored = {(r.get("macroblock", 0), r["offset"], r["length"]) for r in index if int(r["length"]) > 0}
     elements = sum(int(length) for _, _, length in stored)
     tied = sum(1 for r in index if int(r["length"]) > 0) - len(stored)
+    # Saved with checksums: the index's, and every block's (a file without blocks has the first only).
+    checksums = "index_crc32c" in meta and all("checksums" in block for block in blocks)
     return {"path": path, "file_bytes": os.path.getsize(path), "format": meta["format"],
             "align_bytes": meta.get("align_bytes"), "tensors": len(index), "tied": tied, "elements": elements,
+            "checksums": checksums,
             "blocks": blocks, "index": index, "metadata": dict(torch.ops.flashpack.metadata(path))}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -310,17 +310,24 @@ def _load_sharded(path: str, device: torch.device, window_bytes: int, num_thread
 
 
 def _load(path: PathLike, device: Optional[DeviceLike], src: int, sharded: bool, window_bytes: int,
-          num_threads: int, verify: bool) -> Tuple[_Loaded, torch.device]:
+          num_threads: int, verify: bool, check: Optional[Callable[[], None]] = None) -> Tuple[_Loaded, torch.device]:
+    """The load every rank agrees on. ``check``: the caller's own checks of its arguments,
+    made where a refusal fails every rank."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("load_file_distributed needs an initialized torch.distributed process group "
                            "(call torch.distributed.init_process_group first)")
-    path = os.fspath(path)
     # One rank's bad argument, or ranks that disagree on how to load, must fail on every rank
     # before the first collective that moves data: otherwise the others wait in it until the
     # process group times out, or the collectives mismatch and a rank aborts.
     error: Optional[BaseException] = None
     ctrl = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     try:
+        path = os.fspath(path)
+        if check is not None:
+            check()
+        for name, value in (("src", src), ("window_bytes", window_bytes)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"load_file_distributed: {name} must be an int, got {value!r}")
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         device = _device(device)
@@ -328,6 +335,9 @@ def _load(path: PathLike, device: Optional[DeviceLike], src: int, sharded: bool,
             # torch.cuda.current_device() would fail with torch's assertion instead.
             raise ValueError(f"cannot load '{path}' to {device}: no CUDA device is available "
                              "(torch.cuda.is_available() is False); load to cpu")
+        if device.type not in ("cpu", "cuda"):
+            # A rank that reads nothing would otherwise take the broadcast of a meta tensor.
+            raise ValueError(f"cannot load '{path}' to {device}: only cpu and cuda are supported")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         ctrl = _control_device(device)
@@ -335,12 +345,14 @@ def _load(path: PathLike, device: Optional[DeviceLike], src: int, sharded: bool,
             raise ValueError(f"window_bytes must be at least {SHARD_ALIGN_BYTES}, got {window_bytes}")
     except Exception as exc:  # raised below, once every rank knows
         error = exc
+    if error is not None:  # the values agreed on below may be what was refused
+        src, window_bytes = 0, SHARD_ALIGN_BYTES
     high, low = _agree([int(error is not None), int(sharded), src, window_bytes], ctrl)
     if high[0]:
         if error is not None:
             raise error
-        raise RuntimeError(f"'{path}': load_file_distributed's arguments were refused on another rank; see that "
-                           "rank's error")
+        raise RuntimeError(f"'{os.fspath(path) if isinstance(path, (str, os.PathLike)) else path}': "
+                           "load_file_distributed's arguments were refused on another rank; see that rank's error")
     for k, name in ((1, "sharded"), (2, "src"), (3, "window_bytes")):
         if high[k] != low[k]:
             raise ValueError(f"load_file_distributed: {name} differs between ranks ({low[k]} to {high[k]}); pass "
@@ -360,6 +372,7 @@ def load_file_distributed(
     window_bytes: int = DEFAULT_WINDOW_BYTES,
     num_threads: int = 0,
     verify: bool = False,
+    _check: Optional[Callable[[], None]] = None,
 ) -> Dict[str, torch.Tensor]:
     """Load a flashpack file on every rank of the default process group.
 
@@ -392,7 +405,7 @@ def load_file_distributed(
         >>> torch.cuda.set_device(local_rank)
         >>> state_dict = load_file_distributed("model.flashpack", sharded=True)
     """
-    loaded, device = _load(path, device, src, sharded, window_bytes, num_threads, verify)
+    loaded, device = _load(path, device, src, sharded, window_bytes, num_threads, verify, _check)
     return _tensors(loaded.blocks, loaded.layout, loaded.entries, device)
 
 
@@ -405,6 +418,7 @@ def load_blocks_distributed(
     window_bytes: int = DEFAULT_WINDOW_BYTES,
     num_threads: int = 0,
     verify: bool = False,
+    _check: Optional[Callable[[], None]] = None,
 ) -> Tuple[List[torch.Tensor], Dict[str, Any]]:
     """``load_file_distributed``, returning the blocks and the footer instead of the tensors.
 
@@ -412,7 +426,7 @@ def load_blocks_distributed(
     ``torch.ops.flashpack.load_blocks`` does on one process), and the file's footer as a
     dict; ``iterate_from_flash_tensor`` turns them into named tensors.
     """
-    loaded, device = _load(path, device, src, sharded, window_bytes, num_threads, verify)
+    loaded, device = _load(path, device, src, sharded, window_bytes, num_threads, verify, _check)
     blocks = []
     for spec, block in zip(loaded.layout, loaded.blocks):
         if block is None:

@@ -60,6 +60,8 @@ class safe_open:  # noqa: N801 - safetensors' name, so that code written for it 
             raise ValueError(f"cannot open '{self._path}' for framework {framework!r}: flashpack_ops reads "
                              "PyTorch tensors only (framework=\"pt\")")
         self._device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        if self._device.type not in ("cpu", "cuda"):  # as safetensors refuses it
+            raise ValueError(f"cannot open '{self._path}' for {self._device}: only cpu and cuda are supported")
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"cannot open '{self._path}' for {self._device}: no CUDA device is available "
                              "(torch.cuda.is_available() is False)")
@@ -107,11 +109,15 @@ class safe_open:  # noqa: N801 - safetensors' name, so that code written for it 
     def metadata(self) -> Optional[Dict[str, str]]:
         """The string pairs saved with the file (``save_file(..., metadata=...)``), or None."""
         self._open()
-        return self._metadata
+        return None if self._metadata is None else dict(self._metadata)  # the caller's own, as safetensors gives it
 
     def get_tensor(self, name: str) -> torch.Tensor:
         """The tensor ``name``, on the device given at open. Raises KeyError if there is none."""
         return _copy(self._entry(name), ..., self._device)
+
+    def get_tensors(self) -> Dict[str, torch.Tensor]:
+        """Every tensor, by name in ``offset_keys()`` order, as ``get_tensor`` gives each."""
+        return {name: self.get_tensor(name) for name in self.offset_keys()}
 
     def get_slice(self, name: str) -> "_Slice":
         """A handle on ``name`` that reads only what it is indexed with: ``f.get_slice(n)[:, 0:128]``."""

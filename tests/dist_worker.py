@@ -46,8 +46,8 @@ class SequentialNet(torch.nn.Sequential, flashpack_ops.FlashPackMixin):
 
 def run_case(case, rank, device):
     path = case["path"].format(rank=rank)
-    device = case.get("device", device)
     kwargs = dict(case.get("kwargs", {}), **case.get("rank_kwargs", {}).get(str(rank), {}))
+    device = kwargs.pop("device", case.get("device", device))
     if case.get("blocks"):
         # The reference's block-level entry point.
         got = flashpack_ops.read_flashpack_file_distributed(path, device, **kwargs)

@@ -721,6 +721,36 @@ def test_metadata_verify(tmp_path, capsys):
         assert status == 1 and "needs flashpack_ops.verify_file" in captured.err
 
 
+def test_metadata_of_a_file_without_tensors_saved_with_checksums(tmp_path, capsys):
+    # The index's checksum is all there is to check: the summary says so, as --verify does.
+    path = tmp_path / "empty.flashpack"
+    flashpack_ops.save_file({}, path, checksum=True)
+    assert cli.main(["metadata", str(path), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "checksums:   yes" in out and "verified" in out
+    flashpack_ops.save_file({}, path)
+    assert cli.main(["metadata", str(path)]) == 0
+    assert "checksums:   no" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["convert", "metadata"])
+def test_a_command_started_with_its_output_closed_still_succeeds(tmp_path, command):
+    # Python then has no sys.stdout at all (None): what would be printed goes nowhere.
+    from safetensors.torch import save_file
+
+    save_file(state_dict(), str(tmp_path / "m.safetensors"))
+    flashpack_ops.save_file(state_dict(), tmp_path / "m.flashpack")
+    args = ["convert", "-q", tmp_path / "m.safetensors", tmp_path / "out.flashpack"] if command == "convert" \
+        else ["metadata", tmp_path / "m.flashpack"]
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-m", "flashpack_ops", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=environment, timeout=300,
+                            preexec_fn=lambda: os.close(1))
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    if command == "convert":
+        assert flashpack_ops.read_metadata(tmp_path / "out.flashpack")["index"]
+
+
 # --- errors ---------------------------------------------------------------------------------
 
 def test_missing_source_fails_in_one_line_with_status_1(tmp_path):

@@ -131,6 +131,17 @@ def cases(files, world):
         "error_bad_argument_on_rank_1": {"path": files["mixed"], "rank_kwargs": {"1": {"window_bytes": 1000}},
                                          "expect_error": True},
         "error_corrupt_verify": {"path": files["corrupt"], "kwargs": {"verify": True}, "expect_error": True},
+        # Refused on one rank only: every rank raises at once, none waits in a collective.
+        "error_strategy_on_rank_1": {"path": files["mixed"], "blocks": True, "kwargs": {"sharded": True},
+                                     "rank_kwargs": {"1": {"shard_strategy": "ring"}}, "expect_error": True},
+        "error_assign_strategy_on_rank_1": {"path": files["model"], "assign": True,
+                                            "kwargs": {"distributed_sharded": True},
+                                            "rank_kwargs": {"1": {"distributed_shard_strategy": "ring"}},
+                                            "expect_error": True},
+        "error_meta_on_rank_1": {"path": files["mixed"], "rank_kwargs": {"1": {"device": "meta"}},
+                                 "expect_error": True},
+        "error_window_bytes_none_on_rank_1": {"path": files["mixed"], "rank_kwargs": {"1": {"window_bytes": None}},
+                                              "expect_error": True},
         # "cuda" where torch has none: what every load says, not torch's assertion.
         **({} if torch.cuda.is_available() else
            {"error_cuda_without_cuda": {"path": files["mixed"], "device": "cuda", "expect_error": True},
@@ -249,11 +260,18 @@ def test_cuda_without_cuda_is_a_clear_error_on_every_rank(world_results, case):
         assert results[rank][case].startswith("ValueError"), results[rank][case]
 
 
-def test_a_bad_argument_on_one_rank_fails_on_every_rank(world_results):
+@pytest.mark.parametrize("case, said", [
+    ("error_bad_argument_on_rank_1", "window_bytes must be at least 4096"),
+    ("error_strategy_on_rank_1", "unknown shard_strategy 'ring'"),
+    ("error_assign_strategy_on_rank_1", "unknown distributed_shard_strategy 'ring'"),
+    ("error_meta_on_rank_1", "to meta: only cpu and cuda are supported"),
+    ("error_window_bytes_none_on_rank_1", "window_bytes must be an int, got None"),
+])
+def test_a_bad_argument_on_one_rank_fails_on_every_rank(world_results, case, said):
     world, results = world_results
-    assert "window_bytes must be at least 4096" in results[1]["error_bad_argument_on_rank_1"]
+    assert said in results[1][case], results[1][case]
     for rank in [0] + list(range(2, world)):
-        assert "refused on another rank" in results[rank]["error_bad_argument_on_rank_1"]
+        assert "refused on another rank" in results[rank][case], results[rank][case]
 
 
 def test_corrupt_file_with_verify_fails_on_every_rank(world_results):
@@ -294,17 +312,6 @@ def test_assign_from_file_without_a_world_loads_normally(files):
 def test_read_flashpack_file_distributed_needs_a_process_group(files):
     with pytest.raises(RuntimeError, match="needs an initialized torch.distributed process group"):
         flashpack_ops.read_flashpack_file_distributed(files["mixed"], "cpu")
-
-
-def test_read_flashpack_file_distributed_refuses_an_unknown_strategy(files):
-    with pytest.raises(ValueError, match="unknown shard_strategy 'ring'"):
-        flashpack_ops.read_flashpack_file_distributed(files["mixed"], "cpu", sharded=True, shard_strategy="ring")
-
-
-def test_unknown_shard_strategy_is_refused(files):
-    with pytest.raises(ValueError, match="unknown distributed_shard_strategy 'ring'"):
-        flashpack_ops.assign_from_file(model(), files["model"], use_distributed_loading=True, world_size=1,
-                                       distributed_sharded=True, distributed_shard_strategy="ring")
 
 
 def test_the_shard_strategy_is_read_as_the_reference_reads_it(files):

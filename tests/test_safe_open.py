@@ -87,6 +87,28 @@ def test_metadata_is_none(both):
         assert f.metadata() is None
 
 
+def test_get_tensors_and_metadata_as_safetensors_gives_them(tmp_path):
+    flashpack_ops.save_file(tensors(), tmp_path / "m.flashpack", metadata={"format": "pt"})
+    save_safetensors(tensors(), str(tmp_path / "m.safetensors"), metadata={"format": "pt"})
+    with flashpack_ops.safe_open(tmp_path / "m.flashpack", framework="pt") as f, \
+            safetensors.safe_open(str(tmp_path / "m.safetensors"), framework="pt") as g:
+        ours, theirs = f.get_tensors(), g.get_tensors()
+        assert list(ours) == f.offset_keys() and sorted(ours) == sorted(theirs)
+        for name in theirs:
+            assert_same(ours[name], theirs[name], name)
+        # Each call a dict of the caller's own.
+        f.metadata()["format"] = "changed"
+        g.metadata()["format"] = "changed"
+        assert f.metadata() == g.metadata() == {"format": "pt"}
+
+
+def test_a_device_other_than_cpu_or_cuda_is_refused_as_safetensors_refuses_it(both):
+    with pytest.raises(safetensors.SafetensorError, match="device meta is invalid"):
+        safetensors.safe_open(both[1], framework="pt", device="meta")
+    with pytest.raises(ValueError, match="for meta: only cpu and cuda are supported"):
+        flashpack_ops.safe_open(both[0], framework="pt", device="meta")
+
+
 def test_errors_name_the_file_and_the_problem(both, tmp_path):
     ours, _ = both
     with flashpack_ops.safe_open(ours, framework="pt") as f:
