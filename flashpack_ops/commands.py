@@ -692,16 +692,19 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
     # not that the default destination (the very same file) exists.
     identity = _identity(_path(path, must_exist=True))
     file_metadata = torch.ops.flashpack.metadata(path)
-    if destination_path:
-        destination = os.fspath(destination_path)
-    elif os.path.basename(path) == FLASHPACK_FILE and \
+    if os.path.basename(path) == FLASHPACK_FILE and \
             _is_diffusers_config(_read_config(os.path.dirname(path) or ".", "config.json")):
         # The weights file a diffusers model's from_pretrained looks for beside its config (a
         # file of another name, ema.flashpack, is not the model's: it keeps its own name).
-        destination = os.path.join(os.path.dirname(path), "diffusion_pytorch_model.safetensors")
+        default = os.path.join(os.path.dirname(path), "diffusion_pytorch_model.safetensors")
     else:
-        destination = os.path.splitext(path)[0] + ".safetensors"
-    if not destination_path and os.path.isfile(path) and os.path.exists(destination):
+        default = os.path.splitext(path)[0] + ".safetensors"
+    destination = os.fspath(destination_path) if destination_path else default
+    named = bool(destination_path) and not os.path.isdir(destination)
+    if destination_path and not named:
+        # A directory, as convert takes one: the file goes in it under its default name.
+        destination = os.path.join(destination, os.path.basename(default))
+    if not named and os.path.isfile(path) and os.path.exists(destination):
         # Most likely the checkpoint this file was converted from: only an explicit name replaces it.
         raise FileExistsError(f"{destination} already exists; give the destination explicitly to overwrite it")
     if not destination.endswith(WEIGHT_EXTENSIONS):

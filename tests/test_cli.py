@@ -614,6 +614,19 @@ def test_convert_of_a_torch_file_in_the_legacy_format(tmp_path):
         assert_same(back[name], tensor, name)
 
 
+def test_revert_into_a_directory_writes_the_default_name_there(tmp_path):
+    from safetensors.torch import load_file
+
+    flashpack_ops.save_file(state_dict(), tmp_path / "m.flashpack")
+    (tmp_path / "out").mkdir()
+    run("revert", tmp_path / "m.flashpack", tmp_path / "out")
+    for name, tensor in load_file(tmp_path / "out" / "m.safetensors").items():
+        assert_same(tensor, state_dict()[name], name)
+    # A file of that name there is replaced only when named.
+    assert_one_line_error(run("revert", tmp_path / "m.flashpack", tmp_path / "out", check=False),
+                          f"{tmp_path / 'out' / 'm.safetensors'} already exists")
+
+
 def test_revert_onto_the_file_itself_is_refused_and_leaves_it_whole(tmp_path):
     flashpack_ops.save_file(state_dict(), tmp_path / "m.flashpack")
     os.symlink("m.flashpack", tmp_path / "same.pt")
