@@ -780,11 +780,19 @@ def assign_from_file(
         if slot is None:
             unexpected.append(name)
             continue
-        if slot.source is not None:
-            continue  # a tied tensor the file stores under another name too
+        if isinstance(slot.old, torch.nn.parameter.UninitializedTensorMixin):
+            mismatched.append(f"'{name}' is an uninitialized (lazy) tensor in the model: run the model once, or "
+                              "build it with its sizes, before loading into it")
+            continue
         if view.shape != slot.old.shape:
             mismatched.append(f"'{name}' has shape {tuple(view.shape)} in the file but "
                               f"{tuple(slot.old.shape)} in the model")
+            continue
+        if slot.source is not None:
+            continue  # a tied tensor the file stores under another name too
+        if not slot.persistent and not slot.old.is_meta:
+            # A non-persistent buffer (rotary inv_freq) is computed by the model, in its own
+            # dtype: an older file's copy is left out, as load_state_dict leaves it out.
             continue
         if view.is_floating_point():
             if _keep_float32 is not None and _keep_float32(name):

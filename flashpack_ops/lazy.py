@@ -60,8 +60,8 @@ class safe_open:  # noqa: N801 - safetensors' name, so that code written for it 
             raise ValueError(f"cannot open '{self._path}' for framework {framework!r}: flashpack_ops reads "
                              "PyTorch tensors only (framework=\"pt\")")
         self._device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-        if self._device.type not in ("cpu", "cuda"):  # as safetensors refuses it
-            raise ValueError(f"cannot open '{self._path}' for {self._device}: only cpu and cuda are supported")
+        if self._device.type == "meta":  # as safetensors refuses it: a meta tensor reads nothing
+            raise ValueError(f"cannot open '{self._path}' for {self._device}: the meta device holds no data")
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"cannot open '{self._path}' for {self._device}: no CUDA device is available "
                              "(torch.cuda.is_available() is False)")

@@ -212,9 +212,10 @@ def test_only_newer_checkpoints_of_the_same_precision_are_compared(model, tmp_pa
     # A file from_pretrained does not read (a revert of ema.flashpack), and the weights in
     # another dtype (the original beside a converted variant): neither is a newer save.
     save_file(other, tmp_path / "ema.safetensors")
+    save_file(other, tmp_path / "model_ema.safetensors")
     save_file({name: t.half() for name, t in model.state_dict().items() if name != "lm_head.weight"},
               tmp_path / "model.safetensors", metadata={"format": "pt"})
-    for name in ("ema.safetensors", "model.safetensors"):
+    for name in ("ema.safetensors", "model_ema.safetensors", "model.safetensors"):
         _later(tmp_path / name)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -228,6 +229,26 @@ def test_only_newer_checkpoints_of_the_same_precision_are_compared(model, tmp_pa
         _later(tmp_path / name)
     with pytest.warns(UserWarning, match="older than model-00002-of-00002.safetensors beside it"):
         FlashLlama.from_pretrained_flashpack(tmp_path)
+
+
+@pytest.mark.parametrize("changed", [0, 299, -1], ids=["first", "last", "none"])
+def test_the_stale_check_samples_the_whole_file(tmp_path, changed):
+    # 300 tensors, more than the rows compared: the first and the last are always among them.
+    from safetensors.torch import save_file
+
+    from flashpack_ops.integrations._hub import warn_if_stale
+
+    tensors = {f"layers.{k}.weight": torch.full((2, 2), float(k)) for k in range(300)}
+    flashpack_ops.save_file(tensors, tmp_path / "model.flashpack")
+    if changed >= 0:
+        tensors[f"layers.{changed}.weight"] = tensors[f"layers.{changed}.weight"] + 1
+    save_file(tensors, tmp_path / "model.safetensors")
+    _later(tmp_path / "model.safetensors")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_stale(str(tmp_path / "model.flashpack"))
+    said = [str(w.message) for w in caught]
+    assert said == [] if changed < 0 else len(said) == 1 and f"'layers.{changed}.weight' differs" in said[0], said
 
 
 def test_a_subclass_saved_with_save_pretrained_converts_as_the_class_it_extends(model, tmp_path):
@@ -439,13 +460,21 @@ def test_a_float16_model_loaded_without_a_dtype_keeps_its_float32_modules_as_fro
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids, decoder_input_ids=ids).logits,
                            reference(input_ids=ids, decoder_input_ids=ids).logits)
-    # Every other tensor keeps the file's own dtype: an lm_head the file holds in float32 too.
-    state = dict(flashpack_ops.load_file(tmp_path / "fp" / "model.flashpack"))
-    state["lm_head.weight"] = state["lm_head.weight"].float()
+    # A file of mixed dtypes (its norms in float32) loads as from_pretrained loads the same
+    # checkpoint: every other tensor in the model's dtype, so that forward runs.
+    from safetensors.torch import save_file as save_safetensors
+
+    state = {name: t.float() if "layer_norm" in name else t for name, t in t5.state_dict().items()}
     flashpack_ops.save_file(state, tmp_path / "fp" / "model.flashpack")
+    save_safetensors({n: t for n, t in state.items() if n not in ("encoder.embed_tokens.weight",
+                                                                  "decoder.embed_tokens.weight", "lm_head.weight")},
+                     str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    reference = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "hf", **options).eval()
     loaded = from_pretrained_flashpack(transformers.T5ForConditionalGeneration, tmp_path / "fp", **options)
-    assert loaded.lm_head.weight.dtype == torch.float32
-    assert loaded.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float16
+    assert {n: p.dtype for n, p in loaded.named_parameters()} == {n: p.dtype for n, p in reference.named_parameters()}
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, decoder_input_ids=ids).logits,
+                           reference(input_ids=ids, decoder_input_ids=ids).logits)
 
 
 def test_saving_with_a_target_dtype_keeps_float32_modules(tmp_path):

@@ -122,10 +122,10 @@ def _bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
-# The weights from_pretrained reads beside a config (model.safetensors, its shards and
-# variants; diffusers' diffusion_pytorch_model...): other safetensors files (a revert's
-# ema.safetensors) are no other version of this model.
-_CHECKPOINT_STEMS = ("model", "diffusion_pytorch_model")
+# The weights from_pretrained reads beside a config (model.safetensors, its variants and
+# shards: model.fp16-00001-of-00002.safetensors; diffusers' diffusion_pytorch_model...):
+# other safetensors files (a revert's ema.safetensors, model_ema) are no version of this model.
+_CHECKPOINT = re.compile(r"(model|diffusion_pytorch_model)(\.[\w-]+?)?(-\d{5}-of-\d{5})?\.safetensors")
 # Rows compared at most, over entries spread through the file: a fine-tune or a merge changes
 # many tensors, and the check must stay cheap when the weights are the same (milliseconds).
 _STALE_SAMPLES = 256
@@ -161,10 +161,12 @@ def _differing_entry(path: str, checkpoints: Sequence[str]) -> Optional[Tuple[st
             continue
         holder.update((name, checkpoint) for name in shared if entries[name][1] == list(stored[name].shape))
     names = [name for name in stored if name in holder]
-    step = max(1, len(names) // _STALE_SAMPLES)
+    # Spread from the first entry to the last (a partial fine-tune changes the last layers).
+    count = min(len(names), _STALE_SAMPLES)
+    picks = sorted({round(k * (len(names) - 1) / max(count - 1, 1)) for k in range(count)}) if names else []
     chosen: Dict[str, List[str]] = {}
-    for name in names[::step][:_STALE_SAMPLES]:
-        chosen.setdefault(holder[name], []).append(name)
+    for k in picks:
+        chosen.setdefault(holder[names[k]], []).append(names[k])
     for checkpoint, sample in chosen.items():
         with safetensors_open(checkpoint, framework="pt") as other:
             for name in sample:
@@ -193,7 +195,7 @@ def warn_if_stale(path: str) -> None:
         newer = []
         for name in sorted(os.listdir(model_dir)):
             checkpoint = os.path.join(model_dir, name)
-            if name.endswith(".safetensors") and name.startswith(_CHECKPOINT_STEMS) and \
+            if _CHECKPOINT.fullmatch(name) and \
                     not os.path.islink(checkpoint) and os.path.isfile(checkpoint) and \
                     os.stat(checkpoint).st_mtime > made:
                 newer.append(checkpoint)

@@ -161,8 +161,9 @@ def from_pretrained_flashpack(
         pretrained_model_name_or_path: a directory, or a Hub repo id.
         device: where the weights go; the CPU by default.
         torch_dtype, dtype: convert the file's floating-point tensors to this dtype
-            (a copy). By default the model takes the file's dtypes, except that modules the
-            model keeps in float32 are upcast, as ``from_pretrained`` does.
+            (a copy). By default the model takes the file's dtype (most of its floating-point
+            bytes): every floating tensor loads in it, except in the modules the model keeps
+            in float32, as ``from_pretrained`` casts to the model's dtype.
         subfolder: the model lies in this subfolder (``"unet"``).
         revision, local_dir, local_files_only, cache_dir, token, force_download: for
             downloads from the Hub.
@@ -208,10 +209,12 @@ def from_pretrained_flashpack(
         raise OSError(f"It looks like the config file at '{config_path}' is not a valid JSON file.") from None
     config = model_class.load_config(model_dir)
     build_dtype, load_dtype = build_and_load_dtypes(path, dtype, torch_dtype, what)
-    # A float16 file loaded as it is keeps these modules in float32 all the same, as diffusers
-    # keeps them under dtype=torch.float16; every other tensor keeps the file's dtype.
+    # Without a dtype the model takes the file's: its floating tensors all load in that one
+    # dtype (a file in one dtype without a copy), except the modules the model keeps in
+    # float32, as diffusers keeps them under dtype=torch.float16.
     keep_float32 = keeps_in_float32(model_class, load_dtype) if load_dtype is not None else \
         keeps_in_float32(model_class, build_dtype) if build_dtype in (torch.float16, torch.bfloat16) else None
+    load_dtype = load_dtype or build_dtype
     with init_empty_parameters(build_dtype):
         model = model_class.from_config(config, **kwargs)
     # Entries of another shape are left out and initialised as missing ones are, as

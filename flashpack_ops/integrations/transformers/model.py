@@ -123,27 +123,37 @@ def _retie(model: PreTrainedModel) -> None:
         model.tie_weights()
 
 
+def _renamed_by_transformers(model: PreTrainedModel, names: List[str]) -> bool:
+    """Whether transformers' own conversion of checkpoints (a MoE's experts fused, LLaVA's
+    language_model moved) would rename any of ``names`` as from_pretrained loads them."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # noqa: BLE001 - transformers 4, or a model it has no mapping for
+        return False
+    for name in names[:100]:
+        for transform in transforms:
+            try:
+                if transform.rename_source_key(name)[1] is not None:
+                    return True
+            except Exception:  # noqa: BLE001 - a transform that cannot say
+                continue
+    return False
+
+
 @contextlib.contextmanager
 def _renamed_checkpoint_hint(model: PreTrainedModel, path: str) -> Iterator[None]:
-    """A file converted from the weights file of a model whose checkpoints transformers renames
-    when loading (a MoE's experts fused, a multimodal model's language_model moved) that does
-    not match the model: the error also says that the file holds the checkpoint's names and
-    that a conversion of the directory renames them (``flashpack convert DIR`` loads it with
-    from_pretrained first)."""
+    """A file holding a checkpoint's names that transformers renames as it loads them (a file
+    converted from the weights file of a MoE or LLaVA checkpoint) and so does not match the
+    model: the error also says that a conversion of the directory renames them
+    (``flashpack convert DIR`` loads it with from_pretrained first)."""
     try:
         yield
     except ValueError as error:
-        try:
-            from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
-            renamed = get_checkpoint_conversion_mapping(getattr(model.config, "model_type", None)) is not None
-        except ImportError:  # transformers 4: no such renames
-            renamed = False
-        names = "does not have" in str(error) or " not in " in str(error)  # the file's names, not its values
-        # A file converted from a weights file keeps its safetensors metadata ({"format": "pt"});
-        # save_pretrained_flashpack writes the model's own names and no metadata.
-        from_weights_file = bool(torch.ops.flashpack.metadata(path))
-        if not renamed or not names or not from_weights_file:
+        in_model = set(model.state_dict())
+        unknown = [entry["name"] for entry in read_metadata(path)["index"] if entry["name"] not in in_model]
+        if not unknown or not _renamed_by_transformers(model, unknown):
             raise
         directory = os.path.dirname(path) or "."
         raise ValueError(f"{error}; transformers renames {model.config.model_type} checkpoints as it loads them, "
@@ -388,8 +398,9 @@ def from_pretrained_flashpack(
             huggingface_hub, or taken from its cache).
         device: where the weights go; the CPU by default.
         torch_dtype, dtype: convert the file's floating-point tensors to this dtype
-            (a copy). By default the model takes the file's dtypes, except that modules the
-            model keeps in float32 are upcast, as ``from_pretrained`` does. A dict of dtypes per
+            (a copy). By default the model takes the file's dtype (most of its floating-point
+            bytes): every floating tensor loads in it, except in the modules the model keeps
+            in float32, as ``from_pretrained`` casts to the model's dtype. A dict of dtypes per
             sub-config gives the whole model its ``""`` entry, as from_pretrained does.
         config: use this config instead of the directory's.
         subfolder: the model lies in this subfolder of the directory or repo.
@@ -465,16 +476,18 @@ def from_pretrained_flashpack(
             return name.removeprefix(prefix + ".")
         return f"{prefix}.{name}" if target is not model else name
 
-    # A float16 file loaded as it is (no dtype, or "auto") keeps these modules (T5's wo) in
-    # float32 all the same, as from_pretrained does; every other tensor keeps the file's dtype.
-    keep_float32 = keeps_in_float32(model, load_dtype or build_dtype)
+    # Without a dtype (or "auto") the model takes the file's: its floating tensors all load in
+    # that one dtype, as from_pretrained casts every one to the model's, except the modules
+    # it keeps in float32 (T5's wo). A file in one dtype loads without a copy.
+    load_dtype = load_dtype or build_dtype
+    keep_float32 = keeps_in_float32(model, load_dtype)
 
     def cast(name: str, tensor: torch.Tensor) -> torch.Tensor:
         if not tensor.is_floating_point():
             return tensor
         if keep_float32 and keep_float32(name):
             return tensor.to(torch.float32)
-        return tensor if load_dtype is None else tensor.to(load_dtype)
+        return tensor if load_dtype is None else tensor.to(load_dtype)  # None: a file without floats
 
     _tie_as_the_file_holds(model, path, index, what, named_in_model, cast)  # then the file fills each tied group once
     # Entries of another shape (a classifier saved for 2 labels, built for 5) are left out and
