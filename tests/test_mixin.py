@@ -680,3 +680,35 @@ def test_a_copied_load_keeps_its_weights_when_the_file_is_rewritten_in_place(tmp
         assert torch.equal(loaded.state_dict()[name], tensor), name
     path.write_bytes(b"")  # truncated: a mapping would fault on the next read
     assert torch.equal(loaded.eval()(IDS), model(IDS))
+
+
+def test_an_older_files_copy_of_a_non_persistent_buffer_is_left_out(tmp_path):
+    # A checkpoint from before inv_freq was made non-persistent, in another dtype: the model
+    # keeps the buffer it computes, as load_state_dict leaves such an entry out.
+    model = trained_model()
+    state = dict(model.state_dict(), inv_freq=model.inv_freq.half())
+    flashpack_ops.save_file(state, tmp_path / "old.flashpack")
+    fresh = TinyLM()
+    computed = fresh.inv_freq
+    assign_from_file(fresh, tmp_path / "old.flashpack")
+    assert fresh.inv_freq is computed and fresh.inv_freq.dtype == torch.float32
+    ids = torch.tensor([1, 2, 3])
+    assert torch.equal(fresh.eval()(ids), model.eval()(ids))
+
+
+def test_a_tied_tensors_second_name_is_checked_too(tmp_path):
+    # embed.weight and head.weight are one tensor in the model; the file's second name in
+    # another shape is an error, as load_state_dict's size mismatch is.
+    model = trained_model()
+    state = dict(model.state_dict())
+    state["head.weight"] = torch.zeros(3, 2)
+    flashpack_ops.save_file(state, tmp_path / "bad.flashpack")
+    with pytest.raises(ValueError, match=r"'head.weight' has shape \(3, 2\) in the file but \(40, 16\) in the model"):
+        assign_from_file(TinyLM(), tmp_path / "bad.flashpack")
+
+
+def test_a_lazy_module_is_named_not_failed_on_inside_torch(tmp_path):
+    flashpack_ops.save_file({"weight": torch.ones(2, 3), "bias": torch.zeros(2)}, tmp_path / "lin.flashpack")
+    with pytest.raises(ValueError, match=r"'weight' is an uninitialized \(lazy\) tensor in the model: run the model "
+                                         r"once"):
+        assign_from_file(torch.nn.LazyLinear(2), tmp_path / "lin.flashpack")
