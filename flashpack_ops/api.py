@@ -744,6 +744,8 @@ def assign_from_file(
                              + _format_names("tensors of the model", uncovered, most=20).split(": ", 1)[1]
                              + f" (add their modules, or \"\" for the rest, to load {path})")
     distributed = use_distributed_loading and maybe_init_distributed(rank, local_rank, world_size)
+    if use_distributed_loading and not distributed:
+        check_strategy()  # one process: no ranks to agree with, and no sharded load to check it
     storage = meta = None
     if placement is not None:
         tensors = _load_placed(path, file_names, placement, lambda name: not ignored(name), copy=copy)

@@ -187,6 +187,11 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the ``flashpack`` command; returns the exit status (0 on success, 1 on error)."""
+    # Started with its output or its errors closed (`>&-`, `2>&-`), Python has no sys.stdout or
+    # sys.stderr at all: what would be written there (progress bars too) goes nowhere instead.
+    for stream in ("stdout", "stderr"):
+        if getattr(sys, stream) is None:
+            setattr(sys, stream, open(os.devnull, "w"))
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     # NOTE: argparse fills an optional positional (nargs="?") with nothing as soon as the first
@@ -206,8 +211,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         args.run(args)
-        if sys.stdout is not None:  # None where the command was started with its output closed
-            sys.stdout.flush()
+        sys.stdout.flush()
     except BrokenPipeError as error:
         if not _stdout_closed():
             return _failed(args, error)

@@ -328,6 +328,10 @@ def _load(path: PathLike, device: Optional[DeviceLike], src: int, sharded: bool,
         for name, value in (("src", src), ("window_bytes", window_bytes)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"load_file_distributed: {name} must be an int, got {value!r}")
+            if not -2**62 < value < 2**62:
+                raise ValueError(f"load_file_distributed: {name} is out of range: {value}")
+        if not isinstance(sharded, bool):
+            raise TypeError(f"load_file_distributed: sharded must be a bool, got {sharded!r}")
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         device = _device(device)
@@ -346,7 +350,7 @@ def _load(path: PathLike, device: Optional[DeviceLike], src: int, sharded: bool,
     except Exception as exc:  # raised below, once every rank knows
         error = exc
     if error is not None:  # the values agreed on below may be what was refused
-        src, window_bytes = 0, SHARD_ALIGN_BYTES
+        src, window_bytes, sharded = 0, SHARD_ALIGN_BYTES, False
     high, low = _agree([int(error is not None), int(sharded), src, window_bytes], ctrl)
     if high[0]:
         if error is not None:

@@ -142,6 +142,10 @@ def cases(files, world):
                                  "expect_error": True},
         "error_window_bytes_none_on_rank_1": {"path": files["mixed"], "rank_kwargs": {"1": {"window_bytes": None}},
                                               "expect_error": True},
+        "error_sharded_none_on_rank_1": {"path": files["mixed"], "rank_kwargs": {"1": {"sharded": None}},
+                                         "expect_error": True},
+        "error_window_bytes_huge_on_rank_1": {"path": files["mixed"], "rank_kwargs": {"1": {"window_bytes": 2**70}},
+                                              "expect_error": True},
         # "cuda" where torch has none: what every load says, not torch's assertion.
         **({} if torch.cuda.is_available() else
            {"error_cuda_without_cuda": {"path": files["mixed"], "device": "cuda", "expect_error": True},
@@ -266,6 +270,8 @@ def test_cuda_without_cuda_is_a_clear_error_on_every_rank(world_results, case):
     ("error_assign_strategy_on_rank_1", "unknown distributed_shard_strategy 'ring'"),
     ("error_meta_on_rank_1", "to meta: only cpu and cuda are supported"),
     ("error_window_bytes_none_on_rank_1", "window_bytes must be an int, got None"),
+    ("error_sharded_none_on_rank_1", "sharded must be a bool, got None"),
+    ("error_window_bytes_huge_on_rank_1", "window_bytes is out of range: 1180591620717411303424"),
 ])
 def test_a_bad_argument_on_one_rank_fails_on_every_rank(world_results, case, said):
     world, results = world_results
@@ -325,6 +331,13 @@ def test_the_shard_strategy_is_read_as_the_reference_reads_it(files):
                                    distributed_shard_strategy="ring")
     for name, tensor in expected.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_an_unknown_shard_strategy_is_refused_in_one_process_too(files):
+    # A world of one loads without collectives; the mistake still shows before torchrun does.
+    with pytest.raises(ValueError, match="unknown distributed_shard_strategy 'ring'"):
+        flashpack_ops.assign_from_file(model(), files["model"], use_distributed_loading=True, world_size=1,
+                                       distributed_sharded=True, distributed_shard_strategy="ring")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
