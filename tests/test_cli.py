@@ -747,23 +747,26 @@ def test_metadata_of_a_file_without_tensors_saved_with_checksums(tmp_path, capsy
 
 
 @pytest.mark.parametrize("closed", [1, 2], ids=["stdout", "stderr"])
-@pytest.mark.parametrize("command", ["convert", "metadata"])
+@pytest.mark.parametrize("command", ["convert", "revert", "metadata"])
 def test_a_command_started_with_its_output_closed_still_succeeds(tmp_path, command, closed):
     # Python then has no sys.stdout (or sys.stderr) at all: what would be written, progress
     # bars included, goes nowhere.
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     save_file(state_dict(), str(tmp_path / "m.safetensors"))
     flashpack_ops.save_file(state_dict(), tmp_path / "m.flashpack")
-    args = ["convert", tmp_path / "m.safetensors", tmp_path / "out.flashpack"] if command == "convert" \
-        else ["metadata", tmp_path / "m.flashpack"]
+    args = {"convert": ["convert", tmp_path / "m.safetensors", tmp_path / "out.flashpack"],
+            "revert": ["revert", tmp_path / "m.flashpack", tmp_path / "back.safetensors"],  # with a progress bar
+            "metadata": ["metadata", tmp_path / "m.flashpack"]}[command]
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-m", "flashpack_ops", *map(str, args)], capture_output=True,
                             text=True, env=environment, timeout=300, preexec_fn=lambda: os.close(closed))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "error" not in result.stdout + result.stderr
     if command == "convert":
-        assert flashpack_ops.read_metadata(tmp_path / "out.flashpack")["index"]
+        assert sorted(flashpack_ops.load_file(tmp_path / "out.flashpack")) == sorted(state_dict())
+    elif command == "revert":
+        assert sorted(load_file(str(tmp_path / "back.safetensors"))) == sorted(state_dict())
 
 
 # --- errors ---------------------------------------------------------------------------------
