@@ -352,6 +352,22 @@ def _model_slots(model: torch.nn.Module) -> Dict[str, _Slot]:
     return by_name
 
 
+def _set_extra_state(model: torch.nn.Module, name: str, value: torch.Tensor) -> bool:
+    """``name`` is a module's ``_extra_state`` (what its ``get_extra_state`` gave the saved
+    state dict, a tensor): handed to its ``set_extra_state``, as load_state_dict hands it."""
+    module_path, _, attr = name.rpartition(".")
+    if attr != "_extra_state":
+        return False
+    try:
+        module = model.get_submodule(module_path)
+    except AttributeError:
+        return False
+    if type(module).set_extra_state is torch.nn.Module.set_extra_state:
+        return False  # a module without extra state: the name is unexpected
+    module.set_extra_state(value)
+    return True
+
+
 def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     module_path, _, attr = name.rpartition(".")
     setattr(model.get_submodule(module_path), attr, value)
@@ -779,6 +795,8 @@ def assign_from_file(
         if ignored(name):
             continue
         slot = slots.get(name)
+        if slot is None and _set_extra_state(model, name, view):
+            continue
         if slot is None:
             unexpected.append(name)
             continue

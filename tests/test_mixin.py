@@ -712,3 +712,32 @@ def test_a_lazy_module_is_named_not_failed_on_inside_torch(tmp_path):
     with pytest.raises(ValueError, match=r"'weight' is an uninitialized \(lazy\) tensor in the model: run the model "
                                          r"once"):
         assign_from_file(torch.nn.LazyLinear(2), tmp_path / "lin.flashpack")
+
+
+class WithExtraState(torch.nn.Module):
+    """A module with tensor extra state, as load_state_dict hands it to set_extra_state."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+        self.scale = torch.ones(2)
+
+    def get_extra_state(self):
+        return self.scale
+
+    def set_extra_state(self, state):
+        self.scale = state.clone()
+
+
+def test_tensor_extra_state_is_handed_to_set_extra_state_as_load_state_dict_does(tmp_path):
+    saved = torch.nn.Sequential(WithExtraState())
+    saved[0].scale = torch.tensor([3.0, 4.0])
+    flashpack_ops.pack_to_file(saved, tmp_path / "m.flashpack")
+    assert "0._extra_state" in flashpack_ops.load_file(tmp_path / "m.flashpack")
+    for strict in (True, False):
+        loaded = torch.nn.Sequential(WithExtraState())
+        assign_from_file(loaded, tmp_path / "m.flashpack", strict=strict)
+        expected = torch.nn.Sequential(WithExtraState())
+        expected.load_state_dict(saved.state_dict())
+        assert torch.equal(loaded[0].scale, expected[0].scale) and torch.equal(loaded[0].scale, torch.tensor([3.0, 4.0]))
+        assert torch.equal(loaded[0].lin.weight, saved[0].lin.weight)
