@@ -522,7 +522,12 @@ def _reset_parameters(module: torch.nn.Module) -> None:
 
 
 def _as_parameter(value: torch.Tensor, old: torch.Tensor) -> torch.nn.Parameter:
-    param = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+    # A subclass of Parameter that only adds methods or tags keeps its class, as
+    # load_state_dict keeps it; one that builds itself otherwise (its own __new__) cannot be
+    # rebuilt from a tensor alone and becomes a plain Parameter.
+    cls = type(old) if isinstance(old, torch.nn.Parameter) and type(old).__new__ is torch.nn.Parameter.__new__ \
+        else torch.nn.Parameter
+    param = cls(value, requires_grad=old.requires_grad)
     # Keep what libraries hang on parameters (transformers' init flags, optimizer tags).
     param.__dict__.update(getattr(old, "__dict__", {}))
     return param

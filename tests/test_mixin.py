@@ -741,3 +741,22 @@ def test_tensor_extra_state_is_handed_to_set_extra_state_as_load_state_dict_does
         expected.load_state_dict(saved.state_dict())
         assert torch.equal(loaded[0].scale, expected[0].scale) and torch.equal(loaded[0].scale, torch.tensor([3.0, 4.0]))
         assert torch.equal(loaded[0].lin.weight, saved[0].lin.weight)
+
+
+class TaggedParameter(torch.nn.Parameter):
+    """A Parameter subclass that only adds a method, as libraries tag their parameters."""
+
+    def describe(self):
+        return f"tagged {tuple(self.shape)}"
+
+
+def test_a_parameter_subclass_keeps_its_class_as_load_state_dict_keeps_it(tmp_path):
+    saved = torch.nn.Linear(3, 2)
+    flashpack_ops.pack_to_file(saved, tmp_path / "lin.flashpack")
+    model = torch.nn.Linear(3, 2)
+    model.weight = TaggedParameter(torch.zeros(2, 3))
+    model.weight.tag = "kept"
+    assign_from_file(model, tmp_path / "lin.flashpack")
+    assert type(model.weight) is TaggedParameter and model.weight.describe() == "tagged (2, 3)"
+    assert model.weight.tag == "kept" and model.weight.requires_grad
+    assert torch.equal(model.weight, saved.weight) and type(model.bias) is torch.nn.Parameter
