@@ -352,20 +352,16 @@ def _model_slots(model: torch.nn.Module) -> Dict[str, _Slot]:
     return by_name
 
 
-def _set_extra_state(model: torch.nn.Module, name: str, value: torch.Tensor) -> bool:
-    """``name`` is a module's ``_extra_state`` (what its ``get_extra_state`` gave the saved
-    state dict, a tensor): handed to its ``set_extra_state``, as load_state_dict hands it."""
-    module_path, _, attr = name.rpartition(".")
-    if attr != "_extra_state":
-        return False
-    try:
-        module = model.get_submodule(module_path)
-    except AttributeError:
-        return False
-    if type(module).set_extra_state is torch.nn.Module.set_extra_state:
-        return False  # a module without extra state: the name is unexpected
-    module.set_extra_state(value)
-    return True
+def _extra_states(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    """``{prefix}_extra_state`` for each module with extra state of its own (it overrides
+    ``set_extra_state``): what its ``get_extra_state`` puts in a state dict, a tensor to hand
+    back to ``set_extra_state``, as load_state_dict hands it."""
+    return {f"{name}.{_EXTRA_STATE}" if name else _EXTRA_STATE: module
+            for name, module in model.named_modules()
+            if type(module).set_extra_state is not torch.nn.Module.set_extra_state}
+
+
+_EXTRA_STATE = "_extra_state"
 
 
 def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
@@ -795,12 +791,14 @@ def assign_from_file(
     else:
         assign_target = model
     slots = _model_slots(model)
-    unexpected, mismatched = [], []
+    extra_states = _extra_states(model)
+    unexpected, mismatched, states = [], [], []
     for name, view in tensors.items():
         if ignored(name):
             continue
         slot = slots.get(name)
-        if slot is None and _set_extra_state(model, name, view):
+        if slot is None and name in extra_states:
+            states.append((extra_states[name], view))  # handed over with the tensors, once all is checked
             continue
         if slot is None:
             unexpected.append(name)
@@ -844,6 +842,8 @@ def assign_from_file(
                       and not all(ignored(n) for n in s.names) and not any(n in present for n in s.names)]
     missing_buffers = [s.names[0] for s in unique if s.source is None and not s.is_param and s.persistent
                        and not all(ignored(n) for n in s.names) and not any(n in present for n in s.names)]
+    # A module's extra state the file lacks: a parameter of sorts, as load_state_dict counts it.
+    missing_params += [name for name in extra_states if name not in present and not ignored(name)]
     check_params = strict_params if strict is None else strict
     check_buffers = strict_buffers if strict is None else strict
     problems = list(mismatched)
@@ -905,6 +905,8 @@ def assign_from_file(
     for names, value in assignments:
         for name in names:
             _set_tensor(model, name, value)
+    for module, state in states:
+        module.set_extra_state(state)
 
     if _zero_filled is not None:
         _zero_filled.extend(zero_filled)  # the caller initialises them and says so

@@ -62,6 +62,13 @@ class safe_open:  # noqa: N801 - safetensors' name, so that code written for it 
         self._device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
         if self._device.type == "meta":  # as safetensors refuses it: a meta tensor reads nothing
             raise ValueError(f"cannot open '{self._path}' for {self._device}: the meta device holds no data")
+        if self._device.type not in ("cpu", "cuda"):
+            # Another accelerator (xpu, mps...): said now, not at the first get_tensor.
+            try:
+                torch.empty(0, device=self._device)
+            except Exception as error:  # noqa: BLE001 - each backend fails in its own way
+                raise ValueError(f"cannot open '{self._path}' for {self._device}: the device is not available "
+                                 f"here ({type(error).__name__}: {error})") from None
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"cannot open '{self._path}' for {self._device}: no CUDA device is available "
                              "(torch.cuda.is_available() is False)")

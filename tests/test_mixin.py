@@ -760,3 +760,22 @@ def test_a_parameter_subclass_keeps_its_class_as_load_state_dict_keeps_it(tmp_pa
     assert type(model.weight) is TaggedParameter and model.weight.describe() == "tagged (2, 3)"
     assert model.weight.tag == "kept" and model.weight.requires_grad
     assert torch.equal(model.weight, saved.weight) and type(model.bias) is torch.nn.Parameter
+
+
+def test_extra_state_is_handed_over_only_once_the_load_is_checked_and_is_missed_when_absent(tmp_path):
+    saved = torch.nn.Sequential(WithExtraState())
+    saved[0].scale = torch.tensor([3.0, 4.0])
+    state = dict(saved.state_dict())
+    state["0.lin.weight"] = torch.zeros(5, 5)  # wrong shape: the load fails
+    flashpack_ops.save_file(state, tmp_path / "bad.flashpack")
+    model = torch.nn.Sequential(WithExtraState())
+    with pytest.raises(ValueError, match="'0.lin.weight' has shape"):
+        assign_from_file(model, tmp_path / "bad.flashpack")
+    assert torch.equal(model[0].scale, torch.ones(2))  # on error the model is unchanged
+    # A file without the module's extra state: missing, as load_state_dict(strict=True) says.
+    flashpack_ops.save_file({k: v for k, v in saved.state_dict().items() if k != "0._extra_state"},
+                            tmp_path / "none.flashpack")
+    with pytest.raises(ValueError, match=r"missing from the file: 0._extra_state"):
+        assign_from_file(torch.nn.Sequential(WithExtraState()), tmp_path / "none.flashpack")
+    assign_from_file(model, tmp_path / "none.flashpack", strict=False)
+    assert torch.equal(model[0].scale, torch.ones(2)) and torch.equal(model[0].lin.weight, saved[0].lin.weight)

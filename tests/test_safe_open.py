@@ -146,3 +146,14 @@ def test_reads_to_cuda(both, device):
             assert got.is_cuda
             assert_same(got, g.get_tensor(name), name)
             assert_same(f.get_slice(name)[...], g.get_slice(name)[...], name)
+
+
+@pytest.mark.parametrize("device", ["xpu", "mps"])
+def test_a_device_that_is_not_here_is_said_at_open(both, device):
+    try:
+        torch.empty(0, device=device)
+        pytest.skip(f"{device} is available here")
+    except Exception:
+        pass
+    with pytest.raises(ValueError, match=f"cannot open '.*' for {device}: the device is not available here"):
+        flashpack_ops.safe_open(both[0], framework="pt", device=device)

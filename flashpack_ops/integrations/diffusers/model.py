@@ -162,8 +162,8 @@ def from_pretrained_flashpack(
         device: where the weights go; the CPU by default.
         torch_dtype, dtype: convert the file's floating-point tensors to this dtype
             (a copy). By default the model takes the file's dtype (most of its floating-point
-            bytes): every floating tensor loads in it, except in the modules the model keeps
-            in float32, as ``from_pretrained`` casts to the model's dtype.
+            bytes; diffusers' ``from_pretrained`` takes float32): every floating tensor loads
+            in it, except in the modules the model keeps in float32.
         subfolder: the model lies in this subfolder (``"unet"``).
         revision, local_dir, local_files_only, cache_dir, token, force_download: for
             downloads from the Hub.
