@@ -42,8 +42,8 @@ class safe_open:  # noqa: N801 - safetensors' name, so that code written for it 
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: another framework, or not a valid flashpack file (the message names
-            the file, the entry and the problem).
+        ValueError: another framework, the meta device or one not available here, or not a
+            valid flashpack file (the message names the file, the entry and the problem).
 
     Where it differs from safetensors: a name the file lacks raises ``KeyError`` (not
     ``SafetensorError``), and ``metadata()`` is None for a file saved with ``metadata={}``.
