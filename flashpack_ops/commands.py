@@ -719,6 +719,7 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
         # A save renamed another file over it between the two reads: its tensors and the
         # metadata read first may not belong together.
         raise RuntimeError(f"{path} was replaced while it was being read; revert it again")
+    tensors = _as_checkpoint_names(path, tensors)
     if destination.endswith(".safetensors"):
         from safetensors.torch import save_file as save_safetensors
 
@@ -768,6 +769,30 @@ def _write_replacing(destination: str, write: Callable[[str], None]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def _as_checkpoint_names(path: str, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The tensors under the names save_pretrained writes, for a transformers model whose
+    checkpoints transformers renames as it loads them (a MoE's experts fused, LLaVA's
+    language_model moved): the file holds the loaded model's names, which other readers of
+    Hub checkpoints do not know. transformers' own reverse conversion gives them back. Other
+    files, and models without such renames, keep their names."""
+    config = _read_config(os.path.dirname(path) or ".", "config.json")
+    if os.path.basename(path) != FLASHPACK_FILE or not config or _is_diffusers_config(config) or \
+            "model_type" not in config:
+        return tensors
+    try:
+        import transformers
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # no transformers, or one without renames (4.x)
+        return tensors
+    if get_checkpoint_conversion_mapping(config["model_type"]) is None:
+        return tensors
+    model_class = _library_model_class(config, os.path.dirname(path) or ".", True, False)
+    with torch.device("meta"):
+        model = model_class(transformers.AutoConfig.from_pretrained(os.path.dirname(path) or "."))
+    return revert_weight_conversion(model, tensors)
 
 
 def summarize(path: str) -> Dict[str, Any]:

@@ -614,6 +614,28 @@ def test_convert_of_a_torch_file_in_the_legacy_format(tmp_path):
         assert_same(back[name], tensor, name)
 
 
+def test_revert_of_a_model_transformers_renames_writes_the_checkpoint_names_back(tmp_path):
+    # A MoE's experts are fused as transformers 5 loads them: the file holds the fused names,
+    # and revert gives back those save_pretrained writes, tensor for tensor.
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    config = transformers.Qwen2MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, num_experts=2,
+                                         num_experts_per_tok=1, moe_intermediate_size=8,
+                                         shared_expert_intermediate_size=8)
+    torch.manual_seed(0)
+    transformers.Qwen2MoeForCausalLM(config).save_pretrained(tmp_path / "hf")
+    run("convert", tmp_path / "hf", tmp_path / "fp")
+    fused = flashpack_ops.load_file(tmp_path / "fp" / "model.flashpack")
+    assert any(name.endswith("experts.gate_up_proj") for name in fused)
+    run("revert", tmp_path / "fp", tmp_path / "back.safetensors")
+    original, back = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back.safetensors")
+    assert sorted(back) == sorted(original)
+    for name, tensor in original.items():
+        assert_same(back[name], tensor, name)
+
+
 def test_revert_into_a_directory_writes_the_default_name_there(tmp_path):
     from safetensors.torch import load_file
 
