@@ -7,6 +7,7 @@ import fnmatch
 import glob
 import importlib
 import json
+import math
 import os
 import pickle
 import re
@@ -20,7 +21,7 @@ from ._warnings import warn
 from .api import filter_state_dict
 from .integrations._hub import (FLASHPACK_FILE, OTHER_FRAMEWORKS, TORCH_WEIGHTS, has_variant, looks_like_repo_id,
                                 parse_dtype, repo_files, resolve_directory, resolve_pipeline_directory,
-                                unread_weights)
+                                safetensors_entries, unread_weights)
 from .ops import _identity, _path, load_file, read_metadata, save_file
 
 TORCH_EXTENSIONS = TORCH_WEIGHTS
@@ -285,10 +286,7 @@ def _checkpoint_names(directory: str, variant: Optional[str]) -> List[str]:
         with open(weights, encoding="utf-8") as f:
             return list(json.load(f).get("weight_map") or {})
     if weights.endswith(".safetensors") or _is_safetensors(weights):
-        from safetensors import safe_open as safetensors_open
-
-        with safetensors_open(weights, framework="pt") as f:
-            return list(f.keys())
+        return list(safetensors_entries(weights))
     return list(_torch_state_dict(weights))
 
 
@@ -345,16 +343,8 @@ def checkpoint_tensor_sizes(path: str) -> Optional[List[Tuple[int, torch.dtype]]
         from .lazy import _SAFETENSORS_DTYPES
 
         by_code = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
-        with open(path, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        sizes = []
-        for name, entry in header.items():
-            if name != "__metadata__" and entry.get("dtype") in by_code:
-                numel = 1
-                for n in entry["shape"]:
-                    numel *= n
-                sizes.append((numel, by_code[entry["dtype"]]))
-        return sizes
+        return [(math.prod(shape), by_code[code]) for code, shape in safetensors_entries(path).values()
+                if code in by_code]
     try:
         state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
     except Exception:  # not a zip-format torch file, or not a state dict: unknown
@@ -657,7 +647,7 @@ def convert_to_flashpack(
         if destination.endswith(".flashpack"):
             raise ValueError(f"{destination}: a {what} directory converts to a directory (its config beside "
                              f"{FLASHPACK_FILE}, for from_pretrained_flashpack); give a directory name")
-        if target_dtype is not None and os.path.isdir(destination) and os.path.samefile(destination, model_dir):
+        if target_dtype is not None and _in_place(destination, model_dir):
             # The rewritten config.json would describe the new dtype, and from_pretrained would
             # then load the original weights beside it in that dtype without a word.
             raise ValueError(f"{model_dir}: converting a {what} directory to {target_dtype} in place would rewrite "

@@ -131,7 +131,7 @@ _CHECKPOINT = re.compile(r"(model|diffusion_pytorch_model)(\.[\w-]+?)?(-\d{5}-of
 _STALE_SAMPLES = 256
 
 
-def _safetensors_entries(checkpoint: str) -> Dict[str, Tuple[str, List[int]]]:
+def safetensors_entries(checkpoint: str) -> Dict[str, Tuple[str, List[int]]]:
     """name -> (dtype, shape) from a safetensors file's header; no tensor is read."""
     with open(checkpoint, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
@@ -155,7 +155,7 @@ def _differing_entry(path: str, checkpoints: Sequence[str]) -> Optional[Tuple[st
     stored = load_file(path)  # views into a mapping: only the rows compared are read
     holder: Dict[str, str] = {}
     for checkpoint in checkpoints:
-        entries = _safetensors_entries(checkpoint)
+        entries = safetensors_entries(checkpoint)
         shared = [name for name in entries if name in stored]
         if any(entries[name][0] != _SAFETENSORS_DTYPES.get(stored[name].dtype) for name in shared):
             continue
