@@ -120,8 +120,9 @@ def save_file(
 
     Raises:
         ValueError: a tensor cannot be stored (quantized, sparse, nested, on the meta device,
-            without data in memory), naming it; a ``target_dtype`` that would lose values
-            (an integer one with ``floating_only``, a real one for a complex tensor).
+            without data in memory, a lazy module's uninitialized parameter), naming it; a
+            ``target_dtype`` that would lose values (an integer one with ``floating_only``, a
+            real one for a complex tensor).
         TypeError: a name that is not a ``str`` or a value that is not a tensor, naming it;
             a metadata key or value that is not a ``str``.
         RuntimeError: the file could not be written (disk full, permissions), naming it.
@@ -138,6 +139,13 @@ def save_file(
             raise TypeError(f"cannot save '{path}': the name {name!r} is a {type(name).__name__}, not a str")
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"cannot save '{path}': '{name}' is a {type(tensor).__name__}, not a Tensor")
+        if isinstance(tensor, torch.nn.parameter.UninitializedTensorMixin):
+            # A lazy module's parameter before its first forward: an empty placeholder whose
+            # shape is not known yet. The operator would store it as an empty tensor, a file
+            # no model of the real sizes loads (safetensors and the reference package refuse it too).
+            raise ValueError(f"cannot save '{path}': '{name}' is an uninitialized (lazy) "
+                             f"{type(tensor).__name__}: run the model once, or build it with its sizes, before "
+                             "saving it")
         try:
             name.encode("utf-8")
         except UnicodeEncodeError as exc:

@@ -512,3 +512,24 @@ def test_footer_larger_than_the_limit(tmp_path):
         f.seek(size - 16)
         f.write(struct.pack("<Q", 257 << 20) + MAGIC)
     expect_error(path, "exceeds the limit of 268435456 bytes")
+
+
+@pytest.mark.parametrize("save", ["save_file", "pack_to_file"])
+def test_a_lazy_modules_uninitialized_parameters_are_refused(tmp_file, save):
+    # Before its first forward a lazy module holds empty placeholders of unknown shape: stored,
+    # they would be empty tensors that no model of the real sizes loads.
+    original = torch.randn(10)
+    flashpack_ops.save_file({"ok": original}, tmp_file)
+    lazy = torch.nn.LazyLinear(4).state_dict()
+    with pytest.raises(ValueError, match=f"'{re.escape(tmp_file)}': 'weight' is an uninitialized \\(lazy\\) "
+                                         "UninitializedParameter: run the model once"):
+        getattr(flashpack_ops, save)({"ok": torch.zeros(10), **lazy}, tmp_file)
+    _assert_intact(tmp_file, original)
+
+
+def test_a_lazy_model_saves_once_initialized(tmp_file):
+    model = torch.nn.LazyLinear(4)
+    model(torch.ones(2, 3))
+    flashpack_ops.save_file(model.state_dict(), tmp_file)
+    loaded = flashpack_ops.load_file(tmp_file)
+    assert torch.equal(loaded["weight"], model.weight) and torch.equal(loaded["bias"], model.bias)
