@@ -711,6 +711,7 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
         raise RuntimeError(f"{path} was replaced while it was being read; revert it again")
     tensors = _as_checkpoint_names(path, tensors)
     if destination.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import save_file as save_safetensors
 
         # safetensors refuses names that share memory: a tied name gets its own copy.
@@ -729,7 +730,8 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
         metadata = {"format": "pt", **file_metadata}
         try:
             _write_replacing(destination, lambda temporary: save_safetensors(unique, temporary, metadata=metadata))
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, TypeError, KeyError, SafetensorError) as e:
+            # SafetensorError: what its writer itself refuses (a 0-d float4_e2m1fn_x2, half a byte).
             raise ValueError(f"safetensors cannot store {path}: {e}; write a .pt file instead") from None
     else:
         try:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -571,6 +572,23 @@ def test_revert_to_safetensors_of_a_dtype_it_lacks_says_to_write_pt(tmp_path, dt
         assert_one_line_error(result, "torch.save cannot store")
     else:
         run("revert", tmp_path / "m.flashpack", tmp_path / "m.pt")
+
+
+def test_revert_to_safetensors_of_a_tensor_its_writer_refuses_says_to_write_pt(tmp_path):
+    # safetensors counts float4 values, two per byte: a 0-d float4_e2m1fn_x2 is half a byte to it.
+    from flashpack_ops.commands import revert_from_flashpack
+
+    t = torch.tensor(0x35, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    flashpack_ops.save_file({"scalar": t}, tmp_path / "m.flashpack")
+    with pytest.raises(ValueError, match=f"safetensors cannot store {re.escape(str(tmp_path / 'm.flashpack'))}: .*"
+                                         "write a .pt file instead"):
+        revert_from_flashpack(tmp_path / "m.flashpack")
+    assert os.listdir(tmp_path) == ["m.flashpack"]
+    result = run("revert", "-q", tmp_path / "m.flashpack", check=False)
+    assert_one_line_error(result, f"safetensors cannot store {tmp_path / 'm.flashpack'}: ")
+    run("revert", tmp_path / "m.flashpack", tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=True)["scalar"]
+    assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back.view(torch.uint8), t.view(torch.uint8))
 
 
 def test_revert_never_overwrites_a_default_destination(tmp_path):
