@@ -72,6 +72,10 @@ class safe_open:  # noqa: N801 - safetensors' name, so that code written for it 
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"cannot open '{self._path}' for {self._device}: no CUDA device is available "
                              "(torch.cuda.is_available() is False)")
+        if self._device.type == "cuda" and (self._device.index or 0) >= torch.cuda.device_count():
+            # Said now, as load_file says it, not by the first get_tensor's CUDA error.
+            raise ValueError(f"cannot open '{self._path}' for {self._device}: only {torch.cuda.device_count()} "
+                             "CUDA device(s) are visible")
         # The metadata is read apart from the load: the same file before and after, so that a
         # file replaced meanwhile (an atomic save) cannot pair one file's metadata with
         # another's tensors.

@@ -661,6 +661,14 @@ def test_a_missing_device_is_named(mixed):
         load_file(path, f"cuda:{n}")
 
 
+def test_safe_open_names_a_missing_device_at_open(mixed):
+    path, _ = mixed
+    n = torch.cuda.device_count()
+    for device in (f"cuda:{n}", n):
+        with pytest.raises(ValueError, match=rf"mixed.flashpack' for cuda:{n}: only {n} CUDA device"):
+            flashpack_ops.safe_open(path, framework="pt", device=device)
+
+
 @needs_cuda_build
 def test_a_corrupt_file_is_named(tmp_path, mixed):
     path, _ = mixed
