@@ -122,6 +122,7 @@ Kind classify(const void* ptr, size_t n) {
 // ---- streams and events ------------------------------------------------------------------
 
 struct Event {
+  int device = current_device;
   std::mutex m;
   std::condition_variable cv;
   uint64_t recorded = 0;
@@ -229,6 +230,11 @@ cudaError_t copy(void* dst, const void* src, size_t n, cudaStream_t stream, bool
     return cudaSuccess;
   }
   Stream* s = stream_of(stream);
+  if (to == Kind::Device) {
+    std::lock_guard<std::mutex> lock(mem_mutex);
+    auto it = device_allocs.upper_bound(reinterpret_cast<uintptr_t>(dst)); --it;
+    if (it->second.device != s->device) die("copy into device %d memory on a stream of device %d", it->second.device, s->device);
+  }
   // Real CUDA copies pageable host memory synchronously with respect to the host.
   const bool waits = !async || (from == Kind::Pageable) || (to == Kind::Pageable);
   const uint64_t before = from == Kind::Device ? 0 : digest(src, n);
@@ -575,6 +581,7 @@ cudaError_t cudaEventDestroy(cudaEvent_t) {
 
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   auto* e = reinterpret_cast<Event*>(event);
+  if (stream_of(stream)->device != e->device) die("cudaEventRecord: event of device %d recorded on a stream of device %d", e->device, stream_of(stream)->device);
   uint64_t target;
   {
     std::lock_guard<std::mutex> lock(e->m);
