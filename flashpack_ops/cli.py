@@ -67,7 +67,9 @@ def _metadata(args: argparse.Namespace) -> None:
             raise RuntimeError("--verify needs flashpack_ops.verify_file, which this build of flashpack_ops lacks")
         # verify_file's own message only knows the Python API; name the command's option too.
         # A footer before flashpack_v4 has no blocks and no checksums; an empty v4 file verifies.
-        if any("checksums" not in block for block in ops.read_metadata(path).get("macroblocks", [{}])):
+        meta = ops.read_metadata(path)
+        blocks = [{}] if meta["format"] == "flashpack_v3" else meta["macroblocks"]
+        if any("checksums" not in block for block in blocks):
             raise ValueError(f"{path} holds no checksums to verify; write it with `flashpack convert --checksum` "
                              "or save it with checksum=True")
         result = verify(path)

@@ -791,7 +791,9 @@ def summarize(path: str) -> Dict[str, Any]:
     """A flashpack file's footer plus what a person wants first: sizes, counts, dtypes."""
     meta = read_metadata(path)
     index = meta.get("index", [])
-    if "macroblocks" in meta:
+    # By "format", as the C++ reader takes the footer: a flashpack_v3 footer is one block of its
+    # "target_dtype", whatever other keys (another writer's "macroblocks") it holds.
+    if meta["format"] != "flashpack_v3":
         blocks = meta["macroblocks"]
     else:
         itemsize = torch.empty(0, dtype=getattr(torch, meta["target_dtype"])).element_size()

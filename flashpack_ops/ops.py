@@ -474,11 +474,16 @@ def _fake_footer(op: str, path: str, device: torch.device) -> Tuple[Dict[str, An
             message = str(error).removeprefix("flashpack::read_footer: ")
             raise UnsupportedOperatorException(f"{op}: {message}") from None
         _raise_as(op, error)
-    if "macroblocks" in footer:  # flashpack_v4
-        blocks = [(block["dtype"], block["length_elems"]) for block in footer["macroblocks"]]
-    else:  # flashpack_v3: one block
-        blocks = [(footer["target_dtype"], footer["total_elems"])]
-    return footer, blocks
+    return footer, _footer_blocks(footer)
+
+
+def _footer_blocks(footer: Dict[str, Any]) -> List[Tuple[str, int]]:
+    """Each block of a footer read_footer has validated, as (dtype name, elements), as the
+    C++ reader (and the reference) takes them: by "format", so that a flashpack_v3 footer is
+    one block of "target_dtype" whatever other keys (another writer's "macroblocks") it holds."""
+    if footer["format"] == "flashpack_v3":
+        return [(footer["target_dtype"], footer["total_elems"])]
+    return [(block["dtype"], block["length_elems"]) for block in footer["macroblocks"]]
 
 
 def _fake_views(op: str, path: str, device: torch.device,

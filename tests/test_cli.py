@@ -733,6 +733,24 @@ def test_metadata_counts_tied_tensors_once_and_says_its_units(tmp_path):
     assert "ids    int64            (3,)                 block 1 element 0" in out
 
 
+@pytest.mark.parametrize("blocks", [[{"dtype": "int32", "offset_bytes": 0, "length_bytes": 8, "length_elems": 2}], [],
+                                    "other"])
+def test_metadata_reads_a_v3_footer_by_its_format(tmp_path, capsys, blocks):
+    # Another writer's "macroblocks" in a flashpack_v3 footer: loads ignore it (the C++ reader
+    # and the reference read a v3 footer's one block from "target_dtype"), and so must the summary.
+    path = tmp_path / "v3.flashpack"
+    footer = json.dumps({"format": "flashpack_v3", "target_dtype": "float32", "align_bytes": 128, "total_elems": 2,
+                         "index": [{"name": "w", "shape": [2], "offset": 0, "length": 2}],
+                         "macroblocks": blocks}).encode()
+    path.write_bytes(torch.tensor([1.5, -2.0]).numpy().tobytes() + footer + len(footer).to_bytes(8, "little") +
+                     b"FLASHPK\0")
+    assert flashpack_ops.load_file(path)["w"].dtype == torch.float32
+    assert cli.main(["metadata", str(path), "--show-index"]) == 0
+    out = capsys.readouterr().out
+    assert "0: float32          at byte              0  8 B" in out
+    assert "w  float32          (2,)                 block 0 element 0" in out
+
+
 @pytest.mark.parametrize("kind", ["file", "index"])
 def test_convert_keeps_safetensors_metadata_and_revert_writes_it_back(tmp_path, kind):
     from safetensors import safe_open

@@ -210,6 +210,39 @@ def test_entries_that_overlap_in_part_are_refused_when_compiled_not_misread(back
     assert torch.equal(flashpack_ops.load_file(path, names=["b"])["b"], torch.zeros(4))  # one entry: no overlap
 
 
+def _v3_file_with_other_keys(path):
+    # A flashpack_v3 file (one float32 block), whose footer also holds a "macroblocks" key, as
+    # another writer may leave: a v3 footer's dtype is its "target_dtype" (the C++ reader and
+    # the reference read it by its "format"), whatever else the footer holds.
+    import json
+    import struct
+
+    footer = json.dumps({"format": "flashpack_v3", "target_dtype": "float32", "align_bytes": 128, "total_elems": 4,
+                         "index": [{"name": "w", "shape": [4], "offset": 0, "length": 4}],
+                         "macroblocks": [{"dtype": "int32", "offset_bytes": 0, "length_bytes": 16,
+                                          "length_elems": 4}]}).encode()
+    with open(path, "wb") as f:
+        f.write(torch.tensor([1.5, 2.5, -3.0, 4.0]).numpy().tobytes() + footer + struct.pack("<Q", len(footer)) +
+                b"FLASHPK\0")
+    return str(path)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_v3_footer_is_traced_by_its_format_not_misread(backend, tmp_path):
+    path = _v3_file_with_other_keys(tmp_path / "v3.flashpack")
+    real = torch.ops.flashpack.load_list(path)
+    assert torch.equal(real[0], torch.tensor([1.5, 2.5, -3.0, 4.0]))
+    with FakeTensorMode():
+        fake = torch.ops.flashpack.load_list(path)
+    assert [(f.shape, f.dtype) for f in fake] == [(r.shape, r.dtype) for r in real]
+
+    def double():
+        return flashpack_ops.load_file(path)["w"] * 2
+
+    torch.compiler.reset()
+    assert torch.equal(torch.compile(double, backend=backend, fullgraph=True)(), double())
+
+
 def test_make_fx_traces_load_file(weights_file):
     from torch.fx.experimental.proxy_tensor import make_fx
 
