@@ -130,8 +130,6 @@ def checkpoint_metadata(path: str) -> Optional[Dict[str, str]]:
     """The metadata of a .safetensors checkpoint ({"format": "pt"}...), kept by convert: one
     file's, or what every shard of an index holds alike. None for torch files and for shards
     that disagree."""
-    from safetensors import safe_open as safetensors_open
-
     if _is_index(path):
         with open(path, encoding="utf-8") as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
@@ -140,6 +138,9 @@ def checkpoint_metadata(path: str) -> Optional[Dict[str, str]]:
         files = [path]
     if not files or not all(f.endswith(".safetensors") or _is_safetensors(f) for f in files):
         return None
+    # Imported only now: torch checkpoints convert without safetensors installed.
+    from safetensors import safe_open as safetensors_open
+
     found = []
     for file in files:
         with safetensors_open(file, framework="pt") as f:

@@ -766,6 +766,26 @@ def test_refused_registration_falls_back_to_staging(tmp_path, refuse_at, route):
 
 
 @needs_cuda_build
+@pytest.mark.skipif(not emulated(), reason="refusing the staging ring's registration needs tests/cuda_emulator")
+@pytest.mark.parametrize("route", ["buffered", "direct"])
+def test_a_ring_the_driver_will_not_register_is_allocated_pinned(tmp_path, route):
+    # Where host memory cannot be registered, the staging ring comes from cudaHostAlloc: the
+    # load is the same, and the ring is freed as the registered one is.
+    script = REFUSAL_SCRIPT + r"""
+ring = after["pinned_bytes"]
+assert 0 < ring <= 256 * 1024, after
+from flashpack_ops import release_pinned_memory
+assert release_pinned_memory() == ring and cuda_stats()["pinned_bytes"] == 0
+"""
+    env = dict(os.environ, FAKE_CUDA_REFUSE_WRITABLE_REGISTER="1")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "f.flashpack"), route], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    fallbacks, buffered, registered_now, _ = map(int, out.stdout.split())
+    assert fallbacks == 0 and registered_now == 0 and buffered <= 300_000 + 4099
+
+
+@needs_cuda_build
 @pytest.mark.skipif(not emulated(), reason="hiding read-only registration support needs tests/cuda_emulator")
 def test_no_read_only_registration_stages(tmp_path):
     env = dict(os.environ, FAKE_CUDA_NO_READONLY_REGISTER="1")

@@ -17,11 +17,13 @@
 // Kernels are not emulated: cudaLaunchKernel fails, so tests compare results on the CPU.
 //
 // Knobs: FAKE_CUDA_DEVICES (default 1), FAKE_CUDA_DELAY_US (default 0),
-// FAKE_CUDA_REFUSE_REGISTER_AT=N (refuse the N-th cudaHostRegister call, 1-based),
-// FAKE_CUDA_NO_READONLY_REGISTER=1 (report no cudaHostRegisterReadOnly support),
+// FAKE_CUDA_REFUSE_REGISTER_AT=N (refuse the N-th read-only cudaHostRegister call, 1-based:
+// a file's pages, not the staging ring), FAKE_CUDA_NO_READONLY_REGISTER=1 (report no
+// cudaHostRegisterReadOnly support), FAKE_CUDA_REFUSE_WRITABLE_REGISTER=1 (refuse every
+// cudaHostRegister without cudaHostRegisterReadOnly: the staging ring's),
 // FAKE_CUDA_FAIL_UPLOAD_AT=N (fail the N-th host-to-device cudaMemcpyAsync, 1-based),
-// FAKE_CUDA_FAIL_UNREGISTER_AT=N (fail the N-th cudaHostUnregister, 1-based, leaving the
-// range registered).
+// FAKE_CUDA_FAIL_UNREGISTER_AT=N (fail the N-th cudaHostUnregister of a read-only range,
+// 1-based, leaving the range registered).
 //
 // This is a test tool, not a model of a GPU's speed: timings under it mean nothing.
 #include <cuda_runtime_api.h>
@@ -87,7 +89,8 @@ enum class Kind { Pageable, Pinned, Registered, Device };
 
 struct Range {
   size_t bytes;
-  int device;  // device allocations only
+  int device;              // device allocations only
+  bool read_only = false;  // registrations only: cudaHostRegisterReadOnly (a file's pages)
 };
 
 std::mutex mem_mutex;
@@ -430,9 +433,10 @@ cudaError_t cudaFreeHost(void* ptr) {
 cudaError_t cudaHostRegister(void* ptr, size_t size, unsigned int flags) {
   static std::atomic<int> calls{0};
   static const int refuse_at = env_int("FAKE_CUDA_REFUSE_REGISTER_AT", 0);
-  const int call = ++calls;
-  if (refuse_at > 0 && call == refuse_at) return cudaErrorNotSupported;
-  if ((flags & cudaHostRegisterReadOnly) && env_int("FAKE_CUDA_NO_READONLY_REGISTER", 0)) return cudaErrorNotSupported;
+  const bool read_only = (flags & cudaHostRegisterReadOnly) != 0;
+  if (read_only && refuse_at > 0 && ++calls == refuse_at) return cudaErrorNotSupported;
+  if (read_only && env_int("FAKE_CUDA_NO_READONLY_REGISTER", 0)) return cudaErrorNotSupported;
+  if (!read_only && env_int("FAKE_CUDA_REFUSE_WRITABLE_REGISTER", 0)) return cudaErrorNotSupported;
   if (size == 0) return cudaErrorInvalidValue;
   const uintptr_t p = reinterpret_cast<uintptr_t>(ptr);
   // Touch every page, as pinning does (and as a real driver would fault them in).
@@ -448,16 +452,18 @@ cudaError_t cudaHostRegister(void* ptr, size_t size, unsigned int flags) {
     const uintptr_t b1 = (base + r.bytes + 4095) / 4096 * 4096;
     if (first < b1 && b0 < last) return cudaErrorHostMemoryAlreadyRegistered;
   }
-  registered[p] = {size, -1};
+  registered[p] = {size, -1, read_only};
   return cudaSuccess;
 }
 
 cudaError_t cudaHostUnregister(void* ptr) {
   static std::atomic<int> calls{0};
   static const int fail_at = env_int("FAKE_CUDA_FAIL_UNREGISTER_AT", 0);
-  if (fail_at > 0 && ++calls == fail_at) return cudaErrorUnknown;
   std::lock_guard<std::mutex> lock(mem_mutex);
-  if (registered.erase(reinterpret_cast<uintptr_t>(ptr)) == 0) return cudaErrorHostMemoryNotRegistered;
+  auto it = registered.find(reinterpret_cast<uintptr_t>(ptr));
+  if (it == registered.end()) return cudaErrorHostMemoryNotRegistered;
+  if (it->second.read_only && fail_at > 0 && ++calls == fail_at) return cudaErrorUnknown;
+  registered.erase(it);
   return cudaSuccess;
 }
 
