@@ -58,3 +58,21 @@ def test_reference_names_are_all_there():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])))
     assert result.returncode == 0, result.stderr
+
+
+def test_reference_integration_modules_import_under_our_name():
+    # `from flashpack.integrations.X import Y` becomes `from flashpack_ops.integrations.X import Y`.
+    import importlib
+
+    for module, names in (("integrations", ["patch_integrations"]),
+                          ("integrations.patch", ["patch_integrations"]),
+                          ("integrations.transformers", ["FlashPackTransformersModelMixin",
+                                                         "patch_transformers_auto_model"]),
+                          ("integrations.diffusers", ["FlashPackDiffusersModelMixin", "FlashPackDiffusionPipeline",
+                                                      "patch_diffusers_auto_model"])):
+        if module.endswith(("transformers", "diffusers")):
+            pytest.importorskip(module.rsplit(".", 1)[1])
+        ours = importlib.import_module(f"flashpack_ops.{module}")
+        assert [n for n in names if not hasattr(ours, n)] == [], module
+    assert importlib.import_module("flashpack_ops.integrations.patch").patch_integrations is \
+        flashpack_ops.patch_integrations
