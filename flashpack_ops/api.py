@@ -52,7 +52,7 @@ def pack_to_file(
     *,
     floating_only: bool = False,
 ) -> None:
-    """Pack a state dict, or a module's state dict, into a flashpack file.
+    """Pack a state dict, or a module's state dict, into a flashpack file (the reference's function).
 
     Args:
         state_dict_or_model: the tensors, or an ``nn.Module`` whose ``state_dict()`` is saved.
@@ -67,6 +67,10 @@ def pack_to_file(
 
     Raises:
         ValueError: nothing to pack, or a tensor that cannot be stored.
+        TypeError, RuntimeError: as ``save_file``.
+
+    Example:
+        >>> pack_to_file(model, "model.flashpack", torch.bfloat16)
     """
     if isinstance(state_dict_or_model, torch.nn.Module):
         state_dict = state_dict_or_model.state_dict()
@@ -83,17 +87,39 @@ def pack_to_file(
 
 
 def get_flashpack_file_metadata(path: PathLike) -> Dict[str, Any]:
-    """The footer of a flashpack file (format, blocks, index), validated.
+    """The footer of a flashpack file (format, blocks, index), validated; ``read_metadata``.
+
+    Args:
+        path: a flashpack file (either format).
+
+    Returns:
+        Dict[str, Any]: the footer, as ``read_metadata`` returns it.
 
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: it is not a valid flashpack file.
+        RuntimeError: it could not be read.
+
+    Example:
+        >>> get_flashpack_file_metadata("model.flashpack")["format"]
+        'flashpack_v4'
     """
     return read_metadata(path)
 
 
 def is_flashpack_file(path: PathLike) -> bool:
-    """Whether ``path`` is a readable, valid flashpack file."""
+    """Whether ``path`` is a readable, valid flashpack file.
+
+    Args:
+        path: any path (or value: what is not a path is no flashpack file).
+
+    Returns:
+        bool: True if its footer reads and validates; never raises for a bad file.
+
+    Example:
+        >>> is_flashpack_file("model.flashpack"), is_flashpack_file("model.safetensors")
+        (True, False)
+    """
     try:
         read_metadata(path)
         return True
@@ -102,9 +128,24 @@ def is_flashpack_file(path: PathLike) -> bool:
 
 
 def revert_from_file(path: PathLike, silent: bool = True) -> Dict[str, torch.Tensor]:
-    """Read a flashpack file into ordinary CPU tensors (not backed by the file), each in
-    memory of its own: the names of a tensor the file stores once (tied weights) are copies,
-    which ``safetensors.torch.save_file`` takes (the reference gives them one memory)."""
+    """Read a flashpack file into ordinary CPU tensors, not backed by the file.
+
+    The names of a tensor the file stores once (tied weights) get copies of their own,
+    which ``safetensors.torch.save_file`` takes (the reference gives them one memory).
+
+    Args:
+        path: a flashpack file (either format).
+        silent: unused, kept for compatibility.
+
+    Returns:
+        Dict[str, torch.Tensor]: every entry, in the file's order.
+
+    Raises:
+        FileNotFoundError, ValueError, RuntimeError: as ``load_file``.
+
+    Example:
+        >>> safetensors.torch.save_file(revert_from_file("model.flashpack"), "model.safetensors")
+    """
     from .lazy import _copy
 
     tensors = load_file(path, "cpu", copy=True)
@@ -123,7 +164,14 @@ class FlashTensorStorage:
     block's dtype, as the reference's ``read_flashpack_file`` returns them.
 
     ``iterate_from_flash_tensor`` turns them and the file's metadata into named tensors.
-    ``backing_arrays`` is the reference's field for its numpy memory maps; always None here.
+
+    Args:
+        blocks: one 1-D tensor per block, in the file's block order.
+        backing_arrays: the reference's field for its numpy memory maps; always None here.
+
+    Example:
+        >>> storage, meta = read_flashpack_file("model.flashpack")
+        >>> len(storage), storage.block(0).dtype, storage.device
     """
 
     blocks: List[torch.Tensor]
@@ -251,6 +299,10 @@ def read_flashpack_file_distributed(
     not see the file unless ``sharded``.
 
     Args:
+        path: the flashpack file (only rank ``src`` reads it unless ``sharded``).
+        device: where the blocks go on this rank.
+        src: the rank that reads and broadcasts, without ``sharded``.
+        sharded: every rank reads its share of each block and the ranks all-gather.
         shard_strategy: the reference's ``"contiguous"`` or ``"windows"``; both give the
             same blocks.
         chunk_bytes, num_streams, silent: accepted for compatibility.
@@ -263,6 +315,9 @@ def read_flashpack_file_distributed(
     Raises:
         RuntimeError: no process group is initialized, or the load failed on another rank.
         ValueError: the file is invalid, or the arguments are.
+
+    Example:
+        >>> storage, meta = read_flashpack_file_distributed("model.flashpack", "cuda", sharded=True)
     """
     # Checked where a refusal fails every rank, not only this one (the others would wait).
     blocks, footer = load_blocks_distributed(
@@ -291,6 +346,10 @@ def iterate_from_flash_tensor(
 
     Raises:
         ValueError: an index entry does not fit the blocks given.
+
+    Example:
+        >>> storage, meta = read_flashpack_file("model.flashpack")
+        >>> state_dict = dict(iterate_from_flash_tensor(storage, meta, ignore_prefixes=["lm_head."]))
     """
     storage = flash_tensor if isinstance(flash_tensor, FlashTensorStorage) else FlashTensorStorage([flash_tensor])
     for record in metadata["index"]:
@@ -710,7 +769,8 @@ def assign_from_file(
             mapping of the file, for a model that must not change when the file is
             rewritten in place (``cp`` over it) or truncated; replacing the file (a rename,
             as ``save_file`` and ``save_pretrained_flashpack`` do) is safe either way.
-        use_distributed_loading: load over torch.distributed (see ``load_file_distributed``):
+        use_distributed_loading, distributed_sharded, rank, local_rank, world_size: load
+            over torch.distributed (see ``load_file_distributed``):
             rank 0 reads and broadcasts, or with ``distributed_sharded`` every rank reads
             its share and the ranks all-gather. Starts the process group from ``rank``,
             ``local_rank``, ``world_size`` or the torchrun environment if none exists.

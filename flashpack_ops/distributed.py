@@ -426,9 +426,20 @@ def load_blocks_distributed(
 ) -> Tuple[List[torch.Tensor], Dict[str, Any]]:
     """``load_file_distributed``, returning the blocks and the footer instead of the tensors.
 
-    Takes the same arguments. Returns one 1-D tensor per block, of the block's dtype (as
-    ``torch.ops.flashpack.load_blocks`` does on one process), and the file's footer as a
-    dict; ``iterate_from_flash_tensor`` turns them into named tensors.
+    Args:
+        path, device, src, sharded, window_bytes, num_threads, verify: as for
+            ``load_file_distributed``.
+
+    Returns:
+        Tuple[List[torch.Tensor], Dict[str, Any]]: one 1-D tensor per block, of the block's
+        dtype (as ``torch.ops.flashpack.load_blocks`` gives them on one process), and the
+        file's footer; ``iterate_from_flash_tensor`` turns them into named tensors.
+
+    Raises:
+        RuntimeError, ValueError: as ``load_file_distributed``.
+
+    Example:
+        >>> blocks, footer = load_blocks_distributed("model.flashpack", sharded=True)
     """
     loaded, device = _load(path, device, src, sharded, window_bytes, num_threads, verify, _check)
     blocks = []

@@ -303,6 +303,9 @@ def cuda_stats(reset_peaks: bool = False) -> Dict[str, int]:
 
     Returns:
         Dict[str, int]: the counters; empty if flashpack_ops was built without CUDA.
+
+    Example:
+        >>> before = cuda_stats()["bytes_registered"]
     """
     return dict(torch.ops.flashpack.cuda_stats(reset_peaks))
 
@@ -312,6 +315,9 @@ def release_pinned_memory() -> int:
 
     Returns:
         int: the bytes freed (0 without CUDA, or when no load has run).
+
+    Example:
+        >>> freed = release_pinned_memory()
     """
     return int(torch.ops.flashpack.release_pinned_memory())
 
@@ -342,9 +348,21 @@ def verify_file(path: PathLike, *, num_threads: int = 0) -> None:
 def read_metadata(path: PathLike) -> Dict[str, Any]:
     """The footer of a flashpack file as a dict, validated without reading the payload.
 
+    Args:
+        path: a flashpack file (either format).
+
+    Returns:
+        Dict[str, Any]: the footer: ``format``, ``align_bytes``, ``index`` (each entry's
+        ``name``, ``shape``, ``offset``, ``length``), ``macroblocks`` in a flashpack_v4 file,
+        and ``metadata`` where ``save_file(..., metadata=)`` stored some.
+
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file is not a valid flashpack file.
+        RuntimeError: the file could not be read (a directory, no permission).
+
+    Example:
+        >>> [entry["name"] for entry in read_metadata("model.flashpack")["index"]]
     """
     return json.loads(torch.ops.flashpack.read_footer(_path(path, must_exist=True)))
 

@@ -76,3 +76,30 @@ def test_reference_integration_modules_import_under_our_name():
         assert [n for n in names if not hasattr(ours, n)] == [], module
     assert importlib.import_module("flashpack_ops.integrations.patch").patch_integrations is \
         flashpack_ops.patch_integrations
+
+
+def test_public_api_docstrings_follow_one_style():
+    # Args (every public parameter, alone or in a group) / Returns / Raises / Example, as
+    # safetensors documents its API; names starting with "_" are internal.
+    import inspect
+    import re
+
+    problems = []
+    for name in flashpack_ops.__all__:
+        obj = getattr(flashpack_ops, name)
+        if not callable(obj):
+            continue
+        doc = inspect.getdoc(obj) or ""
+        if "Example:" not in doc:
+            problems.append(f"{name}: no Example")
+        params = [p for p in inspect.signature(obj).parameters if not p.startswith("_")]
+        args = re.search(r"^Args:\n((?:    .*\n?|\n)*)", doc, re.M)
+        documented = set()
+        for line in (args.group(1) if args else "").splitlines():
+            head = re.match(r"    (\*{0,2}\w+(?:, \*{0,2}\w+)*):", line)
+            if head:
+                documented.update(n.strip().lstrip("*") for n in head.group(1).split(","))
+        missing = [p for p in params if p not in documented and p not in ("args", "kwargs")]
+        if missing:
+            problems.append(f"{name}: Args lacks {missing}")
+    assert problems == []

@@ -10,7 +10,14 @@ def patch_integrations() -> None:
 
     After it, ``transformers.AutoModelForCausalLM.from_pretrained_flashpack(directory)``
     and ``diffusers.AutoModel.from_pretrained_flashpack(directory)`` pick the model class
-    from the directory's config, as ``from_pretrained`` does.
+    from the directory's config, as ``from_pretrained`` does. Every transformers
+    ``PreTrainedModel`` and diffusers ``ModelMixin`` and ``DiffusionPipeline`` gets
+    ``save_pretrained_flashpack`` and ``from_pretrained_flashpack``. A library that is not
+    installed is left alone; calling it again changes nothing.
+
+    Example:
+        >>> patch_integrations()
+        >>> model = transformers.AutoModelForCausalLM.from_pretrained_flashpack("llama-fp", device="cuda")
     """
     if importlib.util.find_spec("transformers") is not None:
         from .transformers import patch_transformers_auto_model
