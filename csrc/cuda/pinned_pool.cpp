@@ -4,8 +4,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime_api.h>
 
+#include <sys/mman.h>
+
 #include <chrono>
 #include <mutex>
+#include <set>
 
 namespace flashpack::cuda {
 
@@ -26,12 +29,9 @@ class Pool {
       stale_bytes = std::exchange(idle_bytes_, 0);
     }
     free_pinned(stale, stale_bytes);
-    void* p = nullptr;
-    // NOTE: portable, so a ring allocated while loading to one GPU is pinned for every
-    // GPU the process later loads to.
-    C10_CUDA_CHECK(cudaHostAlloc(&p, bytes, cudaHostAllocPortable));
+    char* p = allocate_pinned(bytes);
     stats().pinned.add(static_cast<int64_t>(bytes));
-    return PinnedLease(static_cast<char*>(p), bytes);
+    return PinnedLease(p, bytes);
   }
 
   void give_back(char* data, size_t bytes) noexcept {
@@ -81,13 +81,63 @@ class Pool {
   }
 
  private:
-  static void free_pinned(char* data, size_t bytes) noexcept {
+  // NOTE: the ring is ordinary anonymous memory registered with the driver rather than
+  // cudaHostAlloc's. Direct (O_DIRECT) reads land in it, and the kernel pins the pages of a
+  // direct read: cudaHostAlloc's memory is a mapping of the driver's own, which it may refuse
+  // to pin (EFAULT, and every direct read would fall back to a buffered one), while
+  // registered anonymous pages are plain user memory. DMA runs at the same speed from
+  // either. Portable, so a ring allocated while loading to one GPU is pinned for every GPU the
+  // process later loads to. Not inherited by forked children (DataLoader workers): each
+  // would otherwise get a copy of the pinned pages at fork.
+  char* allocate_pinned(size_t bytes) {
+    int device = 0;
+    int supported = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&supported, cudaDevAttrHostRegisterSupported, device));
+    if (supported != 0) {
+      void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p != MAP_FAILED) {
+        (void)::madvise(p, bytes, MADV_DONTFORK);
+        if (cudaHostRegister(p, bytes, cudaHostRegisterPortable) == cudaSuccess) {
+          std::lock_guard<std::mutex> lock(mutex_);
+          mapped_.insert(static_cast<char*>(p));
+          return static_cast<char*>(p);
+        }
+        (void)cudaGetLastError();
+        ::munmap(p, bytes);
+      }
+    }
+    // The driver cannot register host memory here: its own pinned memory, read into buffered.
+    void* p = nullptr;
+    C10_CUDA_CHECK(cudaHostAlloc(&p, bytes, cudaHostAllocPortable));
+    return static_cast<char*>(p);
+  }
+
+  void free_pinned(char* data, size_t bytes) noexcept {
     if (data == nullptr) return;
-    C10_CUDA_CHECK_WARN(cudaFreeHost(data));
+    bool mapped = false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      mapped = mapped_.erase(data) != 0;
+    }
+    if (mapped) {
+      // Left mapped if the driver cannot unregister it: a later mapping at the same address
+      // would find its pages still registered.
+      const cudaError_t err = cudaHostUnregister(data);
+      if (err == cudaSuccess) {
+        ::munmap(data, bytes);
+      } else {
+        (void)cudaGetLastError();
+        TORCH_WARN("flashpack: unregistering the pinned ring: ", cudaGetErrorString(err));
+      }
+    } else {
+      C10_CUDA_CHECK_WARN(cudaFreeHost(data));
+    }
     stats().pinned.add(-static_cast<int64_t>(bytes));
   }
 
   std::mutex mutex_;
+  std::set<char*> mapped_;  // allocations that are registered mappings, not cudaHostAlloc's
   char* idle_ = nullptr;
   size_t idle_bytes_ = 0;
   int idle_device_ = -1;
