@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, in one go: build flashpack_ops with CUDA, run the CUDA tests, benchmark
 # disk -> GPU against safetensors, torch.load and the reference flashpack
-# (benchmarks/bench_gpu.py), run every other test that needs a GPU, then transformers'
-# from_pretrained against from_pretrained_flashpack (benchmarks/bench_transformers.py), then
-# the rest of the suite.
-# Logs and results go to $OUT; a short table comes last.
+# (benchmarks/bench_gpu.py), then transformers' from_pretrained against from_pretrained_flashpack
+# (benchmarks/bench_transformers.py), run every other test that needs a GPU, then the rest of
+# the suite.
+# Logs and results go to $OUT; each step's outcome is printed as it ends, a short table last.
 #
 #   OUT=/some/folder benchmarks/gpu_check.sh        # as root, on the GPU machine
 #
@@ -18,10 +18,12 @@
 #
 # The reference flashpack 0.4.5, and what it or the plot imports beyond that machine's
 # packages, come as wheels in .whl/ at the repository root (git-ignored; copy it to the GPU
-# machine with the tree). Only wheels whose package is not importable are installed, into /tmp/site. To
-# prepare .whl/ on a machine with a network (cp312 wheels for the GPU machine's python3; a
-# machine whose image has accelerate, click and matplotlib needs the first wheel only):
-#   pip download --no-deps -d .whl flashpack==0.4.5 accelerate==1.15.0 click
+# machine with the tree). Only wheels whose package is not importable are installed, into /tmp/site
+# (unpacked, where that python3 has no pip). ninja, where the machine has none, builds the
+# extension's sources in parallel. To prepare .whl/ on a machine with a network (cp312 wheels
+# for the GPU machine's python3; a machine whose image has accelerate, click, matplotlib and
+# ninja needs the first wheel only):
+#   pip download --no-deps -d .whl flashpack==0.4.5 accelerate==1.15.0 click ninja
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
 #     -d .whl matplotlib contourpy kiwisolver pillow fonttools cycler pyparsing python-dateutil six psutil
@@ -45,6 +47,10 @@ ulimit -c 0  # a step stopped with SIGABRT (below) must not leave a core dump of
 start=$SECONDS
 left() { echo $((BUDGET_S - (SECONDS - start))); }
 status=()
+note() {  # a step's outcome: printed now, so that a run cut short still shows how far it got, and again last
+  status+=("$1")
+  echo "$1"
+}
 
 # ---- the machine ----
 {
@@ -58,7 +64,7 @@ status=()
 # ---- wheels: the reference flashpack, and whatever else is missing ----
 if compgen -G ".whl/*.whl" > /dev/null; then
   mapfile -t missing < <("$PY" - <<'EOF'
-import glob, importlib.util, os
+import glob, importlib.util, os, shutil
 # wheel distribution name -> the module it provides
 modules = {"flashpack": "flashpack", "accelerate": "accelerate", "click": "click", "matplotlib": "matplotlib",
            "contourpy": "contourpy", "cycler": "cycler", "fonttools": "fontTools", "kiwisolver": "kiwisolver",
@@ -66,15 +72,25 @@ modules = {"flashpack": "flashpack", "accelerate": "accelerate", "click": "click
            "psutil": "psutil"}
 for wheel in sorted(glob.glob(".whl/*.whl")):
     dist = os.path.basename(wheel).split("-")[0].lower()
-    module = modules.get(dist, dist)
-    if dist == "flashpack" or importlib.util.find_spec(module) is None:
+    if dist == "ninja":  # a program: wanted where none is on PATH
+        missing = shutil.which("ninja") is None
+    else:
+        missing = dist == "flashpack" or importlib.util.find_spec(modules.get(dist, dist)) is None
+    if missing:
         print(wheel)
 EOF
   )
   if ((${#missing[@]})); then
     echo "== installing into /tmp/site: ${missing[*]}" >> "$OUT/build.log"
-    "$PY" -m pip install -q --no-index --no-deps --target /tmp/site "${missing[@]}" >> "$OUT/build.log" 2>&1
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    if ! "$PY" -m pip install -q --no-index --no-deps --target /tmp/site "${missing[@]}" >> "$OUT/build.log" 2>&1; then
+      echo "== pip failed; unpacking the wheels instead" >> "$OUT/build.log"
+      for wheel in "${missing[@]}"; do "$PY" -m zipfile -e "$wheel" /tmp/site >> "$OUT/build.log" 2>&1; done
+      mkdir -p /tmp/site/bin
+      for script in /tmp/site/*.data/scripts/*; do
+        [[ -f "$script" ]] && cp "$script" /tmp/site/bin/ && chmod +x "/tmp/site/bin/${script##*/}"
+      done
+    fi
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH"
   fi
 else
   echo "== no .whl/ folder: the reference flashpack is not installed, its tests and benchmark rows are skipped" >> "$OUT/build.log"
@@ -91,9 +107,9 @@ fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if "$PY" -c "import flashpack_ops, sys; sys.exit(0 if flashpack_ops.has_cuda() else 1)" >> "$OUT/build.log" 2>&1; then
   warnings=$(grep -cE '\.(cpp|h|cu|cuh):[0-9]+:[0-9]+: warning:' "$OUT/build.log")
-  status+=("build: CUDA, $warnings compiler warnings ($((SECONDS - start)) s)")
+  note "build: CUDA, $warnings compiler warnings ($((SECONDS - start)) s)"
 else
-  status+=("build: FAILED or without CUDA, see build.log")
+  note "build: FAILED or without CUDA, see build.log"
 fi
 
 # ---- tests: the CUDA tests, then every other test that needs a GPU ----
@@ -103,12 +119,13 @@ tests() {  # tests LIMIT TITLE PYTEST-ARGS...
   local limit=$1 title=$2
   shift 2
   echo "==== $title" >> "$OUT/tests.log"
-  # A test stuck for a minute prints every thread's stack (then goes on waiting).
-  timeout "$limit" "$PY" -m pytest -q -rfEs -p no:cacheprovider -o faulthandler_timeout=60 "$@" \
+  # A test stuck for a minute prints every thread's stack (then goes on waiting). At the limit,
+  # SIGINT: pytest stops as on Ctrl-C and still prints its summary (the failures so far).
+  timeout -s INT -k 15 "$limit" "$PY" -m pytest -q -rfEs -p no:cacheprovider -o faulthandler_timeout=60 "$@" \
     > "$OUT/tests.part" 2>&1
   local rc=$?
   cat "$OUT/tests.part" >> "$OUT/tests.log"
-  status+=("$title: rc=$rc, $(outcome "$OUT/tests.part")")
+  note "$title: rc=$rc$( ((rc == 124)) && echo " (stopped at its ${limit} s limit)"), $(outcome "$OUT/tests.part")"
   rm -f "$OUT/tests.part"
 }
 : > "$OUT/tests.log"
@@ -118,8 +135,8 @@ tests $(( $(left) > 300 ? 150 : 60 )) "tests/test_cuda.py" tests/test_cuda.py
 workdir=/var/tmp/flashpack_bench
 if [[ "$(stat -f -c %T /var/tmp 2>/dev/null)" == tmpfs ]]; then workdir="$ROOT/.bench_data"; fi
 # NOTE: the benchmark runs right after the CUDA tests: its numbers are what this machine is
-# needed for first. It leaves time for the other GPU tests (up to 120 s) and the transformers
-# benchmark (about 90 s), less when the build and tests took long, and skips its own optional
+# needed for first. It leaves time for the transformers benchmark (about 90 s) and the other
+# GPU tests (up to 120 s), less when the build and tests took long, and skips its own optional
 # sections past its deadline. A benchmark still running at its limit gets SIGABRT, and prints
 # where every thread was.
 l=$(left)
@@ -128,32 +145,38 @@ if ((bench_limit > 60)); then
   PYTHONFAULTHANDLER=1 timeout -s ABRT -k 10 "$bench_limit" "$PY" benchmarks/bench_gpu.py --out "$OUT" --workdir "$workdir" \
     --deadline-s $((bench_limit - 75)) ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   rc=$?
-  status+=("benchmark: rc=$rc ($((SECONDS - start)) s so far)")
+  note "benchmark: rc=$rc ($((SECONDS - start)) s so far)"
   if [[ ! -s "$OUT/summary.txt" && -s "$OUT/bench.json" ]]; then
     "$PY" benchmarks/bench_gpu.py --out "$OUT" --summarize "$OUT/bench.json" >> "$OUT/bench.log" 2>&1
   fi
   rm -rf "$workdir"
 else
-  status+=("benchmark: not run, out of time")
+  note "benchmark: not run, out of time"
+fi
+
+# A benchmark the issue asks for: before the other GPU tests, which keep at least 60 s.
+transformers_limit=$(( $(left) - 80 > 200 ? 200 : $(left) - 80 ))
+if ((transformers_limit > 60)); then
+  mkdir -p "$workdir"
+  timeout "$transformers_limit" "$PY" benchmarks/bench_transformers.py --size 1b --device cuda --runs 3 \
+    --drop-caches --workdir "$workdir" ${TRANSFORMERS_ARGS:-} > "$OUT/transformers.log" 2>&1
+  rc=$?
+  note "transformers benchmark: rc=$rc ($((SECONDS - start)) s so far)"
+  rm -rf "$workdir"
+else
+  note "transformers benchmark: not run, out of time"
 fi
 
 # Outside test_cuda.py, the tests that need a GPU have cuda, nccl or gpu in their names
 # (scripted and compiled loads to cuda, concurrency, memory, distributed, mixins); the
 # LibTorch program runs its CUDA checks where there is a GPU.
 gpu_tests="cuda or nccl or gpu or libtorch"
-tests $(( $(left) >= 200 ? 120 : 60 )) "GPU tests elsewhere" tests --ignore=tests/test_cuda.py \
-  --ignore=tests/cuda_emulator -k "$gpu_tests"
-
-transformers_limit=$(( $(left) - 20 ))
-if ((transformers_limit > 60)); then
-  mkdir -p "$workdir"
-  timeout "$transformers_limit" "$PY" benchmarks/bench_transformers.py --size 1b --device cuda --runs 3 \
-    --drop-caches --workdir "$workdir" ${TRANSFORMERS_ARGS:-} > "$OUT/transformers.log" 2>&1
-  rc=$?
-  status+=("transformers benchmark: rc=$rc ($((SECONDS - start)) s so far)")
-  rm -rf "$workdir"
+gpu_tests_limit=$(( $(left) - 10 > 120 ? 120 : $(left) - 10 ))
+if ((gpu_tests_limit > 30)); then
+  tests "$gpu_tests_limit" "GPU tests elsewhere" tests --ignore=tests/test_cuda.py --ignore=tests/cuda_emulator \
+    -k "$gpu_tests"
 else
-  status+=("transformers benchmark: not run, out of time")
+  note "GPU tests elsewhere: not run, out of time"
 fi
 
 # ---- the rest of the suite (CPU tests; CI runs them too), with what time is left ----
@@ -164,7 +187,7 @@ if ((rest_limit > 30)); then
   tests "$rest_limit" "rest of the suite" tests --ignore=tests/test_cuda.py --ignore=tests/cuda_emulator \
     -k "not ($gpu_tests)" "${parallel[@]}"
 else
-  status+=("rest of the suite: not run, out of time (CI runs it)")
+  note "rest of the suite: not run, out of time (CI runs it)"
 fi
 
 echo
@@ -174,5 +197,10 @@ echo
 [[ -s "$OUT/summary.txt" ]] && cat "$OUT/summary.txt"
 if [[ -s "$OUT/transformers.log" ]]; then
   echo
-  sed -n '/^[0-9a-z]* Llama, /,$p' "$OUT/transformers.log"
+  if grep -q '^[0-9a-z]* Llama, ' "$OUT/transformers.log"; then
+    sed -n '/^[0-9a-z]* Llama, /,$p' "$OUT/transformers.log"
+  else  # stopped or failed before its table: what it measured, and why it stopped
+    grep -E '^  .*: (warm|cold) |BIT-EXACT|bit for bit' "$OUT/transformers.log"
+    tail -n 5 "$OUT/transformers.log"
+  fi
 fi
