@@ -110,3 +110,39 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     yield server
     server.close()
+
+
+# scripts/setup.sh installs every test dependency (".[test]" and the reference package), so
+# in CI a test skipped because a module failed to import hides a broken install: the tests
+# of that integration would stop running while the run stays green. Where the CI variable
+# is set, such a skip fails instead; elsewhere it stays a skip.
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def _import_skip(report) -> str:
+    """The reason of a skip that pytest.importorskip raised ('' for any other outcome)."""
+    if not report.skipped or not isinstance(report.longrepr, tuple):
+        return ""
+    reason = str(report.longrepr[2])
+    return reason if "could not import" in reason else ""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    reason = _import_skip(report) if _in_ci() else ""
+    if reason:
+        report.outcome = "failed"
+        report.longrepr = f"CI is set and every test dependency should be installed, but {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    reason = _import_skip(report) if _in_ci() else ""
+    if reason:
+        report.outcome = "failed"
+        report.longrepr = f"CI is set and every test dependency should be installed, but {reason}"
