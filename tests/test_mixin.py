@@ -779,3 +779,17 @@ def test_extra_state_is_handed_over_only_once_the_load_is_checked_and_is_missed_
         assign_from_file(torch.nn.Sequential(WithExtraState()), tmp_path / "none.flashpack")
     assign_from_file(model, tmp_path / "none.flashpack", strict=False)
     assert torch.equal(model[0].scale, torch.ones(2)) and torch.equal(model[0].lin.weight, saved[0].lin.weight)
+
+
+def test_loads_print_nothing_unless_silent_is_false(saved, capsys):
+    # The README's difference from the reference: silent defaults to True, and
+    # silent=False prints the one-line summary (the tied head and embedding count once).
+    model, path = saved
+    TinyLM.from_flashpack(path)
+    assign_from_file(trained_model(seed=2), path)
+    assert capsys.readouterr().out == ""
+    loaded = TinyLM.from_flashpack(path, silent=False)
+    assert capsys.readouterr().out == f"flashpack_ops: assigned 6 tensors from {path} to TinyLM on cpu\n"
+    assert torch.equal(loaded(IDS), model(IDS))
+    assign_from_file(trained_model(seed=2), path, silent=False)
+    assert "flashpack_ops: assigned 6 tensors" in capsys.readouterr().out

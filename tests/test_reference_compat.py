@@ -255,3 +255,17 @@ def test_is_flashpack_file_takes_what_the_reference_takes(tmp_file):
     for path in (None, tmp_file + ".missing", tmp_file.encode(), tmp_file):
         assert flashpack_ops.is_flashpack_file(path) == flashpack.is_flashpack_file(path), path
     assert flashpack_ops.get_flashpack_file_metadata(tmp_file.encode()) == flashpack.get_flashpack_file_metadata(tmp_file)
+
+
+def test_pack_to_file_name_order_picks_and_orders_the_names_as_the_reference_does(tmp_file):
+    # name_order: only the names listed (those the state dict has), in that order.
+    tensors = mixed_state_dict()
+    order = ["position_ids", "not.in.the.dict", "embed.weight", "layers.0.norm.weight", "scalar"]
+    flashpack_ops.pack_to_file(tensors, tmp_file, name_order=order)
+    flashpack.pack_to_file(tensors, tmp_file + ".reference", target_dtype=None, name_order=order)
+    expected = {name: tensors[name] for name in order if name in tensors}
+    ours = flashpack_ops.load_file(tmp_file)
+    assert_same_dict(ours, expected)
+    assert [r["name"] for r in flashpack_ops.read_metadata(tmp_file)["index"]] == list(expected)
+    theirs = flashpack_ops.load_file(tmp_file + ".reference")
+    assert list(theirs) == list(ours)
