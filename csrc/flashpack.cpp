@@ -16,6 +16,7 @@
 
 #include <future>
 #include <stdexcept>
+#include <system_error>
 #include <tuple>
 
 namespace flashpack {
@@ -70,9 +71,13 @@ std::vector<at::Tensor> load_any(const char* op, const std::string& path, c10::D
       // threads while the GPU load runs, so it costs little more than the slower of the two.
       // A failed load is reported first; the check's result is only looked at after a success.
       // Both read one open file: a save replacing the path meanwhile cannot split them.
-      auto check = std::async(std::launch::async, [&] {
-        verify_file(file, default_threads(opts.num_threads));
-      });
+      const auto verify = [&] { verify_file(file, default_threads(opts.num_threads)); };
+      std::future<void> check;
+      try {
+        check = std::async(std::launch::async, verify);
+      } catch (const std::system_error&) {
+        check = std::async(std::launch::deferred, verify);  // no thread to be had: after the load
+      }
       auto tensors = load_cuda(file, device, opts, layout);
       check.get();
       return tensors;

@@ -139,12 +139,14 @@ void parallel_for(size_t tasks, int threads, const std::function<void(size_t)>& 
   };
   std::vector<std::thread> pool;
   pool.reserve(n_threads - 1);
-  try {
-    for (size_t t = 1; t < n_threads; ++t) pool.emplace_back(worker);
-  } catch (...) {
-    failed = true;  // could not start a thread: stop the others, then report
-    for (auto& th : pool) th.join();
-    throw;
+  for (size_t t = 1; t < n_threads; ++t) {
+    try {
+      pool.emplace_back(worker);
+    } catch (...) {
+      // No thread to be had (RLIMIT_NPROC, a container's pids.max, no memory for a stack):
+      // the threads already running, the caller's included, take every task between them.
+      break;
+    }
   }
   worker();
   for (auto& th : pool) th.join();

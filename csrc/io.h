@@ -50,7 +50,8 @@ class Mapping {
 // Throws std::runtime_error naming the file if the file ends early or read fails.
 void pread_exact(int fd, void* buf, size_t n, uint64_t offset, const std::string& path);
 
-// Runs fn(0..tasks-1) on up to `threads` threads (the caller's included). The first
+// Runs fn(0..tasks-1) on up to `threads` threads (the caller's included); where no more
+// threads can be started, on those that could (at least the caller's). The first
 // exception thrown by any task is rethrown after all threads have stopped; tasks not
 // yet started when it happened are skipped.
 void parallel_for(size_t tasks, int threads, const std::function<void(size_t)>& fn);

@@ -8,7 +8,11 @@ instead of hanging it.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import subprocess
+import sys
+import textwrap
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -192,3 +196,49 @@ def test_safe_open_pairs_a_files_metadata_with_its_own_tensors(tmp_path):
                 assert "was replaced three times while it was opened" in str(exc)
                 given_up += 1
     assert opened >= 10, (opened, given_up)
+
+
+# A process that may start no more threads (RLIMIT_NPROC reached, a container's pids.max):
+# loads, checks and saves run on the caller's thread alone, with the same results.
+NO_THREADS = textwrap.dedent(
+    """
+    import os, resource, sys, tempfile, threading
+    import torch
+    import flashpack_ops
+
+    torch.set_num_threads(1)  # as DataLoader workers do: ATen's own pool would need threads too
+    root = os.geteuid() == 0
+    if root:  # root is exempt from RLIMIT_NPROC
+        os.setgid(65534)
+        os.setuid(65534)
+    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+    try:
+        threading.Thread(target=print).start()
+        sys.exit("a thread could still be started")
+    except RuntimeError:
+        pass
+    g = torch.Generator().manual_seed(0)
+    sd = {f"w{i}": torch.randn(1000 + i, generator=g) for i in range(16)}
+    sd["h"] = torch.arange(77, dtype=torch.float16)
+    with tempfile.TemporaryDirectory(dir="/tmp" if root else None) as d:
+        path = os.path.join(d, "m.flashpack")
+        flashpack_ops.save_file(sd, path, num_threads=8, checksum=True)
+        flashpack_ops.save_file(sd, path + ".bf16", num_threads=8, target_dtype=torch.bfloat16)
+        flashpack_ops.verify_file(path, num_threads=8)
+        for kwargs in [{}, {"copy": True}, {"verify": True}, {"copy": True, "verify": True}]:
+            loaded = flashpack_ops.load_file(path, num_threads=8, **kwargs)
+            assert list(loaded) == list(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd), kwargs
+        loaded = flashpack_ops.load_file(path + ".bf16", copy=True, num_threads=8)
+        assert all(torch.equal(loaded[k], sd[k].bfloat16()) for k in sd if k != "h")
+        assert sorted(os.listdir(d)) == ["m.flashpack", "m.flashpack.bf16"]
+    print("ok")
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs RLIMIT_NPROC")
+def test_loads_and_saves_work_where_no_thread_can_be_started():
+    r = subprocess.run([sys.executable, "-c", NO_THREADS], capture_output=True, text=True, timeout=TIMEOUT_S)
+    if r.returncode != 0 and "Operation not permitted" in r.stderr:
+        pytest.skip("cannot drop root's privileges here")
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
