@@ -160,8 +160,16 @@ std::vector<at::Tensor> load_cpu(const std::string& path, const LoadOptions& opt
   });
   std::optional<Verifier> verifier;
   if (opts.verify && !verify_whole) verifier.emplace(path, layout);
-  const auto storages = opts.copy ? read_blocks(file, layout, threads, verifier ? &*verifier : nullptr)
-                                  : map_blocks(file, layout);
+  std::vector<at::Storage> storages;
+  try {
+    storages = opts.copy ? read_blocks(file, layout, threads, verifier ? &*verifier : nullptr)
+                         : map_blocks(file, layout);
+  } catch (c10::Error& e) {
+    // The allocator's own error (no memory for a block), kept as it is (torch.OutOfMemoryError
+    // where torch raises one), with the file added.
+    e.add_context("while loading '" + path + "' to cpu");
+    throw;
+  }
   if (opts.verify && !verify_whole && !opts.copy) {
     // NOTE: read with pread from the descriptor the mapping was made from (the same file),
     // not through the mapping: touching every page of it would put the whole file in this

@@ -192,3 +192,31 @@ def test_hundred_cuda_loads_keep_host_pinned_and_device_memory_flat(tmp_path):
         assert max(s[field] for s in samples[10:]) - settled < 16 * MiB, (name, [s[field] // MiB for s in samples])
     assert all(s[4] == 0 for s in samples), "device memory still allocated after the tensors were freed"
     assert result["pinned_after_release"] == 0
+
+
+# A copying load that cannot get memory for a block: the allocator's own error, which says
+# how much it wanted, with the file it was for.
+NO_MEMORY = textwrap.dedent(
+    """
+    import resource, sys, torch, flashpack_ops
+    path = sys.argv[1]
+    flashpack_ops.save_file({"big": torch.zeros(64 << 20, dtype=torch.uint8), "w": torch.ones(3)}, path)
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
+    resource.setrlimit(resource.RLIMIT_AS, (vm + (32 << 20), resource.RLIM_INFINITY))
+    try:
+        flashpack_ops.load_file(path, copy=True, num_threads=1)
+    except RuntimeError as e:
+        print(type(e).__name__, str(e).splitlines()[-1] if str(e).strip() else "")
+        sys.exit(0)
+    sys.exit("the load got 64 MiB under a 32 MiB allowance")
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs RLIMIT_AS and /proc")
+def test_a_copying_load_without_memory_names_the_file(tmp_path):
+    path = str(tmp_path / "big.flashpack")
+    r = subprocess.run([sys.executable, "-c", NO_MEMORY, path], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "can't allocate memory" in r.stdout and f"(while loading '{path}' to cpu)" in r.stdout, r.stdout
