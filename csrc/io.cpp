@@ -234,7 +234,12 @@ AtomicWriter::AtomicWriter(const std::string& path, uint64_t size, bool durable)
   // NOTE: reserving the space up front turns a full disk into one clear error before
   // any byte is written, and gives the file few, large extents. Filesystems without
   // fallocate fall back to plain writes.
-  if (::fallocate(fd_, 0, 0, static_cast<off_t>(size)) != 0) {
+  int rc = 0;
+  do {
+    // A signal can interrupt a large reservation (tmpfs zeroes every page); it is restarted.
+    rc = ::fallocate(fd_, 0, 0, static_cast<off_t>(size));
+  } while (rc != 0 && errno == EINTR);
+  if (rc != 0) {
     const int err = errno;
     if (err != EOPNOTSUPP && err != ENOSYS && err != EINVAL) {
       ::close(fd_);
