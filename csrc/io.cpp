@@ -4,10 +4,13 @@
 #include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -268,12 +271,37 @@ void AtomicWriter::pwrite_all(const void* buf, size_t n, uint64_t offset) const 
     n -= static_cast<size_t>(put);
     offset += static_cast<uint64_t>(put);
   }
+  if (end - start >= (uint64_t(1) << 20)) start_writeback(start, end - start);
+}
+
+void AtomicWriter::pwritev_all(iovec* iov, size_t count, uint64_t offset) const {
+  while (count > 0) {
+    const ssize_t put = ::pwritev(fd_, iov, static_cast<int>(std::min<size_t>(count, IOV_MAX)), static_cast<off_t>(offset));
+    if (put < 0) {
+      if (errno == EINTR) continue;
+      os_error("cannot write", path_, errno);
+    }
+    offset += static_cast<uint64_t>(put);
+    size_t left = static_cast<size_t>(put);
+    while (count > 0 && left >= iov->iov_len) {
+      left -= iov->iov_len;
+      ++iov;
+      --count;
+    }
+    if (left > 0) {
+      iov->iov_base = static_cast<char*>(iov->iov_base) + left;
+      iov->iov_len -= left;
+    }
+  }
+}
+
+void AtomicWriter::start_writeback(uint64_t offset, uint64_t n) const {
   // NOTE: starting write-back of each large range as soon as it is written lets the disk
   // work while later tensors are still being copied, so the fsync in commit() waits for
   // little more than the last ranges: 1 GiB saved in 0.23 s instead of 0.35 s on the
   // 2-core VM. The call only queues I/O; errors surface in fsync.
-  if (durable_ && end - start >= (uint64_t(1) << 20)) {
-    ::sync_file_range(fd_, static_cast<off_t>(start), static_cast<off_t>(end - start), SYNC_FILE_RANGE_WRITE);
+  if (durable_ && n > 0) {
+    ::sync_file_range(fd_, static_cast<off_t>(offset), static_cast<off_t>(n), SYNC_FILE_RANGE_WRITE);
   }
 }
 

@@ -8,6 +8,8 @@
 #include <memory>
 #include <string>
 
+#include <sys/uio.h>
+
 namespace flashpack {
 
 // A file opened for reading. Refuses directories and other non-regular files.
@@ -77,7 +79,14 @@ class AtomicWriter {
   AtomicWriter& operator=(const AtomicWriter&) = delete;
 
   // Thread-safe: distinct ranges may be written from several threads at once.
+  // Ranges of 1 MiB or more also start their write-back (start_writeback).
   void pwrite_all(const void* buf, size_t n, uint64_t offset) const;
+  // Writes `count` buffers one after the other from `offset`, retrying short writes; may
+  // change the entries of `iov`. Thread-safe, as pwrite_all.
+  void pwritev_all(iovec* iov, size_t count, uint64_t offset) const;
+  // Starts writing a range already written to the disk, without waiting, so that commit()'s
+  // fsync has less left to do. Nothing without durable.
+  void start_writeback(uint64_t offset, uint64_t n) const;
   void commit();
 
  private:

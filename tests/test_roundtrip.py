@@ -299,6 +299,42 @@ def test_many_small_tensors(tmp_file):
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
 
 
+@pytest.mark.parametrize("checksum", [False, True], ids=["plain", "checksum"])
+@pytest.mark.parametrize("align", [1, 8, 128])
+def test_small_tensors_written_together_leave_their_neighbours_and_padding_alone(tmp_file, align, checksum):
+    # Small tensors are written in runs, their padding with them: a tensor that needs a
+    # conversion, or a large one, between two of them is written by another thread and must
+    # keep its own bytes; the padding reads as zeros.
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for k in range(600):
+        n = k % 13 + 1
+        if k % 5 == 1:
+            value = torch.randint(-100, 100, (3, n), generator=g, dtype=torch.int16).t()  # converted
+        elif k % 5 == 3:
+            value = torch.randn(n, generator=g).double()  # another block
+        elif k % 97 == 0:
+            value = torch.randint(-100, 100, (1 << 20,), generator=g, dtype=torch.int16)  # 2 MiB
+        else:
+            value = torch.randint(-100, 100, (n,), generator=g, dtype=torch.int16)
+        tensors[f"t{k}"] = value
+    flashpack_ops.save_file(tensors, tmp_file, align_bytes=align, checksum=checksum, num_threads=4)
+    loaded = flashpack_ops.load_file(tmp_file)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    if checksum:
+        flashpack_ops.verify_file(tmp_file)
+    meta = flashpack_ops.read_metadata(tmp_file)
+    data = open(tmp_file, "rb").read()
+    used = bytearray(meta["total_payload_bytes"])
+    for entry in meta["index"]:
+        block = meta["macroblocks"][entry["macroblock"]]
+        size = torch.empty(0, dtype=getattr(torch, block["dtype"])).element_size()
+        start = block["offset_bytes"] + entry["offset"] * size
+        used[start:start + entry["length"] * size] = b"\x01" * (entry["length"] * size)
+    padding = bytes(b for b, u in zip(data, used) if not u)
+    assert padding == bytes(len(padding))
+
+
 def test_built_with_cuda_reports_the_build():
     assert flashpack_ops.has_cuda() == bool(torch.ops.flashpack.built_with_cuda())
 
