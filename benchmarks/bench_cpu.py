@@ -1,4 +1,4 @@
-"""CPU benchmark: loading 20,000 small tensors and saving an LLM-shaped bf16 state dict.
+"""CPU benchmark: saving an LLM-shaped bf16 state dict, and saving and loading 20,000 small tensors.
 
 Compares flashpack_ops with safetensors, torch.save/torch.load(mmap=True) and the reference
 `flashpack` package in one run, and prints ratios (peer time / our time: > 1 means we are
@@ -149,6 +149,21 @@ FILE_OF = {"flashpack_ops": "ops.flashpack", "flashpack_ops durable=False": "ops
            "torch.load(mmap)": "t.pt", "reference flashpack": "ref.flashpack"}
 
 
+def save_times(sd, workdir, repeat):
+    """Median save time of each writer. Rounds interleave the writers, and each save starts
+    with no dirty pages left from the one before (os.sync), so no writer pays for another's
+    write-back; the first round only warms the page cache and the allocator."""
+    runs = {name: [] for name in writers()}
+    for _ in range(repeat + 1):
+        for name, write in writers().items():
+            path = os.path.join(workdir, FILE_OF[name])
+            os.sync()
+            t0 = time.perf_counter()
+            write(sd, path)
+            runs[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(times[1:]) for name, times in runs.items()}
+
+
 def commit():
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
@@ -174,24 +189,14 @@ def main():
     try:
         # --- saves of the LLM-shaped dict ---
         llm = llm_state_dict(args.llm_gb * 1e9)
-        size = nbytes(llm)
-        # Rounds interleave the writers, and each save starts with no dirty pages left from
-        # the one before (os.sync), so no writer pays for another's write-back.
-        save_runs = {name: [] for name in writers()}
-        for _ in range(args.repeat + 1):
-            for name, write in writers().items():
-                path = os.path.join(workdir, FILE_OF[name])
-                os.sync()
-                t0 = time.perf_counter()
-                write(llm, path)
-                save_runs[name].append(time.perf_counter() - t0)
-        # The first round only warms the page cache and the allocator.
-        save_times = {name: statistics.median(runs[1:]) for name, runs in save_runs.items()}
-        results["cases"][f"save {size / 1e9:.2f} GB bf16 ({len(llm)} tensors)"] = save_times
+        results["cases"][f"save {nbytes(llm) / 1e9:.2f} GB bf16 ({len(llm)} tensors)"] = \
+            save_times(llm, workdir, args.repeat)
         del llm
 
-        # --- loads of many small tensors ---
+        # --- saves, then loads, of many small tensors ---
         small = small_state_dict(args.small)
+        results["cases"][f"save {len(small)} small tensors ({nbytes(small) / 1e6:.0f} MB)"] = \
+            save_times(small, workdir, args.repeat)
         load_times = {}
         for name, write in writers().items():
             write(small, os.path.join(workdir, FILE_OF[name]))  # the last write of a path wins
