@@ -120,29 +120,23 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
 
-def _import_skip(report) -> str:
-    """The reason of a skip that pytest.importorskip raised ('' for any other outcome)."""
-    if not report.skipped or not isinstance(report.longrepr, tuple):
-        return ""
+def _fail_import_skip(report) -> None:
+    """Turns a skip that pytest.importorskip raised into a failure, in CI only."""
+    if not _in_ci() or not report.skipped or not isinstance(report.longrepr, tuple):
+        return
     reason = str(report.longrepr[2])
-    return reason if "could not import" in reason else ""
+    if "could not import" in reason:
+        report.outcome = "failed"
+        report.longrepr = f"CI is set and every test dependency should be installed, but {reason}"
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector):
     outcome = yield
-    report = outcome.get_result()
-    reason = _import_skip(report) if _in_ci() else ""
-    if reason:
-        report.outcome = "failed"
-        report.longrepr = f"CI is set and every test dependency should be installed, but {reason}"
+    _fail_import_skip(outcome.get_result())
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
-    report = outcome.get_result()
-    reason = _import_skip(report) if _in_ci() else ""
-    if reason:
-        report.outcome = "failed"
-        report.longrepr = f"CI is set and every test dependency should be installed, but {reason}"
+    _fail_import_skip(outcome.get_result())
