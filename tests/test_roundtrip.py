@@ -467,3 +467,47 @@ def test_cuda_without_a_gpu_says_so(tmp_file):
     with pytest.raises(ValueError, match=r"to cuda: no CUDA device is available \(torch.cuda.is_available\(\) is "
                                          r"False\); load to cpu"):
         flashpack_ops.load_file(tmp_file, "cuda")
+
+
+def test_offsets_past_4_gib_in_a_sparse_file(tmp_path):
+    # A uint8 tensor of 2^32 + 200 elements, then float32 tensors whose bytes lie past 2^32:
+    # any size or offset cut to 32 bits reads the wrong bytes. The payload is a hole but for
+    # the bytes written below, so the file costs no disk space and no time to write.
+    import json
+    import struct
+
+    big_n, after = (1 << 32) + 200, torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    f32_at = (big_n + 4095) // 4096 * 4096
+    footer = json.dumps({
+        "format": "flashpack_v4", "align_bytes": 128, "total_payload_bytes": f32_at + 256,
+        "total_elems": big_n + 64,
+        "macroblocks": [{"dtype": "uint8", "offset_bytes": 0, "length_bytes": big_n, "length_elems": big_n},
+                        {"dtype": "float32", "offset_bytes": f32_at, "length_bytes": 256, "length_elems": 64}],
+        "index": [{"name": "big", "shape": [big_n], "offset": 0, "length": big_n, "macroblock": 0},
+                  {"name": "after", "shape": [3, 4], "offset": 32, "length": 12, "macroblock": 1},
+                  {"name": "tied", "shape": [3, 4], "offset": 32, "length": 12, "macroblock": 1}]}).encode()
+    marks = torch.arange(1, 201, dtype=torch.uint8)  # the big tensor's last 200 bytes
+    path = str(tmp_path / "past_4gib.flashpack")
+    with open(path, "wb") as f:
+        f.truncate(f32_at + 256)
+        f.seek(1 << 32)
+        f.write(marks.numpy().tobytes())
+        f.seek(f32_at + 32 * 4)
+        f.write(after.numpy().tobytes())
+        f.seek(f32_at + 256)
+        f.write(footer + struct.pack("<Q", len(footer)) + b"FLASHPK\0")
+
+    loaded = flashpack_ops.load_file(path)
+    assert loaded["big"].shape == (big_n,)
+    assert torch.equal(loaded["big"][1 << 32:], marks)
+    assert torch.equal(loaded["big"][(1 << 32) - 8:1 << 32], torch.zeros(8, dtype=torch.uint8))
+    assert torch.equal(loaded["after"], after) and torch.equal(loaded["tied"], after)
+    assert loaded["after"].data_ptr() == loaded["tied"].data_ptr()
+    for copy in (False, True):
+        assert_same_dict(flashpack_ops.load_file(path, names=["after"], copy=copy), {"after": after})
+    with flashpack_ops.safe_open(path, "pt") as f:
+        assert torch.equal(f.get_slice("big")[(1 << 32) + 10:(1 << 32) + 20], marks[10:20])
+        assert torch.equal(f.get_tensor("after"), after)
+    assert torch.equal(torch.ops.flashpack.read_range(path, (1 << 32) + 5, 7, "cpu"), marks[5:12])
+    meta = flashpack_ops.read_metadata(path)
+    assert meta["macroblocks"][1]["offset_bytes"] == f32_at and meta["index"][0]["length"] == big_n
