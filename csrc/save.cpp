@@ -194,9 +194,10 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
   // conversions run in parallel too.
   struct Task {
     size_t entry;    // a run: its first entry, in `run_entries`
-    uint64_t begin;  // byte range within the tensor; bytes == 0 for a convert task
+    uint64_t begin;  // byte range within the tensor; a convert task (bytes == 0): first row
     uint64_t bytes;
     size_t count = 0;  // a run: how many entries, from `entry` on
+    int64_t rows = 0;  // a convert task: how many rows (along dim 0); 0: the whole tensor
   };
   auto file_offset = [&](size_t k) {
     const Entry& e = layout.entries[k];
@@ -214,7 +215,18 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
     const bool direct = t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == requests[k].dtype &&
                         !t.is_conj() && !t.is_neg();
     if (!direct) {
-      tasks.push_back({k, 0, 0});
+      // NOTE: converted a slice of rows at a time, about kWriteChunkBytes of output each: a
+      // large tensor then costs one slice of memory per thread rather than a whole second
+      // copy of it (a 4 GB non-contiguous tensor used to need 4 GB more), and its slices
+      // convert in parallel.
+      const int64_t rows = t.dim() == 0 ? 0 : t.size(0);
+      const uint64_t row_bytes = rows == 0 ? 0 : t.numel() / rows * c10::elementSize(requests[k].dtype);
+      const int64_t step = row_bytes == 0 ? rows : std::max<int64_t>(1, kWriteChunkBytes / row_bytes);
+      if (rows == 0 || step >= rows) {
+        tasks.push_back({k, 0, 0});
+      } else {
+        for (int64_t r = 0; r < rows; r += step) tasks.push_back({k, uint64_t(r), 0, 0, std::min(step, rows - r)});
+      }
       continue;
     }
     const uint64_t nbytes = t.nbytes();
@@ -319,8 +331,14 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
     at::Tensor converted;
     std::optional<c10::StreamGuard> on_callers_stream;
     if (streams[task.entry]) on_callers_stream.emplace(*streams[task.entry]);
+    uint64_t slice_off = 0;  // where the task's rows start, in bytes of the stored tensor
     try {
-      const at::Tensor src = sources[task.entry].resolve_conj().resolve_neg();
+      at::Tensor src = sources[task.entry];
+      if (task.rows > 0) {
+        slice_off = task.begin * (src.numel() / src.size(0)) * c10::elementSize(b.dtype);
+        src = src.narrow(0, static_cast<int64_t>(task.begin), task.rows);
+      }
+      src = src.resolve_conj().resolve_neg();
       if (src.scalar_type() == b.dtype) {
         // Same dtype: move the bits through an integer view of the same width, which
         // every dtype has (uint4 or float4_e2m1fn_x2 have no copy kernel of their own).
@@ -332,8 +350,8 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
       throw std::invalid_argument(where(path, e.name) + " cannot be converted to " + dtype_name(b.dtype) + " on the CPU: " +
                                   err.what_without_backtrace());
     }
-    out.pwrite_all(converted.const_data_ptr(), converted.nbytes(), file_off);
-    if (sums) sums->add(e.block, in_block, converted.const_data_ptr(), converted.nbytes());
+    out.pwrite_all(converted.const_data_ptr(), converted.nbytes(), file_off + slice_off);
+    if (sums) sums->add(e.block, in_block + slice_off, converted.const_data_ptr(), converted.nbytes());
   });
 
   if (sums) {

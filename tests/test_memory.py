@@ -220,3 +220,22 @@ def test_a_copying_load_without_memory_names_the_file(tmp_path):
     r = subprocess.run([sys.executable, "-c", NO_MEMORY, path], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "can't allocate memory" in r.stdout and f"(while loading '{path}' to cpu)" in r.stdout, r.stdout
+
+
+def test_saving_a_large_tensor_that_needs_converting_holds_no_second_copy(tmp_path):
+    # 512 MiB, transposed: converted a slice of rows at a time, so the save's peak is a few
+    # slices (about 32 MiB each, one per thread), not a second 512 MiB.
+    out = run(
+        """
+        import resource
+        t = torch.ones(8192, 16384, dtype=torch.float32).t()
+        before = status("VmRSS")
+        flashpack_ops.save_file({"t": t}, sys.argv[1], num_threads=2, durable=False)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps({"before": before, "peak": peak}))
+        """,
+        tmp_path / "t.flashpack",
+    )
+    assert out["peak"] - out["before"] < 160 * MiB, out
+    loaded = flashpack_ops.load_file(tmp_path / "t.flashpack")["t"]
+    assert loaded.shape == (16384, 8192) and bool((loaded == 1).all())

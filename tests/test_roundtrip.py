@@ -511,3 +511,24 @@ def test_offsets_past_4_gib_in_a_sparse_file(tmp_path):
     assert torch.equal(torch.ops.flashpack.read_range(path, (1 << 32) + 5, 7, "cpu"), marks[5:12])
     meta = flashpack_ops.read_metadata(path)
     assert meta["macroblocks"][1]["offset_bytes"] == f32_at and meta["index"][0]["length"] == big_n
+
+
+@pytest.mark.parametrize("checksum", [False, True], ids=["plain", "checksum"])
+def test_large_tensors_that_need_converting_are_written_a_slice_of_rows_at_a_time(tmp_file, checksum):
+    # A tensor converted on save (transposed, of another dtype, a conj view, 1-D with a step) is
+    # converted and written about 32 MiB of rows at a time: every slice lands where its rows go,
+    # including a last slice that is short and rows of more than 32 MiB each.
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "transposed": torch.randn(3000, 4001, generator=g).t(),  # 4001 rows of 12 KiB
+        "stepped": torch.randn(9_000_001, generator=g)[::2],  # 1-D: a "row" is one element
+        "to_bf16": torch.randn(5000, 2003, generator=g),  # converted by target_dtype
+        "conj": torch.randn(1500, 1500, generator=g, dtype=torch.complex64).conj(),
+        "wide_rows": torch.randn(2, 3, (20 << 20) // 4, generator=g).transpose(0, 1),  # rows of 40 MiB
+        "small": torch.arange(10, dtype=torch.int32),
+    }
+    flashpack_ops.save_file(tensors, tmp_file, target_dtype=torch.bfloat16, checksum=checksum)
+    loaded = flashpack_ops.load_file(tmp_file, verify=checksum)
+    for name, t in tensors.items():
+        expected = t.resolve_conj() if t.is_complex() or not t.is_floating_point() else t.bfloat16()
+        assert loaded[name].dtype == expected.dtype and torch.equal(loaded[name], expected), name
