@@ -235,8 +235,16 @@ def _failed(args: argparse.Namespace, error: BaseException) -> int:
         import traceback
 
         traceback.print_exc()
-    print(f"flashpack {args.command}: error: {_one_line(error)}", file=sys.stderr)
+    message = _one_line(error)
+    missing = (getattr(error, "name", None) or "").partition(".")[0] if isinstance(error, ModuleNotFoundError) else ""
+    if missing in _OPTIONAL_PACKAGES:
+        # What a file or directory of this kind needs, and flashpack_ops itself does not.
+        message += f" (pip install {missing})"
+    print(f"flashpack {args.command}: error: {message}", file=sys.stderr)
     return 1
+
+
+_OPTIONAL_PACKAGES = ("safetensors", "transformers", "diffusers", "huggingface_hub", "accelerate")
 
 
 def _stdout_closed() -> bool:

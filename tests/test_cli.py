@@ -71,24 +71,38 @@ def test_convert_torch_files(tmp_path, suffix):
     assert_file_holds(tmp_path / "out.flashpack", state_dict())
 
 
-@pytest.mark.parametrize("as_directory", [False, True])
-def test_convert_torch_file_without_safetensors_installed(tmp_path, as_directory):
-    # safetensors is no dependency of flashpack_ops: a torch checkpoint converts without it.
-    torch.save(state_dict(), tmp_path / "pytorch_model.bin")
+def run_without_safetensors(*args):
+    """The CLI in a process where safetensors cannot be imported, as where it is not installed."""
     launcher = ("import sys\n"
                 "class NoSafetensors:\n"
                 "    def find_spec(self, name, *rest):\n"
                 "        if name.partition('.')[0] == 'safetensors':\n"
-                "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+                "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
                 "sys.meta_path.insert(0, NoSafetensors())\n"
                 "from flashpack_ops.cli import main\n"
                 "sys.exit(main(sys.argv[1:]))\n")
-    source = tmp_path if as_directory else tmp_path / "pytorch_model.bin"
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", launcher, "convert", str(source), "-q"], capture_output=True,
-                            text=True, env=environment, timeout=300)
+    return subprocess.run([sys.executable, "-c", launcher, *map(str, args)], capture_output=True, text=True,
+                          env=environment, timeout=300)
+
+
+@pytest.mark.parametrize("as_directory", [False, True])
+def test_convert_torch_file_without_safetensors_installed(tmp_path, as_directory):
+    # safetensors is no dependency of flashpack_ops: a torch checkpoint converts without it.
+    torch.save(state_dict(), tmp_path / "pytorch_model.bin")
+    result = run_without_safetensors("convert", tmp_path if as_directory else tmp_path / "pytorch_model.bin", "-q")
     assert result.returncode == 0, result.stderr
     assert_file_holds(tmp_path / ("model.flashpack" if as_directory else "pytorch_model.flashpack"), state_dict())
+
+
+def test_convert_of_safetensors_without_safetensors_installed_says_what_to_install(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(state_dict(), tmp_path / "model.safetensors")
+    result = run_without_safetensors("convert", tmp_path / "model.safetensors", "-q")
+    assert_one_line_error(result, "No module named 'safetensors")
+    assert result.stderr.rstrip().endswith("(pip install safetensors)"), result.stderr
+    assert not (tmp_path / "model.flashpack").exists()
 
 
 def test_convert_sharded_checkpoint_by_directory_and_by_index(tmp_path):
