@@ -219,10 +219,10 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
       // large tensor then costs one slice of memory per thread rather than a whole second
       // copy of it (a 4 GB non-contiguous tensor used to need 4 GB more), and its slices
       // convert in parallel.
-      const int64_t rows = t.dim() == 0 ? 0 : t.size(0);
-      const uint64_t row_bytes = rows == 0 ? 0 : t.numel() / rows * c10::elementSize(requests[k].dtype);
-      const int64_t step = row_bytes == 0 ? rows : std::max<int64_t>(1, kWriteChunkBytes / row_bytes);
-      if (rows == 0 || step >= rows) {
+      const int64_t rows = t.dim() == 0 ? 1 : t.size(0);  // not empty: numel() > 0
+      const uint64_t row_bytes = t.numel() / rows * c10::elementSize(requests[k].dtype);
+      const int64_t step = std::max<int64_t>(1, kWriteChunkBytes / row_bytes);
+      if (step >= rows) {
         tasks.push_back({k, 0, 0});
       } else {
         for (int64_t r = 0; r < rows; r += step) tasks.push_back({k, uint64_t(r), 0, 0, std::min(step, rows - r)});
