@@ -314,7 +314,7 @@ def _load(path: PathLike, device: Optional[DeviceLike], src: int, sharded: bool,
     """The load every rank agrees on. ``check``: the caller's own checks of its arguments,
     made where a refusal fails every rank."""
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(f"a distributed load of '{os.fspath(path)}' needs an initialized torch.distributed "
+        raise RuntimeError(f"a distributed load of '{path}' needs an initialized torch.distributed "
                            "process group (call torch.distributed.init_process_group first)")
     # One rank's bad argument, or ranks that disagree on how to load, must fail on every rank
     # before the first collective that moves data: otherwise the others wait in it until the
