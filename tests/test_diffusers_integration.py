@@ -332,6 +332,40 @@ def test_a_pipeline_with_a_transformers_text_encoder_and_a_tokenizer_round_trips
     assert torch.equal(torch.from_numpy(text_to_image(loaded)), torch.from_numpy(text_to_image(pipeline)))
 
 
+def files_in(directory):
+    """Every file under `directory`, by its path relative to it, with its bytes."""
+    return {os.path.relpath(os.path.join(root, name), directory): open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(directory) for name in names}
+
+
+def test_a_pipeline_save_that_fails_halfway_leaves_the_old_pipeline_whole(tmp_path):
+    # A full disk at the largest component: the components written before it must not stay
+    # beside the old ones, which would load as a third pipeline without a word.
+    from test_crash_safety import file_size_limit
+
+    old = tiny_stable_diffusion(tmp_path / "vocab")
+    save_pipeline_flashpack(old, tmp_path / "pipe")
+    before = files_in(tmp_path / "pipe")
+    new = tiny_stable_diffusion(tmp_path / "vocab")
+    with torch.no_grad():
+        for name in ("unet", "vae", "text_encoder"):
+            for p in getattr(new, name).parameters():
+                p.add_(1)
+    with file_size_limit(max(len(data) for data in before.values()) - 1):  # every file but the largest fits
+        with pytest.raises(RuntimeError, match="File too large"):
+            save_pipeline_flashpack(new, tmp_path / "pipe")
+    assert files_in(tmp_path / "pipe") == before, "the failed save changed the directory"
+    loaded = load_pipeline_flashpack(type(old), tmp_path / "pipe")
+    for name in ("unet", "vae", "text_encoder"):
+        assert_same_model(getattr(loaded, name), getattr(old, name))
+
+    save_pipeline_flashpack(new, tmp_path / "pipe")  # with room, the new pipeline replaces the old whole
+    assert files_in(tmp_path / "pipe").keys() == before.keys()
+    loaded = load_pipeline_flashpack(type(old), tmp_path / "pipe")
+    for name in ("unet", "vae", "text_encoder"):
+        assert_same_model(getattr(loaded, name), getattr(new, name))
+
+
 @pytest.mark.parametrize("auto_class", ["AutoPipelineForText2Image", "AutoPipelineForImage2Image",
                                         "AutoPipelineForInpainting"])
 def test_autopipeline_classes_load_their_task_of_a_saved_pipeline_as_diffusers_does(tmp_path, auto_class):

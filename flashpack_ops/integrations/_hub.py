@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -412,6 +413,47 @@ def configs_written_last(save_directory: str) -> Iterator[str]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def written_whole(save_directory: str) -> Iterator[str]:
+    """A folder in ``save_directory`` to write a whole save of several files into (a pipeline:
+    each component's weights and config, then ``model_index.json``); once the block ends without
+    error, its files are renamed into ``save_directory``, the top folder's last. A save that fails
+    halfway (a full disk at the third component) leaves the directory as it was, never new
+    components beside old ones, which would load as another pipeline without a word. The new
+    files need room beside the old ones until then."""
+    staging = tempfile.mkdtemp(prefix=".flashpack-save-", dir=save_directory)
+    try:
+        yield staging
+        written = []
+        for root, _, names in os.walk(staging):
+            written += [os.path.relpath(os.path.join(root, name), staging) for name in names]
+        # Weights before configs in each folder, the folders before the top one (model_index.json).
+        written.sort(key=lambda path: (os.path.dirname(path) == "", path.endswith(".json"), path))
+        folders = set()
+        for path in written:
+            folder = os.path.join(save_directory, os.path.dirname(path))
+            if folder not in folders:
+                os.makedirs(folder, exist_ok=True)
+                folders.add(folder)
+            os.replace(os.path.join(staging, path), os.path.join(save_directory, path))
+        for folder in folders:
+            fsync_directory(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def fsync_directory(directory: str) -> None:
+    """Make the renames into ``directory`` durable, where its filesystem can sync a directory."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # a filesystem without directory sync
+            raise
+    finally:
+        os.close(fd)
+
+
 def write_weights(model: torch.nn.Module, save_directory: str, *, target_dtype: Optional[torch.dtype],
                   align_bytes: int, num_workers: int, ignore_names: Any, ignore_prefixes: Any,
                   ignore_suffixes: Any, keep_float32: Optional[Callable[[str], bool]] = None,
@@ -768,8 +810,9 @@ def upload_directory(save_directory: str, repo_id: Optional[str], private: Optio
     commit_message = commit_message or "Upload flashpack"
     try:
         repo_id = api.create_repo(name, exist_ok=True, private=private).repo_id
+        # The staging folders of a save killed before it ended are not part of the model.
         api.upload_folder(folder_path=save_directory, repo_id=repo_id, commit_message=commit_message,
-                          create_pr=create_pr)
+                          create_pr=create_pr, ignore_patterns=[".flashpack-*", "*/.flashpack-*"])
     except Exception as error:
         # huggingface_hub raises ConnectionError in offline mode, and its HTTP client's own
         # transport errors (httpx, requests, urllib3) when the network is down; an HTTP status

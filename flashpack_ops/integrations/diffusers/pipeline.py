@@ -17,7 +17,7 @@ from ...commands import checkpoint_tensor_sizes
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, read_metadata
 from .._hub import (FLASHPACK_FILE, SPREADING_DEVICE_MAPS, AutoDeviceMap, library_class, of_variant, parse_dtype,
                     resolve_pipeline_directory, take_load_kwargs, tied_second_names, unwrapped, upload_directory,
-                    warn_unused_save_kwargs)
+                    warn_unused_save_kwargs, written_whole)
 from . import model as diffusers_model
 
 P = TypeVar("P", bound=DiffusionPipeline)
@@ -76,7 +76,9 @@ def save_pipeline_flashpack(
 
     Models (diffusers and transformers) are written as ``config.json`` +
     ``model.flashpack``; schedulers, tokenizers and feature extractors with their own
-    ``save_pretrained``.
+    ``save_pretrained``. Everything is written into a hidden folder of ``save_directory``
+    first and renamed into place once every component is written: a save that fails halfway
+    leaves the pipeline that was there as it was, and needs room for both until it ends.
 
     Args:
         pipeline: any diffusers pipeline.
@@ -98,6 +100,18 @@ def save_pipeline_flashpack(
         except (TypeError, ValueError) as e:
             raise type(e)(f"save_pretrained_flashpack: target_dtype{f' for {name!r}' if name else ''}: {e}") from None
     os.makedirs(save_directory, exist_ok=True)
+    with written_whole(save_directory) as staging:
+        _save_components(pipeline, staging, target_dtype=target_dtype, safe_serialization=safe_serialization,
+                         variant=variant, max_shard_size=max_shard_size, align_bytes=align_bytes,
+                         num_workers=num_workers, checksum=checksum)
+    if push_to_hub:
+        upload_directory(save_directory, repo_id, private, token, commit_message, create_pr)
+
+
+def _save_components(pipeline: DiffusionPipeline, save_directory: str, *, target_dtype: DtypeOrPerComponent,
+                     safe_serialization: bool, variant: Optional[str], max_shard_size: Optional[Union[int, str]],
+                     align_bytes: int, num_workers: int, checksum: bool) -> None:
+    """Every component in its subfolder of ``save_directory``, then ``model_index.json``."""
     transformers_model = _transformers_model_class()
     for name in _component_entries(dict(pipeline.config)):
         component = getattr(pipeline, name, None)
@@ -125,8 +139,6 @@ def save_pipeline_flashpack(
                  "save_pretrained and is not saved")
     pipeline.save_config(save_directory)
     _name_library_classes(pipeline, os.path.join(save_directory, "model_index.json"))
-    if push_to_hub:
-        upload_directory(save_directory, repo_id, private, token, commit_message, create_pr)
 
 
 def _library_class(cls: type) -> type:
