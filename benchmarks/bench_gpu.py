@@ -54,6 +54,8 @@ VARIANTS = {
     "flashpack_ops[register 64MiB/512MiB 8 threads]": dict(route="register", chunk_bytes=64 * MiB,
                                                           pinned_bytes=512 * MiB, num_threads=8),
     "flashpack_ops[buffered 16MiB/512MiB]": dict(route="buffered", chunk_bytes=16 * MiB, pinned_bytes=512 * MiB),
+    # Workers that sleep while their copies finish, instead of spinning (the default).
+    "flashpack_ops[blocking sync]": dict(env={"FLASHPACK_CUDA_BLOCKING_SYNC": "1"}),
 }
 COLD_VARIANTS = ["flashpack_ops[direct]"]
 FORMATS = {"flashpack_ops": "fp", "safetensors": "st", "torch.load": "pt", "flashpack 0.4.5": "ref"}
@@ -156,8 +158,24 @@ def make_loaders(device: torch.device) -> Dict[str, Callable[[Dict[str, str]], D
 
         loaders["flashpack 0.4.5"] = reference
     for name, kwargs in VARIANTS.items():
-        loaders[name] = lambda paths, kw=kwargs: flashpack_ops.load_file(paths["fp"], device, **kw)
+        loaders[name] = lambda paths, kw=kwargs: with_environment(
+            kw.get("env", {}), lambda: flashpack_ops.load_file(
+                paths["fp"], device, **{k: v for k, v in kw.items() if k != "env"}))
     return loaders
+
+
+def with_environment(variables: Dict[str, str], fn: Callable[[], Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """fn() with `variables` set in the environment, as they were afterwards."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        return fn()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ---- checks ----------------------------------------------------------------------------------

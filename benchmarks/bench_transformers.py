@@ -164,8 +164,8 @@ def main() -> None:
     print(f"{args.size} Llama, {parameters / 1e9:.2f}B parameters, {args.dtype}, onto {device} ({card}), "
           f"torch {torch.__version__}, commit {commit}, median of {args.runs}"
           + (f"; cold: page cache emptied by {'/'.join(sorted(set(how)))}" if how else ""))
-    print(f"| loader | file | warm s | warm GB/s | cold s | cold GB/s |")
-    print(f"| --- | --- | --- | --- | --- | --- |")
+    print("| loader | file | warm s | warm GB/s | cold s | cold GB/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, (warm, cold) in results.items():
         gb = files[name] / 1e9
         cold_text = f"{cold:.3f} | {gb / cold:.2f}" if cold else "- | -"

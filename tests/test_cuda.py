@@ -566,6 +566,16 @@ def test_pinned_bytes_from_the_environment(mixed, monkeypatch):
     assert 0 < cuda_stats()["pinned_peak_bytes"] <= 64 * KiB
 
 
+@needs_cuda_build
+@pytest.mark.parametrize("route", ["buffered", "register"])
+def test_workers_that_sleep_while_copies_finish_load_the_same(mixed, monkeypatch, route):
+    path, tensors = mixed
+    monkeypatch.setenv("FLASHPACK_CUDA_BLOCKING_SYNC", "1")
+    monkeypatch.setenv("FLASHPACK_PINNED_BYTES", str(64 * KiB))  # many waits for a slot
+    monkeypatch.setenv("FLASHPACK_CHUNK_BYTES", str(16 * KiB))
+    assert_loaded(load_file(path, "cuda", route=route), tensors)
+
+
 # ---- streams, threads, devices -------------------------------------------------------------------
 
 

@@ -425,9 +425,20 @@ bool register_supported(c10::DeviceIndex device) {
 
 // ---- the pipeline ------------------------------------------------------------------------
 
+// NOTE: a worker waits for its slot's copies in cudaEventSynchronize, which spins by default:
+// the fastest wake-up, and no core is lost while no more workers run than cores. Where the
+// workers share cores with other work, FLASHPACK_CUDA_BLOCKING_SYNC=1 makes them sleep instead.
+bool blocking_waits() {
+  const char* v = std::getenv("FLASHPACK_CUDA_BLOCKING_SYNC");
+  return v != nullptr && *v != '\0' && std::string(v) != "0";
+}
+
 class Event {
  public:
-  Event() { C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming)); }
+  Event() {
+    const unsigned flags = cudaEventDisableTiming | (blocking_waits() ? cudaEventBlockingSync : 0u);
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, flags));
+  }
   ~Event() {
     if (event_ != nullptr) C10_CUDA_CHECK_WARN(cudaEventDestroy(event_));
   }
