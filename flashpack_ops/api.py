@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, TypeVar, Union
 
 import torch
 
@@ -15,6 +15,21 @@ from .ops import (_SAME_WIDTH_INT, DEFAULT_ALIGN_BYTES, DeviceLike, PathLike, _d
                   read_metadata, save_file)
 
 _READ_ATTEMPTS = 3
+
+T = TypeVar("T")
+
+
+def _read_unchanged(path: str, read: Callable[[], T]) -> T:
+    """``read()``, run again while the file at ``path`` was replaced (a save renames a new file
+    over it) or modified during it: for reads that open the path more than once (the footer,
+    then the tensors; one load per device), which must all see one file."""
+    for _ in range(_READ_ATTEMPTS):
+        before = _identity(path)
+        result = read()
+        if _identity(path) == before:
+            return result
+    raise RuntimeError(f"'{path}' was replaced or modified while being read, {_READ_ATTEMPTS} times in a row; "
+                       "load it once it is no longer being written")
 
 
 def _is_ignored(name: str, names=None, prefixes=None, suffixes=None) -> bool:
@@ -260,18 +275,13 @@ def read_flashpack_file(
         >>> state_dict = dict(iterate_from_flash_tensor(storage, meta))
     """
     path = _path(path, must_exist=True)
-    given = metadata
     # The blocks and the footer are read by two calls: a save that replaces the file between
     # them would pair one file's index with the other's bytes, so both must see one file.
-    for _ in range(_READ_ATTEMPTS):
-        before = _identity(path)
-        footer = read_metadata(path)
-        blocks = torch.ops.flashpack.load_blocks(path, _device(device), copy=copy, chunk_bytes=chunk_bytes,
-                                                 num_streams=num_streams)
-        if _identity(path) == before:
-            return FlashTensorStorage(list(blocks)), _as_given(given, _with_macroblocks(footer), path)
-    raise RuntimeError(f"'{path}' was replaced or modified while being read, {_READ_ATTEMPTS} times in a row; "
-                       "load it once it is no longer being written")
+    footer, blocks = _read_unchanged(path, lambda: (
+        read_metadata(path),
+        torch.ops.flashpack.load_blocks(path, _device(device), copy=copy, chunk_bytes=chunk_bytes,
+                                        num_streams=num_streams)))
+    return FlashTensorStorage(list(blocks)), _as_given(metadata, _with_macroblocks(footer), path)
 
 
 def _check_shard_strategy(strategy: Optional[str], argument: str) -> None:
@@ -825,7 +835,12 @@ def assign_from_file(
         check_strategy()  # one process: no ranks to agree with, and no sharded load to check it
     storage = meta = None
     if placement is not None:
-        tensors = _load_placed(path, file_names, placement, lambda name: not ignored(name), copy=copy)
+        # One load per device, and the names read before them: all from one file, or a save
+        # landing between two loads would give the model weights of two files.
+        path = _path(path, must_exist=True)
+        tensors = _read_unchanged(path, lambda: _load_placed(
+            path, [entry["name"] for entry in read_metadata(path)["index"]], placement,
+            lambda name: not ignored(name), copy=copy))
     elif keep_flash_ref_on_model:
         # The blocks themselves, so that the model can hold them; the tensors are views of them.
         if distributed:
@@ -837,9 +852,12 @@ def assign_from_file(
     elif distributed:
         tensors = load_file_distributed(path, device, sharded=distributed_sharded, _check=check_strategy)
     elif ignore_names or ignore_prefixes or ignore_suffixes:
-        # What is ignored is not read, nor given GPU memory (a head or a tower left out).
-        tensors = load_file(path, device, copy=copy, names=[entry["name"] for entry in read_metadata(path)["index"]
-                                                            if not ignored(entry["name"])])
+        # What is ignored is not read, nor given GPU memory (a head or a tower left out). The
+        # names and the tensors are read by two calls, from one file.
+        path = _path(path, must_exist=True)
+        tensors = _read_unchanged(path, lambda: load_file(
+            path, device, copy=copy, names=[entry["name"] for entry in read_metadata(path)["index"]
+                                            if not ignored(entry["name"])]))
     else:
         tensors = load_file(path, device, copy=copy)
 

@@ -8,7 +8,6 @@ instead of hanging it.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import subprocess
 import sys
@@ -196,6 +195,39 @@ def test_safe_open_pairs_a_files_metadata_with_its_own_tensors(tmp_path):
                 assert "was replaced three times while it was opened" in str(exc)
                 given_up += 1
     assert opened >= 10, (opened, given_up)
+
+
+def test_assign_from_file_with_a_device_map_never_mixes_two_files(tmp_path):
+    # A device_map spanning several devices loads the file once per device; a save that
+    # renames a new file over the path between those loads must not give the model one
+    # file's weights on one device and the other's on the next. "cpu" and "cpu:0" are two
+    # devices to the map, so two loads, on any machine (as "cuda:0" and "cpu" would be).
+    path = str(tmp_path / "placed.flashpack")
+
+    def model(value):
+        net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
+        with torch.no_grad():
+            for param in net.parameters():
+                param.fill_(value)
+        return net
+
+    versions = [(model(float(k)).state_dict(), None) for k in (1, 2)]
+    flashpack_ops.save_file(versions[0][0], path, durable=False)
+    loads = given_up = 0
+    with saved_over_in_turn(path, versions):
+        for _ in range(2000):
+            net = model(0.0)
+            try:
+                flashpack_ops.assign_from_file(net, path, device={"0": "cpu", "1": "cpu:0"})
+            except RuntimeError as exc:  # replaced during each of its attempts: said plainly
+                assert "was replaced or modified while being read" in str(exc)
+                given_up += 1
+                continue
+            loaded = net.state_dict()
+            assert any(equal(loaded, tensors) for tensors, _ in versions), \
+                {name: tensor.flatten()[0].item() for name, tensor in loaded.items()}
+            loads += 1
+    assert loads >= 10, (loads, given_up)
 
 
 # A process that may start no more threads (RLIMIT_NPROC reached, a container's pids.max):
