@@ -1055,3 +1055,16 @@ def test_convert_repo_id_with_a_sharded_variant_downloads_its_shards_only(tmp_pa
     run("convert", "org/shards", tmp_path / "out.flashpack", "--variant", "fp16")
     assert_file_holds(tmp_path / "out.flashpack", tensors)
     assert hub.fetched("org/shards") == sorted(list(shards) + ["model.safetensors.index.fp16.json"])
+
+
+def test_main_imports_from_dunder_main_as_the_reference_entry_point_and_runs_nothing(tmp_path):
+    # The reference's console script is `flashpack.__main__:main`: importing the module
+    # must give `main` without running the command (and exiting the importer).
+    flashpack_ops.save_file(state_dict(), tmp_path / "model.flashpack")
+    launcher = ("import sys; from flashpack_ops.__main__ import main; print('imported'); "
+                "sys.exit(main(['metadata', sys.argv[1], '--json']))")
+    result = subprocess.run([sys.executable, "-c", launcher, str(tmp_path / "model.flashpack")], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("imported\n")
+    assert json.loads(result.stdout.split("\n", 1)[1])["format"] == "flashpack_v4"
