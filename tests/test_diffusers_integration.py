@@ -209,6 +209,29 @@ def test_pipeline_saves_models_as_flashpack_and_the_rest_as_usual(tmp_path):
     assert replaced.scheduler.config.num_train_timesteps == 20
 
 
+def test_pipeline_save_takes_the_reference_arguments_by_position(tmp_path):
+    # The reference's order, DiffusionPipeline.save_pretrained's: safe_serialization, variant,
+    # max_shard_size, push_to_hub, commit_message, create_pr, token, repo_id, private,
+    # is_main_process, align_bytes, silent, num_workers, target_dtype.
+    pipeline = FlashDDPMPipeline(unet=tiny_unet(FlashUNet), scheduler=DDPMScheduler(num_train_timesteps=10))
+    pipeline.save_pretrained_flashpack(tmp_path / "default", True)
+    loaded = FlashDDPMPipeline.from_pretrained_flashpack(tmp_path / "default")
+    for name, tensor in pipeline.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[name], tensor), name
+
+    pipeline.save_pretrained_flashpack(tmp_path / "half", True, None, None, False, None, False, None, None, None,
+                                       True, 64, True, 0, torch.float16)
+    meta = flashpack_ops.read_metadata(tmp_path / "half" / "unet" / "model.flashpack")
+    assert meta["align_bytes"] == 64
+    halved = flashpack_ops.load_file(tmp_path / "half" / "unet" / "model.flashpack")
+    for name, tensor in pipeline.unet.state_dict().items():
+        assert torch.equal(halved[name], tensor.to(torch.float16)), name
+
+    pipeline.save_pretrained_flashpack(tmp_path / "other", True, None, None, False, None, False, None, None, None,
+                                       False)  # is_main_process=False: nothing written
+    assert not (tmp_path / "other").exists()
+
+
 def test_pipeline_takes_one_device_and_refuses_a_map_over_several(tmp_path):
     pipeline = FlashDDPMPipeline(unet=tiny_unet(FlashUNet), scheduler=DDPMScheduler(num_train_timesteps=10))
     pipeline.save_pretrained_flashpack(tmp_path)

@@ -487,9 +487,35 @@ class FlashPackDiffusionPipeline(DiffusionPipeline):
         return json.dumps(_with_library_classes(self, json.loads(super().to_json_string())), indent=2,
                           sort_keys=True) + "\n"
 
-    def save_pretrained_flashpack(self, save_directory: Union[str, "os.PathLike[str]"], **kwargs: Any) -> None:
-        """See :func:`flashpack_ops.integrations.diffusers.save_pipeline_flashpack`."""
-        save_pipeline_flashpack(self, save_directory, **kwargs)
+    def save_pretrained_flashpack(
+        self,
+        save_directory: Union[str, "os.PathLike[str]"],
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+        max_shard_size: Optional[Union[int, str]] = None,
+        push_to_hub: bool = False,
+        commit_message: Optional[str] = None,
+        create_pr: bool = False,
+        token: Optional[str] = None,
+        repo_id: Optional[str] = None,
+        private: Optional[bool] = None,
+        is_main_process: bool = True,
+        align_bytes: int = DEFAULT_ALIGN_BYTES,
+        silent: bool = True,
+        num_workers: int = 0,
+        target_dtype: DtypeOrPerComponent = None,
+        **kwargs: Any,
+    ) -> None:
+        """See :func:`flashpack_ops.integrations.diffusers.save_pipeline_flashpack`.
+
+        The arguments may be given by position, in the reference package's order (that of
+        ``DiffusionPipeline.save_pretrained``: ``safe_serialization``, ``variant``, ...).
+        """
+        save_pipeline_flashpack(self, save_directory, safe_serialization=safe_serialization, variant=variant,
+                                max_shard_size=max_shard_size, push_to_hub=push_to_hub,
+                                commit_message=commit_message, create_pr=create_pr, token=token, repo_id=repo_id,
+                                private=private, is_main_process=is_main_process, align_bytes=align_bytes,
+                                silent=silent, num_workers=num_workers, target_dtype=target_dtype, **kwargs)
 
     @classmethod
     def from_pretrained_flashpack(cls: Type[P], pretrained_model_name_or_path: Union[str, "os.PathLike[str]"],
