@@ -643,9 +643,12 @@ Layout select_entries(const Layout& layout, const std::vector<std::string>& name
     }
   }
   if (found.size() < wanted.size()) {
+    // In the order asked for, each once: a set, not a search of the list, which a load of
+    // 100,000 names from another model's index made quadratic (minutes before the error).
     std::vector<std::string> missing;
+    std::unordered_set<std::string_view> listed_once;
     for (const std::string& name : names) {
-      if (!found.count(name) && std::find(missing.begin(), missing.end(), name) == missing.end()) missing.push_back(name);
+      if (!found.count(name) && listed_once.insert(name).second) missing.push_back(name);
     }
     std::string listed;
     for (size_t k = 0; k < missing.size() && k < 5; ++k) listed += (k ? ", '" : "'") + missing[k] + "'";

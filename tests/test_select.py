@@ -127,6 +127,9 @@ def test_verify_checks_the_whole_file(saved):
     (["nope"], "has no entry 'nope'"),
     (["embed", "x", "y", "x"], "has no entries 'x', 'y' "),
     ([f"n{k}" for k in range(7)], "'n4' and 2 more"),
+    (["b", "embed", "a", "b", "c", "a", "d", "e", "f"], "has no entries 'b', 'a', 'c', 'd', 'e' and 1 more "),
+    # Another model's index: each missing name counted once, without a search per name.
+    ([f"other.{k}" for k in range(100_000)] * 2, "'other.4' and 99995 more"),
 ])
 def test_a_name_the_file_lacks_is_named(saved, names, listed):
     path, _ = saved
