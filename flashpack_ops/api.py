@@ -484,19 +484,35 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
                     try:
                         meta = tensor.detach().to("meta")
                     except Exception:  # noqa: BLE001 - quantized tensors and some subclasses have none
-                        # Out of reach of the inits only if none of them can get to it.
-                        unreachable.update(path for path in chain
-                                           if not path or module_name == path or module_name.startswith(path + "."))
+                        # Out of reach of the inits only if none of them can get to it: those of
+                        # this module and of the modules above it.
+                        unreachable.update(path for path in _paths_above(module_name) if path in chain)
                         continue
                     stand_in = torch.nn.Parameter(meta, tensor.requires_grad) if store is module._parameters else meta
                     stand_ins.append((store, attr, tensor))
                     store[attr] = stand_in
         versions = {name: placed[name][2]._version for name in names}
+        # NOTE: an init sets the tensors of its module and of the modules below it, so each is
+        # checked only for the names in its reach (under any name its module or tensor also
+        # has): checking every name after every init made thousands of missing tensors take
+        # minutes (quadratic).
+        reach: Dict[str, List[str]] = {path: [] for path in chain}
+        holders_of: Dict[int, set] = {}
+        for key, (_, _, tensor) in placed.items():
+            holders_of.setdefault(id(tensor), set()).add(key.rpartition(".")[0])
+        for name in names:
+            above = set()
+            for holder in holders_of[id(placed[name][2])]:
+                above.update(_paths_above(holder))
+            for path in above:
+                if path in reach:
+                    reach[path].append(name)
         with torch.no_grad():
             for path in deepest_first:
                 if path in unreachable:
                     continue
-                before = {name: placed[name][2]._version for name in names}
+                in_reach = reach[path]
+                before = {name: placed[name][2]._version for name in in_reach}
                 try:
                     init(model.get_submodule(path))
                     ran = True
@@ -505,7 +521,7 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
                 except Exception:  # noqa: BLE001 - the model's own init code
                     ran = False
                 written = set()
-                for name in names:
+                for name in in_reach:
                     store, attr, tensor = placed[name]
                     if store.get(attr) is not tensor:
                         # An init that made a new tensor rather than fill ours: ours takes its values.
@@ -522,7 +538,7 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
                 if ran:
                     partial -= written
                 else:
-                    partial |= written | {name for name in names
+                    partial |= written | {name for name in in_reach
                                           if not path or name.startswith(path + ".")}
     finally:
         # An init that builds new submodules (self.proj = Linear(...)) would drop the loaded
@@ -547,6 +563,12 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
     return left_zero
 
 
+def _paths_above(module_name: str) -> List[str]:
+    """The module itself and every module above it, as paths: ``"a.b"`` gives ``""``, ``"a"``, ``"a.b"``."""
+    parts = module_name.split(".") if module_name else []
+    return [".".join(parts[:n]) for n in range(len(parts) + 1)]
+
+
 def _tensor_at(model: torch.nn.Module, name: str) -> Optional[torch.Tensor]:
     module_path, _, attr = name.rpartition(".")
     module = model.get_submodule(module_path)
@@ -564,7 +586,8 @@ def _all_zero(tensor: torch.Tensor) -> bool:
 
 def describe_missing(names: List[str], left_zero: List[str], how: str) -> str:
     """What a warning says of the tensors initialise_missing was given."""
-    initialised = [name for name in names if name not in left_zero]
+    zero = set(left_zero)
+    initialised = [name for name in names if name not in zero]
     said = []
     if initialised:
         said.append(_format_names(f"tensors initialised as {how} initialises them", initialised, most=20))
@@ -991,7 +1014,7 @@ def assign_from_file(
     elif zero_filled:
         left_zero = initialize_missing(model, zero_filled, _reset_parameters)
         hint = ""
-        if any(name in left_zero for name in computed):
+        if not set(computed).isdisjoint(left_zero):
             # A model built under torch.device("meta"): no file holds what __init__ computes.
             hint = ("; non-persistent buffers are in no file, build the model with only its parameters on the "
                     "meta device (flashpack_ops.mixin.init_empty_parameters()) so that __init__ computes them")

@@ -180,6 +180,35 @@ def test_non_strict_load_initialises_what_is_missing_as_building_the_model_would
     assert not any(t.is_meta for t in loaded.parameters())
 
 
+class ManyLayers(torch.nn.Module, FlashPackMixin):
+    """Many small layers, and one module held under two names (shared by two parents)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(n))
+        self.shared = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        self.again = torch.nn.Sequential(self.shared[0])
+
+
+def test_many_missing_tensors_are_each_initialised_by_their_module(tmp_path):
+    # Half the layers are in the file: the other half, and the shared layer, are initialised
+    # by their own reset_parameters(), the loaded ones left as they are.
+    model = ManyLayers(2000)
+    state = {name: t for name, t in model.state_dict().items() if name.startswith("layers.")
+             and int(name.split(".")[1]) < 1000}
+    path = tmp_path / "half.flashpack"
+    flashpack_ops.save_file(state, path)
+    with pytest.warns(UserWarning, match=r"2002 tensors initialised as reset_parameters\(\) initialises them: "
+                                         r"layers\.1000\.weight, layers\.1000\.bias, .* and 1982 more \("):
+        loaded = ManyLayers.from_flashpack(path, 2000, strict=False)
+    for k, layer in enumerate(loaded.layers):
+        if k < 1000:
+            assert torch.equal(layer.weight, model.layers[k].weight) and torch.equal(layer.bias, model.layers[k].bias)
+        else:
+            assert layer.weight.any() and layer.bias.any() and layer.weight.abs().max() <= 2 ** -0.5
+    assert loaded.again[0] is loaded.shared[0] and loaded.shared[0].weight.any()
+
+
 class Scaled(torch.nn.Module, FlashPackMixin):
     """A parameter held by a module that has no reset_parameters()."""
 
