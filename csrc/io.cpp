@@ -94,7 +94,9 @@ Mapping::Mapping(const InputFile& file) : size_(file.size()) {
   addr_ = ::mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, file.fd(), 0);
   if (addr_ == MAP_FAILED) {
     addr_ = nullptr;
-    os_error("cannot memory-map", file.path(), errno);
+    const int err = errno;
+    throw std::runtime_error("cannot memory-map '" + file.path() + "': " + std::strerror(err) +
+                             " (load it with copy=True to read it into memory instead)");
   }
 }
 
@@ -309,7 +311,10 @@ void AtomicWriter::commit() {
   if (durable_ && ::fsync(fd_) != 0) os_error("cannot flush", path_, errno);
   const int fd = fd_;
   fd_ = -1;
-  if (::close(fd) != 0) os_error("cannot close", path_, errno);
+  // NOTE: on Linux the descriptor is closed even when close() is interrupted (EINTR, seen
+  // on network filesystems), and must not be closed again. A durable save's data was
+  // checked by the fsync above; durable=False gives up that check anyway.
+  if (::close(fd) != 0 && errno != EINTR) os_error("cannot close", path_, errno);
   if (::rename(tmp_path_.c_str(), target().c_str()) != 0) os_error("cannot rename the temporary file onto", path_, errno);
   committed_ = true;
   if (!durable_) return;
