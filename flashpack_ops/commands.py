@@ -53,6 +53,12 @@ def _torch_load(path: str, mmap: bool) -> Any:
         if mmap and "mmap" in str(e):  # only the legacy (pre-zip) format cannot be mapped
             raise
         raise ValueError(f"{path} is not a readable torch checkpoint: {str(e).splitlines()[0]}") from None
+    except (EOFError, LookupError, ValueError, TypeError, AttributeError) as e:
+        # The unpickler's own failures on a file that is not a pickle (empty, truncated, other
+        # bytes): "Ran out of input", or a bare KeyError of a memo number, naming no file.
+        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise ValueError(f"{path} is not a readable torch checkpoint (empty, truncated or not a torch file): "
+                         f"{reason}") from None
 
 
 def _torch_state_dict(path: str) -> Dict[str, torch.Tensor]:

@@ -647,7 +647,11 @@ def test_revert_never_overwrites_a_default_destination(tmp_path):
     ("model.safetensors", b"garbage!", "model.safetensors is not a valid safetensors file: "),
     ("model.bin", b"\xf9" * 64, "model.bin: torch.load(weights_only=True) cannot read it: "),
     ("model.pt", b"PK\x03\x04" + b"\x00" * 60, "model.pt is not a readable torch checkpoint: "),
-], ids=["safetensors", "pickle", "zip"])
+    ("model.pt", b"", "model.pt is not a readable torch checkpoint (empty, truncated or not a torch file): "),
+    ("model.bin", b"\x80\x02", "model.bin is not a readable torch checkpoint (empty, truncated or not a torch file): "),
+    ("model.ckpt", b"junkjunkjunkjunkjunk", "model.ckpt is not a readable torch checkpoint (empty, truncated or not a "
+                                            "torch file): "),
+], ids=["safetensors", "pickle", "zip", "empty", "truncated", "other"])
 def test_convert_of_a_damaged_checkpoint_names_it(tmp_path, name, content, said):
     (tmp_path / name).write_bytes(content)
     result = run("convert", tmp_path / name, tmp_path / "out.flashpack", check=False)
