@@ -758,7 +758,11 @@ def _write_replacing(destination: str, write: Callable[[str], None]) -> None:
     stem = os.fsencode(base)[:200].decode(errors="ignore") if isinstance(base, str) else base
     temporary = os.path.join(directory, f".{stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     # 0666: the umask gives the file its usual permissions; a file replaced keeps its own.
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as e:
+        # Said of the destination and its directory, not of a temporary name the caller never gave.
+        raise type(e)(e.errno, f"cannot write {destination}: {e.strerror}", directory or ".") from None
     try:
         mode = os.stat(target if os.path.isfile(target) else temporary).st_mode & 0o7777
         write(temporary)

@@ -717,6 +717,17 @@ def test_revert_onto_the_file_itself_is_refused_and_leaves_it_whole(tmp_path):
 
 
 @pytest.mark.parametrize("extension", [".safetensors", ".pt"])
+def test_revert_into_a_missing_directory_names_the_destination_not_a_temporary(tmp_path, capsys, extension):
+    flashpack_ops.save_file(state_dict(), tmp_path / "m.flashpack")
+    destination = tmp_path / "absent" / f"m{extension}"
+    assert cli.main(["revert", "-q", str(tmp_path / "m.flashpack"), str(destination)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"flashpack revert: error: cannot write {destination}: No such file or directory: "
+                   f"{tmp_path / 'absent'}"], err
+    assert not (tmp_path / "absent").exists()
+
+
+@pytest.mark.parametrize("extension", [".safetensors", ".pt"])
 def test_revert_to_a_name_near_the_file_system_limit(tmp_path, extension):
     # 250 bytes: room for the name, not for a temporary name built on all of it.
     stem = "w" * (250 - len(extension))
