@@ -279,7 +279,7 @@ def read_flashpack_file(
     # them would pair one file's index with the other's bytes, so both must see one file.
     footer, blocks = _read_unchanged(path, lambda: (
         read_metadata(path),
-        torch.ops.flashpack.load_blocks(path, _device(device), copy=copy, chunk_bytes=chunk_bytes,
+        torch.ops.flashpack.load_blocks(path, _device(device, f"cannot load '{path}'"), copy=copy, chunk_bytes=chunk_bytes,
                                         num_streams=num_streams)))
     return FlashTensorStorage(list(blocks)), _as_given(metadata, _with_macroblocks(footer), path)
 
@@ -834,7 +834,8 @@ def assign_from_file(
         if len(placement.devices) == 1 and "" in placement.map:
             device, placement = placement.devices[0], None
     if placement is None:
-        device = _default_device(model) if device is None else _device(device)
+        device = _default_device(model) if device is None else \
+            _device(device, f"flashpack_ops.assign_from_file: cannot load {path}")
         if device.type == "meta":
             raise ValueError(f"flashpack_ops.assign_from_file: cannot load {path} onto the meta device")
     elif keep_flash_ref_on_model or use_distributed_loading:

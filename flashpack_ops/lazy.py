@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from .ops import _SAME_WIDTH_INT, PathLike, _identity, _path, load_file
+from .ops import _SAME_WIDTH_INT, PathLike, _device, _identity, _path, load_file
 
 # safetensors' names for the dtypes it stores; others go by torch's name.
 _SAFETENSORS_DTYPES = {
@@ -59,7 +59,7 @@ class safe_open:  # noqa: N801 - safetensors' name, so that code written for it 
         if framework not in ("pt", "torch", "pytorch"):
             raise ValueError(f"cannot open '{self._path}' for framework {framework!r}: flashpack_ops reads "
                              "PyTorch tensors only (framework=\"pt\")")
-        self._device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        self._device = _device(device, f"cannot open '{self._path}'")
         if self._device.type == "meta":  # as safetensors refuses it: a meta tensor reads nothing
             raise ValueError(f"cannot open '{self._path}' for {self._device}: the meta device holds no data")
         if self._device.type not in ("cpu", "cuda"):

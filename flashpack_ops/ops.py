@@ -50,12 +50,23 @@ def _identity(path: str) -> Tuple[int, int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def _device(device: Optional[DeviceLike]) -> torch.device:
+def _device(device: Optional[DeviceLike], what: str = "", argument: str = "device") -> torch.device:
+    """``device`` as a torch.device (an int is a GPU index). ``what`` says which call and file
+    the device is for: torch's own errors name neither, and a misspelt device is a RuntimeError
+    there, not the ValueError of any other wrong argument value."""
     if device is None:
         return torch.device("cpu")
-    if isinstance(device, int):
-        return torch.device("cuda", device)
-    return torch.device(device)
+    prefix = f"{what}: " if what else ""
+    if not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"{prefix}{argument} must be a str, an int or a torch.device, got {type(device).__name__}")
+    try:
+        return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    except RuntimeError as error:
+        reason = str(error).splitlines()[0]
+        if reason.startswith("Expected one of"):  # torch lists every device type it knows
+            reason = "unknown device type"
+        raise ValueError(f"{prefix}{argument}={device!r} is not a device (\"cpu\", \"cuda\", \"cuda:1\" or a GPU index; "
+                         f"{reason})") from None
 
 
 _ROUTES = ("auto", "direct", "buffered", "register")
@@ -251,7 +262,7 @@ def load_file(
         layout = _traced_layout(path, names)
         if layout is None:
             # The file cannot be read now: the op breaks the graph, runs and says why.
-            torch.ops.flashpack.load_list(path, _device(device), names=names)
+            torch.ops.flashpack.load_list(path, _device(device, f"cannot load '{path}'"), names=names)
             raise RuntimeError(f"'{path}' could not be read when this code was compiled and can be now: call "
                                "torch.compiler.reset() to trace it again")
         names, firsts, shapes, signature = layout
@@ -263,8 +274,8 @@ def load_file(
         # of its group: the graph knows they are one, and an in-place update through one
         # name shows through the other, as in eager mode.
         tensors = torch.ops.flashpack.load_list(
-            path, _device(device), copy=copy, num_threads=num_threads, chunk_bytes=chunk_bytes,
-            pinned_bytes=pinned_bytes, num_streams=num_streams, route=route, verify=verify,
+            path, _device(device, f"cannot load '{path}'"), copy=copy, num_threads=num_threads,
+            chunk_bytes=chunk_bytes, pinned_bytes=pinned_bytes, num_streams=num_streams, route=route, verify=verify,
             expect_layout=signature, distinct=True, names=names,
         )
         position = {k: n for n, k in enumerate(k for k, first in enumerate(firsts) if first == k)}
@@ -276,7 +287,8 @@ def load_file(
         return out
     # Two lists zipped here: a dict made by the op costs about a sixth more for many tensors.
     keys, tensors = torch.ops.flashpack.load_named(
-        _path(path, must_exist=True), _device(device), copy=copy, num_threads=num_threads,
+        _path(path, must_exist=True), _device(device, f"cannot load '{os.fspath(path)}'"), copy=copy,
+        num_threads=num_threads,
         chunk_bytes=chunk_bytes, pinned_bytes=pinned_bytes, num_streams=num_streams, route=route,
         verify=verify, names=names,
     )

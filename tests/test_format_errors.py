@@ -329,6 +329,25 @@ def test_bad_load_options_are_named_on_the_cpu_too(tmp_file, kwargs, message, co
         torch.ops.flashpack.load(tmp_file, "cpu", copy=copy, **kwargs)
 
 
+@pytest.mark.parametrize("device, exc, message", [
+    ("gpu", ValueError, r"device='gpu' is not a device \(\"cpu\", \"cuda\", \"cuda:1\" or a GPU index; unknown device "
+                        r"type\)"),
+    (-1, ValueError, r"device=-1 is not a device \(.*; Device index must not be negative\)"),
+    (1.5, TypeError, r"device must be a str, an int or a torch.device, got float"),
+])
+@pytest.mark.parametrize("call", ["load_file", "read_flashpack_file", "safe_open", "assign_from_file"])
+def test_a_wrong_device_is_named_with_the_file(tmp_file, call, device, exc, message):
+    # torch's own errors name no file, and a misspelt device is a RuntimeError there.
+    flashpack_ops.save_file(torch.nn.Linear(2, 2).state_dict(), tmp_file)
+    calls = {"load_file": lambda: flashpack_ops.load_file(tmp_file, device),
+             "read_flashpack_file": lambda: flashpack_ops.read_flashpack_file(tmp_file, device),
+             "safe_open": lambda: flashpack_ops.safe_open(tmp_file, framework="pt", device=device),
+             "assign_from_file": lambda: flashpack_ops.assign_from_file(torch.nn.Linear(2, 2), tmp_file, device)}
+    with pytest.raises(exc, match=message) as info:
+        calls[call]()
+    assert tmp_file in str(info.value)
+
+
 @pytest.mark.parametrize("call", ["load", "save", "verify"])
 def test_a_bad_thread_count_in_the_environment_is_named(tmp_file, monkeypatch, call):
     flashpack_ops.save_file({"a": torch.ones(1)}, tmp_file, checksum=True)

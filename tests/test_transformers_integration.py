@@ -312,6 +312,10 @@ def test_device_maps_that_cannot_be_honoured_are_refused(saved):
         FlashLlama.from_pretrained_flashpack(saved, device_map={"model": "cpu", "lm_head": "disk"})
     with pytest.raises(ValueError, match=r"device='cpu' and device_map='cuda:0' disagree"):
         FlashLlama.from_pretrained_flashpack(saved, device="cpu", device_map="cuda:0")
+    with pytest.raises(ValueError, match=r"FlashLlama.from_pretrained_flashpack: device_map='gpu' is not a device"):
+        FlashLlama.from_pretrained_flashpack(saved, device_map="gpu")
+    with pytest.raises(ValueError, match=r"cannot load .*model.flashpack: device='gpu' is not a device"):
+        FlashLlama.from_pretrained_flashpack(saved, device="gpu")
 
 
 @pytest.mark.parametrize("option", [{"quantization_config": {"load_in_8bit": True}}, {"tp_plan": "auto"},

@@ -524,7 +524,7 @@ def _device_of_map(device_map: Any, what: str, max_memory: Optional[Dict[Any, An
         return torch.device("cuda", device_map)
     if device_map == "disk":
         raise ValueError(f"{what}: device_map='disk' (offloading) is not supported; pass device= instead")
-    return torch.device(device_map)
+    return _device(device_map, what, "device_map")
 
 
 def _has_accelerate() -> bool:
