@@ -11,8 +11,8 @@ import torch
 
 from ._warnings import warn
 from .distributed import SHARD_STRATEGIES, load_blocks_distributed, load_file_distributed, maybe_init_distributed
-from .ops import (_SAME_WIDTH_INT, DEFAULT_ALIGN_BYTES, DeviceLike, PathLike, _device, _identity, _path, load_file,
-                  read_metadata, save_file)
+from .ops import (_SAME_WIDTH_INT, DEFAULT_ALIGN_BYTES, DeviceLike, PathLike, _device, _dtype, _identity, _path,
+                  load_file, read_metadata, save_file)
 
 _READ_ATTEMPTS = 3
 
@@ -828,6 +828,14 @@ def assign_from_file(
     def ignored(name: str) -> bool:
         return _is_ignored(name, ignore_names, ignore_prefixes, ignore_suffixes)
 
+    if dtype is not None:
+        # Checked here: a name would reach Tensor.to() as a device, an integer dtype would turn
+        # the weights into integers, and either error would blame the file or the device.
+        dtype = _dtype(dtype, f"flashpack_ops.assign_from_file: cannot load {path}: dtype")
+        if not dtype.is_floating_point:
+            raise ValueError(f"flashpack_ops.assign_from_file: cannot load {path}: dtype={dtype} is not a "
+                             "floating-point dtype: the file's floating-point tensors converted to it would lose "
+                             "their values")
     placement = None
     if isinstance(device, Mapping):
         placement = DevicePlacement(device, "flashpack_ops.assign_from_file")

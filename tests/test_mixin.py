@@ -268,6 +268,23 @@ def test_dtype_conversion_and_buffer_dtypes(tmp_path):
     assert torch.equal(converted.proj.weight, model.proj.weight.half())
 
 
+def test_a_wrong_dtype_is_refused_as_the_argument_it_is(tmp_path):
+    # Neither the file (which is float32) nor a device is at fault: the dtype argument is.
+    path = tmp_path / "f32.flashpack"
+    flashpack_ops.save_file(torch.nn.Linear(3, 2).state_dict(), path)
+    model = torch.nn.Linear(3, 2)
+    before = model.weight
+    with pytest.raises(ValueError, match=r"assign_from_file: cannot load .*f32.flashpack: dtype=torch.int32 is not a "
+                                         r"floating-point dtype"):
+        assign_from_file(model, path, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"assign_from_file: cannot load .*f32.flashpack: dtype: 'float17' is not a "
+                                         r"torch dtype"):
+        assign_from_file(model, path, dtype="float17")
+    assert model.weight is before
+    assign_from_file(model, path, dtype="bfloat16")  # by name, as save_file's target_dtype takes it
+    assert model.weight.dtype == torch.bfloat16
+
+
 def test_assign_into_a_built_model_moves_nothing_it_does_not_load(saved):
     model, path = saved
     fresh = trained_model(seed=3)
