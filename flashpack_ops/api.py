@@ -11,8 +11,8 @@ import torch
 
 from ._warnings import warn
 from .distributed import SHARD_STRATEGIES, load_blocks_distributed, load_file_distributed, maybe_init_distributed
-from .ops import (_SAME_WIDTH_INT, DEFAULT_ALIGN_BYTES, DeviceLike, PathLike, _device, _dtype, _identity, _path,
-                  load_file, read_metadata, save_file)
+from .ops import (_SAME_WIDTH_INT, DEFAULT_ALIGN_BYTES, DeviceLike, PathLike, _check_arguments, _device, _dtype,
+                  _identity, _path, load_file, read_metadata, save_file)
 
 _READ_ATTEMPTS = 3
 
@@ -275,6 +275,8 @@ def read_flashpack_file(
         >>> state_dict = dict(iterate_from_flash_tensor(storage, meta))
     """
     path = _path(path, must_exist=True)
+    _check_arguments(f"cannot load '{path}'", ints={"chunk_bytes": chunk_bytes, "num_streams": num_streams},
+                     bools={"copy": copy})
     # The blocks and the footer are read by two calls: a save that replaces the file between
     # them would pair one file's index with the other's bytes, so both must see one file.
     footer, blocks = _read_unchanged(path, lambda: (

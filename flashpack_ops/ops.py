@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import numbers
 import os
 from typing import Any, Dict, Iterable, List, Mapping, NoReturn, Optional, Tuple, Union
 
@@ -86,6 +87,23 @@ def _dtype(dtype: Union[None, str, torch.dtype], what: str) -> Optional[torch.dt
     return found
 
 
+def _check_arguments(what: str, ints: Mapping[str, Any] = {}, bools: Mapping[str, Any] = {},
+                     counts: Tuple[str, ...] = ()) -> None:
+    """Integer and boolean arguments, checked before they reach an operator: its own check is a
+    RuntimeError that prints the schema and names neither the file nor what to pass. ``counts``:
+    the ints that must not be negative (the save and verify operators say so without the file)."""
+    for name, value in ints.items():
+        if not isinstance(value, numbers.Integral):
+            raise TypeError(f"{what}: {name} must be an int, got {type(value).__name__} {value!r}")
+        if not -2**63 <= value < 2**63:
+            raise ValueError(f"{what}: {name}={value} does not fit in 64 bits")
+        if name in counts and value < 0:
+            raise ValueError(f"{what}: {name} must be >= 0 (0 picks the default), got {value}")
+    for name, value in bools.items():
+        if not isinstance(value, numbers.Integral):  # bool, or 0 and 1 as the operators take them
+            raise TypeError(f"{what}: {name} must be a bool, got {type(value).__name__} {value!r}")
+
+
 def save_file(
     tensors: Mapping[str, torch.Tensor],
     path: PathLike,
@@ -163,6 +181,9 @@ def save_file(
             raise ValueError(f"cannot save '{path}': the name {name!r} cannot be written as UTF-8 "
                              f"({exc.reason})") from None
     target_dtype = _dtype(target_dtype, f"cannot save '{path}': target_dtype")
+    _check_arguments(f"cannot save '{path}'", ints={"align_bytes": align_bytes, "num_threads": num_threads},
+                     bools={"checksum": checksum, "durable": durable, "floating_only": floating_only},
+                     counts=("num_threads",))
     if metadata is not None:
         if not isinstance(metadata, Mapping):
             raise TypeError(f"cannot save '{path}': metadata must be a mapping of str to str, got "
@@ -247,10 +268,13 @@ def load_file(
         # Checked here for every device: the CPU path has no use for it and would not say.
         raise ValueError(f"cannot load '{os.fspath(path)}': unknown route {route!r} (expected auto, direct, "
                          "buffered or register)")
+    _check_arguments(f"cannot load '{os.fspath(path)}'",
+                     ints={"num_threads": num_threads, "chunk_bytes": chunk_bytes, "pinned_bytes": pinned_bytes,
+                           "num_streams": num_streams}, bools={"copy": copy, "verify": verify})
     if names is not None:
-        if isinstance(names, str):
-            raise TypeError(f"cannot load '{os.fspath(path)}': names must be a list of entry names, not the str "
-                            f"{names!r}")
+        if isinstance(names, str) or not isinstance(names, Iterable):
+            raise TypeError(f"cannot load '{os.fspath(path)}': names must be a list of entry names, not the "
+                            f"{type(names).__name__} {names!r}")
         names = tuple(names)
         if not all(isinstance(name, str) for name in names):
             raise TypeError(f"cannot load '{os.fspath(path)}': names must all be str")
@@ -354,7 +378,9 @@ def verify_file(path: PathLike, *, num_threads: int = 0) -> None:
     Example:
         >>> verify_file("model.flashpack")  # returns None when every byte matches
     """
-    torch.ops.flashpack.verify(_path(path, must_exist=True), num_threads=num_threads)
+    path = _path(path, must_exist=True)
+    _check_arguments(f"cannot verify '{path}'", ints={"num_threads": num_threads}, counts=("num_threads",))
+    torch.ops.flashpack.verify(path, num_threads=num_threads)
 
 
 def read_metadata(path: PathLike) -> Dict[str, Any]:

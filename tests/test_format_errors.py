@@ -314,6 +314,32 @@ def test_bad_save_arguments(tmp_file, kwargs, pattern):
     assert not os.path.exists(tmp_file)
 
 
+@pytest.mark.parametrize("call, kwargs, exc, message", [
+    ("save", {"align_bytes": "128"}, TypeError, r"align_bytes must be an int, got str '128'"),
+    ("save", {"num_threads": 1.5}, TypeError, r"num_threads must be an int, got float 1.5"),
+    ("save", {"num_threads": -1}, ValueError, r"num_threads must be >= 0 \(0 picks the default\), got -1"),
+    ("save", {"checksum": "yes"}, TypeError, r"checksum must be a bool, got str 'yes'"),
+    ("save", {"durable": None}, TypeError, r"durable must be a bool, got NoneType None"),
+    ("load", {"copy": "yes"}, TypeError, r"copy must be a bool, got str 'yes'"),
+    ("load", {"num_threads": "4"}, TypeError, r"num_threads must be an int, got str '4'"),
+    ("load", {"pinned_bytes": 2**70}, ValueError, r"pinned_bytes=1180591620717411303424 does not fit in 64 bits"),
+    ("load", {"names": 5}, TypeError, r"names must be a list of entry names, not the int 5"),
+    ("verify", {"num_threads": "a"}, TypeError, r"num_threads must be an int, got str 'a'"),
+    ("verify", {"num_threads": -1}, ValueError, r"num_threads must be >= 0 \(0 picks the default\), got -1"),
+    ("read_flashpack_file", {"chunk_bytes": "a"}, TypeError, r"chunk_bytes must be an int, got str 'a'"),
+])
+def test_wrong_argument_types_name_the_argument_and_the_file(tmp_file, call, kwargs, exc, message):
+    # Not the operator's RuntimeError, which prints its schema and names no file.
+    flashpack_ops.save_file({"a": torch.ones(1)}, tmp_file, checksum=True)
+    calls = {"save": lambda: flashpack_ops.save_file({"a": torch.ones(1)}, tmp_file, **kwargs),
+             "load": lambda: flashpack_ops.load_file(tmp_file, **kwargs),
+             "verify": lambda: flashpack_ops.verify_file(tmp_file, **kwargs),
+             "read_flashpack_file": lambda: flashpack_ops.read_flashpack_file(tmp_file, **kwargs)}
+    with pytest.raises(exc, match=message) as info:
+        calls[call]()
+    assert f"'{tmp_file}'" in str(info.value)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"num_threads": -1}, r"num_threads must be >= 0 \(0 picks the default\), got -1"),
     ({"chunk_bytes": -1}, r"chunk_bytes must be >= 0"),
