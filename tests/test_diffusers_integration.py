@@ -862,3 +862,23 @@ def test_ignore_mismatched_sizes_initialises_what_changed_shape(tmp_path):
     for name, tensor in unet.state_dict().items():
         if not name.startswith("conv_out."):
             assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_optional_components_model_index_does_not_name_load_as_none_as_diffusers_loads_them(tmp_path):
+    # A model_index.json without safety_checker, feature_extractor and image_encoder (saved
+    # before the pipeline had them, or edited): diffusers gives the optional components None.
+    pipeline = tiny_stable_diffusion(tmp_path / "vocab")
+    pipeline.save_pretrained(tmp_path / "theirs")
+    save_pipeline_flashpack(pipeline, tmp_path / "ours")
+    for name in ("theirs", "ours"):
+        index = json.loads((tmp_path / name / "model_index.json").read_text())
+        for component in ("safety_checker", "feature_extractor", "image_encoder"):
+            del index[component]
+        (tmp_path / name / "model_index.json").write_text(json.dumps(index))
+    expected = type(pipeline).from_pretrained(tmp_path / "theirs")
+    loaded = load_pipeline_flashpack(type(pipeline), tmp_path / "ours")
+    assert type(loaded) is type(expected)
+    assert loaded.safety_checker is loaded.feature_extractor is loaded.image_encoder is None
+    assert sorted(loaded.components) == sorted(expected.components)
+    for name in ("unet", "vae", "text_encoder"):
+        assert_same_model(getattr(loaded, name), getattr(expected, name))

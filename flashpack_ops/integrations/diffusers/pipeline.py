@@ -367,6 +367,11 @@ def load_pipeline_flashpack(
         if not name.startswith("_") and name not in init and name in optional_kwargs:
             init[name] = value
     init.update({k: kwargs.pop(k) for k in list(kwargs) if k in expected_modules or k in optional_kwargs})
+    # Optional components model_index.json does not name (a directory saved without them) are
+    # None, as diffusers' from_pretrained gives them.
+    for name in getattr(pipeline_class, "_optional_components", None) or []:
+        if name in expected_modules and name not in init:
+            init[name] = None
     if kwargs:
         warn(f"flashpack_ops: {pipeline_class.__name__} does not take {sorted(kwargs)}; ignoring them")
     pipeline = pipeline_class(**{k: v for k, v in init.items() if k in expected_modules or k in optional_kwargs})
