@@ -355,6 +355,27 @@ def test_a_pipeline_with_a_transformers_text_encoder_and_a_tokenizer_round_trips
     assert torch.equal(torch.from_numpy(text_to_image(loaded)), torch.from_numpy(text_to_image(pipeline)))
 
 
+@pytest.mark.parametrize("where", ["subfolder", "folder"])
+def test_auto_model_loads_a_pipelines_text_encoder_as_diffusers_does(tmp_path, where):
+    # diffusers' AutoModel loads a transformers component too: the class model_index.json
+    # names for the subfolder, or, from its own folder, the one its config's model_type gives.
+    pipeline = tiny_stable_diffusion(tmp_path / "vocab")
+    pipeline.save_pretrained(tmp_path / "theirs")
+    save_pipeline_flashpack(pipeline, tmp_path / "ours")
+    flashpack_ops.patch_integrations()
+    if where == "subfolder":
+        expected = diffusers.AutoModel.from_pretrained(str(tmp_path / "theirs"), subfolder="text_encoder")
+        loaded = diffusers.AutoModel.from_pretrained_flashpack(tmp_path / "ours", subfolder="text_encoder")
+    else:
+        expected = diffusers.AutoModel.from_pretrained(str(tmp_path / "theirs" / "text_encoder"))
+        loaded = diffusers.AutoModel.from_pretrained_flashpack(tmp_path / "ours" / "text_encoder")
+    assert type(loaded) is type(expected) is type(pipeline.text_encoder)
+    assert not loaded.training
+    assert_same_model(loaded, expected)
+    half = from_pretrained_flashpack(ModelMixin, tmp_path / "ours", subfolder="text_encoder", dtype=torch.float16)
+    assert_same_model(half, pipeline.text_encoder.to(torch.float16))
+
+
 def files_in(directory):
     """Every file under `directory`, by its path relative to it, with its bytes."""
     return {os.path.relpath(os.path.join(root, name), directory): open(os.path.join(root, name), "rb").read()

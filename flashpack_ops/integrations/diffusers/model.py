@@ -112,9 +112,44 @@ def save_pretrained_flashpack(
         upload_directory(save_directory, repo_id, private, token, commit_message, create_pr)
 
 
+def _is_generic(model_class: type) -> bool:
+    """Whether ``model_class`` leaves the class to the config (``ModelMixin``, ``AutoModel``)."""
+    return model_class is ModelMixin or model_class.__name__ == "AutoModel" or not hasattr(model_class, "from_config")
+
+
+def _transformers_class(config: dict, model_dir: str, subfolder: Optional[str]) -> Optional[type]:
+    """The transformers class diffusers' ``AutoModel`` loads a folder as (a pipeline's text
+    encoder), or None for a diffusers model: the class the pipeline's ``model_index.json``
+    names for ``subfolder`` (``["transformers", "T5EncoderModel"]``), else, for a config with a
+    ``model_type`` and no ``_class_name``, the one transformers' ``AutoModel`` picks."""
+    if subfolder:
+        root = model_dir
+        for _ in os.path.normpath(subfolder).split(os.sep):
+            root = os.path.dirname(root)
+        try:
+            with open(os.path.join(root, "model_index.json"), encoding="utf-8") as f:
+                entry = json.load(f).get(subfolder)
+        except (OSError, ValueError, AttributeError):
+            entry = None
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] is not None and entry[1] is not None:
+            if entry[0] != "transformers":
+                return None
+            import transformers
+
+            found = getattr(transformers, entry[1], None)
+            if isinstance(found, type):
+                return found
+    if "_class_name" in config or "model_type" not in config:
+        return None
+    from transformers import AutoConfig, AutoModel
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    return _get_model_class(AutoConfig.from_pretrained(model_dir), AutoModel._model_mapping)
+
+
 def _concrete_class(model_class: type, config: dict, model_dir: str) -> type:
     """The class to build: ``model_class``, or the one the config names for a generic class."""
-    if model_class is ModelMixin or model_class.__name__ == "AutoModel" or not hasattr(model_class, "from_config"):
+    if _is_generic(model_class):
         name = str(config.get("_class_name", "")).removeprefix("FlashPack")
         found = getattr(diffusers, name, None) if name else None
         if found is None:
@@ -157,7 +192,10 @@ def from_pretrained_flashpack(
 
     Args:
         model_class: a diffusers model class (``UNet2DConditionModel``); ``ModelMixin``
-            or ``AutoModel`` picks the class the config names.
+            or ``AutoModel`` picks the class the config names, or, as diffusers' ``AutoModel``
+            does, a transformers model (a pipeline's ``subfolder="text_encoder"``: the class
+            ``model_index.json`` names; a folder of its own: the one its ``model_type`` gives),
+            loaded by :func:`flashpack_ops.integrations.transformers.from_pretrained_flashpack`.
         pretrained_model_name_or_path: a directory, or a Hub repo id.
         device: where the weights go; the CPU by default.
         torch_dtype, dtype: convert the file's floating-point tensors to this dtype
@@ -194,9 +232,6 @@ def from_pretrained_flashpack(
             from_pretrained_flashpack cannot honour.
     """
     what = f"{model_class.__name__}.from_pretrained_flashpack"
-    ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
-    device, distributed = take_load_kwargs(kwargs, device, what)
-    output_loading_info = kwargs.pop("output_loading_info", False)
     path = locate_flashpack(pretrained_model_name_or_path, subfolder, revision=revision, cache_dir=cache_dir,
                             local_dir=local_dir, token=token, local_files_only=local_files_only,
                             force_download=force_download)
@@ -204,9 +239,25 @@ def from_pretrained_flashpack(
     config_path = os.path.join(model_dir, "config.json")
     try:
         with open(config_path, encoding="utf-8") as f:
-            model_class = _concrete_class(model_class, json.load(f), model_dir)
+            config_json = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError):  # as diffusers' load_config says it
         raise OSError(f"It looks like the config file at '{config_path}' is not a valid JSON file.") from None
+    transformers_class = _transformers_class(config_json, model_dir, subfolder) if _is_generic(model_class) else None
+    if transformers_class is not None:
+        # A transformers model (a pipeline's text encoder), as diffusers' AutoModel loads it.
+        from ..transformers import from_pretrained_flashpack as transformers_from_pretrained_flashpack
+
+        return transformers_from_pretrained_flashpack(
+            transformers_class, pretrained_model_name_or_path, device, torch_dtype=torch_dtype, dtype=dtype,
+            silent=silent, strict=strict, strict_params=strict_params, strict_buffers=strict_buffers,
+            keep_flash_ref_on_model=keep_flash_ref_on_model, ignore_names=ignore_names,
+            ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes, coerce_dtype=coerce_dtype, copy=copy,
+            subfolder=subfolder, revision=revision, local_dir=local_dir, local_files_only=local_files_only,
+            cache_dir=cache_dir, token=token, force_download=force_download, **kwargs)
+    model_class = _concrete_class(model_class, config_json, model_dir)
+    ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+    device, distributed = take_load_kwargs(kwargs, device, what)
+    output_loading_info = kwargs.pop("output_loading_info", False)
     config = model_class.load_config(model_dir)
     build_dtype, load_dtype = build_and_load_dtypes(path, dtype, torch_dtype, what)
     # Without a dtype the model takes the file's: its floating tensors all load in that one
