@@ -1146,3 +1146,22 @@ def test_entries_the_model_does_not_have_are_left_out_as_from_pretrained_leaves_
         assert torch.equal(got[name], tensor), name
     with pytest.raises(ValueError, match="names in the file that T5EncoderModel does not have: lm_head.weight"):
         from_pretrained_flashpack(transformers.T5EncoderModel, fp, strict=True)
+
+
+def test_buffers_computed_in_init_match_from_pretrained_under_a_half_dtype(tmp_path):
+    # GPT-J builds its sinusoidal table in __init__ with the default dtype's arithmetic;
+    # from_pretrained computes it again in float32 once the weights are in.
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTJForCausalLM(GPTJConfig(n_embd=32, n_layer=1, n_head=4, rotary_dim=4, vocab_size=96,
+                                       n_positions=512)).eval()
+    model.save_pretrained(tmp_path / "hf")
+    save_pretrained_flashpack(model, tmp_path / "fp")
+    ids = torch.randint(0, 96, (1, 300))
+    for dtype in (torch.bfloat16, torch.float16):
+        expected = GPTJForCausalLM.from_pretrained(tmp_path / "hf", dtype=dtype)
+        loaded = from_pretrained_flashpack(GPTJForCausalLM, tmp_path / "fp", dtype=dtype)
+        assert torch.equal(loaded.transformer.h[0].attn.embed_positions, expected.transformer.h[0].attn.embed_positions)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, expected(ids).logits)

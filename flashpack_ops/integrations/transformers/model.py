@@ -14,7 +14,7 @@ import transformers
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from ..._warnings import warn
-from ...api import DevicePlacement, assign_from_file
+from ...api import DevicePlacement, assign_from_file, initialize_missing
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, load_file, read_metadata
 from .._hub import (aliases, build_and_load_dtypes, checked_save_directory, configs_written_last, dispatch_placed,
@@ -344,6 +344,20 @@ def _init_weights_of(model: PreTrainedModel) -> Callable[[torch.nn.Module], None
     return lambda module: owner.get(id(module), model)._init_weights(module)
 
 
+def _recompute_non_persistent_buffers(model: PreTrainedModel) -> None:
+    """Computes the non-persistent buffers again with the model's ``_init_weights``, as
+    from_pretrained does once the weights are in. ``__init__`` computed them under the load's
+    default dtype (bfloat16, float16): a table it builds in that dtype's arithmetic (GPT-J's
+    sinusoidal positions) differs from the one from_pretrained computes in float32 after the
+    build. Every other tensor of the model is out of the inits' reach meanwhile."""
+    names = [f"{module_name}.{name}" if module_name else name
+             for module_name, module in model.named_modules()
+             for name in sorted(module._non_persistent_buffers_set)
+             if module._buffers.get(name) is not None and not module._buffers[name].is_meta]
+    if names:
+        initialize_missing(model, names, _init_weights_of(model))
+
+
 def _whole_model_dtype(dtype: Any, what: str) -> Any:
     """A dtype per sub-config (``{"text_config": ..., "": ...}``) gives the whole model its
     ``""`` entry, or the default dtype, as from_pretrained does from transformers 5."""
@@ -521,6 +535,7 @@ def from_pretrained_flashpack(
     if target is not model and not wrapper:  # the base of a model with a head
         zero_filled += _complete_head(model, type(target).__name__, path, device if device is not None else "cpu",
                                       strict is not False and (strict or strict_params), what)
+    _recompute_non_persistent_buffers(model)
     initialise_left_out(model, path, what, zero_filled, mismatched, _init_weights_of(model), "from_pretrained")
     _mark_initialized(model)
     dispatch_placed(model, device)
