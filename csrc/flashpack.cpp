@@ -192,6 +192,14 @@ std::vector<at::Tensor> load_blocks(const std::string& path, c10::Device device,
   return load_any("flashpack::load_blocks", path, device, opts, nullptr);
 }
 
+// A negative thread count, said with the file it was for.
+void check_threads(const char* verb, const std::string& path, int64_t num_threads) {
+  if (num_threads < 0) {
+    throw std::invalid_argument(std::string("cannot ") + verb + " '" + path +
+                                "': num_threads must be >= 0 (0 picks the default), got " + std::to_string(num_threads));
+  }
+}
+
 void save_op(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& path,
              std::optional<c10::ScalarType> target_dtype, int64_t align_bytes, int64_t num_threads, bool checksum,
              bool durable, bool floating_only, const std::optional<c10::Dict<std::string, std::string>>& metadata) {
@@ -200,17 +208,24 @@ void save_op(const c10::Dict<std::string, at::Tensor>& tensors, const std::strin
     for (const auto& item : *metadata) pairs.emplace_back(item.key(), item.value());
   }
   translate_errors("flashpack::save", [&] {
+    check_threads("save", path, num_threads);
     save(tensors, path, target_dtype, align_bytes, num_threads, checksum, durable, floating_only, pairs);
   });
 }
 
 void verify_op(const std::string& path, int64_t num_threads) {
-  translate_errors("flashpack::verify", [&] { verify_file(path, default_threads(num_threads)); });
+  translate_errors("flashpack::verify", [&] {
+    check_threads("verify", path, num_threads);
+    verify_file(path, default_threads(num_threads));
+  });
 }
 
 at::Tensor read_range_op(const std::string& path, int64_t offset, int64_t length, c10::Device device,
                          int64_t num_threads) {
-  return translate_errors("flashpack::read_range", [&] { return read_range(path, offset, length, device, num_threads); });
+  return translate_errors("flashpack::read_range", [&] {
+    check_threads("read", path, num_threads);
+    return read_range(path, offset, length, device, num_threads);
+  });
 }
 
 // The footer as the file holds it, once validated: what Python needs to know about a file (names,

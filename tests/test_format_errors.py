@@ -340,6 +340,18 @@ def test_wrong_argument_types_name_the_argument_and_the_file(tmp_file, call, kwa
     assert f"'{tmp_file}'" in str(info.value)
 
 
+@pytest.mark.parametrize("op, verb", [
+    (lambda p: torch.ops.flashpack.save({"a": torch.ones(1)}, p, num_threads=-1), "save"),
+    (lambda p: torch.ops.flashpack.verify(p, num_threads=-1), "verify"),
+    (lambda p: torch.ops.flashpack.read_range(p, 0, 4, num_threads=-1), "read"),
+], ids=["save", "verify", "read_range"])
+def test_the_operators_name_the_file_of_a_negative_thread_count(tmp_file, op, verb):
+    flashpack_ops.save_file({"a": torch.ones(1)}, tmp_file, checksum=True)
+    with pytest.raises(ValueError, match=rf"cannot {verb} '{re.escape(tmp_file)}': num_threads must be >= 0 "
+                                         r"\(0 picks the default\), got -1"):
+        op(tmp_file)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"num_threads": -1}, r"num_threads must be >= 0 \(0 picks the default\), got -1"),
     ({"chunk_bytes": -1}, r"chunk_bytes must be >= 0"),
