@@ -835,7 +835,7 @@ def test_a_target_dtype_by_name_saves_as_that_dtype(model, tmp_path, name):
 
 
 def test_an_unknown_target_dtype_writes_nothing(model, tmp_path):
-    with pytest.raises(ValueError, match="unknown dtype 'bf17'"):
+    with pytest.raises(ValueError, match="save_pretrained_flashpack: target_dtype: unknown dtype 'bf17'"):
         save_pretrained_flashpack(model, tmp_path / "out", target_dtype="bf17")
     assert not (tmp_path / "out").exists()
 
@@ -883,8 +883,13 @@ def test_a_dtype_dict_of_one_dtype_loads_quietly(tmp_path):
         warnings.simplefilter("error")
         loaded = from_pretrained_flashpack(transformers.CLIPModel, tmp_path, torch_dtype={"": "bf16"})
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
-    with pytest.raises(ValueError, match="unknown dtype 'bf17'"):
+    with pytest.raises(ValueError, match="CLIPModel.from_pretrained_flashpack: dtype: unknown dtype 'bf17'"):
         from_pretrained_flashpack(transformers.CLIPModel, tmp_path, dtype={"": "bf17"})
+    with pytest.raises(ValueError, match="CLIPModel.from_pretrained_flashpack: torch_dtype: unknown dtype 'bf17'"):
+        from_pretrained_flashpack(transformers.CLIPModel, tmp_path, torch_dtype="bf17")
+    with pytest.raises(TypeError, match="CLIPModel.from_pretrained_flashpack: dtype must be a torch.dtype or a string, "
+                                        "got int"):
+        from_pretrained_flashpack(transformers.CLIPModel, tmp_path, dtype=3)
 
 
 def test_a_model_of_the_users_own_with_a_plain_config_round_trips(tmp_path):

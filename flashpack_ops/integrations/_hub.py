@@ -751,12 +751,15 @@ def loading_info(model: torch.nn.Module, path: str, missing: Optional[List[str]]
             "mismatched_keys": list(mismatched), "error_msgs": []}
 
 
-def parse_dtype(dtype: Any) -> Optional[torch.dtype]:
-    """``torch.bfloat16``, ``"bfloat16"``, ``"torch.bfloat16"`` or ``"bf16"`` to a dtype; None and "auto" to None."""
+def parse_dtype(dtype: Any, argument: Optional[str] = None) -> Optional[torch.dtype]:
+    """``torch.bfloat16``, ``"bfloat16"``, ``"torch.bfloat16"`` or ``"bf16"`` to a dtype; None and "auto" to None.
+    ``argument`` (``"from_pretrained_flashpack: torch_dtype"``) begins the error, where the
+    caller adds no context of its own."""
+    prefix = f"{argument}: " if argument else ""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if not isinstance(dtype, str):
-        raise TypeError(f"dtype must be a torch.dtype or a string, got {type(dtype).__name__}")
+        raise TypeError(f"{argument or 'dtype'} must be a torch.dtype or a string, got {type(dtype).__name__}")
     name = dtype.removeprefix("torch.")
     if name == "auto":
         return None
@@ -764,7 +767,7 @@ def parse_dtype(dtype: Any) -> Optional[torch.dtype]:
             "fp64": "float64", "double": "float64"}.get(name, name)
     result = getattr(torch, name, None)
     if not isinstance(result, torch.dtype):
-        raise ValueError(f"unknown dtype '{dtype}'")
+        raise ValueError(f"{prefix}unknown dtype '{dtype}' (torch.bfloat16, \"bfloat16\" or \"bf16\", say)")
     return result
 
 
@@ -786,9 +789,11 @@ def build_and_load_dtypes(path: str, dtype: Any, torch_dtype: Any,
                           what: str = "from_pretrained_flashpack") -> Tuple[Optional[torch.dtype], Optional[torch.dtype]]:
     """(dtype to build the model under, dtype to convert the file's floats to, None for none).
     ``torch_dtype`` is the older name of ``dtype``: given both, they must agree."""
-    if dtype is not None and torch_dtype is not None and parse_dtype(dtype) != parse_dtype(torch_dtype):
+    if dtype is not None and torch_dtype is not None and \
+            parse_dtype(dtype, f"{what}: dtype") != parse_dtype(torch_dtype, f"{what}: torch_dtype"):
         raise ValueError(f"{what}: dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one of them")
-    requested = parse_dtype(dtype if dtype is not None else torch_dtype)
+    requested = parse_dtype(dtype if dtype is not None else torch_dtype,
+                            f"{what}: {'dtype' if dtype is not None else 'torch_dtype'}")
     return (requested or file_floating_dtype(path)), requested
 
 

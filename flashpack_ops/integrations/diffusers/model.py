@@ -96,7 +96,8 @@ def save_pretrained_flashpack(
     """
     warn_unused_save_kwargs(kwargs, "save_pretrained_flashpack")
     save_directory = checked_save_directory(save_directory)
-    target_dtype = parse_dtype(target_dtype)  # "bf16", "torch.float16": checked before anything is written
+    # "bf16", "torch.float16": checked before anything is written
+    target_dtype = parse_dtype(target_dtype, "save_pretrained_flashpack: target_dtype")
     model = unwrapped(model)  # a torch.compile'd model saves as the model it compiles
     refuse_adapters(model, "save_pretrained_flashpack")
     if is_main_process:

@@ -304,7 +304,8 @@ def save_pretrained_flashpack(
     """
     warn_unused_save_kwargs(kwargs, "save_pretrained_flashpack")
     save_directory = checked_save_directory(save_directory)
-    target_dtype = parse_dtype(target_dtype)  # "bf16", "torch.float16": checked before anything is written
+    # "bf16", "torch.float16": checked before anything is written
+    target_dtype = parse_dtype(target_dtype, "save_pretrained_flashpack: target_dtype")
     model = unwrapped(model)  # a torch.compile'd model saves as the model it compiles
     refuse_adapters(model, "save_pretrained_flashpack")
     if is_main_process:
@@ -366,8 +367,9 @@ def _whole_model_dtype(dtype: Any, what: str) -> Any:
     unknown = [key for key in dtype if not isinstance(key, str)]
     if unknown:
         raise TypeError(f"{what}: the keys of a dtype dict are sub-config names, got {unknown[0]!r}")
-    whole = parse_dtype(dtype.get("", torch.get_default_dtype()))  # a bad name fails here, as a plain dtype would
-    if any(parse_dtype(value) != whole for value in dtype.values()):
+    # A bad name fails here, as a plain dtype would.
+    whole = parse_dtype(dtype.get("", torch.get_default_dtype()), f"{what}: dtype")
+    if any(parse_dtype(value, f"{what}: dtype") != whole for value in dtype.values()):
         warn(f"{what}: a dtype per sub-config is not supported: the whole model loads as {whole} "
              "(the dict's \"\" entry, or the default dtype), as from_pretrained loads it")
     return whole
