@@ -89,12 +89,17 @@ def pack_to_file(
     """
     if isinstance(state_dict_or_model, torch.nn.Module):
         state_dict = state_dict_or_model.state_dict()
-    else:
+    elif isinstance(state_dict_or_model, Mapping):
         state_dict = state_dict_or_model
+    else:
+        raise TypeError(f"pack_to_file: cannot save {os.fspath(destination_path)}: expected a state dict or an "
+                        f"nn.Module, got {type(state_dict_or_model).__name__}")
     if name_order is not None:
         state_dict = {name: state_dict[name] for name in name_order if name in state_dict}
     if not state_dict:
-        raise ValueError("No tensors to pack.")
+        # The reference's words first, for code that matches them.
+        raise ValueError(f"No tensors to pack. (pack_to_file: nothing to write to {os.fspath(destination_path)}"
+                         + (": name_order names none of the state dict's tensors)" if name_order is not None else ")"))
     # As the reference does (save_file, like torch.save, does not).
     os.makedirs(os.path.dirname(os.path.abspath(os.fspath(destination_path))), exist_ok=True)
     save_file(state_dict, destination_path, target_dtype=target_dtype, align_bytes=align_bytes,

@@ -1,5 +1,8 @@
 """Files are interchangeable with the reference `flashpack` package (0.4.x), both ways."""
 
+import os
+import re
+
 import pytest
 import torch
 
@@ -269,3 +272,18 @@ def test_pack_to_file_name_order_picks_and_orders_the_names_as_the_reference_doe
     assert [r["name"] for r in flashpack_ops.read_metadata(tmp_file)["index"]] == list(expected)
     theirs = flashpack_ops.load_file(tmp_file + ".reference")
     assert list(theirs) == list(ours)
+
+
+def test_pack_to_file_with_nothing_to_write_says_the_references_words_and_names_the_file(tmp_file):
+    tensors = mixed_state_dict()
+    for given, name_order, why in [({}, None, r"\)"), (tensors, ["not.in.the.dict"], ": name_order names none")]:
+        with pytest.raises(ValueError) as ours:
+            flashpack_ops.pack_to_file(given, tmp_file, name_order=name_order)
+        with pytest.raises(ValueError) as theirs:
+            flashpack.pack_to_file(given, tmp_file, target_dtype=None, name_order=name_order)
+        assert str(ours.value).startswith(str(theirs.value))
+        assert re.search(rf"nothing to write to {re.escape(tmp_file)}{why}", str(ours.value)), ours.value
+    with pytest.raises(TypeError, match=rf"cannot save {re.escape(tmp_file)}: expected a state dict or an nn.Module, "
+                                        "got NoneType"):
+        flashpack_ops.pack_to_file(None, tmp_file)
+    assert not os.path.exists(tmp_file)

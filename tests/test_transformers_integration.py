@@ -834,6 +834,13 @@ def test_a_target_dtype_by_name_saves_as_that_dtype(model, tmp_path, name):
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
 
 
+def test_a_model_left_without_tensors_names_the_file_it_would_write(model, tmp_path):
+    with pytest.raises(ValueError, match=r"^No tensors to pack\. \(save_pretrained_flashpack: the ignore options leave "
+                                         r"none of FlashLlama's tensors to write to .*out/model\.flashpack\)"):
+        save_pretrained_flashpack(model, tmp_path / "out", ignore_prefixes=["model.", "lm_head."])
+    assert not (tmp_path / "out" / "model.flashpack").exists()
+
+
 def test_an_unknown_target_dtype_writes_nothing(model, tmp_path):
     with pytest.raises(ValueError, match="save_pretrained_flashpack: target_dtype: unknown dtype 'bf17'"):
         save_pretrained_flashpack(model, tmp_path / "out", target_dtype="bf17")

@@ -467,7 +467,11 @@ def write_weights(model: torch.nn.Module, save_directory: str, *, target_dtype: 
     """
     state_dict = filter_state_dict(model.state_dict(), ignore_names, ignore_prefixes, ignore_suffixes)
     if not state_dict:
-        raise ValueError("No tensors to pack.")
+        # The reference's words first, for code that matches them.
+        why = (f"the ignore options leave none of {type(model).__name__}'s tensors"
+               if ignore_names or ignore_prefixes or ignore_suffixes else f"{type(model).__name__} has no tensors")
+        raise ValueError(f"No tensors to pack. (save_pretrained_flashpack: {why} to write to "
+                         f"{os.path.join(save_directory, FLASHPACK_FILE)})")
     if target_dtype is not None and keep_float32 is not None:
         # Two target dtypes: converted here, tensor by tensor (the writer converts to one); a
         # tied tensor is converted once, so the file still stores it once.
