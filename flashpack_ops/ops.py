@@ -58,10 +58,11 @@ def _device(device: Optional[DeviceLike], what: str = "", argument: str = "devic
     if device is None:
         return torch.device("cpu")
     prefix = f"{what}: " if what else ""
-    if not isinstance(device, (str, int, torch.device)):
-        raise TypeError(f"{prefix}{argument} must be a str, an int or a torch.device, got {type(device).__name__}")
+    if not isinstance(device, (str, numbers.Integral, torch.device)):
+        raise TypeError(f"{prefix}{argument} must be a str, an int or a torch.device, got {_type_name(device)}")
     try:
-        return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        # numpy's integers are GPU indices too, as torch.device takes them.
+        return torch.device("cuda", int(device)) if isinstance(device, numbers.Integral) else torch.device(device)
     except RuntimeError as error:
         reason = str(error).splitlines()[0]
         if reason.startswith("Expected one of"):  # torch lists every device type it knows
@@ -94,14 +95,28 @@ def _check_arguments(what: str, ints: Mapping[str, Any] = {}, bools: Mapping[str
     the ints that must not be negative (the save and verify operators say so without the file)."""
     for name, value in ints.items():
         if not isinstance(value, numbers.Integral):
-            raise TypeError(f"{what}: {name} must be an int, got {type(value).__name__} {value!r}")
+            raise TypeError(f"{what}: {name} must be an int, got {_type_name(value)} {value!r}")
         if not -2**63 <= value < 2**63:
             raise ValueError(f"{what}: {name}={value} does not fit in 64 bits")
         if name in counts and value < 0:
             raise ValueError(f"{what}: {name} must be >= 0 (0 picks the default), got {value}")
     for name, value in bools.items():
-        if not isinstance(value, numbers.Integral):  # bool, or 0 and 1 as the operators take them
-            raise TypeError(f"{what}: {name} must be a bool, got {type(value).__name__} {value!r}")
+        # bool, numpy's bool, or 0 and 1, as the operators take them.
+        if not isinstance(value, numbers.Integral) and not _is_numpy_bool(value):
+            raise TypeError(f"{what}: {name} must be a bool, got {_type_name(value)} {value!r}")
+
+
+def _is_numpy_bool(value: Any) -> bool:
+    """Whether ``value`` is numpy's bool (``np.True_``), which is no ``numbers.Integral``."""
+    cls = type(value)
+    return cls.__module__ == "numpy" and cls.__name__ in ("bool", "bool_")
+
+
+def _type_name(value: Any) -> str:
+    """The name of ``value``'s type, with its module where it is not a builtin: numpy's bool
+    is ``numpy.bool``, not a ``bool`` that reads as the type asked for."""
+    cls = type(value)
+    return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def save_file(

@@ -352,6 +352,21 @@ def test_the_operators_name_the_file_of_a_negative_thread_count(tmp_file, op, ve
         op(tmp_file)
 
 
+def test_numpy_bools_and_integers_are_taken_as_the_operators_take_them(tmp_file):
+    # A flag read from an array (np.True_) is no numbers.Integral, and numpy's integers are GPU
+    # indices to torch.device: both passed before the arguments were checked here.
+    np = pytest.importorskip("numpy")
+    tensors = {"a": torch.arange(4, dtype=torch.float32)}
+    flashpack_ops.save_file(tensors, tmp_file, checksum=np.True_, durable=np.False_, align_bytes=np.int64(64))
+    flashpack_ops.verify_file(tmp_file, num_threads=np.int32(1))
+    for copy in (np.True_, np.False_):
+        loaded = flashpack_ops.load_file(tmp_file, copy=copy, verify=np.True_, num_threads=np.int64(2))
+        assert torch.equal(loaded["a"], tensors["a"])
+    assert flashpack_ops.ops._device(np.int64(1)) == torch.device("cuda", 1)
+    with pytest.raises(TypeError, match=r"copy must be a bool, got numpy\.float64 np\.float64\(1\.0\)"):
+        flashpack_ops.load_file(tmp_file, copy=np.float64(1.0))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"num_threads": -1}, r"num_threads must be >= 0 \(0 picks the default\), got -1"),
     ({"chunk_bytes": -1}, r"chunk_bytes must be >= 0"),
