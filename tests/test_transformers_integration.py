@@ -1177,3 +1177,39 @@ def test_buffers_computed_in_init_match_from_pretrained_under_a_half_dtype(tmp_p
         assert torch.equal(loaded.transformer.h[0].attn.embed_positions, expected.transformer.h[0].attn.embed_positions)
         with torch.no_grad():
             assert torch.equal(loaded(ids).logits, expected(ids).logits)
+
+
+def test_buffers_an_init_fails_to_compute_again_keep_the_values_init_gave_them(tmp_path):
+    # An _init_weights that reads a weight's value cannot run while the weights are stood in
+    # for: the buffers it would have computed again keep __init__'s values, not zeros.
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    class TableConfig(PretrainedConfig):
+        model_type = "flashpack-test-table"
+
+    class Table(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("positions", torch.arange(1.0, 17.0), persistent=False)
+
+    class TableModel(PreTrainedModel):
+        config_class = TableConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.proj = torch.nn.Linear(4, 4)
+            self.table = Table()
+            self.post_init()
+
+        def _init_weights(self, module):
+            if isinstance(module, torch.nn.Linear):
+                module.weight.data.normal_(0, 0.02)
+            elif isinstance(module, TableModel):
+                module.weight_scale = float(module.proj.weight.abs().max())
+
+    torch.manual_seed(0)
+    model = TableModel(TableConfig())
+    save_pretrained_flashpack(model, tmp_path / "fp")
+    loaded = from_pretrained_flashpack(TableModel, tmp_path / "fp")
+    assert torch.equal(loaded.table.positions, model.table.positions)
+    assert torch.equal(loaded.proj.weight, model.proj.weight)

@@ -350,13 +350,19 @@ def _recompute_non_persistent_buffers(model: PreTrainedModel) -> None:
     from_pretrained does once the weights are in. ``__init__`` computed them under the load's
     default dtype (bfloat16, float16): a table it builds in that dtype's arithmetic (GPT-J's
     sinusoidal positions) differs from the one from_pretrained computes in float32 after the
-    build. Every other tensor of the model is out of the inits' reach meanwhile."""
-    names = [f"{module_name}.{name}" if module_name else name
-             for module_name, module in model.named_modules()
-             for name in sorted(module._non_persistent_buffers_set)
-             if module._buffers.get(name) is not None and not module._buffers[name].is_meta]
-    if names:
-        initialize_missing(model, names, _init_weights_of(model))
+    build. Every other tensor of the model is out of the inits' reach meanwhile. A buffer no
+    init computed again (an init that failed, which leaves what it reached at zero) keeps the
+    values ``__init__`` gave it."""
+    buffers = {f"{module_name}.{name}" if module_name else name: module._buffers[name]
+               for module_name, module in model.named_modules()
+               for name in sorted(module._non_persistent_buffers_set)
+               if module._buffers.get(name) is not None and not module._buffers[name].is_meta}
+    if not buffers:
+        return
+    built = {name: buffer.clone() for name, buffer in buffers.items()}
+    with torch.no_grad():
+        for name in initialize_missing(model, list(buffers), _init_weights_of(model)):
+            buffers[name].copy_(built[name])
 
 
 def _whole_model_dtype(dtype: Any, what: str) -> Any:
