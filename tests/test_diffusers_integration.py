@@ -3,8 +3,10 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 
 import pytest
@@ -408,6 +410,34 @@ def test_a_pipeline_save_that_fails_halfway_leaves_the_old_pipeline_whole(tmp_pa
     loaded = load_pipeline_flashpack(type(old), tmp_path / "pipe")
     for name in ("unet", "vae", "text_encoder"):
         assert_same_model(getattr(loaded, name), getattr(new, name))
+
+
+def test_a_pipeline_saved_again_keeps_its_files_permissions_and_its_linked_folders(tmp_path):
+    # A direct save writes through a component folder linked elsewhere (another filesystem:
+    # /dev/shm) and keeps a replaced file's permissions: a save staged in a hidden folder must too.
+    old = FlashDDPMPipeline(unet=tiny_unet(FlashUNet, seed=0), scheduler=DDPMScheduler(num_train_timesteps=10))
+    new = FlashDDPMPipeline(unet=tiny_unet(FlashUNet, seed=1), scheduler=DDPMScheduler(num_train_timesteps=20))
+    directory = tmp_path / "pipe"
+    old.save_pretrained_flashpack(directory)
+    os.chmod(directory / "unet" / "model.flashpack", 0o600)
+    elsewhere = tmp_path / "elsewhere"
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        elsewhere = tempfile.mkdtemp(dir="/dev/shm")
+    try:
+        shutil.copytree(directory / "scheduler", os.path.join(elsewhere, "scheduler"))
+        shutil.rmtree(directory / "scheduler")
+        os.symlink(os.path.join(elsewhere, "scheduler"), directory / "scheduler")
+
+        new.save_pretrained_flashpack(directory)
+        assert os.stat(directory / "unet" / "model.flashpack").st_mode & 0o777 == 0o600
+        assert os.path.islink(directory / "scheduler")
+        assert DDPMScheduler.from_pretrained(os.path.join(elsewhere, "scheduler")).config.num_train_timesteps == 20
+        assert not [name for name in os.listdir(directory) if name.startswith(".")]
+        loaded = FlashDDPMPipeline.from_pretrained_flashpack(directory)
+        for name, tensor in new.unet.state_dict().items():
+            assert torch.equal(loaded.unet.state_dict()[name], tensor), name
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
 
 
 @pytest.mark.parametrize("auto_class", ["AutoPipelineForText2Image", "AutoPipelineForImage2Image",

@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import tempfile
@@ -422,6 +423,7 @@ def written_whole(save_directory: str) -> Iterator[str]:
     components beside old ones, which would load as another pipeline without a word. The new
     files need room beside the old ones until then."""
     staging = tempfile.mkdtemp(prefix=".flashpack-save-", dir=save_directory)
+    moved: List[Tuple[str, str]] = []  # (file beside its target, target)
     try:
         yield staging
         written = []
@@ -429,16 +431,40 @@ def written_whole(save_directory: str) -> Iterator[str]:
             written += [os.path.relpath(os.path.join(root, name), staging) for name in names]
         # Weights before configs in each folder, the folders before the top one (model_index.json).
         written.sort(key=lambda path: (os.path.dirname(path) == "", path.endswith(".json"), path))
-        folders = set()
+        # First each file beside the one it replaces, then the renames, which cannot fail
+        # halfway: a component folder linked to another filesystem takes a copy (a rename
+        # there is EXDEV), and what it is linked to is written, as a direct save writes it.
         for path in written:
-            folder = os.path.join(save_directory, os.path.dirname(path))
-            if folder not in folders:
-                os.makedirs(folder, exist_ok=True)
-                folders.add(folder)
-            os.replace(os.path.join(staging, path), os.path.join(save_directory, path))
+            destination = os.path.join(save_directory, path)
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            target = os.path.realpath(destination)
+            beside = os.path.join(os.path.dirname(target),
+                                  f".flashpack-{secrets.token_hex(4)}-{os.path.basename(target)}")
+            source = os.path.join(staging, path)
+            if os.path.isfile(target):
+                shutil.copymode(target, source)  # a file replaced keeps its permissions
+            try:
+                os.replace(source, beside)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                shutil.copy2(source, beside)
+                fd = os.open(beside, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            moved.append((beside, target))
+        folders = {os.path.dirname(target) for _, target in moved}
+        for beside, target in moved:
+            os.replace(beside, target)
+        moved.clear()
         for folder in folders:
             fsync_directory(folder)
     finally:
+        for beside, _ in moved:
+            with contextlib.suppress(OSError):
+                os.remove(beside)
         shutil.rmtree(staging, ignore_errors=True)
 
 
