@@ -286,8 +286,8 @@ def read_flashpack_file(
     # them would pair one file's index with the other's bytes, so both must see one file.
     footer, blocks = _read_unchanged(path, lambda: (
         read_metadata(path),
-        torch.ops.flashpack.load_blocks(path, _device(device, f"cannot load '{path}'"), copy=copy, chunk_bytes=chunk_bytes,
-                                        num_streams=num_streams)))
+        torch.ops.flashpack.load_blocks(path, _device(device, f"cannot load '{path}'"), copy=copy,
+                                        chunk_bytes=chunk_bytes, num_streams=num_streams)))
     return FlashTensorStorage(list(blocks)), _as_given(metadata, _with_macroblocks(footer), path)
 
 

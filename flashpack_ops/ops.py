@@ -67,8 +67,8 @@ def _device(device: Optional[DeviceLike], what: str = "", argument: str = "devic
         reason = str(error).splitlines()[0]
         if reason.startswith("Expected one of"):  # torch lists every device type it knows
             reason = "unknown device type"
-        raise ValueError(f"{prefix}{argument}={device!r} is not a device (\"cpu\", \"cuda\", \"cuda:1\" or a GPU index; "
-                         f"{reason})") from None
+        raise ValueError(f"{prefix}{argument}={device!r} is not a device "
+                         f"(\"cpu\", \"cuda\", \"cuda:1\" or a GPU index; {reason})") from None
 
 
 _ROUTES = ("auto", "direct", "buffered", "register")
