@@ -159,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                     ".bin, .ckpt), chosen by the destination's extension.")
     revert.add_argument("path", help="the .flashpack file (or a directory holding model.flashpack)")
     revert.add_argument("destination", nargs="?",
-                        help="output file; PATH with .safetensors by default, which must not exist yet")
+                        help="output file, or a directory (an existing one, or a name ending in /) to write "
+                             "it into under its default name; PATH with .safetensors by default, which must "
+                             "not exist yet")
     revert.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_verbose(revert)
     revert.set_defaults(run=_revert, parser=revert)

@@ -697,9 +697,11 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
     else:
         default = os.path.splitext(path)[0] + ".safetensors"
     destination = os.fspath(destination_path) if destination_path else default
-    named = bool(destination_path) and not os.path.isdir(destination)
-    if destination_path and not named:
-        # A directory, as convert takes one: the file goes in it under its default name.
+    # A directory, as convert takes one (an existing one, or a name ending in a separator,
+    # created if missing): the file goes in it under its default name.
+    into_directory = bool(destination_path) and (os.path.isdir(destination) or destination.endswith(os.sep))
+    named = bool(destination_path) and not into_directory
+    if into_directory:
         destination = os.path.join(destination, os.path.basename(default))
     if not named and os.path.isfile(path) and os.path.exists(destination):
         # Most likely the checkpoint this file was converted from: only an explicit name replaces it.
@@ -717,6 +719,8 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path
         # metadata read first may not belong together.
         raise RuntimeError(f"{path} was replaced while it was being read; revert it again")
     tensors = _as_checkpoint_names(path, tensors)
+    if into_directory:
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
     if destination.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import save_file as save_safetensors

@@ -705,6 +705,17 @@ def test_revert_into_a_directory_writes_the_default_name_there(tmp_path):
                           f"{tmp_path / 'out' / 'm.safetensors'} already exists")
 
 
+def test_revert_into_a_directory_named_with_a_trailing_slash_creates_it(tmp_path):
+    # `flashpack revert model.flashpack out/`: the slash says a directory, as it does for convert.
+    from safetensors.torch import load_file
+
+    flashpack_ops.save_file(state_dict(), tmp_path / "m.flashpack")
+    run("revert", tmp_path / "m.flashpack", str(tmp_path / "out") + os.sep)
+    assert os.listdir(tmp_path / "out") == ["m.safetensors"]
+    for name, tensor in load_file(tmp_path / "out" / "m.safetensors").items():
+        assert_same(tensor, state_dict()[name], name)
+
+
 def test_revert_onto_the_file_itself_is_refused_and_leaves_it_whole(tmp_path):
     flashpack_ops.save_file(state_dict(), tmp_path / "m.flashpack")
     os.symlink("m.flashpack", tmp_path / "same.pt")
