@@ -170,7 +170,8 @@ uint64_t chunk_for(const Tuning& t, Route r) {
 }
 
 int threads_for(const Tuning& t, Route r) {
-  if (t.threads > 0 || std::getenv("FLASHPACK_NUM_THREADS") != nullptr) {
+  // FLASHPACK_NUM_THREADS=0 (or empty) means the default, as the argument 0 does: per route.
+  if (t.threads > 0 || env_count("FLASHPACK_NUM_THREADS") > 0) {
     return default_threads(t.threads);
   }
   if (r == Route::Register) return std::min(kDefaultRegisterThreads, default_threads(0));
