@@ -38,6 +38,13 @@ def _split_commas(values: Optional[List[str]]) -> List[str]:
 def _convert(args: argparse.Namespace) -> None:
     from .commands import convert_to_flashpack
 
+    if os.path.isfile(args.source):
+        # They pick the model in a directory or repo: given a file, they would be dropped unseen
+        # (--variant fp16 beside the float32 file would write the float32 weights).
+        for option in ("subfolder", "variant", "revision"):
+            if getattr(args, option):
+                raise ValueError(f"--{option} applies to a model directory or a Hub repo id, not to the file "
+                                 f"{args.source}; convert the file that holds the weights you want")
     written = convert_to_flashpack(
         args.source, args.destination, dtype=args.dtype, ignore_names=_split_commas(args.ignore_names),
         ignore_prefixes=_split_commas(args.ignore_prefixes), ignore_suffixes=_split_commas(args.ignore_suffixes),

@@ -67,7 +67,8 @@ def _torch_state_dict(path: str) -> Dict[str, torch.Tensor]:
     except RuntimeError:  # the legacy (pre-zip) format, which cannot be mapped
         obj = _torch_load(path, mmap=False)
     if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in ("state_dict", "model", "module"):  # Lightning and training checkpoints
+        # Lightning's and PyTorch's own training checkpoints ("Saving and Loading a General Checkpoint").
+        for key in ("state_dict", "model_state_dict", "model", "module"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
@@ -199,9 +200,22 @@ def _destination_file(destination: Optional[str], default: str) -> str:
 
 def _save(state_dict: Dict[str, torch.Tensor], destination: str, ignore: Dict[str, Any], **kwargs: Any) -> None:
     """Writes the converted tensors, floating-point ones in the target dtype, creating the
-    destination's directory as save_pretrained does."""
-    os.makedirs(os.path.dirname(os.path.abspath(destination)), exist_ok=True)
-    save_file(filter_state_dict(state_dict, **ignore), destination, floating_only=True, **kwargs)
+    destination's directory as save_pretrained does (and removing what it created when the
+    save fails: a tensor the format cannot store, a full disk)."""
+    directory = os.path.dirname(os.path.abspath(destination))
+    created = []
+    parent = directory
+    while not os.path.exists(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    os.makedirs(directory, exist_ok=True)
+    try:
+        save_file(filter_state_dict(state_dict, **ignore), destination, floating_only=True, **kwargs)
+    except BaseException:
+        for folder in created:  # innermost first; rmdir leaves a folder something else wrote to
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
 
 
 def _checkpoint_files(path: str) -> List[str]:

@@ -61,11 +61,14 @@ def test_convert_safetensors_with_dtype_and_ignores(tmp_path):
     assert_file_holds(tmp_path / "model.flashpack", expected)
 
 
-@pytest.mark.parametrize("suffix", [".bin", ".pt", ".ckpt"])
-def test_convert_torch_files(tmp_path, suffix):
+@pytest.mark.parametrize("suffix, key", [(".bin", None), (".pt", None), (".ckpt", "state_dict"),
+                                         (".pt", "model_state_dict")])
+def test_convert_torch_files(tmp_path, suffix, key):
     source = tmp_path / f"weights{suffix}"
-    # A .ckpt from a training run nests the weights under "state_dict" beside other entries.
-    torch.save({"state_dict": state_dict(), "epoch": 3} if suffix == ".ckpt" else state_dict(), source)
+    # A training checkpoint nests the weights under a key beside other entries: "state_dict"
+    # (Lightning), "model_state_dict" (PyTorch's tutorials, with the optimizer's state).
+    optimizer = {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    torch.save({key: state_dict(), "optimizer_state_dict": optimizer, "epoch": 3} if key else state_dict(), source)
     result = run("convert", source, tmp_path / "out.flashpack")
     assert "wrote" in result.stdout
     assert_file_holds(tmp_path / "out.flashpack", state_dict())
@@ -119,6 +122,20 @@ def test_convert_sharded_checkpoint_by_directory_and_by_index(tmp_path):
     assert_file_holds(tmp_path / "model.flashpack", full)
     run("convert", tmp_path / "model.safetensors.index.json", tmp_path / "again.flashpack")
     assert_file_holds(tmp_path / "again.flashpack", full)
+
+
+@pytest.mark.parametrize("option", [["--variant", "fp16"], ["--subfolder", "unet"], ["--revision", "main"]],
+                         ids=["variant", "subfolder", "revision"])
+def test_convert_of_a_file_refuses_the_options_that_pick_in_a_directory(tmp_path, option):
+    # Beside its float16 variant: --variant fp16 given the float32 file must not write float32 silently.
+    from safetensors.torch import save_file
+
+    save_file(state_dict(), tmp_path / "model.safetensors")
+    save_file({k: v.half() for k, v in state_dict().items()}, tmp_path / "model.fp16.safetensors")
+    result = run("convert", tmp_path / "model.safetensors", tmp_path / "out.flashpack", *option, check=False)
+    assert_one_line_error(result, f"{option[0]} applies to a model directory or a Hub repo id, not to the file "
+                                  f"{tmp_path / 'model.safetensors'}")
+    assert not (tmp_path / "out.flashpack").exists()
 
 
 def test_ignore_options_take_one_value_each_and_repeat(tmp_path):
@@ -987,6 +1004,19 @@ def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
         process.stdout.close()
         stderr = process.stderr.read().decode()
         assert process.wait(timeout=120) == 0 and stderr == "", stderr
+
+
+def test_a_convert_that_fails_leaves_no_directory_it_created(tmp_path):
+    source = tmp_path / "sparse.pt"
+    torch.save({"w": torch.randn(4, 4).to_sparse()}, source)  # read fine; the save refuses it
+    result = run("convert", source, tmp_path / "new" / "deeper" / "out.flashpack", check=False)
+    assert_one_line_error(result, "only dense (strided) tensors can be saved")
+    assert sorted(os.listdir(tmp_path)) == ["sparse.pt"]
+    # A directory that was there stays.
+    (tmp_path / "there").mkdir()
+    assert_one_line_error(run("convert", source, tmp_path / "there" / "new" / "out.flashpack", check=False),
+                          "only dense (strided) tensors can be saved")
+    assert os.listdir(tmp_path / "there") == []
 
 
 def test_convert_creates_the_destination_directory(tmp_path):
