@@ -305,8 +305,9 @@ def load_file(
             raise RuntimeError(f"'{path}' could not be read when this code was compiled and can be now: call "
                                "torch.compiler.reset() to trace it again")
         names, firsts, shapes, signature = layout
-        if not names and selection == ():
-            # An empty selection reads nothing; a graph could not hold an op without outputs.
+        if selection == () and not verify:
+            # An empty selection reads nothing. With verify=True it still checks the whole
+            # file, so the op runs (eagerly, between graphs: see _load_list_fake).
             return {}
         # distinct: one tensor per group of tied entries, since a custom operator's outputs
         # must not alias each other. A tied name then takes the very tensor of the first name
@@ -592,6 +593,15 @@ def _load_list_fake(path, device=torch.device("cpu"), *, copy=False, num_threads
     _check_options(op, path, num_threads, chunk_bytes, pinned_bytes, num_streams, route)
     selection = names
     names, tensors, firsts = _fake_views(op, path, device, selection)
+    if not tensors and torch._guards.TracingContext.try_get() is not None and not torch.compiler.is_exporting():
+        # A load that returns nothing (a file without entries, names=[]) is still a check: of
+        # the file's layout, its existence, its checksums with verify=True. Inductor cannot
+        # lower an operator that returns no tensor (it finds no device for it): under
+        # torch.compile the load breaks the graph and runs eagerly, as a verify does (an
+        # exported program keeps it as a node).
+        from torch._subclasses.fake_tensor import UnsupportedOperatorException
+
+        raise UnsupportedOperatorException(f"{op}: '{path}': a load of no entries runs eagerly, between graphs")
     if distinct:
         return [t for k, t in enumerate(tensors) if firsts[k] == k]
     tied = [(names[first], names[k]) for k, first in enumerate(firsts) if first != k]

@@ -497,3 +497,39 @@ def test_tied_entries_of_other_shapes_keep_their_shapes_when_compiled(backend, t
     compiled = torch.compile(scale_through_one_name, backend=backend, fullgraph=True)(x)
     for got, want in zip(compiled, scale_through_one_name(x), strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_load_of_no_entries_is_still_checked_when_compiled(backend, tmp_path):
+    # A file without entries, or names=[]: nothing to return, but the file is still read and
+    # checked on every call, as in eager mode (Inductor cannot lower an op with no output).
+    empty = str(tmp_path / "empty.flashpack")
+    flashpack_ops.save_file({}, empty)
+
+    def load_empty(x: torch.Tensor):
+        return flashpack_ops.load_file(empty), x + 1
+
+    torch.compiler.reset()
+    compiled = torch.compile(load_empty, backend=backend)
+    loaded, y = compiled(X)
+    assert loaded == {} and torch.equal(y, X + 1)
+    flashpack_ops.save_file({"w": torch.ones(2)}, empty)
+    with pytest.raises(ValueError, match="no longer has the layout this compiled code was traced with"):
+        compiled(X)
+
+    checked = str(tmp_path / "checked.flashpack")
+    flashpack_ops.save_file({"w": torch.arange(4096.0)}, checked, checksum=True)
+
+    def check_then_compute(x: torch.Tensor):
+        flashpack_ops.load_file(checked, verify=True, names=[])
+        return x + 1
+
+    torch.compiler.reset()
+    compiled = torch.compile(check_then_compute, backend=backend)
+    assert torch.equal(compiled(X), X + 1)
+    block = flashpack_ops.read_metadata(checked)["macroblocks"][0]
+    with open(checked, "r+b") as f:
+        f.seek(block["offset_bytes"] + 100)
+        f.write(b"\xff")
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        compiled(X)

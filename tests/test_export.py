@@ -77,3 +77,39 @@ def test_export_refuses_save(tmp_path):
     with pytest.raises(Exception, match="flashpack::save writes"):
         torch.export.export(Saver(), (X,))
     assert not os.path.exists(path)
+
+
+FRESH_AOTI = """
+import sys
+import torch
+import flashpack_ops
+
+run = torch._inductor.aoti_load_package(sys.argv[1])
+x = flashpack_ops.load_file(sys.argv[2])["x"]
+flashpack_ops.save_file({"y": run(x)}, sys.argv[3])
+"""
+
+
+def test_aoti_package_loads_weights_through_the_op(tmp_path):
+    weights = str(tmp_path / "weights.flashpack")
+    flashpack_ops.save_file(WEIGHTS, weights)
+    model = Loader(weights)
+    expected = model(X)
+    package = torch._inductor.aoti_compile_and_package(torch.export.export(model, (X,)),
+                                                       package_path=str(tmp_path / "model.pt2"))
+    run = torch._inductor.aoti_load_package(package)
+    assert torch.equal(run(X), expected)
+    flashpack_ops.save_file({name: t * 2 for name, t in WEIGHTS.items()}, weights)
+    assert torch.equal(run(X), expected * 2)
+
+    inputs, outputs = str(tmp_path / "x.flashpack"), str(tmp_path / "y.flashpack")
+    flashpack_ops.save_file({"x": X}, inputs)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    fresh = subprocess.run([sys.executable, "-c", FRESH_AOTI, package, inputs, outputs],
+                           env=env, capture_output=True, text=True)
+    assert fresh.returncode == 0, fresh.stderr
+    assert torch.equal(flashpack_ops.load_file(outputs)["y"], expected * 2)
+
+    flashpack_ops.save_file({"bias": WEIGHTS["bias"], "weight": WEIGHTS["weight"]}, weights)
+    with pytest.raises(RuntimeError, match="no longer has the layout this compiled code was traced with"):
+        run(X)
