@@ -33,7 +33,21 @@ def library_path() -> str:
 
 def load() -> None:
     if not hasattr(torch.ops, "flashpack") or not hasattr(torch.ops.flashpack, "load"):
-        torch.ops.load_library(library_path())
+        path = library_path()
+        try:
+            torch.ops.load_library(path)
+        except OSError as e:
+            # Most often a build against another torch (LibTorch's C++ ABI changes with every
+            # release): the dynamic loader's own message names the missing symbol.
+            cause = e.__cause__ if e.__cause__ is not None else e
+            raise ImportError(
+                f"flashpack_ops: the compiled library {path} could not be loaded: {cause}\n"
+                f"It must be built against the torch it runs with (here torch {torch.__version__}). "
+                "Build it again with\n"
+                "    pip install --no-build-isolation --force-reinstall --no-deps .\n"
+                "or, for development in the source tree,\n"
+                "    python setup.py build_ext --inplace"
+            ) from e
 
 
 def has_cuda() -> bool:

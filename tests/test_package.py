@@ -31,6 +31,23 @@ def test_missing_library_says_how_to_build(tmp_path):
     assert "pip install --no-build-isolation ." in result.stderr
 
 
+def test_unloadable_library_says_how_to_build(tmp_path):
+    # A library the loader refuses (built against another torch: undefined symbols) fails the
+    # import with the reason and the command that builds it again.
+    package = os.path.dirname(flashpack_ops.__file__)
+    shutil.copytree(package, tmp_path / "flashpack_ops",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    (tmp_path / "flashpack_ops" / "_C.abi3.so").write_bytes(b"not a shared library")
+    result = subprocess.run([sys.executable, "-c", "import flashpack_ops"], cwd=tmp_path,
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()
+    assert any(line.startswith("ImportError: flashpack_ops: the compiled library") for line in last)
+    assert "could not be loaded" in result.stderr
+    assert f"torch {torch.__version__}" in result.stderr
+    assert "pip install --no-build-isolation --force-reinstall --no-deps ." in result.stderr
+
+
 def test_the_library_holds_no_python():
     # One build serves every CPython and LibTorch-only programs: no libpython dependency.
     if shutil.which("ldd") is None:
@@ -103,3 +120,25 @@ def test_public_api_docstrings_follow_one_style():
         if missing:
             problems.append(f"{name}: Args lacks {missing}")
     assert problems == []
+
+
+def test_source_distribution_holds_what_a_build_needs(tmp_path):
+    # From a copy of the sources, as a fresh checkout would be: the sdist must build on its own
+    # (every header, the CUDA sources whatever machine made it) and carry the LibTorch example.
+    import tarfile
+
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".*", "build", "dist", "*.egg-info", "*.so", "__pycache__"))
+    result = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")],
+                            cwd=source, capture_output=True, text=True, env={**os.environ, "FLASHPACK_NO_CUDA": "1"})
+    assert result.returncode == 0, result.stderr
+    (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    needed = ["setup.py", "pyproject.toml", "README.md", "tests/conftest.py"]
+    for folder in ("csrc", "torchscript"):
+        for root, _, files in os.walk(source / folder):
+            needed += [os.path.relpath(os.path.join(root, f), source) for f in files]
+    assert any(name.startswith("csrc/cuda/") for name in needed)
+    assert [name for name in needed if name not in packed] == []
