@@ -70,5 +70,5 @@ setup(
     packages=find_packages(include=["flashpack_ops", "flashpack_ops.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},  # as requires-python
 )
