@@ -56,13 +56,18 @@ def test_exported_program_loads_weights_through_the_op(tmp_path):
 
     saved = str(tmp_path / "model.pt2")
     torch.export.save(program, saved)
+    assert torch.equal(run_in_a_fresh_process(FRESH_PROCESS, saved, tmp_path), expected * 2)
+
+
+def run_in_a_fresh_process(script, program, tmp_path):
+    """`script` run on `program` and X in a process that imports only flashpack_ops: its output."""
     inputs, outputs = str(tmp_path / "x.flashpack"), str(tmp_path / "y.flashpack")
     flashpack_ops.save_file({"x": X}, inputs)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, saved, inputs, outputs],
-                         env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", script, program, inputs, outputs], env=env, capture_output=True,
+                         text=True)
     assert run.returncode == 0, run.stderr
-    assert torch.equal(flashpack_ops.load_file(outputs)["y"], expected * 2)
+    return flashpack_ops.load_file(outputs)["y"]
 
 
 def test_export_refuses_save(tmp_path):
@@ -102,13 +107,7 @@ def test_aoti_package_loads_weights_through_the_op(tmp_path):
     flashpack_ops.save_file({name: t * 2 for name, t in WEIGHTS.items()}, weights)
     assert torch.equal(run(X), expected * 2)
 
-    inputs, outputs = str(tmp_path / "x.flashpack"), str(tmp_path / "y.flashpack")
-    flashpack_ops.save_file({"x": X}, inputs)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    fresh = subprocess.run([sys.executable, "-c", FRESH_AOTI, package, inputs, outputs],
-                           env=env, capture_output=True, text=True)
-    assert fresh.returncode == 0, fresh.stderr
-    assert torch.equal(flashpack_ops.load_file(outputs)["y"], expected * 2)
+    assert torch.equal(run_in_a_fresh_process(FRESH_AOTI, package, tmp_path), expected * 2)
 
     flashpack_ops.save_file({"bias": WEIGHTS["bias"], "weight": WEIGHTS["weight"]}, weights)
     with pytest.raises(RuntimeError, match="no longer has the layout this compiled code was traced with"):
