@@ -127,6 +127,38 @@ def test_a_verified_mapped_load_keeps_the_file_out_of_rss(tmp_path):
     assert result["nbytes"] == 256 * MiB and result["firsts"] == [0.0, 1.0, 2.0, 3.0]
     assert result["grew"] < 32 * MiB, result
 
+def test_safe_open_get_tensor_maps_the_file_without_copying(tmp_path):
+    # Code written for safetensors reads a whole file with a get_tensor loop: each tensor is a
+    # private mapping of its bytes, so the loop adds no anonymous memory, and a write to one
+    # tensor still reaches neither the file nor another get_tensor of the same name.
+    path = tmp_path / "big.flashpack"
+    result = run(
+        """
+        path = sys.argv[1]
+        sparse_file(path, [
+            ("float32", 4, [(f"w{i}", [4096, 4096]) for i in range(4)]),    # 256 MiB
+            ("bfloat16", 2, [(f"b{i}", [4096, 4096]) for i in range(2)]),   # 64 MiB
+        ])
+        with flashpack_ops.safe_open(path, "pt") as f:  # first use: library and thread setup
+            f.get_tensor("b0")
+        before = rss()
+        with flashpack_ops.safe_open(path, "pt") as f:
+            got = {name: f.get_tensor(name) for name in f.keys()}
+            firsts = sorted({float(t.view(-1)[0]) for t in got.values()} | {float(t.view(-1)[-1]) for t in got.values()})
+            grew = rss() - before
+            got["w0"][0, 0] = 1.0
+            again = float(f.get_tensor("w0")[0, 0])
+        print(json.dumps({"grew": grew, "nbytes": sum(t.nbytes for t in got.values()), "firsts": firsts,
+                          "written": float(got["w0"][0, 0]), "again": again,
+                          "file": float(flashpack_ops.load_file(path)["w0"][0, 0])}))
+        """,
+        path,
+    )
+    assert result["nbytes"] == 320 * MiB and result["firsts"] == [0.0]
+    assert (result["written"], result["again"], result["file"]) == (1.0, 0.0, 0.0), result
+    # A copy per tensor would add 320 MiB; mappings add page tables and a page per tensor.
+    assert result["grew"] < 32 * MiB, result
+
 
 @pytest.fixture(scope="module")
 def repeated_loads(tmp_path_factory):
@@ -239,3 +271,31 @@ def test_saving_a_large_tensor_that_needs_converting_holds_no_second_copy(tmp_pa
     assert out["peak"] - out["before"] < 160 * MiB, out
     loaded = flashpack_ops.load_file(tmp_path / "t.flashpack")["t"]
     assert loaded.shape == (16384, 8192) and bool((loaded == 1).all())
+
+def test_saving_with_a_dtype_conversion_holds_a_slice_per_thread(tmp_path):
+    # A model's tensors in the sizes of a small Llama, converted to bfloat16 as they are
+    # written: the save's peak is a slice (32 MiB) per thread, and nothing is kept after it,
+    # however the tensors' sizes vary.
+    path = tmp_path / "src.flashpack"
+    out = run(
+        """
+        path, dest = sys.argv[1], sys.argv[2]
+        layer = [("q", [2048, 2048]), ("k", [2048, 2048]), ("v", [2048, 2048]), ("o", [2048, 2048]),
+                 ("gate", [5632, 2048]), ("up", [5632, 2048]), ("down", [2048, 5632]), ("norm", [2048])]
+        sparse_file(path, [("float32", 4, [("embed", [32000, 2048])]
+                            + [(f"layers.{i}.{n}", s) for i in range(3) for n, s in layer])])  # 1 GiB
+        sd = flashpack_ops.load_file(path)
+        flashpack_ops.save_file({"w": torch.zeros(4)}, dest, target_dtype=torch.bfloat16)  # first use
+        before, file_before, anon_before = status("VmRSS"), status("RssFile"), status("RssAnon")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        flashpack_ops.save_file(sd, dest, target_dtype=torch.bfloat16, num_threads=2, durable=False)
+        # The source's pages, read through its mapping, stay in RSS (file-backed) to the end.
+        file_pages = status("RssFile") - file_before
+        print(json.dumps({"peak": status("VmHWM") - before - file_pages, "kept": status("RssAnon") - anon_before}))
+        """,
+        path, tmp_path / "out.flashpack",
+    )
+    assert out["peak"] < 112 * MiB and out["kept"] < 16 * MiB, out
+    loaded = flashpack_ops.load_file(tmp_path / "out.flashpack")
+    assert len(loaded) == 25 and all(t.dtype == torch.bfloat16 and not t.any() for t in loaded.values())
