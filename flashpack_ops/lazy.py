@@ -198,10 +198,11 @@ class _OpenFile:
 
 
 def _file_offsets(footer: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Dict[str, int]:
-    """Each entry's first byte in the file: its block's start (a flashpack_v3 file has one
-    block, at byte 0) plus its offset, in elements of the block's dtype."""
-    blocks = footer.get("macroblocks")
-    return {entry["name"]: (blocks[entry.get("macroblock", 0)]["offset_bytes"] if blocks else 0)
+    """Each entry's first byte in the file: its block's start plus its offset, in elements of
+    the block's dtype. A flashpack_v3 file has one block, at byte 0, whatever other keys
+    (another writer's "macroblocks") its footer holds: the format decides, as for the reader."""
+    v3 = footer["format"] == "flashpack_v3"
+    return {entry["name"]: (0 if v3 else footer["macroblocks"][entry["macroblock"]]["offset_bytes"])
             + entry["offset"] * tensors[entry["name"]].element_size()
             for entry in footer["index"] if entry["name"] in tensors}
 

@@ -157,3 +157,44 @@ def test_a_device_that_is_not_here_is_said_at_open(both, device):
         pass
     with pytest.raises(ValueError, match=f"cannot open '.*' for {device}: the device is not available here"):
         flashpack_ops.safe_open(both[0], framework="pt", device=device)
+
+
+def test_large_tensors_are_mapped_apart_from_each_other_and_the_file(tmp_path):
+    # Tensors of 64 KiB or more are private mappings of their bytes: in every block (dtype),
+    # tied names included, each apart from the others, from a second read and from the file.
+    big = {"f32": random_tensor((256, 128), torch.float32, seed=5),
+           "bf16": random_tensor((64, 1024), torch.bfloat16, seed=6),
+           "i64": random_tensor((20000,), torch.int64, seed=7),
+           "small": random_tensor((3,), torch.float32, seed=8)}
+    big["tied"] = big["f32"]
+    path = tmp_path / "big.flashpack"
+    flashpack_ops.save_file(big, path)
+    with flashpack_ops.safe_open(path, framework="pt") as f:
+        got = {name: f.get_tensor(name) for name in f.keys()}
+        for name, tensor in got.items():
+            assert_same(tensor, big[name], name)
+            tensor.zero_()
+        got["tied"].fill_(1)
+        for name in big:
+            assert_same(f.get_tensor(name), big[name], name)
+    assert not got["f32"].any()
+    for name, tensor in flashpack_ops.load_file(path).items():
+        assert_same(tensor, big[name], name)
+
+
+def test_a_v3_file_is_mapped_by_its_format(tmp_path):
+    # A flashpack_v3 footer that also holds another writer's "macroblocks" key: its one block
+    # starts at byte 0 whatever that key says, for get_tensor as for load_file.
+    import json
+    import struct
+
+    values = random_tensor((32768,), torch.float32, seed=9)  # 128 KiB: mapped
+    footer = json.dumps({"format": "flashpack_v3", "target_dtype": "float32", "align_bytes": 128,
+                         "total_elems": 32768, "index": [{"name": "w", "shape": [32768], "offset": 0, "length": 32768}],
+                         "macroblocks": [{"dtype": "float32", "offset_bytes": 4096, "length_bytes": 131072,
+                                          "length_elems": 32768}]}).encode()
+    path = tmp_path / "v3.flashpack"
+    path.write_bytes(values.numpy().tobytes() + footer + struct.pack("<Q", len(footer)) + b"FLASHPK\0")
+    assert_same(flashpack_ops.load_file(path)["w"], values)
+    with flashpack_ops.safe_open(path, framework="pt") as f:
+        assert_same(f.get_tensor("w"), values)
