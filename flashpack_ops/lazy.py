@@ -202,7 +202,7 @@ def _file_offsets(footer: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> D
     the block's dtype. A flashpack_v3 file has one block, at byte 0, whatever other keys
     (another writer's "macroblocks") its footer holds: the format decides, as for the reader."""
     v3 = footer["format"] == "flashpack_v3"
-    return {entry["name"]: (0 if v3 else footer["macroblocks"][entry["macroblock"]]["offset_bytes"])
+    return {entry["name"]: (0 if v3 else footer["macroblocks"][entry.get("macroblock", 0)]["offset_bytes"])
             + entry["offset"] * tensors[entry["name"]].element_size()
             for entry in footer["index"] if entry["name"] in tensors}
 

@@ -287,3 +287,32 @@ def test_pack_to_file_with_nothing_to_write_says_the_references_words_and_names_
                                         "got NoneType"):
         flashpack_ops.pack_to_file(None, tmp_file)
     assert not os.path.exists(tmp_file)
+
+
+def test_every_reader_takes_a_v3_footer_by_its_format(tmp_path):
+    # A flashpack_v3 footer that also holds another writer's "macroblocks" (a float16 block at
+    # byte 4096): the file is one float32 block at byte 0, as the C++ reader and the reference
+    # take it, for every reader of the footer.
+    import json
+    import struct
+
+    from flashpack_ops.distributed import _layout
+    from flashpack_ops.integrations._hub import file_floating_dtype
+    from flashpack_ops.integrations.diffusers.pipeline import _flashpack_tensors
+
+    values = torch.arange(32768, dtype=torch.float32)
+    footer = json.dumps({"format": "flashpack_v3", "target_dtype": "float32", "align_bytes": 128,
+                         "total_elems": 32768,
+                         "index": [{"name": "w", "shape": [32768], "offset": 0, "length": 32768}],
+                         "macroblocks": [{"dtype": "float16", "offset_bytes": 4096, "length_bytes": 1 << 20,
+                                          "length_elems": 1 << 19}]})
+    path = str(tmp_path / "v3.flashpack")
+    with open(path, "wb") as f:
+        f.write(values.numpy().tobytes() + footer.encode() + struct.pack("<Q", len(footer)) + b"FLASHPK\0")
+    assert_same(flashpack_ops.load_file(path)["w"], values)
+    with flashpack_ops.safe_open(path, framework="pt") as opened:
+        assert_same(opened.get_tensor("w"), values)
+    assert file_floating_dtype(path) == torch.float32
+    assert _flashpack_tensors(path) == [(32768, torch.float32)]
+    blocks, entries = _layout(footer)
+    assert [(b.dtype, b.offset) for b in blocks] == [(torch.float32, 0)] and entries[0].block == 0

@@ -18,7 +18,7 @@ import torch
 
 from .._warnings import warn
 from ..api import DevicePlacement, describe_missing, filter_state_dict, initialize_missing
-from ..ops import _device, read_metadata, save_file
+from ..ops import _device, _footer_blocks, read_metadata, save_file
 
 FLASHPACK_FILE = "model.flashpack"
 
@@ -804,13 +804,12 @@ def parse_dtype(dtype: Any, argument: Optional[str] = None) -> Optional[torch.dt
 def file_floating_dtype(path: str) -> Optional[torch.dtype]:
     """The floating-point dtype holding most of the file's bytes (what ``dtype="auto"`` loads as)."""
     meta = read_metadata(path)
-    if "macroblocks" in meta:
-        blocks = [(b["length_bytes"], b["dtype"]) for b in meta["macroblocks"]]
-    else:
-        blocks = [(0, meta.get("target_dtype", ""))]
+    # By "format", as the reader takes the file: a flashpack_v3 footer is one block of its
+    # "target_dtype" whatever other keys (another writer's "macroblocks") it holds.
+    blocks = [(elements * getattr(torch, name).itemsize, name) for name, elements in _footer_blocks(meta)]
     for _, name in sorted(blocks, reverse=True):
-        dtype = getattr(torch, name, None)
-        if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2:
+        dtype = getattr(torch, name)
+        if dtype.is_floating_point and dtype.itemsize >= 2:
             return dtype
     return None
 

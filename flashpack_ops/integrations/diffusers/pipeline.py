@@ -14,7 +14,7 @@ from diffusers import DiffusionPipeline, ModelMixin
 
 from ..._warnings import warn
 from ...commands import checkpoint_tensor_sizes
-from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, read_metadata
+from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, _footer_blocks, read_metadata
 from .._hub import (FLASHPACK_FILE, SPREADING_DEVICE_MAPS, AutoDeviceMap, library_class, of_variant, parse_dtype,
                     resolve_pipeline_directory, take_load_kwargs, tied_second_names, unwrapped, upload_directory,
                     warn_unused_save_kwargs, written_whole)
@@ -446,10 +446,10 @@ def _component_bytes(sub_directory: str, component_class: type, dtype: Optional[
 def _flashpack_tensors(path: str) -> List[Tuple[int, torch.dtype]]:
     """(element count, dtype) of each tensor a flashpack file holds, a tied one once."""
     meta = read_metadata(path)
-    blocks = meta.get("macroblocks")
+    blocks = _footer_blocks(meta)  # by "format": a flashpack_v3 file is one block
+    v3 = meta["format"] == "flashpack_v3"
     tied = tied_second_names(meta["index"])
-    return [(entry["length"], getattr(torch, blocks[entry.get("macroblock", 0)]["dtype"] if blocks
-                                      else meta["target_dtype"]))
+    return [(entry["length"], getattr(torch, blocks[0 if v3 else entry.get("macroblock", 0)][0]))
             for entry in meta["index"] if entry["length"] and entry["name"] not in tied]
 
 
