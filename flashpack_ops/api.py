@@ -820,6 +820,7 @@ def assign_from_file(
             own threads and chunks.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
         ValueError: names missing from the file or unexpected in it (all listed), a shape or
             dtype that does not match, or non-persistent buffers on the meta device.
 
@@ -828,6 +829,10 @@ def assign_from_file(
         ...     model = torch.nn.Linear(4, 4)
         >>> assign_from_file(model, "linear.flashpack", device="cpu")
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"flashpack_ops.assign_from_file: cannot load {os.fspath(path)} into a "
+                        f"{type(model).__name__}: the model must be an nn.Module")
+
     def check_strategy() -> None:  # on every rank at once, where the load's arguments are agreed
         if distributed_sharded:
             _check_shard_strategy(distributed_shard_strategy, "distributed_shard_strategy")

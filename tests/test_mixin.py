@@ -268,6 +268,15 @@ def test_dtype_conversion_and_buffer_dtypes(tmp_path):
     assert torch.equal(converted.proj.weight, model.proj.weight.half())
 
 
+def test_what_is_no_module_is_refused_as_such(tmp_path):
+    path = tmp_path / "linear.flashpack"
+    flashpack_ops.save_file(torch.nn.Linear(3, 2).state_dict(), path)
+    for model in (None, torch.nn.Linear(3, 2).state_dict()):
+        with pytest.raises(TypeError, match=rf"assign_from_file: cannot load .*linear.flashpack into a "
+                                            rf"{type(model).__name__}: the model must be an nn.Module"):
+            assign_from_file(model, path)
+
+
 def test_a_wrong_dtype_is_refused_as_the_argument_it_is(tmp_path):
     # Neither the file (which is float32) nor a device is at fault: the dtype argument is.
     path = tmp_path / "f32.flashpack"
