@@ -609,6 +609,15 @@ def convert_to_flashpack(
     ignore = dict(ignore_names=list(ignore_names or []), ignore_prefixes=list(ignore_prefixes or []),
                   ignore_suffixes=list(ignore_suffixes or []))
     source = model_or_state_dict_or_path_or_repo_id
+    if isinstance(source, (torch.nn.Module, dict)) or os.path.isfile(source):
+        # They pick the model in a directory or repo: given a file or tensors, they would be
+        # dropped unseen (variant="fp16" beside the float32 file would write the float32 weights).
+        what = f"the file {os.fspath(source)}" if not isinstance(source, (torch.nn.Module, dict)) else \
+            f"a {type(source).__name__}"
+        for option, value in (("subfolder", subfolder), ("variant", variant), ("revision", revision)):
+            if value:
+                raise ValueError(f"convert_to_flashpack: {option}= applies to a model directory or a Hub repo id, "
+                                 f"not to {what}; convert the file that holds the weights you want")
     if isinstance(source, (torch.nn.Module, dict)):
         if destination_path is None:
             raise ValueError("convert_to_flashpack: a model or state dict needs a destination_path")

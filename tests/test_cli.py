@@ -1124,3 +1124,21 @@ def test_main_imports_from_dunder_main_as_the_reference_entry_point_and_runs_not
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("imported\n")
     assert json.loads(result.stdout.split("\n", 1)[1])["format"] == "flashpack_v4"
+
+
+@pytest.mark.parametrize("option", ["variant", "subfolder", "revision"])
+def test_convert_to_flashpack_of_a_file_refuses_the_options_that_pick_in_a_directory(tmp_path, option):
+    # As the command line refuses them: variant="fp16" given the float32 file must not write float32 silently.
+    from safetensors.torch import save_file
+
+    from flashpack_ops.commands import convert_to_flashpack
+
+    save_file(state_dict(), tmp_path / "model.safetensors")
+    save_file({k: v.half() for k, v in state_dict().items()}, tmp_path / "model.fp16.safetensors")
+    value = {"variant": "fp16", "subfolder": "unet", "revision": "main"}[option]
+    with pytest.raises(ValueError, match=f"{option}= applies to a model directory or a Hub repo id, not to the file "
+                                         f".*model.safetensors"):
+        convert_to_flashpack(tmp_path / "model.safetensors", tmp_path / "out.flashpack", **{option: value})
+    with pytest.raises(ValueError, match=f"{option}= applies to a model directory or a Hub repo id, not to a dict"):
+        convert_to_flashpack(state_dict(), tmp_path / "out.flashpack", **{option: value})
+    assert not (tmp_path / "out.flashpack").exists()
