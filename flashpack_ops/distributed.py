@@ -70,8 +70,9 @@ def _layout(footer: str) -> Tuple[List[_Block], List[_Entry]]:
     else:
         blocks = [_Block(_dtype(b["dtype"]), int(b["offset_bytes"]), int(b["length_bytes"]))
                   for b in meta["macroblocks"]]
+    v3 = meta["format"] == "flashpack_v3"  # one block, as the C++ reader takes it
     entries = [_Entry(r["name"], tuple(int(d) for d in r["shape"]), int(r["offset"]), int(r["length"]),
-                      int(r.get("macroblock", 0)))
+                      0 if v3 else int(r.get("macroblock", 0)))
                for r in meta["index"]]
     return blocks, entries
 

@@ -38,7 +38,9 @@ class safe_open:  # noqa: N801 - safetensors' name, so that code written for it 
     changes nothing else. On the CPU, ``get_tensor`` gives each tensor of 64 KiB or more a
     private mapping of its own bytes of the file (copy-on-write, like ``load_file``'s views),
     and copies smaller ones, so reading every tensor costs little memory beyond the file's
-    pages in the page cache. For the whole file,
+    pages in the page cache. Like those views, such a tensor follows a program that rewrites the
+    file in place, and reading it after the file is truncated kills the process with SIGBUS
+    (replacing the file, as ``save_file`` does, is safe): see docs/security.md. For the whole file,
     ``load_file(path)`` and ``load_file(path, "cuda")`` are much faster.
 
     Args:
@@ -241,8 +243,11 @@ def _map_private(fd: int, offset: int, like: torch.Tensor) -> Optional[torch.Ten
     if address is None or address == ctypes.c_void_p(-1).value:
         return None
     memory = (ctypes.c_ubyte * length).from_address(address)
-    # Unmapped when the last tensor over these bytes is freed (torch.frombuffer holds memory).
-    weakref.finalize(memory, unmap, address, length)
+    # Unmapped when the last tensor over these bytes is freed (torch.frombuffer holds memory),
+    # and never at exit: weakref.finalize runs its pending finalizers then, while objects torn
+    # down later (a __del__, a daemon thread) may still read the tensor. The process's end
+    # unmaps it.
+    weakref.finalize(memory, unmap, address, length).atexit = False
     flat = torch.frombuffer(memory, dtype=torch.uint8, count=nbytes, offset=offset - start)
     return flat.view(like.dtype).view(like.shape)
 

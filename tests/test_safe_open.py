@@ -159,6 +159,17 @@ def test_a_device_that_is_not_here_is_said_at_open(both, device):
         flashpack_ops.safe_open(both[0], framework="pt", device=device)
 
 
+def mapping_of(tensor):
+    """The file behind the memory of `tensor` ("" for anonymous memory), from /proc/self/maps."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= tensor.data_ptr() < end:
+                return fields[5].strip() if len(fields) > 5 else ""
+    return None
+
+
 def test_large_tensors_are_mapped_apart_from_each_other_and_the_file(tmp_path):
     # Tensors of 64 KiB or more are private mappings of their bytes: in every block (dtype),
     # tied names included, each apart from the others, from a second read and from the file.
@@ -173,6 +184,7 @@ def test_large_tensors_are_mapped_apart_from_each_other_and_the_file(tmp_path):
         got = {name: f.get_tensor(name) for name in f.keys()}
         for name, tensor in got.items():
             assert_same(tensor, big[name], name)
+            assert (mapping_of(tensor) == str(path)) == (name != "small"), name  # small ones are copied
             tensor.zero_()
         got["tied"].fill_(1)
         for name in big:
@@ -198,3 +210,33 @@ def test_a_v3_file_is_mapped_by_its_format(tmp_path):
     assert_same(flashpack_ops.load_file(path)["w"], values)
     with flashpack_ops.safe_open(path, framework="pt") as f:
         assert_same(f.get_tensor("w"), values)
+
+
+MAPPED_AT_EXIT = """
+import sys
+import torch
+import flashpack_ops
+
+class Holder:  # reads its tensor when the interpreter tears it down, after the atexit handlers
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def __del__(self):
+        print(int(self.tensor.sum().item()), flush=True)
+
+holder = Holder(flashpack_ops.safe_open(sys.argv[1], framework="pt").get_tensor("w"))
+"""
+
+
+def test_a_mapped_tensor_stays_readable_until_the_interpreter_ends(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "w.flashpack"
+    flashpack_ops.save_file({"w": torch.ones(1 << 16, dtype=torch.int32)}, path)  # 256 KiB: mapped
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, "-c", MAPPED_AT_EXIT, str(path)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [str(1 << 16)]
