@@ -14,6 +14,8 @@ from .api import assign_from_file, pack_to_file
 from .ops import DEFAULT_ALIGN_BYTES, DeviceLike, PathLike
 
 _META_INIT_LOCK = threading.RLock()
+# How deep the current thread is in init_empty_parameters: only such a thread gets meta parameters.
+_BUILDING = threading.local()
 # The dtypes torch accepts as its default dtype.
 _DEFAULT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -45,8 +47,8 @@ def init_empty_parameters(dtype: Optional[torch.dtype] = None) -> Iterator[None]
 
     def register_on_meta(module: torch.nn.Module, name: str, param: Optional[torch.nn.Parameter]) -> None:
         register_parameter(module, name, param)
-        if threading.get_ident() != owner:
-            return  # another thread building a model of its own meanwhile: left alone
+        if not getattr(_BUILDING, "depth", 0):
+            return  # another thread building a model of its own meanwhile, or no build at all: left alone
         param = module._parameters.get(name)
         if param is not None and not param.is_meta and type(param) is torch.nn.Parameter:
             meta = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
@@ -54,19 +56,30 @@ def init_empty_parameters(dtype: Optional[torch.dtype] = None) -> Iterator[None]
             module._parameters[name] = meta
 
     # NOTE: the patch is on the class, so every thread calls it while it is in place; only
-    # the thread that entered here gets meta parameters. (The default dtype is process-wide
-    # too, as in transformers' own from_pretrained.) One build at a time holds the lock.
+    # a thread inside init_empty_parameters gets meta parameters. (The default dtype is
+    # process-wide too, as in transformers' own from_pretrained.) One build at a time holds
+    # the lock. Other code patches the class as well (accelerate's init_empty_weights) and
+    # puts back what it found, whichever thread it runs on: the original is put back only
+    # while ours is still in place (else theirs would be left for good), and ours, if put
+    # back after we left, does nothing (else a later build on this thread would be on meta).
+    # The default dtype is set, and put back, only where a dtype other than the current one
+    # is asked for: put back unasked, it would undo what another thread set meanwhile (a
+    # from_pretrained(dtype=torch.bfloat16) building), leaving its dtype the default for good.
     with _META_INIT_LOCK:
-        owner = threading.get_ident()
         previous_dtype = torch.get_default_dtype()
+        set_dtype = dtype in _DEFAULT_DTYPES and dtype != previous_dtype
         torch.nn.Module.register_parameter = register_on_meta
+        _BUILDING.depth = getattr(_BUILDING, "depth", 0) + 1
         try:
-            if dtype in _DEFAULT_DTYPES:
+            if set_dtype:
                 torch.set_default_dtype(dtype)
             yield
         finally:
-            torch.nn.Module.register_parameter = register_parameter
-            torch.set_default_dtype(previous_dtype)
+            _BUILDING.depth -= 1
+            if torch.nn.Module.register_parameter is register_on_meta:
+                torch.nn.Module.register_parameter = register_parameter
+            if set_dtype:
+                torch.set_default_dtype(previous_dtype)
 
 
 def _call_with_accepted_kwargs(init_fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:

@@ -274,3 +274,111 @@ def test_loads_and_saves_work_where_no_thread_can_be_started():
     if r.returncode != 0 and "Operation not permitted" in r.stderr:
         pytest.skip("cannot drop root's privileges here")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def test_building_without_a_dtype_leaves_another_threads_default_dtype_alone(tmp_path):
+    # Another thread builds under bfloat16 (as from_pretrained(dtype=torch.bfloat16) does) and
+    # puts float32 back while from_flashpack, asked for no dtype, is building: float32 stays.
+    from flashpack_ops import FlashPackMixin
+
+    building, restored = threading.Event(), threading.Event()
+
+    class Net(torch.nn.Module, FlashPackMixin):
+        def __init__(self, wait=False):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+            if wait:
+                building.set()
+                assert restored.wait(TIMEOUT_S)
+
+    path = str(tmp_path / "net.flashpack")
+    Net().save_flashpack(path)
+    bf16_set = threading.Event()
+
+    def other():
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            bf16_set.set()
+            assert building.wait(TIMEOUT_S)
+        finally:
+            torch.set_default_dtype(previous)
+            restored.set()
+
+    assert torch.get_default_dtype() == torch.float32
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(other)
+        assert bf16_set.wait(TIMEOUT_S)
+        try:
+            model = Net.from_flashpack(path, wait=True)
+        finally:
+            restored.set()
+            future.result(timeout=TIMEOUT_S)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+    assert default == torch.float32
+    assert model.fc.weight.dtype == torch.float32
+
+
+
+@pytest.mark.parametrize("load_first", [True, False])
+def test_building_beside_another_patch_of_register_parameter_leaves_no_meta_behind(load_first):
+    # accelerate's init_empty_weights patches nn.Module.register_parameter too, and puts back
+    # what it found. Entered and left across a build on another thread (load_first: the build
+    # enters first and the patch leaves last; else the patch enters first and leaves while
+    # the build runs), it must leave no patch at work: later models, on either thread, are
+    # built on the CPU.
+    from flashpack_ops.mixin import init_empty_parameters
+
+    original = torch.nn.Module.register_parameter
+    step = {name: threading.Event() for name in ("patched", "building", "loaded", "unpatched")}
+
+    @contextlib.contextmanager
+    def patch_register_parameter():  # what accelerate.init_empty_weights does
+        saved = torch.nn.Module.register_parameter
+
+        def on_meta(module, name, param):
+            saved(module, name, param)
+            if module._parameters.get(name) is not None:
+                module._parameters[name] = torch.nn.Parameter(module._parameters[name].to("meta"))
+
+        torch.nn.Module.register_parameter = on_meta
+        try:
+            yield
+        finally:
+            torch.nn.Module.register_parameter = saved
+
+    class Net(torch.nn.Module):
+        def __init__(self, wait_for):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+            step["building"].set()
+            assert step[wait_for].wait(TIMEOUT_S)
+
+    def other():
+        if load_first:
+            assert step["building"].wait(TIMEOUT_S)
+        with patch_register_parameter():
+            step["patched"].set()
+            assert step["loaded" if load_first else "building"].wait(TIMEOUT_S)
+        step["unpatched"].set()
+
+    def build():
+        with init_empty_parameters():
+            model = Net("patched" if load_first else "unpatched")
+        step["loaded"].set()
+        return model
+
+    try:
+        with ThreadPoolExecutor(1) as other_pool, ThreadPoolExecutor(1) as loader:
+            future = other_pool.submit(other)
+            if not load_first:
+                assert step["patched"].wait(TIMEOUT_S)
+            model = loader.submit(build).result(timeout=TIMEOUT_S)
+            future.result(timeout=TIMEOUT_S)
+            assert model.fc.weight.is_meta
+            # A later, ordinary model on the thread that loaded, and on this one.
+            assert not loader.submit(lambda: torch.nn.Linear(2, 2).weight.is_meta).result(timeout=TIMEOUT_S)
+            assert not torch.nn.Linear(2, 2).weight.is_meta
+    finally:
+        torch.nn.Module.register_parameter = original
