@@ -107,6 +107,12 @@ std::vector<at::Tensor> make_views(const Layout& layout, const std::vector<c10::
     c10::Storage storage;
     if (tied_to[k] != k) {
       storage = out[tied_to[k]].storage();
+    } else if (e.length == 0) {
+      // An empty tensor holds no bytes: no pointer either. One into the block would be the
+      // address of the next block's first tensor (in another dtype), which torch.save refuses
+      // ("view the same data as different types").
+      storage = c10::Storage(c10::Storage::use_byte_size_t(), 0, c10::DataPtr(nullptr, blocks[e.block].device()),
+                             nullptr, false);
     } else {
       const uint64_t esize = c10::elementSize(b.dtype);
       const c10::Storage& block = blocks[e.block];

@@ -316,3 +316,22 @@ def test_every_reader_takes_a_v3_footer_by_its_format(tmp_path):
     assert _flashpack_tensors(path) == [(32768, torch.float32)]
     blocks, entries = _layout(footer)
     assert [(b.dtype, b.offset) for b in blocks] == [(torch.float32, 0)] and entries[0].block == 0
+
+
+@pytest.mark.parametrize("writer", ["ours", "reference"])
+def test_a_loaded_file_with_an_empty_tensor_saves_with_torch_save(writer, tmp_file):
+    # The reference places an empty tensor at the end of its block, where the next block (of
+    # another dtype) starts; ours does the same when a block fills whole 4096-byte pages.
+    import io
+
+    tensors = {"w": torch.ones(1024), "empty": torch.empty(0, 3), "ids": torch.arange(4)}
+    if writer == "ours":
+        flashpack_ops.save_file(tensors, tmp_file)
+    else:
+        flashpack.pack_to_file(tensors, tmp_file, target_dtype=None)
+    for copy in (False, True):
+        loaded = flashpack_ops.load_file(tmp_file, copy=copy)
+        buffer = io.BytesIO()
+        torch.save(loaded, buffer)
+        buffer.seek(0)
+        assert_same_dict(torch.load(buffer), tensors)
