@@ -462,10 +462,7 @@ def initialize_missing(model: torch.nn.Module, names: List[str],
     # is the missing one all the same, and must not be stood in for.
     missing_ids = {id(_tensor_at(model, name)) for name in names}
     holders = {name.rpartition(".")[0] for name in names}
-    chain = set()
-    for holder in holders:
-        parts = holder.split(".") if holder else []
-        chain.update(".".join(parts[:n]) for n in range(len(parts) + 1))
+    chain = {path for holder in holders for path in _paths_above(holder)}
     modules = list(model.named_modules(remove_duplicate=False))
     # Deepest first; siblings in the model's own order, so that the outcome never depends on
     # how a set happens to iterate.

@@ -88,18 +88,15 @@ def _dtype(dtype: Union[None, str, torch.dtype], what: str) -> Optional[torch.dt
     return found
 
 
-def _check_arguments(what: str, ints: Mapping[str, Any] = {}, bools: Mapping[str, Any] = {},
-                     counts: Tuple[str, ...] = ()) -> None:
+def _check_arguments(what: str, ints: Mapping[str, Any] = {}, bools: Mapping[str, Any] = {}) -> None:
     """Integer and boolean arguments, checked before they reach an operator: its own check is a
-    RuntimeError that prints the schema and names neither the file nor what to pass. ``counts``:
-    the ints that must not be negative (the save and verify operators say so without the file)."""
+    RuntimeError that prints the schema and names neither the file nor what to pass. Their
+    values (a negative thread count) are the operators' to check."""
     for name, value in ints.items():
         if not isinstance(value, numbers.Integral):
             raise TypeError(f"{what}: {name} must be an int, got {_type_name(value)} {value!r}")
         if not -2**63 <= value < 2**63:
             raise ValueError(f"{what}: {name}={value} does not fit in 64 bits")
-        if name in counts and value < 0:
-            raise ValueError(f"{what}: {name} must be >= 0 (0 picks the default), got {value}")
     for name, value in bools.items():
         # bool, numpy's bool, or 0 and 1, as the operators take them.
         if not isinstance(value, numbers.Integral) and not _is_numpy_bool(value):
@@ -197,8 +194,7 @@ def save_file(
                              f"({exc.reason})") from None
     target_dtype = _dtype(target_dtype, f"cannot save '{path}': target_dtype")
     _check_arguments(f"cannot save '{path}'", ints={"align_bytes": align_bytes, "num_threads": num_threads},
-                     bools={"checksum": checksum, "durable": durable, "floating_only": floating_only},
-                     counts=("num_threads",))
+                     bools={"checksum": checksum, "durable": durable, "floating_only": floating_only})
     if metadata is not None:
         if not isinstance(metadata, Mapping):
             raise TypeError(f"cannot save '{path}': metadata must be a mapping of str to str, got "
@@ -328,9 +324,8 @@ def load_file(
     # Two lists zipped here: a dict made by the op costs about a sixth more for many tensors.
     keys, tensors = torch.ops.flashpack.load_named(
         _path(path, must_exist=True), _device(device, f"cannot load '{os.fspath(path)}'"), copy=copy,
-        num_threads=num_threads,
-        chunk_bytes=chunk_bytes, pinned_bytes=pinned_bytes, num_streams=num_streams, route=route,
-        verify=verify, names=names,
+        num_threads=num_threads, chunk_bytes=chunk_bytes, pinned_bytes=pinned_bytes, num_streams=num_streams,
+        route=route, verify=verify, names=names,
     )
     return dict(zip(keys, tensors))
 
@@ -395,7 +390,7 @@ def verify_file(path: PathLike, *, num_threads: int = 0) -> None:
         >>> verify_file("model.flashpack")  # returns None when every byte matches
     """
     path = _path(path, must_exist=True)
-    _check_arguments(f"cannot verify '{path}'", ints={"num_threads": num_threads}, counts=("num_threads",))
+    _check_arguments(f"cannot verify '{path}'", ints={"num_threads": num_threads})
     torch.ops.flashpack.verify(path, num_threads=num_threads)
 
 
