@@ -30,7 +30,8 @@ def run(*args, env=None, check=True, cwd=None):
 
 def assert_one_line_error(result, text, status=1):
     assert result.returncode == status
-    lines = result.stderr.strip().splitlines()
+    # Warnings torch itself gives while reading a source (they differ between torch versions) are not the error.
+    lines = [line for line in result.stderr.strip().splitlines() if not re.match(r"flashpack \w+: warning: ", line)]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert text in lines[0], lines[0]
 
