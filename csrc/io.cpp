@@ -273,6 +273,10 @@ void AtomicWriter::pwrite_all(const void* buf, size_t n, uint64_t offset) const 
     n -= static_cast<size_t>(put);
     offset += static_cast<uint64_t>(put);
   }
+  // NOTE: 1 MiB, save.cpp's kSmallTensorBytes: writes below it are the footer and small
+  // tensors converted on their own, left to the fsync in commit(); small tensors written as
+  // they are go out in runs, whose write-back save.cpp starts once per run. A
+  // sync_file_range call per small write would add a system call for little early I/O.
   if (end - start >= (uint64_t(1) << 20)) start_writeback(start, end - start);
 }
 

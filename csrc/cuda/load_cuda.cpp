@@ -80,9 +80,20 @@ constexpr uint64_t kStagedChunksPerRing = 32;
 constexpr uint64_t kRegisteredChunksPerRing = 16;
 // More slots than this only add events and bookkeeping: tiny chunks from a large ring.
 constexpr uint64_t kMaxSlots = 256;
+// NOTE: the default chunk (a share of the ring) stays within 1-64 MiB whatever pinned_bytes
+// is. Below 1 MiB the fixed costs of a chunk (a copy launch and an event, a register and
+// unregister call on the registered route) grow against the bytes it moves; above 64 MiB a
+// load has fewer chunks to spread over its readers and streams, and its first copy waits
+// for a longer first read. 64 MiB is also the largest chunk whose registration was measured
+// (kDefaultRegisterThreads).
 constexpr uint64_t kMinAutoChunkBytes = 1 * kMiB;
 constexpr uint64_t kMaxAutoChunkBytes = 64 * kMiB;
 // A file counts as cached when this share of the sampled payload pages is resident.
+// NOTE: below 1, so that a cached file that lost a few pages to reclaim still takes the
+// registered route (registration pins the pages, reading the missing ones in from disk),
+// while a file only partly cached is read buffered, where readers overlap their waits on the
+// disk with the copies. 0.9 is a judgement, not a measurement: no GPU run has timed a
+// partly cached file yet.
 constexpr double kWarmFraction = 0.9;
 
 enum class Route { Auto, Direct, Buffered, Register };
@@ -153,6 +164,9 @@ Tuning resolve(const LoadOptions& opts, const std::string& path) {
     t.pinned_bytes = std::max(a, align_down(static_cast<uint64_t>(p), a));
   }
   if (int64_t s = arg_or_env(opts.num_streams, "FLASHPACK_NUM_STREAMS")) {
+    // NOTE: capped as the thread count is (kMaxThreads in io.cpp): past a few streams more
+    // add no bandwidth (one copy engine, see kDefaultStreams), and the copy streams are the
+    // process's own, created once and kept, so a mistyped count must not create thousands.
     t.streams = static_cast<int>(std::min<int64_t>(s, 64));
   }
   return t;
