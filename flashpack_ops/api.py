@@ -72,7 +72,8 @@ def pack_to_file(
     Args:
         state_dict_or_model: the tensors, or an ``nn.Module`` whose ``state_dict()`` is saved.
         destination_path: the file to write (atomically).
-        target_dtype: if given, every tensor is converted to it (as the reference does).
+        target_dtype: if given, every tensor is converted to it (as the reference does),
+            except that a complex tensor is never converted to a real dtype (ValueError).
         name_order: if given, only these names, in this order; else the dict's order.
         align_bytes: alignment of each tensor within its block.
         silent: unused, kept for compatibility.
@@ -82,7 +83,9 @@ def pack_to_file(
 
     Raises:
         ValueError: nothing to pack, or a tensor that cannot be stored.
-        TypeError, RuntimeError: as ``save_file``.
+        TypeError: ``state_dict_or_model`` is neither a mapping nor an ``nn.Module``; else
+            as ``save_file``.
+        RuntimeError: as ``save_file``.
 
     Example:
         >>> pack_to_file(model, "model.flashpack", torch.bfloat16)
@@ -198,6 +201,7 @@ class FlashTensorStorage:
     backing_arrays: Optional[list] = None
 
     def block(self, idx: int) -> torch.Tensor:
+        """The 1-D tensor of block ``idx`` (IndexError past the last)."""
         return self.blocks[idx]
 
     def __len__(self) -> int:
@@ -205,6 +209,7 @@ class FlashTensorStorage:
 
     @property
     def device(self) -> torch.device:
+        """The blocks' device; the CPU when there are none."""
         return self.blocks[0].device if self.blocks else torch.device("cpu")
 
 
@@ -274,6 +279,7 @@ def read_flashpack_file(
 
     Raises:
         FileNotFoundError, ValueError, RuntimeError: as ``load_file``.
+        TypeError: ``chunk_bytes``, ``num_streams`` or ``copy`` of the wrong type.
 
     Example:
         >>> storage, meta = read_flashpack_file("model.flashpack", "cuda")
@@ -820,6 +826,7 @@ def assign_from_file(
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: names missing from the file or unexpected in it (all listed), a shape or
             dtype that does not match, or non-persistent buffers on the meta device.
+        FileNotFoundError, RuntimeError: as ``load_file``.
 
     Example:
         >>> with torch.device("meta"):

@@ -554,7 +554,7 @@ def _not_converted(files: Optional[List[str]], variant: Optional[str]) -> List[s
 
 def convert_to_flashpack(
     model_or_state_dict_or_path_or_repo_id: Union[str, "os.PathLike[str]", torch.nn.Module, Dict[str, torch.Tensor]],
-    destination_path: Optional[str] = None,
+    destination_path: Optional[Union[str, "os.PathLike[str]"]] = None,
     dtype: Optional[Union[torch.dtype, str]] = None,
     ignore_names: Optional[Sequence[str]] = None,
     ignore_prefixes: Optional[Sequence[str]] = None,
@@ -584,6 +584,10 @@ def convert_to_flashpack(
           required), then as the directory.
 
     Args:
+        model_or_state_dict_or_path_or_repo_id: the source, one of those above.
+        destination_path: the ``.flashpack`` file to write, or for a model or pipeline
+            directory (or a repo id) the directory; by default beside a source file, and
+            into a local model directory itself.
         dtype: convert the floating-point tensors to this dtype (``torch.bfloat16`` or ``"bf16"``).
             A model or pipeline directory then needs another destination: its rewritten
             config.json would tell ``from_pretrained`` to load the original weights so too.
@@ -595,10 +599,17 @@ def convert_to_flashpack(
         revision: the Hub revision.
         checksum: store CRC-32C checksums for ``verify_file`` (in every file written).
 
+    Returns:
+        str: the file written, or the directory for a model or pipeline directory.
+
     Raises:
         FileNotFoundError, ValueError: the source cannot be read, or the destination is a source
             checkpoint or has another format's extension, with the reason.
         HubUnavailableError: a repo id while offline, with no cached copy.
+
+    Example:
+        >>> convert_to_flashpack("model.safetensors", dtype="bf16")
+        'model.flashpack'
     """
     if destination_path is not None:
         destination_path = os.fspath(destination_path)
@@ -697,15 +708,30 @@ def convert_to_flashpack(
     return output
 
 
-def revert_from_flashpack(path: Union[str, "os.PathLike[str]"], destination_path: Optional[str] = None,
+def revert_from_flashpack(path: Union[str, "os.PathLike[str]"],
+                          destination_path: Optional[Union[str, "os.PathLike[str]"]] = None,
                           silent: bool = True) -> str:
     """Write a flashpack file back as ``.safetensors`` (the default) or a torch file (.pt, .bin...).
 
     Tied tensors stay shared in a torch file; safetensors stores each name on its own.
 
+    Args:
+        path: the flashpack file, or a model directory holding ``model.flashpack``.
+        destination_path: the file to write (its extension picks the format), or a
+            directory to write it into; by default the source's name with ``.safetensors``.
+        silent: no progress bar.
+
+    Returns:
+        str: the file written.
+
     Raises:
+        FileNotFoundError: ``path`` does not exist.
         FileExistsError: no ``destination_path`` was given and the default one exists.
         ValueError: an unknown destination extension, or a dtype safetensors cannot store.
+
+    Example:
+        >>> revert_from_flashpack("model.flashpack", "model.pt")
+        'model.pt'
     """
     path = flashpack_in(os.fspath(path))
     # The source is checked first: given a .safetensors file by mistake, the error says so,

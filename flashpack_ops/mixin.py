@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
-from typing import Any, Callable, ClassVar, Iterator, List, Optional
+from typing import Any, Callable, ClassVar, Iterator, List, Optional, Type, TypeVar
 
 import torch
 
@@ -18,6 +18,8 @@ _META_INIT_LOCK = threading.RLock()
 _BUILDING = threading.local()
 # The dtypes torch accepts as its default dtype.
 _DEFAULT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# from_flashpack returns an instance of the class it is called on: Net.from_flashpack gives a Net.
+_M = TypeVar("_M", bound="FlashPackMixin")
 
 
 @contextlib.contextmanager
@@ -127,7 +129,7 @@ class FlashPackMixin:
 
     @classmethod
     def from_flashpack(
-        cls,
+        cls: Type[_M],
         path: PathLike,
         *args: Any,
         device: Optional[DeviceLike] = None,
@@ -151,7 +153,7 @@ class FlashPackMixin:
         init_fn: Optional[Callable[..., Any]] = None,
         copy: bool = False,
         **kwargs: Any,
-    ) -> "FlashPackMixin":
+    ) -> _M:
         """Build the module and load a flashpack file into it, in evaluation mode.
 
         Args:
@@ -177,6 +179,10 @@ class FlashPackMixin:
         Raises:
             ValueError: names missing or unexpected (strict), or a shape mismatch.
             FileNotFoundError: ``path`` does not exist.
+            TypeError: the constructor (or ``init_fn``) did not return an ``nn.Module``.
+
+        Example:
+            >>> net = Net.from_flashpack("net.flashpack", 64, device="cuda")
         """
         if init_fn is None:
             method = cls.flashpack_init_method
@@ -231,7 +237,11 @@ class FlashPackMixin:
 
         Raises:
             ValueError: a tensor cannot be stored (e.g. still on the meta device).
+            TypeError: the class is not an ``nn.Module``.
             RuntimeError: the file could not be written.
+
+        Example:
+            >>> Net(64).save_flashpack("net.flashpack", target_dtype=torch.bfloat16)
         """
         if not isinstance(self, torch.nn.Module):
             raise TypeError(f"FlashPackMixin.save_flashpack needs an nn.Module, got {type(self).__name__}")

@@ -15,7 +15,9 @@ from . import _library
 
 _library.load()
 
-PathLike = Union[str, "os.PathLike[str]"]
+# Not a string: a forward reference in an alias is resolved in the namespace of whichever
+# module uses it (typing.get_type_hints), and "os" is not in every one of them (mixin.py).
+PathLike = Union[str, os.PathLike[str]]
 DeviceLike = Union[str, int, torch.device]
 
 DEFAULT_ALIGN_BYTES = 128
@@ -162,10 +164,12 @@ def save_file(
     Raises:
         ValueError: a tensor cannot be stored (quantized, sparse, nested, on the meta device,
             without data in memory, a lazy module's uninitialized parameter), naming it; a
-            ``target_dtype`` that would lose values (an integer one with ``floating_only``, a
-            real one for a complex tensor).
-        TypeError: a name that is not a ``str`` or a value that is not a tensor, naming it;
-            a metadata key or value that is not a ``str``.
+            ``target_dtype`` that is not a torch dtype or would lose values (an integer one
+            with ``floating_only``, a real one for a complex tensor); ``align_bytes`` outside
+            0 to 2^30 or a negative ``num_threads``.
+        TypeError: ``tensors`` is not a mapping; a name that is not a ``str`` or a value that
+            is not a tensor, naming it; a metadata key or value that is not a ``str``; an
+            integer or boolean option of another type.
         RuntimeError: the file could not be written (disk full, permissions), naming it.
 
     Example:
@@ -263,8 +267,12 @@ def load_file(
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file is not a valid flashpack file; the message names the file,
             the entry and the problem. With ``verify``: the payload does not match its
-            checksums, or none were stored. With ``names``: a name the file lacks.
-        RuntimeError: the file could not be read.
+            checksums, or none were stored. With ``names``: a name the file lacks. Also an
+            unknown ``device`` or ``route``, a negative count, or CUDA asked for where
+            there is none.
+        TypeError: ``names`` is a ``str`` or holds something else, ``device`` is neither a
+            str, an int nor a torch.device, or an integer or boolean option has another type.
+        RuntimeError: the file could not be read (a directory, no permission).
 
     Example:
         >>> state_dict = load_file("model.flashpack", device="cuda")
@@ -352,7 +360,7 @@ def cuda_stats(reset_peaks: bool = False) -> Dict[str, int]:
         Dict[str, int]: the counters; empty if flashpack_ops was built without CUDA.
 
     Example:
-        >>> before = cuda_stats()["bytes_registered"]
+        >>> before = cuda_stats().get("bytes_registered", 0)  # empty dict on a CPU-only build
     """
     return dict(torch.ops.flashpack.cuda_stats(reset_peaks))
 
@@ -384,6 +392,7 @@ def verify_file(path: PathLike, *, num_threads: int = 0) -> None:
         ValueError: a chunk does not match (the message names the file, the block, the
             byte range and the tensors in it), no checksums were stored, or the file is
             not a valid flashpack file.
+        TypeError: ``num_threads`` is not an int.
         RuntimeError: the file could not be read.
 
     Example:

@@ -95,30 +95,73 @@ def test_reference_integration_modules_import_under_our_name():
         flashpack_ops.patch_integrations
 
 
-def test_public_api_docstrings_follow_one_style():
-    # Args (every public parameter, alone or in a group) / Returns / Raises / Example, as
-    # safetensors documents its API; names starting with "_" are internal.
+def _docstring_problems(name, obj):
+    """What the docstring of ``obj`` lacks: an Example, or an Args entry for a public parameter."""
     import inspect
     import re
 
     problems = []
+    doc = inspect.getdoc(obj) or ""
+    if "Example:" not in doc:
+        problems.append(f"{name}: no Example")
+    params = [p for p in inspect.signature(obj).parameters
+              if not p.startswith("_") and p not in ("self", "cls", "args", "kwargs")]
+    args = re.search(r"^Args:\n((?:    .*\n?|\n)*)", doc, re.M)
+    documented = set()
+    for line in (args.group(1) if args else "").splitlines():
+        # An entry, or a group of them, which may go on over the next, deeper lines.
+        head = re.match(r"    (\*{0,2}\w+(?:, \*{0,2}\w+)*)(:|,$)", line)
+        if head and not line.startswith("     "):
+            group = [head.group(1) + head.group(2).rstrip(":")]
+            following = args.group(1).splitlines()
+            for more in following[following.index(line) + 1:]:
+                tail = re.match(r"        (\w+(?:, \w+)*)(:|,$)", more)
+                if not group[-1].endswith(",") or tail is None:
+                    break
+                group.append(tail.group(1) + tail.group(2).rstrip(":"))
+            documented.update(n.strip().lstrip("*") for n in ",".join(group).split(",") if n.strip())
+    missing = [p for p in params if p not in documented]
+    if missing:
+        problems.append(f"{name}: Args lacks {missing}")
+    return problems
+
+
+def test_public_api_docstrings_follow_one_style():
+    # Args (every public parameter, alone or in a group) / Returns / Raises / Example, as
+    # safetensors documents its API; names starting with "_" are internal.
+    problems = []
     for name in flashpack_ops.__all__:
         obj = getattr(flashpack_ops, name)
-        if not callable(obj):
-            continue
-        doc = inspect.getdoc(obj) or ""
-        if "Example:" not in doc:
-            problems.append(f"{name}: no Example")
-        params = [p for p in inspect.signature(obj).parameters if not p.startswith("_")]
-        args = re.search(r"^Args:\n((?:    .*\n?|\n)*)", doc, re.M)
-        documented = set()
-        for line in (args.group(1) if args else "").splitlines():
-            head = re.match(r"    (\*{0,2}\w+(?:, \*{0,2}\w+)*):", line)
-            if head:
-                documented.update(n.strip().lstrip("*") for n in head.group(1).split(","))
-        missing = [p for p in params if p not in documented and p not in ("args", "kwargs")]
-        if missing:
-            problems.append(f"{name}: Args lacks {missing}")
+        if callable(obj):
+            problems += _docstring_problems(name, obj)
+    assert problems == []
+
+
+def test_mixin_command_and_integration_docstrings_follow_the_same_style():
+    # The methods a model gains, the functions behind the command line, and the integrations'
+    # functions: public API as much as the top-level names.
+    import importlib.util
+
+    from flashpack_ops import commands
+
+    public = {"FlashPackMixin.from_flashpack": flashpack_ops.FlashPackMixin.from_flashpack,
+              "FlashPackMixin.save_flashpack": flashpack_ops.FlashPackMixin.save_flashpack,
+              "commands.convert_to_flashpack": commands.convert_to_flashpack,
+              "commands.revert_from_flashpack": commands.revert_from_flashpack}
+    if importlib.util.find_spec("transformers") is not None:
+        from flashpack_ops.integrations import transformers
+
+        public.update({f"transformers.{n}": getattr(transformers, n)
+                       for n in ("from_pretrained_flashpack", "save_pretrained_flashpack")})
+    if importlib.util.find_spec("diffusers") is not None:
+        from flashpack_ops.integrations import diffusers
+
+        public.update({f"diffusers.{n}": getattr(diffusers, n)
+                       for n in ("from_pretrained_flashpack", "save_pretrained_flashpack", "load_pipeline_flashpack",
+                                 "save_pipeline_flashpack")})
+    problems = []
+    for name, obj in public.items():
+        problems += _docstring_problems(name, obj)
     assert problems == []
 
 
@@ -142,3 +185,35 @@ def test_source_distribution_holds_what_a_build_needs(tmp_path):
             needed += [os.path.relpath(os.path.join(root, f), source) for f in files]
     assert any(name.startswith("csrc/cuda/") for name in needed)
     assert [name for name in needed if name not in packed] == []
+
+
+def test_public_type_hints_resolve_in_a_fresh_process():
+    # typing.get_type_hints (pydantic, typer, sphinx-autodoc-typehints) evaluates an annotation
+    # in the namespace of the function's own module: a forward reference inside a shared alias
+    # must resolve there too. A fresh process, the mixin's methods first: once evaluated in
+    # ops.py's namespace, a forward reference is cached and the failure no longer shows.
+    code = """
+import typing, warnings
+warnings.simplefilter("ignore")
+import flashpack_ops
+from flashpack_ops import commands
+public = [flashpack_ops.FlashPackMixin.from_flashpack, flashpack_ops.FlashPackMixin.save_flashpack,
+          commands.convert_to_flashpack, commands.revert_from_flashpack, flashpack_ops.safe_open.__init__]
+public += [getattr(flashpack_ops, n) for n in flashpack_ops.__all__
+           if callable(getattr(flashpack_ops, n)) and not isinstance(getattr(flashpack_ops, n), type)]
+failed = []
+for f in public:
+    try:
+        typing.get_type_hints(f)
+    except Exception as e:
+        failed.append(f"{f.__qualname__}: {type(e).__name__}: {e}")
+assert not failed, failed
+# Net.from_flashpack(...) is a Net to a type checker, not a bare FlashPackMixin.
+assert isinstance(typing.get_type_hints(flashpack_ops.FlashPackMixin.from_flashpack)["return"], typing.TypeVar)
+# Destinations are fspath'd: a pathlib.Path is as good as a str.
+assert "PathLike" in str(typing.get_type_hints(commands.convert_to_flashpack)["destination_path"])
+assert "PathLike" in str(typing.get_type_hints(commands.revert_from_flashpack)["destination_path"])
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])))
+    assert result.returncode == 0, result.stderr

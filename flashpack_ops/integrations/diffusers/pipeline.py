@@ -89,6 +89,16 @@ def save_pipeline_flashpack(
             of components that are not models and take them.
         is_main_process, align_bytes, num_workers, push_to_hub, commit_message,
             create_pr, token, repo_id, private, checksum: as for single models.
+        silent: unused, kept for compatibility with the reference package.
+        **kwargs: ignored, with a warning that names them.
+
+    Raises:
+        ValueError, TypeError: a ``target_dtype`` (or one of its entries) that is no dtype
+            or dtype name, checked before anything is written; or as for single models.
+        RuntimeError: a file could not be written; the pipeline that was there is kept.
+
+    Example:
+        >>> save_pipeline_flashpack(pipe, "sd-dir", target_dtype={"unet": torch.float16})
     """
     warn_unused_save_kwargs(kwargs, "save_pretrained_flashpack")
     save_directory = os.fspath(save_directory)
@@ -302,6 +312,9 @@ def load_pipeline_flashpack(
     Raises:
         FileNotFoundError: no ``model_index.json``.
         HubUnavailableError: a repo id while offline, with no cached copy.
+
+    Example:
+        >>> pipe = load_pipeline_flashpack(DiffusionPipeline, "sd-dir", device="cuda")
     """
     if dtype is not None and torch_dtype is not None and _parsed(dtype) != _parsed(torch_dtype):
         raise ValueError(f"{pipeline_class.__name__}.from_pretrained_flashpack: dtype={dtype!r} and "

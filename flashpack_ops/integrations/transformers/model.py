@@ -299,8 +299,22 @@ def save_pretrained_flashpack(
             (``"bfloat16"``, ``"bf16"``; the config records it), except those the model
             keeps in float32 at that dtype, as ``from_pretrained(dtype=...)`` does.
         align_bytes, num_workers: as in :func:`flashpack_ops.pack_to_file`.
+        silent: unused, kept for compatibility with the reference package.
         checksum: store CRC-32C checksums, for ``verify_file`` and ``load_file(verify=True)``.
         ignore_names, ignore_prefixes, ignore_suffixes: tensors to leave out of the file.
+        **kwargs: ``save_pretrained``'s other arguments (``safe_serialization``,
+            ``max_shard_size``...), taken so that calls switch over unchanged, and ignored
+            with a warning that names them.
+
+    Raises:
+        NotADirectoryError: ``save_directory`` is a file.
+        ValueError: ``target_dtype`` names no dtype or is not a floating-point one, the
+            model holds PEFT adapter layers, or a tensor cannot be stored.
+        TypeError: ``target_dtype`` is neither a dtype nor a str.
+        RuntimeError: the file could not be written.
+
+    Example:
+        >>> save_pretrained_flashpack(model, "llama-dir", target_dtype=torch.bfloat16)
     """
     warn_unused_save_kwargs(kwargs, "save_pretrained_flashpack")
     save_directory = checked_save_directory(save_directory)
@@ -458,6 +472,9 @@ def from_pretrained_flashpack(
         HubUnavailableError: a repo id while offline, with no cached copy.
         ValueError: the file does not match the model (names listed), or an argument
             from_pretrained_flashpack cannot honour.
+
+    Example:
+        >>> model = from_pretrained_flashpack(LlamaForCausalLM, "llama-dir", device="cuda")
     """
     what = f"{model_class.__name__}.from_pretrained_flashpack"
     ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
