@@ -95,7 +95,7 @@ flashpack_ops.save_file({"y": run(x)}, sys.argv[3])
 """
 
 
-def test_aoti_package_loads_weights_through_the_op(tmp_path):
+def test_aoti_package_loads_weights_through_the_op(tmp_path, capfd):
     weights = str(tmp_path / "weights.flashpack")
     flashpack_ops.save_file(WEIGHTS, weights)
     model = Loader(weights)
@@ -110,5 +110,7 @@ def test_aoti_package_loads_weights_through_the_op(tmp_path):
     assert torch.equal(run_in_a_fresh_process(FRESH_AOTI, package, tmp_path), expected * 2)
 
     flashpack_ops.save_file({"bias": WEIGHTS["bias"], "weight": WEIGHTS["weight"]}, weights)
-    with pytest.raises(RuntimeError, match="no longer has the layout this compiled code was traced with"):
+    with pytest.raises(RuntimeError) as raised:
         run(X)
+    # torch 2.11's AOTInductor runtime prints the op's error and raises one of its own; later ones pass it on.
+    assert "no longer has the layout this compiled code was traced with" in str(raised.value) + capfd.readouterr().err
