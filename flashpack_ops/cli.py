@@ -31,6 +31,12 @@ def _human_bytes(n: int) -> str:
     return str(n)
 
 
+def _shown(name: str) -> str:
+    """A tensor name as printed: as it is, or, where it holds characters a terminal acts on
+    (a newline, an escape sequence; a file's names are any string), as a Python literal."""
+    return name if name.isprintable() else repr(name)
+
+
 def _split_commas(values: Optional[List[str]]) -> List[str]:
     return [item for value in values or [] for item in value.split(",") if item]
 
@@ -104,11 +110,11 @@ def _metadata(args: argparse.Namespace) -> None:
               f"{_human_bytes(int(block['length_bytes']))}")
     if args.show_index:
         dtypes = [b["dtype"] for b in info["blocks"]]
-        width = max((len(r["name"]) for r in info["index"]), default=4)
+        width = max((len(_shown(r["name"])) for r in info["index"]), default=4)
         print("index:")
         for r in info["index"]:
             block = int(r.get("macroblock", 0))
-            print(f"  {r['name']:<{width}}  {dtypes[block]:<16} {str(tuple(r['shape'])):<20} "
+            print(f"  {_shown(r['name']):<{width}}  {dtypes[block]:<16} {str(tuple(r['shape'])):<20} "
                   f"block {block} element {int(r['offset']):,}")
     if args.verify:
         print(f"verified:    {path} is intact")

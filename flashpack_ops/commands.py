@@ -113,12 +113,32 @@ def read_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
                      "a sharded checkpoint's .index.json, or a model directory")
 
 
-def read_sharded(index_path: str, quiet: bool = False) -> Dict[str, torch.Tensor]:
-    """Every shard a Hugging Face ``*.index.json`` lists, merged into one state dict."""
-    with open(index_path, encoding="utf-8") as f:
-        weight_map = json.load(f).get("weight_map")
+def _weight_map(index_path: str) -> Dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index (tensor name -> shard), each shard a
+    file name beside the index or below it, as save_pretrained writes them.
+
+    Raises:
+        ValueError: the index is not JSON, has no weight_map, or names a shard that is not a
+            string, or a path (absolute, or through ``..``) leading out of the index's folder.
+    """
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{index_path} is not a valid JSON file: {e}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index_path} has no weight_map")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or os.path.isabs(shard) or \
+                os.path.normpath(shard).split(os.sep)[0] in (os.pardir, os.curdir):
+            raise ValueError(f"{index_path} maps '{name}' to {shard!r}, which is not a shard file beside the index")
+    return weight_map
+
+
+def read_sharded(index_path: str, quiet: bool = False) -> Dict[str, torch.Tensor]:
+    """Every shard a Hugging Face ``*.index.json`` lists, merged into one state dict."""
+    weight_map = _weight_map(index_path)
     directory = os.path.dirname(index_path)
     shards = list(dict.fromkeys(weight_map.values()))
     missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
@@ -138,8 +158,7 @@ def checkpoint_metadata(path: str) -> Optional[Dict[str, str]]:
     file's, or what every shard of an index holds alike. None for torch files and for shards
     that disagree."""
     if _is_index(path):
-        with open(path, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = sorted(set(_weight_map(path).values()))
         files = [os.path.join(os.path.dirname(path), shard) for shard in shards]
     else:
         files = [path]
@@ -222,10 +241,8 @@ def _checkpoint_files(path: str) -> List[str]:
     """``path``, and the shards it lists when it is an ``.index.json``."""
     if not _is_index(path):
         return [path]
-    with open(path, encoding="utf-8") as f:
-        weight_map = json.load(f).get("weight_map")
-    shards = dict.fromkeys(weight_map.values()) if isinstance(weight_map, dict) else {}
-    return [path] + [os.path.join(os.path.dirname(path), str(shard)) for shard in shards]
+    shards = dict.fromkeys(_weight_map(path).values())
+    return [path] + [os.path.join(os.path.dirname(path), shard) for shard in shards]
 
 
 def _check_destination(destination: str, sources: Sequence[str] = ()) -> None:
@@ -244,8 +261,11 @@ def _read_config(directory: str, name: str) -> Optional[Dict[str, Any]]:
     path = os.path.join(directory, name)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a valid JSON file: {e}") from None
 
 
 def _is_diffusers_config(config: Optional[Dict[str, Any]]) -> bool:
@@ -275,7 +295,7 @@ def _library_model_class(config: Dict[str, Any], directory: str, use_transformer
 
         name = str(config.get("_class_name", ""))
         cls = getattr(diffusers, name.removeprefix("FlashPack"), None)
-        if cls is None:
+        if not isinstance(cls, type):
             raise ValueError(f"{directory}/config.json names the model class '{name}', which diffusers "
                              f"{diffusers.__version__} does not have")
         return cls
@@ -283,6 +303,9 @@ def _library_model_class(config: Dict[str, Any], directory: str, use_transformer
         import transformers
 
         architectures = config.get("architectures") or []
+        if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
+            raise ValueError(f"{directory}/config.json: \"architectures\" is {architectures!r}, not a list of class "
+                             "names (such as [\"LlamaForCausalLM\"])")
         cls = getattr(transformers, architectures[0], None) if architectures else transformers.AutoModel
         if cls is None and config.get("auto_map"):
             raise ValueError(f"{directory}/config.json names the architecture '{architectures[0]}', whose code ships "
@@ -454,6 +477,21 @@ def _convert_model_directory(model_class: type, directory: str, destination: str
     return os.path.join(destination, FLASHPACK_FILE)
 
 
+def _links_out(path: str, directory: str) -> bool:
+    """Whether ``path`` is a link leading out of ``directory``, other than the Hub cache's link
+    from a snapshot (``.../snapshots/<commit>/...``) to the blob holding the file."""
+    if not os.path.islink(path):
+        return False
+    target = os.path.realpath(path)
+    roots = [os.path.realpath(directory)]
+    folder = os.path.abspath(directory)
+    while os.path.dirname(folder) != folder:
+        if os.path.basename(os.path.dirname(folder)) == "snapshots":
+            roots.append(os.path.realpath(os.path.join(os.path.dirname(folder), os.pardir, "blobs")))
+        folder = os.path.dirname(folder)
+    return not any(os.path.commonpath([root, target]) == root for root in roots)
+
+
 def _copy_companions(directory: str, destination: str) -> None:
     """Into a new destination, the model directory's other files (its tokenizer, chat template,
     processor configs, model card), so that the converted directory serves as the original
@@ -467,11 +505,39 @@ def _copy_companions(directory: str, destination: str) -> None:
         if name.endswith(WEIGHT_EXTENSIONS + (".flashpack",)) or _is_index(name) or \
                 any(fnmatch.fnmatch(name, pattern) for pattern in OTHER_FRAMEWORKS):
             continue
+        if _links_out(source, directory):
+            # Whoever made the directory chose what it names: a file elsewhere is not the model's.
+            warn(f"{source} is a link to {os.path.realpath(source)}, outside {directory}: not copied")
+            continue
         shutil.copy2(source, os.path.join(destination, name))  # a Hub cache's link: its file
 
 
 def _in_place(destination: str, directory: str) -> bool:
     return os.path.isdir(destination) and os.path.samefile(destination, directory)
+
+
+def _refuse_link_out(path: str, directory: str) -> None:
+    """Refuse to write ``path``, a file written into a directory the command was given (in
+    place, or under a default name), where it is a link leading out of ``directory``: the write
+    would replace the file the link names, which whoever made the directory chose."""
+    if not os.path.islink(path):
+        return
+    root, target = os.path.realpath(directory), os.path.realpath(path)
+    if os.path.commonpath([root, target]) != root:
+        raise ValueError(f"{path} is a link to {target}, outside {directory}: writing it would replace that file; "
+                         "remove the link or give another destination")
+
+
+def _refuse_links_out_of_pipeline(directory: str, config: Dict[str, Any]) -> None:
+    """``_refuse_link_out`` for what a pipeline's conversion in place writes: model_index.json
+    and every file of its components' folders."""
+    _refuse_link_out(os.path.join(directory, "model_index.json"), directory)
+    for name in config:
+        folder = os.path.join(directory, name)
+        if not name.startswith("_") and os.path.isdir(folder):
+            _refuse_link_out(folder, directory)
+            for entry in sorted(os.listdir(folder)):
+                _refuse_link_out(os.path.join(folder, entry), directory)
 
 
 def _recorded_dtypes(directory: str, folders: Sequence[str]) -> Dict[str, Tuple[Optional[str], Any]]:
@@ -525,8 +591,9 @@ def _convert_pipeline_directory(directory: str, destination: str, dtype: Optiona
 
     from .integrations.diffusers import save_pipeline_flashpack
 
+    # Component names are the pipeline's arguments: another name ("../elsewhere") is no folder of it.
     stored = {name: _stored_float_dtype(os.path.join(directory, name), variant) for name in config
-              if not name.startswith("_") and os.path.isdir(os.path.join(directory, name))}
+              if not name.startswith("_") and name.isidentifier() and os.path.isdir(os.path.join(directory, name))}
     dtypes = {name: dtype or value for name, value in stored.items() if dtype or value}
     from .integrations.diffusers.model import dtype_argument
 
@@ -644,6 +711,8 @@ def convert_to_flashpack(
             os.path.splitext(source)[0] + ".flashpack"
         destination = _destination_file(destination_path, default)
         _check_destination(destination, _checkpoint_files(source))
+        if destination_path is None:
+            _refuse_link_out(destination, os.path.dirname(source) or ".")
         state_dict = read_sharded(source, quiet=silent) if is_index else read_state_dict_file(source)
         _save(state_dict, destination, ignore, target_dtype=target_dtype, checksum=checksum,
               metadata=checkpoint_metadata(source))
@@ -693,6 +762,11 @@ def convert_to_flashpack(
             # then load the original weights beside it in that dtype without a word.
             raise ValueError(f"{model_dir}: converting a {what} directory to {target_dtype} in place would rewrite "
                              "its config for the original weights too; give a destination directory")
+        if _in_place(destination, model_dir):
+            if is_pipeline:
+                _refuse_links_out_of_pipeline(model_dir, _read_config(model_dir, "model_index.json") or {})
+            else:
+                _refuse_link_out(os.path.join(model_dir, FLASHPACK_FILE), model_dir)
         if is_pipeline:
             return _convert_pipeline_directory(model_dir, destination, target_dtype, variant, ignore, checksum)
         written = _convert_model_directory(model_class, model_dir, destination, target_dtype, variant, ignore,
@@ -702,6 +776,8 @@ def convert_to_flashpack(
     weights = _weights_in_directory(model_dir, variant)
     output = _destination_file(destination, os.path.join(model_dir, FLASHPACK_FILE))
     _check_destination(output, _checkpoint_files(weights))
+    if destination_path is None:
+        _refuse_link_out(output, model_dir)
     state_dict = read_sharded(weights, quiet=silent) if _is_index(weights) else read_state_dict_file(weights)
     _save(state_dict, output, ignore, target_dtype=target_dtype, checksum=checksum,
           metadata=checkpoint_metadata(weights))
@@ -755,6 +831,8 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"],
     if not named and os.path.isfile(path) and os.path.exists(destination):
         # Most likely the checkpoint this file was converted from: only an explicit name replaces it.
         raise FileExistsError(f"{destination} already exists; give the destination explicitly to overwrite it")
+    if not named:
+        _refuse_link_out(destination, os.path.dirname(destination) or ".")
     if not destination.endswith(WEIGHT_EXTENSIONS):
         raise ValueError(f"{destination}: unknown extension; use .safetensors or one of {', '.join(TORCH_EXTENSIONS)}")
     if os.path.exists(destination) and os.path.samefile(destination, path):

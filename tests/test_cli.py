@@ -125,6 +125,31 @@ def test_convert_sharded_checkpoint_by_directory_and_by_index(tmp_path):
     assert_file_holds(tmp_path / "again.flashpack", full)
 
 
+@pytest.mark.parametrize("content, said", [
+    ({"weight_map": {"w": "../outside.safetensors"}}, "maps 'w' to '../outside.safetensors', which is not a shard file"),
+    ({"weight_map": {"w": "ABSOLUTE"}}, "maps 'w' to '/"),
+    ({"weight_map": {"w": 5}}, "maps 'w' to 5, which is not a shard file beside the index"),
+    ([1, 2], "has no weight_map"),
+    ("{not json", "is not a valid JSON file"),
+    (b'{"weight_map": {"w": "\xff"}}', "is not a valid JSON file"),
+], ids=["parent", "absolute", "not-a-string", "not-an-object", "not-json", "not-utf-8"])
+def test_convert_of_a_damaged_or_escaping_index_names_it(tmp_path, content, said):
+    # A shard the index names must lie beside it: the checkpoint the user named, nothing else.
+    from safetensors.torch import save_file
+
+    (tmp_path / "model").mkdir()
+    save_file({"w": torch.ones(2)}, tmp_path / "outside.safetensors")
+    index = tmp_path / "model" / "model.safetensors.index.json"
+    if isinstance(content, bytes):
+        index.write_bytes(content)
+    else:
+        text = content if isinstance(content, str) else json.dumps(content)
+        index.write_text(text.replace("ABSOLUTE", str(tmp_path / "outside.safetensors")))
+    for source in (index, tmp_path / "model"):
+        assert_one_line_error(run("convert", source, tmp_path / "out.flashpack", check=False), f"{index} {said}")
+    assert not (tmp_path / "out.flashpack").exists()
+
+
 @pytest.mark.parametrize("option", [["--variant", "fp16"], ["--subfolder", "unet"], ["--revision", "main"]],
                          ids=["variant", "subfolder", "revision"])
 def test_convert_of_a_file_refuses_the_options_that_pick_in_a_directory(tmp_path, option):
@@ -320,6 +345,24 @@ def test_convert_of_an_architecture_transformers_lacks_says_what_to_do(tmp_path,
     assert not (tmp_path / "fp").exists()
 
 
+@pytest.mark.parametrize("config, said", [
+    (b"{not json", "config.json is not a valid JSON file: "),
+    (b'{"architectures": ["\xff"]}', "config.json is not a valid JSON file: "),
+    ({"architectures": [5]}, 'config.json: "architectures" is [5], not a list of class names'),
+    ({"architectures": "LlamaForCausalLM"}, "config.json: \"architectures\" is 'LlamaForCausalLM', not a list"),
+    ({"_class_name": "utils"}, "config.json names the model class 'utils', which diffusers"),
+], ids=["not-json", "not-utf-8", "not-a-name", "not-a-list", "not-a-class"])
+def test_convert_of_a_damaged_config_names_it(tmp_path, config, said):
+    _llama_directory(tmp_path / "hf")
+    config_path = tmp_path / "hf" / "config.json"
+    if isinstance(config, bytes):
+        config_path.write_bytes(config)
+    else:
+        config_path.write_text(json.dumps(dict(json.loads(config_path.read_text()), **config)))
+    assert_one_line_error(run("convert", tmp_path / "hf", tmp_path / "out", check=False), f"{tmp_path / 'hf'}/{said}")
+    assert not (tmp_path / "out").exists()
+
+
 def test_convert_of_a_subclass_that_only_adds_methods_converts_as_the_class_it_extends(tmp_path):
     # class FlashLlama(LlamaForCausalLM, FlashPackTransformersModelMixin): save_pretrained records
     # "FlashLlama"; its checkpoint is LlamaForCausalLM's, tensor for tensor.
@@ -382,6 +425,24 @@ def test_convert_into_a_new_directory_takes_the_tokenizer_and_other_companions(t
     for name, text in companions.items():
         assert (tmp_path / "fp" / name).read_text() == text
     assert json.loads((tmp_path / "fp" / "config.json").read_text())["dtype"] == "bfloat16"  # not the source's
+
+
+def test_convert_copies_no_companion_linked_from_outside_the_directory(tmp_path):
+    # A link the directory holds to a file elsewhere is not copied into the destination (which
+    # may then be published); the Hub cache's links from a snapshot to its blobs are.
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / ("0" * 40)
+    _llama_directory(snapshot)
+    blob = tmp_path / "models--org--tiny" / "blobs" / "abc123"
+    blob.parent.mkdir()
+    blob.write_text('{"from": "the hub"}')
+    os.symlink(os.path.join("..", "..", "blobs", "abc123"), snapshot / "tokenizer_config.json")
+    secret = tmp_path / "secret"
+    secret.write_text("private")
+    os.symlink(secret, snapshot / "tokenizer.json")
+    result = run("convert", snapshot, tmp_path / "fp")
+    assert f"{snapshot / 'tokenizer.json'} is a link to {secret}, outside {snapshot}: not copied" in result.stderr
+    assert not (tmp_path / "fp" / "tokenizer.json").exists()
+    assert (tmp_path / "fp" / "tokenizer_config.json").read_text() == '{"from": "the hub"}'
 
 
 def test_convert_leaves_out_what_the_checkpoint_lacks_for_the_load_to_initialise(tmp_path):
@@ -509,6 +570,21 @@ def test_convert_pipeline_directory_and_subfolder(pipeline_directory, tmp_path):
     assert sorted(os.listdir(tmp_path / "unet")) == ["config.json", "model.flashpack"]
 
 
+def test_convert_pipeline_directory_reads_no_folder_outside_it(pipeline_directory, tmp_path):
+    pytest.importorskip("diffusers")
+    # A name of model_index.json that is no argument of the pipeline ("../outside") is no
+    # component: its folder is not read (diffusers ignores it too).
+    copy = tmp_path / "pipeline"
+    shutil.copytree(pipeline_directory, copy)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "model.safetensors").write_bytes(b"garbage!")
+    index = json.loads((copy / "model_index.json").read_text())
+    index["../outside"] = ["diffusers", "UNet2DModel"]
+    (copy / "model_index.json").write_text(json.dumps(index))
+    run("convert", copy, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path / "out" / "unet")) == ["config.json", "model.flashpack"]
+
+
 def test_revert_of_converted_model_and_pipeline_directories(pipeline_directory, tmp_path):
     diffusers = pytest.importorskip("diffusers")
     run("convert", pipeline_directory, tmp_path / "pipe")
@@ -550,6 +626,38 @@ def test_convert_pipeline_directory_refuses_what_it_cannot_honour(pipeline_direc
     assert_one_line_error(run("convert", copy, "--dtype", "fp16", check=False),
                           "converting a pipeline directory to torch.float16 in place")
     assert not (copy / "unet" / "model.flashpack").exists()
+
+
+def test_files_written_in_place_are_never_links_leading_out(pipeline_directory, tmp_path):
+    pytest.importorskip("diffusers")
+    # A directory from elsewhere may hold a link where a command writes by default (in place,
+    # or beside its source): writing through it would replace a file outside the directory.
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    model = tmp_path / "model"
+    shutil.copytree(pipeline_directory / "unet", model)
+    os.symlink(victim, model / "model.flashpack")
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(pipeline_directory, pipeline)
+    os.symlink(victim, pipeline / "unet" / "model.flashpack")
+    single = tmp_path / "single"
+    single.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(state_dict(), single / "weights.safetensors")
+    os.symlink(victim, single / "weights.flashpack")
+    os.symlink(victim, single / "model.flashpack")  # a directory of weights only converts to model.flashpack
+    for source, link in ((model, model / "model.flashpack"), (pipeline, pipeline / "unet" / "model.flashpack"),
+                         (single / "weights.safetensors", single / "weights.flashpack"),
+                         (single, single / "model.flashpack")):
+        assert_one_line_error(run("convert", source, check=False), f"{link} is a link to {victim}, outside")
+    # revert's default destination, a link to a file that does not exist yet.
+    reverted = single / "model"
+    reverted.mkdir()
+    flashpack_ops.save_file(state_dict(), reverted / "model.flashpack")
+    os.symlink(tmp_path / "created.safetensors", reverted / "model.safetensors")
+    assert_one_line_error(run("revert", reverted, check=False), f"{reverted / 'model.safetensors'} is a link to")
+    assert victim.read_text() == "precious" and not (tmp_path / "created.safetensors").exists()
 
 
 def test_convert_repo_id_offline_fails_in_one_line(tmp_path):
@@ -799,6 +907,19 @@ def test_metadata_summary_index_and_json(tmp_path, capsys):
     assert meta["format"] == "flashpack_v4" and "index" not in meta
     assert cli.main(["metadata", str(path), "--json", "--show-index"]) == 0
     assert len(json.loads(capsys.readouterr().out)["index"]) == 4
+
+
+def test_metadata_shows_names_a_terminal_would_act_on_as_literals(tmp_path, capsys):
+    # A file's names are any string: printed as they are, a newline would forge a line of the
+    # listing and an escape sequence would drive the terminal.
+    path = tmp_path / "m.flashpack"
+    names = ["plain.weight", "x\nverified:    forged", "\x1b[2J\x1b]0;title\x07", "\x9b31m", "caf\u00e9"]
+    flashpack_ops.save_file({name: torch.ones(2) for name in names}, path)
+    assert cli.main(["metadata", str(path), "--show-index"]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07\x9b") and "\nverified:" not in out
+    for shown in ("plain.weight", repr(names[1]), repr(names[2]), repr(names[3]), "caf\u00e9"):
+        assert f"  {shown} " in out, shown
 
 
 def test_metadata_counts_tied_tensors_once_and_says_its_units(tmp_path):

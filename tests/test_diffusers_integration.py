@@ -758,6 +758,26 @@ def test_a_pipeline_whose_index_names_its_own_code_loads_it(tmp_path):
     assert_same_model(loaded.unet, pipeline.unet)
 
 
+def test_a_library_model_index_json_names_is_not_imported(tmp_path, monkeypatch):
+    # Importing a module runs its code: a library the file names that diffusers does not load
+    # components from is not imported (here one beside the pipeline, on sys.path as the
+    # directory a script runs from is), as diffusers does not import it.
+    pipeline = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=10))
+    save_pipeline_flashpack(pipeline, tmp_path)
+    ran = tmp_path / "ran"
+    (tmp_path / "fp_named_library.py").write_text(f"open({str(ran)!r}, 'w').close()\n\n\nclass Sched:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["scheduler"] = ["fp_named_library", "Sched"]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    try:
+        with pytest.raises(ValueError, match="fp_named_library.Sched, which cannot be imported"):
+            load_pipeline_flashpack(DiffusionPipeline, tmp_path)
+        assert not ran.exists()
+    finally:
+        sys.modules.pop("fp_named_library", None)
+
+
 @pytest.mark.filterwarnings("ignore:Device . is not available")
 def test_balanced_sizes_a_component_whose_code_lies_in_its_folder(tmp_path):
     pytest.importorskip("accelerate")
@@ -768,6 +788,23 @@ def test_balanced_sizes_a_component_whose_code_lies_in_its_folder(tmp_path):
     index["vqvae"] = ["my_vq", "MyVQ"]
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     assert our_plan(tmp_path, TIGHT, trust_remote_code=True) == expected
+
+
+def test_components_the_pipeline_does_not_take_are_not_read(tmp_path):
+    # model_index.json may name folders outside the directory; diffusers loads only the
+    # components the pipeline takes, and so does a flashpack load: the damaged files there
+    # are never read.
+    pipeline = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=10))
+    save_pipeline_flashpack(pipeline, tmp_path / "pipeline")
+    outside = tmp_path / "outside"
+    shutil.copytree(tmp_path / "pipeline" / "unet", outside)
+    (outside / "model.flashpack").write_bytes(b"not a flashpack file")
+    index = json.loads((tmp_path / "pipeline" / "model_index.json").read_text())
+    index["../outside"] = index[str(outside)] = ["diffusers", "UNet2DModel"]
+    (tmp_path / "pipeline" / "model_index.json").write_text(json.dumps(index))
+    with pytest.warns(UserWarning, match="names components DDPMPipeline does not take"):
+        loaded = load_pipeline_flashpack(DiffusionPipeline, tmp_path / "pipeline")
+    assert_same_model(loaded.unet, pipeline.unet)
 
 
 def ldm_repo(hub, name):

@@ -7,6 +7,8 @@ import importlib.util
 import inspect
 import json
 import os
+import sys
+import types
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
 import torch
@@ -191,9 +193,14 @@ def _with_library_classes(pipeline: DiffusionPipeline, index: Dict[str, Any]) ->
 
 
 def _import_class(library: str, class_name: str) -> type:
-    """The class model_index.json names; FlashPack subclasses resolve to the class they extend."""
-    modules = []
-    for module_name in (library, f"diffusers.pipelines.{library}", "diffusers", "transformers"):
+    """The class model_index.json names; FlashPack subclasses resolve to the class they extend.
+
+    Only diffusers, transformers and diffusers' pipeline modules are imported, as diffusers
+    imports them: another library the file names is looked up among the modules already
+    imported, never imported because the file names it (importing a module runs its code)."""
+    modules = [sys.modules[library]] if isinstance(sys.modules.get(library), types.ModuleType) else []
+    pipelines = [f"diffusers.pipelines.{library}"] if isinstance(library, str) and library.isidentifier() else []
+    for module_name in pipelines + ["diffusers", "transformers"]:
         try:
             modules.append(importlib.import_module(module_name))
         except ImportError:
@@ -203,7 +210,9 @@ def _import_class(library: str, class_name: str) -> type:
             found = getattr(module, name, None)
             if isinstance(found, type):
                 return found
-    raise ValueError(f"model_index.json names the class {library}.{class_name}, which cannot be imported")
+    raise ValueError(f"model_index.json names the class {library}.{class_name}, which cannot be imported (a library "
+                     "other than diffusers and transformers must be imported first; code that ships with the "
+                     "pipeline loads from its component's folder with trust_remote_code=True)")
 
 
 def _component_class(directory: str, name: str, library: str, class_name: str, trust_remote_code: bool) -> type:
@@ -361,7 +370,14 @@ def load_pipeline_flashpack(
                        ignore_names=ignore_names, ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes,
                        coerce_dtype=coerce_dtype, copy=copy, ignore_mismatched_sizes=ignore_mismatched_sizes,
                        **distributed)
+    # The components the pipeline takes, as diffusers loads them: another name of the file
+    # ("../elsewhere", an absolute path) is no folder of the pipeline, and is not read.
     entries = _component_entries(config)
+    unexpected = sorted(name for name in entries if name not in expected_modules and name not in optional_kwargs)
+    if unexpected:
+        warn(f"flashpack_ops: {os.path.join(directory, 'model_index.json')} names components "
+             f"{pipeline_class.__name__} does not take: {unexpected}; ignoring them")
+        entries = {name: entry for name, entry in entries.items() if name not in unexpected}
     balanced = isinstance(device, AutoDeviceMap)
     placed = (_balanced_placement(directory, entries, kwargs, torch_dtype, device.max_memory, what,
                                   usual.get("variant"), trust_remote_code) if balanced else None)
