@@ -114,6 +114,15 @@ class safe_open:  # noqa: N801 - safetensors' name, so that code written for it 
         if self._file is not None:
             self._file.close()
 
+    def __reduce__(self) -> Any:
+        # Refused, as safetensors refuses it (copy.copy and copy.deepcopy too): a copy would hold
+        # this process's number for the open file, which in another process, or here once the
+        # handle is closed, names another file or none (get_tensor would map that file's bytes),
+        # and every tensor of the file besides.
+        raise TypeError(f"cannot pickle 'safe_open' object ('{self._path}'): it holds an open file; open the "
+                        "file in the process that reads it (in a DataLoader worker: in the dataset's __getitem__ "
+                        "or its worker_init_fn)")
+
     def _open(self) -> Dict[str, torch.Tensor]:
         if self._tensors is None:
             raise ValueError(f"'{self._path}' is closed (used after its with block)")

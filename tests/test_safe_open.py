@@ -194,6 +194,24 @@ def test_large_tensors_are_mapped_apart_from_each_other_and_the_file(tmp_path):
         assert_same(tensor, big[name], name)
 
 
+def test_a_handle_is_not_copied_or_pickled_as_safetensors_refuses_it(both, tmp_path):
+    # A copy would hold this process's number for the open file: once the handle is closed, or
+    # in another process (a DataLoader worker started with spawn), that number names another
+    # file or none, and the copy's get_tensor would map another file's bytes.
+    import copy
+    import pickle
+
+    path = tmp_path / "first.flashpack"
+    flashpack_ops.save_file({"w": torch.ones(256, 256)}, path)  # 256 KiB: mapped
+    with flashpack_ops.safe_open(path, framework="pt") as f, safetensors.safe_open(both[1], framework="pt") as g:
+        for copier in (pickle.dumps, copy.deepcopy, copy.copy):
+            with pytest.raises(TypeError, match="cannot pickle 'safe_open' object.*first.flashpack"):
+                copier(f)
+            with pytest.raises(TypeError, match="cannot pickle"):
+                copier(g)
+        assert_same(f.get_tensor("w"), torch.ones(256, 256))
+
+
 def test_a_v3_file_is_mapped_by_its_format(tmp_path):
     # A flashpack_v3 footer that also holds another writer's "macroblocks" key: its one block
     # starts at byte 0 whatever that key says, for get_tensor as for load_file.
