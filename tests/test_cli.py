@@ -696,6 +696,40 @@ def test_repo_files_asks_the_hub_once(hub):
     assert [path for _, path in hub.requests if path.startswith("/api/models/")] == ["/api/models/org/tiny"]
 
 
+def test_a_pipeline_repo_whose_model_index_is_no_object_is_named(hub):
+    from flashpack_ops.integrations._hub import resolve_pipeline_directory
+
+    os.makedirs(hub.root + "/org/pipe")
+    with open(os.path.join(hub.root, "org/pipe/model_index.json"), "w") as f:
+        json.dump(["unet", "vae"], f)
+    with pytest.raises(ValueError, match=r"model_index.json: not a pipeline's model_index.json \(a JSON list"):
+        resolve_pipeline_directory("org/pipe")
+
+
+def test_safetensors_headers_are_read_within_safetensors_bound(tmp_path):
+    import tracemalloc
+
+    from flashpack_ops.integrations._hub import safetensors_entries
+
+    # A length field of 200 MB in a sparse 300 MB file: nothing that large is read.
+    lying = tmp_path / "model.safetensors"
+    with open(lying, "wb") as f:
+        f.write((200_000_000).to_bytes(8, "little"))
+        f.truncate(300_000_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=re.escape(f"{lying}: not a safetensors file (its header length says")):
+            safetensors_entries(str(lying))
+        assert tracemalloc.get_traced_memory()[1] < 1_000_000
+    finally:
+        tracemalloc.stop()
+    for header in (b"[1, 2]", b'{"w": {"shape": [1]}}', b"{not json", b'{"w": 5}'):
+        with open(lying, "wb") as f:
+            f.write(len(header).to_bytes(8, "little") + header)
+        with pytest.raises(ValueError, match=re.escape(f"{lying}: not a safetensors file (its header: ")):
+            safetensors_entries(str(lying))
+
+
 # --- revert and metadata --------------------------------------------------------------------
 
 def test_revert_to_safetensors_and_torch(tmp_path):

@@ -133,14 +133,23 @@ _CHECKPOINT = re.compile(r"(model|diffusion_pytorch_model)(\.[\w-]+?)?(-\d{5}-of
 _STALE_SAMPLES = 256
 
 
+# safetensors' own bound on a header's length: a damaged length field reads no more than this.
+_MAX_SAFETENSORS_HEADER = 100_000_000
+
+
 def safetensors_entries(checkpoint: str) -> Dict[str, Tuple[str, List[int]]]:
     """name -> (dtype, shape) from a safetensors file's header; no tensor is read."""
     with open(checkpoint, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
-        if size > os.path.getsize(checkpoint) - 8:
-            raise ValueError(f"{checkpoint}: not a safetensors file")
-        header = json.loads(f.read(size))
-    return {name: (entry["dtype"], list(entry["shape"])) for name, entry in header.items() if name != "__metadata__"}
+        if size > min(os.path.getsize(checkpoint) - 8, _MAX_SAFETENSORS_HEADER):
+            raise ValueError(f"{checkpoint}: not a safetensors file (its header length says {size} bytes)")
+        text = f.read(size)
+    try:
+        header = json.loads(text)
+        return {name: (entry["dtype"], list(entry["shape"])) for name, entry in header.items()
+                if name != "__metadata__"}
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{checkpoint}: not a safetensors file (its header: {type(e).__name__}: {e})") from None
 
 
 def _differing_entry(path: str, checkpoints: Sequence[str]) -> Optional[Tuple[str, str]]:
@@ -310,6 +319,9 @@ def resolve_pipeline_directory(name_or_path: Union[str, "os.PathLike[str]"], pas
         hub["revision"] = snapshot  # the commit the first pass read, whatever the branch holds by now
     with open(index_path, encoding="utf-8") as f:
         index = json.load(f)
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_path}: not a pipeline's model_index.json (a JSON {type(index).__name__}, "
+                         "not an object)")
     components = sorted(key for key, value in index.items() if not key.startswith("_") and key not in passed
                         and isinstance(value, list) and len(value) == 2 and value[0] is not None)
     folders = [glob.escape(c) for c in components]
