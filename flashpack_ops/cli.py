@@ -32,8 +32,9 @@ def _human_bytes(n: int) -> str:
 
 
 def _shown(name: str) -> str:
-    """A tensor name as printed: as it is, or, where it holds characters a terminal acts on
-    (a newline, an escape sequence; a file's names are any string), as a Python literal."""
+    """A tensor name or metadata key as printed: as it is, or, where it holds characters a
+    terminal acts on (a newline, an escape sequence; a file's names are any string), as a
+    Python literal."""
     return name if name.isprintable() else repr(name)
 
 
@@ -103,7 +104,7 @@ def _metadata(args: argparse.Namespace) -> None:
     print(f"align_bytes: {info['align_bytes']}")
     print(f"checksums:   {'yes (flashpack metadata --verify checks them)' if info['checksums'] else 'no'}")
     if info["metadata"]:
-        print("metadata:    " + ", ".join(f"{key}={value!r}" for key, value in info["metadata"].items()))
+        print("metadata:    " + ", ".join(f"{_shown(key)}={value!r}" for key, value in info["metadata"].items()))
     print("blocks:")
     for i, block in enumerate(info["blocks"]):
         print(f"  {i}: {block['dtype']:<16} at byte {block['offset_bytes']:>14,}  "

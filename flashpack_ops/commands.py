@@ -263,9 +263,14 @@ def _read_config(directory: str, name: str) -> Optional[Dict[str, Any]]:
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            config = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not a valid JSON file: {e}") from None
+    if not isinstance(config, dict):
+        # Else taken for no config (a directory of weights only), or failing on a name the error omits.
+        text = json.dumps(config)
+        raise ValueError(f"{path} holds {text if len(text) <= 40 else text[:40] + '...'}, not a JSON object")
+    return config
 
 
 def _is_diffusers_config(config: Optional[Dict[str, Any]]) -> bool:
@@ -327,8 +332,7 @@ def _checkpoint_names(directory: str, variant: Optional[str]) -> List[str]:
     files' headers (a torch file is mapped, not read)."""
     weights = _weights_in_directory(directory, variant)
     if _is_index(weights):
-        with open(weights, encoding="utf-8") as f:
-            return list(json.load(f).get("weight_map") or {})
+        return list(_weight_map(weights))
     if weights.endswith(".safetensors") or _is_safetensors(weights):
         return list(safetensors_entries(weights))
     return list(_torch_state_dict(weights))
@@ -409,9 +413,7 @@ def _stored_float_dtype(directory: str, variant: Optional[str]) -> Optional[torc
     except (FileNotFoundError, ValueError):
         return None
     if _is_index(weights):
-        with open(weights, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
-        weights = os.path.join(directory, shards[0]) if shards else ""
+        weights = os.path.join(directory, sorted(set(_weight_map(weights).values()))[0])
     tensors = checkpoint_tensor_sizes(weights) if os.path.isfile(weights) else None
     sizes: Dict[torch.dtype, int] = {}
     for numel, dtype in tensors or []:
@@ -442,16 +444,17 @@ def _convert_model_directory(model_class: type, directory: str, destination: str
 
             # The stored dtype, as for diffusers models and pipelines: dtype="auto" would take
             # config.json's, which for a float16 variant beside float32 weights says float32.
-            stored = dtype or _stored_float_dtype(directory, variant) or "auto"
-            model, info = model_class.from_pretrained(directory, dtype=stored, variant=variant,
+            # Found with another dtype too: the index's entries are checked before the load reads them.
+            stored = _stored_float_dtype(directory, variant)
+            model, info = model_class.from_pretrained(directory, dtype=dtype or stored or "auto", variant=variant,
                                                       output_loading_info=True)
         else:
             from .integrations.diffusers import save_pretrained_flashpack
             from .integrations.diffusers.model import dtype_argument
 
-            stored = dtype or _stored_float_dtype(directory, variant)
+            stored = _stored_float_dtype(directory, variant)
             model, info = model_class.from_pretrained(directory, variant=variant, output_loading_info=True,
-                                                      **{dtype_argument(): stored})
+                                                      **{dtype_argument(): dtype or stored})
     finally:
         library.logging.set_verbosity(verbosity)
     # The model built from config.json must take the checkpoint whole: a tensor it leaves out
@@ -484,11 +487,12 @@ def _links_out(path: str, directory: str) -> bool:
         return False
     target = os.path.realpath(path)
     roots = [os.path.realpath(directory)]
-    folder = os.path.abspath(directory)
-    while os.path.dirname(folder) != folder:
-        if os.path.basename(os.path.dirname(folder)) == "snapshots":
-            roots.append(os.path.realpath(os.path.join(os.path.dirname(folder), os.pardir, "blobs")))
-        folder = os.path.dirname(folder)
+    # The snapshot as named, or as it lies where the name is a link to it (~/models/x -> the cache's).
+    for folder in dict.fromkeys((os.path.abspath(directory), os.path.realpath(directory))):
+        while os.path.dirname(folder) != folder:
+            if os.path.basename(os.path.dirname(folder)) == "snapshots":
+                roots.append(os.path.realpath(os.path.join(os.path.dirname(folder), os.pardir, "blobs")))
+            folder = os.path.dirname(folder)
     return not any(os.path.commonpath([root, target]) == root for root in roots)
 
 
@@ -530,13 +534,26 @@ def _refuse_link_out(path: str, directory: str) -> None:
 
 def _refuse_links_out_of_pipeline(directory: str, config: Dict[str, Any]) -> None:
     """``_refuse_link_out`` for what a pipeline's conversion in place writes: model_index.json
-    and every file of its components' folders."""
+    and the files of its components' folders, but for a model's checkpoint, which is read and
+    never written (a download may link its large files to the Hub cache)."""
+    from .integrations.diffusers.pipeline import (ModelMixin, _component_entries, _import_class,
+                                                  _transformers_model_class)
+
+    models = tuple(cls for cls in (ModelMixin, _transformers_model_class()) if cls is not None)
     _refuse_link_out(os.path.join(directory, "model_index.json"), directory)
-    for name in config:
+    for name, (library, class_name) in _component_entries(config).items():
         folder = os.path.join(directory, name)
-        if not name.startswith("_") and os.path.isdir(folder):
-            _refuse_link_out(folder, directory)
-            for entry in sorted(os.listdir(folder)):
+        # Component names are the pipeline's arguments: another name ("../elsewhere") is no folder of it.
+        if not name.isidentifier() or not os.path.isdir(folder):
+            continue
+        _refuse_link_out(folder, directory)
+        try:
+            is_model = isinstance(library, str) and isinstance(class_name, str) and \
+                issubclass(_import_class(library, class_name), models)
+        except ValueError:  # a class diffusers cannot load either: every file is checked
+            is_model = False
+        for entry in sorted(os.listdir(folder)):
+            if not (is_model and (entry.endswith(WEIGHT_EXTENSIONS) or _is_index(entry))):
                 _refuse_link_out(os.path.join(folder, entry), directory)
 
 
@@ -711,7 +728,7 @@ def convert_to_flashpack(
             os.path.splitext(source)[0] + ".flashpack"
         destination = _destination_file(destination_path, default)
         _check_destination(destination, _checkpoint_files(source))
-        if destination_path is None:
+        if destination_path is None or _in_place(os.path.dirname(destination) or ".", os.path.dirname(source) or "."):
             _refuse_link_out(destination, os.path.dirname(source) or ".")
         state_dict = read_sharded(source, quiet=silent) if is_index else read_state_dict_file(source)
         _save(state_dict, destination, ignore, target_dtype=target_dtype, checksum=checksum,
@@ -763,10 +780,17 @@ def convert_to_flashpack(
             raise ValueError(f"{model_dir}: converting a {what} directory to {target_dtype} in place would rewrite "
                              "its config for the original weights too; give a destination directory")
         if _in_place(destination, model_dir):
+            folders = [model_dir]
             if is_pipeline:
-                _refuse_links_out_of_pipeline(model_dir, _read_config(model_dir, "model_index.json") or {})
+                index = _read_config(model_dir, "model_index.json") or {}
+                _refuse_links_out_of_pipeline(model_dir, index)
+                folders = [os.path.join(model_dir, name) for name in index if name.isidentifier() and name[0] != "_"
+                           and os.path.isdir(os.path.join(model_dir, name))]
             else:
                 _refuse_link_out(os.path.join(model_dir, FLASHPACK_FILE), model_dir)
+            for folder in folders:  # a model.flashpack linked to the checkpoint beside it
+                _check_destination(os.path.join(folder, FLASHPACK_FILE), [
+                    os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(WEIGHT_EXTENSIONS)])
         if is_pipeline:
             return _convert_pipeline_directory(model_dir, destination, target_dtype, variant, ignore, checksum)
         written = _convert_model_directory(model_class, model_dir, destination, target_dtype, variant, ignore,
@@ -776,7 +800,7 @@ def convert_to_flashpack(
     weights = _weights_in_directory(model_dir, variant)
     output = _destination_file(destination, os.path.join(model_dir, FLASHPACK_FILE))
     _check_destination(output, _checkpoint_files(weights))
-    if destination_path is None:
+    if destination_path is None or _in_place(os.path.dirname(output) or ".", model_dir):
         _refuse_link_out(output, model_dir)
     state_dict = read_sharded(weights, quiet=silent) if _is_index(weights) else read_state_dict_file(weights)
     _save(state_dict, output, ignore, target_dtype=target_dtype, checksum=checksum,

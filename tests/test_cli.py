@@ -150,6 +150,28 @@ def test_convert_of_a_damaged_or_escaping_index_names_it(tmp_path, content, said
     assert not (tmp_path / "out.flashpack").exists()
 
 
+@pytest.mark.parametrize("options", [[], ["--dtype", "bf16"]], ids=["stored-dtype", "other-dtype"])
+@pytest.mark.parametrize("content, said", [
+    ("ESCAPING", "maps 'model.embed_tokens.weight' to '../outside.safetensors', which is not a shard file"),
+    ("{not json", "is not a valid JSON file"),
+    ("[1, 2]", "has no weight_map"),
+], ids=["parent", "not-json", "not-an-object"])
+def test_convert_of_a_model_directory_checks_its_index(tmp_path, content, said, options):
+    # A model directory's index as a bare one's: its shards lie beside it, and damage is named.
+    from safetensors.torch import load_file as load_safetensors
+
+    _llama_directory(tmp_path / "hf")
+    names = list(load_safetensors(tmp_path / "hf" / "model.safetensors"))
+    os.replace(tmp_path / "hf" / "model.safetensors", tmp_path / "outside.safetensors")
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    weight_map = dict.fromkeys(["model.embed_tokens.weight"] + names, "../outside.safetensors")
+    # The metadata transformers asks of an index: without the check, it loads the file outside.
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}) if content == "ESCAPING" else content)
+    result = run("convert", tmp_path / "hf", tmp_path / "out", *options, check=False)
+    assert_one_line_error(result, f"{index} {said}")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("option", [["--variant", "fp16"], ["--subfolder", "unet"], ["--revision", "main"]],
                          ids=["variant", "subfolder", "revision"])
 def test_convert_of_a_file_refuses_the_options_that_pick_in_a_directory(tmp_path, option):
@@ -351,7 +373,10 @@ def test_convert_of_an_architecture_transformers_lacks_says_what_to_do(tmp_path,
     ({"architectures": [5]}, 'config.json: "architectures" is [5], not a list of class names'),
     ({"architectures": "LlamaForCausalLM"}, "config.json: \"architectures\" is 'LlamaForCausalLM', not a list"),
     ({"_class_name": "utils"}, "config.json names the model class 'utils', which diffusers"),
-], ids=["not-json", "not-utf-8", "not-a-name", "not-a-list", "not-a-class"])
+    (b"[1]", "config.json holds [1], not a JSON object"),
+    (b"null", "config.json holds null, not a JSON object"),
+    (b"5", "config.json holds 5, not a JSON object"),
+], ids=["not-json", "not-utf-8", "not-a-name", "not-a-list", "not-a-class", "a-list", "null", "a-number"])
 def test_convert_of_a_damaged_config_names_it(tmp_path, config, said):
     _llama_directory(tmp_path / "hf")
     config_path = tmp_path / "hf" / "config.json"
@@ -361,6 +386,17 @@ def test_convert_of_a_damaged_config_names_it(tmp_path, config, said):
         config_path.write_text(json.dumps(dict(json.loads(config_path.read_text()), **config)))
     assert_one_line_error(run("convert", tmp_path / "hf", tmp_path / "out", check=False), f"{tmp_path / 'hf'}/{said}")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", ["[1]", '"unet"'], ids=["a-list", "a-string"])
+def test_convert_of_a_pipeline_whose_model_index_is_no_object_names_it(pipeline_directory, tmp_path, content):
+    copy = tmp_path / "pipeline"
+    shutil.copytree(pipeline_directory, copy)
+    (copy / "model_index.json").write_text(content)
+    for destination in ([], [tmp_path / "out"]):
+        assert_one_line_error(run("convert", copy, *destination, check=False),
+                              f"{copy / 'model_index.json'} holds {content}, not a JSON object")
+    assert not (tmp_path / "out").exists() and not (copy / "unet" / "model.flashpack").exists()
 
 
 def test_convert_of_a_subclass_that_only_adds_methods_converts_as_the_class_it_extends(tmp_path):
@@ -442,6 +478,21 @@ def test_convert_copies_no_companion_linked_from_outside_the_directory(tmp_path)
     result = run("convert", snapshot, tmp_path / "fp")
     assert f"{snapshot / 'tokenizer.json'} is a link to {secret}, outside {snapshot}: not copied" in result.stderr
     assert not (tmp_path / "fp" / "tokenizer.json").exists()
+    assert (tmp_path / "fp" / "tokenizer_config.json").read_text() == '{"from": "the hub"}'
+
+
+def test_convert_of_a_link_to_a_hub_cache_snapshot_copies_its_companions(tmp_path):
+    # A model directory that is a link to a snapshot of the Hub cache (~/models/tiny -> the
+    # cache's): its files are the cache's links to its blobs, as the snapshot's own are.
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / ("0" * 40)
+    _llama_directory(snapshot)
+    blob = tmp_path / "hub" / "models--org--tiny" / "blobs" / "abc123"
+    blob.parent.mkdir()
+    blob.write_text('{"from": "the hub"}')
+    os.symlink(os.path.join("..", "..", "blobs", "abc123"), snapshot / "tokenizer_config.json")
+    os.symlink(snapshot, tmp_path / "tiny")
+    result = run("convert", tmp_path / "tiny", tmp_path / "fp")
+    assert "not copied" not in result.stderr, result.stderr
     assert (tmp_path / "fp" / "tokenizer_config.json").read_text() == '{"from": "the hub"}'
 
 
@@ -585,6 +636,32 @@ def test_convert_pipeline_directory_reads_no_folder_outside_it(pipeline_director
     assert sorted(os.listdir(tmp_path / "out" / "unet")) == ["config.json", "model.flashpack"]
 
 
+def test_a_pipeline_converted_in_place_may_link_its_checkpoints_from_elsewhere(pipeline_directory, tmp_path):
+    pytest.importorskip("diffusers")
+    # A download that links its large files to the Hub cache, or weights kept on another disk:
+    # the conversion reads them and writes none, as for a model directory. A name of
+    # model_index.json that is no argument of the pipeline ("../outside") is no folder of it.
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(pipeline_directory, pipeline)
+    weights = pipeline / "unet" / "diffusion_pytorch_model.safetensors"
+    (tmp_path / "store").mkdir()
+    shutil.move(weights, tmp_path / "store" / "unet.safetensors")
+    os.symlink(tmp_path / "store" / "unet.safetensors", weights)
+    kept = (tmp_path / "store" / "unet.safetensors").read_bytes()
+    (tmp_path / "outside").mkdir()
+    os.symlink(tmp_path / "victim", tmp_path / "outside" / "link")
+    index = json.loads((pipeline / "model_index.json").read_text())
+    index["../outside"] = ["diffusers", "UNet2DModel"]
+    (pipeline / "model_index.json").write_text(json.dumps(index))
+    run("convert", pipeline)
+    assert (pipeline / "unet" / "model.flashpack").is_file() and os.path.islink(weights)
+    assert (tmp_path / "store" / "unet.safetensors").read_bytes() == kept
+    # What the conversion writes is still refused through a link leading out.
+    (pipeline / "unet" / "config.json").rename(tmp_path / "store" / "config.json")
+    os.symlink(tmp_path / "store" / "config.json", pipeline / "unet" / "config.json")
+    assert_one_line_error(run("convert", pipeline, check=False), f"{pipeline / 'unet' / 'config.json'} is a link to")
+
+
 def test_revert_of_converted_model_and_pipeline_directories(pipeline_directory, tmp_path):
     diffusers = pytest.importorskip("diffusers")
     run("convert", pipeline_directory, tmp_path / "pipe")
@@ -628,6 +705,23 @@ def test_convert_pipeline_directory_refuses_what_it_cannot_honour(pipeline_direc
     assert not (copy / "unet" / "model.flashpack").exists()
 
 
+def test_convert_in_place_keeps_the_checkpoint_model_flashpack_links_to(pipeline_directory, tmp_path):
+    pytest.importorskip("diffusers")
+    # model.flashpack, a link to the checkpoint beside it: writing it would write over the
+    # checkpoint being converted, as a file's conversion refuses to.
+    model = tmp_path / "model"
+    shutil.copytree(pipeline_directory / "unet", model)
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(pipeline_directory, pipeline)
+    for folder in (model, pipeline / "unet"):
+        os.symlink("diffusion_pytorch_model.safetensors", folder / "model.flashpack")
+    kept = (model / "diffusion_pytorch_model.safetensors").read_bytes()
+    for source, folder in ((model, model), (pipeline, pipeline / "unet")):
+        assert_one_line_error(run("convert", source, check=False),
+                              f"{folder / 'model.flashpack'} is the checkpoint being converted")
+        assert (folder / "diffusion_pytorch_model.safetensors").read_bytes() == kept
+
+
 def test_files_written_in_place_are_never_links_leading_out(pipeline_directory, tmp_path):
     pytest.importorskip("diffusers")
     # A directory from elsewhere may hold a link where a command writes by default (in place,
@@ -658,6 +752,23 @@ def test_files_written_in_place_are_never_links_leading_out(pipeline_directory, 
     os.symlink(tmp_path / "created.safetensors", reverted / "model.safetensors")
     assert_one_line_error(run("revert", reverted, check=False), f"{reverted / 'model.safetensors'} is a link to")
     assert victim.read_text() == "precious" and not (tmp_path / "created.safetensors").exists()
+
+
+def test_a_directory_named_as_its_own_destination_is_converted_in_place_and_checked_so(tmp_path):
+    # `flashpack convert ./dir ./dir`, `convert . .` within it, `convert dir/w.safetensors dir/`:
+    # in place as much as with no destination, so a link there leading out is refused alike.
+    from safetensors.torch import save_file
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    single = tmp_path / "single"
+    single.mkdir()
+    save_file(state_dict(), single / "weights.safetensors")
+    os.symlink(victim, single / "model.flashpack")
+    for args, cwd in (((single, single), None), ((".", "."), single), ((single / "weights.safetensors", single), None),
+                      (("weights.safetensors", "./"), single)):
+        assert_one_line_error(run("convert", *args, check=False, cwd=cwd), "model.flashpack is a link to")
+    assert victim.read_text() == "precious"
 
 
 def test_convert_repo_id_offline_fails_in_one_line(tmp_path):
@@ -954,6 +1065,17 @@ def test_metadata_shows_names_a_terminal_would_act_on_as_literals(tmp_path, caps
     assert not any(c in out for c in "\x1b\x07\x9b") and "\nverified:" not in out
     for shown in ("plain.weight", repr(names[1]), repr(names[2]), repr(names[3]), "caf\u00e9"):
         assert f"  {shown} " in out, shown
+
+
+def test_metadata_shows_keys_a_terminal_would_act_on_as_literals(tmp_path, capsys):
+    # The file's metadata keys are any string too, as its values (shown as literals already).
+    path = tmp_path / "m.flashpack"
+    key = "x\nverified:    forged \x1b[2J"
+    flashpack_ops.save_file({"w": torch.ones(2)}, path, metadata={key: "v", "format": "pt"})
+    assert cli.main(["metadata", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\nverified:" not in out
+    assert f"metadata:    {key!r}='v', format='pt'" in out
 
 
 def test_metadata_counts_tied_tensors_once_and_says_its_units(tmp_path):
