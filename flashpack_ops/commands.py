@@ -532,6 +532,13 @@ def _refuse_link_out(path: str, directory: str) -> None:
                          "remove the link or give another destination")
 
 
+def _component_folders(directory: str, index: Dict[str, Any]) -> List[str]:
+    """The names in a pipeline's model_index.json that are folders of it. Component names are
+    the pipeline's arguments: another name ("../elsewhere", an absolute path) is no folder of it."""
+    return [name for name in index if not name.startswith("_") and name.isidentifier()
+            and os.path.isdir(os.path.join(directory, name))]
+
+
 def _refuse_links_out_of_pipeline(directory: str, config: Dict[str, Any]) -> None:
     """``_refuse_link_out`` for what a pipeline's conversion in place writes: model_index.json
     and the files of its components' folders, but for a model's checkpoint, which is read and
@@ -541,11 +548,10 @@ def _refuse_links_out_of_pipeline(directory: str, config: Dict[str, Any]) -> Non
 
     models = tuple(cls for cls in (ModelMixin, _transformers_model_class()) if cls is not None)
     _refuse_link_out(os.path.join(directory, "model_index.json"), directory)
-    for name, (library, class_name) in _component_entries(config).items():
+    entries = _component_entries(config)
+    for name in _component_folders(directory, entries):
+        library, class_name = entries[name]
         folder = os.path.join(directory, name)
-        # Component names are the pipeline's arguments: another name ("../elsewhere") is no folder of it.
-        if not name.isidentifier() or not os.path.isdir(folder):
-            continue
         _refuse_link_out(folder, directory)
         try:
             is_model = isinstance(library, str) and isinstance(class_name, str) and \
@@ -598,9 +604,8 @@ def _convert_pipeline_directory(directory: str, destination: str, dtype: Optiona
     config = _read_config(directory, "model_index.json") or {}
     if any(ignore.values()):
         # save_pipeline_flashpack takes no ignore_* (its **kwargs would drop them unseen).
-        models = [name for name in config if not name.startswith("_")
-                  and os.path.isdir(os.path.join(directory, name))
-                  and any(n.endswith(WEIGHT_EXTENSIONS) for n in os.listdir(os.path.join(directory, name)))]
+        models = [name for name in _component_folders(directory, config)
+                  if any(n.endswith(WEIGHT_EXTENSIONS) for n in os.listdir(os.path.join(directory, name)))]
         raise ValueError(f"{directory}: the ignore options are not supported for a pipeline directory; convert "
                          f"the component they apply to with --subfolder ({', '.join(models) or 'its name'})")
 
@@ -608,9 +613,8 @@ def _convert_pipeline_directory(directory: str, destination: str, dtype: Optiona
 
     from .integrations.diffusers import save_pipeline_flashpack
 
-    # Component names are the pipeline's arguments: another name ("../elsewhere") is no folder of it.
-    stored = {name: _stored_float_dtype(os.path.join(directory, name), variant) for name in config
-              if not name.startswith("_") and name.isidentifier() and os.path.isdir(os.path.join(directory, name))}
+    stored = {name: _stored_float_dtype(os.path.join(directory, name), variant)
+              for name in _component_folders(directory, config)}
     dtypes = {name: dtype or value for name, value in stored.items() if dtype or value}
     from .integrations.diffusers.model import dtype_argument
 
@@ -784,8 +788,7 @@ def convert_to_flashpack(
             if is_pipeline:
                 index = _read_config(model_dir, "model_index.json") or {}
                 _refuse_links_out_of_pipeline(model_dir, index)
-                folders = [os.path.join(model_dir, name) for name in index if name.isidentifier() and name[0] != "_"
-                           and os.path.isdir(os.path.join(model_dir, name))]
+                folders = [os.path.join(model_dir, name) for name in _component_folders(model_dir, index)]
             else:
                 _refuse_link_out(os.path.join(model_dir, FLASHPACK_FILE), model_dir)
             for folder in folders:  # a model.flashpack linked to the checkpoint beside it
