@@ -122,6 +122,18 @@ void pread_exact(int fd, void* buf, size_t n, uint64_t offset, const std::string
   }
 }
 
+void advise_huge_pages(void* p, size_t n) {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + n) & ~(kHugePage - 1);
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
 void parallel_for(size_t tasks, int threads, const std::function<void(size_t)>& fn) {
   if (tasks == 0) return;
   const size_t n_threads = std::min<size_t>(tasks, static_cast<size_t>(std::max(1, threads)));

@@ -254,6 +254,38 @@ def test_a_copying_load_without_memory_names_the_file(tmp_path):
     assert "can't allocate memory" in r.stdout and f"(while loading '{path}' to cpu)" in r.stdout, r.stdout
 
 
+def vm_flags(address: int) -> list:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            first = line.split()[0]
+            if "-" in first and not first.endswith(":"):
+                start, end = (int(x, 16) for x in first.split("-"))
+                inside = start <= address < end
+            elif inside and first == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage"), reason="needs huge pages")
+def test_copying_loads_ask_for_huge_pages_for_what_they_fill(tmp_path):
+    # Each 4 KiB page of a fresh buffer costs a page fault as the file's bytes land in it;
+    # asked for huge pages, a fault fills 2 MiB. The advice shows as "hg" in the VmFlags
+    # (whether the kernel then finds huge pages is its affair).
+    path = tmp_path / "m.flashpack"
+    weights = {"w": torch.arange(8 << 20, dtype=torch.int32), "b": torch.ones(3, dtype=torch.bfloat16)}
+    flashpack_ops.save_file(weights, path)
+    loaded = flashpack_ops.load_file(path, copy=True)
+    assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+    assert "hg" in vm_flags(loaded["w"].data_ptr() + (16 << 20))
+    raw = torch.ops.flashpack.read_range(str(path), 0, 32 << 20, "cpu")
+    assert torch.equal(raw[:4096].view(torch.int32), weights["w"][:1024])
+    assert "hg" in vm_flags(raw.data_ptr() + (16 << 20))
+    mapped = flashpack_ops.load_file(path)  # the file's own pages: nothing to ask
+    assert "hg" not in vm_flags(mapped["w"].data_ptr() + (16 << 20))
+
+
 def test_saving_a_large_tensor_that_needs_converting_holds_no_second_copy(tmp_path):
     # 512 MiB, transposed: converted a slice of rows at a time, so the save's peak is a few
     # slices (about 32 MiB each, one per thread), not a second 512 MiB.
