@@ -1,5 +1,7 @@
 #include "cuda/pinned_pool.h"
 
+#include "io.h"
+
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime_api.h>
@@ -98,6 +100,10 @@ class Pool {
       void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (p != MAP_FAILED) {
         (void)::madvise(p, bytes, MADV_DONTFORK);
+        // Registering faults in and pins every page: huge ones cut the faults 512-fold (on
+        // the 2-core VM, touching 256 MiB took 40 ms instead of 100-120 ms), a cost the
+        // first load of a process pays.
+        advise_huge_pages(p, bytes);
         if (cudaHostRegister(p, bytes, cudaHostRegisterPortable) == cudaSuccess) {
           std::lock_guard<std::mutex> lock(mutex_);
           mapped_.insert(static_cast<char*>(p));
