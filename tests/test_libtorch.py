@@ -48,3 +48,23 @@ def test_libtorch_program_loads_and_runs_scripted_model(tmp_path):
     assert list(written) == ["doubled", "table"]
     assert torch.equal(written["doubled"], weight * 2)
     assert written["table"].dtype == torch.bfloat16 and torch.equal(written["table"], table)
+
+
+@pytest.mark.skipif(bool(MISSING), reason=MISSING)
+def test_libtorch_program_builds_where_a_build_folder_came_from_elsewhere(tmp_path):
+    # run.sh builds inside torchscript/, so a checkout copied or moved after a build brings a
+    # CMake cache that names the folder it was made for, which cmake refuses to reuse.
+    checkout = tmp_path / "checkout"
+    shutil.copytree(os.path.dirname(RUN), checkout / "torchscript", ignore=shutil.ignore_patterns("build"))
+    shutil.copytree(os.path.join(REPO, "csrc"), checkout / "csrc")  # flashpack_api.h
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "CMakeLists.txt").write_text("cmake_minimum_required(VERSION 3.18)\nproject(elsewhere NONE)\n")
+    subprocess.run(["cmake", "-S", str(elsewhere), "-B", str(checkout / "torchscript" / "build" / "library")],
+                   check=True, capture_output=True)
+    env = dict(os.environ, PYTHON=sys.executable,
+               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    run = subprocess.run(["bash", str(checkout / "torchscript" / "run.sh"), str(tmp_path / "data")], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "all checks passed" in run.stdout, run.stdout

@@ -54,6 +54,12 @@ if torch.version.cuda:
                 print(f"-DCUDA_nvrtc_LIBRARY={wheel[0]}")
 EOF
 )
+# A build folder that came along when the checkout was copied or moved still names the
+# source folder it was made for, and cmake refuses it: start that one afresh.
+CACHED_SOURCE="$(sed -n 's/^CMAKE_HOME_DIRECTORY:INTERNAL=//p' "$BUILD/CMakeCache.txt" 2>/dev/null || true)"
+if [[ -n "$CACHED_SOURCE" && ! "$CACHED_SOURCE" -ef "$HERE" ]]; then
+  rm -rf "$BUILD"
+fi
 cmake -S "$HERE" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" \
   -DFLASHPACK_OPS_LIBRARY="$OPS_LIBRARY" "${CUDA_HINTS[@]}" >/dev/null
 cmake --build "$BUILD" -j "${JOBS:-2}"
