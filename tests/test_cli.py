@@ -790,10 +790,23 @@ def test_convert_repo_id_without_network_fails_without_retrying(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), HF_ENDPOINT=endpoint,
                HF_HUB_CACHE=str(tmp_path / "cache"))
     env.pop("HF_HUB_OFFLINE", None)
+    env.pop("TRANSFORMERS_OFFLINE", None)  # which huggingface_hub reads where HF_HUB_OFFLINE is not set
     result = subprocess.run([sys.executable, "-m", "flashpack_ops", "convert", "no-such-org/no-such-model",
                              str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=20)
     assert_one_line_error(result, "cannot download 'no-such-org/no-such-model' from the Hugging Face Hub "
                                   "(no network connection)")
+
+
+def test_convert_repo_id_offline_through_transformers_offline_names_that_variable(tmp_path):
+    # huggingface_hub goes offline for TRANSFORMERS_OFFLINE too where HF_HUB_OFFLINE is not set.
+    pytest.importorskip("huggingface_hub")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+               HF_HUB_CACHE=str(tmp_path / "cache"), TRANSFORMERS_OFFLINE="1")
+    env.pop("HF_HUB_OFFLINE", None)
+    result = subprocess.run([sys.executable, "-m", "flashpack_ops", "convert", "no-such-org/no-such-model",
+                             str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=60)
+    assert_one_line_error(result, "cannot download 'no-such-org/no-such-model' from the Hugging Face Hub "
+                                  "(TRANSFORMERS_OFFLINE is set)")
 
 
 def test_repo_files_asks_the_hub_once(hub):

@@ -695,6 +695,7 @@ def test_push_to_hub_without_the_hub_says_so_and_keeps_the_directory(model, tmp_
     if cannot_reach == "offline mode":
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     else:  # nothing listens on port 9 of this machine: the connection is refused at once
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
     directory = tmp_path / "my model"
     with pytest.raises(HubUnavailableError) as caught:
@@ -732,6 +733,7 @@ def test_push_to_hub_passes_on_the_hubs_own_refusal(model, tmp_path, monkeypatch
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # whatever the environment says
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
         with pytest.raises(HfHubHTTPError) as caught:
             model.save_pretrained_flashpack(tmp_path / "tiny", push_to_hub=True, repo_id="me/tiny", token="bad")

@@ -102,11 +102,25 @@ def resolve_directory(
                                  local_files_only=local_files_only, force_download=force_download,
                                  allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
     except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        reason = ("HF_HUB_OFFLINE is set" if offline else
+        offline = _offline_variable()
+        reason = (f"{offline} is set" if offline else
                   "only the local cache was searched" if local_files_only else "no network connection")
         raise HubUnavailableError(f"cannot download '{name}' from the Hugging Face Hub ({reason}) and it is not in "
                                   "the local cache; pass a local directory or connect to the network") from None
+
+
+def _offline_variable() -> str:
+    """The environment variable that keeps huggingface_hub offline ('' if it is online).
+
+    huggingface_hub reads TRANSFORMERS_OFFLINE where HF_HUB_OFFLINE is not set.
+    """
+    from huggingface_hub import constants
+
+    if not constants.is_offline_mode():
+        return ""
+    if not os.environ.get("HF_HUB_OFFLINE") and os.environ.get("TRANSFORMERS_OFFLINE"):
+        return "TRANSFORMERS_OFFLINE"
+    return "HF_HUB_OFFLINE"
 
 
 def flashpack_file_in(directory: str, subfolder: Optional[str] = None) -> str:
