@@ -1,7 +1,10 @@
 """Shared helpers for the test suite: every storable dtype, random tensors, bit-exact checks."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 
 import pytest
@@ -11,6 +14,12 @@ import flashpack_ops  # noqa: F401  (registers torch.ops.flashpack)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+# The code of the trust_remote_code models the tests load is copied by transformers into
+# HF_MODULES_CACHE (~/.cache/huggingface/modules): a folder of the run's own instead, set
+# before transformers is imported and gone when the run ends.
+os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="flashpack-tests-modules-")
+atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], ignore_errors=True)
 
 # torch.compile checks that a custom operator's outputs do not alias, on a compiled
 # function's first call: a warning by default, an error where the CI environment variable
