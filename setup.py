@@ -10,6 +10,7 @@ import glob
 import os
 import shutil
 
+import setuptools
 from setuptools import find_packages, setup
 
 
@@ -66,7 +67,15 @@ def extension():
     return CppExtension(**kwargs, extra_compile_args={"cxx": cxx})
 
 
+def license_field():
+    # setuptools 77 and later take an SPDX expression and deprecate the old field (builds
+    # with it stop being supported in 2027); older ones know only the old field.
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": "MIT"} if major >= 77 else {"license": "MIT"}
+
+
 setup(
+    **license_field(),
     packages=find_packages(include=["flashpack_ops", "flashpack_ops.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},

@@ -185,6 +185,13 @@ def test_source_distribution_holds_what_a_build_needs(tmp_path):
             needed += [os.path.relpath(os.path.join(root, f), source) for f in files]
     assert any(name.startswith("csrc/cuda/") for name in needed)
     assert [name for name in needed if name not in packed] == []
+    # The license is declared in the form this setuptools takes, with no deprecation (the old
+    # form stops building in 2027), and the LICENSE file travels with it.
+    assert "license" not in result.stderr.lower(), result.stderr
+    with tarfile.open(sdist) as tar:
+        info = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("/PKG-INFO"))).read().decode()
+    assert "License-Expression: MIT" in info or "License: MIT" in info, info
+    assert "LICENSE" in packed
 
 
 def test_public_type_hints_resolve_in_a_fresh_process():
