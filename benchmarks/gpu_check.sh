@@ -20,13 +20,9 @@
 # packages, come as wheels in .whl/ at the repository root (git-ignored; copy it to the GPU
 # machine with the tree). Only wheels whose package is not importable are installed, into /tmp/site
 # (unpacked, where that python3 has no pip). ninja, where the machine has none, builds the
-# extension's sources in parallel. To prepare .whl/ on a machine with a network (cp312 wheels
-# for the GPU machine's python3; a machine whose image has accelerate, click, matplotlib and
-# ninja needs the first wheel only):
-#   pip download --no-deps -d .whl flashpack==0.4.5 accelerate==1.15.0 click ninja
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-#     -d .whl matplotlib contourpy kiwisolver pillow fonttools cycler pyparsing python-dateutil six psutil
+# extension's sources in parallel. benchmarks/fetch_wheels.sh fills .whl/ on a machine that
+# reaches PyPI (cp312 wheels for the GPU machine's python3; a machine whose image has
+# accelerate, click, matplotlib and ninja needs the flashpack wheel only).
 #
 # BENCH_ARGS adds arguments to bench_gpu.py and TRANSFORMERS_ARGS to bench_transformers.py
 # (small sizes for a dry run under tests/cuda_emulator, say).
