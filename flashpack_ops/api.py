@@ -12,7 +12,7 @@ import torch
 from ._warnings import warn
 from .distributed import SHARD_STRATEGIES, load_blocks_distributed, load_file_distributed, maybe_init_distributed
 from .ops import (_SAME_WIDTH_INT, DEFAULT_ALIGN_BYTES, DeviceLike, PathLike, _check_arguments, _device, _dtype,
-                  _identity, _path, load_file, read_metadata, save_file)
+                  _identity, _is_dtensor, _path, load_file, read_metadata, save_file)
 
 _READ_ATTEMPTS = 3
 
@@ -836,6 +836,18 @@ def assign_from_file(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"flashpack_ops.assign_from_file: cannot load {os.fspath(path)} into a "
                         f"{type(model).__name__}: the model must be an nn.Module")
+
+    sharded = next(((name, tensor) for name, tensor in (*model.named_parameters(), *model.named_buffers())
+                    if _is_dtensor(tensor)), None)
+    if sharded is not None:
+        # FSDP2 and tensor parallelism keep this rank's shard in each DTensor parameter and
+        # their own references to it: assigning would put the whole tensor in its place, and
+        # the model would no longer be sharded. Their loading copies into the shards.
+        raise ValueError(f"flashpack_ops.assign_from_file: cannot load {os.fspath(path)} into "
+                         f"{type(model).__name__} by assignment: '{sharded[0]}' is a DTensor, split over a device "
+                         f"mesh as {tuple(sharded[1].placements)}. Load the file into the shards in place: "
+                         "torch.distributed.checkpoint.state_dict.set_model_state_dict(model, "
+                         "flashpack_ops.load_file(path), options=StateDictOptions(full_state_dict=True))")
 
     def check_strategy() -> None:  # on every rank at once, where the load's arguments are agreed
         if distributed_sharded:

@@ -6,6 +6,7 @@ import errno
 import json
 import numbers
 import os
+import sys
 from typing import Any, Dict, Iterable, List, Mapping, NoReturn, Optional, Tuple, Union
 
 import torch
@@ -118,6 +119,24 @@ def _type_name(value: Any) -> str:
     return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (FSDP2, tensor parallelism): this rank's part of a tensor
+    split over a device mesh. None is unless torch.distributed.tensor has been imported, so
+    the check imports nothing."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(tensor, dtensor.DTensor)
+
+
+def _refuse_dtensor(tensor: torch.Tensor, what: str) -> None:
+    # A DTensor has no storage of its own: the operator would refuse it as a tensor without
+    # data, without saying how to get the whole tensor.
+    if _is_dtensor(tensor):
+        raise ValueError(
+            f"{what} is a DTensor, split over a device mesh as {tuple(tensor.placements)}: gather it with "
+            ".full_tensor() on every rank, or take the state dict with torch.distributed.checkpoint.state_dict."
+            "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)), and save that")
+
+
 def save_file(
     tensors: Mapping[str, torch.Tensor],
     path: PathLike,
@@ -191,6 +210,7 @@ def save_file(
             raise ValueError(f"cannot save '{path}': '{name}' is an uninitialized (lazy) "
                              f"{type(tensor).__name__}: run the model once, or build it with its sizes, before "
                              "saving it")
+        _refuse_dtensor(tensor, f"cannot save '{path}': '{name}'")
         try:
             name.encode("utf-8")
         except UnicodeEncodeError as exc:

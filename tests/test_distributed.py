@@ -4,6 +4,7 @@ are), real files, results compared bit for bit with a plain load on every rank."
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -372,3 +373,61 @@ def test_read_range_refuses_bytes_past_the_file(files, offset, length):
     with pytest.raises(ValueError, match=r"flashpack::read_range: '.*mixed.flashpack': cannot read -?\d+ bytes at "
                                          r"offset -?\d+: the file has \d+ bytes"):
         torch.ops.flashpack.read_range(files["mixed"], offset, length, "cpu")
+
+
+_FSDP2_SCRIPT = r"""
+import json, sys
+import torch, torch.distributed as dist
+import flashpack_ops
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, init_device_mesh
+
+path, saved = sys.argv[1], sys.argv[2]
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+torch.manual_seed(0)
+source = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 3))
+flashpack_ops.save_file(source.state_dict(), path)
+model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 3))
+fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+shards = [p.to_local().clone() for p in model.parameters()]
+out = {}
+for what, call in [("save_file", lambda: flashpack_ops.save_file(model.state_dict(), saved)),
+                   ("pack_to_file", lambda: flashpack_ops.pack_to_file(model, saved)),
+                   ("assign_from_file", lambda: flashpack_ops.assign_from_file(model, path))]:
+    try:
+        call()
+        out[what] = None
+    except ValueError as error:
+        out[what] = str(error)
+out["still_sharded"] = all(isinstance(p, DTensor) and torch.equal(p.to_local(), s)
+                           for p, s in zip(model.parameters(), shards))
+# The way the error points to: the whole tensors copied into this rank's shards.
+set_model_state_dict(model, flashpack_ops.load_file(path), options=StateDictOptions(full_state_dict=True))
+out["loaded"] = all(isinstance(p, DTensor) and torch.equal(p.full_tensor(), q)
+                    for p, q in zip(model.parameters(), source.parameters()))
+dist.destroy_process_group()
+print(json.dumps(out))
+"""
+
+
+def test_an_fsdp2_model_is_refused_with_the_way_to_save_and_load_it(tmp_path):
+    # FSDP2 parameters are DTensors holding this rank's shard: saving one would store a shard
+    # (the operator refuses it, having no data of its own), and assigning a whole tensor in
+    # its place would quietly undo the sharding. Both say what to call instead.
+    saved = tmp_path / "saved.flashpack"
+    flashpack_ops.save_file({"old": torch.arange(5.0)}, str(saved))
+    result = subprocess.run([sys.executable, "-c", _FSDP2_SCRIPT, str(tmp_path / "model.flashpack"), str(saved)],
+                            env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    for what in ("save_file", "pack_to_file"):
+        assert out[what] is not None and out[what].startswith(f"cannot save '{saved}': '0.weight' is a DTensor, split "
+                                                              "over a device mesh as (Shard(dim=0),): gather it with "
+                                                              ".full_tensor() on every rank"), out[what]
+    assert torch.equal(flashpack_ops.load_file(str(saved))["old"], torch.arange(5.0))
+    assert out["assign_from_file"] is not None and re.match(
+        r"flashpack_ops.assign_from_file: cannot load .*model.flashpack into FSDPSequential by assignment: '0.weight' "
+        r"is a DTensor, .*\.set_model_state_dict\(model, flashpack_ops.load_file\(path\), "
+        r"options=StateDictOptions\(full_state_dict=True\)\)$", out["assign_from_file"]), out["assign_from_file"]
+    assert out["still_sharded"] and out["loaded"]
