@@ -632,11 +632,11 @@ def _as_parameter(value: torch.Tensor, old: torch.Tensor) -> torch.nn.Parameter:
 
 
 def _unwrapped(model: torch.nn.Module, tensors: Dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The model a torch.compile or (Distributed)DataParallel wrapper holds, when the file's names
+    """The model a torch.compile or DataParallel wrapper holds, when the file's names
     are the wrapped model's own (``fc.weight``, not ``_orig_mod.fc.weight`` or ``module.fc.weight``),
     as ``save_flashpack`` and ``model.module.state_dict()`` write them."""
     while True:
-        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        if isinstance(model, torch.nn.DataParallel):  # (DistributedDataParallel is refused before)
             inner, prefix = model.module, "module."
         elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's OptimizedModule
             inner, prefix = model._orig_mod, "_orig_mod."
@@ -848,6 +848,17 @@ def assign_from_file(
                          f"mesh as {tuple(sharded[1].placements)}. Load the file into the shards in place: "
                          "torch.distributed.checkpoint.state_dict.set_model_state_dict(model, "
                          "flashpack_ops.load_file(path), options=StateDictOptions(full_state_dict=True))")
+
+    ddp = next((m for m in model.modules() if isinstance(m, torch.nn.parallel.DistributedDataParallel)), None)
+    if ddp is not None:
+        # DDP averages the gradients of the parameters it was built with, through hooks on
+        # them: parameters assigned in their place would train on each rank's own gradients,
+        # and the ranks would drift apart without an error.
+        raise ValueError(f"flashpack_ops.assign_from_file: cannot load {os.fspath(path)} into "
+                         f"{type(model).__name__} by assignment: it holds a {type(ddp).__name__}, which averages the "
+                         "gradients of the parameters it was built with, not of new ones put in their place. Load "
+                         "the model before wrapping it, or copy the file into its parameters: "
+                         "model.module.load_state_dict(flashpack_ops.load_file(path))")
 
     def check_strategy() -> None:  # on every rank at once, where the load's arguments are agreed
         if distributed_sharded:

@@ -431,3 +431,47 @@ def test_an_fsdp2_model_is_refused_with_the_way_to_save_and_load_it(tmp_path):
         r"is a DTensor, .*\.set_model_state_dict\(model, flashpack_ops.load_file\(path\), "
         r"options=StateDictOptions\(full_state_dict=True\)\)$", out["assign_from_file"]), out["assign_from_file"]
     assert out["still_sharded"] and out["loaded"]
+
+
+_DDP_SCRIPT = r"""
+import json, sys
+import torch, torch.distributed as dist
+import flashpack_ops
+
+path = sys.argv[1]
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+torch.manual_seed(0)
+source = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 3))
+flashpack_ops.save_file(source.state_dict(), path)
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 3)))
+before = list(model.module.parameters())
+out = {}
+for what, target in [("ddp", model), ("compiled_ddp", torch.compile(model))]:
+    try:
+        flashpack_ops.assign_from_file(target, path)
+        out[what] = None
+    except ValueError as error:
+        out[what] = str(error)
+out["kept"] = all(p is q for p, q in zip(model.module.parameters(), before))
+# The way the error points to: a copy into the parameters DDP was built with.
+model.module.load_state_dict(flashpack_ops.load_file(path))
+out["loaded"] = all(p is q and torch.equal(p, s) for p, q, s in zip(model.module.parameters(), before,
+                                                                     source.parameters()))
+dist.destroy_process_group()
+print(json.dumps(out))
+"""
+
+
+def test_a_ddp_model_is_refused_with_the_way_to_load_it(tmp_path):
+    # DDP averages the gradients of the parameters it was built with: parameters assigned in
+    # their place would train on each rank's own gradients, the ranks drifting apart silently.
+    result = subprocess.run([sys.executable, "-c", _DDP_SCRIPT, str(tmp_path / "model.flashpack")],
+                            env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    for what, wrapper in (("ddp", "DistributedDataParallel"), ("compiled_ddp", "OptimizedModule")):
+        assert out[what] is not None and re.match(
+            rf"flashpack_ops.assign_from_file: cannot load .*model.flashpack into {wrapper} by assignment: it holds a "
+            r"DistributedDataParallel, which averages the gradients of the parameters it was built with, .*"
+            r"model.module.load_state_dict\(flashpack_ops.load_file\(path\)\)$", out[what]), out[what]
+    assert out["kept"] and out["loaded"]
