@@ -431,7 +431,18 @@ def _model_slots(model: torch.nn.Module) -> Dict[str, _Slot]:
                 slot.names.append(name)
                 slot.persistent = slot.persistent or persistent
             by_name[name] = slot
+    # Activation checkpointing (torch.distributed's checkpoint_wrapper) puts each wrapped module
+    # under _checkpoint_wrapped_module, and its state dict leaves that part out of the names:
+    # the file's names reach the same slots. slot.names keeps the model's own names, by which
+    # the tensors are set.
+    for name, slot in list(by_name.items()):
+        alias = name.replace(_CHECKPOINT_WRAPPED, "")
+        if alias != name:
+            by_name.setdefault(alias, slot)
     return by_name
+
+
+_CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module."
 
 
 def _extra_states(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:

@@ -419,6 +419,34 @@ def test_a_wrapped_model_loads_the_file_of_the_model_it_wraps(saved, wrap):
     assert isinstance(wrapped._flash_shared_storage, flashpack_ops.FlashTensorStorage)
 
 
+@pytest.mark.parametrize("on_meta", [False, True], ids=["built", "meta"])
+def test_activation_checkpointed_modules_load_the_names_their_state_dict_has(tmp_path, on_meta):
+    # checkpoint_wrapper puts a module under _checkpoint_wrapped_module, and its state dict
+    # (so a file saved from it) leaves that part out, as load_state_dict takes it.
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 3))
+        model[0], model[1] = checkpoint_wrapper(model[0]), checkpoint_wrapper(checkpoint_wrapper(model[1]))
+        return model
+
+    source = build(0)
+    path = str(tmp_path / "m.flashpack")
+    flashpack_ops.save_file(source.state_dict(), path)
+    assert list(flashpack_ops.load_file(path)) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    if on_meta:
+        with torch.device("meta"):
+            model = build(1)
+    else:
+        model = build(1)
+    assign_from_file(model, path)
+    for (name, got), want in zip(model.named_parameters(), source.parameters()):
+        assert "_checkpoint_wrapped_module" in name and torch.equal(got, want), name
+    x = torch.randn(2, 4)
+    assert torch.equal(model(x), source(x))
+
+
 def test_pack_to_file_and_save_flashpack_create_the_directory(tmp_path):
     # As the reference does.
     model = trained_model()
