@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="convert a checkpoint, model directory or Hub repo to flashpack",
         description="Convert to flashpack. SOURCE is a .safetensors/.bin/.pt/.pth/.ckpt file, a sharded "
                     "checkpoint's .index.json (or the directory holding it), a transformers or diffusers model "
-                    "or pipeline directory, or a Hugging Face Hub repo id. A file becomes one .flashpack file "
+                    "or pipeline directory, a torch.distributed.checkpoint directory (FSDP2 training; its model "
+                    "part), or a Hugging Face Hub repo id. A file becomes one .flashpack file "
                     "(beside it by default); a model directory gets config.json + model.flashpack (in place by "
                     "default), ready for from_pretrained_flashpack.")
     convert.add_argument("source", help="file, directory or Hub repo id")

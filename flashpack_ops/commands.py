@@ -66,19 +66,130 @@ def _torch_state_dict(path: str) -> Dict[str, torch.Tensor]:
         obj = _torch_load(path, mmap=True)
     except RuntimeError:  # the legacy (pre-zip) format, which cannot be mapped
         obj = _torch_load(path, mmap=False)
-    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        # Lightning's and PyTorch's own training checkpoints ("Saving and Loading a General Checkpoint").
-        for key in ("state_dict", "model_state_dict", "model", "module"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
+    obj = _model_part(obj)
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
     others = [name for name, value in obj.items() if not isinstance(value, torch.Tensor)]
     if others:
-        raise ValueError(f"{path} holds entries that are not tensors: {others[:10]}"
-                         + (f" and {len(others) - 10} more" if len(others) > 10 else ""))
+        raise _non_tensors(path, others)
     return obj
+
+
+_MODEL_KEYS = ("state_dict", "model_state_dict", "model", "module")
+
+
+def _model_part(obj: Any) -> Any:
+    """The model's state dict in a training checkpoint: Lightning's and PyTorch's own ("Saving
+    and Loading a General Checkpoint") hold it under one of these keys, beside the optimizer's."""
+    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in _MODEL_KEYS:
+            if isinstance(obj.get(key), dict):
+                return obj[key]
+    return obj
+
+
+def _non_tensors(path: str, names: List[str]) -> ValueError:
+    return ValueError(f"{path} holds entries that are not tensors: {names[:10]}"
+                      + (f" and {len(names) - 10} more" if len(names) > 10 else ""))
+
+
+def is_distributed_checkpoint(directory: str) -> bool:
+    """Whether ``directory`` is a torch.distributed.checkpoint (DCP) checkpoint: a ``.metadata``
+    file beside ``.distcp`` files, as ``dcp.save`` writes them (FSDP2 and tensor-parallel training)."""
+    return os.path.isfile(os.path.join(directory, ".metadata")) and \
+        any(name.endswith(".distcp") for name in os.listdir(directory))
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads a DCP ``.metadata`` file (a pickle) building only what such a file holds: its
+    dataclasses, dtypes, sizes and paths. ``pickle.load``, as torch reads it, would run whatever
+    code a checkpoint from elsewhere carried."""
+
+    _OTHERS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+    _PATHS = ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")
+
+    def __init__(self, file: Any, path: str):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch.distributed.checkpoint.metadata":
+            found = getattr(importlib.import_module(module), name, None)
+            if isinstance(found, type):
+                return found
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        elif (module, name) in self._OTHERS or (module.split(".")[0] == "pathlib" and name in self._PATHS):
+            return getattr(importlib.import_module(module), name)
+        raise ValueError(f"{self.path} is not a torch.distributed.checkpoint metadata file: it would build "
+                         f"{module}.{name}, which such a file does not hold (refused: unpickling it could run code)")
+
+
+def read_distributed_checkpoint(directory: str) -> Dict[str, torch.Tensor]:
+    """The model's tensors in a torch.distributed.checkpoint (DCP) directory, whole (each
+    tensor put together from the ranks' shards), read in this one process: the state dict
+    ``dcp.save`` was given, or its model part (under ``model``, ``state_dict``... at any depth,
+    as ``{"app": {"model": ..., "optim": ...}}``). Only the model's tensors are read: not the
+    optimizer's state, nor any pickled object.
+
+    Raises:
+        ValueError: the metadata is not a DCP one, the checkpoint holds no model part to pick,
+            or the model part holds entries other than tensors.
+    """
+    # As torch's own dcp_to_torch_save reads a checkpoint into a dict built from its metadata
+    # (dcp.load fills only the keys of the dict it is given).
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            path = os.path.join(directory, ".metadata")
+            try:
+                with open(path, "rb") as f:
+                    metadata = _MetadataUnpickler(f, path).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, IndexError) as e:
+                raise ValueError(f"{path} is not a readable torch.distributed.checkpoint metadata file: "
+                                 f"{type(e).__name__}: {e}") from None
+            if type(metadata).__name__ != "Metadata" or not isinstance(getattr(metadata, "state_dict_metadata", None),
+                                                                        dict):
+                raise ValueError(f"{path} is not a torch.distributed.checkpoint metadata file")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    reader = Reader(directory)
+    metadata = reader.read_metadata()
+    planner_data = metadata.planner_data or {}
+    paths = {key: tuple(planner_data.get(key) or (key,)) for key in metadata.state_dict_metadata}
+    # Down the nesting to the model's part: the level where every entry is a leaf.
+    prefix: Tuple[Any, ...] = ()
+    while True:
+        below = [p[len(prefix):] for p in paths.values() if p[:len(prefix)] == prefix]
+        if all(len(rest) == 1 for rest in below):
+            break
+        heads = list(dict.fromkeys(rest[0] for rest in below if len(rest) > 1))
+        pick = next((key for key in _MODEL_KEYS if key in heads), heads[0] if len(heads) == 1 else None)
+        if pick is None:
+            where = f" under {'.'.join(map(str, prefix))}" if prefix else ""
+            raise ValueError(f"{directory}: which part of this checkpoint is the model? It holds {heads}{where}, and "
+                             f"none is named {', '.join(_MODEL_KEYS[:-1])} or {_MODEL_KEYS[-1]}")
+        prefix += (pick,)
+    chosen = {key: p for key, p in paths.items() if p[:len(prefix)] == prefix}
+    others = [p[-1] for key, p in chosen.items() if not isinstance(metadata.state_dict_metadata[key],
+                                                                    TensorStorageMetadata)]
+    if others:
+        raise _non_tensors(directory, others)
+    if not chosen:
+        raise ValueError(f"{directory}: the checkpoint holds no tensors")
+    state: Dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=set(chosen)), no_dist=True)
+    for part in prefix:
+        state = state[part]
+    return {str(name): tensor for name, tensor in state.items()}
 
 
 def _is_safetensors(path: str) -> bool:
@@ -668,6 +779,9 @@ def convert_to_flashpack(
           (into the same directory by default), ready for ``from_pretrained_flashpack``;
         - a diffusers pipeline directory (a ``model_index.json``): every component;
         - a directory with only weights (and perhaps an index): one ``.flashpack`` file;
+        - a torch.distributed.checkpoint (DCP) directory (``.metadata`` and ``.distcp`` files, as
+          FSDP2 and tensor-parallel training save them): its model part, whole, in one
+          ``.flashpack`` file (inside it by default);
         - a Hugging Face Hub repo id, downloaded with huggingface_hub (``destination_path``
           required), then as the directory.
 
@@ -764,10 +878,17 @@ def convert_to_flashpack(
     # A local directory is converted in place by default: from_pretrained_flashpack reads it as is.
     destination = destination_path if destination_path is not None else model_dir
 
+    if is_distributed_checkpoint(model_dir):
+        output = _destination_file(destination, os.path.join(model_dir, FLASHPACK_FILE))
+        _check_destination(output)
+        if destination_path is None or _in_place(os.path.dirname(output) or ".", model_dir):
+            _refuse_link_out(output, model_dir)
+        _save(read_distributed_checkpoint(model_dir), output, ignore, target_dtype=target_dtype, checksum=checksum)
+        return output
     if not any(n.endswith(WEIGHT_EXTENSIONS) or _is_index(n) for n in os.listdir(model_dir)) and \
             _read_config(model_dir, "model_index.json") is None:
-        raise FileNotFoundError(f"{model_dir} holds no checkpoint to convert (.safetensors, .bin, .pt, .ckpt or "
-                                ".index.json)")
+        raise FileNotFoundError(f"{model_dir} holds no checkpoint to convert (.safetensors, .bin, .pt, .ckpt, "
+                                ".index.json or a torch.distributed.checkpoint)")
     if silent:
         _quiet_libraries()
     is_pipeline = _read_config(model_dir, "model_index.json") is not None

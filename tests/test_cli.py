@@ -75,6 +75,101 @@ def test_convert_torch_files(tmp_path, suffix, key):
     assert_file_holds(tmp_path / "out.flashpack", state_dict())
 
 
+_FSDP2_SAVE = r"""
+import sys
+import torch, torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import init_device_mesh
+
+rank, store, directory, full = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Embedding(11, 6), torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)).to(torch.bfloat16)
+model[1].register_buffer("scale", torch.arange(5.0))
+fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+optimizer = torch.optim.Adam(model.parameters())
+model(torch.arange(4)).float().sum().backward()
+optimizer.step()
+model_state, optimizer_state = get_state_dict(model, optimizer)
+# The layout of torch's own FSDP2 recipe: one stateful "app" entry holding both.
+dcp.save({"app": {"model": model_state, "optim": optimizer_state}, "step": 1}, checkpoint_id=directory)
+whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if rank == 0:
+    torch.save(whole, full)
+dist.destroy_process_group()
+"""
+
+
+def test_convert_a_distributed_checkpoint_of_two_ranks(tmp_path):
+    # FSDP2 training saves with torch.distributed.checkpoint: one .distcp file of shards per
+    # rank and a .metadata file. convert puts each tensor of the model back together.
+    directory, full = tmp_path / "step-1", tmp_path / "full.pt"
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+                       OMP_NUM_THREADS="1")
+    ranks = [subprocess.Popen([sys.executable, "-c", _FSDP2_SAVE, str(rank), str(tmp_path / "store"), str(directory),
+                               str(full)], env=environment, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for rank in ranks:
+        assert rank.wait(timeout=300) == 0, rank.stderr.read()
+    assert sorted(name for name in os.listdir(directory) if name.endswith(".distcp")) == ["__0_0.distcp",
+                                                                                         "__1_0.distcp"]
+    result = run("convert", directory, tmp_path / "model.flashpack")
+    assert "wrote" in result.stdout
+    expected = torch.load(full, weights_only=True)
+    assert set(expected) == {"0.weight", "1.weight", "1.bias", "1.scale", "2.weight", "2.bias"}
+    assert_file_holds(tmp_path / "model.flashpack", expected)
+    # By default, into the checkpoint's folder, as for a folder of weights.
+    run("convert", directory)
+    assert_file_holds(directory / "model.flashpack", expected)
+
+
+class _Marker:
+    """Leaves a file behind when unpickled: a stand-in for code a pickle runs."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_distributed_checkpoint_is_converted_without_running_its_pickles(tmp_path):
+    # dcp.load unpickles the .metadata file and every non-tensor entry with pickle. convert
+    # reads the metadata building only what such a file holds, and reads only tensors.
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from flashpack_ops.commands import convert_to_flashpack
+
+    marker = tmp_path / "ran"
+    directory = tmp_path / "checkpoint"
+    dcp.save({"model": state_dict(), "extra": _Marker(str(marker))}, checkpoint_id=str(directory), no_dist=True)
+    destination = convert_to_flashpack(str(directory), str(tmp_path / "m.flashpack"))
+    assert_file_holds(destination, state_dict())
+    assert not marker.exists()
+
+    with open(directory / ".metadata", "wb") as f:
+        pickle.dump(_Marker(str(marker)), f)
+    with pytest.raises(ValueError, match=r"checkpoint/.metadata is not a torch.distributed.checkpoint metadata file: "
+                                         r"it would build (builtins|io).open, which such a file does not hold"):
+        convert_to_flashpack(str(directory), str(tmp_path / "m2.flashpack"))
+    assert not marker.exists() and not (tmp_path / "m2.flashpack").exists()
+
+
+def test_a_distributed_checkpoint_without_a_model_part_says_what_it_holds(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"teacher": state_dict(), "student": state_dict(1)}, checkpoint_id=str(tmp_path / "c"), no_dist=True)
+    result = run("convert", tmp_path / "c", tmp_path / "m.flashpack", check=False)
+    assert_one_line_error(result, "which part of this checkpoint is the model? It holds ['teacher', 'student'], and none is named "
+                                 "state_dict, model_state_dict, model or module")
+    dcp.save({"model": {**state_dict(), "note": "text"}}, checkpoint_id=str(tmp_path / "d"), no_dist=True)
+    result = run("convert", tmp_path / "d", tmp_path / "m.flashpack", check=False)
+    assert_one_line_error(result, "holds entries that are not tensors: ['note']")
+
+
 def run_without_safetensors(*args):
     """The CLI in a process where safetensors cannot be imported, as where it is not installed."""
     launcher = ("import sys\n"
