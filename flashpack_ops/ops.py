@@ -121,8 +121,8 @@ def _type_name(value: Any) -> str:
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a DTensor (FSDP2, tensor parallelism): this rank's part of a tensor
-    split over a device mesh. None is unless torch.distributed.tensor has been imported, so
-    the check imports nothing."""
+    split over a device mesh. No tensor is one before torch.distributed.tensor is imported,
+    so the check imports nothing."""
     dtensor = sys.modules.get("torch.distributed.tensor")
     return dtensor is not None and isinstance(tensor, dtensor.DTensor)
 
