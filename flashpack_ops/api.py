@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, TypeVar, Union
 
@@ -870,6 +871,16 @@ def assign_from_file(
                          "gradients of the parameters it was built with, not of new ones put in their place. Load "
                          "the model before wrapping it, or copy the file into its parameters: "
                          "model.module.load_state_dict(flashpack_ops.load_file(path))")
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # (no model holds one before it is imported)
+    fsdp1 = None if fsdp is None else next((m for m in model.modules()
+                                            if isinstance(m, fsdp.FullyShardedDataParallel)), None)
+    if fsdp1 is not None:
+        # FSDP (the first) keeps this rank's shard of its modules' parameters flattened into one
+        # of its own: the model has none of the file's names to assign to.
+        raise ValueError(f"flashpack_ops.assign_from_file: cannot load {os.fspath(path)} into "
+                         f"{type(model).__name__} by assignment: it holds a {type(fsdp1).__name__}, which keeps "
+                         "its parameters flattened and sharded. Load the model before wrapping it, or copy the "
+                         "file into its shards: model.load_state_dict(flashpack_ops.load_file(path))")
 
     def check_strategy() -> None:  # on every rank at once, where the load's arguments are agreed
         if distributed_sharded:

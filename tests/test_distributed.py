@@ -475,3 +475,44 @@ def test_a_ddp_model_is_refused_with_the_way_to_load_it(tmp_path):
             r"DistributedDataParallel, which averages the gradients of the parameters it was built with, .*"
             r"model.module.load_state_dict\(flashpack_ops.load_file\(path\)\)$", out[what]), out[what]
     assert out["kept"] and out["loaded"]
+
+
+_FSDP1_SCRIPT = r"""
+import json, sys
+import torch, torch.distributed as dist
+import flashpack_ops
+from torch.distributed.fsdp import FullyShardedDataParallel
+
+path = sys.argv[1]
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+torch.manual_seed(0)
+source = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 3))
+flashpack_ops.save_file(source.state_dict(), path)
+model = FullyShardedDataParallel(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 3)),
+                                 device_id=torch.device("cpu"))
+out = {}
+try:
+    flashpack_ops.assign_from_file(model, path)
+    out["assign"] = None
+except ValueError as error:
+    out["assign"] = str(error)
+# The way the error points to.
+model.load_state_dict(flashpack_ops.load_file(path))
+x = torch.ones(2, 8)
+out["loaded"] = torch.equal(model(x), source(x))
+dist.destroy_process_group()
+print(json.dumps(out))
+"""
+
+
+def test_an_fsdp1_model_is_refused_with_the_way_to_load_it(tmp_path):
+    # FSDP (the first) flattens its modules' parameters into sharded ones of its own.
+    result = subprocess.run([sys.executable, "-c", _FSDP1_SCRIPT, str(tmp_path / "model.flashpack")],
+                            env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["assign"] is not None and re.match(
+        r"flashpack_ops.assign_from_file: cannot load .*model.flashpack into FullyShardedDataParallel by assignment: "
+        r"it holds a FullyShardedDataParallel, which keeps its parameters flattened and sharded\. .*"
+        r"model.load_state_dict\(flashpack_ops.load_file\(path\)\)$", out["assign"]), out["assign"]
+    assert out["loaded"]
