@@ -140,6 +140,7 @@ def read_distributed_checkpoint(directory: str) -> Dict[str, torch.Tensor]:
     # As torch's own dcp_to_torch_save reads a checkpoint into a dict built from its metadata
     # (dcp.load fills only the keys of the dict it is given).
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -186,7 +187,15 @@ def read_distributed_checkpoint(directory: str) -> Dict[str, torch.Tensor]:
     if not chosen:
         raise ValueError(f"{directory}: the checkpoint holds no tensors")
     state: Dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=set(chosen)), no_dist=True)
+    try:
+        _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=set(chosen)),
+                         no_dist=True)
+    except CheckpointException as error:  # a BaseException, holding each rank's own error
+        causes = [f[0] if isinstance(f, tuple) else f for f in (getattr(error, "failures", None) or {}).values()]
+        cause = causes[0] if causes and isinstance(causes[0], BaseException) else error
+        reason = (str(cause).strip().splitlines() or [""])[0]
+        raise ValueError(f"{directory}: torch.distributed.checkpoint cannot read its tensors (a .distcp file "
+                         f"truncated or damaged?): {type(cause).__name__}: {reason}") from None
     for part in prefix:
         state = state[part]
     return {str(name): tensor for name, tensor in state.items()}

@@ -170,6 +170,19 @@ def test_a_distributed_checkpoint_without_a_model_part_says_what_it_holds(tmp_pa
     assert_one_line_error(result, "holds entries that are not tensors: ['note']")
 
 
+def test_a_damaged_distributed_checkpoint_is_one_line_error(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"model": state_dict()}, checkpoint_id=str(tmp_path / "c"), no_dist=True)
+    (shard,) = (tmp_path / "c").glob("*.distcp")
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    result = run("convert", tmp_path / "c", tmp_path / "m.flashpack", check=False)
+    assert_one_line_error(result, "c: torch.distributed.checkpoint cannot read its tensors (a .distcp file truncated "
+                                  "or damaged?): RuntimeError: ")
+    assert not (tmp_path / "m.flashpack").exists()
+
+
 def run_without_safetensors(*args):
     """The CLI in a process where safetensors cannot be imported, as where it is not installed."""
     launcher = ("import sys\n"
