@@ -375,39 +375,54 @@ def test_read_range_refuses_bytes_past_the_file(files, offset, length):
         torch.ops.flashpack.read_range(files["mixed"], offset, length, "cpu")
 
 
-_FSDP2_SCRIPT = r"""
+_WORLD_OF_ONE = r"""
 import json, sys
 import torch, torch.distributed as dist
 import flashpack_ops
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, init_device_mesh
 
-path, saved = sys.argv[1], sys.argv[2]
+def error_of(call):
+    try:
+        call()
+    except ValueError as error:
+        return str(error)
+    return None
+
+path = sys.argv[1]
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 torch.manual_seed(0)
 source = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 3))
 flashpack_ops.save_file(source.state_dict(), path)
 model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 3))
+"""
+
+
+def run_in_a_world_of_one(script, path, *args):
+    """Runs `script` in a process of its own, in a gloo world of one, after saving a small
+    model `source` to `path` and building another, `model`; returns the dict `out` it made."""
+    code = _WORLD_OF_ONE + script + "\ndist.destroy_process_group()\nprint(json.dumps(out))\n"
+    result = subprocess.run([sys.executable, "-c", code, str(path), *map(str, args)],
+                            env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+_FSDP2_SCRIPT = r"""
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, init_device_mesh
+
+saved = sys.argv[2]
 fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
 shards = [p.to_local().clone() for p in model.parameters()]
-out = {}
-for what, call in [("save_file", lambda: flashpack_ops.save_file(model.state_dict(), saved)),
-                   ("pack_to_file", lambda: flashpack_ops.pack_to_file(model, saved)),
-                   ("assign_from_file", lambda: flashpack_ops.assign_from_file(model, path))]:
-    try:
-        call()
-        out[what] = None
-    except ValueError as error:
-        out[what] = str(error)
+out = {"save_file": error_of(lambda: flashpack_ops.save_file(model.state_dict(), saved)),
+       "pack_to_file": error_of(lambda: flashpack_ops.pack_to_file(model, saved)),
+       "assign_from_file": error_of(lambda: flashpack_ops.assign_from_file(model, path))}
 out["still_sharded"] = all(isinstance(p, DTensor) and torch.equal(p.to_local(), s)
                            for p, s in zip(model.parameters(), shards))
 # The way the error points to: the whole tensors copied into this rank's shards.
 set_model_state_dict(model, flashpack_ops.load_file(path), options=StateDictOptions(full_state_dict=True))
 out["loaded"] = all(isinstance(p, DTensor) and torch.equal(p.full_tensor(), q)
                     for p, q in zip(model.parameters(), source.parameters()))
-dist.destroy_process_group()
-print(json.dumps(out))
 """
 
 
@@ -417,10 +432,7 @@ def test_an_fsdp2_model_is_refused_with_the_way_to_save_and_load_it(tmp_path):
     # its place would quietly undo the sharding. Both say what to call instead.
     saved = tmp_path / "saved.flashpack"
     flashpack_ops.save_file({"old": torch.arange(5.0)}, str(saved))
-    result = subprocess.run([sys.executable, "-c", _FSDP2_SCRIPT, str(tmp_path / "model.flashpack"), str(saved)],
-                            env=worker_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_in_a_world_of_one(_FSDP2_SCRIPT, tmp_path / "model.flashpack", saved)
     for what in ("save_file", "pack_to_file"):
         assert out[what] is not None and out[what].startswith(f"cannot save '{saved}': '0.weight' is a DTensor, split "
                                                               "over a device mesh as (Shard(dim=0),): gather it with "
@@ -434,41 +446,22 @@ def test_an_fsdp2_model_is_refused_with_the_way_to_save_and_load_it(tmp_path):
 
 
 _DDP_SCRIPT = r"""
-import json, sys
-import torch, torch.distributed as dist
-import flashpack_ops
-
-path = sys.argv[1]
-dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-torch.manual_seed(0)
-source = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 3))
-flashpack_ops.save_file(source.state_dict(), path)
-model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 3)))
+model = torch.nn.parallel.DistributedDataParallel(model)
 before = list(model.module.parameters())
-out = {}
-for what, target in [("ddp", model), ("compiled_ddp", torch.compile(model))]:
-    try:
-        flashpack_ops.assign_from_file(target, path)
-        out[what] = None
-    except ValueError as error:
-        out[what] = str(error)
+out = {"ddp": error_of(lambda: flashpack_ops.assign_from_file(model, path)),
+       "compiled_ddp": error_of(lambda: flashpack_ops.assign_from_file(torch.compile(model), path))}
 out["kept"] = all(p is q for p, q in zip(model.module.parameters(), before))
 # The way the error points to: a copy into the parameters DDP was built with.
 model.module.load_state_dict(flashpack_ops.load_file(path))
 out["loaded"] = all(p is q and torch.equal(p, s) for p, q, s in zip(model.module.parameters(), before,
                                                                      source.parameters()))
-dist.destroy_process_group()
-print(json.dumps(out))
 """
 
 
 def test_a_ddp_model_is_refused_with_the_way_to_load_it(tmp_path):
     # DDP averages the gradients of the parameters it was built with: parameters assigned in
     # their place would train on each rank's own gradients, the ranks drifting apart silently.
-    result = subprocess.run([sys.executable, "-c", _DDP_SCRIPT, str(tmp_path / "model.flashpack")],
-                            env=worker_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_in_a_world_of_one(_DDP_SCRIPT, tmp_path / "model.flashpack")
     for what, wrapper in (("ddp", "DistributedDataParallel"), ("compiled_ddp", "OptimizedModule")):
         assert out[what] is not None and re.match(
             rf"flashpack_ops.assign_from_file: cannot load .*model.flashpack into {wrapper} by assignment: it holds a "
@@ -478,39 +471,20 @@ def test_a_ddp_model_is_refused_with_the_way_to_load_it(tmp_path):
 
 
 _FSDP1_SCRIPT = r"""
-import json, sys
-import torch, torch.distributed as dist
-import flashpack_ops
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-path = sys.argv[1]
-dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-torch.manual_seed(0)
-source = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 3))
-flashpack_ops.save_file(source.state_dict(), path)
-model = FullyShardedDataParallel(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 3)),
-                                 device_id=torch.device("cpu"))
-out = {}
-try:
-    flashpack_ops.assign_from_file(model, path)
-    out["assign"] = None
-except ValueError as error:
-    out["assign"] = str(error)
+model = FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+out = {"assign": error_of(lambda: flashpack_ops.assign_from_file(model, path))}
 # The way the error points to.
 model.load_state_dict(flashpack_ops.load_file(path))
 x = torch.ones(2, 8)
 out["loaded"] = torch.equal(model(x), source(x))
-dist.destroy_process_group()
-print(json.dumps(out))
 """
 
 
 def test_an_fsdp1_model_is_refused_with_the_way_to_load_it(tmp_path):
     # FSDP (the first) flattens its modules' parameters into sharded ones of its own.
-    result = subprocess.run([sys.executable, "-c", _FSDP1_SCRIPT, str(tmp_path / "model.flashpack")],
-                            env=worker_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_in_a_world_of_one(_FSDP1_SCRIPT, tmp_path / "model.flashpack")
     assert out["assign"] is not None and re.match(
         r"flashpack_ops.assign_from_file: cannot load .*model.flashpack into FullyShardedDataParallel by assignment: "
         r"it holds a FullyShardedDataParallel, which keeps its parameters flattened and sharded\. .*"
