@@ -1,16 +1,17 @@
 // The CUDA path: the payload goes from the file to one allocation per block on the GPU,
-// by one of two routes.
+// by one of three routes.
 //
-//   staged      worker threads pread chunks (buffered, or O_DIRECT for files not in the
-//               page cache) into a fixed ring of pinned buffers; each filled buffer is
-//               copied to the GPU with cudaMemcpyAsync on one of a few rotating streams,
-//               and refilled only once an event says its copy finished.
-//   registered  for files already in the page cache: chunks of a read-only mapping of the
-//               file are registered with the driver (cudaHostRegisterReadOnly) and the GPU
-//               copies straight out of the page cache, no host-side copy at all; a chunk is
-//               unregistered once its copy finished.
+//   buffered    worker threads pread chunks into a fixed ring of pinned buffers; each
+//               filled buffer is copied to the GPU with cudaMemcpyAsync on one of a few
+//               rotating streams, and refilled only once an event says its copy finished.
+//               What `auto` picks for a file in the page cache.
+//   direct      the same, reading with O_DIRECT: the disk's DMA lands in the pinned ring,
+//               past the page cache. What `auto` picks for a file not in the page cache.
+//   registered  (asked for only) chunks of a read-only mapping of the file are registered
+//               with the driver (cudaHostRegisterReadOnly) and the GPU copies straight out
+//               of the page cache; a chunk is unregistered once its copy finished.
 //
-// Both routes run the same pipeline (Pipeline below) and hold a bounded amount of pinned
+// All routes run the same pipeline (Pipeline below) and hold a bounded amount of pinned
 // memory whatever the file size. The destination blocks are allocated on the caller's
 // current stream; the copy streams wait for that allocation first, and the caller's stream
 // waits for the copy streams at the end, so the outputs are ready to use on it.
@@ -89,21 +90,23 @@ constexpr uint64_t kMaxSlots = 256;
 constexpr uint64_t kMinAutoChunkBytes = 1 * kMiB;
 constexpr uint64_t kMaxAutoChunkBytes = 64 * kMiB;
 // A file counts as cached when this share of the sampled payload pages is resident.
-// NOTE: below 1, so that a cached file that lost a few pages to reclaim still takes the
-// registered route (registration pins the pages, reading the missing ones in from disk),
-// while a file only partly cached is read buffered, where readers overlap their waits on the
-// disk with the copies. 0.9 is a judgement, not a measurement: no GPU run has timed a
-// partly cached file yet.
+// NOTE: below 1, so that a cached file that lost a few pages to reclaim is still read
+// buffered (the missing pages cost a disk read each, the rest a memory copy), while a file
+// mostly on disk is read with O_DIRECT. 0.9 is a judgement, not a measurement: no GPU run has
+// timed a partly cached file yet.
 constexpr double kWarmFraction = 0.9;
 
 enum class Route { Auto, Direct, Buffered, Register };
 
-// NOTE: files not in the page cache are read buffered by default: on the measured H100
-// host's disk, 8 buffered readers got 2.2 GB/s against 1.5 GB/s for O_DIRECT at any reader
-// count (benchmarks/RESULTS.md), and a buffered read stays fast when the residency check misjudges a
-// cached file. O_DIRECT remains one option away (route="direct") for disks where the page
-// cache copy becomes the bottleneck.
-constexpr Route kColdRoute = Route::Buffered;
+// NOTE: measured on the H200 host, 3.5 GB file, median of 3 (benchmarks/RESULTS.md,
+// 2026-11-27): in the page cache, staged by 16 buffered readers it reached the GPU at
+// 43.0 GB/s, registered at 15.9-21.1 GB/s whatever the chunk size and thread count
+// (cudaHostUnregister alone took 0.4-0.9 s of thread time per load); on disk, O_DIRECT gave
+// 2.15 GB/s against 1.48 GB/s buffered (the reference package's 16 direct readers: 1.90).
+// O_DIRECT leaves the page cache as it was: a file read that way is as cold the next time,
+// so route="buffered" suits a file loaded again and again after a reboot.
+constexpr Route kWarmRoute = Route::Buffered;
+constexpr Route kColdRoute = Route::Direct;
 
 const char* route_name(Route r) {
   switch (r) {
@@ -353,11 +356,11 @@ std::optional<bool> page_cached(int fd, uint64_t offset) {
 }
 
 // The share of the payload [begin, end) that sits in the page cache, from a sample of it;
-// 0 when it cannot tell (the caller then treats the file as cold).
-double resident_fraction(const InputFile& file, const ReadOnlyMap& map, uint64_t begin, uint64_t end) {
+// nothing when it cannot tell.
+std::optional<double> resident_fraction(const InputFile& file, const ReadOnlyMap& map, uint64_t begin, uint64_t end) {
   const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
   begin = align_down(begin, page);
-  if (end <= begin) return 0.0;
+  if (end <= begin) return std::nullopt;
   const uint64_t pages = (end - begin + page - 1) / page;
   // NOTE: 64 windows of 64 pages cost a few microseconds whatever the file size; a full
   // mincore of a 3.5 GB file would walk 850,000 pages on every load.
@@ -398,7 +401,8 @@ double resident_fraction(const InputFile& file, const ReadOnlyMap& map, uint64_t
   if (w == windows) return static_cast<double>(cached) / static_cast<double>(windows);
   // No such reads here: mincore's word where it tells, memory where the filesystem is memory.
   if (all_resident && mincore_tells(file)) return 1.0;
-  return in_memory_filesystem(file.fd()) ? 1.0 : 0.0;
+  if (in_memory_filesystem(file.fd())) return 1.0;
+  return std::nullopt;
 }
 
 // A second descriptor on the same open file with O_DIRECT, or -1 where the filesystem has
@@ -834,9 +838,8 @@ void copy_registered(ReadOnlyMap& map, const std::string& path, const Layout& la
 Route choose_route(Route asked, const InputFile& file, const ReadOnlyMap& map, const Layout& layout,
                    c10::DeviceIndex device) {
   if (asked == Route::Direct || asked == Route::Buffered) return asked;
-  const bool can_register = map.ok() && register_supported(device);
   if (asked == Route::Register) {
-    if (can_register) return Route::Register;
+    if (map.ok() && register_supported(device)) return Route::Register;
     ++cuda::stats().register_fallbacks;
     return Route::Buffered;
   }
@@ -847,13 +850,12 @@ Route choose_route(Route asked, const InputFile& file, const ReadOnlyMap& map, c
     begin = std::min(begin, b.offset_bytes);
     end = std::max(end, b.offset_bytes + b.length_bytes);
   }
-  if (resident_fraction(file, map, begin, end) < kWarmFraction) return kColdRoute;
-  // NOTE: on the H100 host (benchmarks/RESULTS.md) the page cache reaches the GPU at ~55 GB/s once registered (chunks
-  // register at 53.6 GB/s with 4 threads, overlapped with the copies), while staging costs
-  // a host copy that tops out at 48.4 GB/s with 16 threads before any DMA.
-  if (can_register) return Route::Register;
-  ++cuda::stats().register_fallbacks;  // a cached file that registration would have served
-  return Route::Buffered;
+  const std::optional<double> resident = resident_fraction(file, map, begin, end);
+  // NOTE: where the page cache cannot be asked, buffered: on a cached file O_DIRECT would
+  // still go to the disk (20 times slower on the H200 host), while buffered reads of a
+  // file on disk lose a third at most.
+  if (!resident) return Route::Buffered;
+  return *resident < kWarmFraction ? kColdRoute : kWarmRoute;
 }
 
 std::vector<at::Tensor> load_on(const InputFile& file, c10::DeviceIndex index, const LoadOptions& opts,
