@@ -2,7 +2,9 @@
 
 Environment flags (read once, here):
   FLASHPACK_FORCE_CUDA=1   build the CUDA path even if torch reports no GPU (needs nvcc)
-  FLASHPACK_NO_CUDA=1      build the CPU-only library even where CUDA is available
+  FLASHPACK_NO_CUDA=1      build the CPU-only library even where CUDA is available (wins over
+                           FLASHPACK_FORCE_CUDA, so that one command can ask for a CPU build
+                           in an environment that forces CUDA)
   FLASHPACK_DEBUG=1        -O0 -g, for debuggers and sanitizers
 """
 
@@ -38,7 +40,7 @@ NO_CUDA = os.environ.get("FLASHPACK_NO_CUDA", "0") == "1"
 DEBUG = os.environ.get("FLASHPACK_DEBUG", "0") == "1"
 # CUDA needs a CUDA build of torch and nvcc; a GPU is only needed to run, not to build.
 WITH_CUDA = not NO_CUDA and torch.version.cuda is not None and CUDA_HOME is not None
-if FORCE_CUDA and not WITH_CUDA:
+if FORCE_CUDA and not NO_CUDA and not WITH_CUDA:
     raise RuntimeError("FLASHPACK_FORCE_CUDA=1 but torch has no CUDA or nvcc was not found")
 print(
     f"flashpack_ops build: torch {torch.__version__}, WITH_CUDA={WITH_CUDA} "

@@ -194,8 +194,10 @@ def read_distributed_checkpoint(directory: str) -> Dict[str, torch.Tensor]:
         causes = [f[0] if isinstance(f, tuple) else f for f in (getattr(error, "failures", None) or {}).values()]
         cause = causes[0] if causes and isinstance(causes[0], BaseException) else error
         reason = (str(cause).strip().splitlines() or [""])[0]
+        # torch's reader fails as the damage leads it: RuntimeError, or EOFError with no words.
+        said = f"{type(cause).__name__}: {reason}" if reason else type(cause).__name__
         raise ValueError(f"{directory}: torch.distributed.checkpoint cannot read its tensors (a .distcp file "
-                         f"truncated or damaged?): {type(cause).__name__}: {reason}") from None
+                         f"truncated or damaged?): {said}") from None
     for part in prefix:
         state = state[part]
     return {str(name): tensor for name, tensor in state.items()}
