@@ -65,7 +65,8 @@ import glob, importlib.util, os, shutil
 modules = {"flashpack": "flashpack", "accelerate": "accelerate", "click": "click", "matplotlib": "matplotlib",
            "contourpy": "contourpy", "cycler": "cycler", "fonttools": "fontTools", "kiwisolver": "kiwisolver",
            "pillow": "PIL", "pyparsing": "pyparsing", "python_dateutil": "dateutil", "six": "six",
-           "psutil": "psutil"}
+           "psutil": "psutil", "diffusers": "diffusers", "importlib_metadata": "importlib_metadata",
+           "zipp": "zipp"}
 for wheel in sorted(glob.glob(".whl/*.whl")):
     dist = os.path.basename(wheel).split("-")[0].lower()
     if dist == "ninja":  # a program: wanted where none is on PATH
@@ -168,10 +169,14 @@ fi
 # (scripted and compiled loads to cuda, concurrency, memory, distributed, mixins); the
 # LibTorch program runs its CUDA checks where there is a GPU.
 gpu_tests="cuda or nccl or gpu or libtorch"
+# In parallel where pytest-xdist is there: one after the other they took over 120 s on the
+# H200 host (the LibTorch program's builds, compiles), 62 s with 8 workers.
+parallel=()
+if "$PY" -c "import xdist" 2> /dev/null; then parallel=(-n 8); fi
 gpu_tests_limit=$(( $(left) - 10 > 120 ? 120 : $(left) - 10 ))
 if ((gpu_tests_limit > 30)); then
   tests "$gpu_tests_limit" "GPU tests elsewhere" tests --ignore=tests/test_cuda.py --ignore=tests/cuda_emulator \
-    -k "$gpu_tests"
+    -k "$gpu_tests" "${parallel[@]}"
 else
   note "GPU tests elsewhere: not run, out of time"
 fi
@@ -179,8 +184,6 @@ fi
 # ---- the rest of the suite (CPU tests; CI runs them too), with what time is left ----
 rest_limit=$(( $(left) - 5 ))
 if ((rest_limit > 30)); then
-  parallel=()
-  if "$PY" -c "import xdist" 2> /dev/null; then parallel=(-n 8); fi
   tests "$rest_limit" "rest of the suite" tests --ignore=tests/test_cuda.py --ignore=tests/cuda_emulator \
     -k "not ($gpu_tests)" "${parallel[@]}"
 else
