@@ -40,6 +40,8 @@ cd "$ROOT" || exit 1
 # The machine's python3 may be marked externally managed; this is a throwaway machine.
 export PIP_BREAK_SYSTEM_PACKAGES=1
 ulimit -c 0  # a step stopped with SIGABRT (below) must not leave a core dump of GBs behind
+# A test process that dies of a signal prints its threads' native stacks (tests/conftest.py).
+export FLASHPACK_NATIVE_STACKS=1
 start=$SECONDS
 left() { echo $((BUDGET_S - (SECONDS - start))); }
 status=()
@@ -118,7 +120,9 @@ tests() {  # tests LIMIT TITLE PYTEST-ARGS...
   echo "==== $title" >> "$OUT/tests.log"
   # A test stuck for a minute prints every thread's stack (then goes on waiting). At the limit,
   # SIGINT: pytest stops as on Ctrl-C and still prints its summary (the failures so far).
-  timeout -s INT -k 15 "$limit" "$PY" -m pytest -q -rfEs -p no:cacheprovider -o faulthandler_timeout=60 "$@" \
+  # --capture=sys: the native stacks of a test process killed by a signal (FLASHPACK_NATIVE_STACKS
+  # above) are written to file descriptor 2, which pytest's default capture would swallow with the process.
+  timeout -s INT -k 15 "$limit" "$PY" -m pytest -q -rfEs -p no:cacheprovider --capture=sys -o faulthandler_timeout=60 "$@" \
     > "$OUT/tests.part" 2>&1
   local rc=$?
   cat "$OUT/tests.part" >> "$OUT/tests.log"

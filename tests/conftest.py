@@ -28,6 +28,11 @@ import torch._functorch.config  # noqa: E402
 
 torch._functorch.config.error_on_custom_op_aliasing = True
 
+# FLASHPACK_NATIVE_STACKS=1 (benchmarks/gpu_check.sh sets it): a test process that dies of a
+# fatal signal prints every thread's native stack, where faulthandler prints Python frames only.
+if os.environ.get("FLASHPACK_NATIVE_STACKS") == "1" and hasattr(torch._C, "_set_print_stack_traces_on_fatal_signal"):
+    torch._C._set_print_stack_traces_on_fatal_signal(True)
+
 # Every dtype torch has that holds plain bits (quantized dtypes carry scale and zero
 # point and are refused with a clear error instead).
 STORABLE_DTYPES = [
