@@ -46,6 +46,9 @@ PEERS = MAIN_LOADERS[1:]
 # ones after the page cache is emptied.
 VARIANTS = {
     "flashpack_ops[register]": dict(route="register"),
+    # Copies out of the mapped file (non-temporal stores) instead of read() into the ring.
+    "flashpack_ops[mapped]": dict(route="mapped"),
+    "flashpack_ops[mapped 32 threads]": dict(route="mapped", num_threads=32),
     "flashpack_ops[buffered 8 threads]": dict(route="buffered", num_threads=8),
     "flashpack_ops[buffered 32 threads]": dict(route="buffered", num_threads=32),
     "flashpack_ops[buffered 4MiB chunks]": dict(route="buffered", chunk_bytes=4 * MiB),
@@ -716,7 +719,8 @@ def steps(row) -> str:
     names = {"ns_read": "read", "ns_register": "reg", "ns_unregister": "unreg", "ns_wait": "wait",
              "ns_unmap": "unmap (after)"}
     # The route the bytes took (auto picks one per load).
-    routes = {"bytes_buffered": "buffered", "bytes_direct": "direct", "bytes_registered": "registered"}
+    routes = {"bytes_buffered": "buffered", "bytes_direct": "direct", "bytes_mapped": "mapped",
+              "bytes_registered": "registered"}
     took = "+".join(label for k, label in routes.items() if run.get(k))
     return " ".join([f"[{took}]"] * bool(took) + [f"{label} {run[k] / 1e6:.1f}" for k, label in names.items() if run.get(k)])
 

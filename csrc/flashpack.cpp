@@ -52,9 +52,9 @@ void check_options(const LoadOptions& opts, const std::string& path) {
     }
   }
   const std::string& r = opts.route;
-  if (!r.empty() && r != "auto" && r != "direct" && r != "buffered" && r != "register") {
+  if (!r.empty() && r != "auto" && r != "direct" && r != "buffered" && r != "mapped" && r != "register") {
     throw std::invalid_argument("cannot load '" + path + "': unknown route '" + r +
-                                "' (expected auto, direct, buffered or register)");
+                                "' (expected auto, direct, buffered, mapped or register)");
   }
 }
 

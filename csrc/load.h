@@ -25,7 +25,7 @@ struct LoadOptions {
   int64_t chunk_bytes = 0;     // FLASHPACK_CHUNK_BYTES: bytes per read / registration
   int64_t pinned_bytes = 0;    // FLASHPACK_PINNED_BYTES: pinned memory one load may hold (256 MiB)
   int64_t num_streams = 0;     // FLASHPACK_NUM_STREAMS: copy streams (4)
-  std::string route = "auto";  // FLASHPACK_CUDA_ROUTE: auto, direct, buffered or register
+  std::string route = "auto";  // FLASHPACK_CUDA_ROUTE: auto, direct, buffered, mapped or register
   bool blocks = false;         // return the blocks themselves (see block_tensors), not the entries
   // Only these entries (format.h select_entries); the file's other bytes are not read.
   std::optional<std::vector<std::string>> names;

@@ -74,7 +74,7 @@ def _device(device: Optional[DeviceLike], what: str = "", argument: str = "devic
                          f"(\"cpu\", \"cuda\", \"cuda:1\" or a GPU index; {reason})") from None
 
 
-_ROUTES = ("auto", "direct", "buffered", "register")
+_ROUTES = ("auto", "direct", "buffered", "mapped", "register")
 
 # Integer dtypes by width: views through them index, copy and compare the bits of any dtype
 # (float8, sub-byte and bits dtypes lack kernels of their own).
@@ -271,8 +271,8 @@ def load_file(
             default (``FLASHPACK_PINNED_BYTES``).
         num_streams: CUDA only; copy streams, 4 by default (``FLASHPACK_NUM_STREAMS``).
         route: CUDA only; ``"auto"`` (buffered reads if the file is in the page cache, else
-            O_DIRECT reads), ``"direct"`` (O_DIRECT reads), ``"buffered"`` or ``"register"``
-            (``FLASHPACK_CUDA_ROUTE``). See docs/cuda.md.
+            O_DIRECT reads), ``"direct"`` (O_DIRECT reads), ``"buffered"``, ``"mapped"`` or
+            ``"register"`` (``FLASHPACK_CUDA_ROUTE``). See docs/cuda.md.
         verify: check the payload against the checksums stored by ``save_file(...,
             checksum=True)`` before returning (on the host, also for CUDA; the whole file,
             also with ``names``).
@@ -306,7 +306,7 @@ def load_file(
     if route not in _ROUTES:
         # Checked here for every device: the CPU path has no use for it and would not say.
         raise ValueError(f"cannot load '{os.fspath(path)}': unknown route {route!r} (expected auto, direct, "
-                         "buffered or register)")
+                         "buffered, mapped or register)")
     _check_arguments(f"cannot load '{os.fspath(path)}'",
                      ints={"num_threads": num_threads, "chunk_bytes": chunk_bytes, "pinned_bytes": pinned_bytes,
                            "num_streams": num_streams}, bools={"copy": copy, "verify": verify})
@@ -365,7 +365,8 @@ def cuda_stats(reset_peaks: bool = False) -> Dict[str, int]:
     process-wide pool now / at most), ``registered_bytes`` / ``registered_peak_bytes``
     (file pages registered with the driver), ``loads`` (CUDA loads completed), and the bytes
     copied to GPUs after an O_DIRECT read (``bytes_direct``), a buffered read
-    (``bytes_buffered``) or straight from the registered page cache (``bytes_registered``),
+    (``bytes_buffered``), a copy out of the mapped file (``bytes_mapped``) or straight from
+    the registered page cache (``bytes_registered``),
     and ``register_fallbacks`` (loads that staged because the driver refused or cannot do registration);
     ``ns_loads``, ``ns_read``, ``ns_register``, ``ns_unregister`` and ``ns_wait``: time spent
     loading, and in each step summed over threads (nanoseconds, see docs/cuda.md);
@@ -542,7 +543,8 @@ def _check_options(op: str, path: str, num_threads: int = 0, chunk_bytes: int = 
         if value < 0:
             _refuse(f"{op}: cannot load '{path}': {name} must be >= 0 (0 picks the default), got {value}")
     if route not in _ROUTES:
-        _refuse(f"{op}: cannot load '{path}': unknown route {route!r} (expected auto, direct, buffered or register)")
+        _refuse(f"{op}: cannot load '{path}': unknown route {route!r} (expected auto, direct, buffered, mapped or "
+                f"register)")
 
 
 def _fake_footer(op: str, path: str, device: torch.device) -> Tuple[Dict[str, Any], List[Tuple[str, int]]]:

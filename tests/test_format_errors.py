@@ -372,7 +372,7 @@ def test_numpy_bools_and_integers_are_taken_as_the_operators_take_them(tmp_file)
     ({"chunk_bytes": -1}, r"chunk_bytes must be >= 0"),
     ({"pinned_bytes": -5}, r"pinned_bytes must be >= 0"),
     ({"num_streams": -2}, r"num_streams must be >= 0"),
-    ({"route": "fast"}, r"unknown route 'fast' \(expected auto, direct, buffered or register\)"),
+    ({"route": "fast"}, r"unknown route 'fast' \(expected auto, direct, buffered, mapped or register\)"),
 ])
 @pytest.mark.parametrize("copy", [False, True])
 def test_bad_load_options_are_named_on_the_cpu_too(tmp_file, kwargs, message, copy):

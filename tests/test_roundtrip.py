@@ -457,7 +457,7 @@ def test_target_dtype_by_name_and_device_none(tmp_file):
 
 def test_an_unknown_route_is_refused_on_every_device(tmp_file):
     flashpack_ops.save_file({"w": torch.ones(2)}, tmp_file)
-    with pytest.raises(ValueError, match=r"unknown route 'bogus' \(expected auto, direct, buffered or register\)"):
+    with pytest.raises(ValueError, match=r"unknown route 'bogus' \(expected auto, direct, buffered, mapped or register\)"):
         flashpack_ops.load_file(tmp_file, route="bogus")
 
 

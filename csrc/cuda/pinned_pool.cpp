@@ -207,6 +207,7 @@ std::vector<std::pair<std::string, int64_t>> stats_snapshot(bool reset_peaks) {
       {"loads", s.loads.load()},
       {"bytes_direct", s.bytes_direct.load()},
       {"bytes_buffered", s.bytes_buffered.load()},
+      {"bytes_mapped", s.bytes_mapped.load()},
       {"bytes_registered", s.bytes_registered.load()},
       {"register_fallbacks", s.register_fallbacks.load()},
       {"ns_loads", s.ns_loads.load()},

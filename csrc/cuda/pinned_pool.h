@@ -74,6 +74,7 @@ struct Stats {
   std::atomic<int64_t> loads{0};                // CUDA loads completed
   std::atomic<int64_t> bytes_direct{0};         // copied to a GPU after an O_DIRECT read
   std::atomic<int64_t> bytes_buffered{0};       // copied to a GPU after a buffered read
+  std::atomic<int64_t> bytes_mapped{0};         // copied to a GPU after a copy out of the mapped file
   std::atomic<int64_t> bytes_registered{0};     // copied to a GPU straight from the registered mapping
   std::atomic<int64_t> register_fallbacks{0};   // loads that fell back to staging after a refused registration
   // Where the time goes, in nanoseconds, for tuning (docs/cuda.md). Steps run on several
