@@ -811,10 +811,24 @@ def table(report) -> str:
         checks.append(f"warm >= 45 GB/s: {'PASS' if warm['gbps'] >= 45 else 'MISS'} ({warm['gbps']:.1f})")
     if cold:
         checks.append(f"cold >= 2.0 GB/s: {'PASS' if cold['gbps'] >= 2.0 else 'MISS'} ({cold['gbps']:.2f})")
+        ceiling = max((v for k, v in c.items() if k.startswith("cold_read_") and isinstance(v, (int, float))),
+                      default=None)
+        if ceiling:
+            share = cold["gbps"] / ceiling
+            checks.append(f"cold >= 90% of the read ceiling: {'PASS' if share >= 0.9 else 'MISS'} ({100 * share:.0f}%)")
     if small:
         checks.append(f"small warm <= 0.05 s: {'PASS' if small['median_s'] <= 0.05 else 'MISS'} ({small['median_s']:.3f})")
     if checks and m["device"].startswith("cuda"):
         lines.append("targets: " + "; ".join(checks))
+    # The fastest way this run found for each case, the default included: what a default
+    # should become.
+    for dataset, cache in (("llm", "warm"), ("llm", "cold"), ("small", "warm")):
+        rows = [r for r in report["results"] if r["dataset"] == dataset and r["cache"] == cache and "median_s" in r
+                and (r["loader"] == "flashpack_ops" or r["loader"].startswith("flashpack_ops["))]
+        if len(rows) > 1:
+            best = min(rows, key=lambda r: r["median_s"])
+            lines.append(f"fastest setting, {dataset} {cache}: {best['loader']} {best['gbps']:.2f} GB/s "
+                         f"({best['median_s']:.3f} s)")
     if report["skipped"] or report["errors"]:
         lines.append("skipped: " + (", ".join(report["skipped"]) or "-") + "; errors: " + (" | ".join(report["errors"]) or "-"))
     return "\n".join(lines)
