@@ -7,6 +7,7 @@ tests/cuda_emulator/ runs them on a machine without a GPU, against an emulated C
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -742,6 +743,75 @@ def test_a_bad_environment_variable_is_named(mixed, monkeypatch):
     monkeypatch.setenv("FLASHPACK_CHUNK_BYTES", "8MB")
     with pytest.raises(ValueError, match=r"FLASHPACK_CHUNK_BYTES='8MB' is not a non-negative integer"):
         load_file(path, "cuda")
+
+
+TRUNCATION_SCRIPT = r"""
+import os, sys, threading, time, torch
+from flashpack_ops import load_file, save_file
+path, attempts, route = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+tensors = {f"w{k}": torch.full((256 * 1024,), k, dtype=torch.float32) for k in range(16)}  # 16 MiB
+loaded = failed = 0
+for attempt in range(attempts):
+    save_file(tensors, path, durable=False)  # a new file each time, its pages cached
+    cut = threading.Timer((attempt % 20) * 0.0005, os.truncate, (path, 4096))
+    cut.start()
+    try:
+        out = load_file(path, "cuda", route=route, chunk_bytes=256 * 1024, pinned_bytes=2 << 20)
+    except (RuntimeError, ValueError) as e:
+        assert path in str(e), e
+        failed += 1
+    else:
+        assert all(torch.equal(out[k].cpu(), t) for k, t in tensors.items())
+        loaded += 1
+    cut.join()
+print(loaded, failed)
+"""
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("route", ["mapped", "buffered"])
+def test_a_file_truncated_while_it_loads_is_an_error_not_a_crash(tmp_path, route):
+    # The file is cut to 4 KiB at a different moment of each load: a load either finished
+    # first (bit-exact) or raises an error naming the file. The mapped route copies out of a
+    # mapping, where reading a truncated page raises SIGBUS, which must not kill the process.
+    out = subprocess.run([sys.executable, "-c", TRUNCATION_SCRIPT, str(tmp_path / "t.flashpack"), "60", route],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
+    loaded, failed = map(int, out.stdout.split())
+    assert loaded + failed == 60 and failed > 0, out.stdout
+
+
+FOREIGN_SIGBUS_SCRIPT = r"""
+import mmap, os, signal, sys, torch
+from flashpack_ops import load_file, save_file
+path = sys.argv[1]
+save_file({"w": torch.ones(1 << 20)}, path)
+assert torch.equal(load_file(path, "cuda", route="mapped")["w"].cpu(), torch.ones(1 << 20))  # its handler is in
+print("loaded", flush=True)
+if sys.argv[2] == "kill":
+    os.kill(os.getpid(), signal.SIGBUS)
+else:
+    with open(path, "r+b") as f:
+        m = mmap.mmap(f.fileno(), 0)
+        f.truncate(0)
+        m[100]  # past the end of the file now: SIGBUS
+print("survived", flush=True)
+"""
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("how", ["fault", "kill"])
+@pytest.mark.parametrize("faulthandler", [False, True], ids=["plain", "faulthandler"])
+def test_a_sigbus_outside_a_load_still_ends_the_process(tmp_path, how, faulthandler):
+    # The mapped route's SIGBUS handler only catches faults in the range a worker is copying:
+    # any other ends the process as before, through Python's faulthandler where it is on.
+    flags = ["-X", "faulthandler"] if faulthandler else []
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    out = subprocess.run([sys.executable, *flags, "-c", FOREIGN_SIGBUS_SCRIPT, str(tmp_path / "b.flashpack"), how],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert out.stdout.split() == ["loaded"] and out.returncode == -signal.SIGBUS, (out.returncode, out.stderr[-3000:])
+    if faulthandler:
+        assert "Fatal Python error: Bus error" in out.stderr, out.stderr[-3000:]
 
 
 @needs_cuda_build

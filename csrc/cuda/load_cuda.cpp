@@ -30,6 +30,8 @@
 #include <cuda_runtime_api.h>
 
 #include <fcntl.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -650,6 +652,77 @@ void copy_for_device(char* dst, const char* src, size_t n) {
 #endif
 }
 
+// ---- copying out of a mapping without dying of SIGBUS ------------------------------------
+
+// A read through a mapping of a file that was truncated under it raises SIGBUS, which kills
+// the process. While a worker copies out of the mapping, its thread's guard names the range;
+// a SIGBUS at an address in that range jumps back to the guard, which then reads the chunk
+// with pread (and so reports the truncation as an error, or reads what the file holds now).
+// Any other SIGBUS goes where it went before: the previous handler, or the default action.
+struct BusGuard {
+  sigjmp_buf env;
+  const char* begin;
+  const char* end;
+};
+thread_local BusGuard* t_bus_guard = nullptr;
+struct sigaction g_previous_bus {};
+
+void on_sigbus(int sig, siginfo_t* info, void* context) {
+  BusGuard* guard = t_bus_guard;
+  const char* addr = static_cast<const char*>(info->si_addr);
+  // si_code > 0: raised by the kernel for a fault, not sent by kill() or raise().
+  if (guard != nullptr && info->si_code > 0 && addr >= guard->begin && addr < guard->end) {
+    t_bus_guard = nullptr;
+    siglongjmp(guard->env, 1);
+  }
+  if ((g_previous_bus.sa_flags & SA_SIGINFO) != 0 && g_previous_bus.sa_sigaction != nullptr) {
+    g_previous_bus.sa_sigaction(sig, info, context);
+    return;
+  }
+  if (g_previous_bus.sa_handler != SIG_DFL && g_previous_bus.sa_handler != SIG_IGN) {
+    g_previous_bus.sa_handler(sig);
+    return;
+  }
+  // The default action (a fault's SIGBUS cannot be ignored): restored, then the faulting
+  // access runs again on return, or a sent signal is raised again, and the process dies as it
+  // would have without this handler.
+  struct sigaction dfl {};
+  dfl.sa_handler = SIG_DFL;
+  sigemptyset(&dfl.sa_mask);
+  sigaction(SIGBUS, &dfl, nullptr);
+  if (info->si_code <= 0) raise(sig);
+}
+
+void install_bus_handler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction sa {};
+    sa.sa_sigaction = &on_sigbus;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigaction(SIGBUS, &sa, &g_previous_bus);
+  });
+}
+
+// copy_for_device out of the mapped range [begin, end); false if its pages vanished
+// meanwhile (the copy stopped part way: the destination holds some of the bytes).
+bool copy_from_mapping(char* dst, const char* src, size_t n, const char* begin, const char* end) {
+  BusGuard guard;
+  guard.begin = begin;
+  guard.end = end;
+  // Saves the signal mask: the jump leaves the handler with SIGBUS blocked otherwise.
+  if (sigsetjmp(guard.env, 1) != 0) {
+    std::atomic_thread_fence(std::memory_order_seq_cst);  // orders the stores the copy made
+    return false;
+  }
+  t_bus_guard = &guard;
+  std::atomic_signal_fence(std::memory_order_seq_cst);  // the guard is set before the copy starts
+  copy_for_device(dst, src, n);
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  t_bus_guard = nullptr;
+  return true;
+}
+
 // Copies each chunk out of a read-only mapping of the file into its slot's pinned buffer.
 // NOTE: measured on the 2-core VM, a 2 GB file in the page cache into a 256 MiB ring of
 // 8 MiB buffers: prefault + non-temporal copy + drop ran at 6.6 GB/s on one thread and
@@ -659,7 +732,9 @@ void copy_for_device(char* dst, const char* src, size_t n) {
 class MappedSource final : public Source {
  public:
   MappedSource(const InputFile& file, const ReadOnlyMap& map, char* ring, uint64_t buffer_bytes)
-      : file_(file), map_(map), ring_(ring), buffer_bytes_(buffer_bytes) {}
+      : file_(file), map_(map), ring_(ring), buffer_bytes_(buffer_bytes) {
+    install_bus_handler();
+  }
 
   const char* fill(size_t slot, const Chunk& c) override {
     cuda::StepTimer timer(cuda::stats().ns_read);
@@ -669,17 +744,19 @@ class MappedSource final : public Source {
       // covers the file's last page whole.
       char* span = map_.data() + align_down(c.begin, io_align());
       const size_t span_bytes = align_up(c.end, io_align()) - align_down(c.begin, io_align());
-      // NOTE: prefaulting fails with an error where touching a page past the end of the
-      // file would raise SIGBUS (a file truncated since the load began), and the read below
-      // then names the problem. A truncation between this and the copy still raises SIGBUS,
-      // as it does for any mapped read (docs/security.md).
+      // A file truncated since the load began: prefaulting fails with an error where
+      // touching a page past its end would raise SIGBUS, and a truncation during the copy
+      // is caught (copy_from_mapping); either way the read below names the problem.
       if (::madvise(span, span_bytes, MADV_POPULATE_READ) == 0) {
-        copy_for_device(buf, map_.data() + c.begin, c.end - c.begin);
+        const bool copied = copy_from_mapping(buf, map_.data() + c.begin, c.end - c.begin, span, span + span_bytes);
         ::madvise(span, span_bytes, MADV_DONTNEED);  // the page-table entries, not the cached pages
-        cuda::stats().bytes_mapped += static_cast<int64_t>(c.bytes);
-        return buf;
+        if (copied) {
+          cuda::stats().bytes_mapped += static_cast<int64_t>(c.bytes);
+          return buf;
+        }
+      } else if (errno == EINVAL) {
+        populate_ok_.store(false, std::memory_order_relaxed);  // before Linux 5.14
       }
-      if (errno == EINVAL) populate_ok_.store(false, std::memory_order_relaxed);  // before Linux 5.14
     }
     pread_exact(file_.fd(), buf, c.end - c.begin, c.begin, file_.path());
     cuda::stats().bytes_buffered += static_cast<int64_t>(c.bytes);
