@@ -34,6 +34,7 @@
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/vfs.h>
 #include <unistd.h>
@@ -655,25 +656,43 @@ void copy_for_device(char* dst, const char* src, size_t n) {
 // ---- copying out of a mapping without dying of SIGBUS ------------------------------------
 
 // A read through a mapping of a file that was truncated under it raises SIGBUS, which kills
-// the process. While a worker copies out of the mapping, its thread's guard names the range;
-// a SIGBUS at an address in that range jumps back to the guard, which then reads the chunk
-// with pread (and so reports the truncation as an error, or reads what the file holds now).
-// Any other SIGBUS goes where it went before: the previous handler, or the default action.
+// the process. While a worker copies out of the mapping, a guard names its thread and the
+// range; a SIGBUS at an address in that range, in that thread, jumps back to the guard, which
+// then reads the chunk with pread (and so reports the truncation as an error, or reads what
+// the file holds now). Any other SIGBUS goes where it went before: the previous handler, or
+// the default action.
 struct BusGuard {
   sigjmp_buf env;
   const char* begin;
   const char* end;
 };
-thread_local BusGuard* t_bus_guard = nullptr;
+
+// The guards of the copies running now, by thread id. NOTE: not a thread_local: in a
+// library loaded with dlopen, a thread's first access to one may allocate, which a signal
+// handler must not do (the fault may have come in the middle of malloc).
+constexpr size_t kGuardSlots = 1024;
+struct GuardSlot {
+  std::atomic<pid_t> tid{0};
+  std::atomic<BusGuard*> guard{nullptr};
+};
+GuardSlot g_guards[kGuardSlots];
 struct sigaction g_previous_bus {};
 
+pid_t this_thread_id() {
+  return static_cast<pid_t>(::syscall(SYS_gettid));  // async-signal-safe, unlike most of libc
+}
+
 void on_sigbus(int sig, siginfo_t* info, void* context) {
-  BusGuard* guard = t_bus_guard;
-  const char* addr = static_cast<const char*>(info->si_addr);
   // si_code > 0: raised by the kernel for a fault, not sent by kill() or raise().
-  if (guard != nullptr && info->si_code > 0 && addr >= guard->begin && addr < guard->end) {
-    t_bus_guard = nullptr;
-    siglongjmp(guard->env, 1);
+  if (info->si_code > 0) {
+    const pid_t me = this_thread_id();
+    const char* addr = static_cast<const char*>(info->si_addr);
+    for (GuardSlot& slot : g_guards) {
+      if (slot.tid.load(std::memory_order_acquire) != me) continue;
+      BusGuard* guard = slot.guard.load(std::memory_order_relaxed);
+      if (guard != nullptr && addr >= guard->begin && addr < guard->end) siglongjmp(guard->env, 1);
+      break;
+    }
   }
   if ((g_previous_bus.sa_flags & SA_SIGINFO) != 0 && g_previous_bus.sa_sigaction != nullptr) {
     g_previous_bus.sa_sigaction(sig, info, context);
@@ -704,23 +723,38 @@ void install_bus_handler() {
   });
 }
 
-// copy_for_device out of the mapped range [begin, end); false if its pages vanished
-// meanwhile (the copy stopped part way: the destination holds some of the bytes).
+// copy_for_device out of the mapped range [begin, end). False if its pages vanished
+// meanwhile (the copy stopped part way: the destination holds some of the bytes), or if no
+// guard slot was free (nothing was copied).
 bool copy_from_mapping(char* dst, const char* src, size_t n, const char* begin, const char* end) {
+  const pid_t me = this_thread_id();
+  GuardSlot* slot = nullptr;
+  for (GuardSlot& s : g_guards) {
+    pid_t free_tid = 0;
+    if (s.tid.compare_exchange_strong(free_tid, -1, std::memory_order_acquire)) {  // -1: being set up
+      slot = &s;
+      break;
+    }
+  }
+  if (slot == nullptr) return false;
   BusGuard guard;
   guard.begin = begin;
   guard.end = end;
+  volatile bool copied = false;  // volatile: read after a jump back to sigsetjmp
   // Saves the signal mask: the jump leaves the handler with SIGBUS blocked otherwise.
-  if (sigsetjmp(guard.env, 1) != 0) {
+  if (sigsetjmp(guard.env, 1) == 0) {
+    slot->guard.store(&guard, std::memory_order_relaxed);
+    slot->tid.store(me, std::memory_order_release);  // the guard is in place before the copy starts
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    copy_for_device(dst, src, n);
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    copied = true;
+  } else {
     std::atomic_thread_fence(std::memory_order_seq_cst);  // orders the stores the copy made
-    return false;
   }
-  t_bus_guard = &guard;
-  std::atomic_signal_fence(std::memory_order_seq_cst);  // the guard is set before the copy starts
-  copy_for_device(dst, src, n);
-  std::atomic_signal_fence(std::memory_order_seq_cst);
-  t_bus_guard = nullptr;
-  return true;
+  slot->guard.store(nullptr, std::memory_order_relaxed);
+  slot->tid.store(0, std::memory_order_release);
+  return copied;
 }
 
 // Copies each chunk out of a read-only mapping of the file into its slot's pinned buffer.
