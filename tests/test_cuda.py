@@ -800,8 +800,8 @@ print("survived", flush=True)
 
 
 @needs_cuda_build
-@pytest.mark.parametrize("how", ["fault", "kill"])
-@pytest.mark.parametrize("faulthandler", [False, True], ids=["plain", "faulthandler"])
+@pytest.mark.parametrize("how, faulthandler", [("fault", False), ("fault", True), ("kill", False)],
+                         ids=["fault", "fault-faulthandler", "kill"])
 def test_a_sigbus_outside_a_load_still_ends_the_process(tmp_path, how, faulthandler):
     # The mapped route's SIGBUS handler only catches faults in the range a worker is copying:
     # any other ends the process as before, through Python's faulthandler where it is on.
