@@ -270,9 +270,10 @@ def load_file(
         pinned_bytes: CUDA only; pinned host memory this load may hold, 256 MiB by
             default (``FLASHPACK_PINNED_BYTES``).
         num_streams: CUDA only; copy streams, 4 by default (``FLASHPACK_NUM_STREAMS``).
-        route: CUDA only; ``"auto"`` (buffered reads if the file is in the page cache, else
-            O_DIRECT reads), ``"direct"`` (O_DIRECT reads), ``"buffered"``, ``"mapped"`` or
-            ``"register"`` (``FLASHPACK_CUDA_ROUTE``). See docs/cuda.md.
+        route: CUDA only; ``"auto"`` (``"mapped"``, copies out of a mapping of the file, if
+            it is in the page cache, else ``"direct"``, O_DIRECT reads), ``"buffered"``,
+            ``"mapped"``, ``"direct"`` or ``"register"`` (``FLASHPACK_CUDA_ROUTE``). See
+            docs/cuda.md.
         verify: check the payload against the checksums stored by ``save_file(...,
             checksum=True)`` before returning (on the host, also for CUDA; the whole file,
             also with ``names``).
