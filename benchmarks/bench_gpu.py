@@ -41,19 +41,19 @@ GB = 1e9
 MiB = 1 << 20
 MAIN_LOADERS = ["flashpack_ops", "safetensors", "torch.load", "flashpack 0.4.5"]
 PEERS = MAIN_LOADERS[1:]
-# flashpack_ops with one route or setting forced, next to its default ("auto": buffered
-# when the file is cached, O_DIRECT when not). The warm rows run on the cached file, the cold
-# ones after the page cache is emptied.
+# flashpack_ops with one route or setting forced, next to its default ("auto": copies out of
+# the mapped file when it is cached, O_DIRECT reads when not). The warm rows run on the
+# cached file, the cold ones after the page cache is emptied.
 VARIANTS = {
-    "flashpack_ops[register]": dict(route="register"),
-    # Copies out of the mapped file (non-temporal stores) instead of read() into the ring.
-    "flashpack_ops[mapped]": dict(route="mapped"),
-    "flashpack_ops[mapped 32 threads]": dict(route="mapped", num_threads=32),
-    "flashpack_ops[buffered 8 threads]": dict(route="buffered", num_threads=8),
+    # read() into the ring: the warm default until the mapped route took its place.
+    "flashpack_ops[buffered]": dict(route="buffered"),
     "flashpack_ops[buffered 32 threads]": dict(route="buffered", num_threads=32),
-    "flashpack_ops[buffered 4MiB chunks]": dict(route="buffered", chunk_bytes=4 * MiB),
-    "flashpack_ops[buffered 16MiB/512MiB]": dict(route="buffered", chunk_bytes=16 * MiB, pinned_bytes=512 * MiB),
-    "flashpack_ops[buffered 2 streams]": dict(route="buffered", num_streams=2),
+    "flashpack_ops[register]": dict(route="register"),
+    "flashpack_ops[8 threads]": dict(num_threads=8),
+    "flashpack_ops[32 threads]": dict(num_threads=32),
+    "flashpack_ops[4MiB chunks]": dict(chunk_bytes=4 * MiB),
+    "flashpack_ops[16MiB/512MiB]": dict(chunk_bytes=16 * MiB, pinned_bytes=512 * MiB),
+    "flashpack_ops[2 streams]": dict(num_streams=2),
     # Workers that sleep while their copies finish, instead of spinning (the default).
     "flashpack_ops[blocking sync]": dict(env={"FLASHPACK_CUDA_BLOCKING_SYNC": "1"}),
 }
