@@ -54,6 +54,10 @@ def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cxx = ["-O0", "-g"] if DEBUG else ["-O3"]
     cxx += ["-Wall", "-Wno-unused-parameter"]
+    # NOTE: calls between the library's own functions go straight to them, not through the
+    # PLT as calls another library could interpose on would: the footer parser runs a few
+    # such calls per JSON value, and loading 20,000 tensors' index took a sixth longer.
+    cxx += ["-fno-semantic-interposition"]
     kwargs = dict(
         name="flashpack_ops._C",
         sources=sources,

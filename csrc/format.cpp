@@ -126,9 +126,13 @@ c10::ScalarType dtype_of(const Field& f, const char* key, const std::string& pat
 }
 
 // A dimension of a shape: a number, or the kind of whatever stood there instead.
+// One dimension as read, kept until the entry's name is known. No initializers: an entry
+// holds room for kMaxDims of them, and only those read are filled (zeroing all 64 cost
+// 2 KiB of stores per entry).
 struct Dim {
-  json::Kind kind = json::Kind::Null;
-  json::Number num;
+  json::Kind kind;
+  bool is_int;  // as json::Number's, which has initializers
+  int64_t i;
 };
 
 bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) {
@@ -297,9 +301,10 @@ Entry read_entry(json::Reader& r, size_t k, const std::string& path) {
       for (bool first_dim = true; r.next_item(first_dim); ++ndim) {
         const json::Kind kind = r.peek();
         if (ndim < kMaxDims && kind == json::Kind::Number) {
-          dims[ndim] = {kind, r.number()};
+          const json::Number n = r.number();
+          dims[ndim] = {kind, n.is_int, n.i};
         } else {
-          if (ndim < kMaxDims) dims[ndim].kind = kind;
+          if (ndim < kMaxDims) dims[ndim] = {kind, false, 0};
           r.skip();  // a bad dimension is reported below, with the entry's name
         }
       }
@@ -336,7 +341,10 @@ Entry read_entry(json::Reader& r, size_t k, const std::string& path) {
   bool span_overflow = false;
   e.shape.resize(ndim);
   for (size_t d = 0; d < ndim; ++d) {
-    const uint64_t dim = count(true, dims[d].kind, dims[d].num, "shape", path, where);
+    json::Number num;
+    num.is_int = dims[d].is_int;
+    num.i = dims[d].i;
+    const uint64_t dim = count(true, dims[d].kind, num, "shape", path, where);
     e.shape[d] = static_cast<int64_t>(dim);
     numel_overflow |= mul_overflows(numel, dim, &numel);
     if (d > 0) span_overflow |= mul_overflows(span, std::max<uint64_t>(dim, 1), &span);
@@ -373,6 +381,40 @@ std::optional<c10::ScalarType> dtype_from_name(std::string_view name) {
     if (name == d.name) return d.type;
   }
   return std::nullopt;
+}
+
+size_t first_repeated_name(const std::vector<Entry>& entries, bool hashed) {
+  const size_t n = entries.size();
+  if (hashed) {
+    // NOTE: an open-addressing table of entry numbers, not a std::unordered_set, whose node
+    // per name cost a tenth of the parse of 20,000 entries. Names made to collide (a hostile
+    // file) would make the probing quadratic: past a budget the names are sorted instead.
+    size_t slots = 1;
+    while (slots < 2 * n) slots *= 2;
+    std::vector<uint32_t> table(slots, 0);  // an entry's number + 1; 0: free
+    const std::hash<std::string_view> hash;
+    uint64_t budget = 16 * uint64_t(n) + 1024;
+    for (size_t k = 0; k < n; ++k) {
+      for (size_t slot = hash(entries[k].name) & (slots - 1);; slot = (slot + 1) & (slots - 1)) {
+        if (table[slot] == 0) {
+          table[slot] = static_cast<uint32_t>(k + 1);
+          break;
+        }
+        if (entries[table[slot] - 1].name == entries[k].name) return k;
+        if (--budget == 0) return first_repeated_name(entries, false);
+      }
+    }
+    return n;
+  }
+  // A stable sort keeps equal names in index order: each after the first of its group repeats one.
+  std::vector<size_t> order(n);
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return entries[a].name < entries[b].name; });
+  size_t first = n;
+  for (size_t i = 1; i < n; ++i) {
+    if (entries[order[i]].name == entries[order[i - 1]].name) first = std::min(first, order[i]);
+  }
+  return first;
 }
 
 Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::string& path) {
@@ -502,8 +544,6 @@ Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::
     }
   }
 
-  std::unordered_set<std::string_view> seen;
-  seen.reserve(layout.entries.size());
   for (size_t k = 0; k < layout.entries.size(); ++k) {
     const Entry& e = layout.entries[k];
     const Where where{"index entry", k, &e.name};
@@ -518,8 +558,10 @@ Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::
                     ", past the end of macroblock " + std::to_string(e.block) + " (" + std::to_string(b.length_elems) +
                     " elements)");
     }
-    // The set views the names inside the entries, which no longer move.
-    if (!seen.insert(e.name).second) bad(path, where.str() + " appears twice in the index");
+  }
+  const size_t repeat = first_repeated_name(layout.entries);
+  if (repeat < layout.entries.size()) {
+    bad(path, Where{"index entry", repeat, &layout.entries[repeat].name}.str() + " appears twice in the index");
   }
   return layout;
 }
@@ -597,7 +639,9 @@ std::vector<size_t> tie_firsts(const Layout& layout) {
   const auto position = [&](size_t k) { return std::tie(entries[k].block, entries[k].offset, entries[k].length); };
   std::vector<size_t> order(entries.size());
   std::iota(order.begin(), order.end(), size_t{0});
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return position(a) < position(b); });
+  // Writers lay entries out in index order: then there is nothing to sort.
+  const auto before = [&](size_t a, size_t b) { return position(a) < position(b); };
+  if (!std::is_sorted(order.begin(), order.end(), before)) std::stable_sort(order.begin(), order.end(), before);
   std::vector<size_t> first(entries.size());
   std::iota(first.begin(), first.end(), size_t{0});
   for (size_t i = 1; i < order.size(); ++i) {
@@ -821,7 +865,7 @@ Layout plan_layout(const std::vector<SaveRequest>& requests, int64_t align_bytes
       const SaveRequest& r = requests[k];
       Entry& e = layout.entries[k];
       e.name = r.name;
-      e.shape = r.shape;
+      e.shape.assign(r.shape.begin(), r.shape.end());
       e.block = static_cast<uint32_t>(bi);
       e.length = 1;
       for (int64_t d : r.shape) e.length *= static_cast<uint64_t>(d);

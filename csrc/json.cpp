@@ -41,28 +41,13 @@ void Reader::fail(const std::string& what) const {
   throw SyntaxError("malformed JSON at byte " + std::to_string(p_ - begin_) + ": " + what);
 }
 
-void Reader::skip_space() {
-  while (p_ != end_ && (*p_ == ' ' || *p_ == '\t' || *p_ == '\n' || *p_ == '\r')) ++p_;
-}
-
 void Reader::enter() {
   if (++depth_ > kMaxDepth) fail("nesting deeper than " + std::to_string(kMaxDepth) + " levels");
 }
 
-Kind Reader::peek() {
-  skip_space();
+void Reader::fail_peek() const {
   if (p_ == end_) fail("unexpected end of input");
-  switch (*p_) {
-    case '{': return Kind::Object;
-    case '[': return Kind::Array;
-    case '"': return Kind::String;
-    case 't':
-    case 'f': return Kind::Bool;
-    case 'n': return Kind::Null;
-    default:
-      if (*p_ == '-' || (*p_ >= '0' && *p_ <= '9')) return Kind::Number;
-      fail("unexpected character " + describe(*p_));
-  }
+  fail("unexpected character " + describe(*p_));
 }
 
 void Reader::begin_object() {
@@ -99,20 +84,9 @@ void Reader::begin_array() {
   enter();
 }
 
-bool Reader::next_item(bool& first) {
-  skip_space();
+void Reader::fail_item() const {
   if (p_ == end_) fail("unterminated array");
-  if (*p_ == ']') {
-    ++p_;
-    --depth_;
-    return false;
-  }
-  if (!first) {
-    if (*p_ != ',') fail("expected ',' or ']' in an array");
-    ++p_;
-  }
-  first = false;
-  return true;
+  fail("expected ',' or ']' in an array");
 }
 
 // Validates one UTF-8 sequence starting at p_ and steps over it.

@@ -43,7 +43,22 @@ class Reader {
   explicit Reader(std::string_view text);
 
   // The kind of the next value (after white space), without consuming it.
-  Kind peek();
+  Kind peek() {
+    skip_space();
+    if (p_ != end_) {
+      switch (*p_) {
+        case '{': return Kind::Object;
+        case '[': return Kind::Array;
+        case '"': return Kind::String;
+        case 't':
+        case 'f': return Kind::Bool;
+        case 'n': return Kind::Null;
+        default:
+          if (*p_ == '-' || (*p_ >= '0' && *p_ <= '9')) return Kind::Number;
+      }
+    }
+    fail_peek();
+  }
 
   void begin_object();
   // Advances to the next member: false at the closing '}', else the key is stored in
@@ -52,7 +67,21 @@ class Reader {
 
   void begin_array();
   // Advances to the next item: false at the closing ']'.
-  bool next_item(bool& first);
+  bool next_item(bool& first) {
+    skip_space();
+    if (p_ == end_) fail_item();
+    if (*p_ == ']') {
+      ++p_;
+      --depth_;
+      return false;
+    }
+    if (!first) {
+      if (*p_ != ',') fail_item();
+      ++p_;
+    }
+    first = false;
+    return true;
+  }
 
   // A string value; the view points into the text, or into `storage` if it held escapes.
   std::string_view string(std::string& storage);
@@ -67,7 +96,16 @@ class Reader {
   [[noreturn]] void fail(const std::string& what) const;
 
  private:
-  void skip_space();
+  // NOTE: inline, with the failures out of line: a footer indexing 20,000 tensors is read
+  // on every load, and these run a few times per value (a call each cost a tenth of a parse).
+  void skip_space() {
+    while (p_ != end_ && static_cast<unsigned char>(*p_) <= ' ' &&
+           (*p_ == ' ' || *p_ == '\t' || *p_ == '\n' || *p_ == '\r')) {
+      ++p_;
+    }
+  }
+  [[noreturn]] void fail_peek() const;
+  [[noreturn]] void fail_item() const;
   void enter();
   void utf8_sequence();
   unsigned hex4();

@@ -85,8 +85,10 @@ std::vector<c10::Storage> read_blocks(const InputFile& file, const Layout& layou
 
 namespace {
 
+// A tensor's memory keeps its block alive with a reference on the block's StorageImpl,
+// held in the DataPtr's context itself: no allocation per tensor for it.
 void release_block(void* ctx) {
-  delete static_cast<c10::Storage*>(ctx);
+  c10::raw::intrusive_ptr::decref(static_cast<c10::StorageImpl*>(ctx));
 }
 
 }  // namespace
@@ -120,7 +122,9 @@ std::vector<at::Tensor> make_views(const Layout& layout, const std::vector<c10::
       const uint64_t esize = c10::elementSize(b.dtype);
       const c10::Storage& block = blocks[e.block];
       char* data = static_cast<char*>(block.mutable_data()) + e.offset * esize;
-      c10::DataPtr ptr(data, new c10::Storage(block), &release_block, block.device());
+      c10::StorageImpl* owner = block.unsafeGetStorageImpl();
+      c10::raw::intrusive_ptr::incref(owner);
+      c10::DataPtr ptr(data, owner, &release_block, block.device());
       storage = c10::Storage(c10::Storage::use_byte_size_t(), e.length * esize, std::move(ptr), nullptr, false);
     }
     auto impl = c10::make_intrusive<c10::TensorImpl>(std::move(storage), keys, c10::scalarTypeToTypeMeta(b.dtype));

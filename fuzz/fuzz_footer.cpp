@@ -82,6 +82,18 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return 0;
   }
   check_inside(layout);
+  // Repeated names: the hashed check (the one parse_footer ran) and the sorted one agree,
+  // here where there are none and with one made from the input's last bytes.
+  const size_t n = layout.entries.size();
+  if (flashpack::first_repeated_name(layout.entries, false) != n) broken("a name the parser let through twice");
+  if (n >= 2) {
+    const size_t from = data[size - 1] % n, to = data[size - 2] % n;
+    flashpack::Layout twice = layout;
+    twice.entries[to].name = twice.entries[from].name;
+    const size_t hashed = flashpack::first_repeated_name(twice.entries);
+    if (hashed != flashpack::first_repeated_name(twice.entries, false)) broken("the two repeated-name checks disagree");
+    if (from != to && hashed != std::max(from, to)) broken("the repeated name found is not the later entry");
+  }
   (void)flashpack::layout_signature(layout);  // what a compiled load compares: any valid layout has one
   const std::string rewritten = flashpack::footer_json(layout);
   flashpack::Layout again;

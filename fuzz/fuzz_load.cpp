@@ -95,7 +95,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const uint64_t esize = c10::elementSize(b.dtype);
     for (const at::Tensor* t : {&mapped[k], &copied[k]}) {
       if (t->scalar_type() != b.dtype) broken("dtype differs from the footer for '" + e.name + "'");
-      if (t->sizes().vec() != e.shape) broken("shape differs from the footer for '" + e.name + "'");
+      if (t->sizes() != c10::IntArrayRef(e.shape)) broken("shape differs from the footer for '" + e.name + "'");
       if (!t->is_contiguous()) broken("'" + e.name + "' is not contiguous");
       const uint64_t end = (static_cast<uint64_t>(t->storage_offset()) + static_cast<uint64_t>(t->numel())) * esize;
       if (end > t->storage().nbytes()) broken("'" + e.name + "' reaches past its storage");

@@ -110,6 +110,19 @@ def test_broken_json(tmp_path, footer):
     expect_error(path, "not valid JSON|not a JSON object")
 
 
+@pytest.mark.parametrize("footer, pattern", [
+    (b'{"a": [1 2]}', "at byte 9: expected ',' or '\\]' in an array"),
+    (b'{"a": [1, 2', "at byte 11: unterminated array"),
+    (b'{"a": [', "at byte 7: unterminated array"),
+    (b'{"a": @}', "at byte 6: unexpected character '@'"),
+    (b'{"a": \x01}', "at byte 6: unexpected character byte 0x01"),
+    (b'{"a": ', "at byte 6: unexpected end of input"),
+])
+def test_broken_json_says_where_and_what(tmp_path, footer, pattern):
+    path = write_raw(tmp_path / "json.flashpack", b"", footer)
+    expect_error(path, "malformed JSON " + pattern)
+
+
 @pytest.mark.parametrize("depth", [64, 1000, 200_000])
 def test_deeply_nested_json_does_not_blow_the_stack(tmp_path, depth):
     # The object is one level, the arrays the rest.
@@ -175,6 +188,17 @@ def test_bad_index_entries(tmp_path, entry, pattern):
 def test_duplicate_names(tmp_path):
     path = write_raw(tmp_path / "dup.flashpack", b"\0" * 64, v4([GOOD_ENTRY, GOOD_ENTRY], [GOOD_BLOCK]))
     expect_error(path, "index entry 'w' appears twice")
+
+
+def test_a_repeated_name_among_thousands(tmp_path):
+    # 5,000 distinct names but one, repeated far from its first: the error names it.
+    index = [dict(GOOD_ENTRY, name=f"layers.{k}.weight", shape=[0], offset=0, length=0) for k in range(5000)]
+    index[4321]["name"] = "layers.1234.weight"
+    path = write_raw(tmp_path / "dup.flashpack", b"\0" * 64, v4(index, [GOOD_BLOCK]))
+    expect_error(path, "index entry 'layers.1234.weight' appears twice")
+    del index[4321]
+    path = write_raw(tmp_path / "distinct.flashpack", b"\0" * 64, v4(index, [GOOD_BLOCK]))
+    assert list(flashpack_ops.load_file(path)) == [e["name"] for e in index]
 
 
 @pytest.mark.parametrize("block, pattern", [
