@@ -1,5 +1,6 @@
 """Round trips on the CPU: every dtype and shape, ties, order, zero-copy and copy modes."""
 
+import gc
 import os
 import stat
 
@@ -532,3 +533,31 @@ def test_large_tensors_that_need_converting_are_written_a_slice_of_rows_at_a_tim
     for name, t in tensors.items():
         expected = t.resolve_conj() if t.is_complex() or not t.is_floating_point() else t.bfloat16()
         assert loaded[name].dtype == expected.dtype and torch.equal(loaded[name], expected), name
+
+
+def test_a_load_of_many_tensors_runs_no_garbage_collection(tmp_file):
+    # Each tensor brings two Python objects; the collector's passes over them are put off
+    # until the load returns (at most the one that starts as it does), and the collector is
+    # left on or off as the caller had it, failed loads included.
+    tensors = {f"t{k}": torch.full((2,), k, dtype=torch.int32) for k in range(5000)}
+    flashpack_ops.save_file(tensors, tmp_file, durable=False)
+    passes = []
+    callback = lambda phase, info: passes.append(info["generation"]) if phase == "start" else None  # noqa: E731
+    gc.collect()
+    gc.callbacks.append(callback)
+    try:
+        loaded = flashpack_ops.load_file(tmp_file)
+    finally:
+        gc.callbacks.remove(callback)
+    assert_same_dict(loaded, tensors)
+    assert len(passes) <= 1, passes
+    assert gc.isenabled()
+    with pytest.raises(ValueError, match="has no entry"):
+        flashpack_ops.load_file(tmp_file, names=["missing"])
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        assert_same_dict(flashpack_ops.load_file(tmp_file), tensors)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
