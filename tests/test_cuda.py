@@ -797,6 +797,42 @@ def test_a_file_truncated_while_it_loads_is_an_error_not_a_crash(tmp_path, route
     assert loaded + failed == 60 and failed > 0, out.stdout
 
 
+HANDLER_SCRIPT = r"""
+import faulthandler, signal, sys, torch
+from flashpack_ops import cuda_stats, load_file, save_file
+path = sys.argv[1]
+tensors = {"w": torch.arange(1 << 20, dtype=torch.float32)}
+save_file(tensors, path)
+def route():
+    before = cuda_stats()
+    out = load_file(path, "cuda", route="mapped")
+    assert torch.equal(out["w"].cpu(), tensors["w"])
+    after = cuda_stats()
+    return "mapped" if after["bytes_mapped"] > before["bytes_mapped"] else "buffered"
+steps = [route()]
+faulthandler.enable()  # its SIGBUS handler replaces the load's guard
+steps.append(route())
+faulthandler.disable()  # and gives it back
+steps.append(route())
+signal.signal(signal.SIGBUS, lambda *args: None)
+steps.append(route())
+signal.signal(signal.SIGBUS, signal.SIG_DFL)  # the default: the next mapped load guards again
+steps.append(route())
+print(" ".join(steps))
+"""
+
+
+@needs_cuda_build
+def test_the_mapped_route_copies_only_under_its_sigbus_guard(tmp_path):
+    # A SIGBUS handler installed after the first mapped load takes the signal from its guard:
+    # a truncated file would then kill the process mid-copy, so those loads read with pread.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    out = subprocess.run([sys.executable, "-c", HANDLER_SCRIPT, str(tmp_path / "h.flashpack")],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["mapped", "buffered", "mapped", "buffered", "mapped"], out.stdout
+
+
 FOREIGN_SIGBUS_SCRIPT = r"""
 import mmap, os, signal, sys, torch
 from flashpack_ops import load_file, save_file

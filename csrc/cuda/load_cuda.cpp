@@ -717,15 +717,27 @@ void on_sigbus(int sig, siginfo_t* info, void* context) {
   if (info->si_code <= 0) raise(sig);
 }
 
-void install_bus_handler() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    struct sigaction sa {};
-    sa.sa_sigaction = &on_sigbus;
-    sigemptyset(&sa.sa_mask);
-    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
-    sigaction(SIGBUS, &sa, &g_previous_bus);
-  });
+// Whether a SIGBUS comes to on_sigbus now. The first mapped load installs it, chained to the
+// handler there was; a later one installs it again once the signal is back at its default
+// action. A handler installed since (Python's faulthandler enabled after the first load) is
+// left in place: the guard is then off, and the load reads with pread, as the buffered route.
+bool bus_guard_in_place() {
+  static std::mutex mutex;
+  static bool installed = false;
+  std::lock_guard<std::mutex> lock(mutex);
+  struct sigaction current {};
+  if (sigaction(SIGBUS, nullptr, &current) != 0) return false;
+  if ((current.sa_flags & SA_SIGINFO) != 0 && current.sa_sigaction == &on_sigbus) return true;
+  const bool by_default = (current.sa_flags & SA_SIGINFO) == 0 && current.sa_handler == SIG_DFL;
+  if (installed && !by_default) return false;
+  // g_previous_bus changes only while on_sigbus is not installed, so no handler reads it meanwhile.
+  struct sigaction sa {};
+  sa.sa_sigaction = &on_sigbus;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  if (sigaction(SIGBUS, &sa, &g_previous_bus) != 0) return false;
+  installed = true;
+  return true;
 }
 
 // copy_for_device out of the mapped range [begin, end). False if its pages vanished
@@ -771,14 +783,12 @@ bool copy_from_mapping(char* dst, const char* src, size_t n, const char* begin, 
 class MappedSource final : public Source {
  public:
   MappedSource(const InputFile& file, const ReadOnlyMap& map, char* ring, uint64_t buffer_bytes)
-      : file_(file), map_(map), ring_(ring), buffer_bytes_(buffer_bytes) {
-    install_bus_handler();
-  }
+      : file_(file), map_(map), ring_(ring), buffer_bytes_(buffer_bytes), guarded_(bus_guard_in_place()) {}
 
   const char* fill(size_t slot, const Chunk& c) override {
     cuda::StepTimer timer(cuda::stats().ns_read);
     char* buf = ring_ + slot * buffer_bytes_;
-    if (populate_ok_.load(std::memory_order_relaxed)) {
+    if (guarded_ && populate_ok_.load(std::memory_order_relaxed)) {
       // The chunk's own pages (chunks never share one, see Chunk); within the mapping, which
       // covers the file's last page whole.
       char* span = map_.data() + align_down(c.begin, io_align());
@@ -809,6 +819,7 @@ class MappedSource final : public Source {
   const ReadOnlyMap& map_;
   char* const ring_;
   const uint64_t buffer_bytes_;
+  const bool guarded_;  // a truncation met while copying is caught (bus_guard_in_place)
   std::atomic<bool> populate_ok_{true};
 };
 
