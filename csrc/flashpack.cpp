@@ -14,7 +14,9 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <future>
+#include <iterator>
 #include <stdexcept>
 #include <system_error>
 #include <tuple>
@@ -52,9 +54,9 @@ void check_options(const LoadOptions& opts, const std::string& path) {
     }
   }
   const std::string& r = opts.route;
-  if (!r.empty() && r != "auto" && r != "direct" && r != "buffered" && r != "mapped" && r != "register") {
-    throw std::invalid_argument("cannot load '" + path + "': unknown route '" + r +
-                                "' (expected auto, direct, buffered, mapped or register)");
+  const auto known = [&](const char* name) { return r == name; };
+  if (!r.empty() && std::none_of(std::begin(kRouteNames), std::end(kRouteNames), known)) {
+    throw std::invalid_argument("cannot load '" + path + "': unknown route '" + r + "' (expected " + kRouteChoices + ")");
   }
 }
 

@@ -17,6 +17,10 @@ namespace flashpack {
 
 class InputFile;
 
+// The CUDA routes a load may ask for (LoadOptions::route), as errors list them.
+inline constexpr const char* kRouteNames[] = {"auto", "direct", "buffered", "mapped", "register"};
+inline constexpr const char* kRouteChoices = "auto, direct, buffered, mapped or register";
+
 struct LoadOptions {
   bool copy = false;        // CPU: read into fresh memory instead of mapping the file
   int64_t num_threads = 0;  // 0: FLASHPACK_NUM_THREADS, else min(cores, 16)

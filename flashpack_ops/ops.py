@@ -77,6 +77,7 @@ def _device(device: Optional[DeviceLike], what: str = "", argument: str = "devic
 
 
 _ROUTES = ("auto", "direct", "buffered", "mapped", "register")
+_ROUTE_CHOICES = "auto, direct, buffered, mapped or register"  # as errors list them
 
 # Integer dtypes by width: views through them index, copy and compare the bits of any dtype
 # (float8, sub-byte and bits dtypes lack kernels of their own).
@@ -308,8 +309,7 @@ def load_file(
     """
     if route not in _ROUTES:
         # Checked here for every device: the CPU path has no use for it and would not say.
-        raise ValueError(f"cannot load '{os.fspath(path)}': unknown route {route!r} (expected auto, direct, "
-                         "buffered, mapped or register)")
+        raise ValueError(f"cannot load '{os.fspath(path)}': unknown route {route!r} (expected {_ROUTE_CHOICES})")
     _check_arguments(f"cannot load '{os.fspath(path)}'",
                      ints={"num_threads": num_threads, "chunk_bytes": chunk_bytes, "pinned_bytes": pinned_bytes,
                            "num_streams": num_streams}, bools={"copy": copy, "verify": verify})
@@ -565,8 +565,7 @@ def _check_options(op: str, path: str, num_threads: int = 0, chunk_bytes: int = 
         if value < 0:
             _refuse(f"{op}: cannot load '{path}': {name} must be >= 0 (0 picks the default), got {value}")
     if route not in _ROUTES:
-        _refuse(f"{op}: cannot load '{path}': unknown route {route!r} (expected auto, direct, buffered, mapped or "
-                f"register)")
+        _refuse(f"{op}: cannot load '{path}': unknown route {route!r} (expected {_ROUTE_CHOICES})")
 
 
 def _fake_footer(op: str, path: str, device: torch.device) -> Tuple[Dict[str, Any], List[Tuple[str, int]]]:

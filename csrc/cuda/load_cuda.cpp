@@ -154,8 +154,8 @@ Route parse_route(const std::string& name, const std::string& path) {
   for (Route r : {Route::Auto, Route::Direct, Route::Buffered, Route::Mapped, Route::Register}) {
     if (name == route_name(r)) return r;
   }
-  throw std::invalid_argument("cannot load '" + path + "': unknown route '" + name +
-                              "' (expected auto, direct, buffered, mapped or register)");
+  throw std::invalid_argument("cannot load '" + path + "': unknown route '" + name + "' (expected " + kRouteChoices +
+                              ")");
 }
 
 struct Tuning {
