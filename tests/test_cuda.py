@@ -89,21 +89,11 @@ def filesystem_type(path) -> str:
 
 
 def supports_o_direct(directory) -> bool:
-    import mmap
-
+    """Whether files in `directory` can be read with O_DIRECT, tried on a probe file."""
     probe = os.path.join(directory, "o_direct_probe")
     with open(probe, "wb") as f:
         f.write(b"\0" * 8192)
-    try:
-        fd = os.open(probe, os.O_RDONLY | os.O_DIRECT)
-    except (OSError, AttributeError):
-        return False
-    try:
-        return os.preadv(fd, [mmap.mmap(-1, 4096)], 0) >= 0
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+    return direct_reads_work(probe)
 
 
 def direct_reads_work(path) -> bool:
@@ -112,7 +102,7 @@ def direct_reads_work(path) -> bool:
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError:
+    except (OSError, AttributeError):  # AttributeError: no O_DIRECT on this platform
         return False
     try:
         os.preadv(fd, [mmap.mmap(-1, 4096)], 0)  # an anonymous mapping: page-aligned, as O_DIRECT needs
