@@ -18,7 +18,10 @@ The table says which was done.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
+import pstats
 import os
 import statistics
 import subprocess
@@ -89,6 +92,49 @@ def time_loads(load: Callable[[], torch.nn.Module], device: str, runs: int, cold
     return times
 
 
+def where_time_goes(name: str, load: Callable[[], torch.nn.Module], device: str) -> None:
+    """One more warm load under cProfile, then one under torch.profiler: which Python calls
+    and which native calls (CUDA runtime calls among them) took the load's time."""
+    from flashpack_ops import cuda_stats
+
+    release(device)
+    before = cuda_stats()
+    profile = cProfile.Profile()
+    sync(device)
+    start = time.perf_counter()
+    profile.enable()
+    model = load()
+    sync(device)
+    profile.disable()
+    total = time.perf_counter() - start
+    after = cuda_stats()
+    del model
+    loads = after.get("loads", 0) - before.get("loads", 0)
+    inside = "; ".join(f"{key[3:]} {(after[key] - before[key]) / 1e6:.1f} ms" for key in after
+                       if key.startswith("ns_") and after[key] != before[key])
+    print(f"\n=== where {name} spends a warm load: {total:.3f} s under cProfile"
+          + (f"; {loads} flashpack CUDA load(s): {inside}" if loads else ""))
+    for order in ("cumulative", "tottime"):
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats(order).print_stats(12)
+        table = text.getvalue()
+        print(f"--- by {order} time\n" + table[table.find("   ncalls"):].rstrip())
+    release(device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    try:
+        with torch.profiler.profile(activities=activities) as profiler:
+            model = load()
+            sync(device)
+        del model
+        print("--- native calls, by their own time (torch.profiler)")
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=48))
+    except Exception as exc:  # noqa: BLE001 - a profiler this build lacks: the numbers above stand
+        print(f"--- torch.profiler failed: {type(exc).__name__}: {exc}")
+    release(device)
+
+
 def directory_bytes(directory: str, suffix: str) -> int:
     return sum(os.path.getsize(os.path.join(directory, n)) for n in os.listdir(directory) if n.endswith(suffix))
 
@@ -102,6 +148,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where to write the two checkpoints (a temp dir)")
     parser.add_argument("--drop-caches", action="store_true", help="cold: drop the whole page cache (root)")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold loads")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the table, profile one more warm load per loader: where its time goes")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     device = args.device
@@ -172,7 +220,10 @@ def main() -> None:
         print(f"| {name} | {gb:.2f} GB | {warm:.3f} | {gb / warm:.2f} | {cold_text} |")
     base, ours = results["transformers from_pretrained"], results["flashpack from_pretrained_flashpack"]
     speedups = f"warm {base[0] / ours[0]:.1f}x" + (f", cold {base[1] / ours[1]:.1f}x" if ours[1] else "")
-    print(f"from_pretrained_flashpack vs from_pretrained: {speedups}; {check}")
+    print(f"from_pretrained_flashpack vs from_pretrained: {speedups}; {check}", flush=True)
+    if args.profile:
+        for name, load in loaders.items():
+            where_time_goes(name, load, device)
 
 
 if __name__ == "__main__":

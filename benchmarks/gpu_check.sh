@@ -161,7 +161,7 @@ transformers_limit=$(( $(left) - 80 > 200 ? 200 : $(left) - 80 ))
 if ((transformers_limit > 60)); then
   mkdir -p "$workdir"
   timeout "$transformers_limit" "$PY" benchmarks/bench_transformers.py --size 1b --device cuda --runs 3 \
-    --drop-caches --workdir "$workdir" ${TRANSFORMERS_ARGS:-} > "$OUT/transformers.log" 2>&1
+    --drop-caches --profile --workdir "$workdir" ${TRANSFORMERS_ARGS:-} > "$OUT/transformers.log" 2>&1
   rc=$?
   note "transformers benchmark: rc=$rc ($((SECONDS - start)) s so far)"
   rm -rf "$workdir"
