@@ -32,6 +32,7 @@ from typing import Callable, Dict, List
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from flashpack_ops import cuda_stats
 from flashpack_ops.integrations.transformers import from_pretrained_flashpack, save_pretrained_flashpack
 
 SIZES = {
@@ -75,28 +76,38 @@ def release(device: str) -> None:
 
 
 def time_loads(load: Callable[[], torch.nn.Module], device: str, runs: int, cold: bool,
-               directories: List[str], whole_cache: bool, how: List[str]) -> List[float]:
+               directories: List[str], whole_cache: bool, how: List[str], routes: List[str]) -> List[float]:
     times = []
     for _ in range(runs):
         # The previous model first, then the page cache: pages a live mapping holds stay cached.
         release(device)
         if cold:
             how.append(drop_file_pages(directories, whole_cache))
+        before = cuda_stats()
         sync(device)
         start = time.perf_counter()
         model = load()
         sync(device)
         times.append(time.perf_counter() - start)
+        routes.append(route_taken(before, cuda_stats()))
         del model
     release(device)
     return times
 
 
+# The CUDA path's byte counters (flashpack_ops.cuda_stats) and the route each names.
+ROUTES = {"bytes_direct": "direct", "bytes_buffered": "buffered", "bytes_mapped": "mapped",
+          "bytes_registered": "registered"}
+
+
+def route_taken(before: Dict[str, int], after: Dict[str, int]) -> str:
+    """The routes a flashpack CUDA load's bytes took ("" for any other load)."""
+    return "+".join(label for key, label in ROUTES.items() if after.get(key, 0) > before.get(key, 0))
+
+
 def where_time_goes(name: str, load: Callable[[], torch.nn.Module], device: str) -> None:
     """One more warm load under cProfile, then one under torch.profiler: which Python calls
     and which native calls (CUDA runtime calls among them) took the load's time."""
-    from flashpack_ops import cuda_stats
-
     release(device)
     before = cuda_stats()
     profile = cProfile.Profile()
@@ -200,9 +211,11 @@ def main() -> None:
     how: List[str] = []
     for column, cold in enumerate([False] if args.no_cold else [False, True]):
         for name, load in loaders.items():
-            times = time_loads(load, device, args.runs, cold, [hf_dir, fp_dir], args.drop_caches, how)
+            routes: List[str] = []
+            times = time_loads(load, device, args.runs, cold, [hf_dir, fp_dir], args.drop_caches, how, routes)
             results[name][column] = statistics.median(times)
-            print(f"  {name}: {'cold' if cold else 'warm'} {times}", flush=True)
+            took = f" (route: {', '.join(routes)})" if any(routes) else ""
+            print(f"  {name}: {'cold' if cold else 'warm'} {times}{took}", flush=True)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() \
