@@ -202,7 +202,12 @@ echo
 if [[ -s "$OUT/transformers.log" ]]; then
   echo
   if grep -q '^[0-9a-z]* Llama, ' "$OUT/transformers.log"; then
-    sed -n '/^[0-9a-z]* Llama, /,$p' "$OUT/transformers.log"
+    # The table and the routes; the profiles after it stay in the log.
+    sed -n '/^[0-9a-z]* Llama, /,/^from_pretrained_flashpack vs /p' "$OUT/transformers.log"
+    grep -E '^  flashpack .*\(route: ' "$OUT/transformers.log" | sed -E 's/: (warm|cold) \[.*\] \(route/: \1 (route/'
+    if grep -q '^=== where ' "$OUT/transformers.log"; then
+      echo "where each loader's warm load spends its time: transformers.log"
+    fi
   else  # stopped or failed before its table: what it measured, and why it stopped
     grep -E '^  .*: (warm|cold) |BIT-EXACT|bit for bit' "$OUT/transformers.log"
     tail -n 5 "$OUT/transformers.log"
