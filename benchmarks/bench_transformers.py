@@ -4,7 +4,8 @@ Builds a Llama-shaped model from a config (about 1.2B parameters, no download), 
 once with ``save_pretrained`` (safetensors) and once with ``save_pretrained_flashpack``,
 then times loading each onto the device, warm (files in the page cache, after one untimed
 load) and cold (the files' pages dropped before every load), in one run. Every loaded
-model is checked bit for bit against the other. Prints a table last.
+model is checked bit for bit against the other. Prints a table last, and with --profile
+after it, where one more warm load of each loader spends its time.
 
     python benchmarks/bench_transformers.py                          # 1b, cuda, bfloat16
     python benchmarks/bench_transformers.py --size tiny --device cpu  # a quick check anywhere
@@ -21,8 +22,8 @@ import argparse
 import cProfile
 import gc
 import io
-import pstats
 import os
+import pstats
 import statistics
 import subprocess
 import tempfile
