@@ -1,7 +1,10 @@
 """The benchmarks' own machinery: what makes a cold load cold, and how it is checked."""
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -53,3 +56,48 @@ def test_transformers_cold_loads_drop_the_files_pages_where_the_whole_cache_cann
     assert bench_transformers.drop_file_pages([str(checkpoint)], whole_cache=True) == "fadvise"
     if not on_tmpfs(tmp_path):
         assert bench_gpu.cached_fraction(str(checkpoint / "model.safetensors")) == 0.0
+
+
+def run_benchmark(name, *args):
+    # As the GPU check runs them, in a process of their own.
+    return subprocess.run([sys.executable, os.path.join(BENCHMARKS, name + ".py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_the_gpu_benchmark_runs_through_on_the_cpu(tmp_path):
+    # Every section of the GPU benchmark's logic, with tiny sizes: a script that breaks would
+    # otherwise be found on the GPU machine, whose time is short.
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    result = run_benchmark("bench_gpu", "--out", out, "--workdir", tmp_path / "work", "--cpu-dry-run")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "bit-exact: every load" in result.stdout
+    assert {"bench.json", "bench.png", "summary.txt"} <= set(os.listdir(out))
+    assert not (tmp_path / "work").exists()  # its files are removed
+    with open(out / "bench.json") as f:
+        report = json.load(f)
+    assert not report["errors"]
+    # Cold runs drop only its own files' pages, not the whole machine's cache, even as root.
+    drops = {row["cache_drop"] for row in report["results"] if "cache_drop" in row}
+    assert drops | {report["ceilings"]["cold_drop"]} == {"fadvise"}
+
+
+def test_the_transformers_benchmark_runs_through_on_the_cpu_with_its_profiles(tmp_path):
+    pytest.importorskip("transformers")
+    result = run_benchmark("bench_transformers", "--size", "tiny", "--device", "cpu", "--runs", "1", "--profile",
+                           "--workdir", tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "the two models are the same, bit for bit (weights and logits)" in result.stdout
+    assert "| flashpack from_pretrained_flashpack | " in result.stdout
+    for loader in ("transformers from_pretrained", "flashpack from_pretrained_flashpack"):
+        assert f"=== where {loader} spends a warm load" in result.stdout
+    assert result.stdout.count("--- native calls, by their own time (torch.profiler)") == 2
+
+
+def test_a_load_is_named_by_the_route_counters_that_grew():
+    bench_transformers = benchmark("bench_transformers")
+    before = {"bytes_direct": 7, "bytes_mapped": 1, "loads": 3}
+    assert bench_transformers.route_taken(before, {"bytes_direct": 7, "bytes_mapped": 9, "loads": 4}) == "mapped"
+    assert bench_transformers.route_taken(before, {"bytes_direct": 8, "bytes_mapped": 9, "loads": 4}) == \
+        "direct+mapped"
+    assert bench_transformers.route_taken({}, {}) == ""  # a load to the CPU, or a build without CUDA
