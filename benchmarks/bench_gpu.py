@@ -729,10 +729,8 @@ def steps(row) -> str:
     run = sorted(runs, key=lambda s: s["ns_loads"])[len(runs) // 2]
     names = {"ns_read": "read", "ns_register": "reg", "ns_unregister": "unreg", "ns_wait": "wait",
              "ns_unmap": "unmap (after)"}
-    # The route the bytes took (auto picks one per load).
-    routes = {"bytes_buffered": "buffered", "bytes_direct": "direct", "bytes_mapped": "mapped",
-              "bytes_registered": "registered"}
-    took = "+".join(label for k, label in routes.items() if run.get(k))
+    # The route the bytes took (auto picks one per load): cuda_stats counts them in bytes_<route>.
+    took = "+".join(k[len("bytes_"):] for k, v in run.items() if k.startswith("bytes_") and v)
     return " ".join([f"[{took}]"] * bool(took) + [f"{label} {run[k] / 1e6:.1f}" for k, label in names.items() if run.get(k)])
 
 

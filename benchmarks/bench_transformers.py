@@ -96,14 +96,11 @@ def time_loads(load: Callable[[], torch.nn.Module], device: str, runs: int, cold
     return times
 
 
-# The CUDA path's byte counters (flashpack_ops.cuda_stats) and the route each names.
-ROUTES = {"bytes_direct": "direct", "bytes_buffered": "buffered", "bytes_mapped": "mapped",
-          "bytes_registered": "registered"}
-
-
 def route_taken(before: Dict[str, int], after: Dict[str, int]) -> str:
-    """The routes a flashpack CUDA load's bytes took ("" for any other load)."""
-    return "+".join(label for key, label in ROUTES.items() if after.get(key, 0) > before.get(key, 0))
+    """The routes a flashpack CUDA load's bytes took ("" for any other load): cuda_stats
+    counts them in ``bytes_<route>``."""
+    return "+".join(key[len("bytes_"):] for key, value in after.items()
+                    if key.startswith("bytes_") and value > before.get(key, 0))
 
 
 def where_time_goes(name: str, load: Callable[[], torch.nn.Module], device: str) -> None:
