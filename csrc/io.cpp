@@ -273,23 +273,35 @@ AtomicWriter::~AtomicWriter() {
 }
 
 void AtomicWriter::pwrite_all(const void* buf, size_t n, uint64_t offset) const {
-  const uint64_t start = offset, end = offset + n;
+  // NOTE: a durable save writes large ranges kWritebackSliceBytes at a time and starts the
+  // write-back of each slice as soon as it is in the page cache, rather than once per
+  // 32 MiB write: the disk gets work sooner and the dirty pages never pile up. On the
+  // 2-core VM, 0.51 GB in 32 MiB tensors saved durably in 0.375-0.822 s (medians of 5 in
+  // four alternating series) before, 0.348-0.355 s after; at 1 and 2 GB both were within
+  // that disk's noise.
+  const size_t slice = durable_ ? kWritebackSliceBytes : n;
+  // NOTE: writes below a slice are the footer and small tensors converted on their own,
+  // left to the fsync in commit(); small tensors written as they are go out in runs, whose
+  // write-back save.cpp starts once per run. A sync_file_range call per small write would
+  // add a system call for little early I/O.
+  const bool large = n >= kWritebackSliceBytes;
   const char* p = static_cast<const char*>(buf);
   while (n > 0) {
-    const ssize_t put = ::pwrite(fd_, p, n, static_cast<off_t>(offset));
-    if (put < 0) {
-      if (errno == EINTR) continue;
-      os_error("cannot write", path_, errno);
+    const size_t todo = std::min(n, slice);
+    const uint64_t start = offset;
+    for (size_t left = todo; left > 0;) {
+      const ssize_t put = ::pwrite(fd_, p, left, static_cast<off_t>(offset));
+      if (put < 0) {
+        if (errno == EINTR) continue;
+        os_error("cannot write", path_, errno);
+      }
+      p += put;
+      left -= static_cast<size_t>(put);
+      offset += static_cast<uint64_t>(put);
     }
-    p += put;
-    n -= static_cast<size_t>(put);
-    offset += static_cast<uint64_t>(put);
+    n -= todo;
+    if (large) start_writeback(start, todo);
   }
-  // NOTE: 1 MiB, save.cpp's kSmallTensorBytes: writes below it are the footer and small
-  // tensors converted on their own, left to the fsync in commit(); small tensors written as
-  // they are go out in runs, whose write-back save.cpp starts once per run. A
-  // sync_file_range call per small write would add a system call for little early I/O.
-  if (end - start >= (uint64_t(1) << 20)) start_writeback(start, end - start);
 }
 
 void AtomicWriter::pwritev_all(iovec* iov, size_t count, uint64_t offset) const {

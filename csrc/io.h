@@ -70,6 +70,9 @@ int default_threads(int64_t requested);
 // std::invalid_argument naming the variable for anything else.
 int64_t env_count(const char* name);
 
+// How much a durable save writes before it starts that range's write-back.
+inline constexpr size_t kWritebackSliceBytes = size_t(1) << 20;
+
 // Writes a new file at `path` atomically: the bytes go to a temporary file in the same
 // directory; commit() fsyncs it, renames it over `path` and fsyncs the directory. If the
 // writer is destroyed without commit() (an exception, say), the temporary file is
@@ -83,8 +86,9 @@ class AtomicWriter {
   AtomicWriter(const AtomicWriter&) = delete;
   AtomicWriter& operator=(const AtomicWriter&) = delete;
 
-  // Thread-safe: distinct ranges may be written from several threads at once.
-  // Ranges of 1 MiB or more also start their write-back (start_writeback).
+  // Thread-safe: distinct ranges may be written from several threads at once. A durable
+  // writer writes a range of kWritebackSliceBytes or more a slice of that size at a time,
+  // starting each slice's write-back (start_writeback).
   void pwrite_all(const void* buf, size_t n, uint64_t offset) const;
   // Writes `count` buffers one after the other from `offset`, retrying short writes; may
   // change the entries of `iov`. Thread-safe, as pwrite_all.
