@@ -336,6 +336,23 @@ def test_small_tensors_written_together_leave_their_neighbours_and_padding_alone
     assert padding == bytes(len(padding))
 
 
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "not-durable"])
+@pytest.mark.parametrize("checksum", [False, True], ids=["plain", "checksum"])
+@pytest.mark.parametrize("align", [1, 8192])
+def test_runs_of_small_tensors_longer_than_a_write_slice(tmp_file, align, checksum, durable):
+    # Runs of small tensors span up to 8 MiB and go out in writes of 1 MiB at most (durable or
+    # checksummed); padding wider than a page splits a write too. Every tensor keeps its bytes.
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"t{k}": torch.randint(-2**31, 2**31 - 1, ((k * 7919) % 60000 + 1,), generator=g, dtype=torch.int32)
+               for k in range(400)}
+    flashpack_ops.save_file(tensors, tmp_file, align_bytes=align, checksum=checksum, durable=durable, num_threads=3)
+    loaded = flashpack_ops.load_file(tmp_file)
+    assert list(loaded) == list(tensors)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    if checksum:
+        flashpack_ops.verify_file(tmp_file)
+
+
 def test_built_with_cuda_reports_the_build():
     assert flashpack_ops.has_cuda() == bool(torch.ops.flashpack.built_with_cuda())
 
