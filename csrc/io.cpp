@@ -282,8 +282,8 @@ void AtomicWriter::pwrite_all(const void* buf, size_t n, uint64_t offset) const 
   const size_t slice = durable_ ? kWritebackSliceBytes : n;
   // NOTE: writes below a slice are the footer and small tensors converted on their own,
   // left to the fsync in commit(); small tensors written as they are go out in runs, whose
-  // write-back save.cpp starts once per run. A sync_file_range call per small write would
-  // add a system call for little early I/O.
+  // write-back save.cpp starts a slice at a time. A sync_file_range call per small write
+  // would add a system call for little early I/O.
   const bool large = n >= kWritebackSliceBytes;
   const char* p = static_cast<const char*>(buf);
   while (n > 0) {
