@@ -22,13 +22,13 @@ LIBS=(-L"$TORCH_DIR/lib" -Wl,-rpath,"$TORCH_DIR/lib" -ltorch_cpu -lc10)
 
 # The code under test is instrumented for coverage; only the harnesses link libFuzzer's main.
 pids=()
-for src in json format io checksum load_cpu; do
+for src in json format io bus_guard checksum load_cpu; do
   "$CXX" "${FLAGS[@]}" -fsanitize=fuzzer-no-link -c "csrc/$src.cpp" -o "$OUT/$src.o" & pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
 
-"$CXX" "${FLAGS[@]}" -fsanitize=fuzzer fuzz/fuzz_footer.cpp "$OUT"/{json,format,io,checksum}.o \
+"$CXX" "${FLAGS[@]}" -fsanitize=fuzzer fuzz/fuzz_footer.cpp "$OUT"/{json,format,io,bus_guard,checksum}.o \
   "${LIBS[@]}" -o "$OUT/fuzz_footer"
-"$CXX" "${FLAGS[@]}" -fsanitize=fuzzer fuzz/fuzz_load.cpp "$OUT"/{json,format,io,checksum,load_cpu}.o \
+"$CXX" "${FLAGS[@]}" -fsanitize=fuzzer fuzz/fuzz_load.cpp "$OUT"/{json,format,io,bus_guard,checksum,load_cpu}.o \
   "${LIBS[@]}" -o "$OUT/fuzz_load"
 echo "built $OUT/fuzz_footer $OUT/fuzz_load"

@@ -19,6 +19,7 @@
 // memory whatever the file size. The destination blocks are allocated on the caller's
 // current stream; the copy streams wait for that allocation first, and the caller's stream
 // waits for the copy streams at the end, so the outputs are ready to use on it.
+#include "bus_guard.h"
 #include "cuda/pinned_pool.h"
 #include "io.h"
 #include "load.h"
@@ -31,18 +32,11 @@
 #include <cuda_runtime_api.h>
 
 #include <fcntl.h>
-#include <setjmp.h>
-#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/vfs.h>
 #include <unistd.h>
-
-#if defined(__x86_64__)
-#include <emmintrin.h>
-#endif
 
 #include <algorithm>
 #include <atomic>
@@ -629,151 +623,6 @@ class StagedSource final : public Source {
 #define MADV_POPULATE_READ 22  // Linux 5.14; older headers lack the name
 #endif
 
-// Copies n bytes into memory that this CPU will not read again: with non-temporal stores on
-// x86-64, so the staging buffer's lines are written to memory without first being read into
-// the cache (the GPU's DMA reads them next, not this core); memcpy elsewhere. Ends with a
-// store fence, so the bytes are in memory before the copy to the GPU is queued.
-void copy_for_device(char* dst, const char* src, size_t n) {
-#if defined(__x86_64__)
-  const size_t head = std::min(n, static_cast<size_t>(-reinterpret_cast<uintptr_t>(dst) % 16));
-  std::memcpy(dst, src, head);
-  dst += head;
-  src += head;
-  n -= head;
-  const size_t body = n / 64 * 64;
-  for (size_t i = 0; i < body; i += 64) {
-    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
-    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 32));
-    const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 48));
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
-  }
-  std::memcpy(dst + body, src + body, n - body);
-  _mm_sfence();
-#else
-  std::memcpy(dst, src, n);
-#endif
-}
-
-// ---- copying out of a mapping without dying of SIGBUS ------------------------------------
-
-// A read through a mapping of a file that was truncated under it raises SIGBUS, which kills
-// the process. While a worker copies out of the mapping, a guard names its thread and the
-// range; a SIGBUS at an address in that range, in that thread, jumps back to the guard, which
-// then reads the chunk with pread (and so reports the truncation as an error, or reads what
-// the file holds now). Any other SIGBUS goes where it went before: the previous handler, or
-// the default action.
-struct BusGuard {
-  sigjmp_buf env;
-  const char* begin;
-  const char* end;
-};
-
-// The guards of the copies running now, by thread id. NOTE: not a thread_local: in a
-// library loaded with dlopen, a thread's first access to one may allocate, which a signal
-// handler must not do (the fault may have come in the middle of malloc).
-constexpr size_t kGuardSlots = 1024;
-struct GuardSlot {
-  std::atomic<pid_t> tid{0};
-  std::atomic<BusGuard*> guard{nullptr};
-};
-GuardSlot g_guards[kGuardSlots];
-struct sigaction g_previous_bus {};
-
-pid_t this_thread_id() {
-  return static_cast<pid_t>(::syscall(SYS_gettid));  // async-signal-safe, unlike most of libc
-}
-
-void on_sigbus(int sig, siginfo_t* info, void* context) {
-  // si_code > 0: raised by the kernel for a fault, not sent by kill() or raise().
-  if (info->si_code > 0) {
-    const pid_t me = this_thread_id();
-    const char* addr = static_cast<const char*>(info->si_addr);
-    for (GuardSlot& slot : g_guards) {
-      if (slot.tid.load(std::memory_order_acquire) != me) continue;
-      BusGuard* guard = slot.guard.load(std::memory_order_relaxed);
-      if (guard != nullptr && addr >= guard->begin && addr < guard->end) siglongjmp(guard->env, 1);
-      break;
-    }
-  }
-  if ((g_previous_bus.sa_flags & SA_SIGINFO) != 0 && g_previous_bus.sa_sigaction != nullptr) {
-    g_previous_bus.sa_sigaction(sig, info, context);
-    return;
-  }
-  if (g_previous_bus.sa_handler != SIG_DFL && g_previous_bus.sa_handler != SIG_IGN) {
-    g_previous_bus.sa_handler(sig);
-    return;
-  }
-  // The default action (a fault's SIGBUS cannot be ignored): restored, then the faulting
-  // access runs again on return, or a sent signal is raised again, and the process dies as it
-  // would have without this handler.
-  struct sigaction dfl {};
-  dfl.sa_handler = SIG_DFL;
-  sigemptyset(&dfl.sa_mask);
-  sigaction(SIGBUS, &dfl, nullptr);
-  if (info->si_code <= 0) raise(sig);
-}
-
-// Whether a SIGBUS comes to on_sigbus now. The first mapped load installs it, chained to the
-// handler there was; a later one installs it again once the signal is back at its default
-// action. A handler installed since (Python's faulthandler enabled after the first load) is
-// left in place: the guard is then off, and the load reads with pread, as the buffered route.
-bool bus_guard_in_place() {
-  static std::mutex mutex;
-  static bool installed = false;
-  std::lock_guard<std::mutex> lock(mutex);
-  struct sigaction current {};
-  if (sigaction(SIGBUS, nullptr, &current) != 0) return false;
-  if ((current.sa_flags & SA_SIGINFO) != 0 && current.sa_sigaction == &on_sigbus) return true;
-  const bool by_default = (current.sa_flags & SA_SIGINFO) == 0 && current.sa_handler == SIG_DFL;
-  if (installed && !by_default) return false;
-  // g_previous_bus changes only while on_sigbus is not installed, so no handler reads it meanwhile.
-  struct sigaction sa {};
-  sa.sa_sigaction = &on_sigbus;
-  sigemptyset(&sa.sa_mask);
-  sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
-  if (sigaction(SIGBUS, &sa, &g_previous_bus) != 0) return false;
-  installed = true;
-  return true;
-}
-
-// copy_for_device out of the mapped range [begin, end). False if its pages vanished
-// meanwhile (the copy stopped part way: the destination holds some of the bytes), or if no
-// guard slot was free (nothing was copied).
-bool copy_from_mapping(char* dst, const char* src, size_t n, const char* begin, const char* end) {
-  const pid_t me = this_thread_id();
-  GuardSlot* slot = nullptr;
-  for (GuardSlot& s : g_guards) {
-    pid_t free_tid = 0;
-    if (s.tid.compare_exchange_strong(free_tid, -1, std::memory_order_acquire)) {  // -1: being set up
-      slot = &s;
-      break;
-    }
-  }
-  if (slot == nullptr) return false;
-  BusGuard guard;
-  guard.begin = begin;
-  guard.end = end;
-  volatile bool copied = false;  // volatile: read after a jump back to sigsetjmp
-  // Saves the signal mask: the jump leaves the handler with SIGBUS blocked otherwise.
-  if (sigsetjmp(guard.env, 1) == 0) {
-    slot->guard.store(&guard, std::memory_order_relaxed);
-    slot->tid.store(me, std::memory_order_release);  // the guard is in place before the copy starts
-    std::atomic_signal_fence(std::memory_order_seq_cst);
-    copy_for_device(dst, src, n);
-    std::atomic_signal_fence(std::memory_order_seq_cst);
-    copied = true;
-  } else {
-    std::atomic_thread_fence(std::memory_order_seq_cst);  // orders the stores the copy made
-  }
-  slot->guard.store(nullptr, std::memory_order_relaxed);
-  slot->tid.store(0, std::memory_order_release);
-  return copied;
-}
-
 // Copies each chunk out of a read-only mapping of the file into its slot's pinned buffer.
 // NOTE: measured on the 2-core VM, a 2 GB file in the page cache into a 256 MiB ring of
 // 8 MiB buffers: prefault + non-temporal copy + drop ran at 6.6 GB/s on one thread and
@@ -795,9 +644,11 @@ class MappedSource final : public Source {
       const size_t span_bytes = align_up(c.end, io_align()) - align_down(c.begin, io_align());
       // A file truncated since the load began: prefaulting fails with an error where
       // touching a page past its end would raise SIGBUS, and a truncation during the copy
-      // is caught (copy_from_mapping); either way the read below names the problem.
+      // is caught (copy_guarded); either way the read below names the problem.
       if (::madvise(span, span_bytes, MADV_POPULATE_READ) == 0) {
-        const bool copied = copy_from_mapping(buf, map_.data() + c.begin, c.end - c.begin, span, span + span_bytes);
+        const bool copied =
+            copy_guarded(buf, map_.data() + c.begin, c.end - c.begin, /*nontemporal=*/true, span, span + span_bytes)
+                .copied;
         ::madvise(span, span_bytes, MADV_DONTNEED);  // the page-table entries, not the cached pages
         if (copied) {
           cuda::stats().bytes_mapped += static_cast<int64_t>(c.bytes);
