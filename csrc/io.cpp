@@ -1,10 +1,13 @@
 #include "io.h"
 
+#include "bus_guard.h"
+
 #include <fcntl.h>
 #include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -14,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <mutex>
 #include <random>
 #include <stdexcept>
@@ -201,7 +205,8 @@ int default_threads(int64_t requested) {
   return static_cast<int>(std::min(16u, std::max(1u, hw)));
 }
 
-AtomicWriter::AtomicWriter(const std::string& path, uint64_t size, bool durable) : path_(path), durable_(durable) {
+AtomicWriter::AtomicWriter(const std::string& path, uint64_t size, bool durable)
+    : path_(path), size_(size), durable_(durable) {
   // Caught here, an empty path would only fail at the rename, after the whole file was written.
   if (path.empty()) throw std::invalid_argument("cannot save to '': the path is empty");
   check_path(path);
@@ -237,7 +242,8 @@ AtomicWriter::AtomicWriter(const std::string& path, uint64_t size, bool durable)
     std::snprintf(suffix, sizeof(suffix), "%08x%08x", rd(), rd());
     tmp_path_ = dir + "/." + base + "." + suffix + ".tmp";
     // 0666 so the finished file gets the usual permissions after the umask.
-    fd_ = ::open(tmp_path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    // Read and write: a shared writable mapping needs both.
+    fd_ = ::open(tmp_path_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
     if (fd_ < 0 && errno != EEXIST) os_error("cannot save '" + path + "': cannot create a temporary file in", dir, errno);
   }
   if (fd_ < 0) os_error("cannot save '" + path + "': cannot create a temporary file in", dir, EEXIST);
@@ -264,10 +270,37 @@ AtomicWriter::AtomicWriter(const std::string& path, uint64_t size, bool durable)
       fd_ = -1;
       os_error("cannot reserve " + std::to_string(size) + " bytes for", path, err);
     }
+    return;  // the blocks are not reserved: a write through a mapping could find no room
   }
+  map_for_writes(size);
+}
+
+void AtomicWriter::map_for_writes(uint64_t size) {
+  // NOTE: writes from 2 threads into a 1 GiB file in the page cache, on the 2-core VM (ext4,
+  // best of 6): 0.32 s with pwrite() (0.37 s from one thread), 0.22-0.26 s through a
+  // shared mapping; profiled, a third of the pwrite() save's kernel time was threads
+  // spinning on the inode's lock. The mapping is taken only where its pages cannot fail for want of room:
+  // blocks reserved by fallocate on filesystems that then write them in place. Its other
+  // failures (the disk, or the file cut short by another program) raise SIGBUS, which the
+  // guard turns into a write() that names the error; where the guard is not in place (a
+  // SIGBUS handler installed since), the writes use pwrite().
+  struct statfs fs;
+  if (::fstatfs(fd_, &fs) != 0) return;
+  constexpr long kExt4 = 0xEF53, kXfs = 0x58465342, kTmpfs = 0x01021994;
+  const long type = static_cast<long>(fs.f_type);
+  if (type != kExt4 && type != kXfs && type != kTmpfs) return;
+  local_reserved_ = true;
+  const char* env = std::getenv("FLASHPACK_SAVE_MAPPED");
+  if (env != nullptr && std::string(env) == "0") return;
+  if (size > static_cast<uint64_t>(std::numeric_limits<size_t>::max()) || !bus_guard_in_place()) return;
+  void* p = ::mmap(nullptr, static_cast<size_t>(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
+  if (p == MAP_FAILED) return;  // no address space (RLIMIT_AS): pwrite() needs none
+  map_ = static_cast<char*>(p);
+  map_size_ = size;
 }
 
 AtomicWriter::~AtomicWriter() {
+  if (map_ != nullptr) ::munmap(map_, map_size_);
   if (fd_ >= 0) ::close(fd_);
   if (!committed_ && !tmp_path_.empty()) ::unlink(tmp_path_.c_str());
 }
@@ -286,22 +319,34 @@ void AtomicWriter::pwrite_all(const void* buf, size_t n, uint64_t offset) const 
   // would add a system call for little early I/O.
   const bool large = n >= kWritebackSliceBytes;
   const char* p = static_cast<const char*>(buf);
+  const uint64_t first = offset;
+  const uint64_t total = n;
   while (n > 0) {
     const size_t todo = std::min(n, slice);
-    const uint64_t start = offset;
-    for (size_t left = todo; left > 0;) {
-      const ssize_t put = ::pwrite(fd_, p, left, static_cast<off_t>(offset));
-      if (put < 0) {
-        if (errno == EINTR) continue;
-        os_error("cannot write", path_, errno);
-      }
-      p += put;
-      left -= static_cast<size_t>(put);
-      offset += static_cast<uint64_t>(put);
+    // NOTE: only large ranges go through the mapping. A page reached through it is zeroed by
+    // the kernel before the copy fills it, a write() fills it directly: 20,000 tensors of
+    // 32 KiB, written in runs through the mapping, saved durably in 0.80-1.09 s against
+    // 0.54-0.67 s with pwritev() (medians of 5, 2-core VM), while 32 tensors of 32 MiB went
+    // from 0.99-2.06 s to 0.59-0.72 s with durable=False and from 1.19-2.40 s to
+    // 0.98-1.06 s durably.
+    if (large && map_ != nullptr) {
+      write_mapped(p, todo, offset);
+    } else {
+      write_at(p, todo, offset);
     }
+    if (large && durable_) {
+      // NOTE: the page-table entries go first: write-back write-protects every page still
+      // mapped, flushing the TLB of every CPU this process runs on, page by page. With the
+      // entries kept until the whole range was written, 1 GiB saved durably in 2.1-3.4 s
+      // instead of 0.75-1.3 s on the 2-core VM.
+      drop_mapped(offset, todo);
+      start_writeback(offset, todo);
+    }
+    p += todo;
+    offset += todo;
     n -= todo;
-    if (large) start_writeback(start, todo);
   }
+  if (large && !durable_) drop_mapped(first, total);
 }
 
 void AtomicWriter::pwritev_all(iovec* iov, size_t count, uint64_t offset) const {
@@ -309,6 +354,7 @@ void AtomicWriter::pwritev_all(iovec* iov, size_t count, uint64_t offset) const 
     const ssize_t put = ::pwritev(fd_, iov, static_cast<int>(std::min<size_t>(count, IOV_MAX)), static_cast<off_t>(offset));
     if (put < 0) {
       if (errno == EINTR) continue;
+      if (errno == EFAULT) throw UnreadableMemory(std::strerror(EFAULT));
       os_error("cannot write", path_, errno);
     }
     offset += static_cast<uint64_t>(put);
@@ -325,6 +371,43 @@ void AtomicWriter::pwritev_all(iovec* iov, size_t count, uint64_t offset) const 
   }
 }
 
+void AtomicWriter::write_at(const char* p, size_t n, uint64_t offset) const {
+  while (n > 0) {
+    const ssize_t put = ::pwrite(fd_, p, n, static_cast<off_t>(offset));
+    if (put < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EFAULT) throw UnreadableMemory(std::strerror(EFAULT));
+      os_error("cannot write", path_, errno);
+    }
+    p += put;
+    n -= static_cast<size_t>(put);
+    offset += static_cast<uint64_t>(put);
+  }
+}
+
+void AtomicWriter::write_mapped(const char* p, size_t n, uint64_t offset) const {
+  const GuardedCopy copy = copy_guarded(map_ + offset, p, n, /*nontemporal=*/true);
+  if (copy.copied) return;
+  // Written again with pwrite(), which names the problem as an error. Also where no guard
+  // slot was free (no fault), or where the fault was in the memory read: a tensor over a
+  // mapping of a file truncated since (pwrite() fails with EFAULT).
+  write_at(p, n, offset);
+  if (copy.fault >= map_ + offset && copy.fault < map_ + offset + n) {
+    // The page could not be had through the mapping, yet pwrite() could write it: the file
+    // is shorter than it was made, cut by another program, and what lay past the cut is gone.
+    throw std::runtime_error("cannot write '" + path_ + "': its temporary file '" + tmp_path_ +
+                             "' was truncated while it was written");
+  }
+}
+
+void AtomicWriter::drop_mapped(uint64_t offset, uint64_t n) const {
+  if (map_ == nullptr || n == 0) return;
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  const uint64_t begin = offset / page * page;
+  const uint64_t end = std::min<uint64_t>(map_size_, offset + n);
+  ::madvise(map_ + begin, static_cast<size_t>(end - begin), MADV_DONTNEED);
+}
+
 void AtomicWriter::start_writeback(uint64_t offset, uint64_t n) const {
   // NOTE: starting write-back of each large range as soon as it is written lets the disk
   // work while later tensors are still being copied, so the fsync in commit() waits for
@@ -336,6 +419,21 @@ void AtomicWriter::start_writeback(uint64_t offset, uint64_t n) const {
 }
 
 void AtomicWriter::commit() {
+  if (map_ != nullptr) {
+    ::munmap(map_, map_size_);  // the pages it wrote are in the page cache, dirty
+    map_ = nullptr;
+  }
+  // A file cut short by another program meanwhile is not put in place of the old one.
+  struct stat st;
+  if (::fstat(fd_, &st) != 0) os_error("cannot check the temporary file of", path_, errno);
+  // Cut and written again past the cut, it has its size back but holes where the cut took
+  // blocks that fallocate had reserved (ext4, XFS and tmpfs count reserved blocks).
+  const bool holes = local_reserved_ && static_cast<uint64_t>(st.st_blocks) * 512 < size_ / 4096 * 4096;
+  if (static_cast<uint64_t>(st.st_size) != size_ || holes) {
+    throw std::runtime_error("cannot write '" + path_ + "': its temporary file '" + tmp_path_ + "' holds " +
+                             (holes ? std::to_string(st.st_blocks * 512) + " bytes of data" : std::to_string(st.st_size) + " bytes") +
+                             " where " + std::to_string(size_) + " were written (changed by another program meanwhile)");
+  }
   if (durable_ && ::fsync(fd_) != 0) os_error("cannot flush", path_, errno);
   const int fd = fd_;
   fd_ = -1;

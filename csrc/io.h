@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <stdexcept>
 #include <string>
 
 #include <sys/uio.h>
@@ -73,12 +74,24 @@ int64_t env_count(const char* name);
 // How much a durable save writes before it starts that range's write-back.
 inline constexpr size_t kWritebackSliceBytes = size_t(1) << 20;
 
+// Thrown by AtomicWriter when the memory to be written cannot be read (EFAULT): the caller
+// knows which tensor that memory holds.
+struct UnreadableMemory : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 // Writes a new file at `path` atomically: the bytes go to a temporary file in the same
 // directory; commit() fsyncs it, renames it over `path` and fsyncs the directory. If the
 // writer is destroyed without commit() (an exception, say), the temporary file is
 // removed and whatever was at `path` is untouched. With durable=false there is no fsync:
 // other processes still see the old file or the new one, but a power loss may leave
 // neither on disk.
+//
+// Where the file's space could be reserved on a local filesystem (ext4, XFS, tmpfs),
+// ranges of kWritebackSliceBytes or more go in through a shared, writable mapping of the
+// file rather than pwrite(): ext4, XFS and tmpfs hold an inode's lock through each write(), so
+// threads writing one file take turns, while copies into the mapping run side by side.
+// FLASHPACK_SAVE_MAPPED=0 writes with pwrite() everywhere.
 class AtomicWriter {
  public:
   AtomicWriter(const std::string& path, uint64_t size, bool durable = true);
@@ -90,8 +103,8 @@ class AtomicWriter {
   // writer writes a range of kWritebackSliceBytes or more a slice of that size at a time,
   // starting each slice's write-back (start_writeback).
   void pwrite_all(const void* buf, size_t n, uint64_t offset) const;
-  // Writes `count` buffers one after the other from `offset`, retrying short writes; may
-  // change the entries of `iov`. Thread-safe, as pwrite_all.
+  // Writes `count` buffers one after the other from `offset`; may change the entries of
+  // `iov`. Thread-safe, as pwrite_all.
   void pwritev_all(iovec* iov, size_t count, uint64_t offset) const;
   // Starts writing a range already written to the disk, without waiting, so that commit()'s
   // fsync has less left to do. Nothing without durable.
@@ -101,13 +114,27 @@ class AtomicWriter {
  private:
   // The file that is replaced: path_, or where path_ leads when it is a symbolic link.
   const std::string& target() const { return target_.empty() ? path_ : target_; }
+  // Maps the reserved file for writing (map_), where that is safe and allowed.
+  void map_for_writes(uint64_t size);
+  // Writes with pwrite(), retrying short writes.
+  void write_at(const char* p, size_t n, uint64_t offset) const;
+  // Copies into map_ under the SIGBUS guard; where a fault stops the copy, writes again
+  // with pwrite(), which names the problem as an error.
+  void write_mapped(const char* p, size_t n, uint64_t offset) const;
+  // Drops this process's page-table entries over a range written through map_ (the file's
+  // pages stay in the page cache), so that its resident memory stays small.
+  void drop_mapped(uint64_t offset, uint64_t n) const;
 
   std::string path_;
   std::string target_;
   std::string tmp_path_;
   int fd_ = -1;
+  uint64_t size_ = 0;
   bool durable_ = true;
   bool committed_ = false;
+  bool local_reserved_ = false;  // fallocate reserved the whole file on ext4, XFS or tmpfs
+  char* map_ = nullptr;  // the whole file, shared and writable; nullptr: writes use pwrite()
+  uint64_t map_size_ = 0;
 };
 
 }  // namespace flashpack

@@ -283,7 +283,7 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
   // when freed.
   std::vector<at::Tensor> free_buffers;
   std::mutex buffers_mutex;
-  parallel_for(tasks.size(), default_threads(num_threads), [&](size_t i) {
+  auto write_task = [&](size_t i) {
     const Task& task = tasks[i];
     if (task.count > 0) {
       // NOTE: one pwritev for many tensors, the padding between them written as the zeros it
@@ -387,6 +387,19 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
     if (buffer.defined()) {
       std::lock_guard<std::mutex> lock(buffers_mutex);
       free_buffers.push_back(std::move(buffer));
+    }
+  };
+  parallel_for(tasks.size(), default_threads(num_threads), [&](size_t i) {
+    try {
+      write_task(i);
+    } catch (const UnreadableMemory& err) {
+      const Task& task = tasks[i];
+      const std::string which =
+          task.count == 0 ? where(path, layout.entries[task.entry].name)
+                          : "'" + path + "': one of the tensors '" + layout.entries[run_entries[task.entry]].name +
+                                "' to '" + layout.entries[run_entries[task.entry + task.count - 1]].name + "'";
+      throw std::runtime_error(which + " could not be read (" + err.what() + "): its memory is gone, as when it "
+                               "views a file that was truncated after it was loaded");
     }
   });
 

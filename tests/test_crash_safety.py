@@ -339,3 +339,133 @@ def test_copied_load_is_independent_of_later_changes_to_the_file(tmp_path):
         f.write(b"\xff" * 65536)
     os.truncate(path, 100)
     assert same(copied, old)
+
+
+# ---------------------------------------------------------------------------------------
+# Writes through a mapping of the file
+# ---------------------------------------------------------------------------------------
+# On ext4, XFS and tmpfs, ranges of 1 MiB or more are copied into a shared mapping of the
+# temporary file rather than written with pwrite(). A page that cannot be had through the
+# mapping raises SIGBUS, which must become an error, never kill the process.
+
+def mapped_and_written(tmp_path, monkeypatch, tensors, **kwargs):
+    """The bytes of `tensors` saved with the mapping and with pwrite() only."""
+    files = []
+    for mapped in ("1", "0"):
+        monkeypatch.setenv("FLASHPACK_SAVE_MAPPED", mapped)
+        path = tmp_path / f"mapped{mapped}.flashpack"
+        flashpack_ops.save_file(tensors, path, **kwargs)
+        files.append(path.read_bytes())
+    return files
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"durable": False}, {"checksum": True}, {"target_dtype": torch.float16}],
+                         ids=["durable", "not-durable", "checksum", "converted"])
+def test_writes_through_the_mapping_give_the_same_file_as_pwrite(tmp_path, monkeypatch, kwargs):
+    g = torch.Generator().manual_seed(11)
+    tensors = {
+        "big": torch.randn(3 << 20, generator=g),              # 12 MiB: several slices
+        "odd": torch.randn((1 << 18) + 3, generator=g),        # just over 1 MiB, not page-sized
+        "small": torch.randn(1000, generator=g),               # in a run, written with pwritev()
+        "strided": torch.randn(1024, 1024, generator=g).t(),   # converted, then written
+        "ints": torch.arange(1 << 19, dtype=torch.int64),
+    }
+    mapped, written = mapped_and_written(tmp_path, monkeypatch, tensors, **kwargs)
+    assert mapped == written
+    loaded = flashpack_ops.load_file(tmp_path / "mapped1.flashpack", copy=True, verify=bool(kwargs.get("checksum")))
+    dtype = kwargs.get("target_dtype")
+    for name, t in tensors.items():
+        expected = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        assert torch.equal(loaded[name], expected), name
+
+
+TRUNCATED_TEMPORARY_SCRIPT = r"""
+import faulthandler, glob, os, random, sys, threading, time, torch
+import flashpack_ops
+directory, attempts = sys.argv[1], int(sys.argv[2])
+path = os.path.join(directory, "model.flashpack")
+tensors = {f"w{i}": torch.full((8 << 20,), float(i)) for i in range(8)}  # 256 MiB
+if sys.argv[3] == "faulthandler":
+    flashpack_ops.save_file(tensors, path)  # the guard is installed
+    faulthandler.enable()  # and replaced: saves write with pwrite()
+random.seed(0)
+outcomes = []
+for attempt in range(attempts):
+    def cut(delay=random.uniform(0, 0.06)):
+        time.sleep(delay)
+        for tmp in glob.glob(os.path.join(directory, ".model.flashpack.*.tmp")):
+            try:
+                os.truncate(tmp, 4096)
+            except OSError:
+                pass  # renamed or removed meanwhile
+    cutter = threading.Thread(target=cut)
+    cutter.start()
+    try:
+        flashpack_ops.save_file(tensors, path, durable=False)
+        try:
+            loaded = flashpack_ops.load_file(path)
+        except (RuntimeError, ValueError):
+            outcomes.append("saved")  # cut after the save's checks, before its rename: a load error
+        else:
+            exact = list(loaded) == list(tensors) and all(torch.equal(loaded[k], t) for k, t in tensors.items())
+            outcomes.append("saved" if exact else "corrupt")
+            del loaded
+    except RuntimeError as e:
+        assert "model.flashpack" in str(e), e
+        outcomes.append("truncated-mapping" if "was truncated while it was written" in str(e) else
+                        "truncated-size" if "changed by another program" in str(e) else str(e))
+    cutter.join()
+    assert not glob.glob(os.path.join(directory, ".*.tmp")), "a temporary file was left behind"
+print(" ".join(outcomes))
+"""
+
+
+@pytest.mark.parametrize("handler", ["guard", "faulthandler"])
+def test_a_temporary_file_cut_short_while_it_is_written_is_an_error_not_a_crash(tmp_path, handler):
+    # Another program truncates the temporary file at a different moment of each save: a copy
+    # into the mapping then meets SIGBUS. Each save finishes with a file that loads exactly, or
+    # raises an error naming the file; the process lives on. With a SIGBUS handler installed
+    # after the guard's (faulthandler, which would end the process), saves write with pwrite(),
+    # which fills the file again past the cut: the holes the cut left are found before the
+    # rename.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    out = subprocess.run([sys.executable, "-c", TRUNCATED_TEMPORARY_SCRIPT, str(tmp_path), "30", handler],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
+    outcomes = out.stdout.split()
+    assert len(outcomes) == 30 and set(outcomes) <= {"saved", "truncated-mapping", "truncated-size"}, outcomes
+    assert set(outcomes) != {"saved"}, outcomes  # the cuts came in time
+    if handler == "faulthandler":
+        assert "truncated-mapping" not in outcomes, outcomes
+    elif _mapped_writes_here(tmp_path):
+        assert "truncated-mapping" in outcomes, outcomes
+
+
+def _mapped_writes_here(directory) -> bool:
+    """Whether saves into `directory` write through a mapping: a filesystem it is used on."""
+    out = subprocess.run(["stat", "-f", "-c", "%T", str(directory)], capture_output=True, text=True)
+    return out.stdout.strip() in {"ext2/ext3", "ext4", "xfs", "tmpfs"}
+
+
+TRUNCATED_SOURCE_SCRIPT = r"""
+import os, sys, torch
+import flashpack_ops
+source, target = sys.argv[1], sys.argv[2]
+flashpack_ops.save_file({"w": torch.ones(16 << 20)}, source)  # 64 MiB
+loaded = flashpack_ops.load_file(source)  # a view of a mapping of the file
+os.truncate(source, 4096)  # its pages are gone: reading them raises SIGBUS
+try:
+    flashpack_ops.save_file(loaded, target)
+except RuntimeError as e:
+    print("error:", e)
+"""
+
+
+def test_saving_tensors_whose_file_was_truncated_is_an_error_not_a_crash(tmp_path):
+    # The tensors view a mapping of a file cut short since: copying from them meets SIGBUS.
+    out = subprocess.run([sys.executable, "-c", TRUNCATED_SOURCE_SCRIPT, str(tmp_path / "a.flashpack"),
+                          str(tmp_path / "b.flashpack")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
+    assert "b.flashpack': tensor 'w' could not be read (Bad address): its memory is gone" in out.stdout, out.stdout
+    assert not (tmp_path / "b.flashpack").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["a.flashpack"]
