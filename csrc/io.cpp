@@ -279,11 +279,11 @@ void AtomicWriter::map_for_writes(uint64_t size) {
   // NOTE: writes from 2 threads into a 1 GiB file in the page cache, on the 2-core VM (ext4,
   // best of 6): 0.32 s with pwrite() (0.37 s from one thread), 0.22-0.26 s through a
   // shared mapping; profiled, a third of the pwrite() save's kernel time was threads
-  // spinning on the inode's lock. The mapping is taken only where its pages cannot fail for want of room:
-  // blocks reserved by fallocate on filesystems that then write them in place. Its other
-  // failures (the disk, or the file cut short by another program) raise SIGBUS, which the
-  // guard turns into a write() that names the error; where the guard is not in place (a
-  // SIGBUS handler installed since), the writes use pwrite().
+  // spinning on the inode's lock. The mapping is taken only where its pages cannot fail for
+  // want of room: blocks reserved by fallocate on filesystems that then write them in place.
+  // Its other failures (the disk, or the file cut short by another program) raise SIGBUS,
+  // which the guard turns into a write() that names the error; where the guard is not in
+  // place (a SIGBUS handler installed since), the writes use pwrite().
   struct statfs fs;
   if (::fstatfs(fd_, &fs) != 0) return;
   constexpr long kExt4 = 0xEF53, kXfs = 0x58465342, kTmpfs = 0x01021994;
@@ -296,11 +296,10 @@ void AtomicWriter::map_for_writes(uint64_t size) {
   void* p = ::mmap(nullptr, static_cast<size_t>(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
   if (p == MAP_FAILED) return;  // no address space (RLIMIT_AS): pwrite() needs none
   map_ = static_cast<char*>(p);
-  map_size_ = size;
 }
 
 AtomicWriter::~AtomicWriter() {
-  if (map_ != nullptr) ::munmap(map_, map_size_);
+  if (map_ != nullptr) ::munmap(map_, size_);
   if (fd_ >= 0) ::close(fd_);
   if (!committed_ && !tmp_path_.empty()) ::unlink(tmp_path_.c_str());
 }
@@ -404,7 +403,7 @@ void AtomicWriter::drop_mapped(uint64_t offset, uint64_t n) const {
   if (map_ == nullptr || n == 0) return;
   const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
   const uint64_t begin = offset / page * page;
-  const uint64_t end = std::min<uint64_t>(map_size_, offset + n);
+  const uint64_t end = std::min<uint64_t>(size_, offset + n);
   ::madvise(map_ + begin, static_cast<size_t>(end - begin), MADV_DONTNEED);
 }
 
@@ -420,7 +419,7 @@ void AtomicWriter::start_writeback(uint64_t offset, uint64_t n) const {
 
 void AtomicWriter::commit() {
   if (map_ != nullptr) {
-    ::munmap(map_, map_size_);  // the pages it wrote are in the page cache, dirty
+    ::munmap(map_, size_);  // the pages it wrote are in the page cache, dirty
     map_ = nullptr;
   }
   // A file cut short by another program meanwhile is not put in place of the old one.
@@ -430,9 +429,10 @@ void AtomicWriter::commit() {
   // blocks that fallocate had reserved (ext4, XFS and tmpfs count reserved blocks).
   const bool holes = local_reserved_ && static_cast<uint64_t>(st.st_blocks) * 512 < size_ / 4096 * 4096;
   if (static_cast<uint64_t>(st.st_size) != size_ || holes) {
-    throw std::runtime_error("cannot write '" + path_ + "': its temporary file '" + tmp_path_ + "' holds " +
-                             (holes ? std::to_string(st.st_blocks * 512) + " bytes of data" : std::to_string(st.st_size) + " bytes") +
-                             " where " + std::to_string(size_) + " were written (changed by another program meanwhile)");
+    const std::string held =
+        holes ? std::to_string(st.st_blocks * 512) + " bytes of data" : std::to_string(st.st_size) + " bytes";
+    throw std::runtime_error("cannot write '" + path_ + "': its temporary file '" + tmp_path_ + "' holds " + held +
+                             " where " + std::to_string(size_) + " were written (changed by another program)");
   }
   if (durable_ && ::fsync(fd_) != 0) os_error("cannot flush", path_, errno);
   const int fd = fd_;

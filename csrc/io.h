@@ -89,8 +89,9 @@ struct UnreadableMemory : std::runtime_error {
 //
 // Where the file's space could be reserved on a local filesystem (ext4, XFS, tmpfs),
 // ranges of kWritebackSliceBytes or more go in through a shared, writable mapping of the
-// file rather than pwrite(): ext4, XFS and tmpfs hold an inode's lock through each write(), so
-// threads writing one file take turns, while copies into the mapping run side by side.
+// file rather than pwrite(): ext4, XFS and tmpfs hold an inode's lock through each
+// write(), so threads writing one file take turns, while copies into the mapping run side
+// by side.
 // FLASHPACK_SAVE_MAPPED=0 writes with pwrite() everywhere.
 class AtomicWriter {
  public:
@@ -133,8 +134,7 @@ class AtomicWriter {
   bool durable_ = true;
   bool committed_ = false;
   bool local_reserved_ = false;  // fallocate reserved the whole file on ext4, XFS or tmpfs
-  char* map_ = nullptr;  // the whole file, shared and writable; nullptr: writes use pwrite()
-  uint64_t map_size_ = 0;
+  char* map_ = nullptr;  // the whole file (size_ bytes), shared and writable; nullptr: writes use pwrite()
 };
 
 }  // namespace flashpack
