@@ -81,79 +81,10 @@ void on_sigbus(int sig, siginfo_t* info, void* context) {
   if (info->si_code <= 0) raise(sig);
 }
 
-}  // namespace
-
-bool bus_guard_in_place() {
-  static std::mutex mutex;
-  static bool installed = false;
-  std::lock_guard<std::mutex> lock(mutex);
-  struct sigaction current {};
-  if (sigaction(SIGBUS, nullptr, &current) != 0) return false;
-  if ((current.sa_flags & SA_SIGINFO) != 0 && current.sa_sigaction == &on_sigbus) return true;
-  const bool by_default = (current.sa_flags & SA_SIGINFO) == 0 && current.sa_handler == SIG_DFL;
-  if (installed && !by_default) return false;
-  // g_previous_bus changes only while on_sigbus is not installed, so no handler reads it meanwhile.
-  struct sigaction sa {};
-  sa.sa_sigaction = &on_sigbus;
-  sigemptyset(&sa.sa_mask);
-  sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
-  if (sigaction(SIGBUS, &sa, &g_previous_bus) != 0) return false;
-  installed = true;
-  return true;
-}
-
-GuardedCopy run_guarded(void (*copy)(void*), void* arg, const char* begin, const char* end) {
-  const pid_t me = this_thread_id();
-  GuardSlot* slot = nullptr;
-  for (GuardSlot& s : g_guards) {
-    pid_t free_tid = 0;
-    if (s.tid.compare_exchange_strong(free_tid, -1, std::memory_order_acquire)) {  // -1: being set up
-      slot = &s;
-      break;
-    }
-  }
-  if (slot == nullptr) return {};
-  BusGuard guard;
-  guard.begin = begin;
-  guard.end = end;
-  guard.fault = nullptr;
-  volatile bool copied = false;  // volatile: read after a jump back to sigsetjmp
-  // Saves the signal mask: the jump leaves the handler with SIGBUS blocked otherwise.
-  if (sigsetjmp(guard.env, 1) == 0) {
-    slot->guard.store(&guard, std::memory_order_relaxed);
-    slot->tid.store(me, std::memory_order_release);  // the guard is in place before the copy starts
-    std::atomic_signal_fence(std::memory_order_seq_cst);
-    copy(arg);
-    std::atomic_signal_fence(std::memory_order_seq_cst);
-    copied = true;
-  } else {
-    std::atomic_thread_fence(std::memory_order_seq_cst);  // orders the stores the copy made
-  }
-  slot->guard.store(nullptr, std::memory_order_relaxed);
-  slot->tid.store(0, std::memory_order_release);
-  return {copied, copied ? nullptr : guard.fault};
-}
-
-GuardedCopy copy_guarded(char* dst, const char* src, size_t n, bool nontemporal, const char* begin,
-                         const char* end) {
-  struct Args {
-    char* dst;
-    const char* src;
-    size_t n;
-  } args{dst, src, n};
-  void (*copy)(void*) = [](void* a) {
-    const auto* c = static_cast<const Args*>(a);
-    std::memcpy(c->dst, c->src, c->n);
-  };
-  if (nontemporal) {
-    copy = [](void* a) {
-      const auto* c = static_cast<const Args*>(a);
-      copy_nontemporal(c->dst, c->src, c->n);
-    };
-  }
-  return run_guarded(copy, &args, begin, end);
-}
-
+// Copies n bytes into memory that this CPU will not read again: with non-temporal stores on
+// x86-64, so the destination's lines are written to memory without first being read into the
+// cache; memcpy elsewhere. Ends with a store fence, so the bytes are in memory before a copy
+// to a device is queued.
 void copy_nontemporal(char* dst, const char* src, size_t n) {
 #if defined(__x86_64__)
   const size_t head = std::min(n, static_cast<size_t>(-reinterpret_cast<uintptr_t>(dst) % 16));
@@ -177,6 +108,59 @@ void copy_nontemporal(char* dst, const char* src, size_t n) {
 #else
   std::memcpy(dst, src, n);
 #endif
+}
+
+}  // namespace
+
+bool bus_guard_in_place() {
+  static std::mutex mutex;
+  static bool installed = false;
+  std::lock_guard<std::mutex> lock(mutex);
+  struct sigaction current {};
+  if (sigaction(SIGBUS, nullptr, &current) != 0) return false;
+  if ((current.sa_flags & SA_SIGINFO) != 0 && current.sa_sigaction == &on_sigbus) return true;
+  const bool by_default = (current.sa_flags & SA_SIGINFO) == 0 && current.sa_handler == SIG_DFL;
+  if (installed && !by_default) return false;
+  // g_previous_bus changes only while on_sigbus is not installed, so no handler reads it meanwhile.
+  struct sigaction sa {};
+  sa.sa_sigaction = &on_sigbus;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  if (sigaction(SIGBUS, &sa, &g_previous_bus) != 0) return false;
+  installed = true;
+  return true;
+}
+
+GuardedCopy copy_guarded(char* dst, const char* src, size_t n, const char* begin, const char* end) {
+  const pid_t me = this_thread_id();
+  GuardSlot* slot = nullptr;
+  for (GuardSlot& s : g_guards) {
+    pid_t free_tid = 0;
+    if (s.tid.compare_exchange_strong(free_tid, -1, std::memory_order_acquire)) {  // -1: being set up
+      slot = &s;
+      break;
+    }
+  }
+  if (slot == nullptr) return {};
+  BusGuard guard;
+  guard.begin = begin;
+  guard.end = end;
+  guard.fault = nullptr;
+  volatile bool copied = false;  // volatile: read after a jump back to sigsetjmp
+  // Saves the signal mask: the jump leaves the handler with SIGBUS blocked otherwise.
+  if (sigsetjmp(guard.env, 1) == 0) {
+    slot->guard.store(&guard, std::memory_order_relaxed);
+    slot->tid.store(me, std::memory_order_release);  // the guard is in place before the copy starts
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    copy_nontemporal(dst, src, n);
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    copied = true;
+  } else {
+    std::atomic_thread_fence(std::memory_order_seq_cst);  // orders the stores the copy made
+  }
+  slot->guard.store(nullptr, std::memory_order_relaxed);
+  slot->tid.store(0, std::memory_order_release);
+  return {copied, copied ? nullptr : guard.fault};
 }
 
 }  // namespace flashpack

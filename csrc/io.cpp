@@ -385,7 +385,7 @@ void AtomicWriter::write_at(const char* p, size_t n, uint64_t offset) const {
 }
 
 void AtomicWriter::write_mapped(const char* p, size_t n, uint64_t offset) const {
-  const GuardedCopy copy = copy_guarded(map_ + offset, p, n, /*nontemporal=*/true);
+  const GuardedCopy copy = copy_guarded(map_ + offset, p, n);
   if (copy.copied) return;
   // Written again with pwrite(), which names the problem as an error. Also where no guard
   // slot was free (no fault), or where the fault was in the memory read: a tensor over a

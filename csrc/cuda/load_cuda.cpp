@@ -646,9 +646,7 @@ class MappedSource final : public Source {
       // touching a page past its end would raise SIGBUS, and a truncation during the copy
       // is caught (copy_guarded); either way the read below names the problem.
       if (::madvise(span, span_bytes, MADV_POPULATE_READ) == 0) {
-        const bool copied =
-            copy_guarded(buf, map_.data() + c.begin, c.end - c.begin, /*nontemporal=*/true, span, span + span_bytes)
-                .copied;
+        const bool copied = copy_guarded(buf, map_.data() + c.begin, c.end - c.begin, span, span + span_bytes).copied;
         ::madvise(span, span_bytes, MADV_DONTNEED);  // the page-table entries, not the cached pages
         if (copied) {
           cuda::stats().bytes_mapped += static_cast<int64_t>(c.bytes);
