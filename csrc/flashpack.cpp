@@ -170,9 +170,12 @@ std::vector<at::Tensor> load_list(const std::string& path, c10::Device device, b
     if (const auto overlap = partial_overlap(layout)) {
       // A graph takes each output as memory of its own: a write through one entry would not
       // show in the other, as it does in eager mode.
-      throw std::invalid_argument("'" + path + "': entries '" + layout.entries[overlap->first].name + "' and '" +
-                                  layout.entries[overlap->second].name + "' overlap in part, which a compiled " +
-                                  "graph cannot express; load this file outside torch.compile");
+      // Outside translate_errors, so said as torch's ValueError here: a std::invalid_argument
+      // leaving a kernel reaches Python as ValueError up to torch 2.14, as RuntimeError from 2.15.
+      TORCH_CHECK_VALUE(false, "flashpack::load_list: '", path, "': entries '", layout.entries[overlap->first].name,
+                        "' and '", layout.entries[overlap->second].name,
+                        "' overlap in part, which a compiled graph cannot express; load this file outside "
+                        "torch.compile");
     }
     const std::vector<size_t> first = tie_firsts(layout);
     size_t kept = 0;
