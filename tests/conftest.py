@@ -26,7 +26,8 @@ atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], ignore_errors=Tru
 # is set and in future releases. The suite holds the ops to the error everywhere.
 import torch._functorch.config  # noqa: E402
 
-torch._functorch.config.error_on_custom_op_aliasing = True
+if hasattr(torch._functorch.config, "error_on_custom_op_aliasing"):  # not in torch 2.8 and older
+    torch._functorch.config.error_on_custom_op_aliasing = True
 
 # FLASHPACK_NATIVE_STACKS=1 (benchmarks/gpu_check.sh sets it): a test process that dies of a
 # fatal signal prints every thread's native stack, where faulthandler prints Python frames only.
