@@ -294,7 +294,11 @@ TORCH_LIBRARY(flashpack, m) {
   // NOTE: a load to CUDA reads the file, registers host memory and waits on the host, none of
   // which a CUDA graph can capture: torch.compile(mode="reduce-overhead") keeps these ops
   // out of its graphs.
+#if FLASHPACK_TORCH_AT_LEAST(2, 8)
   const std::vector<at::Tag> kNotInCudaGraphs = {at::Tag::cudagraph_unsafe};
+#else
+  const std::vector<at::Tag> kNotInCudaGraphs = {};  // the tag came with torch 2.8
+#endif
   m.def(torch::schema(
       "load(str path, Device device=\"cpu\", *, bool copy=False, int num_threads=0, int chunk_bytes=0, "
       "int pinned_bytes=0, int num_streams=0, str route=\"auto\", bool verify=False, str[]? names=None) "

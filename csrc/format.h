@@ -15,6 +15,7 @@
 
 #include <c10/core/ScalarType.h>
 #include <c10/util/SmallVector.h>
+#include <torch/version.h>
 
 #include <cstdint>
 #include <optional>
@@ -22,6 +23,11 @@
 #include <string_view>
 #include <utility>
 #include <vector>
+
+// Whether the torch built against is at least major.minor. The dtypes and operator tags
+// added after torch 2.4, the oldest this builds against, are used where they exist.
+#define FLASHPACK_TORCH_AT_LEAST(major, minor) \
+  (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
 
 namespace flashpack {
 

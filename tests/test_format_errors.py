@@ -155,6 +155,22 @@ def test_unknown_dtype(tmp_path):
                  "macroblock 0: unknown dtype 'float128'")
 
 
+@pytest.mark.parametrize("name, element_size, since", [("int4", 1, "2.6"), ("float8_e8m0fnu", 1, "2.7"),
+                                                        ("float4_e2m1fn_x2", 1, "2.8"), ("bcomplex32", 4, "2.14")])
+def test_a_dtype_newer_than_this_torch_names_the_torch_that_reads_it(tmp_path, name, element_size, since):
+    # A file written with a newer torch than the one at hand: the torch that has the dtype
+    # loads it, an older one says which release added it.
+    payload = bytes(range(16 * element_size))
+    block = dict(GOOD_BLOCK, dtype=name, length_bytes=len(payload))
+    path = write_raw(tmp_path / "newer.flashpack", payload, v4([GOOD_ENTRY], [block], total_payload_bytes=len(payload)))
+    if hasattr(torch, name):
+        loaded = flashpack_ops.load_file(path)["w"]
+        assert loaded.dtype == getattr(torch, name) and loaded.shape == (4, 4)
+        assert bytes(loaded.view(torch.uint8).flatten().tolist()) == payload
+    else:
+        expect_error(path, rf"macroblock 0: dtype '{name}' needs torch {re.escape(since)} or newer \(this is torch ")
+
+
 def test_quantized_dtype_name_is_unknown(tmp_path):
     block = dict(GOOD_BLOCK, dtype="qint8", length_bytes=16)
     expect_error(write_raw(tmp_path / "q.flashpack", b"\0" * 64, v4([GOOD_ENTRY], [block])), "unknown dtype 'qint8'")
