@@ -633,6 +633,12 @@ def _fake_views(op: str, path: str, device: torch.device,
     return names, tensors, firsts
 
 
+def _is_exporting() -> bool:
+    # torch 2.6 has no torch.compiler.is_exporting (its export cannot keep a load of no entries).
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
+
+
 @torch.library.register_fake("flashpack::load_list")
 def _load_list_fake(path, device=torch.device("cpu"), *, copy=False, num_threads=0, chunk_bytes=0, pinned_bytes=0,
                     num_streams=0, route="auto", verify=False, expect_layout=None, distinct=False, names=None):
@@ -640,7 +646,7 @@ def _load_list_fake(path, device=torch.device("cpu"), *, copy=False, num_threads
     _check_options(op, path, num_threads, chunk_bytes, pinned_bytes, num_streams, route)
     selection = names
     names, tensors, firsts = _fake_views(op, path, device, selection)
-    if not tensors and torch._guards.TracingContext.try_get() is not None and not torch.compiler.is_exporting():
+    if not tensors and torch._guards.TracingContext.try_get() is not None and not _is_exporting():
         # A load that returns nothing (a file without entries, names=[]) is still a check: of
         # the file's layout, its existence, its checksums with verify=True. Inductor cannot
         # lower an operator that returns no tensor (it finds no device for it): under

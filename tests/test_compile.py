@@ -137,6 +137,10 @@ def test_a_load_nothing_uses_still_runs(backend, names, tmp_path):
         flashpack_ops.load_file(path, verify=True, names=names)
         return x + 1
 
+    if backend == "inductor" and names is None and torch.torch_version.TorchVersion(torch.__version__) < (2, 10):
+        # Inductor keeps an operator whose result goes unused only from torch 2.10, where it
+        # asks torch.fx.node.has_side_effect; docs/entry_points.md says so.
+        pytest.xfail("Inductor before torch 2.10 drops a call whose result nothing uses")
     torch.compiler.reset()
     compiled = torch.compile(check_then_compute, backend=backend, fullgraph=names is None)
     assert torch.equal(compiled(X), X + 1)
@@ -410,6 +414,7 @@ def test_opcheck_read_range(weights_file):
     torch.library.opcheck(torch.ops.flashpack.read_range.default, (weights_file, 8, 100), test_utils=ALL_CHECKS)
 
 
+@pytest.mark.skipif(not hasattr(torch.Tag, "cudagraph_unsafe"), reason="the tag came with torch 2.8")
 @pytest.mark.parametrize("op", ["load", "load_named", "load_list", "load_blocks", "read_range"])
 def test_loads_are_kept_out_of_cuda_graphs(op):
     assert torch.Tag.cudagraph_unsafe in getattr(torch.ops.flashpack, op).default.tags

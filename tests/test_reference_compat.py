@@ -19,8 +19,7 @@ REFERENCE_DTYPES = [
     torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
     torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex32, torch.complex64,
     torch.complex128, torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz,
-    torch.float8_e8m0fnu,
-]
+] + ([torch.float8_e8m0fnu] if hasattr(torch, "float8_e8m0fnu") else [])  # torch 2.7 and newer
 
 
 def mixed_state_dict():
