@@ -35,6 +35,11 @@ if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and _cuda
 import torch  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
+# pyproject.toml's torch>=2.6, said here too: `python setup.py install` does not check it, and
+# an older torch would fail deep in the C++ build.
+if torch.torch_version.TorchVersion(torch.__version__) < (2, 6):
+    raise RuntimeError(f"flashpack_ops needs torch 2.6 or newer; this environment has torch {torch.__version__}")
+
 FORCE_CUDA = os.environ.get("FLASHPACK_FORCE_CUDA", "0") == "1"
 NO_CUDA = os.environ.get("FLASHPACK_NO_CUDA", "0") == "1"
 DEBUG = os.environ.get("FLASHPACK_DEBUG", "0") == "1"

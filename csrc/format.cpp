@@ -33,19 +33,14 @@ struct DTypeName {
   _(Bits1x8, "bits1x8") _(Bits2x4, "bits2x4") _(Bits4x2, "bits4x2") _(Bits8, "bits8") \
   _(Bits16, "bits16") _(UInt1, "uint1") _(UInt2, "uint2") _(UInt3, "uint3")          \
   _(UInt4, "uint4") _(UInt5, "uint5") _(UInt6, "uint6") _(UInt7, "uint7")            \
+  _(Int1, "int1") _(Int2, "int2") _(Int3, "int3") _(Int4, "int4") _(Int5, "int5")    \
+  _(Int6, "int6") _(Int7, "int7")                                                  \
   _(Half, "half") _(Float, "float") _(Double, "double") _(Long, "long")              \
   _(Int, "int") _(Short, "short") _(ComplexHalf, "chalf") _(ComplexFloat, "cfloat") \
   _(ComplexDouble, "cdouble")
 
-// Dtypes newer than torch 2.4, the oldest this builds against: a file holding one loads
+// Dtypes newer than torch 2.6, the oldest this builds against: a file holding one loads
 // with a torch that has it, and elsewhere names the dtype it does not know.
-#if FLASHPACK_TORCH_AT_LEAST(2, 6)
-#define FLASHPACK_DTYPES_2_6(_)                                                    \
-  _(Int1, "int1") _(Int2, "int2") _(Int3, "int3") _(Int4, "int4") _(Int5, "int5")    \
-  _(Int6, "int6") _(Int7, "int7")
-#else
-#define FLASHPACK_DTYPES_2_6(_)
-#endif
 #if FLASHPACK_TORCH_AT_LEAST(2, 7)
 #define FLASHPACK_DTYPES_2_7(_) _(Float8_e8m0fnu, "float8_e8m0fnu")
 #else
@@ -62,16 +57,14 @@ struct DTypeName {
 #define FLASHPACK_DTYPES_2_14(_)
 #endif
 
-// Every dtype added after torch 2.4, with the release that added it: a file holding one that
+// Every dtype added after torch 2.6, with the release that added it: a file holding one that
 // the torch built against lacks is refused with an error that says which torch reads it.
 constexpr std::pair<const char*, const char*> kLaterDTypes[] = {
-    {"int1", "2.6"}, {"int2", "2.6"}, {"int3", "2.6"}, {"int4", "2.6"}, {"int5", "2.6"}, {"int6", "2.6"},
-    {"int7", "2.6"}, {"float8_e8m0fnu", "2.7"}, {"float4_e2m1fn_x2", "2.8"}, {"bcomplex32", "2.14"}};
+    {"float8_e8m0fnu", "2.7"}, {"float4_e2m1fn_x2", "2.8"}, {"bcomplex32", "2.14"}};
 
 #define FLASHPACK_ENTRY(T, N) {c10::ScalarType::T, N},
-constexpr DTypeName kDTypes[] = {FLASHPACK_DTYPES(FLASHPACK_ENTRY) FLASHPACK_DTYPES_2_6(FLASHPACK_ENTRY)
-                                     FLASHPACK_DTYPES_2_7(FLASHPACK_ENTRY) FLASHPACK_DTYPES_2_8(FLASHPACK_ENTRY)
-                                         FLASHPACK_DTYPES_2_14(FLASHPACK_ENTRY)};
+constexpr DTypeName kDTypes[] = {FLASHPACK_DTYPES(FLASHPACK_ENTRY) FLASHPACK_DTYPES_2_7(FLASHPACK_ENTRY)
+                                     FLASHPACK_DTYPES_2_8(FLASHPACK_ENTRY) FLASHPACK_DTYPES_2_14(FLASHPACK_ENTRY)};
 #undef FLASHPACK_ENTRY
 
 [[noreturn]] void bad(const std::string& path, const std::string& what) {

@@ -25,7 +25,7 @@
 #include <vector>
 
 // Whether the torch built against is at least major.minor. The dtypes and operator tags
-// added after torch 2.4, the oldest this builds against, are used where they exist.
+// added after torch 2.6, the oldest this builds against, are used where they exist.
 #define FLASHPACK_TORCH_AT_LEAST(major, minor) \
   (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
 
