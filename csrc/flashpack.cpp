@@ -167,16 +167,17 @@ std::vector<at::Tensor> load_list(const std::string& path, c10::Device device, b
   Layout layout;
   auto tensors = load_any("flashpack::load_list", path, device, opts, &layout);
   if (distinct) {
-    if (const auto overlap = partial_overlap(layout)) {
-      // A graph takes each output as memory of its own: a write through one entry would not
-      // show in the other, as it does in eager mode.
-      // Outside translate_errors, so said as torch's ValueError here: a std::invalid_argument
-      // leaving a kernel reaches Python as ValueError up to torch 2.14, as RuntimeError from 2.15.
-      TORCH_CHECK_VALUE(false, "flashpack::load_list: '", path, "': entries '", layout.entries[overlap->first].name,
-                        "' and '", layout.entries[overlap->second].name,
-                        "' overlap in part, which a compiled graph cannot express; load this file outside "
-                        "torch.compile");
-    }
+    // Through translate_errors as everything a kernel throws: a std::invalid_argument left
+    // bare reaches Python as ValueError up to torch 2.14, as RuntimeError from 2.15.
+    translate_errors("flashpack::load_list", [&] {
+      if (const auto overlap = partial_overlap(layout)) {
+        // A graph takes each output as memory of its own: a write through one entry would not
+        // show in the other, as it does in eager mode.
+        throw std::invalid_argument("'" + path + "': entries '" + layout.entries[overlap->first].name + "' and '" +
+                                    layout.entries[overlap->second].name + "' overlap in part, which a compiled " +
+                                    "graph cannot express; load this file outside torch.compile");
+      }
+    });
     const std::vector<size_t> first = tie_firsts(layout);
     size_t kept = 0;
     for (size_t k = 0; k < tensors.size(); ++k) {
