@@ -18,7 +18,6 @@ from conftest import assert_same
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-
 def _dcp_save(state, directory):
     """torch.distributed.checkpoint.save in this one process, with no process group."""
     import torch.distributed.checkpoint as dcp
@@ -26,6 +25,7 @@ def _dcp_save(state, directory):
     # no_dist came after torch 2.6, where a process without a process group saves alone anyway.
     extra = {"no_dist": True} if "no_dist" in inspect.signature(dcp.save).parameters else {}
     dcp.save(state, checkpoint_id=directory, **extra)
+
 
 def run(*args, env=None, check=True, cwd=None):
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
@@ -151,8 +151,6 @@ def test_a_distributed_checkpoint_is_converted_without_running_its_pickles(tmp_p
     # reads the metadata building only what such a file holds, and reads only tensors.
     import pickle
 
-    import torch.distributed.checkpoint as dcp
-
     from flashpack_ops.commands import convert_to_flashpack
 
     marker = tmp_path / "ran"
@@ -171,8 +169,6 @@ def test_a_distributed_checkpoint_is_converted_without_running_its_pickles(tmp_p
 
 
 def test_a_distributed_checkpoint_without_a_model_part_says_what_it_holds(tmp_path):
-    import torch.distributed.checkpoint as dcp
-
     _dcp_save({"teacher": state_dict(), "student": state_dict(1)}, str(tmp_path / "c"))
     result = run("convert", tmp_path / "c", tmp_path / "m.flashpack", check=False)
     assert_one_line_error(result, "which part of this checkpoint is the model? It holds ['teacher', 'student'], and none is named "
@@ -183,8 +179,6 @@ def test_a_distributed_checkpoint_without_a_model_part_says_what_it_holds(tmp_pa
 
 
 def test_a_damaged_distributed_checkpoint_is_one_line_error(tmp_path):
-    import torch.distributed.checkpoint as dcp
-
     _dcp_save({"model": state_dict()}, str(tmp_path / "c"))
     (shard,) = (tmp_path / "c").glob("*.distcp")
     with open(shard, "r+b") as f:
