@@ -518,6 +518,7 @@ def test_convert_of_a_pipeline_whose_model_index_is_no_object_names_it(pipeline_
 def test_convert_of_a_subclass_that_only_adds_methods_converts_as_the_class_it_extends(tmp_path):
     # class FlashLlama(LlamaForCausalLM, FlashPackTransformersModelMixin): save_pretrained records
     # "FlashLlama"; its checkpoint is LlamaForCausalLM's, tensor for tensor.
+    pytest.importorskip("transformers")
     from flashpack_ops.integrations.transformers import from_pretrained_flashpack
 
     model = _llama_directory(tmp_path / "hf", architectures=["FlashLlama"])
