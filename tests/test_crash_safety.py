@@ -402,19 +402,25 @@ for attempt in range(attempts):
     cutter.start()
     try:
         flashpack_ops.save_file(tensors, path, durable=False)
+        error = None
+    except RuntimeError as e:
+        error = e
+    # A cut under way when the save renamed its file lands on the saved file: joined before
+    # the load maps that file, whose pages a cut during the comparison would take (SIGBUS).
+    cutter.join()
+    if error is None:
         try:
             loaded = flashpack_ops.load_file(path)
         except (RuntimeError, ValueError):
-            outcomes.append("saved")  # cut after the save's checks, before its rename: a load error
+            outcomes.append("saved")  # cut after the save's checks, or after its rename: a load error
         else:
             exact = list(loaded) == list(tensors) and all(torch.equal(loaded[k], t) for k, t in tensors.items())
             outcomes.append("saved" if exact else "corrupt")
             del loaded
-    except RuntimeError as e:
-        assert "model.flashpack" in str(e), e
-        outcomes.append("truncated-mapping" if "was truncated while it was written" in str(e) else
-                        "truncated-size" if "changed by another program" in str(e) else str(e))
-    cutter.join()
+    else:
+        assert "model.flashpack" in str(error), error
+        outcomes.append("truncated-mapping" if "was truncated while it was written" in str(error) else
+                        "truncated-size" if "changed by another program" in str(error) else str(error))
     assert not glob.glob(os.path.join(directory, ".*.tmp")), "a temporary file was left behind"
 print(" ".join(outcomes))
 """
