@@ -37,7 +37,7 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 # pyproject.toml's torch>=2.6, said here too: `python setup.py install` does not check it, and
 # an older torch would fail deep in the C++ build.
-if torch.torch_version.TorchVersion(torch.__version__) < (2, 6):
+if torch.__version__ < (2, 6):
     raise RuntimeError(f"flashpack_ops needs torch 2.6 or newer; this environment has torch {torch.__version__}")
 
 FORCE_CUDA = os.environ.get("FLASHPACK_FORCE_CUDA", "0") == "1"

@@ -112,7 +112,7 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.skipif(torch.torch_version.TorchVersion(torch.__version__) < (2, 8),
+@pytest.mark.skipif(torch.__version__ < (2, 8),
                     reason="torch 2.6's FSDP2 cannot train on the CPU (its CPU stream has no record_event)")
 def test_convert_a_distributed_checkpoint_of_two_ranks(tmp_path):
     # FSDP2 training saves with torch.distributed.checkpoint: one .distcp file of shards per

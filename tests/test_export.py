@@ -95,7 +95,7 @@ flashpack_ops.save_file({"y": run(x)}, sys.argv[3])
 """
 
 
-@pytest.mark.skipif(torch.torch_version.TorchVersion(torch.__version__) < (2, 8),
+@pytest.mark.skipif(torch.__version__ < (2, 8),
                     reason="torch 2.6's AOTInductor packages a custom op's keyword-only arguments out of order")
 def test_aoti_package_loads_weights_through_the_op(tmp_path, capfd):
     weights = str(tmp_path / "weights.flashpack")
