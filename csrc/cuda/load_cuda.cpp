@@ -784,13 +784,13 @@ class Pipeline {
           C10_CUDA_CHECK(cudaMemcpyAsync(dst[seg.block] + seg.block_offset, host + (seg.file_offset - c.begin),
                                          seg.bytes, cudaMemcpyHostToDevice, stream));
         }
+        slots_[lease.slot].done.record(stream);
       } catch (...) {
-        // The copies queued before the failure must still be waited for before anyone
-        // reuses or releases the slot.
+        // The copies queued before the failure (or before a failed record) must still be
+        // waited for before anyone reuses or releases the slot.
         C10_CUDA_CHECK_WARN(cudaEventRecord(slots_[lease.slot].done.get(), stream));
         throw;
       }
-      slots_[lease.slot].done.record(stream);
     });
   }
 
