@@ -126,6 +126,24 @@ void pread_exact(int fd, void* buf, size_t n, uint64_t offset, const std::string
   }
 }
 
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22  // Linux 5.14; older headers lack the name
+#endif
+
+void check_readable(const void* p, size_t n) {
+  if (n == 0) return;
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + n;
+  while (::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_READ) != 0) {
+    // EFAULT: a page would have raised SIGBUS; EIO, EHWPOISON: the memory failed. Anything else
+    // (EINVAL: an old kernel or a range it cannot populate; ENOMEM) leaves the check undone.
+    if (errno == EINTR) continue;
+    if (errno == EFAULT || errno == EIO || errno == EHWPOISON) throw UnreadableMemory(std::strerror(errno));
+    return;
+  }
+}
+
 void advise_huge_pages(void* p, size_t n) {
 #ifdef MADV_HUGEPAGE
   constexpr uintptr_t kHugePage = uintptr_t(2) << 20;

@@ -74,11 +74,18 @@ int64_t env_count(const char* name);
 // How much a durable save writes before it starts that range's write-back.
 inline constexpr size_t kWritebackSliceBytes = size_t(1) << 20;
 
-// Thrown by AtomicWriter when the memory to be written cannot be read (EFAULT): the caller
-// knows which tensor that memory holds.
+// Thrown by AtomicWriter when the memory to be written cannot be read (EFAULT), and by
+// check_readable: the caller knows which tensor that memory holds.
 struct UnreadableMemory : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+
+// Has the kernel fault in the pages of [p, p + n) (MADV_POPULATE_READ) and throws
+// UnreadableMemory where one cannot be had (a mapping of a file truncated since, a disk
+// error), before code in user space reads them and dies of SIGBUS. Memory cut after the
+// check still raises SIGBUS. Checks nothing where the kernel cannot populate the range
+// (before Linux 5.14; a device's or a driver's mapping).
+void check_readable(const void* p, size_t n);
 
 // Writes a new file at `path` atomically: the bytes go to a temporary file in the same
 // directory; commit() fsyncs it, renames it over `path` and fsyncs the directory. If the

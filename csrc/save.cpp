@@ -13,6 +13,8 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/Exception.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <map>
 #include <mutex>
@@ -293,9 +295,33 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
       // as pwrite_all does for large tensors: the same 20,000 tensors saved durably in
       // 0.505-0.545 s (medians of 5, eleven series) against 0.521-0.897 s with the write-back
       // started once per 8 MiB run, on the 2-core VM. With checksums, a write every 1 MiB
-      // copies what the checksum left in the L2 cache (as for the large tensors below).
+      // copies what the checksum left in the L2 cache.
       static const char zeros[4096] = {};
       const uint64_t slice = sums ? kChecksumSliceBytes : durable ? kWritebackSliceBytes : kRunBytes;
+      if (sums) {
+        // The checksum reads the tensors in user space, where memory that is gone (a mapped
+        // file truncated since) raises SIGBUS: checked first through the kernel, one call per
+        // span of neighbouring tensors (most runs are one span). NOTE: a check rather than
+        // checksumming after the write (which fails with EFAULT there): the write then copies
+        // from memory, not from the cache, and 20,000 tensors of 32 KiB saved with checksums
+        // in 0.24 s instead of 0.21 s on the 2-core VM; 1 GiB in 32 MiB tensors, 0.47 s
+        // instead of 0.43 s.
+        static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+        uintptr_t span_begin = 0, span_end = 0;
+        for (size_t j = task.entry; j < task.entry + task.count; ++j) {
+          const uintptr_t begin = reinterpret_cast<uintptr_t>(sources[run_entries[j]].const_data_ptr());
+          const uintptr_t end = begin + sources[run_entries[j]].nbytes();
+          // Joined only across no whole page of memory that holds none of their bytes.
+          if (span_end != 0 && begin >= span_begin && begin / page <= (span_end - 1) / page + 1) {
+            span_end = std::max(span_end, end);
+            continue;
+          }
+          if (span_end != 0) check_readable(reinterpret_cast<const void*>(span_begin), span_end - span_begin);
+          span_begin = begin;
+          span_end = end;
+        }
+        check_readable(reinterpret_cast<const void*>(span_begin), span_end - span_begin);
+      }
       std::vector<iovec> iov;
       iov.reserve(task.count);
       uint64_t batch_start = file_offset(run_entries[task.entry]), end = batch_start;
@@ -337,6 +363,9 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
         out.pwrite_all(src + task.begin, task.bytes, file_off + task.begin);
         return;
       }
+      // The checksum reads the tensor in user space, where memory that is gone (a mapped file
+      // truncated since) raises SIGBUS: checked first through the kernel.
+      check_readable(src + task.begin, task.bytes);
       // NOTE: checksumming a slice just before writing it lets the write copy bytes the
       // checksum left in the L2 cache, instead of reading the tensor from memory twice.
       for (uint64_t off = task.begin; off < task.begin + task.bytes; off += kChecksumSliceBytes) {
@@ -356,6 +385,13 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
       if (task.rows > 0) {
         slice_off = task.begin * (src.numel() / src.size(0)) * c10::elementSize(b.dtype);
         src = src.narrow(0, static_cast<int64_t>(task.begin), task.rows);
+      }
+      if (src.device().is_cpu()) {
+        // The conversion reads the tensor in user space, where memory that is gone (a mapped
+        // file truncated since) raises SIGBUS: checked first through the kernel.
+        uint64_t last = 0;  // the last element, counted from the first (strides are not negative)
+        for (int64_t d = 0; d < src.dim(); ++d) last += uint64_t(src.size(d) - 1) * uint64_t(src.stride(d));
+        check_readable(src.const_data_ptr(), (last + 1) * src.element_size());
       }
       src = src.resolve_conj().resolve_neg();
       // Same dtype: move the bits through an integer view of the same width, which every
@@ -395,9 +431,10 @@ void save(const c10::Dict<std::string, at::Tensor>& tensors, const std::string& 
     } catch (const UnreadableMemory& err) {
       const Task& task = tasks[i];
       const std::string which =
-          task.count == 0 ? where(path, layout.entries[task.entry].name)
-                          : "'" + path + "': one of the tensors '" + layout.entries[run_entries[task.entry]].name +
-                                "' to '" + layout.entries[run_entries[task.entry + task.count - 1]].name + "'";
+          task.count == 0   ? where(path, layout.entries[task.entry].name)
+          : task.count == 1 ? where(path, layout.entries[run_entries[task.entry]].name)
+                            : "'" + path + "': one of the tensors '" + layout.entries[run_entries[task.entry]].name +
+                                  "' to '" + layout.entries[run_entries[task.entry + task.count - 1]].name + "'";
       throw std::runtime_error(which + " could not be read (" + err.what() + "): its memory is gone, as when it "
                                "views a file that was truncated after it was loaded");
     }

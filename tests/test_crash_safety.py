@@ -456,22 +456,38 @@ def _mapped_writes_here(directory) -> bool:
 TRUNCATED_SOURCE_SCRIPT = r"""
 import os, sys, torch
 import flashpack_ops
-source, target = sys.argv[1], sys.argv[2]
-flashpack_ops.save_file({"w": torch.ones(16 << 20)}, source)  # 64 MiB
-loaded = flashpack_ops.load_file(source)  # a view of a mapping of the file
-os.truncate(source, 4096)  # its pages are gone: reading them raises SIGBUS
+source, target, how = sys.argv[1], sys.argv[2], sys.argv[3]
+flashpack_ops.save_file({"w": torch.ones(16 << 20), "c": torch.ones(1 << 20, dtype=torch.complex64),
+                         **{f"s{i}": torch.ones(1000) for i in range(100)}}, source)  # 72 MiB
+loaded = flashpack_ops.load_file(source)  # views of a mapping of the file
+os.truncate(source, 4096)  # their pages are gone: reading them raises SIGBUS
+kwargs = {"checksum": True} if how.endswith("checksum") else {}
+tensors = {
+    "plain": {"w": loaded["w"]},
+    "checksum": {"w": loaded["w"]},
+    "small, checksum": {"s99": loaded["s99"]},  # small tensors are written in runs
+    "target_dtype": {"w": loaded["w"]},
+    "transposed": {"w": loaded["w"].view(4096, -1).t()},
+    "conj": {"w": loaded["c"].conj()},
+}[how]
+if how == "target_dtype":
+    kwargs["target_dtype"] = torch.bfloat16
 try:
-    flashpack_ops.save_file(loaded, target)
+    flashpack_ops.save_file(tensors, target, **kwargs)
 except RuntimeError as e:
     print("error:", e)
 """
 
 
-def test_saving_tensors_whose_file_was_truncated_is_an_error_not_a_crash(tmp_path):
-    # The tensors view a mapping of a file cut short since: copying from them meets SIGBUS.
+@pytest.mark.parametrize("how", ["plain", "checksum", "small, checksum", "target_dtype", "transposed", "conj"])
+def test_saving_tensors_whose_file_was_truncated_is_an_error_not_a_crash(tmp_path, how):
+    # The tensors view a mapping of a file cut short since: reading them in user space
+    # raises SIGBUS. Written as they are, converted (dtype, layout, conj bit) or checksummed,
+    # the save names the tensor instead.
     out = subprocess.run([sys.executable, "-c", TRUNCATED_SOURCE_SCRIPT, str(tmp_path / "a.flashpack"),
-                          str(tmp_path / "b.flashpack")], capture_output=True, text=True, timeout=300)
+                          str(tmp_path / "b.flashpack"), how], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
-    assert "b.flashpack': tensor 'w' could not be read (Bad address): its memory is gone" in out.stdout, out.stdout
+    name = "s99" if how.startswith("small") else "w"
+    assert f"b.flashpack': tensor '{name}' could not be read (Bad address): its memory is gone" in out.stdout, out.stdout
     assert not (tmp_path / "b.flashpack").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["a.flashpack"]
