@@ -245,6 +245,17 @@ AtomicWriter::AtomicWriter(const std::string& path, uint64_t size, bool durable)
   const std::string& dest = target();
   const auto slash = dest.find_last_of('/');
   std::string base = slash == std::string::npos ? dest : dest.substr(slash + 1);
+  const std::string dir = dir_of(dest);
+  if (!exists) {
+    // Caught here, a name the file system refuses would only fail at the rename, after the
+    // whole file was written.
+    const long name_max = ::pathconf(dir.c_str(), _PC_NAME_MAX);
+    if (name_max > 0 && base.size() > static_cast<size_t>(name_max)) {
+      throw std::runtime_error("cannot save to '" + path + "': its name is " + std::to_string(base.size()) +
+                               " bytes long, longer than the " + std::to_string(name_max) +
+                               " this file system allows");
+    }
+  }
   // The temporary name adds 22 bytes to the file's: keep it under NAME_MAX (255) by
   // shortening the part taken from the file's name, at a UTF-8 character boundary.
   constexpr size_t kMaxBase = 200;
@@ -253,7 +264,6 @@ AtomicWriter::AtomicWriter(const std::string& path, uint64_t size, bool durable)
     while (!base.empty() && (static_cast<unsigned char>(base.back()) & 0xC0) == 0x80) base.pop_back();
     if (!base.empty() && (static_cast<unsigned char>(base.back()) & 0x80) != 0) base.pop_back();
   }
-  const std::string dir = dir_of(dest);
   std::random_device rd;
   for (int attempt = 0; attempt < 100 && fd_ < 0; ++attempt) {
     char suffix[17];

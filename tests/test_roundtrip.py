@@ -442,6 +442,18 @@ def test_a_fifo_is_not_replaced(tmp_path):
     assert os.listdir(tmp_path) == ["pipe"]
 
 
+def test_a_name_too_long_is_refused_before_anything_is_written(tmp_path):
+    # The temporary file's name is shortened, so only the rename would meet the limit: after
+    # the whole payload was written.
+    name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
+    with pytest.raises(RuntimeError, match=f"its name is {name_max + 1} bytes long, longer than the {name_max} this "
+                                           "file system allows"):
+        flashpack_ops.save_file({"a": torch.ones(2)}, tmp_path / ("x" * (name_max + 1)))
+    assert os.listdir(tmp_path) == []
+    flashpack_ops.save_file({"a": torch.ones(2)}, tmp_path / ("x" * name_max))
+    assert torch.equal(flashpack_ops.load_file(tmp_path / ("x" * name_max))["a"], torch.ones(2))
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
 def test_a_replaced_file_keeps_its_owner(tmp_file):
     # Rewritten in place, a file keeps its owner; replaced by root, it must too, or its
