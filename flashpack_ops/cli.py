@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _one_line(error: BaseException) -> str:
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         text = f"{error.strerror}: {error.filename}"
+    elif isinstance(error, OSError) and error.strerror:
+        text = error.strerror  # str() would put "[Errno N] " before it
     else:
         text = str(error) or type(error).__name__
     if isinstance(error, KeyError):  # str(KeyError) is the quoted key alone

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import glob
 import importlib
@@ -13,15 +14,16 @@ import pickle
 import re
 import secrets
 import shutil
+import stat
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ._warnings import warn
 from .api import filter_state_dict
-from .integrations._hub import (FLASHPACK_FILE, OTHER_FRAMEWORKS, TORCH_WEIGHTS, has_variant, looks_like_repo_id,
-                                parse_dtype, repo_files, resolve_directory, resolve_pipeline_directory,
-                                safetensors_entries, unread_weights)
+from .integrations._hub import (FLASHPACK_FILE, OTHER_FRAMEWORKS, TORCH_WEIGHTS, check_regular_file, has_variant,
+                                looks_like_repo_id, parse_dtype, repo_files, resolve_directory,
+                                resolve_pipeline_directory, safetensors_entries, unread_weights)
 from .ops import _identity, _path, load_file, read_metadata, save_file
 
 TORCH_EXTENSIONS = TORCH_WEIGHTS
@@ -220,6 +222,7 @@ def read_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     """The tensors of a .safetensors, .bin, .pt, .pth or .ckpt file (torch files load with weights_only)."""
     if path.endswith(".flashpack"):
         raise ValueError(f"{path} is already a flashpack file")
+    check_regular_file(path)
     if path.endswith(".safetensors") or (path.endswith(TORCH_EXTENSIONS) and _is_safetensors(path)):
         # By content too: a safetensors file saved under a torch name (model.bin) is common.
         from safetensors import SafetensorError
@@ -229,6 +232,12 @@ def read_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
             return load_safetensors(path)
         except SafetensorError as e:  # its messages do not name the file
             raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
+        except FileNotFoundError:
+            # What safetensors says of any file it cannot open: opened here, to give the reason
+            # (permission denied).
+            with open(path, "rb"):
+                pass
+            raise
     if path.endswith(TORCH_EXTENSIONS):
         return _torch_state_dict(path)
     raise ValueError(f"{path}: unknown checkpoint type; expected one of {', '.join(WEIGHT_EXTENSIONS)}, "
@@ -243,6 +252,7 @@ def _weight_map(index_path: str) -> Dict[str, str]:
         ValueError: the index is not JSON, has no weight_map, or names a shard that is not a
             string, or a path (absolute, or through ``..``) leading out of the index's folder.
     """
+    check_regular_file(index_path)
     try:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
@@ -263,7 +273,7 @@ def read_sharded(index_path: str, quiet: bool = False) -> Dict[str, torch.Tensor
     weight_map = _weight_map(index_path)
     directory = os.path.dirname(index_path)
     shards = list(dict.fromkeys(weight_map.values()))
-    missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
+    missing = [s for s in shards if not os.path.exists(os.path.join(directory, s))]
     if missing:
         raise FileNotFoundError(f"{index_path} lists shards that are not in {directory}: {missing}")
     state_dict: Dict[str, torch.Tensor] = {}
@@ -865,6 +875,8 @@ def convert_to_flashpack(
         return destination
 
     if not os.path.isdir(source):
+        if os.path.exists(source):
+            check_regular_file(source)  # a FIFO, a device or a socket, refused by name
         # A name like a file's is a missing file, even where it could pass for a repo id.
         if not os.path.exists(source) and (source.endswith(WEIGHT_EXTENSIONS + (".flashpack",)) or _is_index(source)):
             raise FileNotFoundError(f"{source}: no such file or directory")
@@ -1011,6 +1023,11 @@ def revert_from_flashpack(path: Union[str, "os.PathLike[str]"],
         from safetensors import SafetensorError
         from safetensors.torch import save_file as save_safetensors
 
+        if "__metadata__" in tensors:
+            # The key a .safetensors header keeps for its metadata: a tensor under that name
+            # would make a header no reader accepts.
+            raise ValueError(f"safetensors cannot store {path}: a tensor is named '__metadata__', the key a "
+                             ".safetensors header keeps for its metadata; write a .pt file instead")
         # safetensors refuses names that share memory: a tied name gets its own copy.
         seen, unique = set(), {}
         with _progress(tensors.items(), "reverting", total=len(tensors), quiet=silent) as items:
@@ -1044,17 +1061,35 @@ def _write_replacing(destination: str, write: Callable[[str], None]) -> None:
     was and no partial file behind."""
     target = os.path.realpath(destination)
     directory, base = os.path.split(target)
+    # Refused before anything is written, as save_file refuses them: the rename would put a
+    # regular file in place of a directory, a device, a FIFO or a socket, or fail only after
+    # the whole file was written.
+    # A name too long for the file system fails here too (ENAMETOOLONG).
+    try:
+        old = os.stat(target)
+    except FileNotFoundError:
+        old = None
+    if old is not None and stat.S_ISDIR(old.st_mode):
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {destination}: it is a directory")
+    if old is not None and not stat.S_ISREG(old.st_mode):
+        raise OSError(errno.EINVAL, f"cannot write {destination}: it is not a regular file (a device, FIFO or socket)")
     # A name near the file system's limit (255 bytes) leaves no room for the suffix: shortened.
     stem = os.fsencode(base)[:200].decode(errors="ignore") if isinstance(base, str) else base
     temporary = os.path.join(directory, f".{stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # 0666: the umask gives the file its usual permissions; a file replaced keeps its own.
+    # 0666: the umask gives the file its usual permissions; a file replaced keeps its own,
+    # given before any byte is written.
     try:
-        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as e:
         # Said of the destination and its directory, not of a temporary name the caller never gave.
         raise type(e)(e.errno, f"cannot write {destination}: {e.strerror}", directory or ".") from None
     try:
-        mode = os.stat(target if os.path.isfile(target) else temporary).st_mode & 0o7777
+        try:
+            if old is not None:
+                os.fchmod(fd, old.st_mode & 0o7777)
+            mode = os.fstat(fd).st_mode & 0o7777
+        finally:
+            os.close(fd)
         write(temporary)
         os.chmod(temporary, mode)  # the writer may have put a file of its own there (safetensors does)
         os.replace(temporary, target)

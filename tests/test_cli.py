@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -1043,6 +1044,58 @@ def test_revert_never_overwrites_a_default_destination(tmp_path):
     run("revert", tmp_path, tmp_path / "model.safetensors")  # named: overwritten as asked
     for name, tensor in load_file(tmp_path / "model.safetensors").items():
         assert_same(tensor, state_dict()[name], name)
+
+
+def test_revert_never_puts_a_file_in_place_of_a_fifo(tmp_path):
+    # As save_file refuses it: the rename would replace the FIFO (a reader waiting on it would
+    # wait forever), or a device node reached through a link, with a regular file.
+    flashpack_ops.save_file(state_dict(), tmp_path / "m.flashpack")
+    fifo = tmp_path / "out.safetensors"
+    os.mkfifo(fifo)
+    os.symlink(fifo, tmp_path / "link.pt")
+    for destination in (fifo, tmp_path / "link.pt"):
+        result = run("revert", "-q", tmp_path / "m.flashpack", destination, check=False)
+        assert_one_line_error(result, f"cannot write {destination}: it is not a regular file (a device, FIFO or socket)")
+        assert "[Errno" not in result.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["link.pt", "m.flashpack", "out.safetensors"]
+
+
+def test_revert_to_a_name_too_long_is_a_one_line_error(tmp_path):
+    flashpack_ops.save_file(state_dict(), tmp_path / "m.flashpack")
+    result = run("revert", "-q", tmp_path / "m.flashpack", tmp_path / ("x" * 300 + ".pt"), check=False)
+    assert_one_line_error(result, "File name too long: ")
+    assert sorted(os.listdir(tmp_path)) == ["m.flashpack"]
+
+
+def test_revert_to_safetensors_of_a_tensor_named_metadata_says_to_write_pt(tmp_path):
+    # "__metadata__" is the key a .safetensors header keeps for its metadata: a tensor under that
+    # name would make a file no reader opens.
+    flashpack_ops.save_file({"__metadata__": torch.ones(2), "w": torch.zeros(3)}, tmp_path / "m.flashpack")
+    result = run("revert", "-q", tmp_path / "m.flashpack", check=False)
+    assert_one_line_error(result, f"safetensors cannot store {tmp_path / 'm.flashpack'}: a tensor is named "
+                                  "'__metadata__'")
+    assert sorted(os.listdir(tmp_path)) == ["m.flashpack"]
+    run("revert", "-q", tmp_path / "m.flashpack", tmp_path / "m.pt")
+    assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=True)["__metadata__"], torch.ones(2))
+
+
+@pytest.mark.parametrize("layout", ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                                    "file", "device"])
+def test_convert_of_a_fifo_or_device_is_refused_at_once(tmp_path, layout):
+    # A directory unpacked from an archive may hold a FIFO where its checkpoint should be:
+    # opening it would wait for a writer forever.
+    if layout == "device":
+        source, checkpoint = "/dev/zero", "/dev/zero"
+    else:
+        model = tmp_path / "model"
+        model.mkdir()
+        checkpoint = model / ("x.safetensors" if layout == "file" else layout)
+        os.mkfifo(checkpoint)
+        source = checkpoint if layout == "file" else model
+    result = run("convert", source, tmp_path / "out.flashpack", check=False)
+    assert_one_line_error(result, f"{checkpoint} is not a regular file (a FIFO, device or socket)")
+    assert not (tmp_path / "out.flashpack").exists()
 
 
 @pytest.mark.parametrize("name, content, said", [

@@ -151,8 +151,21 @@ _STALE_SAMPLES = 256
 _MAX_SAFETENSORS_HEADER = 100_000_000
 
 
+def check_regular_file(path: str) -> None:
+    """Raises ValueError where ``path`` is a FIFO, a device or a socket: opening a FIFO waits
+    for a writer, forever where none comes (a model directory unpacked from an archive may
+    hold one)."""
+    import stat
+
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        what = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, device or socket)"
+        raise ValueError(f"{path} is {what}, not a checkpoint file")
+
+
 def safetensors_entries(checkpoint: str) -> Dict[str, Tuple[str, List[int]]]:
     """name -> (dtype, shape) from a safetensors file's header; no tensor is read."""
+    check_regular_file(checkpoint)
     with open(checkpoint, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         if size > min(os.path.getsize(checkpoint) - 8, _MAX_SAFETENSORS_HEADER):
