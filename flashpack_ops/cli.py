@@ -203,7 +203,9 @@ def _one_line(error: BaseException) -> str:
         text = str(error) or type(error).__name__
     if isinstance(error, KeyError):  # str(KeyError) is the quoted key alone
         text = f"missing key {text}"
-    return " ".join(text.split())
+    # A file's own names may hold control characters (a terminal's escape sequences): written
+    # as escapes, as the metadata listing writes them, never passed to the terminal.
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in " ".join(text.split()))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1098,6 +1098,20 @@ def test_convert_of_a_fifo_or_device_is_refused_at_once(tmp_path, layout):
     assert not (tmp_path / "out.flashpack").exists()
 
 
+def test_cli_errors_write_a_files_control_characters_as_escapes(tmp_path):
+    # A hostile file's entry names may hold a terminal's escape sequences: the one-line error
+    # quotes them, as the metadata listing does.
+    name = "\x1b]0;title\x07\x1b[2Jred"
+    flashpack_ops.save_file({name: torch.ones(2, 3)}, tmp_path / "m.flashpack")
+    data = bytearray((tmp_path / "m.flashpack").read_bytes())
+    at = data.rindex(b'"length":')
+    data[at:at + 10] = b'"length":7'  # the shape holds 6 elements
+    (tmp_path / "m.flashpack").write_bytes(bytes(data))
+    result = run("metadata", tmp_path / "m.flashpack", check=False)
+    assert_one_line_error(result, "index entry '\\x1b]0;title\\x07\\x1b[2Jred': the shape holds 6 elements")
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr
+
+
 @pytest.mark.parametrize("name, content, said", [
     ("model.safetensors", b"garbage!", "model.safetensors is not a valid safetensors file: "),
     ("model.bin", b"\xf9" * 64, "model.bin: torch.load(weights_only=True) cannot read it: "),
