@@ -469,7 +469,14 @@ void AtomicWriter::commit() {
   // on network filesystems), and must not be closed again. A durable save's data was
   // checked by the fsync above; durable=False gives up that check anyway.
   if (::close(fd) != 0 && errno != EINTR) os_error("cannot close", path_, errno);
-  if (::rename(tmp_path_.c_str(), target().c_str()) != 0) os_error("cannot rename the temporary file onto", path_, errno);
+  if (::rename(tmp_path_.c_str(), target().c_str()) != 0) {
+    if (errno == EBUSY) {
+      throw std::runtime_error("cannot rename the temporary file onto '" + path_ + "': it is a mount point (a file "
+                               "mounted on its own, as `docker run -v file:file` mounts one), which a rename cannot "
+                               "replace; the old file is intact. Save inside a mounted directory instead");
+    }
+    os_error("cannot rename the temporary file onto", path_, errno);
+  }
   committed_ = true;
   if (!durable_) return;
   // The rename is durable only once the directory entry is on disk.

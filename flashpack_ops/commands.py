@@ -1092,7 +1092,14 @@ def _write_replacing(destination: str, write: Callable[[str], None]) -> None:
             os.close(fd)
         write(temporary)
         os.chmod(temporary, mode)  # the writer may have put a file of its own there (safetensors does)
-        os.replace(temporary, target)
+        try:
+            os.replace(temporary, target)
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            raise OSError(errno.EBUSY, f"cannot write {destination}: it is a mount point (a file mounted on its own, "
+                          "as `docker run -v file:file` mounts one), which a rename cannot replace; the old file is "
+                          "intact. Write inside a mounted directory instead") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)

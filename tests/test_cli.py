@@ -4,6 +4,7 @@ import inspect
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -1059,6 +1060,22 @@ def test_revert_never_puts_a_file_in_place_of_a_fifo(tmp_path):
         assert "[Errno" not in result.stderr
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     assert sorted(os.listdir(tmp_path)) == ["link.pt", "m.flashpack", "out.safetensors"]
+
+
+def test_revert_onto_a_bind_mounted_file_says_why_it_cannot(tmp_path):
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("no mount namespace can be made here")
+    flashpack_ops.save_file(state_dict(), tmp_path / "m.flashpack")
+    (tmp_path / "mounted.pt").write_bytes(b"old")
+    (tmp_path / "dst.pt").write_bytes(b"")
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    script = f"mount --bind mounted.pt dst.pt && exec {shlex.quote(sys.executable)} -m flashpack_ops revert -q " \
+             "m.flashpack dst.pt"
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env=environment, timeout=300)
+    assert_one_line_error(result, "cannot write dst.pt: it is a mount point (a file mounted on its own")
+    assert (tmp_path / "mounted.pt").read_bytes() == b"old"
+    assert sorted(os.listdir(tmp_path)) == ["dst.pt", "m.flashpack", "mounted.pt"]
 
 
 def test_revert_to_a_name_too_long_is_a_one_line_error(tmp_path):

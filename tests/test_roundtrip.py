@@ -2,7 +2,11 @@
 
 import gc
 import os
+import shlex
+import shutil
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -440,6 +444,33 @@ def test_a_fifo_is_not_replaced(tmp_path):
         flashpack_ops.save_file({"a": torch.ones(2)}, fifo)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     assert os.listdir(tmp_path) == ["pipe"]
+
+
+BIND_MOUNTED_SCRIPT = r"""
+import os, sys, torch
+import flashpack_ops
+try:
+    flashpack_ops.save_file({"a": torch.full((2,), 7.0)}, sys.argv[1])
+except RuntimeError as e:
+    print(e)
+"""
+
+
+def test_a_bind_mounted_file_is_an_error_that_says_so(tmp_path):
+    # A file mounted on its own (docker run -v file:file) cannot be replaced by a rename: the
+    # save fails with EBUSY, saying why, and the mounted file keeps its bytes.
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("no mount namespace can be made here")
+    flashpack_ops.save_file({"a": torch.ones(2)}, tmp_path / "src.flashpack")
+    flashpack_ops.save_file({"a": torch.zeros(2)}, tmp_path / "dst.flashpack")
+    script = f"mount --bind src.flashpack dst.flashpack && exec {shlex.quote(sys.executable)} -c " \
+             f"{shlex.quote(BIND_MOUNTED_SCRIPT)} dst.flashpack"
+    out = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "cannot rename the temporary file onto 'dst.flashpack': it is a mount point" in out.stdout, out.stdout
+    assert torch.equal(flashpack_ops.load_file(tmp_path / "dst.flashpack")["a"], torch.zeros(2))
+    assert sorted(os.listdir(tmp_path)) == ["dst.flashpack", "src.flashpack"]
 
 
 def test_a_name_too_long_is_refused_before_anything_is_written(tmp_path):
