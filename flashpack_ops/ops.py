@@ -42,8 +42,13 @@ def _path(path: PathLike, *, must_exist: bool) -> str:
         # the operators take a str as UTF-8 and would fail with torch's own type error.
         raise ValueError(f"{path!r}: the path is not valid UTF-8, which the flashpack operators need; rename "
                          "the file") from None
-    if must_exist and not os.path.exists(path):
-        raise FileNotFoundError(errno.ENOENT, "flashpack file not found", path)
+    if must_exist:
+        try:
+            os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise FileNotFoundError(errno.ENOENT, "flashpack file not found", path) from None
+        except OSError:
+            pass  # a loop of links, a folder this process may not search: the reader names the cause
     return path
 
 

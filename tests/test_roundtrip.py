@@ -434,6 +434,10 @@ def test_a_symlink_loop_is_an_error(tmp_path):
     with pytest.raises(RuntimeError, match="Too many levels of symbolic links"):
         flashpack_ops.save_file({"a": torch.ones(2)}, tmp_path / "a")
     assert os.path.islink(tmp_path / "a") and os.path.islink(tmp_path / "b")
+    # Read, the loop is named too, not taken for a missing file.
+    for read in (flashpack_ops.load_file, flashpack_ops.read_metadata):
+        with pytest.raises(RuntimeError, match=f"cannot open '{tmp_path / 'a'}': Too many levels of symbolic links"):
+            read(tmp_path / "a")
 
 
 def test_a_fifo_is_not_replaced(tmp_path):
