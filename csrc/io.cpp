@@ -126,10 +126,6 @@ void pread_exact(int fd, void* buf, size_t n, uint64_t offset, const std::string
   }
 }
 
-#ifndef MADV_POPULATE_READ
-#define MADV_POPULATE_READ 22  // Linux 5.14; older headers lack the name
-#endif
-
 void check_readable(const void* p, size_t n) {
   if (n == 0) return;
   static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));

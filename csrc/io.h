@@ -9,7 +9,12 @@
 #include <stdexcept>
 #include <string>
 
+#include <sys/mman.h>
 #include <sys/uio.h>
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22  // Linux 5.14; older headers lack the name
+#endif
 
 namespace flashpack {
 

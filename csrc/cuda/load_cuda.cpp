@@ -619,10 +619,6 @@ class StagedSource final : public Source {
   std::atomic<bool> direct_ok_{true};
 };
 
-#ifndef MADV_POPULATE_READ
-#define MADV_POPULATE_READ 22  // Linux 5.14; older headers lack the name
-#endif
-
 // Copies each chunk out of a read-only mapping of the file into its slot's pinned buffer.
 // NOTE: measured on the 2-core VM, a 2 GB file in the page cache into a 256 MiB ring of
 // 8 MiB buffers: prefault + non-temporal copy + drop ran at 6.6 GB/s on one thread and
