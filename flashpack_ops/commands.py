@@ -876,9 +876,9 @@ def convert_to_flashpack(
 
     if not os.path.isdir(source):
         if os.path.exists(source):
-            check_regular_file(source)  # a FIFO, a device or a socket, refused by name
+            check_regular_file(source)  # neither a file nor a folder: a FIFO, a device or a socket, refused by name
         # A name like a file's is a missing file, even where it could pass for a repo id.
-        if not os.path.exists(source) and (source.endswith(WEIGHT_EXTENSIONS + (".flashpack",)) or _is_index(source)):
+        if source.endswith(WEIGHT_EXTENSIONS + (".flashpack",)) or _is_index(source):
             raise FileNotFoundError(f"{source}: no such file or directory")
         if not looks_like_repo_id(source):
             raise FileNotFoundError(f"{source}: no such file or directory, and not a Hugging Face Hub repo id")

@@ -11,6 +11,7 @@ import re
 import secrets
 import shlex
 import shutil
+import stat
 import tempfile
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -155,8 +156,6 @@ def check_regular_file(path: str) -> None:
     """Raises ValueError where ``path`` is a FIFO, a device or a socket: opening a FIFO waits
     for a writer, forever where none comes (a model directory unpacked from an archive may
     hold one)."""
-    import stat
-
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
         what = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, device or socket)"
