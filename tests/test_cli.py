@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -119,13 +120,23 @@ dist.destroy_process_group()
 def test_convert_a_distributed_checkpoint_of_two_ranks(tmp_path):
     # FSDP2 training saves with torch.distributed.checkpoint: one .distcp file of shards per
     # rank and a .metadata file. convert puts each tensor of the model back together.
-    directory, full = tmp_path / "step-1", tmp_path / "full.pt"
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
                        OMP_NUM_THREADS="1")
-    ranks = [subprocess.Popen([sys.executable, "-c", _FSDP2_SAVE, str(rank), str(tmp_path / "store"), str(directory),
-                               str(full)], env=environment, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    for rank in ranks:
-        assert rank.wait(timeout=300) == 0, rank.stderr.read()
+    # NOTE: the save is torch's alone (the script imports nothing of ours). Its gloo threads
+    # once aborted a rank at shutdown ("terminate called without an active exception"): such
+    # an abort makes the checkpoint again, from scratch, once.
+    for attempt in range(2):
+        directory, full = tmp_path / f"step-1-{attempt}", tmp_path / f"full-{attempt}.pt"
+        ranks = [subprocess.Popen([sys.executable, "-c", _FSDP2_SAVE, str(rank), str(tmp_path / f"store-{attempt}"),
+                                   str(directory), str(full)], env=environment, stderr=subprocess.PIPE, text=True)
+                 for rank in (0, 1)]
+        results = [(rank.wait(timeout=300), rank.stderr.read()) for rank in ranks]
+        aborted = any(code == -signal.SIGABRT and "terminate called without an active exception" in err
+                      for code, err in results)
+        if not aborted or attempt == 1:
+            break
+    for code, err in results:
+        assert code == 0, err
     assert sorted(name for name in os.listdir(directory) if name.endswith(".distcp")) == ["__0_0.distcp",
                                                                                          "__1_0.distcp"]
     result = run("convert", directory, tmp_path / "model.flashpack")
