@@ -42,13 +42,37 @@ std::string where(const std::string& path, const std::string& name) {
   return "'" + path + "': tensor '" + name + "'";
 }
 
+// NOTE: messages are put together from strings and std::to_string, never through an ostream
+// (c10::str, <<): a library linked with a libstdc++ of its own (-static-libstdc++, which some
+// compilers add by default) shares no locale with the libstdc++ torch loaded: a number sent
+// through its streams came out empty with GCC 12's and crashed the process with GCC 13's.
+std::string shape_text(c10::IntArrayRef sizes) {  // "[2, 3]"
+  std::string text = "[";
+  for (size_t d = 0; d < sizes.size(); ++d) text += (d ? ", " : "") + std::to_string(sizes[d]);
+  return text + "]";
+}
+
+std::string layout_name(c10::Layout layout) {  // as torch prints it
+  switch (layout) {
+    case c10::kStrided: return "Strided";
+    case c10::kSparse: return "Sparse";
+    case c10::kSparseCsr: return "SparseCsr";
+    case c10::kSparseCsc: return "SparseCsc";
+    case c10::kSparseBsr: return "SparseBsr";
+    case c10::kSparseBsc: return "SparseBsc";
+    case c10::kMkldnn: return "Mkldnn";
+    case c10::kJagged: return "Jagged";
+    default: return "number " + std::to_string(static_cast<int>(layout));
+  }
+}
+
 void check_storable(const at::Tensor& t, const std::string& path, const std::string& name) {
   if (!t.defined()) throw std::invalid_argument(where(path, name) + " is an undefined tensor");
   if (t.is_nested()) {
     throw std::invalid_argument(where(path, name) + " is a nested tensor; save its components (unbind()) instead");
   }
   if (t.layout() != at::kStrided) {
-    throw std::invalid_argument(where(path, name) + " has layout " + c10::str(t.layout()) +
+    throw std::invalid_argument(where(path, name) + " has layout " + layout_name(t.layout()) +
                                 "; only dense (strided) tensors can be saved, call .to_dense() first");
   }
   if (c10::isQIntType(t.scalar_type())) {
@@ -74,7 +98,7 @@ void check_storable(const at::Tensor& t, const std::string& path, const std::str
   uint64_t span = 1;
   for (size_t d = 1; d < t.sizes().size(); ++d) {
     if (__builtin_mul_overflow(span, std::max<uint64_t>(t.sizes()[d], 1), &span) || span > uint64_t(INT64_MAX)) {
-      throw std::invalid_argument(where(path, name) + " has shape " + c10::str(t.sizes()) +
+      throw std::invalid_argument(where(path, name) + " has shape " + shape_text(t.sizes()) +
                                   ", whose contiguous strides exceed 2^63 - 1; no reader could rebuild it");
     }
   }
