@@ -58,6 +58,24 @@ def test_transformers_cold_loads_drop_the_files_pages_where_the_whole_cache_cann
         assert bench_gpu.cached_fraction(str(checkpoint / "model.safetensors")) == 0.0
 
 
+def test_transformers_profile_after_cold_loads_finds_the_files_cached_again(tmp_path):
+    # The profiled "warm" loads come after the cold ones, which leave the files out of the cache.
+    pytest.importorskip("transformers")
+    if on_tmpfs(tmp_path):
+        pytest.skip("tmpfs keeps its pages")
+    bench_transformers = benchmark("bench_transformers")
+    bench_gpu = benchmark("bench_gpu")
+    files = [tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.flashpack"]
+    for path in files:
+        path.parent.mkdir()
+        path.write_bytes(os.urandom(1 << 20) * 8)
+    directories = [str(path.parent) for path in files]
+    bench_transformers.drop_file_pages(directories, whole_cache=False)
+    assert [bench_gpu.cached_fraction(str(path)) for path in files] == [0.0, 0.0]
+    bench_transformers.fill_page_cache(directories)
+    assert [bench_gpu.cached_fraction(str(path)) for path in files] == [1.0, 1.0]
+
+
 def run_benchmark(name, *args):
     # As the GPU check runs them, in a process of their own.
     return subprocess.run([sys.executable, os.path.join(BENCHMARKS, name + ".py"), *map(str, args)],
