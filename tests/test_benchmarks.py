@@ -91,7 +91,8 @@ def test_the_gpu_benchmark_runs_through_on_the_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "bit-exact: every load" in result.stdout
     assert {"bench.json", "bench.png", "summary.txt"} <= set(os.listdir(out))
-    assert "the same durable save with pwrite() instead of a mapping of the file: " in result.stdout
+    assert "the same durable save, alternating, median of 2: through a mapping of the file (the default) " \
+        in result.stdout
     assert not (tmp_path / "work").exists()  # its files are removed
     with open(out / "bench.json") as f:
         report = json.load(f)
