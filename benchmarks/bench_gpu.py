@@ -628,6 +628,40 @@ class Bench:
 
                 flashpack_ops.release_pinned_memory()
 
+    def small_steps(self):
+        """Where a warm load of the 20,000 small tensors spends its time: the ops that stop
+        earlier (load_blocks: the index and the copies; load_list: and a view per tensor;
+        load_named: and the names) against load_file (and the dict), each timed with the time
+        inside the op (cuda_stats' ns_loads), then the same index and views without copies
+        (load_list to the CPU, a mapping)."""
+        import flashpack_ops
+
+        path = self.datasets["small"]["paths"]["fp"]
+        device = str(self.device)
+        steps = {
+            "load_blocks": lambda: torch.ops.flashpack.load_blocks(path, device),
+            "load_list": lambda: torch.ops.flashpack.load_list(path, device),
+            "load_named": lambda: torch.ops.flashpack.load_named(path, device),
+            "load_file": lambda: flashpack_ops.load_file(path, device),
+            "load_list to cpu": lambda: torch.ops.flashpack.load_list(path, "cpu"),
+        }
+        out = self.report["small_steps"] = {}
+        for name, step in steps.items():
+            step()  # untimed: the page cache, the pool
+            times, inside = [], []
+            for _ in range(max(self.args.runs, 5)):
+                gc.collect()
+                before = self.stats()
+                self.sync()
+                t0 = time.perf_counter()
+                result = step()
+                self.sync()
+                times.append(time.perf_counter() - t0)
+                inside.append((self.stats().get("ns_loads", 0) - before.get("ns_loads", 0)) / 1e9)
+                del result
+            out[name] = {"median_s": statistics.median(times), "inside_op_s": statistics.median(inside)}
+            log(f"  {name}: {out[name]['median_s'] * 1e3:.1f} ms ({out[name]['inside_op_s'] * 1e3:.1f} ms inside the op)")
+
     def size_sweep(self):
         a = self.args
         gen_device = "cuda" if self.device.type == "cuda" and not a.host_checks else "cpu"
@@ -690,6 +724,7 @@ class Bench:
         self.section("small, warm, flashpack_ops settings",
                      lambda: self.run_loaders(["flashpack_ops[buffered]", "flashpack_ops[register]"], "small",
                                               cold=False))
+        self.section("small, warm, step by step", self.small_steps)
         # NOTE: the cold load is a target, as the warm ones are: it runs even past the deadline
         # (about 40 s at 3.5 GB, inside the margin gpu_check.sh leaves after the deadline).
         if not a.no_cold:
@@ -830,6 +865,11 @@ def table(report) -> str:
     lines.append("")
     lines.append("peak pinned/registered host memory: flashpack_ops " + (f"{max(pinned) / MiB:.0f} MiB" if pinned else "n/a")
                  + ", flashpack 0.4.5 " + (f"{max(ref_pinned) / MiB:.0f} MiB" if ref_pinned else "n/a"))
+    small_steps = report.get("small_steps")
+    if small_steps:
+        lines.append("small warm, step by step, ms (inside the op): " + ", ".join(
+            f"{name} {v['median_s'] * 1e3:.1f}" + (f" ({v['inside_op_s'] * 1e3:.1f})" if v["inside_op_s"] else "")
+            for name, v in small_steps.items()))
     bad = [f"{r['loader']} {r['dataset']} {r['cache']}" for r in report["results"] if not r["bitexact"]]
     lines.append("bit-exact: " + ("every load" if not bad else "FAILED for " + ", ".join(bad)))
     # The targets in benchmarks/RESULTS.md, where measured.

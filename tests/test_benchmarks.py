@@ -93,6 +93,7 @@ def test_the_gpu_benchmark_runs_through_on_the_cpu(tmp_path):
     assert {"bench.json", "bench.png", "summary.txt"} <= set(os.listdir(out))
     assert "the same durable save, alternating, median of 2: through a mapping of the file (the default) " \
         in result.stdout
+    assert "small warm, step by step, ms (inside the op): load_blocks " in result.stdout
     assert not (tmp_path / "work").exists()  # its files are removed
     with open(out / "bench.json") as f:
         report = json.load(f)
