@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, TypeVar, Union
 
@@ -31,6 +33,74 @@ def _read_unchanged(path: str, read: Callable[[], T]) -> T:
             return result
     raise RuntimeError(f"'{path}' was replaced or modified while being read, {_READ_ATTEMPTS} times in a row; "
                        "load it once it is no longer being written")
+
+
+class Prefetch:
+    """``load_file(path, device, copy=copy)`` on a thread of its own, started before the model
+    it fills is built: the file streams in while the model's ``__init__`` runs (the op lets go
+    of the GIL). Handed to ``assign_from_file(..., _prefetched=)``, which takes its tensors
+    where it would have loaded the same ones itself, and lets them go otherwise.
+
+    The thread loads on the caller's current CUDA device and stream, as a load on the calling
+    thread would (each thread has its own), so the tensors are ready on that stream.
+    """
+
+    def __init__(self, path: PathLike, device: torch.device, copy: bool):
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.path, self.device, self.copy = path, device, copy
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+        def load() -> Dict[str, torch.Tensor]:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                return load_file(path, device, copy=copy)
+
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashpack-prefetch")
+        self._future: Optional[Future] = executor.submit(load)
+        executor.shutdown(wait=False)  # the thread ends with its one load
+
+    @staticmethod
+    def worth_it(device: Any, copy: bool) -> Optional[torch.device]:
+        """The device to prefetch to, where a load does work worth overlapping (a copy to a
+        GPU, or into fresh CPU memory; a CPU load otherwise maps the file in a millisecond);
+        None otherwise, a device map or an unknown device included (the load then says why)."""
+        if device is None or isinstance(device, Mapping):
+            return None
+        try:
+            device = _device(device, "")
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        if device.type == "cuda" and torch.cuda.is_available():
+            return device
+        return device if device.type == "cpu" and copy else None
+
+    def matches(self, path: PathLike, device: torch.device, copy: bool) -> bool:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return (os.fspath(path), device, copy) == (os.fspath(self.path), self.device, self.copy)
+
+    def result(self) -> Dict[str, torch.Tensor]:
+        """The loaded tensors (waits for them), or the load's error; once."""
+        future, self._future = self._future, None
+        return future.result()
+
+    def drop(self) -> None:
+        """Waits for the load, if it has not been taken, and lets its tensors (or its error) go:
+        its memory is free again before another load of the file starts."""
+        future, self._future = self._future, None
+        if future is not None:
+            future.exception()
+
+
+def _ignores_no_bytes(index: List[Dict[str, Any]], ignored: Callable[[str], bool]) -> bool:
+    """Whether every entry ``ignored`` leaves out repeats the bytes of an entry it keeps (a tied
+    tensor's second name) or has none: the whole file's tensors then take no more memory than
+    the kept ones."""
+    def where(entry):
+        return entry.get("macroblock", 0), entry["offset"], entry["length"]
+
+    kept = {where(entry) for entry in index if not ignored(entry["name"])}
+    return all(entry["length"] == 0 or where(entry) in kept for entry in index if ignored(entry["name"]))
 
 
 def _is_ignored(name: str, names=None, prefixes=None, suffixes=None) -> bool:
@@ -780,6 +850,7 @@ def assign_from_file(
     _keep_float32: Optional[Callable[[str], bool]] = None,
     _zero_filled: Optional[List[str]] = None,
     _model_prefix: str = "",
+    _prefetched: Optional[Prefetch] = None,
 ) -> None:
     """Load a flashpack file into ``model``'s parameters and buffers, without copies.
 
@@ -927,6 +998,11 @@ def assign_from_file(
     if use_distributed_loading and not distributed:
         check_strategy()  # one process: no ranks to agree with, and no sharded load to check it
     storage = meta = None
+    prefetched, _prefetched = _prefetched, None
+    if prefetched is not None and (placement is not None or keep_flash_ref_on_model or distributed
+                                   or not prefetched.matches(path, device, copy)):
+        prefetched.drop()  # loaded otherwise: its memory goes before the load below takes its own
+        prefetched = None
     if placement is not None:
         # One load per device, and the names read before them: all from one file, or a save
         # landing between two loads would give the model weights of two files.
@@ -946,13 +1022,19 @@ def assign_from_file(
         tensors = load_file_distributed(path, device, sharded=distributed_sharded, _check=check_strategy)
     elif ignore_names or ignore_prefixes or ignore_suffixes:
         # What is ignored is not read, nor given GPU memory (a head or a tower left out). The
-        # names and the tensors are read by two calls, from one file.
+        # names and the tensors are read by two calls, from one file. A prefetched load of the
+        # whole file serves where all that is left out is second names of tied tensors.
         path = _path(path, must_exist=True)
-        tensors = _read_unchanged(path, lambda: load_file(
-            path, device, copy=copy, names=[entry["name"] for entry in read_metadata(path)["index"]
-                                            if not ignored(entry["name"])]))
+        if prefetched is not None and _ignores_no_bytes(read_metadata(path)["index"], ignored):
+            tensors = prefetched.result()
+        else:
+            if prefetched is not None:
+                prefetched.drop()
+            tensors = _read_unchanged(path, lambda: load_file(
+                path, device, copy=copy, names=[entry["name"] for entry in read_metadata(path)["index"]
+                                                if not ignored(entry["name"])]))
     else:
-        tensors = load_file(path, device, copy=copy)
+        tensors = prefetched.result() if prefetched is not None else load_file(path, device, copy=copy)
 
     target = _unwrapped(model, tensors)
     if target is not model:

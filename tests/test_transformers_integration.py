@@ -5,6 +5,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -1220,3 +1221,73 @@ def test_buffers_an_init_fails_to_compute_again_keep_the_values_init_gave_them(t
     loaded = from_pretrained_flashpack(TableModel, tmp_path / "fp")
     assert torch.equal(loaded.table.positions, model.table.positions)
     assert torch.equal(loaded.proj.weight, model.proj.weight)
+
+
+def _bytes_read_by_this_process():
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux's /proc/self/io")
+def test_a_copied_load_reads_the_file_while_the_model_is_built(tmp_path):
+    # A model whose __init__ waits until the process has read the whole file is built only if
+    # something else reads it meanwhile: the load, started before the model is built.
+    torch.manual_seed(0)
+    original = LlamaForCausalLM(tiny_config(hidden_size=256, intermediate_size=1024, vocab_size=4096)).eval()
+    save_pretrained_flashpack(original, tmp_path)
+    size = os.path.getsize(tmp_path / "model.flashpack")
+    seen = []
+
+    class WaitingLlama(LlamaForCausalLM):
+        def __init__(self, config, *args, **kwargs):
+            deadline = time.monotonic() + 10
+            while _bytes_read_by_this_process() - start < size and time.monotonic() < deadline:
+                time.sleep(0.001)
+            seen.append(_bytes_read_by_this_process() - start)
+            super().__init__(config, *args, **kwargs)
+
+    start = _bytes_read_by_this_process()
+    loaded = from_pretrained_flashpack(WaitingLlama, tmp_path, copy=True)
+    assert seen[0] >= size
+    assert torch.equal(logits(loaded), logits(original))
+
+
+def test_an_error_while_building_comes_through_a_copied_load_as_it_is(saved):
+    class Failing(LlamaForCausalLM):
+        def __init__(self, config, *args, **kwargs):
+            raise RuntimeError("this model cannot be built")
+
+    with pytest.raises(RuntimeError, match="this model cannot be built"):
+        from_pretrained_flashpack(Failing, saved, copy=True)
+
+
+def test_copied_loads_that_leave_entries_out_are_those_of_the_plain_load(tmp_path):
+    # T5 holds its lm_head as a second name of the shared embedding (nothing more to read),
+    # T5EncoderModel leaves the decoder out (its bytes are not read).
+    t5 = tiny_t5()
+    save_pretrained_flashpack(t5, tmp_path)
+    ids = torch.tensor([[1, 5, 9, 33]])
+    for model_class in (transformers.T5ForConditionalGeneration, transformers.T5EncoderModel):
+        copied = from_pretrained_flashpack(model_class, tmp_path, copy=True)
+        mapped = from_pretrained_flashpack(model_class, tmp_path)
+        assert copied.state_dict().keys() == mapped.state_dict().keys()
+        assert all(torch.equal(a, b) for a, b in zip(copied.state_dict().values(), mapped.state_dict().values()))
+        with torch.no_grad():
+            outputs = [m.encoder(ids) if hasattr(m, "decoder") else m(ids) for m in (copied, mapped)]
+        assert torch.equal(outputs[0].last_hidden_state, outputs[1].last_hidden_state)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_loads_onto_cuda_on_the_callers_stream(model, saved):
+    # The file is loaded on a thread of its own while the model is built: on the caller's
+    # current stream, as a load on the calling thread would be.
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        loaded = FlashLlama.from_pretrained_flashpack(saved, device="cuda")
+        with torch.no_grad():
+            out = loaded(IDS.cuda()).logits
+    stream.synchronize()
+    reference = FlashLlama.from_pretrained_flashpack(saved).to("cuda")
+    assert all(torch.equal(a, b.cuda()) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    with torch.no_grad():
+        assert torch.equal(out, reference(IDS.cuda()).logits)

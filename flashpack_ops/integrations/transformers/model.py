@@ -14,7 +14,7 @@ import transformers
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from ..._warnings import warn
-from ...api import DevicePlacement, assign_from_file, initialize_missing
+from ...api import DevicePlacement, Prefetch, assign_from_file, initialize_missing
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, _device, load_file, read_metadata
 from .._hub import (aliases, build_and_load_dtypes, checked_save_directory, configs_written_last, dispatch_placed,
@@ -495,104 +495,116 @@ def from_pretrained_flashpack(
                             local_dir=local_dir, token=token, local_files_only=local_files_only,
                             force_download=force_download)
     model_dir = os.path.dirname(path)
-    config_kwargs = dict(kwargs)  # from_pretrained applies them to the generation config too
-    if config is not None:
-        config = deepcopy(config)  # as from_pretrained takes it: the caller's object is left alone
-    else:
-        config_class = model_class.config_class
-        if config_class is None or config_class is PretrainedConfig:
-            # AutoConfig picks the class by model_type; a config without one is a plain
-            # PretrainedConfig, as from_pretrained reads it.
-            with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-                config_class = AutoConfig if "model_type" in json.load(f) else PretrainedConfig
-        config, kwargs = config_class.from_pretrained(model_dir, return_unused_kwargs=True, **kwargs)
-    config.name_or_path = os.fspath(pretrained_model_name_or_path)
-    dtype, torch_dtype = _whole_model_dtype(dtype, what), _whole_model_dtype(torch_dtype, what)
-    build_dtype, load_dtype = build_and_load_dtypes(path, dtype, torch_dtype, what)
-    dtype_kwarg = "dtype" if _TRANSFORMERS_MAJOR >= 5 else "torch_dtype"
-    kwargs[dtype_kwarg] = build_dtype
-    with init_empty_parameters(build_dtype), _no_init_weights():
-        model = model_class._from_config(config, **kwargs)
-    index = read_metadata(path)["index"]  # read once: every decision below is about one file
-    target, left_out = _match_to_file(model, index)
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    wrapper = target is not model and target is not getattr(model, prefix, None)  # holds the model under prefix
+    # The file streams in while the config is read and the model built (about 20 ms for a 1B
+    # model, a third of loading its 2.5 GB to a GPU), where the load will be of the whole file
+    # to one device; a load that turns out otherwise lets it go first.
+    prefetch_to = None if (keep_flash_ref_on_model or distributed.get("use_distributed_loading")
+                           or ignore_names or ignore_prefixes or ignore_suffixes or ignore_mismatched_sizes) \
+        else Prefetch.worth_it("cpu" if device is None else device, copy)
+    prefetched = Prefetch(path, prefetch_to, copy) if prefetch_to is not None else None
+    try:
+        config_kwargs = dict(kwargs)  # from_pretrained applies them to the generation config too
+        if config is not None:
+            config = deepcopy(config)  # as from_pretrained takes it: the caller's object is left alone
+        else:
+            config_class = model_class.config_class
+            if config_class is None or config_class is PretrainedConfig:
+                # AutoConfig picks the class by model_type; a config without one is a plain
+                # PretrainedConfig, as from_pretrained reads it.
+                with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+                    config_class = AutoConfig if "model_type" in json.load(f) else PretrainedConfig
+            config, kwargs = config_class.from_pretrained(model_dir, return_unused_kwargs=True, **kwargs)
+        config.name_or_path = os.fspath(pretrained_model_name_or_path)
+        dtype, torch_dtype = _whole_model_dtype(dtype, what), _whole_model_dtype(torch_dtype, what)
+        build_dtype, load_dtype = build_and_load_dtypes(path, dtype, torch_dtype, what)
+        dtype_kwarg = "dtype" if _TRANSFORMERS_MAJOR >= 5 else "torch_dtype"
+        kwargs[dtype_kwarg] = build_dtype
+        with init_empty_parameters(build_dtype), _no_init_weights():
+            model = model_class._from_config(config, **kwargs)
+        index = read_metadata(path)["index"]  # read once: every decision below is about one file
+        target, left_out = _match_to_file(model, index)
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        wrapper = target is not model and target is not getattr(model, prefix, None)  # holds the model under prefix
 
-    def named_in_model(name: str) -> str:
-        if wrapper:
-            return name.removeprefix(prefix + ".")
-        return f"{prefix}.{name}" if target is not model else name
+        def named_in_model(name: str) -> str:
+            if wrapper:
+                return name.removeprefix(prefix + ".")
+            return f"{prefix}.{name}" if target is not model else name
 
-    # Without a dtype (or "auto") the model takes the file's: its floating tensors all load in
-    # that one dtype, as from_pretrained casts every one to the model's, except the modules
-    # it keeps in float32 (T5's wo). A file in one dtype loads without a copy.
-    load_dtype = load_dtype or build_dtype
-    keep_float32 = keeps_in_float32(model, load_dtype)
+        # Without a dtype (or "auto") the model takes the file's: its floating tensors all load in
+        # that one dtype, as from_pretrained casts every one to the model's, except the modules
+        # it keeps in float32 (T5's wo). A file in one dtype loads without a copy.
+        load_dtype = load_dtype or build_dtype
+        keep_float32 = keeps_in_float32(model, load_dtype)
 
-    def cast(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if not tensor.is_floating_point():
-            return tensor
-        if keep_float32 and keep_float32(name):
-            return tensor.to(torch.float32)
-        return tensor if load_dtype is None else tensor.to(load_dtype)  # None: a file without floats
+        def cast(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            if not tensor.is_floating_point():
+                return tensor
+            if keep_float32 and keep_float32(name):
+                return tensor.to(torch.float32)
+            return tensor if load_dtype is None else tensor.to(load_dtype)  # None: a file without floats
 
-    _tie_as_the_file_holds(model, path, index, what, named_in_model, cast)  # then the file fills each tied group once
-    # Entries of another shape (a classifier saved for 2 labels, built for 5) are left out and
-    # initialised as missing ones are, as from_pretrained(ignore_mismatched_sizes=True) does;
-    # with every other name of their tied group.
-    mismatched = mismatched_entries(target, index) if ignore_mismatched_sizes else []
-    if strict is None:  # strict=True refuses them, strict=False takes them without a word
-        extras = _extras(target, index, left_out)
-        if extras:
-            warn(f"{what}: {len(extras)} entries of {path} that {type(model).__name__} does not have are left out, as "
-                 f"from_pretrained leaves them out: {', '.join(extras[:20])}{' ...' if len(extras) > 20 else ''}")
-            left_out = left_out + extras
-    device = place_model(model, device)
-    zero_filled: List[str] = []
-    with _renamed_checkpoint_hint(model, path):
-        assign_from_file(
-            target, path, device=_map_onto(target, model, prefix, with_unplaced_params(model, device))
-            if device is not None else "cpu",
-            strict=strict, strict_params=strict_params,
-            strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
-            ignore_names=list(ignore_names or []) + left_out + tied_names(target, [n for n, _, _ in mismatched]),
-            ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes,
-            coerce_dtype=coerce_dtype, dtype=load_dtype, copy=copy, _keep_float32=keep_float32,
-            _zero_filled=zero_filled, _model_prefix=f"{prefix}." if wrapper else "", **distributed,
-        )
-    if keep_flash_ref_on_model and target is not model:
-        model._flash_shared_storage = target._flash_shared_storage
-        model._flash_shared_storage_meta = target._flash_shared_storage_meta
-    zero_filled = [named_in_model(name) for name in zero_filled]
-    mismatched = [(named_in_model(name), in_file, in_model) for name, in_file, in_model in mismatched]
-    if target is not model and not wrapper:  # the base of a model with a head
-        zero_filled += _complete_head(model, type(target).__name__, path, device if device is not None else "cpu",
-                                      strict is not False and (strict or strict_params), what)
-    _recompute_non_persistent_buffers(model)
-    initialise_left_out(model, path, what, zero_filled, mismatched, _init_weights_of(model), "from_pretrained")
-    _mark_initialized(model)
-    dispatch_placed(model, device)
-    if model.can_generate() and hasattr(model, "adjust_generation_fn"):
-        # As from_pretrained: the one given, or generation_config.json, or else the generation
-        # settings an older config.json holds (BART's num_beams...), with the keyword arguments.
-        model.adjust_generation_fn(generation_config, False, False, model_dir, cache_dir=None, force_download=False,
-                                   proxies=None, local_files_only=True, token=None, revision=None, subfolder="",
-                                   trust_remote_code=trust_remote_code, **config_kwargs)
-    elif generation_config is not None:
-        model.generation_config = generation_config
-    elif model.can_generate() and os.path.isfile(os.path.join(model_dir, "generation_config.json")):
-        model.generation_config = GenerationConfig.from_pretrained(model_dir)
-    model.eval()
-    if not output_loading_info:
-        return model
-    info = loading_info(target, path, missing=zero_filled, mismatched=mismatched)
-    # What the class expects to find and drop (T5EncoderModel: the decoder) is not unexpected.
-    dropped = set(dropped_on_load(model, info["unexpected_keys"]))
-    info["unexpected_keys"] = [name for name in info["unexpected_keys"] if name not in dropped]
-    if _TRANSFORMERS_MAJOR >= 5:  # from_pretrained gives sets of names from 5.0 on
-        info = {key: set(value) if key != "error_msgs" else value for key, value in info.items()}
-    return model, info
+        _tie_as_the_file_holds(model, path, index, what, named_in_model, cast)  # then the file fills each tied group once
+        # Entries of another shape (a classifier saved for 2 labels, built for 5) are left out and
+        # initialised as missing ones are, as from_pretrained(ignore_mismatched_sizes=True) does;
+        # with every other name of their tied group.
+        mismatched = mismatched_entries(target, index) if ignore_mismatched_sizes else []
+        if strict is None:  # strict=True refuses them, strict=False takes them without a word
+            extras = _extras(target, index, left_out)
+            if extras:
+                warn(f"{what}: {len(extras)} entries of {path} that {type(model).__name__} does not have are left out, as "
+                     f"from_pretrained leaves them out: {', '.join(extras[:20])}{' ...' if len(extras) > 20 else ''}")
+                left_out = left_out + extras
+        device = place_model(model, device)
+        zero_filled: List[str] = []
+        with _renamed_checkpoint_hint(model, path):
+            assign_from_file(
+                target, path, device=_map_onto(target, model, prefix, with_unplaced_params(model, device))
+                if device is not None else "cpu",
+                strict=strict, strict_params=strict_params,
+                strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
+                ignore_names=list(ignore_names or []) + left_out + tied_names(target, [n for n, _, _ in mismatched]),
+                ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes,
+                coerce_dtype=coerce_dtype, dtype=load_dtype, copy=copy, _keep_float32=keep_float32,
+                _zero_filled=zero_filled, _model_prefix=f"{prefix}." if wrapper else "", _prefetched=prefetched,
+                **distributed,
+            )
+        if keep_flash_ref_on_model and target is not model:
+            model._flash_shared_storage = target._flash_shared_storage
+            model._flash_shared_storage_meta = target._flash_shared_storage_meta
+        zero_filled = [named_in_model(name) for name in zero_filled]
+        mismatched = [(named_in_model(name), in_file, in_model) for name, in_file, in_model in mismatched]
+        if target is not model and not wrapper:  # the base of a model with a head
+            zero_filled += _complete_head(model, type(target).__name__, path, device if device is not None else "cpu",
+                                          strict is not False and (strict or strict_params), what)
+        _recompute_non_persistent_buffers(model)
+        initialise_left_out(model, path, what, zero_filled, mismatched, _init_weights_of(model), "from_pretrained")
+        _mark_initialized(model)
+        dispatch_placed(model, device)
+        if model.can_generate() and hasattr(model, "adjust_generation_fn"):
+            # As from_pretrained: the one given, or generation_config.json, or else the generation
+            # settings an older config.json holds (BART's num_beams...), with the keyword arguments.
+            model.adjust_generation_fn(generation_config, False, False, model_dir, cache_dir=None, force_download=False,
+                                       proxies=None, local_files_only=True, token=None, revision=None, subfolder="",
+                                       trust_remote_code=trust_remote_code, **config_kwargs)
+        elif generation_config is not None:
+            model.generation_config = generation_config
+        elif model.can_generate() and os.path.isfile(os.path.join(model_dir, "generation_config.json")):
+            model.generation_config = GenerationConfig.from_pretrained(model_dir)
+        model.eval()
+        if not output_loading_info:
+            return model
+        info = loading_info(target, path, missing=zero_filled, mismatched=mismatched)
+        # What the class expects to find and drop (T5EncoderModel: the decoder) is not unexpected.
+        dropped = set(dropped_on_load(model, info["unexpected_keys"]))
+        info["unexpected_keys"] = [name for name in info["unexpected_keys"] if name not in dropped]
+        if _TRANSFORMERS_MAJOR >= 5:  # from_pretrained gives sets of names from 5.0 on
+            info = {key: set(value) if key != "error_msgs" else value for key, value in info.items()}
+        return model, info
 
+    finally:
+        if prefetched is not None:
+            prefetched.drop()  # not taken: an error before the load, or a load of another kind
 
 class FlashPackTransformersModelMixin(PreTrainedModel, FlashPackMixin):
     """Adds ``save_pretrained_flashpack`` and ``from_pretrained_flashpack`` to a transformers model.
