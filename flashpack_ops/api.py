@@ -59,21 +59,6 @@ class Prefetch:
         self._future: Optional[Future] = executor.submit(load)
         executor.shutdown(wait=False)  # the thread ends with its one load
 
-    @staticmethod
-    def worth_it(device: Any, copy: bool) -> Optional[torch.device]:
-        """The device to prefetch to, where a load does work worth overlapping (a copy to a
-        GPU, or into fresh CPU memory; a CPU load otherwise maps the file in a millisecond);
-        None otherwise, a device map or an unknown device included (the load then says why)."""
-        if device is None or isinstance(device, Mapping):
-            return None
-        try:
-            device = _device(device, "")
-        except (TypeError, ValueError, RuntimeError):
-            return None
-        if device.type == "cuda" and torch.cuda.is_available():
-            return device
-        return device if device.type == "cpu" and copy else None
-
     def matches(self, path: PathLike, device: torch.device, copy: bool) -> bool:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -90,6 +75,29 @@ class Prefetch:
         future, self._future = self._future, None
         if future is not None:
             future.exception()
+
+
+@contextlib.contextmanager
+def prefetching(path: PathLike, device: Any, copy: bool, whole_file: bool) -> Iterator[Optional[Prefetch]]:
+    """A Prefetch of the file to ``device`` (None: the CPU) for the block, where the load will
+    be of the whole file (``whole_file``) and does work worth overlapping: a copy to a GPU, or
+    into fresh CPU memory (a CPU load otherwise maps the file in a millisecond); else None, a
+    device map or an unknown device included (the load itself then says why). On leaving the
+    block, a load not taken is waited for and let go."""
+    prefetched = None
+    if whole_file and not isinstance(device, Mapping):
+        try:
+            target = _device(device, "")
+        except (TypeError, ValueError, RuntimeError):
+            target = None
+        if target is not None and ((target.type == "cuda" and torch.cuda.is_available())
+                                   or (target.type == "cpu" and copy)):
+            prefetched = Prefetch(path, target, copy)
+    try:
+        yield prefetched
+    finally:
+        if prefetched is not None:
+            prefetched.drop()
 
 
 def _ignores_no_bytes(index: List[Dict[str, Any]], ignored: Callable[[str], bool]) -> bool:

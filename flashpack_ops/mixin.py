@@ -10,7 +10,7 @@ from typing import Any, Callable, ClassVar, Iterator, List, Optional, Type, Type
 import torch
 
 from ._warnings import warn
-from .api import assign_from_file, pack_to_file
+from .api import assign_from_file, pack_to_file, prefetching
 from .ops import DEFAULT_ALIGN_BYTES, DeviceLike, PathLike
 
 _META_INIT_LOCK = threading.RLock()
@@ -195,22 +195,28 @@ class FlashPackMixin:
         for name, value in (("rank", rank), ("local_rank", local_rank), ("world_size", world_size)):
             if name in accepted:
                 kwargs.setdefault(name, value)
-        with init_empty_parameters():
-            model = _call_with_accepted_kwargs(init_fn, args, kwargs)
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"flashpack_ops: {cls.__name__}.from_flashpack needs an nn.Module, "
-                            f"the constructor returned {type(model).__name__}")
-        assign_from_file(
-            model, path, device=device if device is not None else "cpu", strict=strict,
-            strict_params=strict_params, strict_buffers=strict_buffers,
-            keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
-            ignore_names=ignore_names or cls.flashpack_ignore_names,
-            ignore_prefixes=ignore_prefixes or cls.flashpack_ignore_prefixes,
-            ignore_suffixes=ignore_suffixes or cls.flashpack_ignore_suffixes,
-            use_distributed_loading=use_distributed_loading, distributed_sharded=distributed_sharded,
-            distributed_shard_strategy=distributed_shard_strategy, rank=rank, local_rank=local_rank,
-            world_size=world_size, coerce_dtype=coerce_dtype or cls.flashpack_coerce_dtype, copy=copy,
-        )
+        ignore_names = ignore_names or cls.flashpack_ignore_names
+        ignore_prefixes = ignore_prefixes or cls.flashpack_ignore_prefixes
+        ignore_suffixes = ignore_suffixes or cls.flashpack_ignore_suffixes
+        # The file streams in while the model is built, where the load is of the whole file.
+        whole_file = not (keep_flash_ref_on_model or use_distributed_loading
+                          or ignore_names or ignore_prefixes or ignore_suffixes)
+        with prefetching(path, device, copy, whole_file) as prefetched:
+            with init_empty_parameters():
+                model = _call_with_accepted_kwargs(init_fn, args, kwargs)
+            if not isinstance(model, torch.nn.Module):
+                raise TypeError(f"flashpack_ops: {cls.__name__}.from_flashpack needs an nn.Module, "
+                                f"the constructor returned {type(model).__name__}")
+            assign_from_file(
+                model, path, device=device if device is not None else "cpu", strict=strict,
+                strict_params=strict_params, strict_buffers=strict_buffers,
+                keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
+                ignore_names=ignore_names, ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes,
+                use_distributed_loading=use_distributed_loading, distributed_sharded=distributed_sharded,
+                distributed_shard_strategy=distributed_shard_strategy, rank=rank, local_rank=local_rank,
+                world_size=world_size, coerce_dtype=coerce_dtype or cls.flashpack_coerce_dtype, copy=copy,
+                _prefetched=prefetched,
+            )
         # from_pretrained returns models in eval mode; dropout left on would corrupt inference.
         return model.eval()
 

@@ -5,6 +5,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import warnings
 
 import pytest
@@ -85,6 +86,21 @@ def assert_same_dict(actual, expected):
     assert list(actual) == list(expected)
     for name in expected:
         assert_same(actual[name], expected[name], name)
+
+
+def bytes_read_by_this_process() -> int:
+    """Linux's count of the bytes this process's threads have read (``rchar``)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def wait_for_reads(start: int, size: int, timeout_s: float = 10.0) -> int:
+    """Waits until the process has read ``size`` bytes since ``start`` (another thread's
+    reads, while this one waits), at most ``timeout_s``; returns the bytes read since."""
+    deadline = time.monotonic() + timeout_s
+    while bytes_read_by_this_process() - start < size and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return bytes_read_by_this_process() - start
 
 
 def torchscript_refusal() -> str:

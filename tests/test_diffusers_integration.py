@@ -24,7 +24,7 @@ from diffusers import (  # noqa: E402
 )
 
 import flashpack_ops  # noqa: E402
-from conftest import assert_same  # noqa: E402
+from conftest import assert_same, bytes_read_by_this_process, wait_for_reads  # noqa: E402
 from flashpack_ops.integrations.diffusers import (  # noqa: E402
     FlashPackDiffusersModelMixin,
     FlashPackDiffusionPipeline,
@@ -970,3 +970,29 @@ def test_optional_components_model_index_does_not_name_load_as_none_as_diffusers
     assert sorted(loaded.components) == sorted(expected.components)
     for name in ("unet", "vae", "text_encoder"):
         assert_same_model(getattr(loaded, name), getattr(expected, name))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux's /proc/self/io")
+def test_a_copied_load_reads_the_file_while_the_model_is_built(tmp_path):
+    # A model whose from_config waits until the process has read the whole file is built only
+    # if something else reads it meanwhile: the load, started before the model is built.
+    torch.manual_seed(0)
+    original = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                           block_out_channels=(128, 256), down_block_types=("DownBlock2D", "DownBlock2D"),
+                           up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+    save_pretrained_flashpack(original, tmp_path)
+    size = os.path.getsize(tmp_path / "model.flashpack")
+    assert size > 8 << 20  # more than the reads of building it (modules imported, configs)
+    seen = []
+
+    class WaitingUNet(UNet2DModel):
+        @classmethod
+        def from_config(cls, *args, **kwargs):
+            seen.append(wait_for_reads(start, size))
+            return super().from_config(*args, **kwargs)
+
+    start = bytes_read_by_this_process()
+    loaded = from_pretrained_flashpack(WaitingUNet, tmp_path, copy=True)
+    assert seen[0] >= size
+    with torch.no_grad():
+        assert torch.equal(loaded(SAMPLE, 3).sample, original(SAMPLE, 3).sample)

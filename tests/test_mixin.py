@@ -1,12 +1,14 @@
 """FlashPackMixin and assign_from_file: models built on meta, weights that are the loaded memory."""
 
 import copy
+import os
 import warnings
 
 import pytest
 import torch
 
 import flashpack_ops
+from conftest import bytes_read_by_this_process, wait_for_reads
 from flashpack_ops import FlashPackMixin, assign_from_file
 from flashpack_ops.mixin import init_empty_parameters
 
@@ -881,3 +883,32 @@ def test_loads_print_nothing_unless_silent_is_false(saved, capsys):
     assert torch.equal(loaded(IDS), model(IDS))
     assign_from_file(trained_model(seed=2), path, silent=False)
     assert "flashpack_ops: assigned 6 tensors" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux's /proc/self/io")
+def test_a_copied_load_reads_the_file_while_the_model_is_built(tmp_path):
+    # A model whose __init__ waits until the process has read the whole file is built only if
+    # something else reads it meanwhile: the load, started before the model is built.
+    original = trained_model(vocab=4000, width=256)
+    path = tmp_path / "tiny.flashpack"
+    original.save_flashpack(path)
+    size = os.path.getsize(path)
+    seen = []
+
+    class WaitingLM(TinyLM):
+        def __init__(self, *args, **kwargs):
+            seen.append(wait_for_reads(start, size))
+            super().__init__(*args, **kwargs)
+
+    start = bytes_read_by_this_process()
+    loaded = WaitingLM.from_flashpack(path, 4000, 256, copy=True)
+    assert seen[0] >= size
+    assert torch.equal(loaded(IDS), original(IDS))
+
+
+def test_a_copied_load_with_names_left_out_reads_only_the_rest(saved):
+    # Nothing is fetched ahead when the load leaves names out: the model holds what it keeps.
+    model, path = saved
+    loaded = TinyLM.from_flashpack(path, copy=True, strict=False, ignore_names=["proj.weight"])
+    assert torch.equal(loaded.norm.weight, model.norm.weight)
+    assert not torch.equal(loaded.proj.weight, model.proj.weight)  # initialised, not loaded

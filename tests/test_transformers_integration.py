@@ -5,7 +5,6 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 import warnings
 
 import pytest
@@ -15,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import flashpack_ops  # noqa: E402
+from conftest import bytes_read_by_this_process, wait_for_reads  # noqa: E402
 from flashpack_ops.commands import convert_to_flashpack, revert_from_flashpack  # noqa: E402
 from flashpack_ops.integrations import HubUnavailableError  # noqa: E402
 from flashpack_ops.integrations.transformers import (  # noqa: E402
@@ -1223,11 +1223,6 @@ def test_buffers_an_init_fails_to_compute_again_keep_the_values_init_gave_them(t
     assert torch.equal(loaded.proj.weight, model.proj.weight)
 
 
-def _bytes_read_by_this_process():
-    with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux's /proc/self/io")
 def test_a_copied_load_reads_the_file_while_the_model_is_built(tmp_path):
     # A model whose __init__ waits until the process has read the whole file is built only if
@@ -1240,13 +1235,10 @@ def test_a_copied_load_reads_the_file_while_the_model_is_built(tmp_path):
 
     class WaitingLlama(LlamaForCausalLM):
         def __init__(self, config, *args, **kwargs):
-            deadline = time.monotonic() + 10
-            while _bytes_read_by_this_process() - start < size and time.monotonic() < deadline:
-                time.sleep(0.001)
-            seen.append(_bytes_read_by_this_process() - start)
+            seen.append(wait_for_reads(start, size))
             super().__init__(config, *args, **kwargs)
 
-    start = _bytes_read_by_this_process()
+    start = bytes_read_by_this_process()
     loaded = from_pretrained_flashpack(WaitingLlama, tmp_path, copy=True)
     assert seen[0] >= size
     assert torch.equal(logits(loaded), logits(original))

@@ -10,7 +10,7 @@ import diffusers
 import torch
 from diffusers import ModelMixin
 
-from ...api import _reset_parameters, assign_from_file
+from ...api import _reset_parameters, assign_from_file, prefetching
 from ...mixin import FlashPackMixin, init_empty_parameters
 from ...ops import DEFAULT_ALIGN_BYTES, DeviceLike, read_metadata
 from .._hub import (build_and_load_dtypes, checked_save_directory, configs_written_last, dispatch_placed,
@@ -276,32 +276,36 @@ def from_pretrained_flashpack(
     ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
     device, distributed = take_load_kwargs(kwargs, device, what)
     output_loading_info = kwargs.pop("output_loading_info", False)
-    config = model_class.load_config(model_dir)
-    build_dtype, load_dtype = build_and_load_dtypes(path, dtype, torch_dtype, what)
-    # Without a dtype the model takes the file's: its floating tensors all load in that one
-    # dtype (a file in one dtype without a copy), except the modules the model keeps in
-    # float32, as diffusers keeps them under dtype=torch.float16.
-    keep_float32 = keeps_in_float32(model_class, load_dtype) if load_dtype is not None else \
-        keeps_in_float32(model_class, build_dtype) if build_dtype in (torch.float16, torch.bfloat16) else None
-    load_dtype = load_dtype or build_dtype
-    with init_empty_parameters(build_dtype):
-        model = model_class.from_config(config, **kwargs)
-    # Entries of another shape are left out and initialised as missing ones are, as
-    # from_pretrained(ignore_mismatched_sizes=True) does.
-    index = read_metadata(path)["index"]
-    mismatched = mismatched_entries(model, index) if ignore_mismatched_sizes else []
-    dropped = dropped_on_load(model, [entry["name"] for entry in index])
-    device = place_model(model, device)
-    zero_filled: List[str] = []
-    assign_from_file(
-        model, path, device=device if device is not None else "cpu", strict=strict, strict_params=strict_params,
-        strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
-        ignore_names=list(ignore_names or []) + tied_names(model, [name for name, _, _ in mismatched]) + dropped,
-        ignore_prefixes=ignore_prefixes,
-        ignore_suffixes=ignore_suffixes, coerce_dtype=coerce_dtype, dtype=load_dtype, copy=copy,
-        _keep_float32=keep_float32, _zero_filled=zero_filled if mismatched else None,
-        **distributed,
-    )
+    # The file streams in while the model is built, where the load is of the whole file.
+    whole_file = not (keep_flash_ref_on_model or distributed.get("use_distributed_loading")
+                      or ignore_names or ignore_prefixes or ignore_suffixes or ignore_mismatched_sizes)
+    with prefetching(path, device, copy, whole_file) as prefetched:
+        config = model_class.load_config(model_dir)
+        build_dtype, load_dtype = build_and_load_dtypes(path, dtype, torch_dtype, what)
+        # Without a dtype the model takes the file's: its floating tensors all load in that one
+        # dtype (a file in one dtype without a copy), except the modules the model keeps in
+        # float32, as diffusers keeps them under dtype=torch.float16.
+        keep_float32 = keeps_in_float32(model_class, load_dtype) if load_dtype is not None else \
+            keeps_in_float32(model_class, build_dtype) if build_dtype in (torch.float16, torch.bfloat16) else None
+        load_dtype = load_dtype or build_dtype
+        with init_empty_parameters(build_dtype):
+            model = model_class.from_config(config, **kwargs)
+        # Entries of another shape are left out and initialised as missing ones are, as
+        # from_pretrained(ignore_mismatched_sizes=True) does.
+        index = read_metadata(path)["index"]
+        mismatched = mismatched_entries(model, index) if ignore_mismatched_sizes else []
+        dropped = dropped_on_load(model, [entry["name"] for entry in index])
+        device = place_model(model, device)
+        zero_filled: List[str] = []
+        assign_from_file(
+            model, path, device=device if device is not None else "cpu", strict=strict, strict_params=strict_params,
+            strict_buffers=strict_buffers, keep_flash_ref_on_model=keep_flash_ref_on_model, silent=silent,
+            ignore_names=list(ignore_names or []) + tied_names(model, [name for name, _, _ in mismatched]) + dropped,
+            ignore_prefixes=ignore_prefixes,
+            ignore_suffixes=ignore_suffixes, coerce_dtype=coerce_dtype, dtype=load_dtype, copy=copy,
+            _keep_float32=keep_float32, _zero_filled=zero_filled if mismatched else None,
+            _prefetched=prefetched, **distributed,
+        )
     initialise_left_out(model, path, what, zero_filled, mismatched, _reset_parameters, "reset_parameters()")
     dispatch_placed(model, device)
     model.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
