@@ -46,8 +46,7 @@ class Prefetch:
     """
 
     def __init__(self, path: PathLike, device: torch.device, copy: bool):
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = self._indexed(device)
         self.path, self.device, self.copy = path, device, copy
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
@@ -59,10 +58,14 @@ class Prefetch:
         self._future: Optional[Future] = executor.submit(load)
         executor.shutdown(wait=False)  # the thread ends with its one load
 
+    @staticmethod
+    def _indexed(device: torch.device) -> torch.device:
+        # "cuda" is the current GPU of the thread that asks: the caller's, not the loading thread's.
+        return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
+            else device
+
     def matches(self, path: PathLike, device: torch.device, copy: bool) -> bool:
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        return (os.fspath(path), device, copy) == (os.fspath(self.path), self.device, self.copy)
+        return (os.fspath(path), self._indexed(device), copy) == (os.fspath(self.path), self.device, self.copy)
 
     def result(self) -> Dict[str, torch.Tensor]:
         """The loaded tensors (waits for them), or the load's error; once."""
@@ -90,7 +93,8 @@ def prefetching(path: PathLike, device: Any, copy: bool, whole_file: bool) -> It
             target = _device(device, "")
         except (TypeError, ValueError, RuntimeError):
             target = None
-        if target is not None and ((target.type == "cuda" and torch.cuda.is_available())
+        if target is not None and ((target.type == "cuda" and torch.cuda.is_available()
+                                    and (target.index or 0) < torch.cuda.device_count())
                                    or (target.type == "cpu" and copy)):
             prefetched = Prefetch(path, target, copy)
     try:

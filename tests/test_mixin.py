@@ -536,6 +536,14 @@ def test_a_gpu_index_without_a_gpu_says_so(saved):
         TinyLM.from_flashpack(path, device=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_index_past_the_gpus_there_are_says_so(saved):
+    _, path = saved
+    count = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=f"only {count} CUDA device\\(s\\) are visible"):
+        TinyLM.from_flashpack(path, device=f"cuda:{count}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.complex128, torch.bool, torch.uint4], ids=str)
 def test_a_missing_tensor_of_any_dtype_is_reported(tmp_path, dtype):
     # reset_parameters() sets the bias, not the extra tensor, whatever its dtype: that one
