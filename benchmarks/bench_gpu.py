@@ -645,10 +645,14 @@ class Bench:
             "load_file": lambda: flashpack_ops.load_file(path, device),
             "load_list to cpu": lambda: torch.ops.flashpack.load_list(path, "cpu"),
         }
+        # Inside the op: the index (read beside the copies for an index this large), the
+        # copies' wall time and the views, each a median over the runs.
+        parts = {"ns_index": "index", "ns_copy": "copy", "ns_views": "views"}
         out = self.report["small_steps"] = {}
         for name, step in steps.items():
             step()  # untimed: the page cache, the pool
             times, inside = [], []
+            split = {key: [] for key in parts}
             for _ in range(max(self.args.runs, 5)):
                 gc.collect()
                 before = self.stats()
@@ -657,10 +661,15 @@ class Bench:
                 result = step()
                 self.sync()
                 times.append(time.perf_counter() - t0)
-                inside.append((self.stats().get("ns_loads", 0) - before.get("ns_loads", 0)) / 1e9)
+                after = self.stats()
+                inside.append((after.get("ns_loads", 0) - before.get("ns_loads", 0)) / 1e9)
+                for key in parts:
+                    split[key].append((after.get(key, 0) - before.get(key, 0)) / 1e9)
                 del result
             out[name] = {"median_s": statistics.median(times), "inside_op_s": statistics.median(inside)}
-            log(f"  {name}: {out[name]['median_s'] * 1e3:.1f} ms ({out[name]['inside_op_s'] * 1e3:.1f} ms inside the op)")
+            out[name].update({f"{label}_s": statistics.median(split[key]) for key, label in parts.items()})
+            log(f"  {name}: {out[name]['median_s'] * 1e3:.1f} ms ({out[name]['inside_op_s'] * 1e3:.1f} ms inside the op: "
+                + ", ".join(f"{label} {out[name][label + '_s'] * 1e3:.1f}" for label in parts.values()) + ")")
 
     def size_sweep(self):
         a = self.args
@@ -775,8 +784,8 @@ def steps(row) -> str:
     if not runs:
         return ""
     run = sorted(runs, key=lambda s: s["ns_loads"])[len(runs) // 2]
-    names = {"ns_read": "read", "ns_register": "reg", "ns_unregister": "unreg", "ns_wait": "wait",
-             "ns_unmap": "unmap (after)"}
+    names = {"ns_index": "index", "ns_copy": "copy", "ns_views": "views", "ns_read": "read", "ns_register": "reg",
+             "ns_unregister": "unreg", "ns_wait": "wait", "ns_unmap": "unmap (after)"}
     # The route the bytes took (auto picks one per load): cuda_stats counts them in bytes_<route>.
     took = "+".join(k[len("bytes_"):] for k, v in run.items() if k.startswith("bytes_") and v)
     return " ".join([f"[{took}]"] * bool(took) + [f"{label} {run[k] / 1e6:.1f}" for k, label in names.items() if run.get(k)])
@@ -870,6 +879,10 @@ def table(report) -> str:
         lines.append("small warm, step by step, ms (inside the op): " + ", ".join(
             f"{name} {v['median_s'] * 1e3:.1f}" + (f" ({v['inside_op_s'] * 1e3:.1f})" if v["inside_op_s"] else "")
             for name, v in small_steps.items()))
+        whole = small_steps.get("load_file", {})
+        if whole.get("inside_op_s"):
+            lines.append("small warm load_file, inside the op, ms: index {:.1f} (beside the copies), copy {:.1f}, "
+                         "views {:.1f}".format(*(whole.get(k, 0) * 1e3 for k in ("index_s", "copy_s", "views_s"))))
     bad = [f"{r['loader']} {r['dataset']} {r['cache']}" for r in report["results"] if not r["bitexact"]]
     lines.append("bit-exact: " + ("every load" if not bad else "FAILED for " + ", ".join(bad)))
     # The targets in benchmarks/RESULTS.md, where measured.

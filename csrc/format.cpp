@@ -439,7 +439,12 @@ size_t first_repeated_name(const std::vector<Entry>& entries, bool hashed) {
   return first;
 }
 
-Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::string& path) {
+namespace {
+
+// parse_footer, or with `ahead` the blocks alone (see parse_blocks_ahead): the top level is
+// read up to the index, which must come after everything the blocks need (*ready then true),
+// and only the blocks are checked.
+Layout parse(std::string_view footer, uint64_t payload_bytes, const std::string& path, bool ahead, bool* ready) {
   Layout layout;
   layout.payload_bytes = payload_bytes;
   Field format, align, target_dtype, total_elems, index_crc, metadata_crc;
@@ -479,6 +484,12 @@ Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::
         for (bool first_block = true; r.next_item(first_block);) blocks.push_back(read_block(r, blocks.size(), path));
       } else if (key == "index") {
         has_index = true;
+        if (ahead) {
+          *ready = format.present && format.kind == json::Kind::String &&
+                   ((format.s == kFormatV4 && has_blocks) ||
+                    (format.s == kFormatV3 && target_dtype.present && total_elems.present));
+          break;
+        }
         if (r.peek() != json::Kind::Array) bad(path, "footer: \"index\" must be an array");
         layout.entries.clear();
         r.begin_array();
@@ -489,7 +500,11 @@ Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::
         r.skip();
       }
     }
-    r.finish();
+    if (ahead) {
+      if (!*ready) return layout;
+    } else {
+      r.finish();
+    }
   } catch (const json::SyntaxError& e) {
     bad(path, std::string("footer is not valid JSON (") + e.what() + ")");
   }
@@ -588,6 +603,31 @@ Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::
   return layout;
 }
 
+}  // namespace
+
+Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::string& path) {
+  return parse(footer, payload_bytes, path, false, nullptr);
+}
+
+std::optional<Layout> parse_blocks_ahead(std::string_view footer, uint64_t payload_bytes, const std::string& path) {
+  try {
+    bool ready = false;
+    Layout layout = parse(footer, payload_bytes, path, true, &ready);
+    if (ready) return layout;
+  } catch (const std::exception&) {
+    // parse_footer says what is wrong, as for any load.
+  }
+  return std::nullopt;
+}
+
+bool same_blocks(const Layout& a, const Layout& b) {
+  return a.blocks.size() == b.blocks.size() &&
+         std::equal(a.blocks.begin(), a.blocks.end(), b.blocks.begin(), [](const Block& x, const Block& y) {
+           return x.dtype == y.dtype && x.offset_bytes == y.offset_bytes && x.length_bytes == y.length_bytes &&
+                  x.length_elems == y.length_elems;
+         });
+}
+
 namespace {
 
 // What a file that is not ours looks like, for the error: the checkpoints people convert.
@@ -605,7 +645,7 @@ std::string other_format(int fd, uint64_t file_size, const std::string& path) {
 
 }  // namespace
 
-Layout read_layout(int fd, uint64_t file_size, const std::string& path, std::string* raw_footer) {
+Footer read_footer_text(int fd, uint64_t file_size, const std::string& path) {
   if (file_size < kTrailerBytes) {
     bad(path, "file is " + std::to_string(file_size) + " bytes, too small to be a flashpack file (the trailer alone is 16)");
   }
@@ -624,11 +664,17 @@ Layout read_layout(int fd, uint64_t file_size, const std::string& path, std::str
   if (footer_len > kMaxFooterBytes) {
     bad(path, "footer length " + std::to_string(footer_len) + " exceeds the limit of " + std::to_string(kMaxFooterBytes) + " bytes");
   }
-  const uint64_t payload_bytes = file_size - kTrailerBytes - footer_len;
-  std::string footer(footer_len, '\0');
-  pread_exact(fd, footer.data(), footer_len, payload_bytes, path);
-  Layout layout = parse_footer(footer, payload_bytes, path);
-  if (raw_footer != nullptr) *raw_footer = std::move(footer);
+  Footer footer;
+  footer.payload_bytes = file_size - kTrailerBytes - footer_len;
+  footer.text.resize(footer_len);
+  pread_exact(fd, footer.text.data(), footer_len, footer.payload_bytes, path);
+  return footer;
+}
+
+Layout read_layout(int fd, uint64_t file_size, const std::string& path, std::string* raw_footer) {
+  Footer footer = read_footer_text(fd, file_size, path);
+  Layout layout = parse_footer(footer.text, footer.payload_bytes, path);
+  if (raw_footer != nullptr) *raw_footer = std::move(footer.text);
   return layout;
 }
 

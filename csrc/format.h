@@ -106,6 +106,26 @@ struct Layout {
 // Throws std::invalid_argument naming the entry and the problem.
 Layout parse_footer(std::string_view footer, uint64_t payload_bytes, const std::string& path);
 
+// The blocks of a footer that lists them before its index (as every writer does), checked as
+// parse_footer checks them, in a layout without entries; nullopt for any other footer, and
+// for one that parse_footer would refuse there (it then says why). For a load that starts
+// moving the payload while parse_footer reads the index: the blocks it moved must then be
+// parse_footer's (same_blocks), which a key named twice could change.
+std::optional<Layout> parse_blocks_ahead(std::string_view footer, uint64_t payload_bytes, const std::string& path);
+
+// Whether two layouts have the same blocks (dtypes, offsets and lengths; checksums aside).
+bool same_blocks(const Layout& a, const Layout& b);
+
+// A file's footer as read: its JSON text, and the size of the file before it.
+struct Footer {
+  std::string text;
+  uint64_t payload_bytes = 0;
+};
+
+// Reads the trailer and footer of an open file, checking the footer's length against the
+// file size (and a limit) before anything is allocated for it.
+Footer read_footer_text(int fd, uint64_t file_size, const std::string& path);
+
 // Reads the trailer and footer of an open file and validates them (see parse_footer).
 // Nothing larger than the footer itself is allocated, and only after its length has
 // been checked against the file size. If `raw_footer` is given it receives the JSON text.

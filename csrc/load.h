@@ -21,6 +21,10 @@ class InputFile;
 inline constexpr const char* kRouteNames[] = {"auto", "direct", "buffered", "mapped", "register"};
 inline constexpr const char* kRouteChoices = "auto, direct, buffered, mapped or register";
 
+// NOTE: an index smaller than this parses in well under a millisecond (about 250 ns an
+// entry of some 90 bytes on the 2-core VM), too little to be worth a thread of its own.
+inline constexpr uint64_t kIndexAheadBytes = uint64_t(64) << 10;
+
 struct LoadOptions {
   bool copy = false;        // CPU: read into fresh memory instead of mapping the file
   int64_t num_threads = 0;  // 0: FLASHPACK_NUM_THREADS, else min(cores, 16)
@@ -33,6 +37,8 @@ struct LoadOptions {
   bool blocks = false;         // return the blocks themselves (see block_tensors), not the entries
   // Only these entries (format.h select_entries); the file's other bytes are not read.
   std::optional<std::vector<std::string>> names;
+  // load_blocks_first: an index of at least this many bytes is read while the blocks move.
+  uint64_t index_ahead_bytes = kIndexAheadBytes;
   // Called with the file's whole layout before any payload byte is read; throws to refuse it.
   std::function<void(const Layout&)> check_layout;
 };
@@ -50,6 +56,24 @@ std::vector<at::Tensor> make_views(const Layout& layout, const std::vector<c10::
 // the reference package's read_flashpack_file returns, for callers that slice blocks.
 std::vector<at::Tensor> block_tensors(const Layout& layout, const std::vector<c10::Storage>& blocks,
                                       c10::Device device);
+
+// Where a load_blocks_first() spent its time, in nanoseconds (the CUDA path's counters).
+struct LoadSteps {
+  int64_t index_ns = 0;  // reading and checking the index: parse_footer, names, check_layout
+  int64_t views_ns = 0;  // making the outputs (load_outputs)
+};
+
+// A load that moves whole blocks into memory of its own (CUDA; the CPU with copy=True):
+// `allocate` returns a storage for each block of a layout, `move` fills them with the file's
+// bytes. Where the index is large and listed after the blocks, the blocks are moved while the
+// index is read and the outputs made on another thread; a footer the load refuses is still
+// said first, before any error of the move. Otherwise one after the other, as layout_to_load
+// reads the layout.
+using AllocateBlocks = std::function<std::vector<c10::Storage>(const Layout&)>;
+using MoveBlocks = std::function<void(const Layout&, const std::vector<c10::Storage>&)>;
+std::vector<at::Tensor> load_blocks_first(const InputFile& file, const LoadOptions& opts, c10::Device device,
+                                          const AllocateBlocks& allocate, const MoveBlocks& move, Layout* layout_out,
+                                          LoadSteps* steps = nullptr);
 
 // make_views or block_tensors, as `opts.blocks` asks.
 std::vector<at::Tensor> load_outputs(const Layout& layout, const std::vector<c10::Storage>& blocks, c10::Device device,

@@ -8,9 +8,12 @@
 #include <c10/core/TensorImpl.h>
 
 #include <algorithm>
+#include <chrono>
+#include <future>
 #include <memory>
 #include <numeric>
 #include <optional>
+#include <system_error>
 #include <tuple>
 
 namespace flashpack {
@@ -39,33 +42,43 @@ std::vector<c10::Storage> map_blocks(const InputFile& file, const Layout& layout
   return storages;
 }
 
-std::vector<c10::Storage> read_blocks(const InputFile& file, const Layout& layout, int threads, Verifier* verifier) {
-  struct Chunk {
-    char* dst;
-    uint64_t offset;
-    uint64_t bytes;
-  };
+// One fresh allocation per block of the layout, for read_into.
+std::vector<c10::Storage> allocate_blocks(const Layout& layout) {
   std::vector<c10::Storage> storages;
-  std::vector<Chunk> chunks;
+  storages.reserve(layout.blocks.size());
   for (const Block& b : layout.blocks) {
     at::Tensor buf = at::empty({static_cast<int64_t>(b.length_bytes)}, at::kByte);
-    char* base = static_cast<char*>(buf.data_ptr());
     // NOTE: the fresh buffer's page faults, one per 4 KiB, took as long as the reads
     // themselves: with huge pages a copying load of 537 MB took half the time.
-    advise_huge_pages(base, b.length_bytes);
+    advise_huge_pages(buf.data_ptr(), b.length_bytes);
     storages.push_back(buf.storage());
-    if (verifier != nullptr) continue;  // the checksum chunks decide the reads, below
-    for (uint64_t off = 0; off < b.length_bytes; off += kReadChunkBytes) {
-      chunks.push_back({base + off, b.offset_bytes + off, std::min(kReadChunkBytes, b.length_bytes - off)});
-    }
   }
+  return storages;
+}
+
+// Reads each block of the layout into its storage, with several threads; with a verifier, in
+// its checksum chunks, each checked as it lands.
+void read_into(const InputFile& file, const Layout& layout, const std::vector<c10::Storage>& storages, int threads,
+               Verifier* verifier) {
   if (verifier == nullptr) {
+    struct Chunk {
+      char* dst;
+      uint64_t offset;
+      uint64_t bytes;
+    };
+    std::vector<Chunk> chunks;
+    for (size_t k = 0; k < layout.blocks.size(); ++k) {
+      const Block& b = layout.blocks[k];
+      char* base = static_cast<char*>(storages[k].mutable_data());
+      for (uint64_t off = 0; off < b.length_bytes; off += kReadChunkBytes) {
+        chunks.push_back({base + off, b.offset_bytes + off, std::min(kReadChunkBytes, b.length_bytes - off)});
+      }
+    }
     parallel_for(chunks.size(), threads, [&](size_t k) {
       pread_exact(file.fd(), chunks[k].dst, chunks[k].bytes, chunks[k].offset, file.path());
     });
-    return storages;
+    return;
   }
-  // Verifying: the reads follow the checksum chunks, each checked slice by slice as it lands.
   parallel_for(verifier->chunks().size(), threads, [&](size_t k) {
     const Verifier::Chunk& c = verifier->chunks()[k];
     char* dst = static_cast<char*>(storages[c.block].mutable_data()) + (c.offset - layout.blocks[c.block].offset_bytes);
@@ -78,7 +91,20 @@ std::vector<c10::Storage> read_blocks(const InputFile& file, const Layout& layou
     verifier->check(k, ~reg);
   });
   verifier->finish();
-  return storages;
+}
+
+int64_t since_ns(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+}
+
+Layout layout_from(const Footer& footer, const InputFile& file, const LoadOptions& opts,
+                   const std::function<void(const Layout&)>& whole) {
+  Layout layout = parse_footer(footer.text, footer.payload_bytes, file.path());
+  if (opts.check_layout) opts.check_layout(layout);
+  if (whole) whole(layout);
+  // Returned by name, not through ?:, which would copy the whole index of every load.
+  if (opts.names) return select_entries(layout, *opts.names, file.path());
+  return layout;
 }
 
 }  // namespace
@@ -155,17 +181,98 @@ std::vector<at::Tensor> load_outputs(const Layout& layout, const std::vector<c10
 
 Layout layout_to_load(const InputFile& file, const LoadOptions& opts,
                       const std::function<void(const Layout&)>& whole) {
-  Layout layout = read_layout(file.fd(), file.size(), file.path());
-  if (opts.check_layout) opts.check_layout(layout);
-  if (whole) whole(layout);
-  // Returned by name, not through ?:, which would copy the whole index of every load.
-  if (opts.names) return select_entries(layout, *opts.names, file.path());
-  return layout;
+  return layout_from(read_footer_text(file.fd(), file.size(), file.path()), file, opts, whole);
+}
+
+std::vector<at::Tensor> load_blocks_first(const InputFile& file, const LoadOptions& opts, c10::Device device,
+                                          const AllocateBlocks& allocate, const MoveBlocks& move, Layout* layout_out,
+                                          LoadSteps* steps) {
+  LoadSteps local;
+  LoadSteps& times = steps != nullptr ? *steps : local;
+  const Footer footer = read_footer_text(file.fd(), file.size(), file.path());
+  // One layout, read and then moved: the whole load in order.
+  const auto in_order = [&](Layout layout) {
+    const std::vector<c10::Storage> storages = allocate(layout);
+    move(layout, storages);
+    const auto start = std::chrono::steady_clock::now();
+    auto views = load_outputs(layout, storages, device, opts);
+    times.views_ns += since_ns(start);
+    if (layout_out != nullptr) *layout_out = std::move(layout);
+    return views;
+  };
+  // A selection or a check needs the index before anything moves.
+  std::optional<Layout> ahead;
+  if (!opts.names && !opts.check_layout && footer.text.size() >= opts.index_ahead_bytes) {
+    ahead = parse_blocks_ahead(footer.text, footer.payload_bytes, file.path());
+  }
+  if (!ahead) {
+    const auto start = std::chrono::steady_clock::now();
+    Layout layout = layout_from(footer, file, opts, nullptr);
+    times.index_ns += since_ns(start);
+    return in_order(std::move(layout));
+  }
+
+  const std::vector<c10::Storage> storages = allocate(*ahead);
+  struct Rest {
+    Layout layout;
+    std::vector<at::Tensor> views;
+    int64_t index_ns = 0;
+    int64_t views_ns = 0;
+  };
+  const auto rest = [&] {
+    Rest r;
+    auto start = std::chrono::steady_clock::now();
+    r.layout = parse_footer(footer.text, footer.payload_bytes, file.path());
+    r.index_ns = since_ns(start);
+    if (same_blocks(r.layout, *ahead)) {
+      start = std::chrono::steady_clock::now();
+      r.views = load_outputs(r.layout, storages, device, opts);
+      r.views_ns = since_ns(start);
+    }
+    return r;
+  };
+  std::future<Rest> reading;
+  try {
+    reading = std::async(std::launch::async, rest);
+  } catch (const std::system_error&) {
+    reading = std::async(std::launch::deferred, rest);  // no thread to be had: after the move
+  }
+  std::exception_ptr moving;
+  try {
+    move(*ahead, storages);
+  } catch (...) {
+    moving = std::current_exception();
+  }
+  // A footer the load refuses is said first, as where it is read before anything moves.
+  Rest r = reading.get();
+  if (moving) std::rethrow_exception(moving);
+  times.index_ns += r.index_ns;
+  times.views_ns += r.views_ns;
+  if (!same_blocks(r.layout, *ahead)) {
+    // A key named twice after the index changed the blocks (JSON's last value wins): the
+    // load starts over from the whole layout.
+    return in_order(std::move(r.layout));
+  }
+  if (layout_out != nullptr) *layout_out = std::move(r.layout);
+  return std::move(r.views);
 }
 
 std::vector<at::Tensor> load_cpu(const std::string& path, const LoadOptions& opts, Layout* layout_out) {
   InputFile file(path);
   const int threads = default_threads(opts.num_threads);
+  if (opts.copy && !opts.verify) {
+    try {
+      return load_blocks_first(
+          file, opts, c10::Device(c10::kCPU), allocate_blocks,
+          [&](const Layout& layout, const std::vector<c10::Storage>& storages) {
+            read_into(file, layout, storages, threads, nullptr);
+          },
+          layout_out);
+    } catch (c10::Error& e) {
+      e.add_context("while loading '" + path + "' to cpu");  // as below
+      throw;
+    }
+  }
   // A selection's blocks carry no checksums: the whole file is verified before it is made.
   const bool verify_whole = opts.verify && opts.names.has_value();
   Layout layout = layout_to_load(file, opts, [&](const Layout& all) {
@@ -175,8 +282,12 @@ std::vector<at::Tensor> load_cpu(const std::string& path, const LoadOptions& opt
   if (opts.verify && !verify_whole) verifier.emplace(path, layout);
   std::vector<at::Storage> storages;
   try {
-    storages = opts.copy ? read_blocks(file, layout, threads, verifier ? &*verifier : nullptr)
-                         : map_blocks(file, layout);
+    if (opts.copy) {
+      storages = allocate_blocks(layout);
+      read_into(file, layout, storages, threads, verifier ? &*verifier : nullptr);
+    } else {
+      storages = map_blocks(file, layout);
+    }
   } catch (c10::Error& e) {
     // The allocator's own error (no memory for a block), kept as it is (torch.OutOfMemoryError
     // where torch raises one), with the file added.

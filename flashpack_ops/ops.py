@@ -395,8 +395,9 @@ def cuda_stats(reset_peaks: bool = False) -> Dict[str, int]:
     (``bytes_buffered``), a copy out of the mapped file (``bytes_mapped``) or straight from
     the registered page cache (``bytes_registered``),
     and ``register_fallbacks`` (loads that staged because the driver refused or cannot do registration);
-    ``ns_loads``, ``ns_read``, ``ns_register``, ``ns_unregister`` and ``ns_wait``: time spent
-    loading, and in each step summed over threads (nanoseconds, see docs/cuda.md);
+    ``ns_loads``, ``ns_index``, ``ns_copy``, ``ns_views``, ``ns_read``, ``ns_register``,
+    ``ns_unregister`` and ``ns_wait``: time spent loading, and in each step summed over
+    threads (nanoseconds, see docs/cuda.md);
     ``ns_unmap``: unmapping registered mappings, after their loads returned, and
     ``unmapping_bytes``: the bytes of those mappings not unmapped yet.
     The byte and time counters only grow: compare them before and after a load.

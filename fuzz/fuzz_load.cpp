@@ -3,7 +3,8 @@
 //
 // Every input must end in std::invalid_argument or std::runtime_error naming the file
 // (anything else escaping, a c10::Error say, reaches users without the file's name),
-// or in tensors that agree with the footer: the mapped load, the copying load and the
+// or in tensors that agree with the footer: the mapped load, the copying load (which reads
+// the index on another thread while it reads the blocks, load_blocks_first) and the
 // input bytes at the footer's offsets must all be equal. Reading the copy and the
 // input (both on the heap) lets AddressSanitizer catch any read past a block.
 #include "check_error.h"
@@ -50,6 +51,7 @@ bool try_load(bool copy, std::vector<at::Tensor>* out, flashpack::Layout* layout
   flashpack::LoadOptions opts;
   opts.copy = copy;
   opts.num_threads = 1;
+  opts.index_ahead_bytes = 0;  // a copying load reads every index while its blocks move
   try {
     *out = flashpack::load_cpu(input_path(), opts, layout);
     return true;

@@ -267,6 +267,82 @@ def test_twenty_thousand_small_tensors(tmp_path):
 
 
 @needs_cuda_build
+@pytest.mark.parametrize("case", ["blocks first", "index first", "blocks named twice"])
+def test_a_large_index_is_read_while_the_blocks_move(tmp_path, case):
+    from test_format_errors import assert_loads, expected_entries, footer_by_hand, large_index, write_raw
+
+    values = torch.arange(4 * 2000, dtype=torch.float32)
+    index = large_index(2000)
+    block = {"dtype": "float32", "offset_bytes": 256, "length_bytes": values.numel() * 4, "length_elems": values.numel()}
+    members = [("format", "flashpack_v4"), ("macroblocks", [block]), ("index", index)]
+    if case == "index first":
+        members = [members[0], members[2], members[1]]
+    elif case == "blocks named twice":  # the blocks moved ahead are not the file's: the load starts over
+        members = [members[0], ("macroblocks", [dict(block, offset_bytes=0)]), members[2], members[1]]
+    payload = torch.full((64,), -1.0).numpy().tobytes() + values.numpy().tobytes()
+    path = write_raw(tmp_path / "large.flashpack", payload, footer_by_hand(*members))
+    before = cuda_stats()
+    assert_loads(path, expected_entries(index, values), devices=["cuda"])
+    after = cuda_stats()
+    assert after["ns_index"] > before["ns_index"] and after["ns_copy"] > before["ns_copy"]
+    assert after["ns_views"] > before["ns_views"]
+
+
+@needs_cuda_build
+def test_a_bad_entry_at_the_end_of_a_large_index_is_said_by_a_cuda_load(tmp_path):
+    from test_format_errors import large_index, v4, write_raw
+
+    values = torch.arange(4 * 2000, dtype=torch.float32)
+    index = large_index(2000)
+    index[-1]["shape"] = [2, 3]
+    block = {"dtype": "float32", "offset_bytes": 0, "length_bytes": values.numel() * 4, "length_elems": values.numel()}
+    path = write_raw(tmp_path / "bad.flashpack", values.numpy().tobytes(), v4(index, [block]))
+    allocated = torch.cuda.memory_allocated()
+    for route in ROUTE_COUNTERS:
+        with pytest.raises(ValueError, match="the shape holds 6 elements") as info:
+            load_file(path, "cuda", route=route)
+        assert path in str(info.value)
+    assert torch.cuda.memory_allocated() == allocated
+
+
+@needs_cuda_build
+@pytest.mark.skipif(not emulated(), reason="failing a copy on purpose needs tests/cuda_emulator")
+@pytest.mark.parametrize("index", ["bad", "good"])
+def test_a_bad_large_index_is_said_before_a_failed_copy(tmp_path, index):
+    # The blocks move while the index is read: when both fail, the index is what the load says,
+    # as where it is read before anything moves; a good index leaves the copy's error.
+    script = r"""
+import sys, torch
+from test_format_errors import large_index, v4, write_raw
+from flashpack_ops import cuda_stats, load_file
+values = torch.arange(4 * 200_000, dtype=torch.float32)
+index = large_index(2000)
+if sys.argv[2] == "bad":
+    index[-1]["shape"] = [2, 3]
+block = {"dtype": "float32", "offset_bytes": 0, "length_bytes": values.numel() * 4, "length_elems": values.numel()}
+path = write_raw(sys.argv[1], values.numpy().tobytes(), v4(index, [block]))
+allocated = torch.cuda.memory_allocated()
+try:
+    load_file(path, "cuda", chunk_bytes=64 * 1024, pinned_bytes=256 * 1024)
+except (ValueError, RuntimeError) as e:
+    print(type(e).__name__, e)
+else:
+    raise AssertionError("the load did not fail")
+assert torch.cuda.memory_allocated() == allocated and cuda_stats()["pinned_bytes"] <= 256 * 1024
+"""
+    env = dict(os.environ, FAKE_CUDA_FAIL_UPLOAD_AT="4",
+               PYTHONPATH=os.pathsep.join(filter(None, [os.path.join(REPO, "tests"), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "f.flashpack"), index], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    said = out.stdout.strip()
+    if index == "bad":
+        assert said.startswith("ValueError") and "the shape holds 6 elements" in said, said
+    else:
+        assert said.startswith("RuntimeError") and "cuda:0" in said, said
+
+
+@needs_cuda_build
 def test_file_larger_than_the_ring(tmp_path):
     tensors = mixed_dict(7, scale=40)  # ~3 MiB, a 256 KiB ring
     path = tmp_path / "big.flashpack"

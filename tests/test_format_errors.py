@@ -313,6 +313,108 @@ def test_dtype_aliases_are_accepted(tmp_path):
     assert flashpack_ops.load_file(path)["w"].dtype == torch.float32
 
 
+# --- a large index: the blocks move while it is read ------------------------------------------
+# A load into memory of its own (copy=True, CUDA) whose footer lists its blocks before an index
+# of 64 KiB or more starts moving the blocks at once and reads the index on another thread.
+
+def large_index(count, block=0, **entry):
+    """`count` float32 entries of shape [2, 2] laid one after another, with long names, so
+    that the index passes 64 KiB: an index the blocks move ahead of."""
+    return [dict({"name": f"model.layers.{k}.self_attn.q_proj.weight", "shape": [2, 2], "offset": 4 * k,
+                  "length": 4, "macroblock": block}, **entry) for k in range(count)]
+
+
+def footer_by_hand(*members):
+    """A footer's JSON text from (key, value) pairs in this order, a key allowed twice."""
+    return "{" + ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in members) + "}"
+
+
+def expected_entries(index, values):
+    return {e["name"]: values[e["offset"]:e["offset"] + 4].reshape(2, 2) for e in index}
+
+
+def assert_loads(path, expected, devices=("cpu",)):
+    """Mapped, copied and (where asked) CUDA loads all give `expected`, bit for bit, in order."""
+    footer_len = struct.unpack("<Q", open(path, "rb").read()[-16:-8])[0]
+    assert footer_len >= 64 << 10  # the size at which the index is read beside the blocks
+    loads = [flashpack_ops.load_file(path), flashpack_ops.load_file(path, copy=True)]
+    loads += [flashpack_ops.load_file(path, device) for device in devices if device != "cpu"]
+    for out in loads:
+        assert list(out) == list(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(out[name].cpu(), tensor), name
+
+
+@pytest.mark.parametrize("order", ["blocks first", "index first"])
+def test_a_large_index_loads_whichever_comes_first(tmp_path, order):
+    values = torch.arange(4 * 2000, dtype=torch.float32)
+    index = large_index(2000)
+    block = {"dtype": "float32", "offset_bytes": 0, "length_bytes": values.numel() * 4, "length_elems": values.numel()}
+    members = [("format", "flashpack_v4"), ("macroblocks", [block]), ("index", index)]
+    if order == "index first":
+        members = [members[0], members[2], members[1]]
+    path = write_raw(tmp_path / "large.flashpack", values.numpy().tobytes(), footer_by_hand(*members))
+    assert_loads(path, expected_entries(index, values))
+
+
+@pytest.mark.parametrize("order", ["dtype first", "dtype last"])
+def test_a_large_v3_index_loads(tmp_path, order):
+    values = torch.arange(4 * 2000, dtype=torch.float32)
+    index = [{k: v for k, v in e.items() if k != "macroblock"} for e in large_index(2000)]
+    members = [("format", "flashpack_v3"), ("target_dtype", "float32"), ("total_elems", values.numel()),
+               ("index", index)]
+    if order == "dtype last":
+        members = [members[0], members[3], members[1], members[2]]
+    path = write_raw(tmp_path / "v3.flashpack", values.numpy().tobytes(), footer_by_hand(*members))
+    assert_loads(path, expected_entries(index, values))
+
+
+def test_blocks_named_again_after_a_large_index_load_as_the_last_says(tmp_path):
+    # JSON's last value wins (Python's json, so the reference, reads it so): the blocks that
+    # started moving before the index was read are not the file's, and the load starts over.
+    values = torch.arange(4 * 2000, dtype=torch.float32)
+    first = {"dtype": "float32", "offset_bytes": 0, "length_bytes": values.numel() * 4, "length_elems": values.numel()}
+    last = dict(first, offset_bytes=256)
+    index = large_index(2000)
+    footer = footer_by_hand(("format", "flashpack_v4"), ("macroblocks", [first]), ("index", index),
+                            ("macroblocks", [last]))
+    payload = torch.full((64,), -1.0).numpy().tobytes() + values.numpy().tobytes()
+    path = write_raw(tmp_path / "twice.flashpack", payload, footer)
+    assert json.loads(footer)["macroblocks"] == [last]
+    assert_loads(path, expected_entries(index, values))
+
+
+@pytest.mark.parametrize("entry, pattern", [
+    ({"offset": 8000}, "index entry 'model.layers.1999.self_attn.q_proj.weight' ends at element 8004, past the end"),
+    ({"shape": [2, 3]}, "the shape holds 6 elements but \"length\" says 4"),
+    ({"macroblock": 1}, "refers to macroblock 1 but the file has 1"),
+    ({"name": "model.layers.0.self_attn.q_proj.weight"}, "appears twice"),
+])
+def test_a_bad_entry_at_the_end_of_a_large_index_is_said_by_a_copied_load(tmp_path, entry, pattern):
+    values = torch.arange(4 * 2000, dtype=torch.float32)
+    index = large_index(2000)
+    index[-1].update(entry)
+    block = {"dtype": "float32", "offset_bytes": 0, "length_bytes": values.numel() * 4, "length_elems": values.numel()}
+    path = write_raw(tmp_path / "bad.flashpack", values.numpy().tobytes(), v4(index, [block]))
+    expect_error(path, pattern)
+    for load in (lambda: flashpack_ops.load_file(path, copy=True),
+                 lambda: torch.ops.flashpack.load_blocks(path, "cpu", copy=True)):
+        with pytest.raises(ValueError, match=pattern) as info:
+            load()
+        assert path in str(info.value)
+
+
+def test_a_broken_large_index_is_said_as_broken_json(tmp_path):
+    values = torch.arange(4 * 2000, dtype=torch.float32)
+    block = {"dtype": "float32", "offset_bytes": 0, "length_bytes": values.numel() * 4, "length_elems": values.numel()}
+    footer = footer_by_hand(("format", "flashpack_v4"), ("macroblocks", [block]), ("index", large_index(2000)))
+    path = write_raw(tmp_path / "cut.flashpack", values.numpy().tobytes(), footer[:-2])
+    for copy in (False, True):
+        with pytest.raises(ValueError, match="footer is not valid JSON") as info:
+            flashpack_ops.load_file(path, copy=copy)
+        assert path in str(info.value)
+
+
 # --- save errors: clear message, old file intact, no temporary left ---------------------------
 
 def _assert_intact(tmp_file, original):

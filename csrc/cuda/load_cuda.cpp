@@ -930,37 +930,44 @@ std::vector<at::Tensor> load_on(const InputFile& file, c10::DeviceIndex index, c
   const c10::Device device(c10::kCUDA, index);
   const std::string& path = file.path();
   const Tuning tuning = resolve(opts, path);
-  Layout layout = layout_to_load(file, opts);
+  const cudaStream_t caller = c10::cuda::getCurrentCUDAStream(index).stream();
+  ReadOnlyMap map(file);
 
   // One allocation per block, through the caching allocator, on the caller's current stream.
-  Target target{index, c10::cuda::getCurrentCUDAStream(index).stream(), {}};
-  std::vector<c10::Storage> storages;
-  storages.reserve(layout.blocks.size());
-  for (const Block& b : layout.blocks) {
-    at::Tensor block = at::empty({static_cast<int64_t>(b.length_bytes)}, at::TensorOptions().dtype(at::kByte).device(device));
-    target.dst.push_back(static_cast<char*>(block.data_ptr()));
-    storages.push_back(block.storage());
-  }
-
-  ReadOnlyMap map(file);
-  Route route = choose_route(tuning.route, file, map, layout, index);
-  if (route == Route::Register) {
-    try {
-      copy_registered(map, path, layout, target, tuning);
-    } catch (const RegistrationRefused& e) {
-      // Every copy has drained by now; the staged route rewrites the blocks from scratch.
-      TORCH_WARN_ONCE("flashpack: ", e.what(), "; loads of cached files are staged through pinned buffers instead");
-      ++cuda::stats().register_fallbacks;
-      route = Route::Buffered;
+  const auto allocate = [&](const Layout& layout) {
+    std::vector<c10::Storage> storages;
+    storages.reserve(layout.blocks.size());
+    for (const Block& b : layout.blocks) {
+      storages.push_back(
+          at::empty({static_cast<int64_t>(b.length_bytes)}, at::TensorOptions().dtype(at::kByte).device(device))
+              .storage());
     }
-  }
-  if (route != Route::Register) copy_staged(file, map, layout, target, tuning, route);
-  // No recordStream is needed: the blocks belong to the caller's stream, which now waits
-  // for the copy streams, and every copy has finished before this returns.
+    return storages;
+  };
+  const auto move = [&](const Layout& layout, const std::vector<c10::Storage>& storages) {
+    cuda::StepTimer copying(cuda::stats().ns_copy);
+    Target target{index, caller, {}};
+    for (const c10::Storage& s : storages) target.dst.push_back(static_cast<char*>(s.mutable_data()));
+    Route route = choose_route(tuning.route, file, map, layout, index);
+    if (route == Route::Register) {
+      try {
+        copy_registered(map, path, layout, target, tuning);
+      } catch (const RegistrationRefused& e) {
+        // Every copy has drained by now; the staged route rewrites the blocks from scratch.
+        TORCH_WARN_ONCE("flashpack: ", e.what(), "; loads of cached files are staged through pinned buffers instead");
+        ++cuda::stats().register_fallbacks;
+        route = Route::Buffered;
+      }
+    }
+    if (route != Route::Register) copy_staged(file, map, layout, target, tuning, route);
+  };
+  // No recordStream is needed: the blocks belong to the caller's stream, which waits for the
+  // copy streams, and every copy has finished before this returns.
+  LoadSteps steps;
+  auto views = load_blocks_first(file, opts, device, allocate, move, layout_out, &steps);
+  cuda::stats().ns_index += steps.index_ns;
+  cuda::stats().ns_views += steps.views_ns;
   ++cuda::stats().loads;
-
-  auto views = load_outputs(layout, storages, device, opts);
-  if (layout_out != nullptr) *layout_out = std::move(layout);
   return views;
 }
 

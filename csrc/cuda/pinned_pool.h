@@ -80,6 +80,9 @@ struct Stats {
   // Where the time goes, in nanoseconds, for tuning (docs/cuda.md). Steps run on several
   // threads at once, so their sums can exceed ns_loads, the loads' wall time.
   std::atomic<int64_t> ns_loads{0};       // CUDA loads, from opening the file to returning
+  std::atomic<int64_t> ns_index{0};       // reading and checking the index (beside the copies where it is large)
+  std::atomic<int64_t> ns_copy{0};        // moving the blocks to the GPU: the pipeline's wall time
+  std::atomic<int64_t> ns_views{0};       // making the output tensors (beside the copies with a large index)
   std::atomic<int64_t> ns_read{0};        // reading chunks into the staging ring
   std::atomic<int64_t> ns_register{0};    // cudaHostRegister of chunks of the mapping
   std::atomic<int64_t> ns_unregister{0};  // cudaHostUnregister of them
