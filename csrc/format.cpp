@@ -492,6 +492,12 @@ Layout parse(std::string_view footer, uint64_t payload_bytes, const std::string&
         }
         if (r.peek() != json::Kind::Array) bad(path, "footer: \"index\" must be an array");
         layout.entries.clear();
+        // NOTE: room for as many entries as the footer could hold at some 48 bytes each (the
+        // smallest a writer makes, a one-letter name and no dimensions, is about that): no
+        // copies of the entries as the vector grows, and pages of the room left over are
+        // never touched. Capped, so that a footer of junk reserves no more than a real index
+        // of a million entries would take.
+        layout.entries.reserve(std::min<size_t>(footer.size() / 48, size_t(1) << 20));
         r.begin_array();
         for (bool first_entry = true; r.next_item(first_entry);) {
           layout.entries.push_back(read_entry(r, layout.entries.size(), path));

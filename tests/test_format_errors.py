@@ -123,6 +123,42 @@ def test_broken_json_says_where_and_what(tmp_path, footer, pattern):
     expect_error(path, "malformed JSON " + pattern)
 
 
+@pytest.mark.parametrize("where", range(0, 19))
+@pytest.mark.parametrize("bad, pattern", [
+    (b"\x01", "at byte {}: control character in a string"),
+    (b"\x7f\xff", "at byte {}: invalid UTF-8 lead byte"),
+    (b"\xc3", "at byte {}: invalid UTF-8 continuation byte"),
+    (b"\\q", "at byte {}: invalid escape character 'q'"),
+], ids=["control", "lead", "continuation", "escape"])
+def test_a_bad_byte_anywhere_in_a_string_is_found(tmp_path, where, bad, pattern):
+    # Strings are scanned eight bytes at a time where they are plain: whatever its place in
+    # a word, a byte that is not is read one at a time, and refused where it must be.
+    name = b"a" * where + bad + b"bcdefghijklmnopq"
+    footer = b'{"format": "flashpack_v4", "macroblocks": [], "index": [{"name": "' + name + b'"}]}'
+    at = footer.index(name) + where + {b"\x7f": 1, b"\\": 2}.get(bad[:1], 0)
+    path = write_raw(tmp_path / "s.flashpack", b"", footer)
+    expect_error(path, "not valid JSON \\(malformed JSON " + pattern.format(at))
+
+
+@pytest.mark.parametrize("where", range(0, 19))
+@pytest.mark.parametrize("odd", ['"', "\\", "\n", "\u00e9", "\u4e2d", "\U0001f600", "/"])
+def test_an_odd_character_anywhere_in_a_name_comes_back(tmp_file, where, odd):
+    name = "a" * where + odd + "bcdefghijklmnopq"
+    flashpack_ops.save_file({name: torch.arange(3), "after": torch.ones(2)}, tmp_file)
+    assert list(flashpack_ops.load_file(tmp_file)) == [name, "after"]
+
+
+@pytest.mark.parametrize("offset", [9, 10**17, 9 * 10**18, 10**19, 2**64 - 1, 2**64 + 5, 10**25])
+def test_long_numbers_are_read_whole(tmp_path, offset):
+    # Up to nineteen digits are read without an overflow check, more are checked digit by digit.
+    payload = torch.arange(16, dtype=torch.float32).numpy().tobytes()
+    path = write_raw(tmp_path / "n.flashpack", payload, v4([dict(GOOD_ENTRY, offset=offset)], [GOOD_BLOCK]))
+    if offset < 2**63:
+        expect_error(path, f"ends at element {offset + 16}, past the end of macroblock 0")
+    else:
+        expect_error(path, "\"offset\" must be an integer")
+
+
 @pytest.mark.parametrize("depth", [64, 1000, 200_000])
 def test_deeply_nested_json_does_not_blow_the_stack(tmp_path, depth):
     # The object is one level, the arrays the rest.
