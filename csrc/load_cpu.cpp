@@ -212,7 +212,14 @@ std::vector<at::Tensor> load_blocks_first(const InputFile& file, const LoadOptio
     return in_order(std::move(layout));
   }
 
-  const std::vector<c10::Storage> storages = allocate(*ahead);
+  std::vector<c10::Storage> storages;
+  try {
+    storages = allocate(*ahead);
+  } catch (...) {
+    // No memory for the blocks: a footer the load refuses is still what it says.
+    (void)layout_from(footer, file, opts, nullptr);
+    throw;
+  }
   struct Rest {
     Layout layout;
     std::vector<at::Tensor> views;
@@ -250,7 +257,8 @@ std::vector<at::Tensor> load_blocks_first(const InputFile& file, const LoadOptio
   times.views_ns += r.views_ns;
   if (!same_blocks(r.layout, *ahead)) {
     // A key named twice after the index changed the blocks (JSON's last value wins): the
-    // load starts over from the whole layout.
+    // load starts over from the whole layout, the blocks moved so far freed first.
+    storages.clear();
     return in_order(std::move(r.layout));
   }
   if (layout_out != nullptr) *layout_out = std::move(r.layout);

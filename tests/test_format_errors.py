@@ -440,6 +440,48 @@ def test_a_bad_entry_at_the_end_of_a_large_index_is_said_by_a_copied_load(tmp_pa
         assert path in str(info.value)
 
 
+NO_MEMORY_SCRIPT = r"""
+import json, resource, struct, sys
+import torch, flashpack_ops
+from test_format_errors import large_index
+path, index = sys.argv[1], large_index(2000)
+if sys.argv[2] == "bad":
+    index[-1]["shape"] = [2, 3]
+size = 64 << 30  # sparse: nothing of it on disk
+block = {"dtype": "uint8", "offset_bytes": 0, "length_bytes": size, "length_elems": size}
+footer = json.dumps({"format": "flashpack_v4", "macroblocks": [block], "index": index}).encode()
+with open(path, "wb") as f:
+    f.truncate(size)
+    f.seek(size)
+    f.write(footer + struct.pack("<Q", len(footer)) + b"FLASHPK\0")
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+try:
+    flashpack_ops.load_file(path, copy=True)
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="an address-space limit (RLIMIT_AS)")
+@pytest.mark.parametrize("index", ["bad", "good"])
+def test_no_memory_for_the_blocks_of_a_large_index(tmp_path, index):
+    # 64 GiB of blocks under an 8 GiB address-space limit: a refused index is still what the
+    # load says, as where the index is read before anything is allocated; a good one leaves
+    # the allocator's error, with the file named.
+    path = str(tmp_path / "huge.flashpack")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__),
+                                                                    os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", NO_MEMORY_SCRIPT, path, index], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    said = out.stdout.strip()
+    if index == "bad":
+        assert said.startswith("ValueError") and "the shape holds 6 elements" in said and path in said, said
+    else:
+        assert said.startswith(("RuntimeError", "OutOfMemoryError")) and "68719476736 bytes" in said, said
+        assert f"while loading '{path}' to cpu" in said, said
+
+
 def test_a_broken_large_index_is_said_as_broken_json(tmp_path):
     values = torch.arange(4 * 2000, dtype=torch.float32)
     block = {"dtype": "float32", "offset_bytes": 0, "length_bytes": values.numel() * 4, "length_elems": values.numel()}
