@@ -57,6 +57,12 @@ VARIANTS = {
     # Workers that sleep while their copies finish, instead of spinning (the default).
     "flashpack_ops[blocking sync]": dict(env={"FLASHPACK_CUDA_BLOCKING_SYNC": "1"}),
 }
+SMALL_VARIANTS = {
+    "flashpack_ops[buffered]": dict(route="buffered"),
+    "flashpack_ops[register]": dict(route="register"),
+    # The index read before the blocks move, as before it was read beside them.
+    "flashpack_ops[index first]": dict(env={"FLASHPACK_INDEX_AHEAD_BYTES": str(1 << 40)}),
+}
 COLD_VARIANTS = {
     "flashpack_ops[buffered]": dict(route="buffered"),
     "flashpack_ops[direct 32 threads]": dict(route="direct", num_threads=32),
@@ -180,7 +186,7 @@ def make_loaders(device: torch.device) -> Dict[str, Callable[[Dict[str, str]], D
             return dict(flashpack.deserialization.iterate_from_flash_tensor(storage, meta))
 
         loaders["flashpack 0.4.5"] = reference
-    for name, kwargs in {**VARIANTS, **COLD_VARIANTS}.items():
+    for name, kwargs in {**VARIANTS, **COLD_VARIANTS, **SMALL_VARIANTS}.items():
         loaders[name] = lambda paths, kw=kwargs: with_environment(
             kw.get("env", {}), lambda: flashpack_ops.load_file(
                 paths["fp"], device, **{k: v for k, v in kw.items() if k != "env"}))
@@ -731,8 +737,7 @@ class Bench:
         self.section("small, warm", lambda: self.run_loaders(MAIN_LOADERS, "small", cold=False))
         # The 20,000-tensor target, on the route the default would fall back to (a second of work).
         self.section("small, warm, flashpack_ops settings",
-                     lambda: self.run_loaders(["flashpack_ops[buffered]", "flashpack_ops[register]"], "small",
-                                              cold=False))
+                     lambda: self.run_loaders(list(SMALL_VARIANTS), "small", cold=False))
         self.section("small, warm, step by step", self.small_steps)
         # NOTE: the cold load is a target, as the warm ones are: it runs even past the deadline
         # (about 40 s at 3.5 GB, inside the margin gpu_check.sh leaves after the deadline).

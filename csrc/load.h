@@ -37,8 +37,9 @@ struct LoadOptions {
   bool blocks = false;         // return the blocks themselves (see block_tensors), not the entries
   // Only these entries (format.h select_entries); the file's other bytes are not read.
   std::optional<std::vector<std::string>> names;
-  // load_blocks_first: an index of at least this many bytes is read while the blocks move.
-  uint64_t index_ahead_bytes = kIndexAheadBytes;
+  // load_blocks_first: an index of at least this many bytes is read while the blocks move;
+  // 0: FLASHPACK_INDEX_AHEAD_BYTES, else kIndexAheadBytes.
+  uint64_t index_ahead_bytes = 0;
   // Called with the file's whole layout before any payload byte is read; throws to refuse it.
   std::function<void(const Layout&)> check_layout;
 };

@@ -201,8 +201,11 @@ std::vector<at::Tensor> load_blocks_first(const InputFile& file, const LoadOptio
     return views;
   };
   // A selection or a check needs the index before anything moves.
+  uint64_t ahead_bytes = opts.index_ahead_bytes;
+  if (ahead_bytes == 0) ahead_bytes = static_cast<uint64_t>(env_count("FLASHPACK_INDEX_AHEAD_BYTES"));
+  if (ahead_bytes == 0) ahead_bytes = kIndexAheadBytes;
   std::optional<Layout> ahead;
-  if (!opts.names && !opts.check_layout && footer.text.size() >= opts.index_ahead_bytes) {
+  if (!opts.names && !opts.check_layout && footer.text.size() >= ahead_bytes) {
     ahead = parse_blocks_ahead(footer.text, footer.payload_bytes, file.path());
   }
   if (!ahead) {

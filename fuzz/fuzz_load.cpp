@@ -51,7 +51,7 @@ bool try_load(bool copy, std::vector<at::Tensor>* out, flashpack::Layout* layout
   flashpack::LoadOptions opts;
   opts.copy = copy;
   opts.num_threads = 1;
-  opts.index_ahead_bytes = 0;  // a copying load reads every index while its blocks move
+  opts.index_ahead_bytes = 1;  // a copying load reads every index while its blocks move
   try {
     *out = flashpack::load_cpu(input_path(), opts, layout);
     return true;

@@ -420,6 +420,23 @@ def test_blocks_named_again_after_a_large_index_load_as_the_last_says(tmp_path):
     assert_loads(path, expected_entries(index, values))
 
 
+@pytest.mark.parametrize("ahead", ["1", str(1 << 40)], ids=["every index ahead", "no index ahead"])
+def test_the_index_size_read_ahead_comes_from_the_environment(tmp_path, monkeypatch, ahead):
+    monkeypatch.setenv("FLASHPACK_INDEX_AHEAD_BYTES", ahead)
+    payload = torch.arange(16, dtype=torch.float32).numpy().tobytes()
+    small = write_raw(tmp_path / "small.flashpack", payload, v4([GOOD_ENTRY], [GOOD_BLOCK]))
+    twice = write_raw(tmp_path / "twice.flashpack", b"\0" * 64 + payload, footer_by_hand(
+        ("format", "flashpack_v4"), ("macroblocks", [GOOD_BLOCK]), ("index", [GOOD_ENTRY]),
+        ("macroblocks", [dict(GOOD_BLOCK, offset_bytes=64)])))
+    for path in (small, twice):
+        out = flashpack_ops.load_file(path, copy=True)
+        assert list(out) == ["w"] and torch.equal(out["w"], torch.arange(16.0).reshape(4, 4))
+    monkeypatch.setenv("FLASHPACK_INDEX_AHEAD_BYTES", "lots")
+    with pytest.raises(ValueError, match="environment variable FLASHPACK_INDEX_AHEAD_BYTES='lots' is not a "
+                                         "non-negative integer"):
+        flashpack_ops.load_file(small, copy=True)
+
+
 @pytest.mark.parametrize("entry, pattern", [
     ({"offset": 8000}, "index entry 'model.layers.1999.self_attn.q_proj.weight' ends at element 8004, past the end"),
     ({"shape": [2, 3]}, "the shape holds 6 elements but \"length\" says 4"),
