@@ -203,7 +203,7 @@ if [[ -s "$OUT/transformers.log" ]]; then
   echo
   if grep -q '^[0-9a-z]* Llama, ' "$OUT/transformers.log"; then
     # The table and the routes; the profiles after it stay in the log.
-    sed -n '/^[0-9a-z]* Llama, /,/^from_pretrained_flashpack vs /p' "$OUT/transformers.log"
+    sed -n '/^[0-9a-z]* Llama, /,/^prefetching (/p' "$OUT/transformers.log"
     grep -E '^  flashpack .*\(route: ' "$OUT/transformers.log" | sed -E 's/: (warm|cold) \[.*\] \(route/: \1 (route/'
     if grep -q '^=== where ' "$OUT/transformers.log"; then
       echo "where each loader's warm load spends its time: transformers.log"

@@ -108,8 +108,10 @@ def test_the_transformers_benchmark_runs_through_on_the_cpu_with_its_profiles(tm
     result = run_benchmark("bench_transformers", "--size", "tiny", "--device", "cpu", "--runs", "1", "--profile",
                            "--workdir", tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "the two models are the same, bit for bit (weights and logits)" in result.stdout
+    assert "the models are the same, bit for bit (weights and logits)" in result.stdout
     assert "| flashpack from_pretrained_flashpack | " in result.stdout
+    assert "| flashpack from_pretrained_flashpack, no prefetch | " in result.stdout
+    assert "prefetching (the file loaded while the model is built): warm " in result.stdout
     for loader in ("transformers from_pretrained", "flashpack from_pretrained_flashpack"):
         assert f"=== where {loader} spends a warm load" in result.stdout
     assert result.stdout.count("--- native calls, by their own time (torch.profiler)") == 2
