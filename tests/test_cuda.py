@@ -269,11 +269,11 @@ def test_twenty_thousand_small_tensors(tmp_path):
 @needs_cuda_build
 @pytest.mark.parametrize("case", ["blocks first", "index first", "blocks named twice"])
 def test_a_large_index_is_read_while_the_blocks_move(tmp_path, case):
-    from test_format_errors import assert_loads, expected_entries, footer_by_hand, large_index, write_raw
+    from test_format_errors import assert_loads, block_of, expected_entries, footer_by_hand, large_index, write_raw
 
     values = torch.arange(4 * 2000, dtype=torch.float32)
     index = large_index(2000)
-    block = {"dtype": "float32", "offset_bytes": 256, "length_bytes": values.numel() * 4, "length_elems": values.numel()}
+    block = block_of(values, offset_bytes=256)
     members = [("format", "flashpack_v4"), ("macroblocks", [block]), ("index", index)]
     if case == "index first":
         members = [members[0], members[2], members[1]]
@@ -290,12 +290,12 @@ def test_a_large_index_is_read_while_the_blocks_move(tmp_path, case):
 
 @needs_cuda_build
 def test_a_bad_entry_at_the_end_of_a_large_index_is_said_by_a_cuda_load(tmp_path):
-    from test_format_errors import large_index, v4, write_raw
+    from test_format_errors import block_of, large_index, v4, write_raw
 
     values = torch.arange(4 * 2000, dtype=torch.float32)
     index = large_index(2000)
     index[-1]["shape"] = [2, 3]
-    block = {"dtype": "float32", "offset_bytes": 0, "length_bytes": values.numel() * 4, "length_elems": values.numel()}
+    block = block_of(values)
     path = write_raw(tmp_path / "bad.flashpack", values.numpy().tobytes(), v4(index, [block]))
     allocated = torch.cuda.memory_allocated()
     for route in ROUTE_COUNTERS:
@@ -313,13 +313,13 @@ def test_a_bad_large_index_is_said_before_a_failed_copy(tmp_path, index):
     # as where it is read before anything moves; a good index leaves the copy's error.
     script = r"""
 import sys, torch
-from test_format_errors import large_index, v4, write_raw
+from test_format_errors import block_of, large_index, v4, write_raw
 from flashpack_ops import cuda_stats, load_file
 values = torch.arange(4 * 200_000, dtype=torch.float32)
 index = large_index(2000)
 if sys.argv[2] == "bad":
     index[-1]["shape"] = [2, 3]
-block = {"dtype": "float32", "offset_bytes": 0, "length_bytes": values.numel() * 4, "length_elems": values.numel()}
+block = block_of(values)
 path = write_raw(sys.argv[1], values.numpy().tobytes(), v4(index, [block]))
 allocated = torch.cuda.memory_allocated()
 try:

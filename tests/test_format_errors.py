@@ -360,6 +360,12 @@ def large_index(count, block=0, **entry):
                   "length": 4, "macroblock": block}, **entry) for k in range(count)]
 
 
+def block_of(values, offset_bytes=0):
+    """The macroblock of float32 `values` laid at `offset_bytes`."""
+    return {"dtype": "float32", "offset_bytes": offset_bytes, "length_bytes": values.numel() * 4,
+            "length_elems": values.numel()}
+
+
 def footer_by_hand(*members):
     """A footer's JSON text from (key, value) pairs in this order, a key allowed twice."""
     return "{" + ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in members) + "}"
@@ -385,7 +391,7 @@ def assert_loads(path, expected, devices=("cpu",)):
 def test_a_large_index_loads_whichever_comes_first(tmp_path, order):
     values = torch.arange(4 * 2000, dtype=torch.float32)
     index = large_index(2000)
-    block = {"dtype": "float32", "offset_bytes": 0, "length_bytes": values.numel() * 4, "length_elems": values.numel()}
+    block = block_of(values)
     members = [("format", "flashpack_v4"), ("macroblocks", [block]), ("index", index)]
     if order == "index first":
         members = [members[0], members[2], members[1]]
@@ -409,7 +415,7 @@ def test_blocks_named_again_after_a_large_index_load_as_the_last_says(tmp_path):
     # JSON's last value wins (Python's json, so the reference, reads it so): the blocks that
     # started moving before the index was read are not the file's, and the load starts over.
     values = torch.arange(4 * 2000, dtype=torch.float32)
-    first = {"dtype": "float32", "offset_bytes": 0, "length_bytes": values.numel() * 4, "length_elems": values.numel()}
+    first = block_of(values)
     last = dict(first, offset_bytes=256)
     index = large_index(2000)
     footer = footer_by_hand(("format", "flashpack_v4"), ("macroblocks", [first]), ("index", index),
@@ -447,7 +453,7 @@ def test_a_bad_entry_at_the_end_of_a_large_index_is_said_by_a_copied_load(tmp_pa
     values = torch.arange(4 * 2000, dtype=torch.float32)
     index = large_index(2000)
     index[-1].update(entry)
-    block = {"dtype": "float32", "offset_bytes": 0, "length_bytes": values.numel() * 4, "length_elems": values.numel()}
+    block = block_of(values)
     path = write_raw(tmp_path / "bad.flashpack", values.numpy().tobytes(), v4(index, [block]))
     expect_error(path, pattern)
     for load in (lambda: flashpack_ops.load_file(path, copy=True),
@@ -501,7 +507,7 @@ def test_no_memory_for_the_blocks_of_a_large_index(tmp_path, index):
 
 def test_a_broken_large_index_is_said_as_broken_json(tmp_path):
     values = torch.arange(4 * 2000, dtype=torch.float32)
-    block = {"dtype": "float32", "offset_bytes": 0, "length_bytes": values.numel() * 4, "length_elems": values.numel()}
+    block = block_of(values)
     footer = footer_by_hand(("format", "flashpack_v4"), ("macroblocks", [block]), ("index", large_index(2000)))
     path = write_raw(tmp_path / "cut.flashpack", values.numpy().tobytes(), footer[:-2])
     for copy in (False, True):
