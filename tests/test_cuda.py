@@ -282,7 +282,7 @@ def test_a_large_index_is_read_while_the_blocks_move(tmp_path, case):
     payload = torch.full((64,), -1.0).numpy().tobytes() + values.numpy().tobytes()
     path = write_raw(tmp_path / "large.flashpack", payload, footer_by_hand(*members))
     before = cuda_stats()
-    assert_loads(path, expected_entries(index, values), devices=["cuda"])
+    assert_loads(path, expected_entries(index, values), gpus=["cuda"])
     after = cuda_stats()
     assert after["ns_index"] > before["ns_index"] and after["ns_copy"] > before["ns_copy"]
     assert after["ns_views"] > before["ns_views"]

@@ -375,12 +375,14 @@ def expected_entries(index, values):
     return {e["name"]: values[e["offset"]:e["offset"] + 4].reshape(2, 2) for e in index}
 
 
-def assert_loads(path, expected, devices=("cpu",)):
-    """Mapped, copied and (where asked) CUDA loads all give `expected`, bit for bit, in order."""
-    footer_len = struct.unpack("<Q", open(path, "rb").read()[-16:-8])[0]
+def assert_loads(path, expected, gpus=()):
+    """Mapped, copied and (onto each of `gpus`) CUDA loads all give `expected`, bit for bit, in order."""
+    with open(path, "rb") as f:
+        f.seek(-16, os.SEEK_END)
+        footer_len = struct.unpack("<Q", f.read(8))[0]
     assert footer_len >= 64 << 10  # the size at which the index is read beside the blocks
     loads = [flashpack_ops.load_file(path), flashpack_ops.load_file(path, copy=True)]
-    loads += [flashpack_ops.load_file(path, device) for device in devices if device != "cpu"]
+    loads += [flashpack_ops.load_file(path, device) for device in gpus]
     for out in loads:
         assert list(out) == list(expected)
         for name, tensor in expected.items():
