@@ -56,6 +56,11 @@ VARIANTS = {
     "flashpack_ops[2 streams]": dict(num_streams=2),
     # Workers that sleep while their copies finish, instead of spinning (the default).
     "flashpack_ops[blocking sync]": dict(env={"FLASHPACK_CUDA_BLOCKING_SYNC": "1"}),
+    # The mapped route with a share of its chunks registered for the GPU to read out of the
+    # page cache, beside the copies of the rest: less host memory traffic, more driver calls.
+    "flashpack_ops[mapped, 12% registered]": dict(route="mapped", env={"FLASHPACK_CUDA_REGISTER_PERCENT": "12"}),
+    "flashpack_ops[mapped, 25% registered]": dict(route="mapped", env={"FLASHPACK_CUDA_REGISTER_PERCENT": "25"}),
+    "flashpack_ops[mapped, 50% registered]": dict(route="mapped", env={"FLASHPACK_CUDA_REGISTER_PERCENT": "50"}),
 }
 SMALL_VARIANTS = {
     "flashpack_ops[buffered]": dict(route="buffered"),

@@ -405,6 +405,46 @@ def test_each_route_when_forced(tmp_path, route):
 
 
 @needs_cuda_build
+@pytest.mark.parametrize("percent", [0, 25, 50, 100])
+def test_the_mapped_route_registers_the_share_of_chunks_asked_for(tmp_path, monkeypatch, percent):
+    # FLASHPACK_CUDA_REGISTER_PERCENT: that share of the mapped route's chunks is registered
+    # for the GPU to read out of the page cache, the rest copied as before.
+    tensors = mixed_dict(40, scale=40)
+    path = tmp_path / "h.flashpack"
+    save_file(tensors, path)
+    monkeypatch.setenv("FLASHPACK_CUDA_REGISTER_PERCENT", str(percent))
+    ring, chunk = 256 * KiB, 64 * KiB
+    release_pinned_memory()
+    cuda_stats(reset_peaks=True)
+    before = cuda_stats()
+    assert_loaded(load_file(path, "cuda", route="mapped", chunk_bytes=chunk, pinned_bytes=ring), tensors)
+    delta = stats_delta(before)
+    if percent and delta["register_fallbacks"]:
+        pytest.skip("this driver refuses cudaHostRegister(ReadOnly) on file mappings; every chunk was copied")
+    total = payload_bytes(path)
+    assert delta["bytes_registered"] + delta["bytes_mapped"] == total, delta
+    # Chunks hold up to `chunk` bytes each (less where blocks begin and end).
+    assert abs(delta["bytes_registered"] - total * percent / 100) <= 2 * chunk, (delta, total)
+    assert (delta["ns_register"] > 0) == (delta["ns_unregister"] > 0) == (percent > 0), delta
+    stats = cuda_stats()
+    assert stats["registered_bytes"] == 0, stats  # every range unregistered
+    assert stats["pinned_peak_bytes"] <= ring and stats["registered_peak_bytes"] <= ring, stats
+    assert (stats["registered_peak_bytes"] > 0) == (percent > 0), stats
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("value, message", [
+    ("150", r"FLASHPACK_CUDA_REGISTER_PERCENT='150' is not a percentage \(0 to 100\)"),
+    ("half", r"FLASHPACK_CUDA_REGISTER_PERCENT='half' is not a non-negative integer"),
+])
+def test_a_bad_register_percent_is_named(mixed, monkeypatch, value, message):
+    path, _ = mixed
+    monkeypatch.setenv("FLASHPACK_CUDA_REGISTER_PERCENT", value)
+    with pytest.raises(ValueError, match=message):
+        load_file(path, "cuda")
+
+
+@needs_cuda_build
 def test_route_from_the_environment(mixed, monkeypatch):
     path, tensors = mixed
     monkeypatch.setenv("FLASHPACK_CUDA_ROUTE", "buffered")
@@ -1012,14 +1052,48 @@ def test_no_read_only_registration_stages(tmp_path):
     assert fallbacks == 1 and buffered == 300_000 + 4099
 
 
+MAPPED_REGISTER_SCRIPT = REFUSAL_SCRIPT.split("before = cuda_stats()")[0] + r"""
+before = cuda_stats()
+out = load_file(sys.argv[1], "cuda", route="mapped", chunk_bytes=64 * 1024, pinned_bytes=256 * 1024, num_threads=1)
+after = cuda_stats()
+for k in t:
+    assert torch.equal(out[k].cpu().view(torch.uint8), t[k].view(torch.uint8)), k
+print(after["register_fallbacks"] - before["register_fallbacks"], after["bytes_registered"] - before["bytes_registered"],
+      after["bytes_mapped"] - before["bytes_mapped"], after["registered_bytes"])
+"""
+
+
+@needs_cuda_build
+@pytest.mark.skipif(not emulated(), reason="forcing the driver to refuse registration needs tests/cuda_emulator")
+@pytest.mark.parametrize("refusal", [{"FAKE_CUDA_REFUSE_REGISTER_AT": "1"}, {"FAKE_CUDA_REFUSE_REGISTER_AT": "3"},
+                                     {"FAKE_CUDA_NO_READONLY_REGISTER": "1"}],
+                         ids=["first-chunk", "mid-load", "unsupported"])
+def test_the_mapped_route_copies_what_the_driver_will_not_register(tmp_path, refusal):
+    # Chunks registered before the refusal stay registered until their copies finish; that
+    # chunk and every later one are copied, and the load is whole.
+    env = dict(os.environ, FLASHPACK_CUDA_REGISTER_PERCENT="100", **refusal)
+    out = subprocess.run([sys.executable, "-c", MAPPED_REGISTER_SCRIPT, str(tmp_path / "f.flashpack")], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    fallbacks, registered, copied, registered_now = map(int, out.stdout.split())
+    assert fallbacks == 1 and registered_now == 0
+    assert registered + copied == 300_000 + 4099
+    # One worker fills the chunks in file order: the first two, of 64 KiB each, went before
+    # a refusal of the third registration.
+    assert registered == {"1": 0, "3": 2 * 64 * 1024}.get(refusal.get("FAKE_CUDA_REFUSE_REGISTER_AT"), 0)
+    if "FAKE_CUDA_REFUSE_REGISTER_AT" in refusal:
+        assert "cudaHostRegister of bytes" in out.stderr and "copied instead" in out.stderr
+
+
 @needs_cuda_build
 @pytest.mark.skipif(not emulated(), reason="failing cudaHostUnregister on purpose needs tests/cuda_emulator")
-def test_a_range_that_stays_registered_keeps_its_mapping(tmp_path):
+@pytest.mark.parametrize("route, percent", [("register", "0"), ("mapped", "100")])
+def test_a_range_that_stays_registered_keeps_its_mapping(tmp_path, route, percent):
     # Unmapping a range the driver still holds would leave it pinned over addresses a later
     # mapping can take: the load fails, naming the file, and the mapping stays.
     script = REFUSAL_SCRIPT.split("before = cuda_stats()")[0] + r"""
 try:
-    load_file(sys.argv[1], "cuda", route="register", chunk_bytes=64 * 1024, pinned_bytes=256 * 1024)
+    load_file(sys.argv[1], "cuda", route=sys.argv[2], chunk_bytes=64 * 1024, pinned_bytes=256 * 1024)
     raise SystemExit("the load did not fail")
 except RuntimeError as e:
     assert sys.argv[1] in str(e), e
@@ -1031,16 +1105,16 @@ s = cuda_stats()
 assert s["registered_bytes"] > 0 and s["unmapping_bytes"] == 0, s
 print("ok")
 """
-    env = dict(os.environ, FAKE_CUDA_FAIL_UNREGISTER_AT="2")
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "f.flashpack")], env=env,
+    env = dict(os.environ, FAKE_CUDA_FAIL_UNREGISTER_AT="2", FLASHPACK_CUDA_REGISTER_PERCENT=percent)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "f.flashpack"), route], env=env,
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 @needs_cuda_build
 @pytest.mark.skipif(not emulated(), reason="failing a copy on purpose needs tests/cuda_emulator")
-@pytest.mark.parametrize("route", ["buffered", "mapped", "register"])
-def test_a_failed_copy_releases_everything(tmp_path, route):
+@pytest.mark.parametrize("route, percent", [("buffered", "0"), ("mapped", "0"), ("mapped", "50"), ("register", "0")])
+def test_a_failed_copy_releases_everything(tmp_path, route, percent):
     script = REFUSAL_SCRIPT.split("before = cuda_stats()")[0] + r"""
 from flashpack_ops import release_pinned_memory
 try:
@@ -1056,7 +1130,7 @@ out = load_file(sys.argv[1], "cuda", route=sys.argv[2])  # the process is still 
 assert torch.equal(out["b"].cpu(), t["b"])
 print("ok")
 """
-    env = dict(os.environ, FAKE_CUDA_FAIL_UPLOAD_AT="4")
+    env = dict(os.environ, FAKE_CUDA_FAIL_UPLOAD_AT="4", FLASHPACK_CUDA_REGISTER_PERCENT=percent)
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "f.flashpack"), route], env=env,
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

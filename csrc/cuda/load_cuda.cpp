@@ -10,7 +10,8 @@
 //   mapped      as buffered, but each worker copies its chunk out of a read-only mapping of
 //               the file, prefaulted first, with non-temporal stores (where the CPU has
 //               them) instead of a read() through the kernel. What `auto` picks for a file
-//               in the page cache.
+//               in the page cache. FLASHPACK_CUDA_REGISTER_PERCENT registers that share of
+//               its chunks instead, as the registered route does (MappedSource).
 //   registered  (asked for only) chunks of a read-only mapping of the file are registered
 //               with the driver (cudaHostRegisterReadOnly) and the GPU copies straight out
 //               of the page cache; a chunk is unregistered once its copy finished.
@@ -158,6 +159,7 @@ struct Tuning {
   uint64_t chunk_bytes = 0;  // 0: per route, see chunk_for()
   uint64_t pinned_bytes = kDefaultPinnedBytes;
   int streams = kDefaultStreams;
+  int register_percent = 0;  // mapped route: the share of chunks registered instead of copied
 };
 
 Tuning resolve(const LoadOptions& opts, const std::string& path) {
@@ -182,6 +184,12 @@ Tuning resolve(const LoadOptions& opts, const std::string& path) {
     // process's own, created once and kept, so a mistyped count must not create thousands.
     t.streams = static_cast<int>(std::min<int64_t>(s, 64));
   }
+  const int64_t share = env_count("FLASHPACK_CUDA_REGISTER_PERCENT");
+  if (share > 100) {
+    throw std::invalid_argument("environment variable FLASHPACK_CUDA_REGISTER_PERCENT='" + std::to_string(share) +
+                                "' is not a percentage (0 to 100)");
+  }
+  t.register_percent = static_cast<int>(share);
   return t;
 }
 
@@ -619,18 +627,91 @@ class StagedSource final : public Source {
   std::atomic<bool> direct_ok_{true};
 };
 
+// Registers the file bytes [begin, begin + bytes) of the mapping, page-aligned, for the GPU
+// to read; the driver's answer, cleared if a refusal, so the next CUDA call does not report it.
+cudaError_t register_range(const ReadOnlyMap& map, uint64_t begin, uint64_t bytes) {
+  cuda::StepTimer timer(cuda::stats().ns_register);
+  const cudaError_t err = cudaHostRegister(map.data() + begin, bytes, cudaHostRegisterReadOnly);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+  } else {
+    cuda::stats().registered.add(static_cast<int64_t>(bytes));
+  }
+  return err;
+}
+
+// Undoes register_range once every copy out of the range has finished.
+void unregister_range(ReadOnlyMap& map, uint64_t begin, uint64_t bytes) {
+  cuda::StepTimer timer(cuda::stats().ns_unregister);
+  const cudaError_t err = cudaHostUnregister(map.data() + begin);
+  if (err != cudaSuccess) {
+    map.keep_mapped();  // and the range stays counted in registered_bytes
+    C10_CUDA_CHECK(err);
+  }
+  cuda::stats().registered.add(-static_cast<int64_t>(bytes));
+}
+
 // Copies each chunk out of a read-only mapping of the file into its slot's pinned buffer.
 // NOTE: measured on the 2-core VM, a 2 GB file in the page cache into a 256 MiB ring of
 // 8 MiB buffers: prefault + non-temporal copy + drop ran at 6.6 GB/s on one thread and
 // 12.0 GB/s on two, pread at 5.5 and 10.7. Unmapping the whole file's 500,000 page-table
 // entries at the end took 35 ms on one thread, so each worker drops its chunk's entries as
 // soon as it is copied.
+//
+// With FLASHPACK_CUDA_REGISTER_PERCENT=p, p% of the chunks (spread evenly) are registered
+// instead (register_range), for the GPU to read out of the page cache while the other
+// workers copy: a registered chunk crosses host memory once (the DMA's read), a copied one
+// three times (read, written to the ring, read by the DMA). If the driver refuses a
+// registration, that chunk and every later one are copied.
 class MappedSource final : public Source {
  public:
-  MappedSource(const InputFile& file, const ReadOnlyMap& map, char* ring, uint64_t buffer_bytes)
-      : file_(file), map_(map), ring_(ring), buffer_bytes_(buffer_bytes), guarded_(bus_guard_in_place()) {}
+  MappedSource(const InputFile& file, ReadOnlyMap& map, char* ring, uint64_t buffer_bytes, size_t slots,
+               int register_percent)
+      : file_(file),
+        map_(map),
+        ring_(ring),
+        buffer_bytes_(buffer_bytes),
+        guarded_(bus_guard_in_place()),
+        register_percent_(register_percent),
+        registered_(slots) {}
 
   const char* fill(size_t slot, const Chunk& c) override {
+    const uint64_t n = fills_.fetch_add(1, std::memory_order_relaxed);
+    // Chunk n is registered where the running count of p% of the chunks steps up.
+    if (register_percent_ > 0 && register_ok_.load(std::memory_order_relaxed) &&
+        (n + 1) * register_percent_ / 100 != n * register_percent_ / 100) {
+      const uint64_t begin = align_down(c.begin, io_align());
+      const uint64_t bytes = align_up(c.end, io_align()) - begin;
+      const cudaError_t err = register_range(map_, begin, bytes);
+      if (err == cudaSuccess) {
+        registered_[slot] = {begin, bytes};
+        cuda::stats().bytes_registered += static_cast<int64_t>(c.bytes);
+        return map_.data() + c.begin;
+      }
+      if (register_ok_.exchange(false)) {  // said once, by the first worker refused
+        ++cuda::stats().register_fallbacks;
+        TORCH_WARN_ONCE("flashpack: '", file_.path(), "': cudaHostRegister of bytes ", begin, "..", begin + bytes,
+                        " refused: ", cudaGetErrorString(err), "; its chunks are copied instead");
+      }
+    }
+    return copy(slot, c);
+  }
+
+  void release(size_t slot) override {
+    Range& r = registered_[slot];
+    if (r.bytes == 0) return;
+    const uint64_t bytes = std::exchange(r.bytes, 0);
+    unregister_range(map_, r.begin, bytes);
+    ::madvise(map_.data() + r.begin, bytes, MADV_DONTNEED);  // its page-table entries, as a copy drops them
+  }
+
+ private:
+  struct Range {
+    uint64_t begin = 0;
+    uint64_t bytes = 0;
+  };
+
+  const char* copy(size_t slot, const Chunk& c) {
     cuda::StepTimer timer(cuda::stats().ns_read);
     char* buf = ring_ + slot * buffer_bytes_;
     if (guarded_ && populate_ok_.load(std::memory_order_relaxed)) {
@@ -657,15 +738,16 @@ class MappedSource final : public Source {
     return buf;
   }
 
-  void release(size_t) override {}
-
- private:
   const InputFile& file_;
-  const ReadOnlyMap& map_;
+  ReadOnlyMap& map_;
   char* const ring_;
   const uint64_t buffer_bytes_;
   const bool guarded_;  // a truncation met while copying is caught (bus_guard_in_place)
   std::atomic<bool> populate_ok_{true};
+  const uint64_t register_percent_;
+  std::atomic<bool> register_ok_{true};
+  std::atomic<uint64_t> fills_{0};
+  std::vector<Range> registered_;  // per slot: the range registered for its last chunk, if any
 };
 
 // Registers each chunk's pages of the mapped file, so the GPU reads the page cache itself.
@@ -679,17 +761,12 @@ class RegisteredSource final : public Source {
     const uint64_t bytes = align_up(c.end, io_align()) - begin;
     // Checked by hand rather than with C10_CUDA_CHECK: a refusal is not an error, the load
     // falls back to staging.
-    const cudaError_t err = [&] {
-      cuda::StepTimer timer(cuda::stats().ns_register);
-      return cudaHostRegister(map_.data() + begin, bytes, cudaHostRegisterReadOnly);
-    }();
+    const cudaError_t err = register_range(map_, begin, bytes);
     if (err != cudaSuccess) {
-      (void)cudaGetLastError();  // clear it, so the next CUDA call does not report it
       throw RegistrationRefused("'" + path_ + "': cudaHostRegister of bytes " + std::to_string(begin) + ".." +
                                 std::to_string(begin + bytes) + " refused: " + cudaGetErrorString(err));
     }
     ranges_[slot] = {begin, bytes};
-    cuda::stats().registered.add(static_cast<int64_t>(bytes));
     moved_ += static_cast<int64_t>(c.bytes);
     return map_.data() + c.begin;
   }
@@ -700,14 +777,7 @@ class RegisteredSource final : public Source {
   void release(size_t slot) override {
     Range& r = ranges_[slot];
     if (r.bytes == 0) return;
-    const uint64_t bytes = std::exchange(r.bytes, 0);
-    cuda::StepTimer timer(cuda::stats().ns_unregister);
-    const cudaError_t err = cudaHostUnregister(map_.data() + r.begin);
-    if (err != cudaSuccess) {
-      map_.keep_mapped();  // and the range stays counted in registered_bytes
-      C10_CUDA_CHECK(err);
-    }
-    cuda::stats().registered.add(-static_cast<int64_t>(bytes));
+    unregister_range(map_, r.begin, std::exchange(r.bytes, 0));
   }
 
  private:
@@ -864,7 +934,7 @@ size_t slot_count(uint64_t budget, uint64_t span, const Plan& plan) {
   return static_cast<size_t>(std::clamp<uint64_t>(budget / span, 1, most));
 }
 
-void copy_staged(const InputFile& file, const ReadOnlyMap& map, const Layout& layout, const Target& t,
+void copy_staged(const InputFile& file, ReadOnlyMap& map, const Layout& layout, const Target& t,
                  const Tuning& tuning, Route route) {
   const Plan plan = plan_chunks(layout, chunk_for(tuning, route));
   if (plan.chunks.empty()) return;
@@ -876,8 +946,14 @@ void copy_staged(const InputFile& file, const ReadOnlyMap& map, const Layout& la
   cuda::PinnedLease ring = cuda::lease_pinned(buffer * slots);
   std::optional<StagedSource> staged;
   std::optional<MappedSource> mapped;
-  Source& source = route == Route::Mapped ? static_cast<Source&>(mapped.emplace(file, map, ring.data(), buffer))
-                                          : staged.emplace(file, direct.get(), ring.data(), buffer);
+  int register_percent = route == Route::Mapped ? tuning.register_percent : 0;
+  if (register_percent > 0 && !register_supported(t.device)) {
+    ++cuda::stats().register_fallbacks;
+    register_percent = 0;
+  }
+  Source& source = route == Route::Mapped
+                       ? static_cast<Source&>(mapped.emplace(file, map, ring.data(), buffer, slots, register_percent))
+                       : staged.emplace(file, direct.get(), ring.data(), buffer);
   Pipeline pipe(t.device, slots, tuning.streams, source, t.caller);
   pipe.run(plan, t.dst, threads_for(tuning, route));
   pipe.finish(t.caller);
