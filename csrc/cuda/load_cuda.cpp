@@ -627,29 +627,59 @@ class StagedSource final : public Source {
   std::atomic<bool> direct_ok_{true};
 };
 
-// Registers the file bytes [begin, begin + bytes) of the mapping, page-aligned, for the GPU
-// to read; the driver's answer, cleared if a refusal, so the next CUDA call does not report it.
-cudaError_t register_range(const ReadOnlyMap& map, uint64_t begin, uint64_t bytes) {
-  cuda::StepTimer timer(cuda::stats().ns_register);
-  const cudaError_t err = cudaHostRegister(map.data() + begin, bytes, cudaHostRegisterReadOnly);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
-  } else {
-    cuda::stats().registered.add(static_cast<int64_t>(bytes));
-  }
-  return err;
-}
+// The chunks of a mapped file registered with the driver for the GPU to read, one range per
+// slot at most. The mapping is marked registered: it is unmapped off the load's path.
+class Registrations {
+ public:
+  Registrations(ReadOnlyMap& map, size_t slots) : map_(map), ranges_(slots) { map_.mark_registered(); }
 
-// Undoes register_range once every copy out of the range has finished.
-void unregister_range(ReadOnlyMap& map, uint64_t begin, uint64_t bytes) {
-  cuda::StepTimer timer(cuda::stats().ns_unregister);
-  const cudaError_t err = cudaHostUnregister(map.data() + begin);
-  if (err != cudaSuccess) {
-    map.keep_mapped();  // and the range stays counted in registered_bytes
-    C10_CUDA_CHECK(err);
+  // Registers the pages of chunk `c` for `slot`: the driver's answer, cleared if a refusal
+  // (not an error: the caller copies instead), so that the next CUDA call does not report it.
+  cudaError_t add(size_t slot, const Chunk& c) {
+    const uint64_t begin = align_down(c.begin, io_align());
+    const uint64_t bytes = align_up(c.end, io_align()) - begin;
+    const cudaError_t err = [&] {
+      cuda::StepTimer timer(cuda::stats().ns_register);
+      return cudaHostRegister(map_.data() + begin, bytes, cudaHostRegisterReadOnly);
+    }();
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      return err;
+    }
+    ranges_[slot] = {begin, bytes};
+    cuda::stats().registered.add(static_cast<int64_t>(bytes));
+    return err;
   }
-  cuda::stats().registered.add(-static_cast<int64_t>(bytes));
-}
+
+  // Unregisters the slot's range, if any, once every copy out of it has finished.
+  void release(size_t slot) {
+    Range& r = ranges_[slot];
+    if (r.bytes == 0) return;
+    const uint64_t bytes = std::exchange(r.bytes, 0);
+    cuda::StepTimer timer(cuda::stats().ns_unregister);
+    const cudaError_t err = cudaHostUnregister(map_.data() + r.begin);
+    if (err != cudaSuccess) {
+      map_.keep_mapped();  // and the range stays counted in registered_bytes
+      C10_CUDA_CHECK(err);
+    }
+    cuda::stats().registered.add(-static_cast<int64_t>(bytes));
+  }
+
+  // What a refusal of chunk `c` says.
+  static std::string refusal(const std::string& path, const Chunk& c, cudaError_t err) {
+    const uint64_t begin = align_down(c.begin, io_align());
+    return "'" + path + "': cudaHostRegister of bytes " + std::to_string(begin) + ".." +
+           std::to_string(align_up(c.end, io_align())) + " refused: " + cudaGetErrorString(err);
+  }
+
+ private:
+  struct Range {
+    uint64_t begin = 0;
+    uint64_t bytes = 0;
+  };
+  ReadOnlyMap& map_;
+  std::vector<Range> ranges_;
+};
 
 // Copies each chunk out of a read-only mapping of the file into its slot's pinned buffer.
 // NOTE: measured on the 2-core VM, a 2 GB file in the page cache into a 256 MiB ring of
@@ -659,7 +689,7 @@ void unregister_range(ReadOnlyMap& map, uint64_t begin, uint64_t bytes) {
 // soon as it is copied.
 //
 // With FLASHPACK_CUDA_REGISTER_PERCENT=p, p% of the chunks (spread evenly) are registered
-// instead (register_range), for the GPU to read out of the page cache while the other
+// instead (Registrations), for the GPU to read out of the page cache while the other
 // workers copy: a registered chunk crosses host memory once (the DMA's read), a copied one
 // three times (read, written to the ring, read by the DMA). If the driver refuses a
 // registration, that chunk and every later one are copied.
@@ -672,45 +702,33 @@ class MappedSource final : public Source {
         ring_(ring),
         buffer_bytes_(buffer_bytes),
         guarded_(bus_guard_in_place()),
-        register_percent_(register_percent),
-        registered_(slots) {}
+        register_percent_(register_percent) {
+    if (register_percent_ > 0) registered_.emplace(map, slots);
+  }
 
   const char* fill(size_t slot, const Chunk& c) override {
     const uint64_t n = fills_.fetch_add(1, std::memory_order_relaxed);
     // Chunk n is registered where the running count of p% of the chunks steps up.
     if (register_percent_ > 0 && register_ok_.load(std::memory_order_relaxed) &&
         (n + 1) * register_percent_ / 100 != n * register_percent_ / 100) {
-      const uint64_t begin = align_down(c.begin, io_align());
-      const uint64_t bytes = align_up(c.end, io_align()) - begin;
-      const cudaError_t err = register_range(map_, begin, bytes);
+      const cudaError_t err = registered_->add(slot, c);
       if (err == cudaSuccess) {
-        registered_[slot] = {begin, bytes};
         cuda::stats().bytes_registered += static_cast<int64_t>(c.bytes);
         return map_.data() + c.begin;
       }
       if (register_ok_.exchange(false)) {  // said once, by the first worker refused
         ++cuda::stats().register_fallbacks;
-        TORCH_WARN_ONCE("flashpack: '", file_.path(), "': cudaHostRegister of bytes ", begin, "..", begin + bytes,
-                        " refused: ", cudaGetErrorString(err), "; its chunks are copied instead");
+        TORCH_WARN_ONCE("flashpack: ", Registrations::refusal(file_.path(), c, err), "; its chunks are copied instead");
       }
     }
     return copy(slot, c);
   }
 
   void release(size_t slot) override {
-    Range& r = registered_[slot];
-    if (r.bytes == 0) return;
-    const uint64_t bytes = std::exchange(r.bytes, 0);
-    unregister_range(map_, r.begin, bytes);
-    ::madvise(map_.data() + r.begin, bytes, MADV_DONTNEED);  // its page-table entries, as a copy drops them
+    if (registered_) registered_->release(slot);
   }
 
  private:
-  struct Range {
-    uint64_t begin = 0;
-    uint64_t bytes = 0;
-  };
-
   const char* copy(size_t slot, const Chunk& c) {
     cuda::StepTimer timer(cuda::stats().ns_read);
     char* buf = ring_ + slot * buffer_bytes_;
@@ -739,34 +757,27 @@ class MappedSource final : public Source {
   }
 
   const InputFile& file_;
-  ReadOnlyMap& map_;
+  const ReadOnlyMap& map_;
   char* const ring_;
   const uint64_t buffer_bytes_;
   const bool guarded_;  // a truncation met while copying is caught (bus_guard_in_place)
   std::atomic<bool> populate_ok_{true};
   const uint64_t register_percent_;
+  std::optional<Registrations> registered_;  // where register_percent_ > 0
   std::atomic<bool> register_ok_{true};
   std::atomic<uint64_t> fills_{0};
-  std::vector<Range> registered_;  // per slot: the range registered for its last chunk, if any
 };
 
 // Registers each chunk's pages of the mapped file, so the GPU reads the page cache itself.
 class RegisteredSource final : public Source {
  public:
   RegisteredSource(ReadOnlyMap& map, size_t slots, const std::string& path)
-      : map_(map), ranges_(slots), path_(path) {}
+      : map_(map), registered_(map, slots), path_(path) {}
 
   const char* fill(size_t slot, const Chunk& c) override {
-    const uint64_t begin = align_down(c.begin, io_align());
-    const uint64_t bytes = align_up(c.end, io_align()) - begin;
-    // Checked by hand rather than with C10_CUDA_CHECK: a refusal is not an error, the load
-    // falls back to staging.
-    const cudaError_t err = register_range(map_, begin, bytes);
-    if (err != cudaSuccess) {
-      throw RegistrationRefused("'" + path_ + "': cudaHostRegister of bytes " + std::to_string(begin) + ".." +
-                                std::to_string(begin + bytes) + " refused: " + cudaGetErrorString(err));
-    }
-    ranges_[slot] = {begin, bytes};
+    const cudaError_t err = registered_.add(slot, c);
+    // A refusal is not an error: the load falls back to staging.
+    if (err != cudaSuccess) throw RegistrationRefused(Registrations::refusal(path_, c, err));
     moved_ += static_cast<int64_t>(c.bytes);
     return map_.data() + c.begin;
   }
@@ -774,19 +785,11 @@ class RegisteredSource final : public Source {
   // Bytes copied so far; counted in the stats only once the load succeeds by this route.
   int64_t moved() const { return moved_.load(); }
 
-  void release(size_t slot) override {
-    Range& r = ranges_[slot];
-    if (r.bytes == 0) return;
-    unregister_range(map_, r.begin, std::exchange(r.bytes, 0));
-  }
+  void release(size_t slot) override { registered_.release(slot); }
 
  private:
-  struct Range {
-    uint64_t begin = 0;
-    uint64_t bytes = 0;
-  };
-  ReadOnlyMap& map_;
-  std::vector<Range> ranges_;
+  const ReadOnlyMap& map_;
+  Registrations registered_;
   const std::string& path_;
   std::atomic<int64_t> moved_{0};
 };
@@ -963,7 +966,6 @@ void copy_registered(ReadOnlyMap& map, const std::string& path, const Layout& la
                      const Tuning& tuning) {
   const Plan plan = plan_chunks(layout, chunk_for(tuning, Route::Register));
   if (plan.chunks.empty()) return;
-  map.mark_registered();
   // Registered bytes in flight are bounded by the same budget as the staging ring.
   const size_t slots = slot_count(tuning.pinned_bytes, plan.max_span, plan);
   RegisteredSource source(map, slots, path);
