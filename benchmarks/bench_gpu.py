@@ -439,6 +439,37 @@ def first_load(loader: str, paths: Dict[str, str], device: torch.device) -> dict
     return {"seconds": seconds, "problem": problem}
 
 
+def repeated_loads(path: str, device: torch.device, runs: int) -> dict:
+    """Warm loads of one flashpack file in a row in this process, each result freed before the
+    next, as an evaluation loop does: the median time and minor page faults per load.
+
+    Run in a child process, once as it is and once with glibc's heap trimming held back:
+    freeing a result of 20,000 tensors can give megabytes of heap back to the system, which
+    the next load then faults in again, page by page.
+    """
+    import resource
+
+    import flashpack_ops
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    torch.zeros(1, device=device)
+    flashpack_ops.load_file(path, device)  # untimed: the pool, the streams
+    times, faults = [], []
+    for _ in range(runs):
+        sync()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        out = flashpack_ops.load_file(path, device)
+        sync()
+        times.append(time.perf_counter() - t0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        del out
+    return {"median_s": statistics.median(times), "faults": statistics.median(faults)}
+
+
 # ---- the benchmark ---------------------------------------------------------------------------
 
 
@@ -682,6 +713,32 @@ class Bench:
             log(f"  {name}: {out[name]['median_s'] * 1e3:.1f} ms ({out[name]['inside_op_s'] * 1e3:.1f} ms inside the op: "
                 + ", ".join(f"{label} {out[name][label + '_s'] * 1e3:.1f}" for label in parts.values()) + ")")
 
+    def heap_trimming(self):
+        """The 20,000 small tensors loaded 15 times in a row in a fresh process, with glibc's
+        default heap trimming and with 256 MiB kept (GLIBC_TUNABLES), two processes each,
+        alternating: how much of a repeated load is page faults on heap the previous result
+        gave back when it was freed."""
+        path = self.datasets["small"]["paths"]["fp"]
+        # Warm, as the docstring says: the cold sections before this emptied the page cache.
+        read_file_gbps(path, 16, False)
+        kept = "glibc.malloc.trim_threshold=268435456"  # the README's advice: 256 MiB
+        out = self.report["heap_trimming"] = {"default": [], "kept": []}
+        for _ in range(2):
+            for name, tunables in (("default", None), ("kept", kept)):
+                env = dict(os.environ)
+                if tunables:
+                    env["GLIBC_TUNABLES"] = tunables
+                cmd = [sys.executable, os.path.abspath(__file__), "--repeated-loads", path, "--device",
+                       str(self.device)]
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+                lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+                if done.returncode != 0 or not lines:
+                    raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-300:]}")
+                out[name].append(json.loads(lines[-1]))
+        for name, results in out.items():
+            log(f"  heap trimming {name}: " + ", ".join(
+                f"{r['median_s'] * 1e3:.1f} ms, {r['faults']:.0f} faults" for r in results))
+
     def size_sweep(self):
         a = self.args
         gen_device = "cuda" if self.device.type == "cuda" and not a.host_checks else "cpu"
@@ -751,6 +808,7 @@ class Bench:
             self.section("llm, cold", lambda: self.run_loaders(MAIN_LOADERS, "llm", cold=True), required=True)
             self.section("small, cold", lambda: self.run_loaders(MAIN_LOADERS, "small", cold=True))
             self.section("llm, cold, flashpack_ops settings", lambda: self.run_loaders(list(COLD_VARIANTS), "llm", cold=True))
+        self.section("small, warm, repeated loads with and without heap trimming", self.heap_trimming)
         self.section("size sweep, warm", self.size_sweep)
         self.section("llm, first load in a fresh process", self.fresh_processes)
         self.report["elapsed_s"] = time.perf_counter() - self.t_start
@@ -893,6 +951,11 @@ def table(report) -> str:
         if whole.get("inside_op_s"):
             lines.append("small warm load_file, inside the op, ms: index {:.1f} (beside the copies), copy {:.1f}, "
                          "views {:.1f}".format(*(whole.get(k, 0) * 1e3 for k in ("index_s", "copy_s", "views_s"))))
+        heap = report.get("heap_trimming")
+        if heap and all(heap.values()):
+            lines.append("small warm, 15 loads in a row in a fresh process, ms (minor faults per load): " + ", ".join(
+                f"heap {name} " + " / ".join(f"{r['median_s'] * 1e3:.1f} ({r['faults']:.0f})" for r in results)
+                for name, results in heap.items()))
     bad = [f"{r['loader']} {r['dataset']} {r['cache']}" for r in report["results"] if not r["bitexact"]]
     lines.append("bit-exact: " + ("every load" if not bad else "FAILED for " + ", ".join(bad)))
     # The targets in benchmarks/RESULTS.md, where measured.
@@ -999,7 +1062,11 @@ def main(argv=None):
     p.add_argument("--summarize", metavar="BENCH_JSON", help="only print the table (and plot) of an earlier run")
     p.add_argument("--first-load", metavar="LOADER", help=argparse.SUPPRESS)  # the child of fresh_processes
     p.add_argument("--paths", help=argparse.SUPPRESS)
+    p.add_argument("--repeated-loads", metavar="PATH", help=argparse.SUPPRESS)  # the child of heap_trimming
     a = p.parse_args(argv)
+    if a.repeated_loads:
+        print(json.dumps(repeated_loads(a.repeated_loads, torch.device(a.device), 15)), flush=True)
+        return
     if a.first_load:
         print(json.dumps(first_load(a.first_load, json.loads(a.paths), torch.device(a.device))), flush=True)
         return

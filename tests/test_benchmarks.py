@@ -94,6 +94,8 @@ def test_the_gpu_benchmark_runs_through_on_the_cpu(tmp_path):
     assert "the same durable save, alternating, median of 2: through a mapping of the file (the default) " \
         in result.stdout
     assert "small warm, step by step, ms (inside the op): load_blocks " in result.stdout
+    assert "small warm, 15 loads in a row in a fresh process, ms (minor faults per load): heap default " \
+        in result.stdout
     assert not (tmp_path / "work").exists()  # its files are removed
     with open(out / "bench.json") as f:
         report = json.load(f)
