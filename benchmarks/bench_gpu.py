@@ -725,16 +725,8 @@ class Bench:
         out = self.report["heap_trimming"] = {"default": [], "kept": []}
         for _ in range(2):
             for name, tunables in (("default", None), ("kept", kept)):
-                env = dict(os.environ)
-                if tunables:
-                    env["GLIBC_TUNABLES"] = tunables
-                cmd = [sys.executable, os.path.abspath(__file__), "--repeated-loads", path, "--device",
-                       str(self.device)]
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-                lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-                if done.returncode != 0 or not lines:
-                    raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-300:]}")
-                out[name].append(json.loads(lines[-1]))
+                env = {"GLIBC_TUNABLES": tunables} if tunables else {}
+                out[name].append(self.child(["--repeated-loads", path], timeout=120, env=env))
         for name, results in out.items():
             log(f"  heap trimming {name}: " + ", ".join(
                 f"{r['median_s'] * 1e3:.1f} ms, {r['faults']:.0f} faults" for r in results))
@@ -754,6 +746,20 @@ class Bench:
             self.run_loaders(MAIN_LOADERS, key, cold=False)
             self.drop_dataset(key)
 
+    def child(self, args: List[str], timeout: float, env: Optional[Dict[str, str]] = None) -> dict:
+        """Runs this script in a process of its own on this device, with `env` added to the
+        environment: the JSON line it prints last. RuntimeError if it fails or times out."""
+        cmd = [sys.executable, os.path.abspath(__file__), *args, "--device", str(self.device)]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  env={**os.environ, **(env or {})})
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"timed out after {timeout:.0f} s") from None
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-300:]}")
+        return json.loads(lines[-1])
+
     def fresh_processes(self):
         """The first load of each loader in a process of its own (one run each: a first load
         happens once per process), the page cache warm."""
@@ -768,19 +774,11 @@ class Bench:
             # Warm, as the docstring says: the cold sections before this may have left a file
             # out of the page cache (O_DIRECT reads bypass it).
             read_file_gbps(ds["paths"][FORMATS[loader]], 16, False)
-            cmd = [sys.executable, os.path.abspath(__file__), "--first-load", loader, "--device", str(self.device),
-                   "--paths", json.dumps(ds["paths"])]
             try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-            except subprocess.TimeoutExpired:
-                done = None
-            lines = [line for line in (done.stdout if done else "").splitlines() if line.startswith("{")]
-            if done is None:
-                row["problems"].append("timed out after 60 s")
-            elif done.returncode != 0 or not lines:
-                row["problems"].append(f"exit {done.returncode}: {done.stderr.strip()[-300:]}")
+                result = self.child(["--first-load", loader, "--paths", json.dumps(ds["paths"])], timeout=60)
+            except RuntimeError as e:
+                row["problems"].append(str(e))
             else:
-                result = json.loads(lines[-1])
                 row["times_s"] = [result["seconds"]]
                 row["median_s"] = result["seconds"]
                 row["gbps"] = ds["bytes"] / GB / result["seconds"]
